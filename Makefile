@@ -1,0 +1,25 @@
+# The two commands of README.md: `make run` and `make test`. Each sets up what it needs first.
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup run test lint bench clean
+
+setup:
+	@scripts/setup.sh
+
+run: setup
+	$(BIN)/dnsmirror serve
+
+test: setup
+	$(BIN)/ruff check dnsmirror tests
+	$(BIN)/pytest -q
+
+lint: setup
+	$(BIN)/ruff check dnsmirror tests
+
+bench: setup
+	@scripts/setup.sh bench
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis .ruff_cache .cache

@@ -1,0 +1,3 @@
+from dnsmirror.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,484 @@
+"""Typed, frozen configuration: YAML in, :class:`Config` or a :class:`ConfigError` naming every bad key out.
+
+The embedded default (``default.yaml`` beside this module) holds every key; a user file overrides any
+subset of it (mappings merge, lists replace). Values are validated here so that nothing downstream
+ever sees a malformed address, pattern or duration.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dnsmirror.patterns import Pattern, PatternError
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(Exception):
+    """Configuration that cannot be used. ``problems`` lists ``(key path, what is wrong)``."""
+
+    def __init__(self, path: str, message: str | None = None, *, problems: list[tuple[str, str]] | None = None):
+        self.problems: list[tuple[str, str]] = list(problems or [])
+        if message is not None:
+            self.problems.insert(0, (path, message))
+        super().__init__(self.describe())
+
+    def describe(self) -> str:
+        """One line per problem: ``key.path: what is wrong``."""
+        return "\n".join(f"{path or '<top>'}: {message}" for path, message in self.problems)
+
+
+@dataclass(frozen=True, order=True)
+class HostPort:
+    """An IP address and port (``127.0.0.1:53``, ``[::1]:53``)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def family(self) -> int:
+        return ipaddress.ip_address(self.host).version
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    address: str
+    address6: str | None
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    listen: tuple[HostPort, ...]
+    upstreams: tuple[HostPort, ...]
+    ttl: int
+    timeout: float
+    allow: tuple[IPNetwork, ...]
+    answer_cache_size: int
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    interval: float
+    timeout: float
+    failures: int
+
+
+@dataclass(frozen=True)
+class HttpsConfig:
+    listen: tuple[HostPort, ...]
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    ca_cert: Path
+    ca_key: Path
+
+
+@dataclass(frozen=True)
+class UpstreamConfig:
+    resolvers: tuple[HostPort, ...]
+    ca_bundle: Path | None
+    connect_timeout: float
+    read_timeout: float
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    dir: Path
+    max_size: int
+    containerd_content: Path | None
+
+
+@dataclass(frozen=True)
+class PeersConfig:
+    listen: HostPort
+    static: tuple[HostPort, ...]
+    dns_name: str | None
+    secret_file: Path | None
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: HostPort
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str
+    level: str
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole, validated configuration."""
+
+    capture: tuple[str, ...]
+    skip: tuple[str, ...]
+    mirror: MirrorConfig
+    dns: DnsConfig
+    health: HealthConfig
+    https: HttpsConfig
+    tls: TlsConfig
+    upstream: UpstreamConfig
+    cache: CacheConfig
+    peers: PeersConfig
+    metrics: MetricsConfig
+    log: LogConfig
+    source: str = field(default="<embedded default>", compare=False)
+
+
+# --- value parsers: each takes (value) and raises ValueError with a message for the user -------------
+
+
+def _ipv4(value: Any) -> str:
+    try:
+        return str(ipaddress.IPv4Address(_string(value)))
+    except ipaddress.AddressValueError as exc:
+        raise ValueError(f"not an IPv4 address: {value!r}") from exc
+
+
+def _ipv6(value: Any) -> str:
+    try:
+        return str(ipaddress.IPv6Address(_string(value)))
+    except ipaddress.AddressValueError as exc:
+        raise ValueError(f"not an IPv6 address: {value!r}") from exc
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {_show(value)}")
+    return value.strip()
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)|(?P<bare6>[0-9a-fA-F:]*:[0-9a-fA-F:]*))(?::(?P<port>\d+))?$")
+
+
+def host_port(value: Any, default_port: int | None = None) -> HostPort:
+    """Parse ``IP:port`` / ``[IPv6]:port`` (port optional when ``default_port`` is given)."""
+    text = _string(value) if not isinstance(value, int) else str(value)
+    match = _HOSTPORT.match(text)
+    if match and match.group("bare6") is not None:
+        # a bare IPv6 address cannot carry a port
+        port = None
+        host = text
+    elif match:
+        host = match.group("v6") or match.group("v4")
+        port = match.group("port")
+    else:
+        raise ValueError(f"expected IP:port (e.g. 127.0.0.1:53 or [::1]:53), got {text!r}")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError as exc:
+        raise ValueError(f"not an IP address in {text!r}") from exc
+    if port is None:
+        if default_port is None:
+            raise ValueError(f"missing port in {text!r} (e.g. {host}:53)")
+        port_number = default_port
+    else:
+        port_number = int(port)
+    if not 0 < port_number < 65536:
+        raise ValueError(f"port {port_number} out of range 1-65535 in {text!r}")
+    return HostPort(host, port_number)
+
+
+_DURATION = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """Seconds from ``2s``, ``500ms``, ``1m``, ``1h`` or a plain number of seconds; must be > 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like 2s or 500ms, got {_show(value)}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(_string(value))
+        if not match:
+            raise ValueError(f"expected a duration like 2s, 500ms, 1m, got {value!r}")
+        seconds = float(match.group("num")) * _DURATION_UNITS[match.group("unit")]
+    if seconds <= 0:
+        raise ValueError(f"must be greater than zero, got {value!r}")
+    return seconds
+
+
+_SIZE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B|B)?$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes from ``10GiB``, ``500MB``, ``1024`` ...; must be > 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size like 10GiB, got {_show(value)}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = _SIZE.match(_string(value))
+        if not match:
+            raise ValueError(f"expected a size like 10GiB or 500MB, got {value!r}")
+        size = int(float(match.group("num")) * _SIZE_UNITS[(match.group("unit") or "b").lower()])
+    if size <= 0:
+        raise ValueError(f"must be greater than zero, got {value!r}")
+    return size
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], int]:
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_show(value)}")
+        if not low <= value <= high:
+            raise ValueError(f"must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
+
+
+def _network(value: Any) -> IPNetwork:
+    try:
+        return ipaddress.ip_network(_string(value), strict=False)
+    except ValueError as exc:
+        raise ValueError(f"not an IP network (e.g. 10.0.0.0/8): {value!r}") from exc
+
+
+def _path(value: Any) -> Path:
+    return Path(_string(value))
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = _string(value).lower()
+        if text not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return text
+
+    return parse
+
+
+def _dns_name(value: Any) -> str:
+    from dnsmirror.patterns import is_valid_host, normalize_host
+
+    name = normalize_host(_string(value))
+    if not is_valid_host(name):
+        raise ValueError(f"not a valid DNS name: {value!r}")
+    return name
+
+
+def _pattern(value: Any) -> str:
+    try:
+        return Pattern.parse(value).text
+    except PatternError as exc:
+        raise ValueError(f"bad pattern: {exc}") from exc
+
+
+def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def parse_optional(value: Any) -> Any:
+        return None if value is None else parse(value)
+
+    parse_optional.optional = True  # type: ignore[attr-defined]
+    return parse_optional
+
+
+def _list_of(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    parse_list = _ListParser(parse)
+    return parse_list
+
+
+class _ListParser:
+    """Marks a key as a list; items are parsed one by one so each error names its index."""
+
+    def __init__(self, item: Callable[[Any], Any]):
+        self.item = item
+
+
+def _upstream_server(value: Any) -> HostPort:
+    return host_port(value, default_port=53)
+
+
+# Section -> key -> parser. The dataclass of each section has the same field names.
+_SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
+    "mirror": (MirrorConfig, {"address": _ipv4, "address6": _optional(_ipv6)}),
+    "dns": (DnsConfig, {
+        "listen": _list_of(host_port),
+        "upstreams": _list_of(_upstream_server),
+        "ttl": _int_range(0, 86400),
+        "timeout": parse_duration,
+        "allow": _list_of(_network),
+        "answer_cache_size": _int_range(1, 10_000_000),
+    }),
+    "health": (HealthConfig, {
+        "interval": parse_duration,
+        "timeout": parse_duration,
+        "failures": _int_range(1, 100),
+    }),
+    "https": (HttpsConfig, {"listen": _list_of(host_port)}),
+    "tls": (TlsConfig, {"ca_cert": _path, "ca_key": _path}),
+    "upstream": (UpstreamConfig, {
+        "resolvers": _list_of(_upstream_server),
+        "ca_bundle": _optional(_path),
+        "connect_timeout": parse_duration,
+        "read_timeout": parse_duration,
+    }),
+    "cache": (CacheConfig, {
+        "dir": _path,
+        "max_size": parse_size,
+        "containerd_content": _optional(_path),
+    }),
+    "peers": (PeersConfig, {
+        "listen": host_port,
+        "static": _list_of(host_port),
+        "dns_name": _optional(_dns_name),
+        "secret_file": _optional(_path),
+    }),
+    "metrics": (MetricsConfig, {"listen": host_port}),
+    "log": (LogConfig, {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error")}),
+}
+_TOP_LISTS = {"capture": _pattern, "skip": _pattern}
+
+
+def default_document() -> dict[str, Any]:
+    """The embedded default configuration as a plain YAML document."""
+    text = resources.files("dnsmirror").joinpath("default.yaml").read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``override`` onto ``base``: mappings merge, everything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_document(document: Any, source: str = "<document>") -> Config:
+    """Validate a user document (merged onto the default) and build the :class:`Config`.
+
+    Raises :class:`ConfigError` listing every problem with its key path.
+    """
+    problems: list[tuple[str, str]] = []
+    if document is None:
+        document = {}
+    if not isinstance(document, Mapping):
+        raise ConfigError("", f"the configuration must be a mapping of keys, got {type(document).__name__}")
+    for key in document:
+        if key not in _SCHEMA and key not in _TOP_LISTS:
+            problems.append((str(key), f"unknown key (known: {', '.join(sorted([*_TOP_LISTS, *_SCHEMA]))})"))
+    for key, value in document.items():
+        if key in _SCHEMA and value is not None and not isinstance(value, Mapping):
+            problems.append((key, f"expected a mapping of keys, got {_show(value)}"))
+    usable = {
+        key: value for key, value in document.items()
+        if key in _TOP_LISTS or (key in _SCHEMA and isinstance(value, Mapping))
+    }
+    merged = merge(default_document(), usable)
+    built: dict[str, Any] = {}
+    for key, item in _TOP_LISTS.items():
+        built[key] = tuple(_parse_list(key, merged.get(key), item, problems))
+    for section, (cls, keys) in _SCHEMA.items():
+        values = merged.get(section) or {}
+        for key in values:
+            if key not in keys:
+                problems.append((f"{section}.{key}", f"unknown key (known in {section}: {', '.join(keys)})"))
+        parsed: dict[str, Any] = {}
+        for key, parse in keys.items():
+            path = f"{section}.{key}"
+            value = values.get(key)
+            if isinstance(parse, _ListParser):
+                parsed[key] = tuple(_parse_list(path, value, parse.item, problems))
+                continue
+            if value is None and not getattr(parse, "optional", False):
+                problems.append((path, "is required"))
+                continue
+            try:
+                parsed[key] = parse(value)
+            except ValueError as exc:
+                problems.append((path, str(exc)))
+        if len(parsed) == len(keys):
+            built[section] = cls(**parsed)
+    _check_relations(built, problems)
+    if problems:
+        raise ConfigError("", problems=problems)
+    return Config(**built, source=source)
+
+
+def _parse_list(path: str, value: Any, item: Callable[[Any], Any], problems: list[tuple[str, str]]) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        problems.append((path, f"expected a list, got {_show(value)}"))
+        return []
+    out = []
+    for index, element in enumerate(value):
+        try:
+            out.append(item(element))
+        except ValueError as exc:
+            problems.append((f"{path}[{index}]", str(exc)))
+    return out
+
+
+def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> None:
+    dns = built.get("dns")
+    if dns is not None and not dns.listen:
+        problems.append(("dns.listen", "needs at least one address"))
+    https = built.get("https")
+    if https is not None and not https.listen:
+        problems.append(("https.listen", "needs at least one address"))
+    if not built.get("capture") and not any(path.startswith("capture") for path, _ in problems):
+        problems.append(("capture", "needs at least one pattern, or dnsmirror captures nothing"))
+    health = built.get("health")
+    if health is not None and health.timeout > health.interval:
+        problems.append(("health.timeout", f"must not exceed health.interval ({health.interval}s)"))
+
+
+def load(path: str | Path | None = None) -> Config:
+    """Load the config file at ``path`` (or only the embedded default when ``None``)."""
+    if path is None:
+        return parse_document({}, source="<embedded default>")
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError("", f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    return parse_document(document, source=str(path))
+
+
+def to_document(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain YAML-friendly data (for ``config check``)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple | list):
+            return [plain(v) for v in value]
+        if isinstance(value, HostPort | Path) or isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+            return str(value)
+        if hasattr(value, "__dataclass_fields__"):
+            return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+        return value
+
+    document = plain(config)
+    document.pop("source", None)
+    return document

@@ -1,0 +1,1 @@
+"""The node-local DNS server: captures registry names, forwards everything else."""
