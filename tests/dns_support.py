@@ -1,0 +1,217 @@
+"""Real processes for DNS integration tests: dnsmirror itself, unbound as the upstream resolver, dig.
+
+Everything listens on 127.0.0.1 on free ports; every process is stopped by its context manager.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from dnslib import DNSRecord
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    raise RuntimeError("no free port")
+
+
+def wait_for_dns(port: int, host: str = "127.0.0.1", seconds: float = 15.0) -> None:
+    """Block until a DNS server listens on host:port over UDP.
+
+    Probes with a STATUS-opcode query, which servers answer at once (NOTIMP) without forwarding.
+    """
+    deadline = time.monotonic() + seconds
+    probe = DNSRecord.question("probe.invalid")
+    probe.header.opcode = 2
+    query = probe.pack()
+    while time.monotonic() < deadline:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.settimeout(0.3)
+            try:
+                sock.sendto(query, (host, port))
+                sock.recvfrom(4096)
+                return
+            except OSError:
+                time.sleep(0.1)
+    raise TimeoutError(f"nothing answers DNS on {host}:{port}")
+
+
+def stop(process: subprocess.Popen, seconds: float = 10.0) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(seconds)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(seconds)
+
+
+@contextlib.contextmanager
+def unbound(tmp: Path, records: list[str], port: int | None = None):
+    """unbound on 127.0.0.1:port, authoritative for the zones of ``records`` (zone = last two labels).
+
+    unbound resolves CNAME chains within those zones; it may query no address at all
+    (``do-not-query-address`` covers everything), so nothing ever leaves the machine.
+    """
+    port = port or free_port()
+    workdir = tmp / f"unbound-{port}"
+    workdir.mkdir()
+    zones: dict[str, list[str]] = {}
+    for record in records:
+        owner = record.split()[0].rstrip(".")
+        zones.setdefault(".".join(owner.split(".")[-2:]), []).append(record)
+    lines = [
+        "server:",
+        f"  interface: 127.0.0.1@{port}",
+        f"  port: {port}",
+        "  do-daemonize: no",
+        '  username: ""',
+        '  chroot: ""',
+        f'  directory: "{workdir}"',
+        f'  pidfile: "{workdir}/unbound.pid"',
+        "  use-syslog: no",
+        '  logfile: ""',
+        "  verbosity: 0",
+        "  access-control: 127.0.0.0/8 allow",
+        '  module-config: "iterator"',
+        "  do-ip6: no",
+        "  num-threads: 1",
+        "  do-not-query-address: 0.0.0.0/0",
+        "  do-not-query-address: ::0/0",
+        '  local-zone: "test." nodefault',
+    ]
+    for zone, zone_records in zones.items():
+        zonefile = workdir / f"{zone}.zone"
+        zonefile.write_text("\n".join([
+            f"{zone}. 300 IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 300",
+            f"{zone}. 300 IN NS ns.{zone}.",
+            f"ns.{zone}. 300 IN A 192.0.2.1",
+            *zone_records,
+        ]) + "\n")
+        lines += ["auth-zone:", f'  name: "{zone}."', f'  zonefile: "{zonefile}"',
+                  "  for-downstream: yes", "  for-upstream: yes"]
+    lines += ["remote-control:", "  control-enable: no"]
+    conf = workdir / "unbound.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    binary = shutil.which("unbound") or "/usr/sbin/unbound"
+    process = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_dns(port)
+        yield port
+    finally:
+        stop(process)
+
+
+@contextlib.contextmanager
+def silent_udp_server():
+    """A loopback UDP port that receives queries and never answers."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True):
+    """``dnsmirror serve`` with the embedded default plus ``overrides``; yields (port, process, logfile)."""
+    port = free_port()
+    document = {"dns": {"listen": [f"127.0.0.1:{port}"], "timeout": "500ms"}}
+    for key, value in overrides.items():
+        document.setdefault(key, {})
+        if isinstance(value, dict):
+            document[key].update(value)
+        else:
+            document[key] = value
+    config = tmp / f"dnsmirror-{port}.yaml"
+    config.write_text(yaml.safe_dump(document))
+    log_path = tmp / f"dnsmirror-{port}.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)],
+                               stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
+    try:
+        if wait:
+            wait_for_dns(port)
+        yield port, process, log_path
+    finally:
+        stop(process)
+        log.close()
+
+
+@contextlib.contextmanager
+def tcp_listener(port: int):
+    """A plain TCP listener on 127.0.0.1:port: the stand-in for the HTTPS listener's health."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", port))
+    sock.listen(16)
+    try:
+        yield sock
+    finally:
+        sock.close()
+
+
+def dig(port: int, name: str, qtype: str = "A", *options: str, timeout: int = 3) -> subprocess.CompletedProcess:
+    """Run real dig against 127.0.0.1:port; one try, bounded time."""
+    command = ["dig", "-p", str(port), "@127.0.0.1", name, qtype, f"+time={timeout}", "+tries=1", *options]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout * 4 + 5)
+
+
+def dig_status(output: str) -> str:
+    for line in output.splitlines():
+        if "status:" in line:
+            return line.split("status:")[1].split(",")[0].strip()
+    return "NO ANSWER"
+
+
+def dig_flags(output: str) -> set[str]:
+    for line in output.splitlines():
+        if line.startswith(";; flags:"):
+            return set(line.split(":")[1].split(";")[0].split())
+    return set()
+
+
+def dig_answers(output: str) -> list[tuple[str, int, str, str]]:
+    """(name, ttl, type, data) of the ANSWER SECTION of dig's output."""
+    answers = []
+    section = False
+    for line in output.splitlines():
+        if line.startswith(";; ANSWER SECTION"):
+            section = True
+            continue
+        if section:
+            if not line.strip() or line.startswith(";;"):
+                break
+            parts = line.split(None, 4)
+            answers.append((parts[0], int(parts[1]), parts[3], parts[4] if len(parts) > 4 else ""))
+    return answers
+
+
+def wait_until(predicate, seconds: float, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+

@@ -1,0 +1,130 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dnsmirror import config
+from dnsmirror.config import ConfigError, HostPort, host_port, parse_duration, parse_size
+
+
+def problems_of(document):
+    with pytest.raises(ConfigError) as info:
+        config.parse_document(document)
+    return dict(info.value.problems)
+
+
+def test_embedded_default_is_valid_and_on_loopback():
+    cfg = config.load()
+    assert cfg.dns.listen == (HostPort("127.0.0.1", 5353),)
+    assert cfg.https.listen == (HostPort("127.0.0.1", 8443),)
+    assert cfg.metrics.listen.host == "127.0.0.1"
+    assert cfg.peers.listen.host == "127.0.0.1"
+    assert "*.dkr.ecr.*.amazonaws.com" in cfg.capture
+    assert cfg.cache.max_size == 10 * 2**30
+    assert cfg.dns.ttl == 5
+
+
+def test_user_file_overrides_only_what_it_names(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("dns:\n  ttl: 30\n  upstreams: ['10.0.0.2', '[fd00::53]:5353']\nskip: ['nvcr.io']\n")
+    cfg = config.load(path)
+    assert cfg.dns.ttl == 30
+    assert cfg.dns.upstreams == (HostPort("10.0.0.2", 53), HostPort("fd00::53", 5353))
+    assert cfg.dns.listen == (HostPort("127.0.0.1", 5353),)
+    assert cfg.skip == ("nvcr.io",)
+    assert cfg.source == str(path)
+
+
+def test_every_problem_is_reported_with_its_key_path():
+    found = problems_of({
+        "capture": ["*", "ok.example.com", "a..b"],
+        "mirror": {"address": "::1", "address6": "1.2.3.4"},
+        "dns": {"listen": ["x"], "ttl": "five", "allow": ["10.0.0.0/33"], "typo": 1, "timeout": "-1s"},
+        "cache": {"max_size": "lots"},
+        "peers": {"static": ["10.0.0.1"]},
+        "log": {"format": "xml"},
+        "surprise": True,
+    })
+    assert set(found) == {
+        "capture[0]", "capture[2]", "mirror.address", "mirror.address6", "dns.listen[0]", "dns.ttl",
+        "dns.allow[0]", "dns.typo", "dns.timeout", "cache.max_size", "peers.static[0]", "log.format", "surprise",
+    }
+    assert "two labels" in found["capture[0]"]
+    assert "unknown key" in found["dns.typo"]
+    assert "missing port" in found["peers.static[0]"]
+
+
+def test_wrong_section_type_and_empty_lists():
+    found = problems_of({"dns": ["not", "a", "mapping"], "https": {"listen": []}, "capture": []})
+    assert "expected a mapping" in found["dns"]
+    assert "at least one" in found["https.listen"]
+    assert "at least one pattern" in found["capture"]
+
+
+def test_yaml_syntax_and_missing_file_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dns: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        config.load(tmp_path / "missing.yaml")
+    top = tmp_path / "list.yaml"
+    top.write_text("- a\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        config.load(top)
+
+
+@pytest.mark.parametrize(("text", "expected"), [("127.0.0.1:53", HostPort("127.0.0.1", 53)),
+                                                 ("[::1]:5353", HostPort("::1", 5353))])
+def test_host_port(text, expected):
+    assert host_port(text) == expected
+
+
+@pytest.mark.parametrize("text", ["localhost:53", "1.2.3.4:0", "1.2.3.4:70000", "[::1]", "300.1.1.1:53", ""])
+def test_host_port_rejects(text):
+    with pytest.raises(ValueError):
+        host_port(text)
+
+
+def test_durations_and_sizes():
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration("2s") == 2 and parse_duration(3) == 3 and parse_duration("1m") == 60
+    assert parse_size("10GiB") == 10 * 2**30 and parse_size("500MB") == 500 * 10**6 and parse_size(4096) == 4096
+    for bad in ("0s", "soon", True, -1):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+    for bad in ("0", "big", "1.5PB", False):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+
+
+def test_effective_document_round_trips():
+    cfg = config.load()
+    assert config.parse_document(config.to_document(cfg)) == cfg
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "dnsmirror", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_config_check_command(tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text("mirror:\n  address: 10.1.2.3\n")
+    result = run_cli("config", "check", str(good))
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["mirror"]["address"] == "10.1.2.3"
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("mirror:\n  address: nope\ndns:\n  listen: ['1.2.3.4']\n  bogus: 1\n")
+    result = run_cli("config", "check", str(bad))
+    assert result.returncode != 0
+    for key in ("mirror.address", "dns.listen[0]", "dns.bogus"):
+        assert key in result.stderr
+    assert result.stdout == ""
+
+
+def test_shipped_example_configs_are_valid():
+    for path in sorted(Path(__file__).parent.parent.glob("docs/examples/*.yaml")):
+        config.load(path)
