@@ -1,0 +1,621 @@
+"""Content-addressed blob cache on disk: crash-safe commits, a size limit, LRU eviction.
+
+Layout under the cache root::
+
+    <root>/lock                          held (flock) by the one process using this cache
+    <root>/tmp/<...>.part                blobs being written; removed at start
+    <root>/blobs/sha256/<2 hex>/<hex>    committed blobs, named by their verified digest
+    <root>/blobs/sha256/<2 hex>/<hex>.meta  sidecar: {"digest", "size", "content_type"}
+
+Every path is built from a validated sha256 hex string, never from request text, so no request
+can name a file outside the root. A blob becomes visible only by an atomic rename after its bytes
+were fsynced and their sha256 matched the expected digest; a crash leaves at most a temp file,
+removed by :meth:`Store.open`. The sidecar holds no credentials, only what a response needs.
+Last access is the blob file's mtime (touched on reads), so LRU order survives a restart without
+rewriting the sidecar.
+
+BLOCKING BY DESIGN: everything here does synchronous file I/O and hashing. Callers in the Twisted
+process run these calls in a thread pool (``twisted.internet.threads.deferToThreadPool``), never
+on the reactor thread. The classes are thread-safe. This module must not import Twisted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("dnsmirror.store")
+
+_SHA256_DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_SHARD = re.compile(r"[0-9a-f]{2}")
+_CONTENT_TYPE = re.compile(r"[\x21-\x7e][\x20-\x7e]{0,254}")
+_SIDECAR_SUFFIX = ".meta"
+# errors that mean "no room": the caller should keep streaming without caching
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class StoreError(Exception):
+    """Base class of the errors this module raises on purpose."""
+
+
+class InvalidDigest(StoreError, ValueError):
+    """Not a ``sha256:<64 lower-case hex>`` digest: nothing on disk can be named by it."""
+
+
+class DigestMismatch(StoreError):
+    """The written bytes do not hash to the expected digest; nothing was kept."""
+
+    def __init__(self, expected: str, actual: str | None, size: int):
+        self.expected = expected
+        self.actual = actual
+        self.size = size
+        super().__init__(f"content of {size} bytes has digest {actual}, expected {expected}")
+
+
+class SizeMismatch(DigestMismatch):
+    """The written bytes are longer or shorter than the announced size; nothing was kept."""
+
+    def __init__(self, expected: str, expected_size: int, size: int):
+        self.expected_size = expected_size
+        StoreError.__init__(self, f"content of {expected} is {size} bytes, expected {expected_size}")
+        self.expected, self.actual, self.size = expected, None, size
+
+
+class StoreFull(StoreError):
+    """No room to cache this blob (disk full or larger than the cache); serve it without caching."""
+
+
+class StoreLocked(StoreError):
+    """Another process (or another open Store) already uses this cache directory."""
+
+
+def digest_hex(digest: object) -> str:
+    """The hex part of a ``sha256:<hex>`` digest (a string or anything whose ``str`` is one).
+
+    Raises :class:`InvalidDigest` for anything else; this is the only way a path is derived.
+    """
+    match = _SHA256_DIGEST.fullmatch(digest if isinstance(digest, str) else str(digest))
+    if match is None:
+        raise InvalidDigest(f"not a sha256 digest: {str(digest)[:100]!r}")
+    return match.group(1)
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What the cache knows about one committed blob."""
+
+    digest: str
+    size: int
+    content_type: str | None
+    last_access: float
+
+
+class BlobReader:
+    """An open blob, pinned against eviction until :meth:`close` (also a context manager).
+
+    ``file`` is an unbuffered binary file (``read``, ``readinto``, ``seek``, ``fileno``).
+    """
+
+    def __init__(self, file: Any, info: BlobInfo, release: Callable[[], None] | None = None):
+        self.file = file
+        self.info = info
+        self.size = info.size
+        self._release = release
+
+    def read(self, size: int = -1) -> bytes:
+        """Read up to ``size`` bytes (all remaining bytes if negative)."""
+        return self.file.read(size) or b""
+
+    def seek(self, offset: int) -> None:
+        """Move to ``offset`` bytes from the start (for Range requests)."""
+        self.file.seek(offset)
+
+    def close(self) -> None:
+        """Close the file and release the pin; safe to call twice."""
+        release, self._release = self._release, None
+        try:
+            self.file.close()
+        finally:
+            if release is not None:
+                release()
+
+    def __enter__(self) -> BlobReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@dataclass
+class _Entry:
+    size: int
+    last_access: float
+    content_type: str | None = None
+    sidecar_loaded: bool = False
+    last_touch: float = 0.0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _clean_content_type(content_type: str | None) -> str | None:
+    # keep only a plausible header value: it is replayed to clients as Content-Type
+    if content_type and _CONTENT_TYPE.fullmatch(content_type):
+        return content_type
+    return None
+
+
+class Store:
+    """The on-disk cache. Create it with :meth:`open`; see the module docstring for the layout.
+
+    ``max_size`` bounds the sum of committed blob sizes (bytes); after each commit the least
+    recently used blobs that are neither open for reading nor being written are removed until
+    the total fits. ``clock`` gives the time used for last-access stamps; ``touch_interval`` is
+    the minimum time between two mtime updates of one blob on reads.
+    """
+
+    def __init__(self, root: Path, max_size: int, clock: Callable[[], float], touch_interval: float, lock_fd: int):
+        self.root = root
+        self.max_size = max_size
+        self._clock = clock
+        self._touch_interval = touch_interval
+        self._lock_fd: int | None = lock_fd
+        self._blobs_dir = root / "blobs" / "sha256"
+        self._tmp_dir = root / "tmp"
+        self._lock = threading.Lock()
+        self._index: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._pins: dict[str, int] = {}
+        self._total = 0
+        #: Number of blobs removed by eviction since open (for metrics).
+        self.evictions = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        root: str | os.PathLike[str],
+        max_size: int,
+        *,
+        clock: Callable[[], float] = time.time,
+        touch_interval: float = 60.0,
+    ) -> Store:
+        """Create or reopen the cache at ``root``: lock it, remove leftovers, scan sizes, evict.
+
+        Raises :class:`StoreLocked` if another open Store holds the directory.
+        """
+        root = Path(root)
+        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+        (root / "tmp").mkdir(exist_ok=True)
+        lock_fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise StoreLocked(f"cache directory {root} is in use by another process") from None
+        store = cls(root, max_size, clock, touch_interval, lock_fd)
+        try:
+            store._recover()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def close(self) -> None:
+        """Release the directory lock; open readers stay valid. Safe to call twice."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _recover(self) -> None:
+        removed_tmp = 0
+        for leftover in self._tmp_dir.iterdir():
+            # a crash mid-write leaves temp files: they were never visible, drop them
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+            removed_tmp += 1
+        found: list[tuple[float, str, int]] = []
+        orphans = 0
+        for shard in self._blobs_dir.iterdir():
+            if not _SHARD.fullmatch(shard.name) or not shard.is_dir() or shard.is_symlink():
+                continue
+            names = {entry.name for entry in shard.iterdir()}
+            for name in names:
+                if name.endswith(_SIDECAR_SUFFIX):
+                    blob_name = name[: -len(_SIDECAR_SUFFIX)]
+                    if _HEX64.fullmatch(blob_name) and blob_name not in names:
+                        # a crash between the sidecar rename and the blob rename
+                        (shard / name).unlink(missing_ok=True)
+                        orphans += 1
+                    continue
+                if not _HEX64.fullmatch(name) or name[:2] != shard.name:
+                    continue
+                info = (shard / name).lstat()
+                if not stat.S_ISREG(info.st_mode):
+                    continue
+                found.append((info.st_mtime, name, info.st_size))
+        found.sort()
+        with self._lock:
+            for mtime, hex_, size in found:
+                self._index[hex_] = _Entry(size=size, last_access=mtime, last_touch=mtime)
+                self._total += size
+            evicted = self._evict_locked(self.max_size)
+        log.info(
+            "cache opened",
+            extra={
+                "fields": {
+                    "dir": str(self.root),
+                    "blobs": len(self._index),
+                    "bytes": self._total,
+                    "max_bytes": self.max_size,
+                    "removed_temp_files": removed_tmp,
+                    "removed_orphan_sidecars": orphans,
+                    "evicted": len(evicted),
+                }
+            },
+        )
+
+    # -- paths -------------------------------------------------------------------------------
+
+    def blob_path(self, digest: object) -> Path:
+        """Where the blob for ``digest`` lives (whether or not it exists); validates the digest."""
+        hex_ = digest_hex(digest)
+        return self._blobs_dir / hex_[:2] / hex_
+
+    def _sidecar_path(self, hex_: str) -> Path:
+        return self._blobs_dir / hex_[:2] / (hex_ + _SIDECAR_SUFFIX)
+
+    # -- accounting --------------------------------------------------------------------------
+
+    @property
+    def total_size(self) -> int:
+        """Sum of the sizes of committed blobs, in bytes."""
+        return self._total
+
+    @property
+    def blob_count(self) -> int:
+        """Number of committed blobs."""
+        return len(self._index)
+
+    def __contains__(self, digest: object) -> bool:
+        return digest_hex(digest) in self._index
+
+    def _pin(self, hex_: str) -> None:
+        self._pins[hex_] = self._pins.get(hex_, 0) + 1
+
+    def _unpin(self, hex_: str) -> None:
+        with self._lock:
+            count = self._pins.get(hex_, 0) - 1
+            if count > 0:
+                self._pins[hex_] = count
+            else:
+                self._pins.pop(hex_, None)
+
+    def pinned(self, digest: object) -> int:
+        """How many readers and writers currently hold ``digest`` (for tests and metrics)."""
+        return self._pins.get(digest_hex(digest), 0)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def stat(self, digest: object) -> BlobInfo | None:
+        """Metadata of a committed blob, or ``None``; does not count as an access."""
+        hex_ = digest_hex(digest)
+        with self._lock:
+            entry = self._index.get(hex_)
+            if entry is None:
+                return None
+        self._load_sidecar(hex_, entry)
+        return BlobInfo(f"sha256:{hex_}", entry.size, entry.content_type, entry.last_access)
+
+    def open_blob(self, digest: object) -> BlobReader | None:
+        """Open a committed blob for reading, pinned until the reader is closed; ``None`` if absent."""
+        hex_ = digest_hex(digest)
+        now = self._clock()
+        with self._lock:
+            entry = self._index.get(hex_)
+            if entry is None:
+                return None
+            self._pin(hex_)
+            self._index.move_to_end(hex_)
+            entry.last_access = now
+        path = self._blobs_dir / hex_[:2] / hex_
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except OSError:
+            self._unpin(hex_)
+            self._forget(hex_, "blob file missing")
+            return None
+        file = os.fdopen(fd, "rb", buffering=0)
+        size = os.fstat(fd).st_size
+        if size != entry.size:
+            file.close()
+            self._unpin(hex_)
+            self._forget(hex_, "blob file has the wrong size", remove=True)
+            return None
+        if now - entry.last_touch >= self._touch_interval:
+            # the mtime is the persistent last-access stamp (LRU order after a restart)
+            entry.last_touch = now
+            try:
+                os.utime(fd, (now, now))
+            except OSError:
+                pass
+        self._load_sidecar(hex_, entry)
+        info = BlobInfo(f"sha256:{hex_}", size, entry.content_type, now)
+        return BlobReader(file, info, release=lambda: self._unpin(hex_))
+
+    def _load_sidecar(self, hex_: str, entry: _Entry) -> None:
+        if entry.sidecar_loaded:
+            return
+        try:
+            document = json.loads(self._sidecar_path(hex_).read_bytes())
+            content_type = document.get("content_type") if isinstance(document, dict) else None
+        except (OSError, ValueError):
+            content_type = None
+        entry.content_type = _clean_content_type(content_type if isinstance(content_type, str) else None)
+        entry.sidecar_loaded = True
+
+    def verify(self, digest: object) -> bool:
+        """Re-hash a committed blob; a corrupt one is removed. ``False`` if corrupt or absent."""
+        reader = self.open_blob(digest)
+        if reader is None:
+            return False
+        with reader:
+            hasher = hashlib.sha256()
+            while chunk := reader.read(1 << 20):
+                hasher.update(chunk)
+        if hasher.hexdigest() == digest_hex(digest):
+            return True
+        self._forget(digest_hex(digest), "blob content does not match its digest", remove=True)
+        return False
+
+    # -- removal -----------------------------------------------------------------------------
+
+    def delete(self, digest: object) -> bool:
+        """Remove a blob (for example one found corrupt); ``False`` if it was not there."""
+        return self._forget(digest_hex(digest), "deleted", remove=True)
+
+    def _forget(self, hex_: str, reason: str, remove: bool = False) -> bool:
+        with self._lock:
+            entry = self._index.pop(hex_, None)
+            if entry is not None:
+                self._total -= entry.size
+            if remove:
+                self._unlink_locked(hex_)
+        if entry is not None:
+            log.warning("cache entry dropped", extra={"fields": {"digest": f"sha256:{hex_}", "reason": reason}})
+        return entry is not None
+
+    def _unlink_locked(self, hex_: str) -> None:
+        # blob first: a sidecar without its blob is an orphan that the next open removes
+        (self._blobs_dir / hex_[:2] / hex_).unlink(missing_ok=True)
+        self._sidecar_path(hex_).unlink(missing_ok=True)
+
+    def evict(self, target: int | None = None) -> list[str]:
+        """Remove least recently used, unpinned blobs until the total is at most ``target``
+        (default ``max_size``); returns the evicted digests."""
+        with self._lock:
+            return self._evict_locked(self.max_size if target is None else target)
+
+    def _evict_locked(self, target: int) -> list[str]:
+        evicted: list[str] = []
+        if self._total <= target:
+            return evicted
+        for hex_ in list(self._index):
+            if self._total <= target:
+                break
+            if self._pins.get(hex_):
+                continue  # open for reading or being written: never pulled out from under a client
+            entry = self._index.pop(hex_)
+            self._total -= entry.size
+            self._unlink_locked(hex_)
+            evicted.append(f"sha256:{hex_}")
+        self.evictions += len(evicted)
+        if evicted:
+            log.info(
+                "cache evicted blobs",
+                extra={"fields": {"count": len(evicted), "bytes": self._total, "max_bytes": self.max_size}},
+            )
+        return evicted
+
+    # -- writes ------------------------------------------------------------------------------
+
+    def writer(self, digest: object, *, content_type: str | None = None, expected_size: int | None = None) -> Writer:
+        """Start writing the blob for ``digest``; commit it with :meth:`Writer.commit`.
+
+        Raises :class:`StoreFull` at once if ``expected_size`` exceeds ``max_size``.
+        """
+        hex_ = digest_hex(digest)
+        if expected_size is not None and expected_size > self.max_size:
+            raise StoreFull(f"blob of {expected_size} bytes is larger than the cache ({self.max_size} bytes)")
+        with self._lock:
+            self._pin(hex_)
+        try:
+            return Writer(self, hex_, _clean_content_type(content_type), expected_size)
+        except BaseException:
+            self._unpin(hex_)
+            raise
+
+    def _commit(self, hex_: str, temp_path: Path, size: int, content_type: str | None) -> BlobInfo:
+        shard = self._blobs_dir / hex_[:2]
+        new_shard = not shard.exists()
+        shard.mkdir(exist_ok=True)
+        sidecar = json.dumps({"digest": f"sha256:{hex_}", "size": size, "content_type": content_type}).encode()
+        fd, sidecar_temp = tempfile.mkstemp(prefix=hex_[:16] + ".", suffix=".meta.part", dir=self._tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(sidecar)
+                file.flush()
+                os.fsync(file.fileno())
+            now = self._clock()
+            os.utime(temp_path, (now, now))
+            with self._lock:
+                os.replace(sidecar_temp, self._sidecar_path(hex_))
+                os.replace(temp_path, shard / hex_)
+                previous = self._index.pop(hex_, None)
+                if previous is not None:
+                    self._total -= previous.size
+                self._index[hex_] = _Entry(
+                    size=size, last_access=now, content_type=content_type, sidecar_loaded=True, last_touch=now
+                )
+                self._total += size
+        except BaseException:
+            Path(sidecar_temp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(shard)
+        if new_shard:
+            _fsync_dir(self._blobs_dir)
+        with self._lock:
+            self._evict_locked(self.max_size)
+        return BlobInfo(f"sha256:{hex_}", size, content_type, now)
+
+
+class Writer:
+    """Writes one blob to a temp file, hashing as it goes; :meth:`commit` makes it visible.
+
+    Use as a context manager to abort on any exception. After :class:`StoreFull`,
+    :class:`DigestMismatch` or any other error from :meth:`write` / :meth:`commit`, the writer
+    has already aborted itself and nothing is kept.
+    """
+
+    def __init__(self, store: Store, hex_: str, content_type: str | None, expected_size: int | None):
+        self.digest = f"sha256:{hex_}"
+        self.content_type = content_type
+        self.expected_size = expected_size
+        #: Bytes accepted so far.
+        self.bytes_written = 0
+        self._store = store
+        self._hex = hex_
+        self._hasher = hashlib.sha256()
+        fd, temp = tempfile.mkstemp(prefix=hex_[:16] + ".", suffix=".part", dir=store._tmp_dir)
+        self.temp_path = Path(temp)
+        self._file: Any = os.fdopen(fd, "wb", buffering=0)
+        self._done = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Append ``data``; raises :class:`StoreFull` on a full disk, :class:`SizeMismatch` past
+        ``expected_size`` (the writer is then aborted)."""
+        if self._done:
+            raise StoreError("writer already committed or aborted")
+        view = memoryview(data).cast("B")
+        new_size = self.bytes_written + len(view)
+        if self.expected_size is not None and new_size > self.expected_size:
+            self.abort()
+            raise SizeMismatch(self.digest, self.expected_size, new_size)
+        if new_size > self._store.max_size:
+            self.abort()
+            raise StoreFull(f"blob is larger than the cache ({self._store.max_size} bytes)")
+        try:
+            while view:
+                written = self._file.write(view)
+                view = view[written:]
+        except OSError as error:
+            self.abort()
+            if error.errno in _NO_SPACE:
+                raise StoreFull(f"no space left while caching {self.digest}: {error.strerror}") from error
+            raise
+        self._hasher.update(data)
+        self.bytes_written = new_size
+
+    def commit(self) -> BlobInfo:
+        """fsync, check the digest (and size), rename into place, fsync the directory, evict.
+
+        Raises :class:`DigestMismatch` / :class:`SizeMismatch` (nothing kept) or
+        :class:`StoreFull`. Committing a digest that is already cached replaces it.
+        """
+        if self._done:
+            raise StoreError("writer already committed or aborted")
+        try:
+            os.fsync(self._file.fileno())
+            self._file.close()
+            actual = self._hasher.hexdigest()
+            if actual != self._hex:
+                raise DigestMismatch(self.digest, f"sha256:{actual}", self.bytes_written)
+            if self.expected_size is not None and self.bytes_written != self.expected_size:
+                raise SizeMismatch(self.digest, self.expected_size, self.bytes_written)
+            info = self._store._commit(self._hex, self.temp_path, self.bytes_written, self.content_type)
+        except OSError as error:
+            self.abort()
+            if error.errno in _NO_SPACE:
+                raise StoreFull(f"no space left while caching {self.digest}: {error.strerror}") from error
+            raise
+        except BaseException:
+            self.abort()
+            raise
+        self._finish()
+        return info
+
+    def abort(self) -> None:
+        """Drop the temp file; safe to call more than once and after a failed commit."""
+        if self._done:
+            return
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        self.temp_path.unlink(missing_ok=True)
+        self._finish()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._store._unpin(self._hex)
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.abort()
+
+
+class ContainerdContentSource:
+    """Read-only lookup of blobs in containerd's content store (``<dir>/blobs/sha256/<hex>``).
+
+    Nothing is pinned or written; the caller verifies the bytes against the digest like any
+    other source, since containerd's files are outside our control.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory)
+
+    def open_blob(self, digest: object) -> BlobReader | None:
+        """Open the blob for ``digest`` if containerd has it, else ``None``."""
+        hex_ = digest_hex(digest)
+        try:
+            fd = os.open(self.directory / "blobs" / "sha256" / hex_, _OPEN_FLAGS)
+        except OSError:
+            return None
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            return None
+        file = os.fdopen(fd, "rb", buffering=0)
+        return BlobReader(file, BlobInfo(f"sha256:{hex_}", info.st_size, None, info.st_mtime))

@@ -1,0 +1,503 @@
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dnsmirror.oci import Digest
+from dnsmirror.store import (
+    ContainerdContentSource,
+    DigestMismatch,
+    InvalidDigest,
+    SizeMismatch,
+    Store,
+    StoreFull,
+    StoreLocked,
+    digest_hex,
+)
+
+MiB = 1024 * 1024
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture
+def root(tmp_path):
+    return tmp_path / "cache"
+
+
+def open_store(root, max_size=10 * MiB, clock=None):
+    return Store.open(root, max_size, clock=clock or Clock(), touch_interval=0)
+
+
+def put(store, data: bytes, content_type=None):
+    with store.writer(sha(data), content_type=content_type, expected_size=len(data)) as writer:
+        writer.write(data[: len(data) // 2])
+        writer.write(data[len(data) // 2 :])
+        return writer.commit()
+
+
+def files_under(path: Path) -> list[str]:
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+
+
+# --- commit / abort / mismatch -----------------------------------------------------------------
+
+
+def test_commit_then_read(root):
+    with open_store(root) as store:
+        data = os.urandom(100_000)
+        info = put(store, data, content_type="application/vnd.oci.image.manifest.v1+json")
+        assert info.digest == sha(data) and info.size == len(data)
+        hex_ = digest_hex(sha(data))
+        assert (root / "blobs" / "sha256" / hex_[:2] / hex_).read_bytes() == data
+        sidecar = json.loads((root / "blobs" / "sha256" / hex_[:2] / (hex_ + ".meta")).read_bytes())
+        assert sidecar == {"digest": sha(data), "size": len(data), "content_type": info.content_type}
+        with store.open_blob(sha(data)) as reader:
+            assert reader.size == len(data)
+            assert reader.info.content_type == "application/vnd.oci.image.manifest.v1+json"
+            reader.seek(10)
+            assert reader.read(5) == data[10:15]
+            assert reader.read() == data[15:]
+        assert store.total_size == len(data) and store.blob_count == 1
+        assert sha(data) in store
+        assert os.listdir(root / "tmp") == []
+
+
+def test_accepts_oci_digest_objects(root):
+    with open_store(root) as store:
+        data = b"manifest"
+        put(store, data)
+        assert store.stat(Digest.of(data)).size == len(data)
+
+
+def test_absent_blob(root):
+    with open_store(root) as store:
+        assert store.open_blob(sha(b"nothing")) is None
+        assert store.stat(sha(b"nothing")) is None
+
+
+def test_abort_keeps_nothing(root):
+    with open_store(root) as store:
+        writer = store.writer(sha(b"abc"))
+        writer.write(b"ab")
+        assert writer.temp_path.exists()
+        writer.abort()
+        writer.abort()
+        assert not writer.temp_path.exists()
+        assert store.open_blob(sha(b"abc")) is None
+        assert store.pinned(sha(b"abc")) == 0
+        assert files_under(root / "blobs") == [] and os.listdir(root / "tmp") == []
+
+
+def test_exception_inside_writer_context_aborts(root):
+    with open_store(root) as store:
+        with pytest.raises(RuntimeError), store.writer(sha(b"abc")) as writer:
+            writer.write(b"a")
+            raise RuntimeError("client went away")
+        assert os.listdir(root / "tmp") == [] and store.pinned(sha(b"abc")) == 0
+
+
+def test_digest_mismatch_keeps_nothing(root):
+    with open_store(root) as store:
+        writer = store.writer(sha(b"expected"))
+        writer.write(b"something else")
+        with pytest.raises(DigestMismatch) as caught:
+            writer.commit()
+        assert caught.value.expected == sha(b"expected")
+        assert caught.value.actual == sha(b"something else")
+        assert store.open_blob(sha(b"expected")) is None
+        assert files_under(root / "blobs") == [] and os.listdir(root / "tmp") == []
+        assert store.total_size == 0 and store.pinned(sha(b"expected")) == 0
+
+
+def test_size_mismatch_short_and_long(root):
+    with open_store(root) as store:
+        data = b"0123456789"
+        writer = store.writer(sha(data), expected_size=len(data))
+        with pytest.raises(SizeMismatch):
+            writer.write(data + b"x")
+        assert os.listdir(root / "tmp") == []
+        # the right bytes but the wrong announced size are not kept either
+        writer = store.writer(sha(data), expected_size=len(data) + 1)
+        writer.write(data)
+        with pytest.raises(SizeMismatch):
+            writer.commit()
+        assert store.open_blob(sha(data)) is None and os.listdir(root / "tmp") == []
+
+
+def test_writer_unusable_after_commit(root):
+    with open_store(root) as store:
+        writer = store.writer(sha(b"x"))
+        writer.write(b"x")
+        writer.commit()
+        with pytest.raises(Exception, match="already"):
+            writer.write(b"y")
+        with pytest.raises(Exception, match="already"):
+            writer.commit()
+
+
+def test_recommit_same_digest_counts_once(root):
+    with open_store(root) as store:
+        put(store, b"same")
+        put(store, b"same")
+        assert store.total_size == 4 and store.blob_count == 1
+
+
+def test_concurrent_writers_of_one_digest(root):
+    data = os.urandom(300_000)
+    errors = []
+    with open_store(root) as store:
+
+        def fill():
+            try:
+                put(store, data)
+            except Exception as error:  # pragma: no cover - reported below
+                errors.append(error)
+
+        threads = [threading.Thread(target=fill) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert errors == []
+        assert store.total_size == len(data) and store.blob_count == 1
+        assert store.verify(sha(data))
+        assert os.listdir(root / "tmp") == []
+
+
+def test_content_type_is_sanitised(root):
+    with open_store(root) as store:
+        info = put(store, b"a", content_type="text/plain\r\nSet-Cookie: x")
+        assert info.content_type is None
+        assert put(store, b"b", content_type="application/octet-stream").content_type == "application/octet-stream"
+
+
+# --- crash recovery ----------------------------------------------------------------------------
+
+
+def test_leftover_temp_files_removed_at_open(root):
+    store = open_store(root)
+    put(store, b"kept")
+    writer = store.writer(sha(b"partial"))
+    writer.write(b"part")
+    # the process "crashes": the writer is never committed or aborted
+    store.close()
+    (root / "tmp" / "stray-dir").mkdir()
+    (root / "tmp" / "stray-dir" / "f").write_bytes(b"x")
+    assert os.listdir(root / "tmp")
+    with open_store(root) as reopened:
+        assert os.listdir(root / "tmp") == []
+        assert reopened.open_blob(sha(b"partial")) is None
+        assert reopened.stat(sha(b"kept")).size == 4
+    writer._file.close()
+
+
+def test_orphan_sidecar_removed_and_blob_without_sidecar_kept(root):
+    with open_store(root) as store:
+        put(store, b"one")
+        put(store, b"two")
+    one, two = digest_hex(sha(b"one")), digest_hex(sha(b"two"))
+    # a crash between the two renames leaves a sidecar alone; a lost sidecar leaves a bare blob
+    (root / "blobs/sha256" / one[:2] / one).unlink()
+    (root / "blobs/sha256" / two[:2] / (two + ".meta")).unlink()
+    with open_store(root) as store:
+        assert not (root / "blobs/sha256" / one[:2] / (one + ".meta")).exists()
+        assert store.stat(sha(b"one")) is None
+        info = store.stat(sha(b"two"))
+        assert info.size == 3 and info.content_type is None
+        assert store.total_size == 3
+
+
+def test_partial_file_never_visible_at_final_path(root):
+    data = os.urandom(MiB)
+    with open_store(root) as store:
+        final = store.blob_path(sha(data))
+        writer = store.writer(sha(data))
+        for offset in range(0, len(data), 64 * 1024):
+            writer.write(data[offset : offset + 64 * 1024])
+            assert not final.exists()
+            assert store.open_blob(sha(data)) is None
+        writer.commit()
+        assert final.read_bytes() == data
+
+
+def test_wrong_size_on_disk_is_dropped(root):
+    with open_store(root) as store:
+        put(store, b"hello world")
+        path = store.blob_path(sha(b"hello world"))
+        path.write_bytes(b"hello")  # damaged behind our back
+        assert store.open_blob(sha(b"hello world")) is None
+        assert not path.exists() and store.total_size == 0
+
+
+def test_verify_removes_corrupt_blob(root):
+    with open_store(root) as store:
+        put(store, b"hello world")
+        assert store.verify(sha(b"hello world"))
+        store.blob_path(sha(b"hello world")).write_bytes(b"HELLO WORLD")
+        assert not store.verify(sha(b"hello world"))
+        assert store.stat(sha(b"hello world")) is None
+        assert not store.verify(sha(b"absent"))
+
+
+def test_second_open_of_same_dir_is_refused(root):
+    with open_store(root):
+        with pytest.raises(StoreLocked):
+            open_store(root)
+    open_store(root).close()
+
+
+# --- size accounting and eviction --------------------------------------------------------------
+
+
+def blob(n: int, size: int = 1000) -> bytes:
+    return bytes([n]) * size
+
+
+def test_lru_eviction_order(root):
+    with open_store(root, max_size=3000) as store:
+        for n in range(3):
+            put(store, blob(n))
+        # reading blob 0 makes blob 1 the least recently used
+        store.open_blob(sha(blob(0))).close()
+        put(store, blob(3))
+        assert store.stat(sha(blob(1))) is None
+        assert {n for n in range(4) if store.stat(sha(blob(n)))} == {0, 2, 3}
+        assert not store.blob_path(sha(blob(1))).exists()
+        assert store.total_size == 3000 and store.evictions == 1
+        # stat is not an access: blob 2 is now the oldest
+        store.stat(sha(blob(0)))
+        put(store, blob(4))
+        assert {n for n in range(5) if store.stat(sha(blob(n)))} == {0, 3, 4}
+
+
+def test_eviction_skips_open_readers(root):
+    with open_store(root, max_size=2000) as store:
+        put(store, blob(0))
+        put(store, blob(1))
+        reader = store.open_blob(sha(blob(0)))
+        store.open_blob(sha(blob(1))).close()  # blob 0 is now LRU, but it is open
+        put(store, blob(2))
+        assert store.stat(sha(blob(0))) is not None and store.stat(sha(blob(1))) is None
+        assert reader.read() == blob(0)
+        reader.close()
+        reader.close()
+        assert store.pinned(sha(blob(0))) == 0
+        put(store, blob(3))
+        assert store.stat(sha(blob(0))) is None
+
+
+def test_eviction_skips_blob_being_written_and_everything_pinned(root):
+    with open_store(root, max_size=2000) as store:
+        put(store, blob(0))
+        put(store, blob(1))
+        rewrite = store.writer(sha(blob(0)))  # blob 0 is being written again: pinned
+        held = store.open_blob(sha(blob(1)))
+        put(store, blob(2))
+        # nothing evictable: over the limit for now rather than yank a blob from a client
+        assert store.total_size == 3000 and store.evictions == 0
+        rewrite.abort()
+        held.close()
+        assert store.evict() == [sha(blob(0))]
+        assert store.total_size == 2000
+
+
+def test_blob_larger_than_cache_is_refused(root):
+    with open_store(root, max_size=1000) as store:
+        with pytest.raises(StoreFull):
+            store.writer(sha(blob(0, 1001)), expected_size=1001)
+        writer = store.writer(sha(blob(0, 1001)))  # size unknown up front
+        writer.write(blob(0, 600))
+        with pytest.raises(StoreFull):
+            writer.write(blob(0, 401))
+        assert os.listdir(root / "tmp") == [] and store.pinned(sha(blob(0, 1001))) == 0
+
+
+def test_accounting_and_lru_order_survive_restart(root):
+    clock = Clock()
+    with open_store(root, max_size=10_000, clock=clock) as store:
+        for n in range(4):
+            put(store, blob(n))
+        store.open_blob(sha(blob(0))).close()  # touches blob 0's mtime
+    # a smaller limit on restart: the scan evicts the least recently used at once
+    with open_store(root, max_size=2500, clock=clock) as store:
+        assert store.blob_count == 2 and store.total_size == 2000
+        assert {n for n in range(4) if store.stat(sha(blob(n)))} == {0, 3}
+    with open_store(root, max_size=10_000, clock=clock) as store:
+        assert store.total_size == 2000
+        put(store, blob(5, 500))
+        assert store.total_size == 2500
+
+
+def test_unrelated_files_ignored_by_scan(root):
+    with open_store(root) as store:
+        put(store, b"x")
+    (root / "blobs/sha256/zz").mkdir()
+    (root / "blobs/sha256/zz/notes").write_bytes(b"12345")
+    (root / "blobs/sha256/README").write_bytes(b"hi")
+    with open_store(root) as store:
+        assert store.total_size == 1 and store.blob_count == 1
+
+
+# --- disk full ---------------------------------------------------------------------------------
+
+
+class FullDisk:
+    """A temp file whose writes fail the way a full file system does."""
+
+    def __init__(self, real, after: int):
+        self.real = real
+        self.room = after
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(data)
+        return self.real.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+def test_enospc_during_write_raises_store_full(root):
+    with open_store(root) as store:
+        writer = store.writer(sha(blob(1, 5000)))
+        writer._file = FullDisk(writer._file, after=3000)
+        writer.write(blob(1, 2000))
+        with pytest.raises(StoreFull):
+            writer.write(blob(1, 3000))
+        assert os.listdir(root / "tmp") == []
+        assert store.pinned(sha(blob(1, 5000))) == 0 and store.total_size == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
+def test_enospc_on_a_real_full_tmpfs(tmp_path):
+    # a 1 MiB tmpfs in a private mount namespace: it vanishes with the child process
+    mountpoint = tmp_path / f"full-{uuid.uuid4().hex[:8]}"
+    mountpoint.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import hashlib, json, os, sys
+        from dnsmirror.store import Store, StoreFull
+        data = os.urandom(3 * 1024 * 1024)
+        small = b"fits"
+        result = {{}}
+        with Store.open({str(mountpoint)!r}, 100 * 1024 * 1024) as store:
+            writer = store.writer("sha256:" + hashlib.sha256(data).hexdigest())
+            try:
+                for i in range(0, len(data), 65536):
+                    writer.write(data[i:i + 65536])
+                writer.commit()
+                result["full"] = False
+            except StoreFull:
+                result["full"] = True
+            result["tmp"] = os.listdir({str(mountpoint / "tmp")!r})
+            with store.writer("sha256:" + hashlib.sha256(small).hexdigest()) as writer:
+                writer.write(small)
+                result["small"] = writer.commit().size
+        print(json.dumps(result))
+        """
+    )
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" -c "$2"', str(mountpoint), sys.executable, script]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                   cwd=Path(__file__).resolve().parent.parent)
+    except OSError as error:  # pragma: no cover
+        pytest.skip(f"cannot run unshare: {error}")
+    if completed.returncode != 0 and "mount" in completed.stderr and "dnsmirror" not in completed.stderr:
+        pytest.skip(f"tmpfs mount not permitted here: {completed.stderr.strip()}")
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == {"full": True, "tmp": [], "small": 4}
+    # the tmpfs lived only in the child's namespace
+    assert os.listdir(mountpoint) == []
+
+
+# --- path safety -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "digest",
+    [
+        "",
+        "sha256:",
+        "sha256:" + "A" * 64,
+        "sha256:" + "a" * 63,
+        "sha256:" + "a" * 65,
+        "sha512:" + "a" * 128,
+        "sha256:../../../../etc/passwd",
+        "sha256:" + "a" * 62 + "/a",
+        "sha256:" + "a" * 64 + "\n",
+        " sha256:" + "a" * 64,
+        "../" + "a" * 64,
+        "a" * 64,
+        None,
+    ],
+)
+def test_invalid_digests_rejected_everywhere(root, digest):
+    with open_store(root) as store:
+        for call in (store.open_blob, store.stat, store.writer, store.blob_path, store.delete, store.verify):
+            with pytest.raises(InvalidDigest):
+                call(digest)
+        with pytest.raises(InvalidDigest):
+            ContainerdContentSource(root).open_blob(digest)
+        with pytest.raises(ValueError):
+            digest_hex(digest)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.text(max_size=120), st.text(alphabet="sha256:0123456789abcdef./", max_size=80)))
+def test_no_string_names_a_path_outside_the_blob_tree(tmp_path, text):
+    store_root = (tmp_path / "hyp").resolve()
+    store = Store.__new__(Store)
+    store._blobs_dir = store_root / "blobs" / "sha256"
+    try:
+        path = store.blob_path(text)
+    except InvalidDigest:
+        return
+    resolved = path.resolve()
+    assert resolved.parent.parent == store_root / "blobs" / "sha256"
+    assert resolved.name == text.split(":", 1)[1]
+
+
+# --- containerd content ------------------------------------------------------------------------
+
+
+def test_containerd_content_source(tmp_path):
+    content = tmp_path / "io.containerd.content.v1.content"
+    (content / "blobs" / "sha256").mkdir(parents=True)
+    data = b"layer bytes"
+    (content / "blobs" / "sha256" / digest_hex(sha(data))).write_bytes(data)
+    source = ContainerdContentSource(content)
+    with source.open_blob(sha(data)) as reader:
+        assert reader.size == len(data) and reader.read() == data
+        assert reader.info.digest == sha(data)
+    assert source.open_blob(sha(b"other")) is None
+    # a symlink or a directory in place of a blob is not served
+    (content / "blobs" / "sha256" / digest_hex(sha(b"dir"))).mkdir()
+    assert source.open_blob(sha(b"dir")) is None
+    os.symlink("/etc/hostname", content / "blobs" / "sha256" / digest_hex(sha(b"link")))
+    assert source.open_blob(sha(b"link")) is None
+    assert ContainerdContentSource(tmp_path / "missing").open_blob(sha(data)) is None
