@@ -62,11 +62,11 @@ class InvalidDigest(StoreError, ValueError):
 class DigestMismatch(StoreError):
     """The written bytes do not hash to the expected digest; nothing was kept."""
 
-    def __init__(self, expected: str, actual: str | None, size: int):
+    def __init__(self, expected: str, actual: str | None, size: int, message: str | None = None):
         self.expected = expected
         self.actual = actual
         self.size = size
-        super().__init__(f"content of {size} bytes has digest {actual}, expected {expected}")
+        super().__init__(message or f"content of {size} bytes has digest {actual}, expected {expected}")
 
 
 class SizeMismatch(DigestMismatch):
@@ -74,8 +74,7 @@ class SizeMismatch(DigestMismatch):
 
     def __init__(self, expected: str, expected_size: int, size: int):
         self.expected_size = expected_size
-        StoreError.__init__(self, f"content of {expected} is {size} bytes, expected {expected_size}")
-        self.expected, self.actual, self.size = expected, None, size
+        super().__init__(expected, None, size, f"content of {expected} is {size} bytes, expected {expected_size}")
 
 
 class StoreFull(StoreError):
@@ -505,6 +504,11 @@ class Writer:
     Use as a context manager to abort on any exception. After :class:`StoreFull`,
     :class:`DigestMismatch` or any other error from :meth:`write` / :meth:`commit`, the writer
     has already aborted itself and nothing is kept.
+
+    While the fill goes on, other threads may open :attr:`temp_path` read-only and serve the
+    first :attr:`bytes_written` bytes (writes are unbuffered, so they are visible at once); a
+    file opened before the commit or abort stays readable afterwards (rename / unlink keep the
+    inode). Those bytes are unverified until :meth:`commit` returns.
     """
 
     def __init__(self, store: Store, hex_: str, content_type: str | None, expected_size: int | None):

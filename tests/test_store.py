@@ -501,3 +501,25 @@ def test_containerd_content_source(tmp_path):
     os.symlink("/etc/hostname", content / "blobs" / "sha256" / digest_hex(sha(b"link")))
     assert source.open_blob(sha(b"link")) is None
     assert ContainerdContentSource(tmp_path / "missing").open_blob(sha(data)) is None
+
+
+def test_temp_file_readable_while_filling_and_after_commit(root):
+    data = os.urandom(200_000)
+    with open_store(root) as store:
+        writer = store.writer(sha(data))
+        writer.write(data[:50_000])
+        with open(writer.temp_path, "rb") as partial:
+            assert partial.read(writer.bytes_written) == data[:50_000]
+            writer.write(data[50_000:])
+            writer.commit()
+            assert partial.read() == data[50_000:]
+        assert not writer.temp_path.exists()
+
+
+def test_modules_do_not_import_twisted():
+    code = (
+        "import sys, dnsmirror.store, dnsmirror.oci; "
+        "sys.exit(sorted(m for m in sys.modules if m.split('.')[0] == 'twisted') != [])"
+    )
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 0, completed.stderr
