@@ -1,0 +1,159 @@
+"""Debian's ``docker-registry`` (distribution 2.8) as the "real" upstream registry in a namespace.
+
+TLS with a certificate from the test public CA (:mod:`harness.pki`), filesystem storage in a temp
+dir, optional htpasswd (bcrypt) auth, and an access log (one combined-log line per request on the
+registry's stdout) that tests read to count requests:
+
+    with Registry(registry_ns, "123456789012.dkr.ecr.us-east-1.amazonaws.com", ca, workdir,
+                  users={"alice": "secret"}) as registry:
+        ...
+        assert registry.count_requests("GET", f"/v2/team/app/blobs/{digest}") == 1
+
+``extra_config`` is merged into the YAML config, e.g. distribution's ``redirect`` storage middleware
+to send blob GETs to a second host:
+``{"middleware": {"storage": [{"name": "redirect", "options": {"baseurl": "https://blobs.test"}}]}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .netns import HarnessError, Namespace, Process
+from .pki import ServerCert, TestCA
+
+# combined log format: addr - user [time] "METHOD PATH PROTO" status size "referer" "agent"
+_ACCESS_LINE = re.compile(r'^(?P<client>\S+) \S+ (?P<user>\S+) \[[^\]]*\] "(?P<method>\S+) (?P<path>\S+) \S+" '
+                          r'(?P<status>\d{3}) (?P<size>\S+)')
+
+
+@dataclass(frozen=True)
+class AccessLogEntry:
+    """One request as the registry logged it."""
+
+    client: str
+    user: str
+    method: str
+    path: str
+    status: int
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``extra`` into a copy of ``base`` (mappings merge, everything else replaces)."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def htpasswd_file(users: Mapping[str, str], path: str | os.PathLike[str]) -> Path:
+    """Write an htpasswd file with a bcrypt hash (``htpasswd -B``) for each ``user: password``."""
+    path = Path(path)
+    lines = []
+    for user, password in users.items():
+        done = subprocess.run(["htpasswd", "-Bbn", user, password], capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise HarnessError(f"htpasswd: {done.stderr.strip()}")
+        lines.append(done.stdout.strip())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Registry:
+    """A TLS docker-registry listening on ``namespace.address:port``, named ``hostname``."""
+
+    def __init__(self, namespace: Namespace, hostname: str, ca: TestCA, workdir: str | os.PathLike[str], *,
+                 users: Mapping[str, str] | None = None, port: int = 443, address: str | None = None,
+                 extra_config: Mapping[str, Any] | None = None) -> None:
+        self.namespace = namespace
+        self.hostname = hostname
+        self.address = address or namespace.address
+        self.port = port
+        self.users = dict(users or {})
+        self.workdir = Path(workdir)
+        self.storage_dir = self.workdir / "storage"
+        self.config_path = self.workdir / "config.yml"
+        self.tls: ServerCert = ca.issue_server([hostname], self.workdir / "tls", ip_addresses=[self.address])
+        self.extra_config = dict(extra_config or {})
+        self.process: Process | None = None
+
+    @property
+    def netloc(self) -> str:
+        """``host[:port]`` as clients write it in image references."""
+        return self.hostname if self.port == 443 else f"{self.hostname}:{self.port}"
+
+    def config(self) -> dict[str, Any]:
+        """The registry's configuration (written as YAML; JSON is YAML)."""
+        config: dict[str, Any] = {
+            "version": 0.1,
+            "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
+            "storage": {
+                "filesystem": {"rootdirectory": str(self.storage_dir)},
+                "delete": {"enabled": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            },
+            "http": {
+                "addr": f"{self.address}:{self.port}",
+                "secret": secrets.token_hex(16),
+                "tls": {"certificate": str(self.tls.chain_path), "key": str(self.tls.key_path)},
+                "headers": {"X-Content-Type-Options": ["nosniff"]},
+            },
+        }
+        if self.users:
+            path = htpasswd_file(self.users, self.workdir / "htpasswd")
+            config["auth"] = {"htpasswd": {"realm": "dnsmirror-test", "path": str(path)}}
+        return _merge(config, self.extra_config)
+
+    def start(self, timeout: float = 15) -> Registry:
+        """Write the config, start the registry in its namespace and wait until it listens."""
+        self.storage_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(self.config(), indent=2))
+        self.process = self.namespace.start(["docker-registry", "serve", str(self.config_path)], "docker-registry")
+        self.process.wait_listening(self.port, timeout)
+        return self
+
+    def stop(self) -> None:
+        """Stop the registry (its storage stays, so it can be started again)."""
+        if self.process is not None:
+            self.process.stop()
+
+    def __enter__(self) -> Registry:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def access_log(self) -> list[AccessLogEntry]:
+        """Every request logged so far, oldest first."""
+        if self.process is None:
+            return []
+        entries = []
+        for line in self.process.stdout().splitlines():
+            match = _ACCESS_LINE.match(line)
+            if match:
+                entries.append(AccessLogEntry(match["client"], match["user"], match["method"], match["path"],
+                                              int(match["status"])))
+        return entries
+
+    def count_requests(self, method: str, path: str, status: int | None = None) -> int:
+        """How many ``METHOD path`` requests (with that status, if given) the registry has logged."""
+        return sum(1 for entry in self.access_log()
+                   if entry.method == method and entry.path == path and (status is None or entry.status == status))
+
+    def blob_path(self, repository: str, digest: str) -> str:
+        """The URL path of a blob, as it appears in the access log."""
+        return f"/v2/{repository}/blobs/{digest}"
+
+    def manifest_path(self, repository: str, reference: str) -> str:
+        """The URL path of a manifest (by tag or digest), as it appears in the access log."""
+        return f"/v2/{repository}/manifests/{reference}"
