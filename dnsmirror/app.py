@@ -7,6 +7,7 @@ import sys
 
 from twisted.internet import error
 
+from dnsmirror import ca as camod
 from dnsmirror import logs
 from dnsmirror.config import Config
 from dnsmirror.dns import server as dnsserver
@@ -15,8 +16,10 @@ from dnsmirror.dns.packets import Responder
 from dnsmirror.dns.resolvconf import default_upstreams
 from dnsmirror.dns.stats import DnsStats
 from dnsmirror.health import HealthState, ListenerProbe
+from dnsmirror.https import HttpsBindError, HttpsListener
 from dnsmirror.logs import fields
 from dnsmirror.patterns import HostMatcher
+from dnsmirror.tls import CaWatcher, SniServer, TlsStats, prepare_signing
 
 log = logging.getLogger("dnsmirror")
 
@@ -28,7 +31,7 @@ class ListenError(Exception):
 class Services:
     """All listeners of one dnsmirror process. ``start`` binds everything or raises :class:`ListenError`."""
 
-    def __init__(self, config: Config, reactor=None) -> None:
+    def __init__(self, config: Config, reactor=None, web_site=None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -43,16 +46,46 @@ class Services:
                                    config.dns.ttl, config.dns.answer_cache_size)
         self.forwarder = Forwarder(reactor, self.upstreams, config.dns.timeout)
         self.dns = dnsserver.DnsController(self.responder, self.forwarder, config.dns.allow, self.dns_stats)
-        self.probe = ListenerProbe(reactor, self.health, config.https.listen, config.health.interval,
+        self.probe = ListenerProbe(reactor, self.health, config.health.targets or config.https.listen,
+                                   config.health.interval,
                                    config.health.timeout, config.health.failures)
         self.ports: list = []
+        self.tls_stats = TlsStats()
+        self.web_site = web_site  # the twisted.web Site/Resource behind HTTPS; None = 503 placeholder
+        self.https: HttpsListener | None = None
+        self.ca_watcher: CaWatcher | None = None
+
+    def _load_ca(self):
+        """Load and check the CA files (raises :class:`~dnsmirror.ca.CaError`) and pre-generate the leaf key."""
+        tls = self.config.tls
+        authority, warnings = camod.load_authority(tls.ca_cert, tls.ca_key, self.config.capture)
+        for warning in warnings:
+            log.warning("%s", warning, extra=fields(event="ca_expiring"))
+        return prepare_signing(authority)
+
+    def _start_https(self, signing) -> None:
+        tls = self.config.tls
+        sni = SniServer(self.matcher, signing, leaf_validity=tls.leaf_validity,
+                        cache_size=tls.leaf_cache_size, stats=self.tls_stats)
+        self.https = HttpsListener(self.reactor, self.config.https.listen, sni, self.web_site)
+        try:
+            self.https.start()
+        except HttpsBindError as exc:
+            raise ListenError(f"https.listen[{exc.index}]: cannot listen on {exc.address}: "
+                              f"{_reason(exc.cause)}") from exc
+        self.ca_watcher = CaWatcher(self.reactor, sni, tls.ca_cert, tls.ca_key, self.config.capture,
+                                    tls.reload_interval)
+        self.ca_watcher.start()
 
     def _on_health(self, healthy: bool) -> None:
         self.responder.capture_enabled = healthy
         self.dns_stats.health_changes += 1
 
     def start(self) -> None:
-        """Bind every listener and start the health probe."""
+        """Bind every listener and start the health probe; raises :class:`ListenError` or
+        :class:`~dnsmirror.ca.CaError` (checked before anything is bound)."""
+        # DNS-only mode (https.listen: []) serves no TLS, so it needs no CA
+        signing = self._load_ca() if self.config.https.listen else None
         try:
             for index, address in enumerate(self.config.dns.listen):
                 try:
@@ -60,6 +93,8 @@ class Services:
                 except error.CannotListenError as exc:
                     raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): "
                                       f"{_reason(exc)}") from exc
+            if signing is not None:
+                self._start_https(signing)
         except ListenError:
             self.stop()
             raise
@@ -75,8 +110,16 @@ class Services:
         )
 
     def stop(self) -> None:
-        """Stop the probe and close every listener."""
+        """Stop the probe and close every listener; captured names fail open at once."""
         self.probe.stop()
+        if self.https is not None:
+            # the DNS must stop sending clients here before the HTTPS listener goes away
+            self.health.set(False, "HTTPS listener stopped")
+            self.https.stop()
+            self.https = None
+        if self.ca_watcher is not None:
+            self.ca_watcher.stop()
+            self.ca_watcher = None
         for port in self.ports:
             port.stopListening()
         self.ports = []
@@ -98,6 +141,10 @@ def serve(config: Config) -> int:
     services = Services(config, reactor)
     try:
         services.start()
+    except camod.CaError as exc:
+        log.error("refusing to start: %s", exc)
+        print(f"dnsmirror: refusing to start: {exc}", file=sys.stderr)
+        return 2
     except ListenError as exc:
         log.error("%s", exc)
         print(f"dnsmirror: {exc}", file=sys.stderr)

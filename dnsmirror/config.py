@@ -72,6 +72,7 @@ class HealthConfig:
     interval: float
     timeout: float
     failures: int
+    targets: tuple[HostPort, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class HttpsConfig:
 class TlsConfig:
     ca_cert: Path
     ca_key: Path
+    leaf_validity: float = 7 * 86400.0  # seconds a minted leaf is valid (at most 7 days)
+    leaf_cache_size: int = 1024         # per-host TLS contexts kept (LRU)
+    reload_interval: float = 10.0       # how often the CA files are checked for rotation
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,10 @@ class UpstreamConfig:
     ca_bundle: Path | None
     connect_timeout: float
     read_timeout: float
+    first_byte_timeout: float
+    pool_per_host: int
+    pool_idle_timeout: float
+    allow_internal: bool
 
 
 @dataclass(frozen=True)
@@ -250,6 +258,18 @@ def _int_range(low: int, high: int) -> Callable[[Any], int]:
     return parse
 
 
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _at_most(seconds: float, limit: float, shown: str) -> float:
+    if seconds > limit:
+        raise ValueError(f"must be at most {shown}, got {seconds:g}s")
+    return seconds
+
+
 def _network(value: Any) -> IPNetwork:
     try:
         return ipaddress.ip_network(_string(value), strict=False)
@@ -326,14 +346,25 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
         "interval": parse_duration,
         "timeout": parse_duration,
         "failures": _int_range(1, 100),
+        "targets": _list_of(host_port),
     }),
     "https": (HttpsConfig, {"listen": _list_of(host_port)}),
-    "tls": (TlsConfig, {"ca_cert": _path, "ca_key": _path}),
+    "tls": (TlsConfig, {
+        "ca_cert": _path,
+        "ca_key": _path,
+        "leaf_validity": lambda value: _at_most(parse_duration(value), 7 * 86400.0, "168h (7 days)"),
+        "leaf_cache_size": _int_range(1, 1_000_000),
+        "reload_interval": parse_duration,
+    }),
     "upstream": (UpstreamConfig, {
         "resolvers": _list_of(_upstream_server),
         "ca_bundle": _optional(_path),
         "connect_timeout": parse_duration,
         "read_timeout": parse_duration,
+        "first_byte_timeout": parse_duration,
+        "pool_per_host": _int_range(0, 1000),
+        "pool_idle_timeout": parse_duration,
+        "allow_internal": _boolean,
     }),
     "cache": (CacheConfig, {
         "dir": _path,
@@ -440,11 +471,12 @@ def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> 
     if dns is not None and not dns.listen:
         problems.append(("dns.listen", "needs at least one address"))
     https = built.get("https")
-    if https is not None and not https.listen:
-        problems.append(("https.listen", "needs at least one address"))
+    health = built.get("health")
+    if https is not None and health is not None and not https.listen and not health.targets:
+        problems.append(("https.listen", "needs at least one address, unless health.targets names the "
+                                         "mirror's HTTPS address (DNS-only mode)"))
     if not built.get("capture") and not any(path.startswith("capture") for path, _ in problems):
         problems.append(("capture", "needs at least one pattern, or dnsmirror captures nothing"))
-    health = built.get("health")
     if health is not None and health.timeout > health.interval:
         problems.append(("health.timeout", f"must not exceed health.interval ({health.interval}s)"))
 

@@ -134,7 +134,12 @@ def silent_udp_server():
 def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True):
     """``dnsmirror serve`` with the embedded default plus ``overrides``; yields (port, process, logfile)."""
     port = free_port()
-    document = {"dns": {"listen": [f"127.0.0.1:{port}"], "timeout": "500ms"}}
+    # DNS only: no HTTPS listener (so no CA); health follows a stand-in listener the test controls
+    document = {
+        "dns": {"listen": [f"127.0.0.1:{port}"], "timeout": "500ms"},
+        "https": {"listen": []},
+        "health": {"targets": [f"127.0.0.1:{free_port()}"]},
+    }
     for key, value in overrides.items():
         document.setdefault(key, {})
         if isinstance(value, dict):

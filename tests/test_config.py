@@ -128,3 +128,10 @@ def test_config_check_command(tmp_path):
 def test_shipped_example_configs_are_valid():
     for path in sorted(Path(__file__).parent.parent.glob("docs/examples/*.yaml")):
         config.load(path)
+
+
+def test_dns_only_mode_needs_a_health_target():
+    found = problems_of({"https": {"listen": []}})
+    assert "health.targets" in found["https.listen"]
+    cfg = config.parse_document({"https": {"listen": []}, "health": {"targets": ["10.96.0.53:443"]}})
+    assert cfg.https.listen == () and cfg.health.targets == (HostPort("10.96.0.53", 443),)

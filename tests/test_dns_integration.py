@@ -48,9 +48,8 @@ def healthy_mirror(tmp_path, upstream):
     https_port = free_port()
     overrides = {
         "dns": {"upstreams": [f"127.0.0.1:{upstream}"]},
-        "https": {"listen": [f"127.0.0.1:{https_port}"]},
         "mirror": {"address": "10.96.0.53", "address6": "fd00::53"},
-        "health": {"interval": "200ms", "timeout": "100ms", "failures": 1},
+        "health": {"interval": "200ms", "timeout": "100ms", "failures": 1, "targets": [f"127.0.0.1:{https_port}"]},
     }
     with tcp_listener(https_port), dnsmirror_serve(tmp_path, overrides) as (port, process, log):
         assert wait_until(lambda: dig_answers(dig(port, ECR).stdout)[:1] and
@@ -84,8 +83,9 @@ def test_other_types_of_captured_names_are_forwarded(healthy_mirror):
 
 def test_aaaa_is_empty_without_an_ipv6_mirror_address(tmp_path, upstream):
     https_port = free_port()
-    overrides = {"dns": {"upstreams": [f"127.0.0.1:{upstream}"]}, "https": {"listen": [f"127.0.0.1:{https_port}"]},
-                 "health": {"interval": "200ms", "timeout": "100ms", "failures": 1}}
+    overrides = {"dns": {"upstreams": [f"127.0.0.1:{upstream}"]},
+                 "health": {"interval": "200ms", "timeout": "100ms", "failures": 1,
+                            "targets": [f"127.0.0.1:{https_port}"]}}
     with tcp_listener(https_port), dnsmirror_serve(tmp_path, overrides) as (port, _, _):
         assert wait_until(lambda: dig_answers(dig(port, ECR).stdout)[0][3] == "127.0.0.1", 10)
         aaaa = dig(port, ECR, "AAAA")
@@ -155,9 +155,8 @@ def test_fail_open_while_the_mirror_is_down_and_capture_again_once_back(tmp_path
     https_port = free_port()
     overrides = {
         "dns": {"upstreams": [f"127.0.0.1:{upstream}"]},
-        "https": {"listen": [f"127.0.0.1:{https_port}"]},
         "mirror": {"address": "10.96.0.53"},
-        "health": {"interval": "200ms", "timeout": "100ms", "failures": 2},
+        "health": {"interval": "200ms", "timeout": "100ms", "failures": 2, "targets": [f"127.0.0.1:{https_port}"]},
     }
 
     def answer() -> str:
@@ -185,7 +184,8 @@ def test_serve_reports_a_port_it_cannot_bind(tmp_path):
     with tcp_listener(free_port()) as busy:
         port = busy.getsockname()[1]
         config = tmp_path / "busy.yaml"
-        config.write_text(yaml.safe_dump({"dns": {"listen": [f"127.0.0.1:{port}"]}}))
+        config.write_text(yaml.safe_dump({"dns": {"listen": [f"127.0.0.1:{port}"]}, "https": {"listen": []},
+                                          "health": {"targets": ["127.0.0.1:9"]}}))
         result = subprocess.run([sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)],
                                 capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode == 2
