@@ -245,7 +245,7 @@ class CaWatcher:
         for path in (self.cert_path, self.key_path):
             try:
                 st = os.stat(path)
-                result.append((st.st_ino, st.st_mtime_ns, st.st_size))
+                result.append((st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size))
             except OSError:
                 result.append(None)
         return tuple(result)
