@@ -8,6 +8,8 @@ setup:
 	@scripts/setup.sh
 
 run: setup
+	@# a development CA for the embedded default (tls.ca_cert certs/ca.crt), created once
+	@test -f certs/ca.crt || $(BIN)/dnsmirror ca init --dir certs
 	$(BIN)/dnsmirror serve
 
 test: setup

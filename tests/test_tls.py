@@ -329,3 +329,18 @@ def test_watcher_swaps_a_rotated_ca_and_keeps_the_old_one_on_a_broken_swap(tmp_p
     assert server.signing.authority.cert.subject == new_subject
     watcher._checked(watcher._check())  # unchanged broken files are reported once
     assert server.stats.ca_reload_errors == 1
+
+
+# --- the tls config keys ----------------------------------------------------------------------------------
+
+
+def test_tls_config_defaults_and_limits():
+    defaults = config.load().tls
+    assert (defaults.leaf_validity, defaults.leaf_cache_size, defaults.reload_interval) == (7 * 86400.0, 1024, 10.0)
+    custom = config.parse_document({"tls": {"leaf_validity": "24h", "leaf_cache_size": 10, "reload_interval": "1s"}})
+    assert (custom.tls.leaf_validity, custom.tls.leaf_cache_size, custom.tls.reload_interval) == (86400.0, 10, 1.0)
+    with pytest.raises(config.ConfigError) as caught:
+        config.parse_document({"tls": {"leaf_validity": "169h", "leaf_cache_size": 0, "reload_interval": "0s"}})
+    paths = {path for path, _ in caught.value.problems}
+    assert paths == {"tls.leaf_validity", "tls.leaf_cache_size", "tls.reload_interval"}
+    assert "at most 168h" in caught.value.describe()
