@@ -177,13 +177,19 @@ def redirect_target(status: int, headers: HeaderInput, request_url: str) -> str 
     return target.split("#", 1)[0]
 
 
+def loggable_url(url: str) -> str:
+    """``url`` without its query and fragment: pre-signed object-storage URLs carry signatures there."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}" + ("?..." if parts.query else "")
+
+
 def check_redirect(target: str) -> None:
     """Raise :class:`RedirectRefused` unless ``target`` is an https URL with a host."""
     scheme, host, _port = origin(target)
     if scheme != "https":
-        raise RedirectRefused(f"refusing redirect to {scheme or 'a relative'} URL {target!r}: https only")
+        raise RedirectRefused(f"refusing redirect to {scheme or 'a relative'} URL {loggable_url(target)}: https only")
     if not host:
-        raise RedirectRefused(f"refusing redirect without a host: {target!r}")
+        raise RedirectRefused(f"refusing redirect without a host: {loggable_url(target)}")
 
 
 # --- TLS -----------------------------------------------------------------------------------------------
@@ -563,7 +569,7 @@ class UpstreamResponse:
 
     @property
     def description(self) -> str:
-        return f"{self.method} {self.url}"
+        return f"{self.method} {loggable_url(self.url)}"
 
     def deliver_body(self, protocol: IProtocol) -> None:
         """Deliver the body to ``protocol`` as it arrives (``makeConnection``, ``dataReceived``,
@@ -700,11 +706,11 @@ class UpstreamClient:
             log.debug("following upstream redirect", extra=fields(code=response.code, source=url, target=origin(target)[1]))
             followed.append(url)
             url = target
-        raise TooManyRedirects(f"{method} {followed[0] if followed else url}: more than {self.settings.max_redirects} redirects")
+        raise TooManyRedirects(f"{method} {loggable_url(followed[0] if followed else url)}: more than {self.settings.max_redirects} redirects")
 
     async def _exchange(self, method: str, url: str, headers: Headers, body: IBodyProducer | None,
                         redirects: tuple[str, ...]) -> UpstreamResponse:
-        description = f"{method} {url}"
+        description = f"{method} {loggable_url(url)}"
         _scheme, host, port = origin(url)
         # resolve first: clear errors (NXDOMAIN, timeout, refused address), and HostnameEndpoint hits the cache
         await self.resolver.resolve(host, port)

@@ -81,6 +81,12 @@ class RedirectTargetTests(SynchronousTestCase):
         self.assertEqual(redirect_target(302, [("Location", "/other/path")], self.base), "https://registry.test/other/path")
         self.assertEqual(redirect_target(302, [("Location", "//cdn.test/x")], self.base), "https://cdn.test/x")
 
+    def test_loggable_url_hides_signatures_and_userinfo(self):
+        from dnsmirror.upstream import loggable_url
+
+        self.assertEqual(loggable_url("https://u:p@cdn.test:8443/b/x?X-Amz-Signature=s#f"), "https://cdn.test:8443/b/x?...")
+        self.assertEqual(loggable_url("https://registry.test/v2/"), "https://registry.test/v2/")
+
     def test_not_redirects(self):
         self.assertIsNone(redirect_target(200, [("Location", "https://x.test/")], self.base))
         self.assertIsNone(redirect_target(304, [("Location", "https://x.test/")], self.base))
@@ -424,9 +430,11 @@ class UpstreamClientTests(TestCase):
 
     @defer.inlineCallbacks
     def test_redirect_to_http_refused(self):
-        request = self.client().request("GET", self.url("/redirect/302/http://cdn.test:PORT_CDN/blob"), follow_redirects=True)
+        request = self.client().request("GET", self.url("/redirect/302/http://cdn.test:PORT_CDN/blob?sig=secret"),
+                                        follow_redirects=True)
         error = yield self.assertFailure(request, RedirectRefused)
         self.assertIn("https only", str(error))
+        self.assertNotIn("secret", str(error))
         self.assertEqual(self.servers.requests_to("cdn.test"), [])
 
     @defer.inlineCallbacks
@@ -458,6 +466,14 @@ class UpstreamClientTests(TestCase):
         elapsed = reactor.seconds() - started
         self.assertTrue(0.45 <= elapsed < 3, elapsed)
         self.assertIn("no response headers", str(error))
+
+    @defer.inlineCallbacks
+    def test_first_byte_timeout_counts_from_the_end_of_the_request_body(self):
+        body = FileBodyProducer(BytesIO(b"z" * 5000))
+        request = self.client(first_byte_timeout=0.5).request("PUT", self.url("/hang"), None, body)
+        yield self.assertFailure(request, UpstreamTimeout)
+        [(_name, method, _path, _lines, _port, length)] = self.servers.log
+        self.assertEqual((method, length), ("PUT", 5000))
 
     @defer.inlineCallbacks
     def test_idle_read_timeout(self):
