@@ -30,8 +30,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
+from service_identity import VerificationError
 from twisted.internet import defer
+from twisted.internet import error as internet_error
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import (
     IConsumer,
@@ -733,15 +735,10 @@ class UpstreamClient:
         if exchange.timed_out:
             return UpstreamTimeout(f"{description}: no response headers within {self.settings.first_byte_timeout:g}s")
         reasons = _reasons(exc)
-        from twisted.internet import error as internet_error
-        from twisted.web.error import SchemeNotSupported
-
         if any(isinstance(r, internet_error.TimeoutError) for r in reasons):
             return UpstreamTimeout(f"{description}: connect timed out after {self.settings.connect_timeout:g}s")
         if any(_is_tls_error(r) for r in reasons):
             return UpstreamTLSError(f"{description}: TLS failed: {_describe_exception(exc)}")
-        if isinstance(exc, SchemeNotSupported):
-            return ValueError(str(exc))
         return UpstreamUnavailable(f"{description}: {_describe_exception(exc)}")
 
 
@@ -755,9 +752,6 @@ def _reasons(exc: BaseException) -> list[BaseException]:
 
 
 def _is_tls_error(exc: BaseException) -> bool:
-    from OpenSSL import SSL
-    from service_identity import VerificationError
-
     return isinstance(exc, SSL.Error | VerificationError)
 
 
