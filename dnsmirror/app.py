@@ -9,7 +9,9 @@ from twisted.internet import error
 
 from dnsmirror import ca as camod
 from dnsmirror import logs
+from dnsmirror.authz import Grants
 from dnsmirror.config import Config
+from dnsmirror.content import ContentChain, ContentStats
 from dnsmirror.dns import server as dnsserver
 from dnsmirror.dns.forwarder import Forwarder
 from dnsmirror.dns.packets import Responder
@@ -19,7 +21,13 @@ from dnsmirror.health import HealthState, ListenerProbe
 from dnsmirror.https import HttpsBindError, HttpsListener
 from dnsmirror.logs import fields
 from dnsmirror.patterns import HostMatcher
+from dnsmirror.proxy import PassThrough
+from dnsmirror.store import Store, StoreError
+from dnsmirror.streaming import DiskIO
+from dnsmirror.tags import TagMemory
 from dnsmirror.tls import CaWatcher, SniServer, TlsStats, prepare_signing
+from dnsmirror.upstream import UpstreamClient
+from dnsmirror.web import RegistryResource
 
 log = logging.getLogger("dnsmirror")
 
@@ -54,6 +62,28 @@ class Services:
         self.web_site = web_site  # the twisted.web Site/Resource behind HTTPS; None = 503 placeholder
         self.https: HttpsListener | None = None
         self.ca_watcher: CaWatcher | None = None
+        self.store: Store | None = None
+        self.disk: DiskIO | None = None
+        self.upstream: UpstreamClient | None = None
+        self.content_stats = ContentStats()
+        self.content: ContentChain | None = None
+        self.passthrough: PassThrough | None = None
+
+    def _build_front(self):
+        """The registry front: cache store, upstream client, content chain, pass-through."""
+        cache = self.config.cache
+        try:
+            self.store = Store.open(cache.dir, cache.max_size)
+        except (StoreError, OSError) as exc:
+            raise ListenError(f"cache.dir: cannot use {cache.dir}: {exc}") from exc
+        self.disk = DiskIO(self.reactor, self.store)
+        self.disk.start()
+        self.upstream = UpstreamClient.from_config(self.config, self.reactor, fallback_resolvers=self.upstreams)
+        grants = Grants(cache.grant_ttl, cache.offline_grant_ttl)
+        self.passthrough = PassThrough(self.reactor, self.upstream, self.disk, grants, TagMemory(), cache.stale_tags)
+        self.content = ContentChain(self.reactor, self.disk, self.upstream, grants, self.passthrough,
+                                    self.content_stats)
+        return RegistryResource(self.matcher, self.content, self.passthrough)
 
     def _load_ca(self):
         """Load and check the CA files (raises :class:`~dnsmirror.ca.CaError`) and pre-generate the leaf key."""
@@ -67,7 +97,8 @@ class Services:
         tls = self.config.tls
         sni = SniServer(self.matcher, signing, leaf_validity=tls.leaf_validity,
                         cache_size=tls.leaf_cache_size, stats=self.tls_stats)
-        self.https = HttpsListener(self.reactor, self.config.https.listen, sni, self.web_site)
+        site = self.web_site if self.web_site is not None else self._build_front()
+        self.https = HttpsListener(self.reactor, self.config.https.listen, sni, site)
         try:
             self.https.start()
         except HttpsBindError as exc:
@@ -120,6 +151,15 @@ class Services:
         if self.ca_watcher is not None:
             self.ca_watcher.stop()
             self.ca_watcher = None
+        if self.upstream is not None:
+            self.upstream.close()
+            self.upstream = None
+        if self.disk is not None:
+            self.disk.stop()
+            self.disk = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
         for port in self.ports:
             port.stopListening()
         self.ports = []

@@ -106,6 +106,9 @@ class CacheConfig:
     dir: Path
     max_size: int
     containerd_content: Path | None
+    grant_ttl: float = 300.0
+    offline_grant_ttl: float = 86400.0
+    stale_tags: bool = True
 
 
 @dataclass(frozen=True)
@@ -258,6 +261,12 @@ def _int_range(low: int, high: int) -> Callable[[Any], int]:
     return parse
 
 
+def _duration_or_zero(value: Any) -> float:
+    if value in (0, "0", "0s"):
+        return 0.0
+    return parse_duration(value)
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, got {_show(value)}")
@@ -370,6 +379,9 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
         "dir": _path,
         "max_size": parse_size,
         "containerd_content": _optional(_path),
+        "grant_ttl": parse_duration,
+        "offline_grant_ttl": _duration_or_zero,
+        "stale_tags": _boolean,
     }),
     "peers": (PeersConfig, {
         "listen": host_port,

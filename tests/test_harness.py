@@ -24,6 +24,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 from harness import ECR_HOST, ECR_HOST_2, require_netns
+from harness.blobhost import BlobHost
 from harness.containerd import Containerd
 from harness.cri import CriError, CriImageClient, decode_message, encode_field, pull_image_request
 from harness.images import INDEX_MEDIA_TYPE, BuiltImage, build_image, push_image, skopeo
@@ -310,6 +311,72 @@ def test_private_registry_refuses_anonymous_pulls_and_serves_credentials(public_
         layer_path = registry.blob_path(REPOSITORY, amd64.layers[0].digest)
         assert registry.count_requests("GET", layer_path, status=200) == 1  # ctr found it already in the store
         assert registry.count_requests("HEAD", registry.manifest_path(REPOSITORY, "v1"), status=401) >= 2
+
+
+def _fetch_seconds(node: Namespace, url: str, ca_file: Path) -> float:
+    """Time a full HTTPS GET from inside ``node`` (a fresh Python, so the namespace's hosts file applies)."""
+    program = ("import ssl, time, urllib.request\n"
+               f"context = ssl.create_default_context(cafile={str(ca_file)!r})\n"
+               "start = time.monotonic()\n"
+               f"urllib.request.urlopen({url!r}, context=context, timeout=20).read()\n"
+               "print(time.monotonic() - start)")
+    return float(node.run(["python3", "-c", program]).stdout)
+
+
+@pytest.mark.integration
+def test_corrupted_blob_is_served_and_containerd_rejects_it(public_setup: PublicSetup, tmp_path: Path) -> None:
+    image = build_image(tmp_path / "layout", tag="corrupt", platforms=("linux/amd64",))
+    layer = image.platform("linux/amd64").layers[0]
+    registry = public_setup.registry
+    push_image(image, public_setup.node, f"{ECR_HOST}/{REPOSITORY}:corrupt", ca_file=public_setup.ca.cert_path)
+    registry.corrupt_blob(layer.digest)
+    assert registry.blob_file(layer.digest).stat().st_size == layer.size
+    with Containerd(public_setup.node, tmp_path / "containerd", ssl_cert_file=public_setup.ca.cert_path) as containerd:
+        refused = containerd.pull(f"{ECR_HOST}/{REPOSITORY}:corrupt", check=False)
+    assert refused.returncode != 0
+    assert layer.digest.encode() in refused.stdout + refused.stderr
+    assert registry.count_requests("GET", registry.blob_path(REPOSITORY, layer.digest), status=200) >= 1
+
+
+@pytest.mark.integration
+def test_limit_egress_slows_the_registry(public_setup: PublicSetup, tmp_path: Path) -> None:
+    image = build_image(tmp_path / "layout", tag="big", platforms=("linux/amd64",), big_layer_size=512 * 1024)
+    push_image(image, public_setup.node, f"{ECR_HOST}/{REPOSITORY}:big", ca_file=public_setup.ca.cert_path)
+    url = f"https://{ECR_HOST}{public_setup.registry.blob_path(REPOSITORY, image.big_layer.digest)}"
+    registry_ns = public_setup.registry.namespace
+    registry_ns.limit_egress("4mbit")
+    try:
+        slow = _fetch_seconds(public_setup.node, url, public_setup.ca.cert_path)
+    finally:
+        registry_ns.unlimit_egress()
+    fast = _fetch_seconds(public_setup.node, url, public_setup.ca.cert_path)
+    assert slow > 0.7 > fast  # 512 KiB at 4 Mbit/s is about one second
+
+
+@pytest.mark.integration
+def test_redirected_blobs_come_from_the_blob_host_without_authorization(public_setup: PublicSetup,
+                                                                         tmp_path: Path) -> None:
+    cluster, node, ca = public_setup.cluster, public_setup.node, public_setup.ca
+    blobs_host = "blobs.storage.example-cdn.test"
+    registry_ns, storage_ns = cluster.add("redirecting"), cluster.add("storage")
+    node.write_hosts({ECR_HOST: public_setup.registry.address, ECR_HOST_2: registry_ns.address,
+                      blobs_host: storage_ns.address})
+    image = build_image(tmp_path / "layout", tag="v1", platforms=("linux/amd64",))
+    amd64 = image.platform("linux/amd64")
+    reference = f"{ECR_HOST_2}/{REPOSITORY}:v1"
+    with Registry(registry_ns, ECR_HOST_2, ca, tmp_path / "registry", users={"bob": "b-secret"},
+                  redirect_base_url=f"https://{blobs_host}") as registry, \
+            BlobHost(storage_ns, blobs_host, ca, registry.storage_dir, tmp_path / "blobs") as blob_host:
+        push_image(image, node, reference, ca_file=ca.cert_path, creds="bob:b-secret")
+        with Containerd(node, tmp_path / "containerd", ssl_cert_file=ca.cert_path) as containerd:
+            containerd.pull(reference, user="bob:b-secret")
+            assert containerd.has_snapshot(amd64.chain_id)
+        assert registry.count_requests("GET", registry.blob_path(REPOSITORY, amd64.layers[0].digest), status=307) == 1
+        layer_file = "/" + str(registry.blob_file(amd64.layers[0].digest).relative_to(registry.storage_dir))
+        served = [entry for entry in blob_host.requests() if entry["path"] == layer_file]
+        assert [(entry["method"], entry["status"], entry["host"]) for entry in served] == [("GET", 200, blobs_host)]
+        # Go's client drops credentials on a cross-host redirect; so must dnsmirror
+        assert not any(entry["authorization"] for entry in blob_host.requests())
 
 
 @pytest.mark.integration

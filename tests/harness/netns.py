@@ -326,6 +326,16 @@ class Namespace:
         lines = [f"nameserver {server}" for server in nameservers] + [f"options {options}"]
         (self.etc_dir / "resolv.conf").write_text("\n".join(lines) + "\n")
 
+    def limit_egress(self, rate: str, burst: str = "64kb", latency: str = "500ms") -> None:
+        """Cap what leaves ``eth0`` at ``rate`` (tc's syntax, e.g. ``"40mbit"``): a slow upstream, so that
+        tests can act while a transfer is still under way. :meth:`unlimit_egress` lifts it."""
+        self.run(["tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", burst,
+                  "latency", latency], timeout=10)
+
+    def unlimit_egress(self) -> None:
+        """Remove a limit set by :meth:`limit_egress`."""
+        self.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10, check=False)
+
     def add_address(self, address: str | None = None) -> str:
         """Add another address of the shared subnet to ``eth0`` (a fresh one by default); return it."""
         address = address or self.cluster.allocate_address()

@@ -9,9 +9,9 @@ registry's stdout) that tests read to count requests:
         ...
         assert registry.count_requests("GET", f"/v2/team/app/blobs/{digest}") == 1
 
-``extra_config`` is merged into the YAML config, e.g. distribution's ``redirect`` storage middleware
-to send blob GETs to a second host:
-``{"middleware": {"storage": [{"name": "redirect", "options": {"baseurl": "https://blobs.test"}}]}}``.
+``redirect_base_url`` makes blob GETs answer a 307 to a second host (see :mod:`harness.blobhost`);
+``extra_config`` is deep-merged into the YAML config for anything else. :meth:`Registry.corrupt_blob`
+makes it serve bytes that do not match their digest.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class Registry:
 
     def __init__(self, namespace: Namespace, hostname: str, ca: TestCA, workdir: str | os.PathLike[str], *,
                  users: Mapping[str, str] | None = None, port: int = 443, address: str | None = None,
-                 extra_config: Mapping[str, Any] | None = None) -> None:
+                 redirect_base_url: str | None = None, extra_config: Mapping[str, Any] | None = None) -> None:
         self.namespace = namespace
         self.hostname = hostname
         self.address = address or namespace.address
@@ -84,6 +84,7 @@ class Registry:
         self.storage_dir = self.workdir / "storage"
         self.config_path = self.workdir / "config.yml"
         self.tls: ServerCert = ca.issue_server([hostname], self.workdir / "tls", ip_addresses=[self.address])
+        self.redirect_base_url = redirect_base_url
         self.extra_config = dict(extra_config or {})
         self.process: Process | None = None
 
@@ -112,6 +113,9 @@ class Registry:
         if self.users:
             path = htpasswd_file(self.users, self.workdir / "htpasswd")
             config["auth"] = {"htpasswd": {"realm": "dnsmirror-test", "path": str(path)}}
+        if self.redirect_base_url:
+            # blob GETs answer 307 to BASE/docker/registry/v2/blobs/sha256/xx/<hex>/data (see harness.blobhost)
+            config["middleware"] = {"storage": [{"name": "redirect", "options": {"baseurl": self.redirect_base_url}}]}
         return _merge(config, self.extra_config)
 
     def start(self, timeout: float = 15) -> Registry:
@@ -149,6 +153,17 @@ class Registry:
         """How many ``METHOD path`` requests (with that status, if given) the registry has logged."""
         return sum(1 for entry in self.access_log()
                    if entry.method == method and entry.path == path and (status is None or entry.status == status))
+
+    def blob_file(self, digest: str) -> Path:
+        """Where the filesystem driver keeps a blob's bytes (served as they are, never re-verified)."""
+        algorithm, hex_digest = digest.split(":", 1)
+        return self.storage_dir / "docker/registry/v2/blobs" / algorithm / hex_digest[:2] / hex_digest / "data"
+
+    def corrupt_blob(self, digest: str) -> None:
+        """Flip the bytes of a stored blob, keeping its size: the registry then serves content that does
+        not match its digest (for digest-mismatch tests)."""
+        path = self.blob_file(digest)
+        path.write_bytes(bytes(byte ^ 0xFF for byte in path.read_bytes()))
 
     def blob_path(self, repository: str, digest: str) -> str:
         """The URL path of a blob, as it appears in the access log."""

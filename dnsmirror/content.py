@@ -1,0 +1,344 @@
+"""Blobs and manifests by digest: the local cache, then upstream (peers slot in between later).
+
+For each ``GET``/``HEAD /v2/<name>/(blobs|manifests)/<digest>``:
+
+1. cached (or being filled) and the request's credentials are allowed (:mod:`dnsmirror.authz`):
+   served from disk, ranges included, also while the fill is still running;
+2. otherwise one upstream ``GET`` per digest (single-flight) fills the cache while every waiter
+   streams from the growing file; the blob is committed only when its sha256 matches, and a
+   mismatch aborts every waiter's connection before its last byte;
+3. any refusal from upstream (401/403/404, ...) reaches the client exactly as upstream sent it.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+from dataclasses import dataclass
+
+from twisted.internet import defer
+
+from dnsmirror import oci
+from dnsmirror.authz import Grants
+from dnsmirror.logs import fields
+from dnsmirror.proxy import PassThrough, relay, unavailable, write_error
+from dnsmirror.store import BlobInfo, StoreFull
+from dnsmirror.streaming import BlobStreamer, DiskIO, Fill
+from dnsmirror.target import Target
+from dnsmirror.upstream import UPSTREAM_FAILURES, UpstreamClient
+
+log = logging.getLogger("dnsmirror.content")
+
+_ATTEMPTS = 3
+
+
+class Access(enum.Enum):
+    ALLOWED = "allowed"
+    DENIED = "denied"            # upstream refused: pass the request through so the client sees why
+    UNREACHABLE = "unreachable"  # upstream unreachable and no recent grant
+
+
+@dataclass
+class ContentStats:
+    """Counters for the metrics endpoint."""
+
+    cache_hits: int = 0
+    cache_misses: int = 0
+    fills_started: int = 0
+    fills_joined: int = 0
+    fills_failed: int = 0
+    digest_mismatches: int = 0
+    access_checks: int = 0
+    access_denied: int = 0
+    offline_served: int = 0
+    uncached_streams: int = 0
+    bytes_served: int = 0
+
+
+class _Slot:
+    """A fill being started: waiters learn the Fill, or None if the starter got no 200 upstream."""
+
+    def __init__(self, credential: str) -> None:
+        self.credential = credential
+        self.fill: Fill | None = None
+        self.settled = False
+        self._waiters: list[defer.Deferred] = []
+
+    def wait(self) -> defer.Deferred:
+        if self.settled:
+            return defer.succeed(self.fill)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        return d
+
+    def settle(self, fill: Fill | None) -> None:
+        self.fill = fill
+        self.settled = True
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(fill)
+
+
+class ContentChain:
+    """Serves reads by digest from the cache or a single upstream fill."""
+
+    def __init__(self, reactor, disk: DiskIO, upstream: UpstreamClient, grants: Grants, passthrough: PassThrough,
+                 stats: ContentStats | None = None) -> None:
+        self.reactor = reactor
+        self.disk = disk
+        self.store = disk.store
+        self.upstream = upstream
+        self.grants = grants
+        self.passthrough = passthrough
+        self.stats = stats or ContentStats()
+        self.slots: dict[str, _Slot] = {}
+
+    async def serve(self, request, target: Target) -> None:
+        """Answer one GET/HEAD by digest."""
+        for _ in range(_ATTEMPTS):
+            slot = self.slots.get(target.digest)
+            if slot is not None:
+                fill = await slot.wait()
+                if fill is None or fill.failure is not None:
+                    continue
+                if not await self._may_read(request, target, granted_by_fill=slot.credential == target.credential):
+                    return
+                self.stats.fills_joined += 1
+                await self._serve_fill(request, target, fill)
+                return
+            info = await self.disk.run(self.store.stat, target.digest)
+            if info is not None:
+                if not await self._may_read(request, target):
+                    return
+                if await self._serve_stored(request, target):
+                    return
+                continue  # evicted meanwhile
+            if target.digest in self.slots:
+                continue
+            await self._fetch(request, target)
+            return
+        write_error(request, unavailable("content could not be fetched"))
+
+    # --- authorisation -------------------------------------------------------------------------------
+
+    async def _may_read(self, request, target: Target, granted_by_fill: bool = False) -> bool:
+        """True when the request may read cached content; otherwise the request has been answered."""
+        access = Access.ALLOWED if granted_by_fill else await self.check_access(target)
+        if access is Access.ALLOWED:
+            return True
+        if access is Access.DENIED:
+            self.stats.access_denied += 1
+            await self.passthrough.forward(request, target)
+        else:
+            write_error(request, unavailable("cannot confirm access to cached content"))
+        return False
+
+    async def check_access(self, target: Target) -> Access:
+        """Would upstream serve this digest to this request's credentials?"""
+        now = self.reactor.seconds()
+        if self.grants.is_fresh(target.credential, target.upstream_host, target.repository, target.digest, now):
+            return Access.ALLOWED
+        self.stats.access_checks += 1
+        url = f"https://{target.upstream_host}/v2/{target.repository}/{'manifests' if target.is_manifest else 'blobs'}/{target.digest}"
+        headers = target.auth_headers()
+        if target.is_manifest:
+            headers[b"accept"] = [", ".join(sorted(oci.MANIFEST_TYPES)).encode()]
+        try:
+            response = await self.upstream.request("HEAD", url, headers, follow_redirects=True)
+            await response.discard()
+        except UPSTREAM_FAILURES as exc:
+            return self._offline(target, now, str(exc))
+        if response.code == 200:
+            self.grants.grant(target.credential, target.upstream_host, target.repository, [target.digest], now)
+            return Access.ALLOWED
+        if response.code >= 500 or response.code == 429:
+            return self._offline(target, now, f"upstream answered {response.code}")
+        self.grants.revoke(target.credential, target.upstream_host, target.repository, target.digest)
+        return Access.DENIED
+
+    def _offline(self, target: Target, now: float, reason: str) -> Access:
+        if self.grants.allows_offline(target.credential, target.upstream_host, target.repository, target.digest, now):
+            self.stats.offline_served += 1
+            log.warning("upstream unreachable; serving cached content to a recently granted credential",
+                        extra=fields(event="offline_serve", host=target.upstream_host,
+                                     repository=target.repository, digest=target.digest, reason=reason))
+            return Access.ALLOWED
+        return Access.UNREACHABLE
+
+    # --- serving -------------------------------------------------------------------------------------
+
+    def _headers(self, request, target: Target, content_type: str | None) -> None:
+        request.setHeader(b"docker-content-digest", target.digest.encode())
+        request.setHeader(b"etag", f'"{target.digest}"'.encode())
+        request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
+        request.setHeader(b"content-type", (content_type or "application/octet-stream").encode("latin-1"))
+        if not target.is_manifest:
+            request.setHeader(b"accept-ranges", b"bytes")
+
+    def _range(self, request, target: Target, total: int | None) -> tuple[int, int | None] | None:
+        """Set status and length headers; returns [start, end) or None when answered (416)."""
+        header = None if target.is_manifest or total is None else request.getHeader(b"range")
+        try:
+            byte_range = oci.parse_range(header, total) if header is not None else None
+        except oci.RangeNotSatisfiable as exc:
+            write_error(request, exc, {b"content-range": exc.content_range.encode()})
+            return None
+        if byte_range is not None:
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", byte_range.content_range.encode())
+            request.setHeader(b"content-length", str(byte_range.length).encode())
+            return byte_range.start, byte_range.end + 1
+        request.setResponseCode(200)
+        if total is not None:
+            request.setHeader(b"content-length", str(total).encode())
+        return 0, total
+
+    async def _serve_stored(self, request, target: Target) -> bool:
+        reader = await self.disk.run(self.store.open_blob, target.digest)
+        if reader is None:
+            return False
+        self.stats.cache_hits += 1
+        info: BlobInfo = reader.info
+        if target.is_manifest:
+            try:
+                manifest = await self.disk.run(reader.read, oci.MANIFEST_MAX_SIZE + 1)
+            finally:
+                self.disk.run(reader.close)
+            self._grant_references(target, manifest)
+            self._headers(request, target, info.content_type)
+            self._range(request, target, len(manifest))
+            if target.method == "GET":
+                request.write(manifest)
+            request.finish()
+            return True
+        self._headers(request, target, info.content_type)
+        span = self._range(request, target, info.size)
+        if span is None or target.method == "HEAD":
+            self.disk.run(reader.close)
+            if span is not None:
+                request.finish()
+            return True
+        streamer = BlobStreamer(self.disk, request, reader.file.fileno(), span[0], span[1],
+                                on_close=lambda: self.disk.run(reader.close))
+        sent = await streamer.start()
+        if sent:
+            self.stats.bytes_served += span[1] - span[0]
+        return True
+
+    async def _serve_fill(self, request, target: Target, fill: Fill) -> None:
+        self._headers(request, target, fill.content_type)
+        span = self._range(request, target, fill.total)
+        if span is None:
+            return
+        if target.method == "HEAD":
+            request.finish()
+            return
+        try:
+            fd = await self.disk.run(os.open, fill.temp_path, os.O_RDONLY)
+        except FileNotFoundError:
+            # committed (renamed) or aborted between the check and the open
+            if fill.verified:
+                await self._serve_stored(request, target)
+            else:
+                request.channel.transport.abortConnection()
+            return
+        streamer = BlobStreamer(self.disk, request, fd, span[0], span[1], fill=fill,
+                                on_close=lambda: self.disk.run(os.close, fd))
+        fill.waiters += 1
+        try:
+            sent = await streamer.start()
+        finally:
+            fill.waiters -= 1
+        if sent and span[1] is not None:
+            self.stats.bytes_served += span[1] - span[0]
+
+    # --- filling -------------------------------------------------------------------------------------
+
+    async def _fetch(self, request, target: Target) -> None:
+        if target.method == "HEAD":
+            await self.passthrough.forward(request, target)
+            return
+        self.stats.cache_misses += 1
+        slot = _Slot(target.credential)
+        self.slots[target.digest] = slot
+        fill = None
+        try:
+            fill = await self._start_fill(request, target)
+        finally:
+            slot.settle(fill)
+            if fill is None and self.slots.get(target.digest) is slot:
+                del self.slots[target.digest]
+        if fill is None:
+            return
+        self.stats.fills_started += 1
+        fill.done.addBoth(self._fill_finished, target, slot, fill)
+        await self._serve_fill(request, target, fill)
+
+    async def _start_fill(self, request, target: Target) -> Fill | None:
+        """Ask upstream; returns a running Fill, or None once the request has been answered otherwise."""
+        headers = target.auth_headers()
+        accept = request.requestHeaders.getRawHeaders(b"accept")
+        if accept:
+            headers[b"accept"] = accept
+        user_agent = request.requestHeaders.getRawHeaders(b"user-agent")
+        if user_agent:
+            headers[b"user-agent"] = user_agent
+        try:
+            response = await self.upstream.request("GET", target.url, headers, follow_redirects=True)
+        except UPSTREAM_FAILURES as exc:
+            write_error(request, unavailable(str(exc)))
+            return None
+        if response.code != 200:
+            await relay(request, response)
+            return None
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
+        if target.is_manifest and response.length is not None and response.length > oci.MANIFEST_MAX_SIZE:
+            await response.discard(0)
+            write_error(request, oci.OCIError("MANIFEST_INVALID", "manifest larger than 4 MiB", status=502))
+            return None
+        self.grants.grant(target.credential, target.upstream_host, target.repository, [target.digest],
+                          self.reactor.seconds())
+        try:
+            writer = await self.disk.run(self.store.writer, target.digest,
+                                         content_type=content_type.decode("latin-1"), expected_size=response.length)
+        except StoreFull as exc:
+            log.warning("cache full; streaming without caching", extra=fields(event="store_full", digest=target.digest,
+                                                                              reason=str(exc)))
+            self.stats.uncached_streams += 1
+            await relay(request, response)
+            return None
+        fill = Fill(self.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
+        response.deliver_body(fill.body_protocol())
+        return fill
+
+    def _fill_finished(self, result, target: Target, slot: _Slot, fill: Fill):
+        if self.slots.get(target.digest) is slot:
+            del self.slots[target.digest]
+        if fill.failure is not None:
+            self.stats.fills_failed += 1
+            from dnsmirror.store import DigestMismatch
+
+            if isinstance(fill.failure.__cause__, DigestMismatch):
+                self.stats.digest_mismatches += 1
+            log.warning("fill failed; nothing cached", extra=fields(event="fill_failed", digest=target.digest,
+                                                                   host=target.upstream_host, reason=str(fill.failure)))
+            return None
+        if target.is_manifest:
+            self.disk.run(self._read_small, target.digest).addCallback(
+                lambda manifest: manifest is not None and self._grant_references(target, manifest))
+        return None
+
+    def _read_small(self, digest: str) -> bytes | None:
+        reader = self.store.open_blob(digest)
+        if reader is None:
+            return None
+        with reader:
+            return reader.read(oci.MANIFEST_MAX_SIZE + 1)
+
+    def _grant_references(self, target: Target, manifest: bytes) -> None:
+        try:
+            digests = [str(d) for d in oci.referenced_digests(manifest)]
+        except oci.OCIError:
+            return
+        self.grants.grant(target.credential, target.upstream_host, target.repository, digests, self.reactor.seconds())

@@ -1,0 +1,325 @@
+"""Moving blob bytes without blocking the reactor and without holding a blob in memory.
+
+- :class:`DiskIO` runs every store and file call on a dedicated thread pool.
+- :class:`Fill` is one upstream fetch of one digest, written to a store :class:`~dnsmirror.store.Writer`
+  (hashed as written, off the reactor) and readable by any number of waiters while it grows. The last
+  byte is held back until the digest is verified, so no client ever receives a complete body whose
+  digest is wrong.
+- :class:`BlobStreamer` sends a byte range of a committed blob or of a growing fill to one HTTP
+  request, as a push producer: a slow client pauses the disk reads, not the other clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
+from zope.interface import implementer
+
+from dnsmirror.store import BlobInfo, Store, Writer
+
+log = logging.getLogger("dnsmirror.content")
+
+READ_CHUNK = 1024 * 1024
+# upstream is paused while this much received data waits for the disk
+FILL_HIGH_WATER = 8 * 1024 * 1024
+FILL_LOW_WATER = 2 * 1024 * 1024
+
+
+class DiskIO:
+    """Store and file operations on a thread pool of their own."""
+
+    def __init__(self, reactor, store: Store | None, threads: int = 8) -> None:
+        self.reactor = reactor
+        self.store = store
+        self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="dnsmirror-disk")
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+
+    def run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+        """``function(*args)`` on the disk pool; a Deferred of its result."""
+        return deferToThreadPool(self.reactor, self.pool, function, *args, **kwargs)
+
+
+class FillFailed(Exception):
+    """The fill ended without a verified blob (upstream error, digest mismatch, disk full)."""
+
+
+class Fill:
+    """One upstream body for ``digest`` flowing into the store, readable while it grows.
+
+    Feed it with :meth:`body_protocol` (an ``IProtocol`` for ``UpstreamResponse.deliver_body``).
+    ``done`` fires with the committed :class:`BlobInfo`, or fails with :class:`FillFailed`.
+    """
+
+    def __init__(self, disk: DiskIO, writer: Writer, digest: str, total: int | None, content_type: str | None) -> None:
+        self.disk = disk
+        self.writer = writer
+        self.digest = digest
+        self.total = total
+        self.content_type = content_type
+        self.temp_path = writer.temp_path
+        self.written = 0
+        self.verified = False
+        self.failure: FillFailed | None = None
+        self.done: defer.Deferred = defer.Deferred()
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._writing = False
+        self._body_finished = False
+        self._upstream = None
+        self._paused = False
+        self._waiters: list[defer.Deferred] = []
+        self.info: BlobInfo | None = None
+        self.waiters = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.verified or self.failure is not None
+
+    def readable(self) -> int:
+        """Bytes a waiter may send now: all of them once verified, else all but the last."""
+        return self.written if self.verified else max(0, self.written - 1)
+
+    def wait(self) -> defer.Deferred:
+        """Fires at the next progress: more bytes readable, verification, or failure."""
+        d: defer.Deferred = defer.Deferred()
+        if self.finished:
+            d.callback(None)
+        else:
+            self._waiters.append(d)
+        return d
+
+    def _notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(None)
+
+    # --- upstream side ---------------------------------------------------------------------------------
+
+    def body_protocol(self) -> _FillProtocol:
+        return _FillProtocol(self)
+
+    def _received(self, data: bytes) -> None:
+        if self.failure is not None:
+            return
+        self._pending.append(data)
+        self._pending_bytes += len(data)
+        if self._pending_bytes >= FILL_HIGH_WATER and not self._paused and self._upstream is not None:
+            self._paused = True
+            self._upstream.pauseProducing()
+        self._write_next()
+
+    def _write_next(self) -> None:
+        if self._writing or self.failure is not None:
+            return
+        if not self._pending:
+            if self._body_finished:
+                self._commit()
+            return
+        chunk = b"".join(self._pending)
+        self._pending = []
+        self._writing = True
+        self.disk.run(self.writer.write, chunk).addCallbacks(self._wrote, self._fail, callbackArgs=(len(chunk),))
+
+    def _wrote(self, _result, size: int) -> None:
+        self._writing = False
+        self.written += size
+        self._pending_bytes -= size
+        if self._paused and self._pending_bytes <= FILL_LOW_WATER and self._upstream is not None:
+            self._paused = False
+            self._upstream.resumeProducing()
+        self._notify()
+        self._write_next()
+
+    def _body_done(self, reason: Failure) -> None:
+        if reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self.total is None):
+            self._body_finished = True
+            self._write_next()
+        else:
+            self._fail(reason)
+
+    def _commit(self) -> None:
+        if self.total is not None and self.written != self.total:
+            self._fail(Failure(FillFailed(f"{self.digest}: upstream sent {self.written} of {self.total} bytes")))
+            return
+        self._writing = True  # no further writes
+        self.disk.run(self.writer.commit).addCallbacks(self._committed, self._fail)
+
+    def _committed(self, info: BlobInfo) -> None:
+        self.info = info
+        self.verified = True
+        self.total = info.size
+        self._notify()
+        self.done.callback(info)
+
+    def _fail(self, reason: Failure) -> None:
+        if self.failure is not None:
+            return
+        self.failure = reason.value if isinstance(reason.value, FillFailed) else FillFailed(
+            f"{self.digest}: {reason.getErrorMessage() or reason.type.__name__}")
+        self.failure.__cause__ = reason.value
+        self._pending = []
+        if self._upstream is not None:
+            self._upstream.stopProducing()
+        self.disk.run(self.writer.abort).addErrback(lambda f: log.warning("abort failed: %s", f.value))
+        self._notify()
+        self.done.errback(Failure(self.failure))
+        self.done.addErrback(lambda _: None)
+
+
+class _FillProtocol:
+    """Receives the upstream body for a :class:`Fill`."""
+
+    def __init__(self, fill: Fill) -> None:
+        self.fill = fill
+
+    def makeConnection(self, transport) -> None:
+        self.fill._upstream = transport
+
+    def dataReceived(self, data: bytes) -> None:
+        self.fill._received(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.fill._body_done(reason)
+
+
+@implementer(IPushProducer)
+class BlobStreamer:
+    """Streams bytes ``[start, end)`` of an open file descriptor to ``request``.
+
+    With a ``fill`` the file is the fill's growing temp file: the streamer waits for progress and
+    aborts the client connection if the fill fails. ``finished`` fires True when everything was
+    sent, False when the client went away or the stream was aborted.
+    """
+
+    def __init__(self, disk: DiskIO, request, fd: int, start: int, end: int | None, fill: Fill | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.disk = disk
+        self.request = request
+        self.fd = fd
+        self.offset = start
+        self.end = end
+        self.fill = fill
+        self.on_close = on_close
+        self.paused = False
+        self.busy = False
+        self.reading = False
+        self.stopped = False
+        self.finished: defer.Deferred = defer.Deferred()
+
+    def start(self) -> defer.Deferred:
+        self.request.registerProducer(self, True)
+        self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
+        self._next()
+        return self.finished
+
+    def _limit(self) -> int | None:
+        if self.fill is None:
+            return self.end
+        readable = self.fill.readable()
+        if self.end is None:
+            return readable if not self.fill.verified else self.fill.written
+        return min(self.end, readable)
+
+    def _target(self) -> int | None:
+        if self.end is not None:
+            return self.end
+        if self.fill is not None and self.fill.verified:
+            return self.fill.written
+        return None
+
+    def _next(self) -> None:
+        if self.paused or self.busy or self.stopped:
+            return
+        target = self._target()
+        if target is not None and self.offset >= target:
+            self._close(True)
+            return
+        if self.fill is not None and self.fill.failure is not None:
+            self._abort(f"fill failed: {self.fill.failure}")
+            return
+        limit = self._limit()
+        if limit is None or self.offset >= limit:
+            self.busy = True
+            self.fill.wait().addCallback(self._progress)
+            return
+        size = min(READ_CHUNK, limit - self.offset)
+        self.busy = self.reading = True
+        self.disk.run(os.pread, self.fd, size, self.offset).addCallbacks(self._read, self._read_failed)
+
+    def _progress(self, _result) -> None:
+        self.busy = False
+        self._next()
+
+    def _read(self, data: bytes) -> None:
+        self.busy = self.reading = False
+        if self.stopped:
+            self._release()
+            return
+        if not data:
+            self._abort("file ended early")
+            return
+        self.offset += len(data)
+        self.request.write(data)
+        self._next()
+
+    def _read_failed(self, reason: Failure) -> None:
+        self.busy = self.reading = False
+        if self.stopped:
+            self._release()
+            return
+        self._abort(f"read failed: {reason.getErrorMessage()}")
+
+    def _abort(self, why: str) -> None:
+        log.warning("aborting a blob response: %s", why)
+        transport = getattr(self.request, "transport", None) or getattr(self.request.channel, "transport", None)
+        self._close(False)
+        if transport is not None:
+            transport.abortConnection()
+
+    def _close(self, complete: bool) -> None:
+        if self.stopped and self.finished.called:
+            return
+        self.stopped = True
+        try:
+            self.request.unregisterProducer()
+        except Exception:  # noqa: BLE001 - the request may already be gone
+            pass
+        if complete:
+            self.request.finish()
+        self._release()
+        if not self.finished.called:
+            self.finished.callback(complete)
+
+    def _release(self) -> None:
+        # the descriptor may only be closed once no read on it is in flight in a thread
+        if self.reading or self.on_close is None:
+            return
+        on_close, self.on_close = self.on_close, None
+        on_close()
+
+    # IPushProducer
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._next()
+
+    def stopProducing(self) -> None:
+        if not self.stopped:
+            self._close(False)

@@ -1,0 +1,109 @@
+"""The registry front behind the TLS listener: routes each request to the content chain or upstream.
+
+The request must name the same captured host in SNI and in ``Host`` (421 otherwise), so nothing is
+ever proxied to a host the client did not connect to. Reads by digest go to
+:class:`~dnsmirror.content.ContentChain`; everything else passes through unchanged
+(:class:`~dnsmirror.proxy.PassThrough`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from twisted.internet import defer
+from twisted.web import resource, server
+
+from dnsmirror import oci
+from dnsmirror.authz import credential_key
+from dnsmirror.content import ContentChain
+from dnsmirror.patterns import HostMatcher, normalize_host
+from dnsmirror.proxy import PassThrough, write_error
+from dnsmirror.target import Target
+
+log = logging.getLogger("dnsmirror.web")
+
+MAX_URI = 8192
+
+
+def server_name(request) -> str | None:
+    """The TLS SNI name of the connection ``request`` arrived on, or None (plain TCP, no SNI)."""
+    transport = getattr(request.channel, "transport", None)
+    get_handle = getattr(transport, "getHandle", None)
+    if get_handle is None:
+        return None
+    try:
+        name = get_handle().get_servername()
+    except Exception:  # noqa: BLE001 - not a TLS connection
+        return None
+    return name.decode("ascii", "replace") if name else None
+
+
+def request_host(request) -> str | None:
+    """The Host header without port, normalised; None when absent or unusable."""
+    values = request.requestHeaders.getRawHeaders(b"host") or []
+    if len(values) != 1:
+        return None
+    host = values[0].decode("ascii", "replace").strip()
+    if host.startswith("["):
+        return None  # an IP literal is never a captured name
+    return normalize_host(host.rsplit(":", 1)[0] if ":" in host else host)
+
+
+class RegistryResource(resource.Resource):
+    """Every path of the HTTPS listener."""
+
+    isLeaf = True
+
+    def __init__(self, matcher: HostMatcher, content: ContentChain, passthrough: PassThrough) -> None:
+        super().__init__()
+        self.matcher = matcher
+        self.content = content
+        self.passthrough = passthrough
+
+    def render(self, request) -> int:
+        done = defer.ensureDeferred(self._handle(request))
+        done.addErrback(self._failed, request)
+        return server.NOT_DONE_YET
+
+    def _failed(self, failure, request) -> None:
+        log.error("request %s %s failed: %s", request.method.decode("ascii", "replace"),
+                  request.uri[:200].decode("ascii", "replace"), failure.getTraceback())
+        write_error(request, oci.OCIError("UNKNOWN", "internal error", status=500))
+
+    def target_of(self, request) -> Target | oci.OCIError:
+        """Resolve a request to its upstream target, or the error to answer it with."""
+        sni = server_name(request)
+        host = request_host(request)
+        if host is None:
+            return oci.OCIError("UNSUPPORTED", "the request needs exactly one Host header", status=400)
+        if sni is None or normalize_host(sni) != host:
+            return oci.OCIError("DENIED", "Host does not match the TLS server name", status=421)
+        if not self.matcher.captures(host):
+            return oci.OCIError("DENIED", f"{host} is not a captured registry", status=421)
+        if len(request.uri) > MAX_URI:
+            return oci.OCIError("UNSUPPORTED", "request URI too long", status=414)
+        raw_path = request.uri.split(b"?", 1)[0]
+        try:
+            path = oci.parse_path(raw_path)
+        except oci.OCIError as exc:
+            return exc
+        authorization = request.requestHeaders.getRawHeaders(b"authorization") or []
+        return Target(
+            host=host,
+            upstream_host=oci.upstream_host(host),
+            uri=request.uri,
+            method=request.method.decode("ascii", "replace").upper(),
+            path=path,
+            credential=credential_key(b"\n".join(authorization) if authorization else None),
+            authorization=authorization,
+        )
+
+    async def _handle(self, request) -> None:
+        target = self.target_of(request)
+        if isinstance(target, oci.OCIError):
+            write_error(request, target)
+            return
+        if target.path is not None and target.path.by_digest and target.method in ("GET", "HEAD"):
+            await self.content.serve(request, target)
+        else:
+            await self.passthrough.forward(request, target)

@@ -1,0 +1,171 @@
+"""dnsmirror as a cluster node in a network namespace, with real upstream DNS and registries.
+
+``upstream_dns`` runs unbound inside a namespace, authoritative for the registry names the test
+gives it (they resolve to the test registries' namespace addresses). ``MirrorNode`` runs
+``dnsmirror serve`` in a node namespace whose resolv.conf points at dnsmirror itself, with its own
+cluster CA, exactly as on a real node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dnslib import DNSRecord
+from harness.netns import Namespace, Process
+from harness.pki import TestCA, bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _zone_records(names: Mapping[str, str]) -> dict[str, list[str]]:
+    zones: dict[str, list[str]] = {}
+    for name, address in names.items():
+        zone = ".".join(name.rstrip(".").split(".")[-2:])
+        zones.setdefault(zone, []).append(f"{name.rstrip('.')}. 30 IN A {address}")
+    return zones
+
+
+@contextlib.contextmanager
+def upstream_dns(namespace: Namespace, workdir: Path, names: Mapping[str, str]) -> Iterator[str]:
+    """unbound on ``namespace.address:53`` answering ``names`` (host -> IPv4); yields its address.
+
+    It may query nothing else (``do-not-query-address`` covers everything)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "server:", f"  interface: {namespace.address}", "  port: 53", "  do-daemonize: no", '  username: ""',
+        '  chroot: ""', f'  directory: "{workdir}"', "  use-syslog: no", '  logfile: ""', "  verbosity: 0",
+        "  num-threads: 1", "  access-control: 0.0.0.0/0 allow", '  module-config: "iterator"', "  do-ip6: no",
+        "  do-not-query-address: 0.0.0.0/0", "  do-not-query-address: ::0/0",
+    ]
+    for zone, records in _zone_records(names).items():
+        zonefile = workdir / f"{zone}.zone"
+        zonefile.write_text("\n".join([
+            f"{zone}. 300 IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 300",
+            f"{zone}. 300 IN NS ns.{zone}.", f"ns.{zone}. 300 IN A {namespace.address}", *records]) + "\n")
+        lines += ["auth-zone:", f'  name: "{zone}."', f'  zonefile: "{zonefile}"', "  for-downstream: yes",
+                  "  for-upstream: yes"]
+    lines += ["remote-control:", "  control-enable: no"]
+    conf = workdir / "unbound.conf"
+    conf.write_text("\n".join(lines) + "\n")
+    process = namespace.start(["unbound", "-d", "-c", str(conf)], "unbound")
+    try:
+        process.wait_until(lambda: namespace.call(_answers, namespace.address), "answering DNS", timeout=15)
+        yield namespace.address
+    finally:
+        process.stop()
+
+
+def _answers(address: str, name: str = "probe.invalid") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        try:
+            sock.sendto(DNSRecord.question(name).pack(), (address, 53))
+            sock.recvfrom(4096)
+            return True
+        except OSError:
+            return False
+
+
+def resolve(address: str, name: str) -> list[str]:
+    """A records for ``name`` from the DNS server at ``address`` (run inside a namespace with ``call``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(1.0)
+        sock.sendto(DNSRecord.question(name).pack(), (address, 53))
+        reply = DNSRecord.parse(sock.recvfrom(4096)[0])
+    return [str(rr.rdata) for rr in reply.rr if rr.rtype == 1]
+
+
+@dataclass
+class MirrorNode:
+    """``dnsmirror serve`` in ``namespace`` on its own address (DNS :53, HTTPS :443)."""
+
+    namespace: Namespace
+    workdir: Path
+    upstream_dns: str
+    public_ca: TestCA
+    overrides: dict[str, Any] | None = None
+    process: Process | None = None
+
+    @property
+    def address(self) -> str:
+        return self.namespace.address
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.workdir / "ca"
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "dnsmirror.yaml"
+
+    def config(self) -> dict[str, Any]:
+        document: dict[str, Any] = {
+            "dns": {"listen": [f"{self.address}:53"], "upstreams": [f"{self.upstream_dns}:53"], "timeout": "1s"},
+            "mirror": {"address": self.address},
+            "https": {"listen": [f"{self.address}:443"]},
+            "health": {"interval": "500ms", "timeout": "400ms"},
+            "tls": {"ca_cert": str(self.ca_dir / "ca.crt"), "ca_key": str(self.ca_dir / "ca.key")},
+            "upstream": {"ca_bundle": str(self.public_ca.cert_path), "connect_timeout": "3s",
+                         "first_byte_timeout": "10s", "read_timeout": "10s"},
+            "cache": {"dir": str(self.workdir / "cache")},
+            "log": {"format": "json", "level": "info"},
+        }
+        for section, values in (self.overrides or {}).items():
+            if isinstance(values, dict):
+                document.setdefault(section, {}).update(values)
+            else:
+                document[section] = values
+        return document
+
+    def trust_bundle(self) -> Path:
+        """What a node trusts: the public web PKI stand-in plus dnsmirror's root."""
+        return bundle([self.public_ca.cert_path, self.ca_dir / "root.crt"], self.workdir / "node-trust.pem")
+
+    def start(self) -> MirrorNode:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not (self.ca_dir / "ca.crt").exists():
+            subprocess.run([sys.executable, "-m", "dnsmirror", "ca", "init", "--dir", str(self.ca_dir)],
+                           check=True, capture_output=True, timeout=60)
+        self.config_path.write_text(yaml.safe_dump(self.config()))
+        self.namespace.write_resolv_conf([self.address])
+        self.process = self.namespace.start([sys.executable, "-m", "dnsmirror", "serve", "--config",
+                                             str(self.config_path)], "dnsmirror")
+        self.process.wait_until(self.captures, "capturing registry names", timeout=20)
+        return self
+
+    def captures(self, name: str = "123456789012.dkr.ecr.us-east-1.amazonaws.com") -> bool:
+        try:
+            return self.namespace.call(resolve, self.address, name) == [self.address]
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop(timeout=10)
+
+    def log(self) -> str:
+        return self.process.describe(200) if self.process is not None else ""
+
+    def __enter__(self) -> MirrorNode:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def wait_for(predicate, seconds: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()

@@ -1,0 +1,111 @@
+"""The pull mirror end to end: real containerd, skopeo and docker-registry, no containerd registry config.
+
+A TLS docker-registry (certificate from a test "public" CA) serves a multi-arch image in one
+namespace; dnsmirror runs in the node namespace, whose resolv.conf points at dnsmirror; containerd
+runs there with an empty ``config_path`` and trusts the public CA plus dnsmirror's root. Pulls go
+through dnsmirror only because of DNS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from harness import ECR_HOST, require_netns
+from harness.containerd import Containerd
+from harness.cri import CriImageClient
+from harness.images import BuiltImage, build_image, push_image, skopeo, skopeo_copy
+from harness.netns import Cluster, Namespace
+from harness.pki import TestCA, create_ca
+from harness.registry import Registry
+from mirror_support import MirrorNode, upstream_dns
+
+pytestmark = pytest.mark.integration
+
+REPOSITORY = "team/app"
+
+
+@dataclass
+class Setup:
+    cluster: Cluster
+    ca: TestCA
+    registry: Registry
+    mirror: MirrorNode
+    node: Namespace
+    image: BuiltImage
+    work: Path
+
+    @property
+    def reference(self) -> str:
+        return f"{ECR_HOST}/{REPOSITORY}:{self.image.tag}"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    require_netns()
+    work = tmp_path_factory.mktemp("mirror-e2e")
+    with Cluster() as cluster:
+        registry_ns = cluster.add("registry")
+        pusher = cluster.add("pusher", hosts={ECR_HOST: registry_ns.address})
+        node = cluster.add("node")
+        ca = create_ca(work / "public-ca")
+        image = build_image(work / "layout", tag="v1", big_layer_size=3 * 1024 * 1024)
+        with Registry(registry_ns, ECR_HOST, ca, work / "registry") as registry, \
+                upstream_dns(registry_ns, work / "dns", {ECR_HOST: registry_ns.address}) as dns:
+            push_image(image, pusher, f"{ECR_HOST}/{REPOSITORY}:v1", ca_file=ca.cert_path)
+            with MirrorNode(node, work / "mirror", dns, ca) as mirror:
+                yield Setup(cluster, ca, registry, mirror, node, image, work)
+
+
+def blob_gets(setup: Setup, digest: str) -> int:
+    return setup.registry.count_requests("GET", setup.registry.blob_path(REPOSITORY, digest), status=200)
+
+
+def test_ctr_pull_through_the_mirror_unpacks(setup: Setup, tmp_path: Path) -> None:
+    amd64 = setup.image.platform("linux/amd64")
+    with Containerd(setup.node, tmp_path / "containerd", ssl_cert_file=setup.mirror.trust_bundle()) as containerd:
+        result = containerd.pull(setup.reference, check=False)
+        assert result.returncode == 0, (result.stdout + result.stderr).decode() + setup.mirror.log()
+        assert containerd.has_snapshot(amd64.chain_id)
+        assert amd64.files["etc/dnsmirror-test/platform"] in containerd.unpacked_files("etc/dnsmirror-test/platform")
+    for layer in amd64.layers:
+        assert blob_gets(setup, layer.digest) == 1
+    # the connection was dnsmirror's: the registry saw the node's mirror as its client
+    assert any(entry.client.startswith(setup.mirror.address) for entry in setup.registry.access_log())
+
+
+def test_cri_pull_is_served_from_the_cache(setup: Setup, tmp_path: Path) -> None:
+    amd64 = setup.image.platform("linux/amd64")
+    with Containerd(setup.node, tmp_path / "containerd", ssl_cert_file=setup.mirror.trust_bundle()) as containerd, \
+            CriImageClient(containerd.socket, timeout=120) as cri:
+        assert cri.pull_image(setup.reference) == amd64.config.digest
+        assert containerd.has_snapshot(amd64.chain_id)
+    for layer in amd64.layers:
+        assert blob_gets(setup, layer.digest) == 1  # still only the first pull's GET
+
+
+def test_skopeo_copy_from_and_push_to_the_captured_host(setup: Setup, tmp_path: Path) -> None:
+    trust = setup.mirror.trust_bundle()
+    skopeo_copy(setup.node, f"docker://{setup.reference}", f"oci:{tmp_path / 'copy'}:v1", ca_file=trust)
+    pushed = build_image(tmp_path / "pushed", tag="v2", platforms=("linux/amd64",))
+    push_image(pushed, setup.node, f"{ECR_HOST}/team/pushed:v2", ca_file=trust)
+    raw = skopeo(setup.node, ["inspect", "--raw", f"docker://{ECR_HOST}/team/pushed:v2"], ca_file=trust).stdout
+    assert raw == pushed.index.read()
+    path = setup.registry.manifest_path("team/pushed", "v2")
+    assert setup.registry.count_requests("PUT", path, status=201) == 1
+
+
+def test_pulls_by_digest_and_tag_survive_a_stopped_upstream(setup: Setup, tmp_path: Path) -> None:
+    amd64 = setup.image.platform("linux/amd64")
+    by_digest = f"{ECR_HOST}/{REPOSITORY}@{setup.image.index.digest}"
+    setup.registry.stop()
+    for name, reference in (("by-digest", by_digest), ("by-tag", setup.reference)):
+        with Containerd(setup.node, tmp_path / name, ssl_cert_file=setup.mirror.trust_bundle()) as containerd:
+            result = containerd.pull(reference, check=False)
+            assert result.returncode == 0, (result.stdout + result.stderr).decode() + setup.mirror.log()
+            assert containerd.has_snapshot(amd64.chain_id)
+    output = setup.mirror.process.stdout() + setup.mirror.process.stderr()
+    # the tag was answered from the last digest upstream gave, not by upstream
+    assert '"event": "stale_tag"' in output
