@@ -27,6 +27,7 @@ from harness import ECR_HOST, ECR_HOST_2, require_netns
 from harness.blobhost import BlobHost
 from harness.containerd import Containerd
 from harness.cri import CriError, CriImageClient, decode_message, encode_field, pull_image_request
+from harness.dns import StaticDNS
 from harness.images import INDEX_MEDIA_TYPE, BuiltImage, build_image, push_image, skopeo
 from harness.netns import NETNS_ETC_DIR, Cluster, Namespace, cleanup_stale, list_namespaces
 from harness.pki import TestCA, bundle, create_ca
@@ -334,7 +335,7 @@ def test_corrupted_blob_is_served_and_containerd_rejects_it(public_setup: Public
     with Containerd(public_setup.node, tmp_path / "containerd", ssl_cert_file=public_setup.ca.cert_path) as containerd:
         refused = containerd.pull(f"{ECR_HOST}/{REPOSITORY}:corrupt", check=False)
     assert refused.returncode != 0
-    assert layer.digest.encode() in refused.stdout + refused.stderr
+    assert b"unexpected commit digest" in refused.stdout + refused.stderr
     assert registry.count_requests("GET", registry.blob_path(REPOSITORY, layer.digest), status=200) >= 1
 
 
@@ -377,6 +378,21 @@ def test_redirected_blobs_come_from_the_blob_host_without_authorization(public_s
         assert [(entry["method"], entry["status"], entry["host"]) for entry in served] == [("GET", 200, blobs_host)]
         # Go's client drops credentials on a cross-host redirect; so must dnsmirror
         assert not any(entry["authorization"] for entry in blob_host.requests())
+
+
+@pytest.mark.integration
+def test_a_node_resolves_the_registry_through_dns(public_setup: PublicSetup, tmp_path: Path) -> None:
+    """No hosts entry: the node's resolv.conf points at the static DNS, as it will point at dnsmirror."""
+    registry = public_setup.registry
+    with StaticDNS(registry.namespace, {ECR_HOST: registry.address}, tmp_path / "dns") as dns:
+        node = public_setup.cluster.add("dnsnode", nameservers=[dns.address])
+        answer = node.run(["dig", "+short", "+time=2", "+tries=1", ECR_HOST]).stdout.decode().split()
+        assert answer == [registry.address]
+        unknown = node.run(["dig", "+time=2", "+tries=1", "unknown.example.com"]).stdout.decode()
+        assert "status: NXDOMAIN" in unknown
+        with Containerd(node, tmp_path / "containerd", ssl_cert_file=public_setup.ca.cert_path) as containerd:
+            containerd.pull(public_setup.reference)
+        assert (ECR_HOST, "A") in dns.queries()
 
 
 @pytest.mark.integration
