@@ -48,6 +48,7 @@ class BlobHost:
         return self
 
     def stop(self) -> None:
+        """Stop the server."""
         if self.process is not None:
             self.process.stop()
 

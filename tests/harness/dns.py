@@ -81,6 +81,7 @@ class StaticDNS:
         return self
 
     def stop(self) -> None:
+        """Stop unbound."""
         if self.process is not None:
             self.process.stop()
 
