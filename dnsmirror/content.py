@@ -23,14 +23,16 @@ from dnsmirror import oci
 from dnsmirror.authz import Grants
 from dnsmirror.logs import fields
 from dnsmirror.proxy import PassThrough, relay, unavailable, write_error
-from dnsmirror.store import BlobInfo, StoreFull
-from dnsmirror.streaming import BlobStreamer, DiskIO, Fill
+from dnsmirror.store import BlobInfo, DigestMismatch, StoreFull
+from dnsmirror.streaming import BlobStreamer, DiskIO, Fill, VerifiedRelay
 from dnsmirror.target import Target
 from dnsmirror.upstream import UPSTREAM_FAILURES, UpstreamClient
 
 log = logging.getLogger("dnsmirror.content")
 
 _ATTEMPTS = 3
+# after the disk filled up mid-fill, blobs are streamed uncached for this long before trying again
+UNCACHED_BACKOFF = 60.0
 
 
 class Access(enum.Enum):
@@ -93,6 +95,7 @@ class ContentChain:
         self.passthrough = passthrough
         self.stats = stats or ContentStats()
         self.slots: dict[str, _Slot] = {}
+        self.uncached_until = 0.0
 
     async def serve(self, request, target: Target) -> None:
         """Answer one GET/HEAD by digest."""
@@ -300,27 +303,38 @@ class ContentChain:
         self.grants.grant(target.credential, target.upstream_host, target.repository, [target.digest],
                           self.reactor.seconds())
         try:
+            if self.reactor.seconds() < self.uncached_until:
+                raise StoreFull("the cache disk was full recently")
             writer = await self.disk.run(self.store.writer, target.digest,
                                          content_type=content_type.decode("latin-1"), expected_size=response.length)
         except StoreFull as exc:
             log.warning("cache full; streaming without caching", extra=fields(event="store_full", digest=target.digest,
                                                                               reason=str(exc)))
             self.stats.uncached_streams += 1
-            await relay(request, response)
+            await self._stream_uncached(request, target, response, content_type.decode("latin-1"))
             return None
         fill = Fill(self.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
         response.deliver_body(fill.body_protocol())
         return fill
+
+    async def _stream_uncached(self, request, target: Target, response, content_type: str) -> None:
+        self._headers(request, target, content_type)
+        request.setResponseCode(200)
+        if response.length is not None:
+            request.setHeader(b"content-length", str(response.length).encode())
+        relay = VerifiedRelay(request, target.digest)
+        response.deliver_body(relay)
+        await relay.done
 
     def _fill_finished(self, result, target: Target, slot: _Slot, fill: Fill):
         if self.slots.get(target.digest) is slot:
             del self.slots[target.digest]
         if fill.failure is not None:
             self.stats.fills_failed += 1
-            from dnsmirror.store import DigestMismatch
-
             if isinstance(fill.failure.__cause__, DigestMismatch):
                 self.stats.digest_mismatches += 1
+            if isinstance(fill.failure.__cause__, StoreFull):
+                self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
             log.warning("fill failed; nothing cached", extra=fields(event="fill_failed", digest=target.digest,
                                                                    host=target.upstream_host, reason=str(fill.failure)))
             return None

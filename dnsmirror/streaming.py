@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable
@@ -323,3 +324,60 @@ class BlobStreamer:
     def stopProducing(self) -> None:
         if not self.stopped:
             self._close(False)
+
+
+@implementer(IPushProducer)
+class VerifiedRelay:
+    """Streams an upstream body straight to one client while hashing it, without caching.
+
+    Used when the cache cannot take a blob (disk full). The newest chunk is held back until the
+    body is complete and its sha256 matches ``digest``; on a mismatch or a cut body the client's
+    connection is aborted, so it never receives a complete wrong body. ``done`` fires True/False.
+    """
+
+    def __init__(self, request, digest: str) -> None:
+        self.request = request
+        self.expected = digest
+        self.hash = hashlib.sha256()
+        self.held = b""
+        self.transport = None
+        self.done: defer.Deferred = defer.Deferred()
+
+    def makeConnection(self, transport) -> None:
+        self.transport = transport
+        self.request.registerProducer(self, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.hash.update(data)
+        if self.held:
+            self.request.write(self.held)
+        self.held = data
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.request.unregisterProducer()
+        complete = reason.check(ResponseDone) is not None
+        actual = "sha256:" + self.hash.hexdigest()
+        if complete and actual == self.expected:
+            if self.held:
+                self.request.write(self.held)
+            self.request.finish()
+            self.done.callback(True)
+            return
+        log.warning("uncached stream aborted", extra={"fields": {
+            "digest": self.expected, "reason": "digest mismatch" if complete else reason.getErrorMessage()}})
+        transport = getattr(self.request.channel, "transport", None)
+        if transport is not None:
+            transport.abortConnection()
+        self.done.callback(False)
+
+    def pauseProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()

@@ -1,0 +1,242 @@
+"""Fills, blob streaming and verified relays, with a real store and in-memory requests."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+
+from dnsmirror.store import DigestMismatch, Store
+from dnsmirror.streaming import BlobStreamer, DiskIO, Fill, VerifiedRelay
+
+
+class InlineDisk(DiskIO):
+    """Runs disk calls at once on the calling thread, so tests need no reactor."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def run(self, function, *args, **kwargs):
+        return defer.maybeDeferred(function, *args, **kwargs)
+
+
+class FakeTransport:
+    def __init__(self):
+        self.aborted = False
+        self.paused = 0
+        self.resumed = 0
+        self.stopped = False
+
+    def abortConnection(self):
+        self.aborted = True
+
+    def pauseProducing(self):
+        self.paused += 1
+
+    def resumeProducing(self):
+        self.resumed += 1
+
+    def stopProducing(self):
+        self.stopped = True
+
+
+class FakeChannel:
+    def __init__(self):
+        self.transport = FakeTransport()
+
+
+class FakeRequest:
+    """Enough of twisted.web's Request for a push producer: writes, finish, producer, channel."""
+
+    def __init__(self):
+        self.written: list[bytes] = []
+        self.finished = False
+        self.producer = None
+        self.channel = FakeChannel()
+        self.transport = self.channel.transport
+        self._finish = defer.Deferred()
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.written)
+
+    def write(self, data):
+        assert not self.finished
+        self.written.append(data)
+
+    def finish(self):
+        self.finished = True
+
+    def registerProducer(self, producer, streaming):
+        assert streaming
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def notifyFinish(self):
+        return self._finish
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store.open(tmp_path / "cache", 10 * 2**20) as opened:
+        yield opened
+
+
+def start_fill(store, data: bytes, digest: str | None = None):
+    digest = digest or sha(data)
+    disk = InlineDisk(store)
+    fill = Fill(disk, store.writer(digest, expected_size=len(data)), digest, len(data), "application/octet-stream")
+    protocol = fill.body_protocol()
+    transport = FakeTransport()
+    protocol.makeConnection(transport)
+    return disk, fill, protocol, transport
+
+
+def test_fill_commits_verified_content_and_holds_back_the_last_byte(store):
+    data = os.urandom(300_000)
+    disk, fill, protocol, _ = start_fill(store, data)
+    protocol.dataReceived(data[:100_000])
+    assert fill.written == 100_000 and fill.readable() == 99_999 and not fill.verified
+    protocol.dataReceived(data[100_000:])
+    assert fill.readable() == len(data) - 1
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fill.verified and fill.readable() == len(data)
+    with store.open_blob(sha(data)) as reader:
+        assert reader.read() == data
+
+
+def test_fill_with_wrong_bytes_fails_and_keeps_nothing(store, tmp_path):
+    data = os.urandom(50_000)
+    disk, fill, protocol, _ = start_fill(store, data, digest=sha(b"something else"))
+    waited = fill.wait()
+    outcome = []
+    fill.done.addBoth(outcome.append)
+    protocol.dataReceived(data)
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fill.failure is not None and not fill.verified
+    assert waited.called
+    assert sha(b"something else") not in store
+    assert not any((tmp_path / "cache" / "tmp").iterdir())
+    assert isinstance(outcome[0], Failure) and isinstance(outcome[0].value.__cause__, DigestMismatch)
+
+
+def test_fill_cut_short_fails(store):
+    data = os.urandom(10_000)
+    _, fill, protocol, transport = start_fill(store, data)
+    protocol.dataReceived(data[:5000])
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fill.failure is not None and "5000 of 10000" in str(fill.failure)
+
+
+def stream(disk, request, fill, data_len, start=0, end=None):
+    fd = os.open(fill.temp_path, os.O_RDONLY)
+    streamer = BlobStreamer(disk, request, fd, start, end, fill=fill, on_close=lambda: os.close(fd))
+    return streamer, streamer.start()
+
+
+def test_waiters_stream_a_growing_fill_and_only_finish_after_verification(store):
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    disk, fill, protocol, _ = start_fill(store, data)
+    protocol.dataReceived(data[:1000])
+    whole, partial = FakeRequest(), FakeRequest()
+    _, whole_done = stream(disk, whole, fill, len(data))
+    _, partial_done = stream(disk, partial, fill, len(data), start=500, end=2 * 1024 * 1024)
+    assert whole.body == data[:999]  # the last received byte waits for verification
+    protocol.dataReceived(data[1000:])
+    assert partial.finished and partial.body == data[500:2 * 1024 * 1024]
+    assert not whole.finished and whole.body == data[:-1]
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert whole.finished and whole.body == data
+    assert whole_done.result is True and partial_done.result is True
+
+
+def test_waiters_are_aborted_when_the_digest_does_not_match(store):
+    data = os.urandom(100_000)
+    disk, fill, protocol, _ = start_fill(store, data, digest=sha(b"other"))
+    request = FakeRequest()
+    _, done = stream(disk, request, fill, len(data))
+    protocol.dataReceived(data)
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert request.transport.aborted and not request.finished
+    assert len(request.body) < len(data)
+    assert done.result is False
+
+
+def test_a_paused_client_pauses_reads_and_a_leaving_client_does_not_stop_the_fill(store):
+    data = os.urandom(4 * 1024 * 1024)
+    disk, fill, protocol, _ = start_fill(store, data)
+    slow, leaving = FakeRequest(), FakeRequest()
+    slow_streamer, _ = stream(disk, slow, fill, len(data))
+    leaving_streamer, left = stream(disk, leaving, fill, len(data))
+    slow_streamer.pauseProducing()
+    protocol.dataReceived(data[:2 * 1024 * 1024])
+    assert slow.body == b"" and len(leaving.body) == 2 * 1024 * 1024 - 1
+    leaving._finish.errback(Failure(ConnectionError("client went away")))
+    assert left.result is False
+    protocol.dataReceived(data[2 * 1024 * 1024:])
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fill.verified
+    slow_streamer.resumeProducing()
+    assert slow.finished and slow.body == data
+
+
+def test_fill_pauses_upstream_while_the_disk_lags():
+    class SlowDisk(InlineDisk):
+        def __init__(self, store):
+            super().__init__(store)
+            self.pending = []
+
+        def run(self, function, *args, **kwargs):
+            d = defer.Deferred()
+            self.pending.append((d, function, args, kwargs))
+            return d
+
+        def drain(self):
+            while self.pending:
+                d, function, args, kwargs = self.pending.pop(0)
+                d.callback(function(*args, **kwargs))
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, Store.open(tmp, 100 * 2**20) as store:
+        data = os.urandom(20 * 1024 * 1024)
+        disk = SlowDisk(store)
+        fill = Fill(disk, store.writer(sha(data), expected_size=len(data)), sha(data), len(data), None)
+        protocol = fill.body_protocol()
+        transport = FakeTransport()
+        protocol.makeConnection(transport)
+        for offset in range(0, len(data), 1024 * 1024):
+            protocol.dataReceived(data[offset:offset + 1024 * 1024])
+        assert transport.paused == 1  # 8 MiB waiting for the disk
+        disk.drain()
+        assert transport.resumed == 1
+        protocol.connectionLost(Failure(ResponseDone()))
+        disk.drain()
+        assert fill.verified
+
+
+@pytest.mark.parametrize("good", [True, False])
+def test_verified_relay_holds_back_the_last_chunk(good):
+    data = [b"a" * 1000, b"b" * 1000, b"c" * 10]
+    request = FakeRequest()
+    relay = VerifiedRelay(request, sha(b"".join(data)) if good else sha(b"nope"))
+    relay.makeConnection(FakeTransport())
+    for chunk in data:
+        relay.dataReceived(chunk)
+    assert request.body == b"".join(data[:2])
+    relay.connectionLost(Failure(ResponseDone()))
+    if good:
+        assert request.finished and request.body == b"".join(data)
+    else:
+        assert request.transport.aborted and not request.finished and request.body == b"".join(data[:2])
+    assert relay.done.result is good
