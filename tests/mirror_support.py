@@ -20,59 +20,19 @@ from typing import Any
 
 import yaml
 from dnslib import DNSRecord
+from harness.dns import StaticDNS
 from harness.netns import Namespace, Process
 from harness.pki import TestCA, bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _zone_records(names: Mapping[str, str]) -> dict[str, list[str]]:
-    zones: dict[str, list[str]] = {}
-    for name, address in names.items():
-        zone = ".".join(name.rstrip(".").split(".")[-2:])
-        zones.setdefault(zone, []).append(f"{name.rstrip('.')}. 30 IN A {address}")
-    return zones
-
-
 @contextlib.contextmanager
 def upstream_dns(namespace: Namespace, workdir: Path, names: Mapping[str, str]) -> Iterator[str]:
-    """unbound on ``namespace.address:53`` answering ``names`` (host -> IPv4); yields its address.
-
-    It may query nothing else (``do-not-query-address`` covers everything)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "server:", f"  interface: {namespace.address}", "  port: 53", "  do-daemonize: no", '  username: ""',
-        '  chroot: ""', f'  directory: "{workdir}"', "  use-syslog: no", '  logfile: ""', "  verbosity: 0",
-        "  num-threads: 1", "  access-control: 0.0.0.0/0 allow", '  module-config: "iterator"', "  do-ip6: no",
-        "  do-not-query-address: 0.0.0.0/0", "  do-not-query-address: ::0/0",
-    ]
-    for zone, records in _zone_records(names).items():
-        zonefile = workdir / f"{zone}.zone"
-        zonefile.write_text("\n".join([
-            f"{zone}. 300 IN SOA ns.{zone}. hostmaster.{zone}. 1 3600 600 86400 300",
-            f"{zone}. 300 IN NS ns.{zone}.", f"ns.{zone}. 300 IN A {namespace.address}", *records]) + "\n")
-        lines += ["auth-zone:", f'  name: "{zone}."', f'  zonefile: "{zonefile}"', "  for-downstream: yes",
-                  "  for-upstream: yes"]
-    lines += ["remote-control:", "  control-enable: no"]
-    conf = workdir / "unbound.conf"
-    conf.write_text("\n".join(lines) + "\n")
-    process = namespace.start(["unbound", "-d", "-c", str(conf)], "unbound")
-    try:
-        process.wait_until(lambda: namespace.call(_answers, namespace.address), "answering DNS", timeout=15)
+    """The real DNS of the test world (:class:`harness.dns.StaticDNS`) answering ``names`` (host -> IPv4)
+    on ``namespace.address:53``; yields that address, as dnsmirror's upstream resolver."""
+    with StaticDNS(namespace, names, workdir):
         yield namespace.address
-    finally:
-        process.stop()
-
-
-def _answers(address: str, name: str = "probe.invalid") -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(0.5)
-        try:
-            sock.sendto(DNSRecord.question(name).pack(), (address, 53))
-            sock.recvfrom(4096)
-            return True
-        except OSError:
-            return False
 
 
 def resolve(address: str, name: str) -> list[str]:
