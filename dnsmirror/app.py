@@ -22,7 +22,7 @@ from dnsmirror.https import HttpsBindError, HttpsListener
 from dnsmirror.logs import fields
 from dnsmirror.patterns import HostMatcher
 from dnsmirror.proxy import PassThrough
-from dnsmirror.store import Store, StoreError
+from dnsmirror.store import ContainerdContentSource, Store, StoreError
 from dnsmirror.streaming import DiskIO
 from dnsmirror.tags import TagMemory
 from dnsmirror.tls import CaWatcher, SniServer, TlsStats, prepare_signing
@@ -81,8 +81,9 @@ class Services:
         self.upstream = UpstreamClient.from_config(self.config, self.reactor, fallback_resolvers=self.upstreams)
         grants = Grants(cache.grant_ttl, cache.offline_grant_ttl)
         self.passthrough = PassThrough(self.reactor, self.upstream, self.disk, grants, TagMemory(), cache.stale_tags)
+        containerd = ContainerdContentSource(cache.containerd_content) if cache.containerd_content else None
         self.content = ContentChain(self.reactor, self.disk, self.upstream, grants, self.passthrough,
-                                    self.content_stats)
+                                    self.content_stats, containerd)
         return RegistryResource(self.matcher, self.content, self.passthrough)
 
     def _load_ca(self):

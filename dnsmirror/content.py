@@ -23,8 +23,8 @@ from dnsmirror import oci
 from dnsmirror.authz import Grants
 from dnsmirror.logs import fields
 from dnsmirror.proxy import PassThrough, relay, unavailable, write_error
-from dnsmirror.store import BlobInfo, DigestMismatch, StoreFull
-from dnsmirror.streaming import BlobStreamer, DiskIO, Fill, VerifiedRelay
+from dnsmirror.store import BlobInfo, ContainerdContentSource, DigestMismatch, StoreFull
+from dnsmirror.streaming import BlobStreamer, DiskIO, FileFeed, Fill, VerifiedRelay
 from dnsmirror.target import Target
 from dnsmirror.upstream import UPSTREAM_FAILURES, UpstreamClient
 
@@ -55,14 +55,16 @@ class ContentStats:
     access_denied: int = 0
     offline_served: int = 0
     uncached_streams: int = 0
+    containerd_hits: int = 0
     bytes_served: int = 0
 
 
 class _Slot:
     """A fill being started: waiters learn the Fill, or None if the starter got no 200 upstream."""
 
-    def __init__(self, credential: str) -> None:
+    def __init__(self, credential: str, source: str = "upstream") -> None:
         self.credential = credential
+        self.source = source
         self.fill: Fill | None = None
         self.settled = False
         self._waiters: list[defer.Deferred] = []
@@ -86,7 +88,7 @@ class ContentChain:
     """Serves reads by digest from the cache or a single upstream fill."""
 
     def __init__(self, reactor, disk: DiskIO, upstream: UpstreamClient, grants: Grants, passthrough: PassThrough,
-                 stats: ContentStats | None = None) -> None:
+                 stats: ContentStats | None = None, containerd: ContainerdContentSource | None = None) -> None:
         self.reactor = reactor
         self.disk = disk
         self.store = disk.store
@@ -96,6 +98,9 @@ class ContentChain:
         self.stats = stats or ContentStats()
         self.slots: dict[str, _Slot] = {}
         self.uncached_until = 0.0
+        self.containerd = containerd
+        # digests whose copy in containerd's store failed verification: fetched upstream instead
+        self.containerd_rejected: set[str] = set()
 
     async def serve(self, request, target: Target) -> None:
         """Answer one GET/HEAD by digest."""
@@ -117,6 +122,10 @@ class ContentChain:
                 if await self._serve_stored(request, target):
                     return
                 continue  # evicted meanwhile
+            if target.digest in self.slots:
+                continue
+            if await self._from_containerd(request, target):
+                return
             if target.digest in self.slots:
                 continue
             await self._fetch(request, target)
@@ -258,6 +267,39 @@ class ContentChain:
 
     # --- filling -------------------------------------------------------------------------------------
 
+    async def _from_containerd(self, request, target: Target) -> bool:
+        """Serve a blob found in containerd's content store (copied into the cache, verified).
+
+        True when the request was answered. Manifests are skipped: containerd does not keep their
+        media type, which clients need."""
+        if self.containerd is None or target.is_manifest or target.method != "GET" \
+                or target.digest in self.containerd_rejected:
+            return False
+        reader = await self.disk.run(self.containerd.open_blob, target.digest)
+        if reader is None:
+            return False
+        # containerd's store holds every team's content: the same access check as the cache
+        allowed = await self._may_read(request, target)
+        if not allowed or target.digest in self.slots:
+            self.disk.run(reader.close)
+            return not allowed  # denied: answered; a fill started meanwhile: join it
+        slot = _Slot(target.credential, source="containerd")
+        self.slots[target.digest] = slot
+        try:
+            writer = await self.disk.run(self.store.writer, target.digest, expected_size=reader.size)
+        except Exception:
+            slot.settle(None)
+            del self.slots[target.digest]
+            self.disk.run(reader.close)
+            return False
+        fill = Fill(self.disk, writer, target.digest, reader.size, "application/octet-stream")
+        slot.settle(fill)
+        self.stats.containerd_hits += 1
+        fill.done.addBoth(self._fill_finished, target, slot, fill)
+        FileFeed(self.disk, reader, fill).start()
+        await self._serve_fill(request, target, fill)
+        return True
+
     async def _fetch(self, request, target: Target) -> None:
         if target.method == "HEAD":
             await self.passthrough.forward(request, target)
@@ -335,6 +377,8 @@ class ContentChain:
                 self.stats.digest_mismatches += 1
             if isinstance(fill.failure.__cause__, StoreFull):
                 self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
+            elif slot.source == "containerd" and len(self.containerd_rejected) < 100_000:
+                self.containerd_rejected.add(target.digest)
             log.warning("fill failed; nothing cached", extra=fields(event="fill_failed", digest=target.digest,
                                                                    host=target.upstream_host, reason=str(fill.failure)))
             return None

@@ -109,3 +109,41 @@ def test_pulls_by_digest_and_tag_survive_a_stopped_upstream(setup: Setup, tmp_pa
     output = setup.mirror.process.stdout() + setup.mirror.process.stderr()
     # the tag was answered from the last digest upstream gave, not by upstream
     assert '"event": "stale_tag"' in output
+
+
+def fetch_blob(namespace: Namespace, trust: Path, digest: str) -> tuple[int, bytes]:
+    """GET a blob by digest with curl inside ``namespace`` (DNS sends it to that node's dnsmirror)."""
+    result = namespace.run(["curl", "-sS", "--max-time", "30", "--cacert", str(trust), "-o", "-", "-w",
+                            "\n%{http_code}", f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], check=False)
+    body, _, status = result.stdout.rpartition(b"\n")
+    return int(status or 0), body
+
+
+def test_containerd_content_store_is_a_verified_read_only_source(setup: Setup, tmp_path: Path) -> None:
+    """A second node whose containerd already holds a layer serves it without fetching it upstream; a
+    damaged copy there is caught by the digest check and fetched upstream instead."""
+    arm64 = setup.image.platform("linux/arm64")
+    good, damaged = arm64.layers[-1], arm64.config
+    content = tmp_path / "containerd-content"
+    (content / "blobs" / "sha256").mkdir(parents=True)
+    (content / "blobs" / "sha256" / good.digest[7:]).write_bytes(good.read())
+    (content / "blobs" / "sha256" / damaged.digest[7:]).write_bytes(b"X" + damaged.read()[1:])
+    node2 = setup.cluster.add("node2")
+    if setup.registry.process is None or not setup.registry.process.alive():
+        setup.registry.start()
+    overrides = {"cache": {"containerd_content": str(content)}}
+
+    def good_heads() -> int:
+        return setup.registry.count_requests("HEAD", setup.registry.blob_path(REPOSITORY, good.digest))
+
+    gets_before, heads_before = blob_gets(setup, good.digest), good_heads()
+    damaged_before = blob_gets(setup, damaged.digest)
+    with MirrorNode(node2, tmp_path / "mirror2", setup.mirror.upstream_dns, setup.ca, overrides) as mirror2:
+        trust = mirror2.trust_bundle()
+        assert fetch_blob(node2, trust, good.digest) == (200, good.read())
+        # only the access check (a HEAD with the client's credentials) went upstream
+        assert (blob_gets(setup, good.digest), good_heads()) == (gets_before, heads_before + 1)
+        status, body = fetch_blob(node2, trust, damaged.digest)
+        assert body != damaged.read()  # cut before the end: the damaged copy never reaches a client whole
+        assert fetch_blob(node2, trust, damaged.digest) == (200, damaged.read())
+        assert blob_gets(setup, damaged.digest) == damaged_before + 1
