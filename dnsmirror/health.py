@@ -39,7 +39,8 @@ class HealthState:
             return
         self.healthy = healthy
         self.reason = reason
-        log.warning(
+        log.log(
+            logging.INFO if healthy else logging.WARNING,
             "mirror is %s: %s", "healthy, capturing registry names" if healthy else "unhealthy, failing open", reason,
             extra=fields(event="health_change", healthy=healthy, reason=reason),
         )
