@@ -157,6 +157,7 @@ def main() -> int:
             "health": {"targets": [f"127.0.0.1:{health.getsockname()[1]}"], "interval": "1s", "timeout": "500ms"},
             "mirror": {"address": MIRROR_ADDRESS},
             "log": {"level": "warning"},
+            "metrics": {"listen": None},
         }))
         peer = unbound_command(work, peer_port, [f"{n}. 5 IN A {MIRROR_ADDRESS}" for n in captured], "amazonaws.com")
         upstream = unbound_command(work, upstream_port, [f"{n}. 300 IN A 192.0.2.10" for n in forwarded],

@@ -154,6 +154,8 @@ def dnsmirror_server(workdir: Path):
         f"https: {{listen: ['127.0.0.1:{port}']}}\n"
         f"tls: {{ca_cert: {ca_dir / 'ca.crt'}, ca_key: {ca_dir / 'ca.key'}, leaf_cache_size: 100000}}\n"
         "log: {level: warning}\n"
+        f"cache: {{dir: {workdir / 'cache'}}}\n"
+        "metrics: {listen: null}\n"
     )
     (workdir / "dnsmirror.yaml").write_text(document)
     process = subprocess.Popen(

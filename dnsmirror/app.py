@@ -20,6 +20,7 @@ from dnsmirror.dns.stats import DnsStats
 from dnsmirror.health import HealthState, ListenerProbe
 from dnsmirror.https import HttpsBindError, HttpsListener
 from dnsmirror.logs import fields
+from dnsmirror.metrics import StatsCollector, metrics_site
 from dnsmirror.patterns import HostMatcher
 from dnsmirror.proxy import PassThrough
 from dnsmirror.store import ContainerdContentSource, Store, StoreError
@@ -109,6 +110,29 @@ class Services:
                                     tls.reload_interval)
         self.ca_watcher.start()
 
+    def _start_metrics(self) -> None:
+        collector = StatsCollector(
+            lambda: self.dns_stats,
+            {"tls": lambda: self.tls_stats, "content": lambda: self.content_stats},
+            {
+                "cache_bytes": ("Bytes of committed content in the cache",
+                                lambda: self.store.total_size if self.store else 0),
+                "cache_blobs": ("Blobs in the cache", lambda: self.store.blob_count if self.store else 0),
+                "cache_evictions": ("Blobs evicted since start", lambda: self.store.evictions if self.store else 0),
+                "stale_tag_answers": ("Tags answered from the last known digest while upstream was unreachable",
+                                      lambda: self.passthrough.stale_answers if self.passthrough else 0),
+            },
+            self.health,
+        )
+        address = self.config.metrics.listen
+        if address is None:
+            return
+        try:
+            self.ports.append(self.reactor.listenTCP(address.port, metrics_site(collector, self.health),
+                                                     interface=address.host))
+        except error.CannotListenError as exc:
+            raise ListenError(f"metrics.listen: cannot listen on {address}: {_reason(exc)}") from exc
+
     def _on_health(self, healthy: bool) -> None:
         self.responder.capture_enabled = healthy
         self.dns_stats.health_changes += 1
@@ -127,6 +151,7 @@ class Services:
                                       f"{_reason(exc)}") from exc
             if signing is not None:
                 self._start_https(signing)
+            self._start_metrics()
         except ListenError:
             self.stop()
             raise

@@ -121,7 +121,7 @@ class PeersConfig:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    listen: HostPort
+    listen: HostPort | None
 
 
 @dataclass(frozen=True)
@@ -389,7 +389,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
         "dns_name": _optional(_dns_name),
         "secret_file": _optional(_path),
     }),
-    "metrics": (MetricsConfig, {"listen": host_port}),
+    "metrics": (MetricsConfig, {"listen": _optional(host_port)}),
     "log": (LogConfig, {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error")}),
 }
 _TOP_LISTS = {"capture": _pattern, "skip": _pattern}

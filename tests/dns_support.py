@@ -139,6 +139,7 @@ def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True):
         "dns": {"listen": [f"127.0.0.1:{port}"], "timeout": "500ms"},
         "https": {"listen": []},
         "health": {"targets": [f"127.0.0.1:{free_port()}"]},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
     }
     for key, value in overrides.items():
         document.setdefault(key, {})

@@ -185,9 +185,50 @@ def test_serve_reports_a_port_it_cannot_bind(tmp_path):
         port = busy.getsockname()[1]
         config = tmp_path / "busy.yaml"
         config.write_text(yaml.safe_dump({"dns": {"listen": [f"127.0.0.1:{port}"]}, "https": {"listen": []},
-                                          "health": {"targets": ["127.0.0.1:9"]}}))
+                                          "health": {"targets": ["127.0.0.1:9"]}, "metrics": {"listen": None}}))
         result = subprocess.run([sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)],
                                 capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode == 2
     assert f"dns.listen[0]: cannot listen on 127.0.0.1:{port}" in result.stderr
     assert "in use" in result.stderr
+
+
+def test_metrics_count_outcomes_and_readiness_follows_health(tmp_path, upstream):
+    import urllib.error
+    import urllib.request
+
+    https_port, metrics_port = free_port(), free_port()
+    overrides = {
+        "dns": {"upstreams": [f"127.0.0.1:{upstream}"], "allow": ["127.0.0.1/32"]},
+        "health": {"interval": "200ms", "timeout": "100ms", "failures": 1, "targets": [f"127.0.0.1:{https_port}"]},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+    }
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def metric(text: str, line_start: str) -> float:
+        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(line_start))
+
+    with dnsmirror_serve(tmp_path, overrides) as (port, _, _):
+        assert get("/healthz")[0] == 200
+        status, body = get("/readyz")
+        assert status == 503 and "not ready" in body
+        assert dig_answers(dig(port, ECR).stdout)[0][3] == "192.0.2.99"  # fail open: the real address
+        with tcp_listener(https_port):
+            assert wait_until(lambda: get("/readyz")[0] == 200, 5)
+            for _ in range(3):
+                dig(port, ECR)
+            dig(port, "www.example.test")
+            dig(port, ECR, "A", "-b", "127.0.0.2")  # outside dns.allow
+            text = get("/metrics")[1]
+    assert metric(text, 'dnsmirror_dns_queries_total{outcome="captured"}') == 3
+    assert metric(text, 'dnsmirror_dns_queries_total{outcome="fail_open"}') >= 1
+    assert metric(text, 'dnsmirror_dns_queries_total{outcome="refused"}') == 1
+    assert metric(text, 'dnsmirror_dns_queries_total{outcome="forwarded"}') >= 2
+    assert metric(text, "dnsmirror_mirror_healthy") == 1
+    assert metric(text, "dnsmirror_health_changes_total") >= 1

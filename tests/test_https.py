@@ -42,6 +42,7 @@ def write_config(directory: Path, ca_dir: Path, https_port: int, **extra) -> Pat
         "https": {"listen": [f"127.0.0.1:{https_port}"]},
         "tls": {"ca_cert": str(ca_dir / "ca.crt"), "ca_key": str(ca_dir / "ca.key"), "reload_interval": "200ms"},
         "cache": {"dir": str(directory / f"cache-{https_port}")},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         **extra,
     }
     path = directory / f"dnsmirror-{https_port}.yaml"
