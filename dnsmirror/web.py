@@ -68,6 +68,12 @@ class RegistryResource(resource.Resource):
     def _failed(self, failure, request) -> None:
         log.error("request %s %s failed: %s", request.method.decode("ascii", "replace"),
                   request.uri[:200].decode("ascii", "replace"), failure.getTraceback())
+        if request.startedWriting and not request.finished:
+            # the status line is gone: only a cut connection tells the client the body is incomplete
+            transport = getattr(request.channel, "transport", None)
+            if transport is not None:
+                transport.abortConnection()
+            return
         write_error(request, oci.OCIError("UNKNOWN", "internal error", status=500))
 
     def target_of(self, request) -> Target | oci.OCIError:
@@ -82,6 +88,8 @@ class RegistryResource(resource.Resource):
             return oci.OCIError("DENIED", f"{host} is not a captured registry", status=421)
         if len(request.uri) > MAX_URI:
             return oci.OCIError("UNSUPPORTED", "request URI too long", status=414)
+        if not request.uri.isascii() or not request.uri.startswith(b"/"):
+            return oci.OCIError("UNSUPPORTED", "request URI must be an ASCII absolute path", status=400)
         raw_path = request.uri.split(b"?", 1)[0]
         try:
             path = oci.parse_path(raw_path)
