@@ -6,6 +6,7 @@ import logging
 import sys
 
 from twisted.internet import error
+from twisted.web import server
 
 from dnsmirror import ca as camod
 from dnsmirror import logs
@@ -31,6 +32,8 @@ from dnsmirror.upstream import UpstreamClient
 from dnsmirror.web import RegistryResource
 
 log = logging.getLogger("dnsmirror")
+
+HTTP_IDLE_TIMEOUT = 120
 
 
 class ListenError(Exception):
@@ -85,7 +88,10 @@ class Services:
         containerd = ContainerdContentSource(cache.containerd_content) if cache.containerd_content else None
         self.content = ContentChain(self.reactor, self.disk, self.upstream, grants, self.passthrough,
                                     self.content_stats, containerd)
-        return RegistryResource(self.matcher, self.content, self.passthrough)
+        # idle keep-alive connections are closed after this; a request in progress is never timed out
+        site = server.Site(RegistryResource(self.matcher, self.content, self.passthrough), timeout=HTTP_IDLE_TIMEOUT)
+        site.displayTracebacks = False
+        return site
 
     def _load_ca(self):
         """Load and check the CA files (raises :class:`~dnsmirror.ca.CaError`) and pre-generate the leaf key."""
