@@ -1,0 +1,522 @@
+"""Pull mirror benchmarks: dnsmirror against nginx and against pulling straight from the registry.
+
+Everything runs in network namespaces this script creates (the end-to-end harness of ``tests/``):
+Debian's docker-registry with TLS as the upstream of ``123456789012.dkr.ecr.us-east-1.amazonaws.com``
+(its DNS is an unbound in the registry namespace), dnsmirror in a "node" namespace whose resolv.conf
+points at dnsmirror, and a "direct" namespace whose /etc/hosts sends that name to the registry.
+Measured, side by side in one run:
+
+1. throughput of a cached blob (256 MiB) over TLS: dnsmirror against nginx serving the same file with
+   an ECDSA certificate; both servers pinned to core 0 (taskset), curl pinned to core 1, HTTP/1.1,
+   the median of ``--runs`` downloads each (alternating which server goes first);
+2. a cold pull of an image with a big layer (``skopeo copy docker://... oci:DIR``): through a fresh
+   dnsmirror with an empty cache against the same pull straight from the registry, fresh client each
+   run, ``--pulls`` runs each, medians;
+3. dnsmirror's resident memory while streaming a 1 GiB blob to two clients at once, cold (filling
+   from upstream while both read) and cached, each on a fresh dnsmirror process: idle VmRSS after a
+   warm-up request, and the peak (VmHWM and 10 ms VmRSS samples) above it.
+
+Writes the ``mirror`` section of bench/RESULTS.md. Needs root (namespaces), nginx, curl, skopeo,
+docker-registry, unbound, taskset and two cores.
+
+    .venv/bin/python bench/mirror_bench.py --runs 7 --pulls 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import yaml  # noqa: E402
+from harness import ECR_HOST  # noqa: E402
+from harness.dns import StaticDNS  # noqa: E402
+from harness.images import build_image, push_image, skopeo_copy  # noqa: E402
+from harness.netns import Cluster, Namespace, netns_available  # noqa: E402
+from harness.pki import TestCA, create_ca  # noqa: E402
+from harness.registry import Registry  # noqa: E402
+from mirror_support import MirrorNode  # noqa: E402
+from results import machine, write_section  # noqa: E402
+
+SERVER_CORE = "0"
+CLIENT_CORE = "1"
+MiB = 1024 * 1024
+NGINX_PORT = 8443
+BLOB_REPOSITORY = "bench/blobs"
+PULL_REPOSITORY = "bench/app"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+# --- processes -------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchMirror(MirrorNode):
+    """A :class:`MirrorNode` that may be pinned to CPUs and keeps its cache where it is told."""
+
+    cpus: str | None = None
+
+    def start(self) -> BenchMirror:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not (self.ca_dir / "ca.crt").exists():
+            subprocess.run([sys.executable, "-m", "dnsmirror", "ca", "init", "--dir", str(self.ca_dir)],
+                           check=True, capture_output=True, timeout=60)
+        self.config_path.write_text(yaml.safe_dump(self.config()))
+        self.namespace.write_resolv_conf([self.address])
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        self.process = self.namespace.start([*pin, sys.executable, "-m", "dnsmirror", "serve", "--config",
+                                             str(self.config_path)], "dnsmirror")
+        self.process.wait_until(self.captures, "capturing registry names", timeout=30)
+        return self
+
+
+@contextlib.contextmanager
+def mirror(node: Namespace, workdir: Path, dns: str, public_ca: TestCA, cache: Path, cpus: str | None = None):
+    """A fresh dnsmirror process in ``node`` with its cache in ``cache`` (same CA for every start)."""
+    overrides = {"cache": {"dir": str(cache)}, "log": {"format": "json", "level": "warning"}}
+    node_mirror = BenchMirror(node, workdir, dns, public_ca, overrides, cpus=cpus)
+    node_mirror.start()
+    try:
+        yield node_mirror
+    finally:
+        node_mirror.stop()
+
+
+@contextlib.contextmanager
+def nginx(node: Namespace, workdir: Path, public_ca: TestCA, blob: Path):
+    """nginx, one worker pinned to the server core, serving ``blob`` as /blob over TLS (ECDSA P-256)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cert = public_ca.issue_server([ECR_HOST], workdir / "tls")
+    docroot = workdir / "root"
+    docroot.mkdir()
+    try:
+        os.link(blob, docroot / "blob")
+    except OSError:
+        shutil.copyfile(blob, docroot / "blob")
+    temp = workdir / "temp"
+    temp.mkdir()
+    # as root, nginx's workers would drop to an account that cannot enter the private temp directory
+    user = "user root;" if os.geteuid() == 0 else ""
+    (workdir / "nginx.conf").write_text(f"""
+{user}
+worker_processes 1;
+daemon off;
+pid {workdir}/nginx.pid;
+error_log {workdir}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {temp}/body; proxy_temp_path {temp}/proxy; fastcgi_temp_path {temp}/fastcgi;
+  uwsgi_temp_path {temp}/uwsgi; scgi_temp_path {temp}/scgi;
+  default_type application/octet-stream;
+  server {{
+    listen {node.address}:{NGINX_PORT} ssl;
+    ssl_certificate {cert.chain_path};
+    ssl_certificate_key {cert.key_path};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    root {docroot};
+  }}
+}}
+""")
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    process = node.start(["taskset", "-c", SERVER_CORE, binary, "-p", str(workdir), "-c",
+                          str(workdir / "nginx.conf"), "-e", str(workdir / "error.log")], "nginx")
+    try:
+        process.wait_listening(NGINX_PORT)
+        yield process
+    finally:
+        process.stop()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its direct children (nginx's master and worker)."""
+    pids = [pid]
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(entry.name))
+    return pids
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of ``pids`` so far."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / TICKS
+
+
+def memory_kib(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` memory field (VmRSS, VmHWM) in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+# --- clients ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Download:
+    status: int
+    size: int
+    speed: float  # bytes/s, as curl reports it
+    seconds: float
+
+
+def curl_argv(url: str, address: str, port: int, cacert: Path, head: bool = False) -> list[str]:
+    """curl fetching ``url`` (whose host is ECR_HOST) from ``address:port``, body discarded."""
+    return ["curl", "-sS", "--http1.1", "--max-time", "300", "--cacert", str(cacert),
+            "--resolve", f"{ECR_HOST}:{port}:{address}", *(["-I"] if head else []), "-o", "/dev/null",
+            "-w", "%{http_code} %{size_download} %{speed_download} %{time_total}", url]
+
+
+def parse_download(output: bytes) -> Download:
+    status, size, speed, seconds = output.decode().split()
+    return Download(int(status), int(size), float(speed), float(seconds))
+
+
+def download(namespace: Namespace, url: str, address: str, port: int, cacert: Path, *, expected: int,
+             cpu: str | None = None) -> Download:
+    """One GET with curl in ``namespace`` (pinned to ``cpu``); fails unless 200 with ``expected`` bytes."""
+    argv = curl_argv(url, address, port, cacert)
+    done = namespace.run(["taskset", "-c", cpu, *argv] if cpu else argv, timeout=330)
+    result = parse_download(done.stdout)
+    if result.status != 200 or result.size != expected:
+        raise RuntimeError(f"GET {url}: status {result.status}, {result.size} of {expected} bytes")
+    return result
+
+
+def blob_url(digest: str, port: int = 443, repository: str = BLOB_REPOSITORY) -> str:
+    netloc = ECR_HOST if port == 443 else f"{ECR_HOST}:{port}"
+    return f"https://{netloc}/v2/{repository}/blobs/{digest}"
+
+
+# --- content ---------------------------------------------------------------------------------------
+
+
+def place_blob(registry: Registry, repository: str, size: int) -> tuple[str, Path]:
+    """Write ``size`` random bytes into the registry's storage as a blob of ``repository``.
+
+    Much faster than a push for the big benchmark blobs; the registry serves it like a pushed layer.
+    """
+    blobs = registry.storage_dir / "docker/registry/v2/blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    with tempfile.NamedTemporaryFile(dir=blobs, delete=False) as out:
+        left = size
+        while left:
+            chunk = os.urandom(min(4 * MiB, left))
+            digest.update(chunk)
+            out.write(chunk)
+            left -= len(chunk)
+    name = f"sha256:{digest.hexdigest()}"
+    path = registry.blob_file(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(out.name, path)
+    link = (registry.storage_dir / "docker/registry/v2/repositories" / repository / "_layers/sha256"
+            / digest.hexdigest() / "link")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.write_text(name)
+    return name, path
+
+
+# --- the three measurements ------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    cluster: Cluster
+    work: Path
+    ca: TestCA
+    registry: Registry
+    dns: str
+    node: Namespace
+    direct: Namespace
+
+    def mirror(self, cache: Path, cpus: str | None = None):
+        return mirror(self.node, self.work / "mirror", self.dns, self.ca, cache, cpus)
+
+
+def throughput(world: World, runs: int, size: int) -> dict:
+    """Cached blob over TLS: dnsmirror vs nginx, servers on one core, curl on the other."""
+    digest, path = place_blob(world.registry, BLOB_REPOSITORY, size)
+    rows: dict[str, list[Download]] = {"nginx": [], "dnsmirror": []}
+    cpu: dict[str, float] = {"nginx": 0.0, "dnsmirror": 0.0}
+    with world.mirror(world.work / "cache-throughput", cpus=SERVER_CORE) as node_mirror:
+        trust = node_mirror.trust_bundle()
+        fill = download(world.node, blob_url(digest), node_mirror.address, 443, trust, expected=size,
+                        cpu=CLIENT_CORE)
+        # the first cached read once more, so that both servers start warm
+        download(world.node, blob_url(digest), node_mirror.address, 443, trust, expected=size, cpu=CLIENT_CORE)
+        with nginx(world.node, world.work / "nginx", world.ca, path) as server:
+            nginx_url = f"https://{ECR_HOST}:{NGINX_PORT}/blob"
+            download(world.node, nginx_url, world.node.address, NGINX_PORT, world.ca.cert_path, expected=size,
+                     cpu=CLIENT_CORE)
+            servers = {
+                "nginx": (nginx_url, NGINX_PORT, world.ca.cert_path, process_tree(server.pid)),
+                "dnsmirror": (blob_url(digest), 443, trust, [node_mirror.process.pid]),
+            }
+            for run in range(runs):
+                order = ("nginx", "dnsmirror") if run % 2 == 0 else ("dnsmirror", "nginx")
+                for name in order:
+                    url, port, cacert, pids = servers[name]
+                    before = cpu_seconds(pids)
+                    rows[name].append(download(world.node, url, world.node.address, port, cacert, expected=size,
+                                               cpu=CLIENT_CORE))
+                    cpu[name] += cpu_seconds(pids) - before
+    return {"rows": rows, "cpu": cpu, "fill": fill, "size": size}
+
+
+def cold_pulls(world: World, pulls: int, layer_size: int) -> dict:
+    """skopeo copy of one image: straight from the registry vs through a fresh dnsmirror, fresh cache."""
+    image = build_image(world.work / "pull-image", tag="v1", platforms=("linux/amd64",), big_layer_size=layer_size)
+    reference = f"{ECR_HOST}/{PULL_REPOSITORY}:v1"
+    push_image(image, world.direct, reference, ca_file=world.ca.cert_path)
+    big = image.big_layer
+    times: dict[str, list[float]] = {"direct": [], "dnsmirror": []}
+    mirror_cpu: list[float] = []
+
+    def pull(namespace: Namespace, trust: Path, name: str, run: int) -> float:
+        target = world.work / f"pulled-{name}-{run}"
+        started = time.perf_counter()
+        skopeo_copy(namespace, f"docker://{reference}", f"oci:{target}:v1", ca_file=trust, all_platforms=False,
+                     timeout=300)
+        elapsed = time.perf_counter() - started
+        pulled = target / "blobs" / "sha256" / big.digest.split(":", 1)[1]
+        if pulled.stat().st_size != big.size:
+            raise RuntimeError(f"{name} pull: the big layer is missing or short")
+        shutil.rmtree(target)
+        return elapsed
+
+    for run in range(pulls):
+        for name in (("direct", "dnsmirror") if run % 2 == 0 else ("dnsmirror", "direct")):
+            if name == "direct":
+                times[name].append(pull(world.direct, world.ca.cert_path, name, run))
+                continue
+            cache = world.work / f"cache-pull-{run}"
+            with world.mirror(cache) as node_mirror:
+                trust = node_mirror.trust_bundle()
+                before = cpu_seconds([node_mirror.process.pid])
+                times[name].append(pull(world.node, trust, name, run))
+                mirror_cpu.append(cpu_seconds([node_mirror.process.pid]) - before)
+            shutil.rmtree(cache)
+    return {"times": times, "layer": big.size, "image": sum(blob.size for blob in image.blobs()),
+            "mirror_cpu": mirror_cpu}
+
+
+class MemorySampler:
+    """Samples a process's VmRSS every ``interval`` seconds on a thread, keeping the maximum."""
+
+    def __init__(self, pid: int, interval: float = 0.01) -> None:
+        self.pid = pid
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError, KeyError):
+                self.peak = max(self.peak, memory_kib(self.pid, "VmRSS"))
+                self.samples += 1
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def two_clients_memory(world: World, node_mirror: BenchMirror, digest: str, size: int) -> dict:
+    """Idle RSS after a warm-up HEAD, then the peak while two curls GET the blob at once."""
+    trust = node_mirror.trust_bundle()
+    pid = node_mirror.process.pid
+    head = world.node.run(curl_argv(blob_url(digest), node_mirror.address, 443, trust, head=True), timeout=60)
+    if parse_download(head.stdout).status != 200:
+        raise RuntimeError(f"warm-up HEAD: {head.stdout!r}")
+    time.sleep(0.5)
+    idle = memory_kib(pid, "VmRSS")
+    argv = world.node.exec_argv(curl_argv(blob_url(digest), node_mirror.address, 443, trust))
+    started = time.perf_counter()
+    with MemorySampler(pid) as sampler:
+        clients = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+        outputs = []
+        for client in clients:
+            try:
+                outputs.append(client.communicate(timeout=330))
+            finally:
+                if client.poll() is None:
+                    client.kill()
+                    client.wait()
+    elapsed = time.perf_counter() - started
+    downloads = [parse_download(out) for out, _ in outputs]
+    for result, (_, err) in zip(downloads, outputs, strict=True):
+        if result.status != 200 or result.size != size:
+            raise RuntimeError(f"two-client GET: status {result.status}, {result.size} of {size} bytes {err!r}")
+    hwm = memory_kib(pid, "VmHWM")
+    return {"idle": idle, "peak": max(hwm, sampler.peak), "sampled": sampler.peak, "hwm": hwm,
+            "samples": sampler.samples, "seconds": elapsed}
+
+
+def memory(world: World, size: int) -> dict:
+    """Two clients reading a ``size`` blob: cold (fill from upstream meanwhile), then cached."""
+    digest, _ = place_blob(world.registry, BLOB_REPOSITORY, size)
+    cache = world.work / "cache-memory"
+    with world.mirror(cache) as node_mirror:
+        cold = two_clients_memory(world, node_mirror, digest, size)
+    with world.mirror(cache) as node_mirror:  # a fresh process: its VmHWM covers this case only
+        cached = two_clients_memory(world, node_mirror, digest, size)
+    return {"cold": cold, "cached": cached, "size": size}
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def mb(rate: float) -> str:
+    return f"{rate / 1e6:,.0f}"
+
+
+def report(args: argparse.Namespace, tput: dict, pulls: dict, mem: dict) -> str:
+    size = tput["size"]
+    speeds = {name: [d.speed for d in rows] for name, rows in tput["rows"].items()}
+    medians = {name: statistics.median(values) for name, values in speeds.items()}
+    ratio = medians["dnsmirror"] / medians["nginx"]
+    per_gib = {name: tput["cpu"][name] / (len(speeds[name]) * size / 2**30) for name in speeds}
+    times = pulls["times"]
+    direct, through = statistics.median(times["direct"]), statistics.median(times["dnsmirror"])
+    overhead = (through - direct) / direct
+    command = (f".venv/bin/python bench/mirror_bench.py --runs {args.runs} --pulls {args.pulls} "
+               f"--blob-mib {args.blob_mib} --pull-layer-mib {args.pull_layer_mib} --rss-mib {args.rss_mib}")
+
+    def tput_row(name: str, label: str) -> str:
+        values = speeds[name]
+        return (f"| {label} | **{mb(medians[name])}** | {mb(min(values))} - {mb(max(values))} | "
+                f"{per_gib[name]:.2f} |")
+
+    def mem_row(label: str, result: dict) -> str:
+        above = (result["peak"] - result["idle"]) / 1024
+        return (f"| {label} | {result['idle'] / 1024:.0f} | {result['peak'] / 1024:.0f} | **{above:.0f}** | "
+                f"{result['sampled'] / 1024:.0f} ({result['samples']} samples) | {result['seconds']:.1f} |")
+
+    cold_above = (mem["cold"]["peak"] - mem["cold"]["idle"]) / 1024
+    cached_above = (mem["cached"]["peak"] - mem["cached"]["idle"]) / 1024
+    return f"""## Pull mirror: cached throughput vs nginx, cold pull overhead, memory while streaming
+
+Command: `{command}` (run by `make bench`). Network namespaces created by the script: docker-registry (TLS, a test
+public CA) as the upstream of `{ECR_HOST}`, dnsmirror in a node namespace whose resolv.conf points at dnsmirror, a
+direct-client namespace whose /etc/hosts names the registry. Log level warning.
+Measured: {machine()}. The machine is shared with other work: expect some noise.
+
+### 1. A cached {size // MiB} MiB blob over TLS, one client
+
+Both servers pinned to core {SERVER_CORE} (taskset), in the node namespace; curl (`--http1.1 -o /dev/null`, verifying
+the certificate) pinned to core {CLIENT_CORE}; {args.runs} downloads each, alternating which server goes first. nginx:
+one worker, the same file (a hard link of the registry's copy), ECDSA P-256 certificate, default buffers.
+
+| server | median MB/s | min - max MB/s | server CPU-seconds per GiB |
+|---|---:|---:|---:|
+{tput_row("nginx", "nginx 1 worker")}
+{tput_row("dnsmirror", "dnsmirror, from its cache")}
+
+- **dnsmirror / nginx: {ratio:.0%} of nginx's throughput** (target >= 60%).
+- The fill that put the blob in the cache (one client, upstream over the namespaces' veth link):
+  {mb(tput['fill'].speed)} MB/s.
+
+### 2. Cold pull, `skopeo copy docker://{ECR_HOST}/{PULL_REPOSITORY}:v1 oci:DIR:v1`
+
+One platform, a {pulls['layer'] / MiB:.0f} MiB uncompressed layer ({pulls['image'] / MiB:.1f} MiB in all, pushed with
+skopeo). Direct: the registry's address from /etc/hosts. Through dnsmirror: a fresh dnsmirror process with an empty
+cache each run (start-up not timed), the node's DNS answering dnsmirror's address. A fresh skopeo and destination each
+run; {args.pulls} runs each, alternating the order; no CPU pinning.
+
+| pull | median s | all runs (s) |
+|---|---:|---|
+| direct from the registry | {direct:.2f} | {", ".join(f"{t:.2f}" for t in times["direct"])} |
+| through dnsmirror, empty cache | {through:.2f} | {", ".join(f"{t:.2f}" for t in times["dnsmirror"])} |
+
+- **Overhead of the cold pull through dnsmirror: {overhead:+.0%}** (target < 15%).
+- dnsmirror's own CPU time per pull (median): {statistics.median(pulls['mirror_cpu']):.2f} s, i.e.
+  {statistics.median(pulls['mirror_cpu']) / (pulls['layer'] / 2**30):.1f} CPU-seconds per GiB pulled cold; the
+  machine has two cores, shared by skopeo, the registry and dnsmirror.
+
+### 3. dnsmirror's memory while two clients stream a {mem['size'] // MiB} MiB blob at once
+
+A fresh dnsmirror process per case; idle = VmRSS after a warm-up HEAD of the blob; peak = the larger of VmHWM at the
+end and VmRSS sampled every 10 ms. Cold: both clients start together on an empty cache (one upstream fill, both read
+the growing file); cached: the same blob, now in the cache.
+
+| case | idle MiB | peak MiB | peak above idle MiB | sampled max MiB | seconds |
+|---|---:|---:|---:|---:|---:|
+{mem_row("cold: filling from upstream while both read", mem["cold"])}
+{mem_row("cached", mem["cached"])}
+
+- **Peak above idle: {cold_above:.0f} MiB cold, {cached_above:.0f} MiB cached** (target < 100 MiB).
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=7, help="downloads per server for the throughput comparison")
+    parser.add_argument("--pulls", type=int, default=3, help="cold pulls each way")
+    parser.add_argument("--blob-mib", type=int, default=256, help="size of the cached blob (throughput)")
+    parser.add_argument("--pull-layer-mib", type=int, default=96, help="size of the pulled image's big layer")
+    parser.add_argument("--rss-mib", type=int, default=1024, help="size of the blob streamed to two clients")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    reason = netns_available()
+    if reason is not None:
+        raise SystemExit(f"mirror_bench: {reason}")
+    missing = [tool for tool in ("nginx", "curl", "skopeo", "docker-registry", "unbound", "taskset")
+               if shutil.which(tool) is None and not Path(f"/usr/sbin/{tool}").exists()]
+    if missing or (os.cpu_count() or 1) < 2:
+        raise SystemExit(f"mirror_bench: needs two cores and {', '.join(missing) or 'nothing else'} "
+                         "(scripts/setup.sh bench)")
+    # a SIGTERM unwinds the context managers below, so namespaces and processes are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(prefix="dnsmirror-mirror-bench-") as tmp, \
+            Cluster(Path(tmp) / "cluster") as cluster:
+        work = Path(tmp)
+        registry_ns = cluster.add("registry")
+        node = cluster.add("node")
+        direct = cluster.add("direct", hosts={ECR_HOST: registry_ns.address})
+        ca = create_ca(work / "public-ca")
+        with Registry(registry_ns, ECR_HOST, ca, work / "registry") as registry, \
+                StaticDNS(registry_ns, {ECR_HOST: registry_ns.address}, work / "dns") as dns:
+            world = World(cluster, work, ca, registry, dns.address, node, direct)
+            tput = throughput(world, args.runs, args.blob_mib * MiB)
+            pulls = cold_pulls(world, args.pulls, args.pull_layer_mib * MiB)
+            mem = memory(world, args.rss_mib * MiB)
+    body = report(args, tput, pulls, mem)
+    print(body)
+    if not args.no_write:
+        write_section("mirror", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
