@@ -59,11 +59,17 @@ class ContentStats:
     bytes_served: int = 0
 
 
+def _owner(target: Target) -> tuple[str, str, str]:
+    """Whose access a fill's start proved: the same credential in another repository proves nothing."""
+    return target.credential, target.upstream_host, target.repository
+
+
 class _Slot:
     """A fill being started: waiters learn the Fill, or None if the starter got no 200 upstream."""
 
-    def __init__(self, credential: str, source: str = "upstream") -> None:
-        self.credential = credential
+    def __init__(self, target: Target, source: str = "upstream") -> None:
+        # a joiner with the starter's credential, host and repository needs no access check of its own
+        self.owner = _owner(target)
         self.source = source
         self.fill: Fill | None = None
         self.settled = False
@@ -110,7 +116,7 @@ class ContentChain:
                 fill = await slot.wait()
                 if fill is None or fill.failure is not None:
                     continue
-                if not await self._may_read(request, target, granted_by_fill=slot.credential == target.credential):
+                if not await self._may_read(request, target, granted_by_fill=slot.owner == _owner(target)):
                     return
                 self.stats.fills_joined += 1
                 await self._serve_fill(request, target, fill)
@@ -283,7 +289,7 @@ class ContentChain:
         if not allowed or target.digest in self.slots:
             self.disk.run(reader.close)
             return not allowed  # denied: answered; a fill started meanwhile: join it
-        slot = _Slot(target.credential, source="containerd")
+        slot = _Slot(target, source="containerd")
         self.slots[target.digest] = slot
         try:
             writer = await self.disk.run(self.store.writer, target.digest, expected_size=reader.size)
@@ -305,7 +311,7 @@ class ContentChain:
             await self.passthrough.forward(request, target)
             return
         self.stats.cache_misses += 1
-        slot = _Slot(target.credential)
+        slot = _Slot(target)
         self.slots[target.digest] = slot
         fill = None
         try:

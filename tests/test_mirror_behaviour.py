@@ -238,6 +238,11 @@ class World:
         """One GET through dnsmirror, sent; the response not read yet."""
         return send_request(self.node, self.mirror.address, self.trust, path, headers=headers)
 
+    def send_to(self, path: str, *, sni: str, host: str,
+                headers: dict[str, str] | None = None) -> http.client.HTTPConnection:
+        """:meth:`send` to another captured host."""
+        return send_request(self.node, self.mirror.address, self.trust, path, sni=sni, host=host, headers=headers)
+
     def cache_file(self, digest: str) -> Path:
         hex_digest = digest.split(":", 1)[1]
         return self.mirror.workdir / "cache" / "blobs" / "sha256" / hex_digest[:2] / hex_digest
@@ -278,12 +283,12 @@ def upload(namespace: Namespace, registry: Registry, trust: Path, repository: st
 
 
 PUBLIC_BLOBS = {
-    "mismatch": 512 * 1024,
+    "mismatch": 1024 * 1024,
     "ranges": 4 * 1024 * 1024,
     "concurrent": 2 * 1024 * 1024,
     "disconnect": 3 * 1024 * 1024,
 }
-PRIVATE_BLOBS = {"redirected": 300 * 1024, "private": 700 * 1024, "team-a": 1024}
+PRIVATE_BLOBS = {"redirected": 300 * 1024, "private": 3 * 1024 * 1024, "team-a": 1024}
 
 
 @pytest.fixture(scope="module")
@@ -311,6 +316,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             private.redirect_base_url = f"https://{BLOB_HOST}"
             private.start()
             public_ns.limit_egress(UPSTREAM_RATE)
+            cdn_ns.limit_egress(UPSTREAM_RATE)
             with BlobHost(cdn_ns, BLOB_HOST, ca, private.storage_dir, work / "cdn") as blob_host, \
                     MirrorNode(node, work / "mirror", dns, ca) as mirror:
                 yield World(cluster, ca, public, private, blob_host, mirror, node, tokens, mirror.trust_bundle(),
@@ -320,16 +326,29 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 # --- the tests ---------------------------------------------------------------------------------------------
 
 
-def test_digest_mismatch_aborts_the_stream_and_caches_nothing(world: World) -> None:
+def test_digest_mismatch_aborts_every_stream_and_caches_nothing(world: World) -> None:
     blob = world.blobs["mismatch"]
     path = world.public.blob_path(PUBLIC_REPOSITORY, blob.digest)
     world.public.corrupt_blob(blob.digest)  # same size, wrong bytes
     for attempt in (1, 2):
-        got = world.fetch(path)
-        assert got.status == 200
-        assert int(got.headers["Content-Length"]) == blob.size
+        starter_connection, starter = world.open(path)
+        head, cut = read_body(starter, 8 * 1024)
+        assert cut is None and len(head) == 8 * 1024
+        # while the fill runs: a second full reader, and a range wholly inside the bytes already received
+        joiner = world.send(path)
+        ranged = world.send(path, {"Range": "bytes=100-199"})
+        assert world.temp_files(blob.digest), "the fill ended before the other requests arrived"
+        rest, cut = read_body(starter)
+        starter_connection.close()
+        assert starter.status == 200 and int(starter.getheader("Content-Length")) == blob.size
         # the client never receives a complete body: the last byte is held back until the digest is checked
-        assert got.cut is not None and len(got.body) < blob.size, (attempt, len(got.body), world.log())
+        assert cut is not None and len(head + rest) < blob.size, (attempt, len(head + rest), world.log())
+        for connection, status, length in ((joiner, 200, blob.size), (ranged, 206, 100)):
+            response = connection.getresponse()
+            body, cut = read_body(response)
+            connection.close()
+            assert (response.status, int(response.getheader("Content-Length"))) == (status, length)
+            assert cut is not None and len(body) < length, (attempt, status, len(body), world.log())
         assert world.public_gets(blob.digest) == attempt  # a failed fill is not remembered: it tries again
         assert wait_for(lambda: not world.temp_files(blob.digest), 10), world.temp_files(blob.digest)
         assert not world.cached(blob.digest)
@@ -455,42 +474,62 @@ def test_redirected_blob_reaches_the_second_host_without_authorization(world: Wo
     assert wait_for(lambda: world.cached(blob.digest), 10)
 
 
-def test_cached_private_blob_is_served_only_to_credentials_upstream_allows(world: World) -> None:
-    """Token auth makes the registry's refusals real: bob and carol may pull ``private/b``, alice only
-    ``private/a``. Bob's pull fills the cache; every refusal upstream gives is what the client gets."""
+def test_private_blob_is_served_only_to_credentials_upstream_allows(world: World) -> None:
+    """Token auth makes the registry's refusals real: bob, carol and dave may pull ``private/b``, alice
+    only ``private/a``. Bob's pull fills the cache; every refusal upstream gives reaches the client as
+    upstream gave it, both while the fill runs and once the blob is cached."""
     blob = world.blobs["private"]
     path = world.private.blob_path(PRIVATE_B, blob.digest)
     private_host = {"sni": ECR_HOST_2, "host": ECR_HOST_2}
     bob = world.tokens.token("bob", [PRIVATE_B])
-    got = world.fetch(path, headers=bearer(bob), **private_host)
-    assert (got.status, got.cut, got.body == blob.data) == (200, None, True), world.log()
-    assert wait_for(lambda: world.cached(blob.digest), 10)
-
     forged = TokenIssuer.create(world.mirror.workdir.parent / "forger").token("bob", [PRIVATE_B])
     alice = world.tokens.token("alice", [PRIVATE_A])
+    in_private_a = world.private.blob_path(PRIVATE_A, blob.digest)
     refused = [
         ("anonymous", path, {}, 401),
         ("a forged token", path, bearer(forged), 401),
         ("alice, not allowed in private/b", path, bearer(alice), 401),
         # the digest is cached, but upstream has no such blob in alice's repository
-        ("alice, in her own repository", world.private.blob_path(PRIVATE_A, blob.digest), bearer(alice), 404),
+        ("alice, in her own repository", in_private_a, bearer(alice), 404),
+        # bob's token is for private/b only: his own fill of the digest does not open private/a to him
+        ("bob, in private/a", in_private_a, bearer(bob), 401),
     ]
-    for who, asked, headers, status in refused:
-        answer = world.fetch(asked, headers=headers, **private_host)
-        assert answer.status == status, (who, answer.status, answer.body[:300])
-        assert blob.data[:64] not in answer.body, who
-        assert len(answer.body) < 4096, who
-        if status == 401:
-            assert answer.headers["WWW-Authenticate"].startswith("Bearer realm="), who
-        assert json.loads(answer.body)["errors"], who  # upstream's own error document, passed through
-    assert world.private.count_requests("GET", path) == 4  # bob's fill, then the three refused GETs
 
-    carol = world.tokens.token("carol", [PRIVATE_B])
-    got = world.fetch(path, headers=bearer(carol), **private_host)
+    def check_refusals(when: str) -> None:
+        for who, asked, headers, status in refused:
+            answer = world.fetch(asked, headers=headers, **private_host)
+            assert answer.status == status, (when, who, answer.status, answer.body[:300])
+            assert blob.data[:64] not in answer.body and len(answer.body) < 4096, (when, who)
+            if status == 401:
+                assert answer.headers["WWW-Authenticate"].startswith("Bearer realm="), (when, who)
+            assert json.loads(answer.body)["errors"], (when, who)  # upstream's own error document
+
+    bob_connection, bob_response = world.open(path, headers=bearer(bob), **private_host)
+    head, cut = read_body(bob_response, 8 * 1024)
+    assert (bob_response.status, cut) == (200, None)
+    carol = world.send_to(path, headers=bearer(world.tokens.token("carol", [PRIVATE_B])), **private_host)
+    check_refusals("while bob's fill runs")
+    assert not world.cached(blob.digest), "the fill ended before the refusals were checked; slow the blob host"
+    rest, cut = read_body(bob_response)
+    bob_connection.close()
+    assert cut is None and head + rest == blob.data, world.log()
+    carol_response = carol.getresponse()
+    body, cut = read_body(carol_response)
+    carol.close()
+    assert (carol_response.status, cut, body == blob.data) == (200, None, True)
+    assert wait_for(lambda: world.cached(blob.digest), 10)
+
+    check_refusals("from the cache")
+    dave = world.tokens.token("dave", [PRIVATE_B])
+    got = world.fetch(path, headers=bearer(dave), **private_host)
     assert (got.status, got.cut, got.body == blob.data) == (200, None, True), world.log()
-    # carol's access was checked upstream with a HEAD, the bytes came from the cache
-    assert world.private.count_requests("GET", path) == 4
-    assert world.private.count_requests("HEAD", path) >= 1
+    # one successful GET upstream (bob's fill, answered with the redirect); carol and dave were checked with
+    # a HEAD, and read the bytes from the fill and from the cache
+    assert world.private.count_requests("GET", path, status=307) == 1
+    assert world.private.count_requests("HEAD", path, status=307) == 2
+    hex_digest = blob.digest.split(":", 1)[1]
+    assert sum(1 for entry in world.blob_host.requests()
+               if entry["method"] == "GET" and hex_digest in entry["path"]) == 1
 
 
 def test_sni_and_host_must_name_the_same_captured_registry(world: World) -> None:
