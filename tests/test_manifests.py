@@ -10,6 +10,7 @@ The node test (root, network namespaces) runs the DaemonSet's own init-container
 from __future__ import annotations
 
 import ipaddress
+import re
 import shutil
 import subprocess
 import sys
@@ -260,6 +261,36 @@ def test_node_setup_daemonset_matches_dnsmirror(effective):
 def test_node_setup_script_is_valid_bash():
     done = subprocess.run(["bash", "-n", str(SCRIPT)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
+
+
+def _subcommands(parser) -> dict:
+    (action,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return action.choices
+
+
+def test_deployment_doc_names_only_real_commands_and_keys():
+    """Every ``dnsmirror ...`` command and option, and every config key, in docs/deployment.md exists."""
+    from dnsmirror.cli import build_parser
+
+    text = (ROOT / "docs/deployment.md").read_text()
+    commands = re.findall(r"dnsmirror ((?:ca|config) [a-z]+|serve)([^`\n]*)", text)
+    assert len(commands) >= 5
+    for command, rest in commands:
+        parser = build_parser()
+        for word in command.split():
+            parser = _subcommands(parser)[word]
+        options = {flag for action in parser._actions for flag in action.option_strings}
+        for flag in re.findall(r"(?<![\w-])--[a-z-]+", rest):
+            assert flag in options, f"dnsmirror {command}: no option {flag}"
+    defaults = yaml.safe_load((ROOT / "dnsmirror/default.yaml").read_text())
+    keys = [key for key in re.findall(r"`([a-z_]+(?:\.[a-z_0-9]+)+)`", text)
+            if key.split(".")[0] in defaults and key.rsplit(".", 1)[1] not in ("crt", "key")]  # tls.crt: a file
+    assert len(keys) >= 10
+    for key in keys:
+        node = defaults
+        for part in key.split("."):
+            assert isinstance(node, dict) and part in node, f"docs/deployment.md: no config key {key}"
+            node = node[part]
 
 
 def test_dockerfile_installs_the_package_from_the_build_context():
