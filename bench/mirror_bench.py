@@ -19,7 +19,7 @@ Measured, side by side in one run:
 Writes the ``mirror`` section of bench/RESULTS.md. Needs root (namespaces), nginx, curl, skopeo,
 docker-registry, unbound, taskset and two cores.
 
-    .venv/bin/python bench/mirror_bench.py --runs 7 --pulls 3
+    .venv/bin/python bench/mirror_bench.py --runs 7 --pulls 5
 """
 
 from __future__ import annotations
@@ -462,7 +462,8 @@ run; {args.pulls} runs each, alternating the order; no CPU pinning.
 - **Overhead of the cold pull through dnsmirror: {overhead:+.0%}** (target < 15%).
 - dnsmirror's own CPU time per pull (median): {statistics.median(pulls['mirror_cpu']):.2f} s, i.e.
   {statistics.median(pulls['mirror_cpu']) / (pulls['layer'] / 2**30):.1f} CPU-seconds per GiB pulled cold; the
-  machine has two cores, shared by skopeo, the registry and dnsmirror.
+  machine has two cores, shared by skopeo, the registry and dnsmirror. Where that time goes (profiled): bench/README.md,
+  "What limits a cold pull".
 
 ### 3. dnsmirror's memory while two clients stream a {mem['size'] // MiB} MiB blob at once
 
@@ -482,7 +483,7 @@ the growing file); cached: the same blob, now in the cache.
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=7, help="downloads per server for the throughput comparison")
-    parser.add_argument("--pulls", type=int, default=3, help="cold pulls each way")
+    parser.add_argument("--pulls", type=int, default=5, help="cold pulls each way")
     parser.add_argument("--blob-mib", type=int, default=256, help="size of the cached blob (throughput)")
     parser.add_argument("--pull-layer-mib", type=int, default=96, help="size of the pulled image's big layer")
     parser.add_argument("--rss-mib", type=int, default=1024, help="size of the blob streamed to two clients")
