@@ -287,6 +287,7 @@ PUBLIC_BLOBS = {
     "ranges": 4 * 1024 * 1024,
     "concurrent": 2 * 1024 * 1024,
     "disconnect": 3 * 1024 * 1024,
+    "cold-range": 1024 * 1024,
 }
 PRIVATE_BLOBS = {"redirected": 300 * 1024, "private": 3 * 1024 * 1024, "team-a": 1024}
 
@@ -393,6 +394,21 @@ def test_range_requests_while_filling_and_after(world: World) -> None:
         last = blob.size - 1 if end is None else end
         assert got.status == 206 and got.headers["Content-Range"] == f"bytes {start}-{last}/{blob.size}"
         assert got.cut is None and got.body == blob.data[start:last + 1]
+    assert world.public_gets(blob.digest) == 1
+
+
+def test_a_range_request_for_a_cold_blob_fills_the_whole_blob(world: World) -> None:
+    """containerd resuming a cut download after the cache lost the blob: the first request is a range."""
+    blob = world.blobs["cold-range"]
+    path = world.public.blob_path(PUBLIC_REPOSITORY, blob.digest)
+    start = blob.size // 3
+    got = world.fetch(path, headers={"Range": f"bytes={start}-"})
+    assert (got.status, got.headers["Content-Range"]) == (206, f"bytes {start}-{blob.size - 1}/{blob.size}")
+    assert got.cut is None and got.body == blob.data[start:]
+    assert wait_for(lambda: world.cached(blob.digest), 10)
+    assert world.cache_file(blob.digest).read_bytes() == blob.data
+    whole = world.fetch(path)
+    assert (whole.status, whole.body == blob.data) == (200, True)
     assert world.public_gets(blob.digest) == 1
 
 
@@ -528,8 +544,11 @@ def test_private_blob_is_served_only_to_credentials_upstream_allows(world: World
     assert world.private.count_requests("GET", path, status=307) == 1
     assert world.private.count_requests("HEAD", path, status=307) == 2
     hex_digest = blob.digest.split(":", 1)[1]
-    assert sum(1 for entry in world.blob_host.requests()
-               if entry["method"] == "GET" and hex_digest in entry["path"]) == 1
+    at_blob_host = [entry for entry in world.blob_host.requests() if hex_digest in entry["path"]]
+    assert sum(1 for entry in at_blob_host if entry["method"] == "GET") == 1
+    # the access checks followed the redirect too, without the token
+    assert sum(1 for entry in at_blob_host if entry["method"] == "HEAD") == 2
+    assert not any(entry["authorization"] for entry in at_blob_host)
 
 
 def test_sni_and_host_must_name_the_same_captured_registry(world: World) -> None:
