@@ -9,7 +9,8 @@ One module-wide world (created once, shared by the tests):
   signed JWT's per-repository grants, so two credentials genuinely see different repositories) and the
   ``redirect`` storage middleware: every blob GET answers 307 to :data:`BLOB_HOST`.
 - ``cdn`` namespace: :class:`~harness.blobhost.BlobHost` serving the private registry's storage as
-  :data:`BLOB_HOST`, logging whether each request carried an ``Authorization`` header.
+  :data:`BLOB_HOST`, logging whether each request carried an ``Authorization`` header; its egress is
+  capped like the public registry's, so private fills also last long enough to be joined.
 - ``node`` namespace: ``dnsmirror serve`` (DNS + HTTPS). The clients are Python TLS sockets opened in
   that namespace, verifying dnsmirror's leaves with the node's trust bundle, so every byte the tests
   read went through dnsmirror's TLS listener.
