@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from twisted.internet import error
+from twisted.internet import error, task
 from twisted.web import server
 
 from dnsmirror import ca as camod
@@ -226,6 +226,21 @@ def serve(config: Config) -> int:
     return 0
 
 
-def _stopping(services: Services) -> None:
-    log.info("dnsmirror stopping")
-    services.stop()
+def drain_seconds(config: Config) -> float:
+    """How long a stopping mirror keeps serving after it stopped capturing: clients may hold a captured
+    answer for ``dns.ttl`` seconds, so the listeners stay until those answers expired (at most 30 s)."""
+    if not config.https.listen:
+        return 0.0
+    return min(config.dns.ttl + 1.0, 30.0)
+
+
+def _stopping(services: Services):
+    """Fail open at once, keep serving while captured answers expire, then close everything."""
+    delay = drain_seconds(services.config)
+    log.info("dnsmirror stopping", extra=fields(drain_seconds=delay))
+    services.health.set(False, "shutting down")
+    services.probe.stop()
+    if delay <= 0:
+        services.stop()
+        return None
+    return task.deferLater(services.reactor, delay, services.stop)
