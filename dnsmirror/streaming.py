@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -31,6 +32,12 @@ from dnsmirror.store import BlobInfo, Store, Writer
 log = logging.getLogger("dnsmirror.content")
 
 READ_CHUNK = 1024 * 1024
+# the newest bytes of a fill stay in memory this long, so readers keeping up never touch the disk
+RECENT_WINDOW = 16 * 1024 * 1024
+# received bytes are written to disk in batches of at least this much (the last batch may be smaller)
+WRITE_BATCH = 1024 * 1024
+# waiters are woken per this many received bytes (and per disk write), so they send large writes
+NOTIFY_STEP = 256 * 1024
 # upstream is paused while this much received data waits for the disk
 FILL_HIGH_WATER = 8 * 1024 * 1024
 FILL_LOW_WATER = 2 * 1024 * 1024
@@ -73,11 +80,16 @@ class Fill:
         self.total = total
         self.content_type = content_type
         self.temp_path = writer.temp_path
+        self.received = 0
+        self._notified = 0
         self.written = 0
+        self._recent: deque[tuple[int, bytes]] = deque()
+        self._recent_bytes = 0
         self.verified = False
         self.failure: FillFailed | None = None
         self.done: defer.Deferred = defer.Deferred()
         self._pending: list[bytes] = []
+        self._queued = 0  # bytes in _pending (received, no write started yet)
         self._pending_bytes = 0
         self._writing = False
         self._body_finished = False
@@ -92,8 +104,35 @@ class Fill:
         return self.verified or self.failure is not None
 
     def readable(self) -> int:
-        """Bytes a waiter may send now: all of them once verified, else all but the last."""
-        return self.written if self.verified else max(0, self.written - 1)
+        """Bytes a waiter may send now: all of them once verified, else all received but the last."""
+        return self.written if self.verified else max(0, self.received - 1)
+
+    def from_memory(self, offset: int, size: int) -> bytes | None:
+        """Up to ``size`` bytes at ``offset`` if they are still in memory (the newest received), else None."""
+        recent = self._recent
+        if not recent or offset < recent[0][0]:
+            return None
+        first = len(recent) - 1
+        while first > 0 and recent[first][0] > offset:  # readers are usually near the newest bytes
+            first -= 1
+        parts = []
+        wanted = size
+        for index in range(first, len(recent)):
+            start, chunk = recent[index]
+            if start + len(chunk) <= offset:
+                continue
+            begin = offset - start if start < offset else 0
+            piece = chunk[begin:begin + wanted]
+            parts.append(piece)
+            wanted -= len(piece)
+            if wanted <= 0:
+                break
+        return b"".join(parts) if parts else None
+
+    def _trim(self) -> None:
+        # only bytes already on disk may leave memory: a reader that falls behind reads them there
+        while self._recent_bytes > RECENT_WINDOW and self._recent[0][0] + len(self._recent[0][1]) <= self.written:
+            self._recent_bytes -= len(self._recent.popleft()[1])
 
     def wait(self) -> defer.Deferred:
         """Fires at the next progress: more bytes readable, verification, or failure."""
@@ -105,6 +144,7 @@ class Fill:
         return d
 
     def _notify(self) -> None:
+        self._notified = self.received
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(None)
@@ -117,12 +157,18 @@ class Fill:
     def _received(self, data: bytes) -> None:
         if self.failure is not None:
             return
+        self._recent.append((self.received, data))
+        self._recent_bytes += len(data)
+        self.received += len(data)
         self._pending.append(data)
+        self._queued += len(data)
         self._pending_bytes += len(data)
         if self._pending_bytes >= FILL_HIGH_WATER and not self._paused and self._upstream is not None:
             self._paused = True
             self._upstream.pauseProducing()
         self._write_next()
+        if self.received - self._notified >= NOTIFY_STEP:
+            self._notify()
 
     def _write_next(self) -> None:
         if self._writing or self.failure is not None:
@@ -131,8 +177,12 @@ class Fill:
             if self._body_finished:
                 self._commit()
             return
+        if not self._body_finished and self._queued < WRITE_BATCH:
+            # readers are served from memory; the disk gets fewer, larger writes (fewer thread hops)
+            return
         chunk = b"".join(self._pending)
         self._pending = []
+        self._queued = 0
         self._writing = True
         self.disk.run(self.writer.write, chunk).addCallbacks(self._wrote, self._fail, callbackArgs=(len(chunk),))
 
@@ -140,6 +190,7 @@ class Fill:
         self._writing = False
         self.written += size
         self._pending_bytes -= size
+        self._trim()
         if self._paused and self._pending_bytes <= FILL_LOW_WATER and self._upstream is not None:
             self._paused = False
             self._upstream.resumeProducing()
@@ -164,6 +215,8 @@ class Fill:
         self.info = info
         self.verified = True
         self.total = info.size
+        self._recent.clear()
+        self._recent_bytes = 0
         self._notify()
         self.done.callback(info)
 
@@ -245,23 +298,35 @@ class BlobStreamer:
         return None
 
     def _next(self) -> None:
-        if self.paused or self.busy or self.stopped:
+        while not (self.paused or self.busy or self.stopped):
+            target = self._target()
+            if target is not None and self.offset >= target:
+                self._close(True)
+                return
+            if self.fill is not None and self.fill.failure is not None:
+                self._abort(f"fill failed: {self.fill.failure}")
+                return
+            limit = self._limit()
+            if limit is None or self.offset >= limit:
+                self.busy = True
+                self.fill.wait().addCallback(self._progress)
+                return
+            size = min(READ_CHUNK, limit - self.offset)
+            if self.fill is not None:
+                data = self.fill.from_memory(self.offset, size)
+                if data:
+                    # a reader keeping up with the fill gets the bytes as they arrive, without the disk
+                    self.offset += len(data)
+                    self.request.write(data)
+                    continue
+                size = min(size, self.fill.written - self.offset)
+                if size <= 0:  # neither in memory nor on disk yet: wait for the writer
+                    self.busy = True
+                    self.fill.wait().addCallback(self._progress)
+                    return
+            self.busy = self.reading = True
+            self.disk.run(os.pread, self.fd, size, self.offset).addCallbacks(self._read, self._read_failed)
             return
-        target = self._target()
-        if target is not None and self.offset >= target:
-            self._close(True)
-            return
-        if self.fill is not None and self.fill.failure is not None:
-            self._abort(f"fill failed: {self.fill.failure}")
-            return
-        limit = self._limit()
-        if limit is None or self.offset >= limit:
-            self.busy = True
-            self.fill.wait().addCallback(self._progress)
-            return
-        size = min(READ_CHUNK, limit - self.offset)
-        self.busy = self.reading = True
-        self.disk.run(os.pread, self.fd, size, self.offset).addCallbacks(self._read, self._read_failed)
 
     def _progress(self, _result) -> None:
         self.busy = False

@@ -106,7 +106,7 @@ def test_fill_commits_verified_content_and_holds_back_the_last_byte(store):
     data = os.urandom(300_000)
     disk, fill, protocol, _ = start_fill(store, data)
     protocol.dataReceived(data[:100_000])
-    assert fill.written == 100_000 and fill.readable() == 99_999 and not fill.verified
+    assert fill.received == 100_000 and fill.readable() == 99_999 and not fill.verified
     protocol.dataReceived(data[100_000:])
     assert fill.readable() == len(data) - 1
     protocol.connectionLost(Failure(ResponseDone()))
@@ -242,3 +242,34 @@ def test_verified_relay_holds_back_the_last_chunk(good):
     else:
         assert request.transport.aborted and not request.finished and request.body == b"".join(data[:2])
     assert relay.done.result is good
+
+
+def test_readers_keeping_up_are_served_from_memory_and_laggards_from_disk(store, monkeypatch):
+    import dnsmirror.streaming as streaming
+
+    monkeypatch.setattr(streaming, "RECENT_WINDOW", 1536 * 1024)
+    reads = []
+
+    class CountingDisk(InlineDisk):
+        def run(self, function, *args, **kwargs):
+            if function is os.pread:
+                reads.append(args[1:])
+            return super().run(function, *args, **kwargs)
+
+    data = os.urandom(4 * 1024 * 1024)
+    disk = CountingDisk(store)
+    fill = Fill(disk, store.writer(sha(data), expected_size=len(data)), sha(data), len(data), None)
+    protocol = fill.body_protocol()
+    protocol.makeConnection(FakeTransport())
+    live = FakeRequest()
+    stream(disk, live, fill, len(data))
+    for offset in range(0, len(data), 64 * 1024):
+        protocol.dataReceived(data[offset:offset + 64 * 1024])
+    assert live.body == data[:-1] and reads == []  # never read back from disk
+    assert fill.from_memory(0, 10) is None  # the oldest bytes left memory once on disk
+    assert fill.from_memory(len(data) - 100, 1000) == data[-100:]
+    late = FakeRequest()
+    stream(disk, late, fill, len(data))
+    assert late.body == data[:-1] and reads  # a late reader reads the start from disk
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert live.finished and late.finished and live.body == late.body == data
