@@ -33,7 +33,7 @@ log = logging.getLogger("dnsmirror.content")
 
 READ_CHUNK = 1024 * 1024
 # the newest bytes of a fill stay in memory this long, so readers keeping up never touch the disk
-RECENT_WINDOW = 16 * 1024 * 1024
+RECENT_WINDOW = 4 * 1024 * 1024
 # received bytes are written to disk in batches of at least this much (the last batch may be smaller)
 WRITE_BATCH = 1024 * 1024
 # waiters are woken per this many received bytes (and per disk write), so they send large writes
