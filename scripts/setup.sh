@@ -23,6 +23,7 @@ declare -A TOOLS=(
 if [ "${1:-}" = bench ]; then
   TOOLS[dnsperf]=dnsperf
   TOOLS[nginx]=nginx-light
+  TOOLS[curl]=curl
 fi
 
 missing=()
