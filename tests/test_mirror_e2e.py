@@ -109,6 +109,12 @@ def test_pulls_by_digest_and_tag_survive_a_stopped_upstream(setup: Setup, tmp_pa
     output = setup.mirror.process.stdout() + setup.mirror.process.stderr()
     # the tag was answered from the last digest upstream gave, not by upstream
     assert '"event": "stale_tag"' in output
+    # a credential upstream never allowed gets nothing from the cache while upstream cannot be asked
+    stranger = setup.node.run(["curl", "-sS", "--max-time", "30", "--cacert", str(setup.mirror.trust_bundle()),
+                               "-H", "Authorization: Basic c3RyYW5nZXI6cGFzc3dvcmQ=", "-o", "-", "-w", "\n%{http_code}",
+                               f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{amd64.layers[0].digest}"], check=False)
+    body, _, status = stranger.stdout.rpartition(b"\n")
+    assert status == b"502" and b"UNAVAILABLE" in body and amd64.layers[0].read()[:64] not in body
 
 
 def fetch_blob(namespace: Namespace, trust: Path, digest: str) -> tuple[int, bytes]:
