@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from twisted.internet import defer
@@ -388,6 +389,9 @@ class ContentChain:
             log.warning("fill failed; nothing cached", extra=fields(event="fill_failed", digest=target.digest,
                                                                    host=target.upstream_host, reason=str(fill.failure)))
             return None
+        log.info("cached", extra=fields(event="fill_done", digest=target.digest, host=target.upstream_host,
+                                        repository=target.repository, source=slot.source, bytes=fill.written,
+                                        seconds=round(time.monotonic() - fill.started, 3)))
         if target.is_manifest:
             self.disk.run(self._read_small, target.digest).addCallback(
                 lambda manifest: manifest is not None and self._grant_references(target, manifest))

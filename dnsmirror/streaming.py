@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -80,6 +81,7 @@ class Fill:
         self.total = total
         self.content_type = content_type
         self.temp_path = writer.temp_path
+        self.started = time.monotonic()
         self.received = 0
         self._notified = 0
         self.written = 0
