@@ -28,6 +28,7 @@ from dnsmirror.store import ContainerdContentSource, Store, StoreError
 from dnsmirror.streaming import DiskIO
 from dnsmirror.tags import TagMemory
 from dnsmirror.tls import CaWatcher, SniServer, TlsStats, prepare_signing
+from dnsmirror.uploads import StreamingRequest
 from dnsmirror.upstream import UpstreamClient
 from dnsmirror.web import RegistryResource
 
@@ -89,7 +90,8 @@ class Services:
         self.content = ContentChain(self.reactor, self.disk, self.upstream, grants, self.passthrough,
                                     self.content_stats, containerd)
         # idle keep-alive connections are closed after this; a request in progress is never timed out
-        site = server.Site(RegistryResource(self.matcher, self.content, self.passthrough), timeout=HTTP_IDLE_TIMEOUT)
+        site = server.Site(RegistryResource(self.matcher, self.content, self.passthrough),
+                           requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT)
         site.displayTracebacks = False
         return site
 
@@ -127,6 +129,8 @@ class Services:
                 "cache_evictions": ("Blobs evicted since start", lambda: self.store.evictions if self.store else 0),
                 "stale_tag_answers": ("Tags answered from the last known digest while upstream was unreachable",
                                       lambda: self.passthrough.stale_answers if self.passthrough else 0),
+                "streamed_request_bodies": ("Request bodies (pushes) streamed upstream as they arrived",
+                                            lambda: self.passthrough.streamed_bodies if self.passthrough else 0),
             },
             self.health,
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 
+from twisted.internet import defer
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
@@ -85,9 +86,28 @@ class PassThrough:
         self.tags = tags
         self.stale_tags = stale_tags
         self.stale_answers = 0
+        self.streamed_bodies = 0
+
+    def start(self, target: Target, headers, body) -> defer.Deferred:
+        """Start the upstream exchange of a request whose body is still arriving (see
+        :mod:`dnsmirror.uploads`); fires with ``("ok", response)`` or ``("failed", failure)``, never fails."""
+        self.streamed_bodies += 1
+        return self.upstream.request(target.method, target.url, headers, body).addCallbacks(
+            lambda response: ("ok", response), lambda failure: ("failed", failure))
 
     async def forward(self, request, target: Target) -> None:
         """Send ``request`` upstream and its answer back; tag fallback when upstream is unreachable."""
+        early = getattr(request, "early_response", None)
+        if early is not None:
+            request.early_response = None
+            outcome, value = await early
+            if outcome == "ok":
+                await relay(request, value)
+            elif value.check(*UPSTREAM_FAILURES):
+                write_error(request, unavailable(value.getErrorMessage()))
+            else:
+                value.raiseException()
+            return
         body = None
         if target.method in BODY_METHODS or request.getHeader(b"content-length") not in (None, b"0"):
             request.content.seek(0, 2)

@@ -60,6 +60,15 @@ class RegistryResource(resource.Resource):
         self.content = content
         self.passthrough = passthrough
 
+    def start_streaming(self, request, body):
+        """Start the upstream exchange of a body-carrying request at header time (pushes), with
+        ``body`` producing the client's bytes as they arrive; None to receive the body first (a request
+        that will be refused)."""
+        target = self.target_of(request)
+        if isinstance(target, oci.OCIError):
+            return None
+        return self.passthrough.start(target, request.requestHeaders, body)
+
     def render(self, request) -> int:
         done = defer.ensureDeferred(self._handle(request))
         done.addErrback(self._failed, request)

@@ -95,6 +95,13 @@ def test_skopeo_copy_from_and_push_to_the_captured_host(setup: Setup, tmp_path: 
     assert raw == pushed.index.read()
     path = setup.registry.manifest_path("team/pushed", "v2")
     assert setup.registry.count_requests("PUT", path, status=201) == 1
+    # the push's bodies went upstream as they arrived, not spooled first
+    metrics = setup.node.run(["curl", "-sS", "--max-time", "10", "http://127.0.0.1:9090/metrics"]).stdout.decode()
+    streamed = next(line for line in metrics.splitlines() if line.startswith("dnsmirror_streamed_request_bodies "))
+    # layer chunks (PATCH) and manifests (PUT) carry bodies; the PUT that closes a blob upload is empty
+    bodies = [entry for entry in setup.registry.access_log() if entry.path.startswith("/v2/team/pushed/") and (
+        entry.method == "PATCH" or (entry.method == "PUT" and "/manifests/" in entry.path))]
+    assert bodies and float(streamed.split()[1]) >= len(bodies)
 
 
 def test_pulls_by_digest_and_tag_survive_a_stopped_upstream(setup: Setup, tmp_path: Path) -> None:
@@ -117,10 +124,10 @@ def test_pulls_by_digest_and_tag_survive_a_stopped_upstream(setup: Setup, tmp_pa
     assert status == b"502" and b"UNAVAILABLE" in body and amd64.layers[0].read()[:64] not in body
 
 
-def fetch_blob(namespace: Namespace, trust: Path, digest: str) -> tuple[int, bytes]:
+def fetch_blob(namespace: Namespace, trust: Path, digest: str, repository: str = REPOSITORY) -> tuple[int, bytes]:
     """GET a blob by digest with curl inside ``namespace`` (DNS sends it to that node's dnsmirror)."""
     result = namespace.run(["curl", "-sS", "--max-time", "30", "--cacert", str(trust), "-o", "-", "-w",
-                            "\n%{http_code}", f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], check=False)
+                            "\n%{http_code}", f"https://{ECR_HOST}/v2/{repository}/blobs/{digest}"], check=False)
     body, _, status = result.stdout.rpartition(b"\n")
     return int(status or 0), body
 
@@ -153,3 +160,37 @@ def test_containerd_content_store_is_a_verified_read_only_source(setup: Setup, t
         assert body != damaged.read()  # cut before the end: the damaged copy never reaches a client whole
         assert fetch_blob(node2, trust, damaged.digest) == (200, damaged.read())
         assert blob_gets(setup, damaged.digest) == damaged_before + 1
+
+
+def test_a_large_monolithic_push_streams_through_with_flat_memory(setup: Setup, tmp_path: Path) -> None:
+    """64 MiB PUT through the mirror: the registry stores it intact and dnsmirror's memory does not grow by it."""
+    import hashlib
+    import os
+
+    if setup.registry.process is None or not setup.registry.process.alive():
+        setup.registry.start()
+    blob = tmp_path / "big.bin"
+    with open(blob, "wb") as out:
+        for _ in range(64):
+            out.write(os.urandom(1024 * 1024))
+    digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
+    trust = str(setup.mirror.trust_bundle())
+    base = f"https://{ECR_HOST}/v2/team/big/blobs"
+    started = setup.node.run(["curl", "-sS", "--max-time", "30", "--cacert", trust, "-X", "POST", "-o", "/dev/null",
+                              "-D", "-", f"{base}/uploads/"]).stdout.decode()
+    location = next(line.split(":", 1)[1].strip() for line in started.splitlines()
+                    if line.lower().startswith("location:"))
+    url = location if location.startswith("https://") else f"https://{ECR_HOST}{location}"
+    url += ("&" if "?" in url else "?") + f"digest={digest}"
+    status = Path(f"/proc/{setup.mirror.process.pid}/status")
+
+    def high_water_kib() -> int:
+        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+
+    before = high_water_kib()
+    put = setup.node.run(["curl", "-sS", "--max-time", "120", "--cacert", trust, "-X", "PUT", "-H",
+                          "Content-Type: application/octet-stream", "--data-binary", f"@{blob}", "-o", "/dev/null",
+                          "-w", "%{http_code}", url]).stdout
+    assert put == b"201"
+    assert high_water_kib() - before < 32 * 1024  # well under the 64 MiB body
+    assert fetch_blob(setup.node, setup.mirror.trust_bundle(), digest, repository="team/big") == (200, blob.read_bytes())

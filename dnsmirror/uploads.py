@@ -1,0 +1,177 @@
+"""Request bodies (pushes) streamed to upstream as they arrive, instead of spooled to a file first.
+
+twisted.web receives a whole request body before it renders a resource, writing large bodies to a
+temporary file on the reactor thread. :class:`StreamingRequest` starts the upstream request as soon
+as the headers of a body-carrying request are in, and feeds the body through a :class:`BodyPipe`:
+upstream's pace pauses the client's connection (back-pressure), and nothing touches the disk. The
+response is still rendered only once the body has been received, so twisted.web's connection state
+stays as it expects; an early upstream answer (a 401, say) waits for that moment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from io import BytesIO
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from twisted.web import server
+from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
+from zope.interface import implementer
+
+log = logging.getLogger("dnsmirror.uploads")
+
+STREAMED_METHODS = frozenset({b"PUT", b"PATCH", b"POST"})
+# received before upstream is ready to take it: the client is paused beyond this
+_EARLY_BUFFER = 1024 * 1024
+
+
+class ClientGone(Exception):
+    """The client's connection closed before its request body was complete."""
+
+
+@implementer(IBodyProducer)
+class BodyPipe:
+    """An ``IBodyProducer`` fed with the client's body chunks as they arrive."""
+
+    def __init__(self, length: int | None, pause_client: Callable[[], None], resume_client: Callable[[], None]) -> None:
+        self.length = UNKNOWN_LENGTH if length is None else length
+        self._pause_client = pause_client
+        self._resume_client = resume_client
+        self._consumer = None
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._client_paused = False
+        self._upstream_paused = False
+        self._stopped = False
+        self._finished = False
+        self._failure: Failure | None = None
+        self._done: defer.Deferred | None = None
+
+    # --- fed by the request ---------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self._stopped or self._finished:
+            return  # upstream gave up on the body: drain the rest
+        if self._consumer is None or self._upstream_paused:
+            self._buffer.append(data)
+            self._buffered += len(data)
+            if self._buffered > _EARLY_BUFFER and not self._client_paused:
+                self._client_paused = True
+                self._pause_client()
+            return
+        self._consumer.write(data)
+
+    def finish(self) -> None:
+        """The client's body is complete."""
+        self._finished = True
+        self._settle()
+
+    def fail(self, reason: Failure) -> None:
+        """The client went away mid-body."""
+        if self._finished or self._failure is not None:
+            return
+        self._failure = reason
+        self._settle()
+
+    def _flush(self) -> None:
+        buffered, self._buffer, self._buffered = self._buffer, [], 0
+        for chunk in buffered:
+            self._consumer.write(chunk)
+        if self._client_paused:
+            self._client_paused = False
+            self._resume_client()
+
+    def _settle(self) -> None:
+        if self._done is None or self._done.called:
+            return
+        if self._failure is not None:
+            self._done.errback(self._failure)
+        elif self._finished and not self._buffer:
+            self._done.callback(None)
+
+    # --- IBodyProducer, driven by the upstream request ------------------------------------------------
+
+    def startProducing(self, consumer) -> defer.Deferred:  # noqa: N802 - Twisted's interface
+        self._consumer = consumer
+        self._done = defer.Deferred()
+        if not self._upstream_paused:
+            self._flush()
+        self._settle()
+        return self._done
+
+    def pauseProducing(self) -> None:  # noqa: N802 - Twisted's interface
+        self._upstream_paused = True
+        if not self._client_paused:
+            self._client_paused = True
+            self._pause_client()
+
+    def resumeProducing(self) -> None:  # noqa: N802 - Twisted's interface
+        self._upstream_paused = False
+        if self._consumer is not None:
+            self._flush()
+            self._settle()
+
+    def stopProducing(self) -> None:  # noqa: N802 - Twisted's interface
+        self._stopped = True
+        self._buffer, self._buffered = [], 0
+        if self._client_paused:
+            self._client_paused = False
+            self._resume_client()
+
+
+class StreamingRequest(server.Request):
+    """A twisted.web request whose body may be streamed to an exchange started at header time.
+
+    The site's resource decides: ``resource.start_streaming(request, pipe)`` returns a Deferred of
+    the upstream response (kept as :attr:`early_response`) or ``None`` to receive the body as usual.
+    """
+
+    early_response: defer.Deferred | None = None
+    body_pipe: BodyPipe | None = None
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 - twisted.web's name
+        channel = self.channel
+        command = getattr(channel, "_command", b"")
+        start = getattr(getattr(channel.site, "resource", None), "start_streaming", None)
+        if start is None or command.upper() not in STREAMED_METHODS or length == 0:
+            super().gotLength(length)
+            return
+        # what requestReceived will set, needed now to route the request
+        self.method, self.uri = command, channel._path
+        transport = channel.transport
+        pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
+        early = start(self, pipe)
+        if early is None:
+            super().gotLength(length)
+            return
+        self.content = BytesIO()
+        self.body_pipe = pipe
+        self.early_response = early
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - twisted.web's name
+        if self.body_pipe is not None:
+            self.body_pipe.write(data)
+        else:
+            super().handleContentChunk(data)
+
+    def requestReceived(self, command, path, version) -> None:  # noqa: N802 - twisted.web's name
+        if self.body_pipe is not None:
+            self.body_pipe.finish()
+        super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason) -> None:  # noqa: N802 - twisted.web's name
+        if self.body_pipe is not None:
+            self.body_pipe.fail(Failure(ClientGone("client closed the connection mid-body")))
+        if self.early_response is not None:
+            # never rendered: let go of upstream's answer so its connection is freed
+            self.early_response.addCallback(_discard)
+            self.early_response = None
+        super().connectionLost(reason)
+
+
+def _discard(outcome) -> None:
+    kind, value = outcome
+    if kind == "ok":
+        value.discard()
