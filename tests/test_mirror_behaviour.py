@@ -23,6 +23,7 @@ contacts the ``realm``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import http.client
 import json
@@ -579,3 +580,22 @@ def test_sni_and_host_must_name_the_same_captured_registry(world: World) -> None
     with pytest.raises(ssl.SSLError):
         tls_socket(world.node, world.mirror.address, "registry.example.org", world.trust)
     assert logged() == 1
+
+
+def test_a_refused_push_gets_upstreams_refusal_after_its_body(world: World) -> None:
+    """A 2 MiB upload without a token: the body streams to the private registry, which refuses it; the
+    client gets that 401 with its challenge, not a gateway error."""
+    body = os.urandom(2 * 1024 * 1024)
+    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    connection = send_request(world.node, world.mirror.address, world.trust,
+                              f"/v2/{PRIVATE_B}/blobs/uploads/?digest={digest}", sni=ECR_HOST_2, host=ECR_HOST_2,
+                              method="POST", headers={"Content-Length": str(len(body)),
+                                                      "Content-Type": "application/octet-stream"})
+    try:
+        with contextlib.suppress(OSError):  # upstream may refuse before reading it all
+            connection.send(body)
+        response = connection.getresponse()
+        assert response.status == 401, (response.status, response.read()[:300])
+        assert response.getheader("WWW-Authenticate", "").startswith("Bearer ")
+    finally:
+        connection.close()
