@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import socket
 import statistics
@@ -26,6 +25,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+from procstat import cpu_seconds  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 SERVER_CORE = "0"
@@ -93,16 +93,10 @@ def dnsperf(port: int, queries: Path, seconds: int, *extra: str) -> str:
     return subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time used so far by process ``pid``."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def peak(port: int, queries: Path, seconds: int, server_pid: int) -> dict:
-    cpu_before, started = cpu_seconds(server_pid), time.monotonic()
+    cpu_before, started = cpu_seconds([server_pid]), time.monotonic()
     output = dnsperf(port, queries, seconds, "-c", "8", "-q", "400")
-    busy = (cpu_seconds(server_pid) - cpu_before) / (time.monotonic() - started)
+    busy = (cpu_seconds([server_pid]) - cpu_before) / (time.monotonic() - started)
     result = {"qps": 0.0, "lost": "?", "codes": "", "cpu": busy}
     for line in output.splitlines():
         line = line.strip()

@@ -44,7 +44,6 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "bench"))
 
-import yaml  # noqa: E402
 from harness import ECR_HOST  # noqa: E402
 from harness.dns import StaticDNS  # noqa: E402
 from harness.images import build_image, push_image, skopeo_copy  # noqa: E402
@@ -52,6 +51,7 @@ from harness.netns import Cluster, Namespace, netns_available  # noqa: E402
 from harness.pki import TestCA, create_ca  # noqa: E402
 from harness.registry import Registry  # noqa: E402
 from mirror_support import MirrorNode  # noqa: E402
+from procstat import cpu_seconds, process_tree  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 SERVER_CORE = "0"
@@ -60,37 +60,16 @@ MiB = 1024 * 1024
 NGINX_PORT = 8443
 BLOB_REPOSITORY = "bench/blobs"
 PULL_REPOSITORY = "bench/app"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # --- processes -------------------------------------------------------------------------------------
-
-
-@dataclass
-class BenchMirror(MirrorNode):
-    """A :class:`MirrorNode` that may be pinned to CPUs and keeps its cache where it is told."""
-
-    cpus: str | None = None
-
-    def start(self) -> BenchMirror:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        if not (self.ca_dir / "ca.crt").exists():
-            subprocess.run([sys.executable, "-m", "dnsmirror", "ca", "init", "--dir", str(self.ca_dir)],
-                           check=True, capture_output=True, timeout=60)
-        self.config_path.write_text(yaml.safe_dump(self.config()))
-        self.namespace.write_resolv_conf([self.address])
-        pin = ["taskset", "-c", self.cpus] if self.cpus else []
-        self.process = self.namespace.start([*pin, sys.executable, "-m", "dnsmirror", "serve", "--config",
-                                             str(self.config_path)], "dnsmirror")
-        self.process.wait_until(self.captures, "capturing registry names", timeout=30)
-        return self
 
 
 @contextlib.contextmanager
 def mirror(node: Namespace, workdir: Path, dns: str, public_ca: TestCA, cache: Path, cpus: str | None = None):
     """A fresh dnsmirror process in ``node`` with its cache in ``cache`` (same CA for every start)."""
     overrides = {"cache": {"dir": str(cache)}, "log": {"format": "json", "level": "warning"}}
-    node_mirror = BenchMirror(node, workdir, dns, public_ca, overrides, cpus=cpus)
+    node_mirror = MirrorNode(node, workdir, dns, public_ca, overrides, cpus=cpus)
     node_mirror.start()
     try:
         yield node_mirror
@@ -142,27 +121,6 @@ http {{
         yield process
     finally:
         process.stop()
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its direct children (nginx's master and worker)."""
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    pids.append(int(entry.name))
-    return pids
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU time of ``pids`` so far."""
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-    return total / TICKS
 
 
 def memory_kib(pid: int, field: str) -> int:
@@ -374,7 +332,7 @@ class MemorySampler:
         self._thread.join(timeout=5)
 
 
-def two_clients_memory(world: World, node_mirror: BenchMirror, digest: str, size: int) -> dict:
+def two_clients_memory(world: World, node_mirror: MirrorNode, digest: str, size: int) -> dict:
     """Idle RSS after a warm-up HEAD, then the peak while two curls GET the blob at once."""
     trust = node_mirror.trust_bundle()
     pid = node_mirror.process.pid

@@ -35,12 +35,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from procstat import cpu_seconds, process_tree  # noqa: E402
+
 from dnsmirror import ca, config, tls  # noqa: E402
 
 SERVER_CORE = 0
 CLIENT_CORE = 1
 CACHED_NAME = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -79,26 +80,6 @@ def _load_worker(port: int, name: str, deadline: float, results) -> None:
         except OSError:
             failed += 1
     results.put((done, failed))
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / TICKS
-
-
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its children (nginx's master and worker)."""
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if int(entry.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    pids.append(int(entry.name))
-    return pids
 
 
 def measure_rate(port: int, name: str, pids: list[int], seconds: float, workers: int) -> dict:

@@ -53,6 +53,7 @@ class MirrorNode:
     upstream_dns: str
     public_ca: TestCA
     overrides: dict[str, Any] | None = None
+    cpus: str | None = None  # taskset CPU list to pin dnsmirror to (benchmarks)
     process: Process | None = None
 
     @property
@@ -97,9 +98,10 @@ class MirrorNode:
                            check=True, capture_output=True, timeout=60)
         self.config_path.write_text(yaml.safe_dump(self.config()))
         self.namespace.write_resolv_conf([self.address])
-        self.process = self.namespace.start([sys.executable, "-m", "dnsmirror", "serve", "--config",
+        pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        self.process = self.namespace.start([*pin, sys.executable, "-m", "dnsmirror", "serve", "--config",
                                              str(self.config_path)], "dnsmirror")
-        self.process.wait_until(self.captures, "capturing registry names", timeout=20)
+        self.process.wait_until(self.captures, "capturing registry names", timeout=30)
         return self
 
     def captures(self, name: str = "123456789012.dkr.ecr.us-east-1.amazonaws.com") -> bool:
