@@ -167,10 +167,13 @@ class _Pki:
 
 @cache
 def pki() -> _Pki:
+    import atexit
+    import shutil
     import tempfile
 
-    # one CA per test process; the directory lives as long as the process and is tiny
+    # one CA per test process, removed when the process ends
     directory = Path(tempfile.mkdtemp(prefix="dnsmirror-upstream-pki-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
     return _Pki(directory)
 
 
