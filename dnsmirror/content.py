@@ -219,7 +219,8 @@ class ContentChain:
             return False
         self.stats.cache_hits += 1
         info: BlobInfo = reader.info
-        if target.is_manifest:
+        # manifests are read whole (to grant what they reference); an oversized one streams like a blob
+        if target.is_manifest and info.size <= oci.MANIFEST_MAX_SIZE:
             try:
                 manifest = await self.disk.run(reader.read, oci.MANIFEST_MAX_SIZE + 1)
             finally:
