@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
-from twisted.internet import error, task
+from twisted.internet import defer, error, task
 from twisted.web import server
 
 from dnsmirror import ca as camod
@@ -30,7 +31,7 @@ from dnsmirror.tags import TagMemory
 from dnsmirror.tls import CaWatcher, SniServer, TlsStats, prepare_signing
 from dnsmirror.uploads import StreamingRequest
 from dnsmirror.upstream import UpstreamClient
-from dnsmirror.web import RegistryResource
+from dnsmirror.web import RegistryChannel, RegistryResource
 
 log = logging.getLogger("dnsmirror")
 
@@ -92,6 +93,7 @@ class Services:
         # idle keep-alive connections are closed after this; a request in progress is never timed out
         site = server.Site(RegistryResource(self.matcher, self.content, self.passthrough),
                            requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT)
+        site.protocol = RegistryChannel
         site.displayTracebacks = False
         return site
 
@@ -247,4 +249,17 @@ def _stopping(services: Services):
     if delay <= 0:
         services.stop()
         return None
-    return task.deferLater(services.reactor, delay, services.stop)
+    drain = task.deferLater(services.reactor, delay, services.stop)
+
+    def stop_now(signum, frame) -> None:
+        # a second SIGTERM or SIGINT during the drain: stop at once
+        services.reactor.callFromThread(drain.cancel)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop_now)
+
+    def cancelled(failure):
+        failure.trap(defer.CancelledError)
+        services.stop()
+
+    return drain.addErrback(cancelled)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from twisted.internet import defer
-from twisted.web import resource, server
+from twisted.web import http, resource, server
 
 from dnsmirror import oci
 from dnsmirror.authz import credential_key
@@ -47,6 +47,14 @@ def request_host(request) -> str | None:
     if host.startswith("["):
         return None  # an IP literal is never a captured name
     return normalize_host(host.rsplit(":", 1)[0] if ":" in host else host)
+
+
+class RegistryChannel(http.HTTPChannel):
+    """twisted.web's HTTP connection, answering an overlong request or header line with 400 too."""
+
+    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 - Twisted's name
+        # twisted.web only closes, which over TLS can leave a client waiting for an answer
+        self._respondToBadRequestAndDisconnect()
 
 
 class RegistryResource(resource.Resource):

@@ -599,3 +599,23 @@ def test_a_refused_push_gets_upstreams_refusal_after_its_body(world: World) -> N
         assert response.getheader("WWW-Authenticate", "").startswith("Bearer ")
     finally:
         connection.close()
+
+
+def test_bad_requests_get_clear_errors_and_break_nothing(world: World) -> None:
+    """Huge headers, odd paths and bad digests get 4xx answers; the next request on a fresh connection works."""
+    huge = world.fetch("/v2/", headers={"X-Padding": "x" * 70_000})
+    assert 400 <= huge.status < 500
+    for path, code in [
+        (f"/v2/{PUBLIC_REPOSITORY}/blobs/sha256:not-hex", "DIGEST_INVALID"),
+        (f"/v2/{PUBLIC_REPOSITORY}/blobs/md5:0123", "DIGEST_INVALID"),
+        ("/v2/Upper/Case/manifests/v1", "NAME_INVALID"),
+        (f"/v2/{PUBLIC_REPOSITORY}/../../etc/passwd/blobs/sha256:" + "0" * 64, "NAME_INVALID"),
+        (f"/v2/{PUBLIC_REPOSITORY}%2f..%2fx/blobs/sha256:" + "0" * 64, "NAME_INVALID"),
+    ]:
+        got = world.fetch(path)
+        assert got.status == 400, (path, got.status, got.body[:200])
+        assert json.loads(got.body)["errors"][0]["code"] == code, path
+    # still serving: a cached-or-fetched blob comes back whole
+    blob = world.blobs["ranges"]
+    got = world.fetch(f"/v2/{PUBLIC_REPOSITORY}/blobs/{blob.digest}")
+    assert got.status == 200 and got.body == blob.data

@@ -52,3 +52,26 @@ def test_sigterm_fails_open_first_and_drains_for_the_answer_ttl(tmp_path):
             drained = time.monotonic() - stopped_at
         assert 2.5 <= drained < 8, drained
         assert not accepts(https_port)
+
+
+def test_a_second_signal_ends_the_drain_at_once(tmp_path):
+    ca_dir = tmp_path / "ca"
+    subprocess.run([sys.executable, "-m", "dnsmirror", "ca", "init", "--dir", str(ca_dir)], check=True,
+                   capture_output=True, timeout=60)
+    https_port = free_port()
+    overrides = {
+        "dns": {"ttl": 20},
+        "https": {"listen": [f"127.0.0.1:{https_port}"]},
+        "health": {"targets": []},
+        "tls": {"ca_cert": str(ca_dir / "ca.crt"), "ca_key": str(ca_dir / "ca.key")},
+        "cache": {"dir": str(tmp_path / "cache")},
+    }
+    with dnsmirror_serve(tmp_path, overrides) as (_, process, log):
+        assert wait_until(lambda: accepts(https_port), 10)
+        process.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: "dnsmirror stopping" in log.read_text(), 5)
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - stopped_at < 3  # not the 21 s drain
+        assert "Traceback" not in log.read_text()
