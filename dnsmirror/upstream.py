@@ -284,19 +284,6 @@ class ResolvingReactor:
         return getattr(self._reactor, name)
 
 
-# Socket reads of upstream connections: blobs arrive in bulk, and each read costs a system call and a pass
-# through the TLS and HTTP layers (Twisted's default is 64 KiB)
-UPSTREAM_READ_SIZE = 256 * 1024
-
-
-def _read_larger(connection) -> None:
-    """Let the TCP transport under an upstream HTTP connection read more per system call."""
-    tls = getattr(connection, "transport", None)
-    tcp = getattr(tls, "transport", None)
-    if tcp is not None and hasattr(tcp, "bufferSize"):
-        tcp.bufferSize = UPSTREAM_READ_SIZE
-
-
 class _Exchange:
     """Timers and state of one request/response exchange (one hop)."""
 
@@ -311,7 +298,6 @@ class _Exchange:
 
     def connected(self, connection):
         self._start_first_byte_timer()
-        _read_larger(connection)
         return connection
 
     def body_started(self) -> None:
