@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from dnsmirror import oci
 from dnsmirror.authz import Grants
@@ -258,9 +259,7 @@ class ContentChain:
             fd = await self.disk.run(os.open, fill.temp_path, os.O_RDONLY)
         except FileNotFoundError:
             # committed (renamed) or aborted between the check and the open
-            if fill.verified:
-                await self._serve_stored(request, target)
-            else:
+            if fill.info is None or not await self._serve_stored(request, target):
                 request.channel.transport.abortConnection()
             return
         streamer = BlobStreamer(self.disk, request, fd, span[0], span[1], fill=fill,
@@ -379,16 +378,17 @@ class ContentChain:
     def _fill_finished(self, result, target: Target, slot: _Slot, fill: Fill):
         if self.slots.get(target.digest) is slot:
             del self.slots[target.digest]
-        if fill.failure is not None:
+        if isinstance(result, Failure):
+            cause = result.value.__cause__
             self.stats.fills_failed += 1
-            if isinstance(fill.failure.__cause__, DigestMismatch):
+            if isinstance(cause, DigestMismatch):
                 self.stats.digest_mismatches += 1
-            if isinstance(fill.failure.__cause__, StoreFull):
+            if isinstance(cause, StoreFull):
                 self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
             elif slot.source == "containerd" and len(self.containerd_rejected) < 100_000:
                 self.containerd_rejected.add(target.digest)
             log.warning("fill failed; nothing cached", extra=fields(event="fill_failed", digest=target.digest,
-                                                                   host=target.upstream_host, reason=str(fill.failure)))
+                                                                   host=target.upstream_host, reason=str(result.value)))
             return None
         log.info("cached", extra=fields(event="fill_done", digest=target.digest, host=target.upstream_host,
                                         repository=target.repository, source=slot.source, bytes=fill.written,

@@ -550,6 +550,23 @@ class Writer:
         self._hasher.update(data)
         self.bytes_written = new_size
 
+    def verify(self) -> None:
+        """Check the digest (and size) of what was written, before and apart from the durable commit.
+
+        Raises :class:`DigestMismatch` / :class:`SizeMismatch` and aborts (nothing kept). Cheap: the
+        hash was computed while writing. Lets a caller release verified bytes to clients without
+        waiting for :meth:`commit`'s fsync.
+        """
+        if self._done:
+            raise StoreError("writer already committed or aborted")
+        actual = self._hasher.hexdigest()
+        if actual != self._hex:
+            self.abort()
+            raise DigestMismatch(self.digest, f"sha256:{actual}", self.bytes_written)
+        if self.expected_size is not None and self.bytes_written != self.expected_size:
+            self.abort()
+            raise SizeMismatch(self.digest, self.expected_size, self.bytes_written)
+
     def commit(self) -> BlobInfo:
         """fsync, check the digest (and size), rename into place, fsync the directory, evict.
 

@@ -211,16 +211,27 @@ class Fill:
             self._fail(Failure(FillFailed(f"{self.digest}: upstream sent {self.written} of {self.total} bytes")))
             return
         self._writing = True  # no further writes
-        self.disk.run(self.writer.commit).addCallbacks(self._committed, self._fail)
+        self.disk.run(self.writer.verify).addCallbacks(self._verified, self._fail)
 
-    def _committed(self, info: BlobInfo) -> None:
-        self.info = info
+    def _verified(self, _result) -> None:
+        # clients get their last byte now; the durable commit (fsync, rename) follows without them
         self.verified = True
-        self.total = info.size
+        self.total = self.written
         self._recent.clear()
         self._recent_bytes = 0
         self._notify()
+        self.disk.run(self.writer.commit).addCallbacks(self._committed, self._commit_failed)
+
+    def _committed(self, info: BlobInfo) -> None:
+        self.info = info
         self.done.callback(info)
+
+    def _commit_failed(self, reason: Failure) -> None:
+        # the bytes were verified and readers keep their open file: only the cache does not keep them
+        failure = FillFailed(f"{self.digest}: not cached: {reason.getErrorMessage() or reason.type.__name__}")
+        failure.__cause__ = reason.value
+        self.done.errback(Failure(failure))
+        self.done.addErrback(lambda _: None)
 
     def _fail(self, reason: Failure) -> None:
         if self.failure is not None:

@@ -523,3 +523,19 @@ def test_modules_do_not_import_twisted():
     )
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert completed.returncode == 0, completed.stderr
+
+
+def test_verify_checks_the_digest_before_the_durable_commit(tmp_path):
+    data = b"verified bytes"
+    with Store.open(tmp_path / "cache", 2**20) as store:
+        good = store.writer(sha(data), expected_size=len(data))
+        good.write(data)
+        good.verify()
+        assert sha(data) not in store  # verified, not yet committed
+        good.commit()
+        assert sha(data) in store
+        bad = store.writer(sha(b"other"), expected_size=len(data))
+        bad.write(data)
+        with pytest.raises(DigestMismatch):
+            bad.verify()
+        assert not bad.temp_path.exists() and sha(b"other") not in store

@@ -273,3 +273,29 @@ def test_readers_keeping_up_are_served_from_memory_and_laggards_from_disk(store,
     assert late.body == data[:-1] and reads  # a late reader reads the start from disk
     protocol.connectionLost(Failure(ResponseDone()))
     assert live.finished and late.finished and live.body == late.body == data
+
+
+def test_the_last_byte_is_released_once_verified_before_the_durable_commit(store):
+    class CommitLater(InlineDisk):
+        held = None
+
+        def run(self, function, *args, **kwargs):
+            if getattr(function, "__name__", "") == "commit":
+                self.held = (function, args, kwargs)
+                return defer.Deferred()
+            return super().run(function, *args, **kwargs)
+
+    data = os.urandom(200_000)
+    disk = CommitLater(store)
+    fill = Fill(disk, store.writer(sha(data), expected_size=len(data)), sha(data), len(data), None)
+    protocol = fill.body_protocol()
+    protocol.makeConnection(FakeTransport())
+    request = FakeRequest()
+    fd = os.open(fill.temp_path, os.O_RDONLY)
+    BlobStreamer(disk, request, fd, 0, None, fill=fill, on_close=lambda: os.close(fd)).start()
+    outcome = []
+    fill.done.addBoth(outcome.append)
+    protocol.dataReceived(data)
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert request.finished and request.body == data  # verified: served in full
+    assert disk.held is not None and outcome == [] and sha(data) not in store  # fsync and rename still to come
