@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import logging
 import struct
 
 from dnslib import QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
@@ -140,14 +141,27 @@ class ProtocolTests(SynchronousTestCase):
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=700))
     def test_no_bytes_raise_out_of_the_protocols(self, data):
-        controller, _ = make_controller()
-        udp = DnsDatagramProtocol(controller)
-        udp.transport = type("T", (), {"write": lambda self, data, addr: None})()
-        udp.datagramReceived(data, ("127.0.0.1", 1))
-        tcp = DnsStreamProtocol(controller)
-        tcp.makeConnection(StringTransport(peerAddress=type("A", (), {"host": "127.0.0.1"})()))
-        tcp.dataReceived(data)
-        tcp.connectionLost(None)
+        # the protocols catch any exception so a bug costs one query; here such a catch is a failure
+        handled_bugs = []
+        handler = logging.Handler(level=logging.ERROR)
+        handler.emit = handled_bugs.append
+        logger = logging.getLogger("dnsmirror.dns")
+        logger.addHandler(handler)
+        try:
+            controller, forwarder = make_controller()
+            udp = DnsDatagramProtocol(controller)
+            udp.transport = type("T", (), {"write": lambda self, data, addr: None})()
+            udp.datagramReceived(data, ("127.0.0.1", 1))
+            tcp = DnsStreamProtocol(controller)
+            tcp.makeConnection(StringTransport(peerAddress=type("A", (), {"host": "127.0.0.1"})()))
+            tcp.dataReceived(data)
+            tcp.connectionLost(None)
+        finally:
+            logger.removeHandler(handler)
+        assert handled_bugs == [], [record.getMessage() for record in handled_bugs]
+        # every UDP datagram ends in exactly one outcome (forwards stay pending in the fake forwarder)
+        stats = controller.stats
+        assert stats.captured + stats.malformed + stats.rejected + len(forwarder.pending) >= 1
 
 
 class UdpAttemptTests(SynchronousTestCase):
