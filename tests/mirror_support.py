@@ -12,7 +12,6 @@ import contextlib
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,12 +121,3 @@ class MirrorNode:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
-
-
-def wait_for(predicate, seconds: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()

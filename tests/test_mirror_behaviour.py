@@ -42,12 +42,13 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from dns_support import wait_until
 from harness import ECR_HOST, ECR_HOST_2, require_netns
 from harness.blobhost import BlobHost
 from harness.netns import Cluster, Namespace
 from harness.pki import TestCA, create_ca
 from harness.registry import Registry
-from mirror_support import MirrorNode, upstream_dns, wait_for
+from mirror_support import MirrorNode, upstream_dns
 
 pytestmark = pytest.mark.integration
 
@@ -353,13 +354,13 @@ def test_digest_mismatch_aborts_every_stream_and_caches_nothing(world: World) ->
             assert (response.status, int(response.getheader("Content-Length"))) == (status, length)
             assert cut is not None and len(body) < length, (attempt, status, len(body), world.log())
         assert world.public_gets(blob.digest) == attempt  # a failed fill is not remembered: it tries again
-        assert wait_for(lambda: not world.temp_files(blob.digest), 10), world.temp_files(blob.digest)
+        assert wait_until(lambda: not world.temp_files(blob.digest), 10), world.temp_files(blob.digest)
         assert not world.cached(blob.digest)
     world.public.corrupt_blob(blob.digest)  # flipping the bytes again restores them
     got = world.fetch(path)
     assert (got.status, got.cut, got.body == blob.data) == (200, None, True)
     assert world.public_gets(blob.digest) == 3
-    assert wait_for(lambda: world.cached(blob.digest), 10)
+    assert wait_until(lambda: world.cached(blob.digest), 10)
     assert world.cache_file(blob.digest).read_bytes() == blob.data
 
 
@@ -389,7 +390,7 @@ def test_range_requests_while_filling_and_after(world: World) -> None:
     rest, cut = read_body(full_response)
     full_connection.close()
     assert cut is None and first + rest == blob.data
-    assert wait_for(lambda: world.cached(blob.digest), 10)
+    assert wait_until(lambda: world.cached(blob.digest), 10)
     for start, end in [(2_000_000, None), (5, 4_000_000), (blob.size - 1, blob.size - 1)]:
         header = f"bytes={start}-" if end is None else f"bytes={start}-{end}"
         got = world.fetch(path, headers={"Range": header})
@@ -407,7 +408,7 @@ def test_a_range_request_for_a_cold_blob_fills_the_whole_blob(world: World) -> N
     got = world.fetch(path, headers={"Range": f"bytes={start}-"})
     assert (got.status, got.headers["Content-Range"]) == (206, f"bytes {start}-{blob.size - 1}/{blob.size}")
     assert got.cut is None and got.body == blob.data[start:]
-    assert wait_for(lambda: world.cached(blob.digest), 10)
+    assert wait_until(lambda: world.cached(blob.digest), 10)
     assert world.cache_file(blob.digest).read_bytes() == blob.data
     whole = world.fetch(path)
     assert (whole.status, whole.body == blob.data) == (200, True)
@@ -448,7 +449,7 @@ def test_twenty_concurrent_cold_gets_make_one_upstream_get(world: World) -> None
         assert (result.status, result.cut, len(result.body)) == (200, None, blob.size), (index, world.log())
         assert result.body == blob.data
     assert world.public_gets(blob.digest) == 1, world.public.access_log()
-    assert wait_for(lambda: world.cached(blob.digest), 10)
+    assert wait_until(lambda: world.cached(blob.digest), 10)
 
 
 def test_a_client_leaving_mid_fill_does_not_cancel_it_for_others(world: World) -> None:
@@ -465,7 +466,7 @@ def test_a_client_leaving_mid_fill_does_not_cancel_it_for_others(world: World) -
     rest, cut = read_body(stayer)
     stayer_connection.close()
     assert cut is None and start + rest == blob.data, (cut, len(start + rest), world.log())
-    assert wait_for(lambda: world.cached(blob.digest), 10)
+    assert wait_until(lambda: world.cached(blob.digest), 10)
     assert world.public_gets(blob.digest) == 1
     again = world.fetch(path)
     assert (again.status, again.body == blob.data) == (200, True)
@@ -489,7 +490,7 @@ def test_redirected_blob_reaches_the_second_host_without_authorization(world: Wo
     assert [(entry["method"], entry["host"], entry["status"]) for entry in at_blob_host] == [
         ("GET", BLOB_HOST, 200)]
     assert not any(entry["authorization"] for entry in at_blob_host)
-    assert wait_for(lambda: world.cached(blob.digest), 10)
+    assert wait_until(lambda: world.cached(blob.digest), 10)
 
 
 def test_private_blob_is_served_only_to_credentials_upstream_allows(world: World) -> None:
@@ -535,7 +536,7 @@ def test_private_blob_is_served_only_to_credentials_upstream_allows(world: World
     body, cut = read_body(carol_response)
     carol.close()
     assert (carol_response.status, cut, body == blob.data) == (200, None, True)
-    assert wait_for(lambda: world.cached(blob.digest), 10)
+    assert wait_until(lambda: world.cached(blob.digest), 10)
 
     check_refusals("from the cache")
     dave = world.tokens.token("dave", [PRIVATE_B])
@@ -575,7 +576,7 @@ def test_sni_and_host_must_name_the_same_captured_registry(world: World) -> None
     # were the mirror's own
     matching = world.fetch(probe, host=f"{ECR_HOST}:443")
     assert matching.status == 404, matching.body[:300]
-    assert wait_for(lambda: logged() == 1, 5), world.public.access_log()[-5:]
+    assert wait_until(lambda: logged() == 1, 5), world.public.access_log()[-5:]
     # a TLS server name that is not captured gets no certificate at all
     with pytest.raises(ssl.SSLError):
         tls_socket(world.node, world.mirror.address, "registry.example.org", world.trust)
