@@ -299,7 +299,7 @@ class BlobStreamer:
             return self.end
         readable = self.fill.readable()
         if self.end is None:
-            return readable if not self.fill.verified else self.fill.written
+            return readable
         # a range's last byte also waits for verification: no complete response of unverified bytes
         return min(self.end, readable) if self.fill.verified else min(self.end - 1, readable)
 
