@@ -217,5 +217,3 @@ class PassThrough:
         request.finish()
         return True
 
-
-__all__ = ["PassThrough", "relay", "write_error"]
