@@ -79,7 +79,7 @@ class Services:
         """The registry front: cache store, upstream client, content chain, pass-through."""
         cache = self.config.cache
         try:
-            self.store = Store.open(cache.dir, cache.max_size)
+            self.store = Store.open(cache.dir, cache.max_size, direct_writes=cache.direct_writes)
         except (StoreError, OSError) as exc:
             raise ListenError(f"cache.dir: cannot use {cache.dir}: {exc}") from exc
         self.disk = DiskIO(self.reactor, self.store)

@@ -109,6 +109,7 @@ class CacheConfig:
     grant_ttl: float = 300.0
     offline_grant_ttl: float = 86400.0
     stale_tags: bool = True
+    direct_writes: bool = True
 
 
 @dataclass(frozen=True)
@@ -382,6 +383,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
         "grant_ttl": parse_duration,
         "offline_grant_ttl": _duration_or_zero,
         "stale_tags": _boolean,
+        "direct_writes": _boolean,
     }),
     "peers": (PeersConfig, {
         "listen": host_port,

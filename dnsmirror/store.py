@@ -21,11 +21,13 @@ on the reactor thread. The classes are thread-safe. This module must not import 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -49,6 +51,10 @@ _SIDECAR_SUFFIX = ".meta"
 # errors that mean "no room": the caller should keep streaming without caching
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Writers move bytes to the file in blocks of this size (a multiple of any O_DIRECT alignment).
+STAGE_SIZE = 1024 * 1024
+# O_DIRECT writes must be a multiple of the logical block size; 4096 covers every common device
+DIRECT_ALIGNMENT = 4096
 
 
 class StoreError(Exception):
@@ -175,9 +181,12 @@ class Store:
     the minimum time between two mtime updates of one blob on reads.
     """
 
-    def __init__(self, root: Path, max_size: int, clock: Callable[[], float], touch_interval: float, lock_fd: int):
+    def __init__(self, root: Path, max_size: int, clock: Callable[[], float], touch_interval: float, lock_fd: int,
+                 direct_writes: bool = False):
         self.root = root
         self.max_size = max_size
+        #: New blobs are written with O_DIRECT where the filesystem allows (see :class:`Writer`).
+        self.direct_writes = direct_writes
         self._clock = clock
         self._touch_interval = touch_interval
         self._lock_fd: int | None = lock_fd
@@ -200,6 +209,7 @@ class Store:
         *,
         clock: Callable[[], float] = time.time,
         touch_interval: float = 60.0,
+        direct_writes: bool = False,
     ) -> Store:
         """Create or reopen the cache at ``root``: lock it, remove leftovers, scan sizes, evict.
 
@@ -214,7 +224,7 @@ class Store:
         except BlockingIOError:
             os.close(lock_fd)
             raise StoreLocked(f"cache directory {root} is in use by another process") from None
-        store = cls(root, max_size, clock, touch_interval, lock_fd)
+        store = cls(root, max_size, clock, touch_interval, lock_fd, direct_writes)
         try:
             store._recover()
         except BaseException:
@@ -459,7 +469,7 @@ class Store:
         with self._lock:
             self._pin(hex_)
         try:
-            return Writer(self, hex_, _clean_content_type(content_type), expected_size)
+            return Writer(self, hex_, _clean_content_type(content_type), expected_size, self.direct_writes)
         except BaseException:
             self._unpin(hex_)
             raise
@@ -505,24 +515,34 @@ class Writer:
     :class:`DigestMismatch` or any other error from :meth:`write` / :meth:`commit`, the writer
     has already aborted itself and nothing is kept.
 
-    While the fill goes on, other threads may open :attr:`temp_path` read-only and serve the
-    first :attr:`bytes_written` bytes (writes are unbuffered, so they are visible at once); a
-    file opened before the commit or abort stays readable afterwards (rename / unlink keep the
-    inode). Those bytes are unverified until :meth:`commit` returns.
+    Bytes are staged in a page-aligned buffer and reach the file in blocks of :data:`STAGE_SIZE`
+    (the rest at :meth:`flush`). With ``direct`` the blocks are written with ``O_DIRECT``: a fill
+    does not allocate and dirty page-cache pages for bytes nobody reads back soon, which costs more
+    CPU than the rest of the write path on some machines; a filesystem that refuses it falls back
+    to ordinary writes. While the fill goes on, other threads may open :attr:`temp_path` read-only
+    and serve its first :attr:`bytes_in_file` bytes; a file opened before the commit or abort stays
+    readable afterwards (rename / unlink keep the inode). Those bytes are unverified until
+    :meth:`verify` or :meth:`commit` returns.
     """
 
-    def __init__(self, store: Store, hex_: str, content_type: str | None, expected_size: int | None):
+    def __init__(self, store: Store, hex_: str, content_type: str | None, expected_size: int | None,
+                 direct: bool = False):
         self.digest = f"sha256:{hex_}"
         self.content_type = content_type
         self.expected_size = expected_size
-        #: Bytes accepted so far.
+        #: Bytes accepted so far (staged or in the file).
         self.bytes_written = 0
+        #: Bytes in the temp file, readable by other threads.
+        self.bytes_in_file = 0
         self._store = store
         self._hex = hex_
         self._hasher = hashlib.sha256()
         fd, temp = tempfile.mkstemp(prefix=hex_[:16] + ".", suffix=".part", dir=store._tmp_dir)
         self.temp_path = Path(temp)
-        self._file: Any = os.fdopen(fd, "wb", buffering=0)
+        self._fd: int | None = fd
+        self.direct = direct and _set_direct(fd, True)
+        self._stage: mmap.mmap | None = None
+        self._staged = 0
         self._done = False
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
@@ -530,35 +550,79 @@ class Writer:
         ``expected_size`` (the writer is then aborted)."""
         if self._done:
             raise StoreError("writer already committed or aborted")
-        view = memoryview(data).cast("B")
-        new_size = self.bytes_written + len(view)
-        if self.expected_size is not None and new_size > self.expected_size:
-            self.abort()
-            raise SizeMismatch(self.digest, self.expected_size, new_size)
-        if new_size > self._store.max_size:
-            self.abort()
-            raise StoreFull(f"blob is larger than the cache ({self._store.max_size} bytes)")
-        try:
-            while view:
-                written = self._file.write(view)
-                view = view[written:]
-        except OSError as error:
-            self.abort()
-            if error.errno in _NO_SPACE:
-                raise StoreFull(f"no space left while caching {self.digest}: {error.strerror}") from error
-            raise
-        self._hasher.update(data)
+        with memoryview(data) as raw, raw.cast("B") as view:
+            new_size = self.bytes_written + len(view)
+            if self.expected_size is not None and new_size > self.expected_size:
+                self.abort()
+                raise SizeMismatch(self.digest, self.expected_size, new_size)
+            if new_size > self._store.max_size:
+                self.abort()
+                raise StoreFull(f"blob is larger than the cache ({self._store.max_size} bytes)")
+            if self._stage is None:
+                self._stage = mmap.mmap(-1, STAGE_SIZE)  # page-aligned, as O_DIRECT needs
+            taken = 0
+            while taken < len(view):
+                size = min(STAGE_SIZE - self._staged, len(view) - taken)
+                self._stage[self._staged:self._staged + size] = view[taken:taken + size]
+                self._staged += size
+                taken += size
+                if self._staged == STAGE_SIZE:
+                    self._write_stage()
         self.bytes_written = new_size
 
+    def flush(self) -> None:
+        """Write what is staged, so that the file holds every accepted byte."""
+        if self._done:
+            raise StoreError("writer already committed or aborted")
+        if self._staged:
+            self._write_stage()
+
+    def _write_stage(self) -> None:
+        failure: OSError | None = None
+        with memoryview(self._stage) as whole, whole[:self._staged] as staged:
+            self._hasher.update(staged)
+            if self.direct and self._staged % DIRECT_ALIGNMENT:
+                self._buffered("an unaligned last block")
+            try:
+                self._write_all(staged)
+            except OSError as error:
+                failure = error.with_traceback(None)  # its frames would keep views of the stage alive
+        if failure is not None:  # abort only once the stage is no longer viewed (it closes the buffer)
+            self.abort()
+            if failure.errno in _NO_SPACE:
+                raise StoreFull(f"no space left while caching {self.digest}: {failure.strerror}") from failure
+            raise failure
+        self.bytes_in_file += self._staged
+        self._staged = 0
+
+    def _write_all(self, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            try:
+                written = os.write(self._fd, view[done:])
+            except OSError as error:
+                if not (self.direct and error.errno == errno.EINVAL):
+                    raise
+                # the filesystem or device wants another alignment: ordinary writes from here on
+                self._buffered(f"O_DIRECT refused ({error.strerror})")
+                continue
+            done += written
+            if self.direct and done < len(view) and done % DIRECT_ALIGNMENT:
+                self._buffered("a short write")
+
+    def _buffered(self, why: str) -> None:
+        self.direct = False
+        _set_direct(self._fd, False)
+        log.debug("cache writes without O_DIRECT: %s", why)
+
     def verify(self) -> None:
-        """Check the digest (and size) of what was written, before and apart from the durable commit.
+        """Flush, then check the digest (and size) of what was written, apart from the durable commit.
 
         Raises :class:`DigestMismatch` / :class:`SizeMismatch` and aborts (nothing kept). Cheap: the
         hash was computed while writing. Lets a caller release verified bytes to clients without
         waiting for :meth:`commit`'s fsync.
         """
-        if self._done:
-            raise StoreError("writer already committed or aborted")
+        self.flush()
         actual = self._hasher.hexdigest()
         if actual != self._hex:
             self.abort()
@@ -568,16 +632,15 @@ class Writer:
             raise SizeMismatch(self.digest, self.expected_size, self.bytes_written)
 
     def commit(self) -> BlobInfo:
-        """fsync, check the digest (and size), rename into place, fsync the directory, evict.
+        """Flush, fsync, check the digest (and size), rename into place, fsync the directory, evict.
 
         Raises :class:`DigestMismatch` / :class:`SizeMismatch` (nothing kept) or
         :class:`StoreFull`. Committing a digest that is already cached replaces it.
         """
-        if self._done:
-            raise StoreError("writer already committed or aborted")
+        self.flush()
         try:
-            os.fsync(self._file.fileno())
-            self._file.close()
+            os.fsync(self._fd)
+            self._close_file()
             actual = self._hasher.hexdigest()
             if actual != self._hex:
                 raise DigestMismatch(self.digest, f"sha256:{actual}", self.bytes_written)
@@ -600,14 +663,23 @@ class Writer:
         if self._done:
             return
         try:
-            self._file.close()
+            self._close_file()
         except OSError:
             pass
         self.temp_path.unlink(missing_ok=True)
         self._finish()
 
+    def _close_file(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
     def _finish(self) -> None:
         self._done = True
+        if self._stage is not None:
+            with contextlib.suppress(BufferError):  # a view still held elsewhere: the GC closes it
+                self._stage.close()
+            self._stage = None
         self._store._unpin(self._hex)
 
     def __enter__(self) -> Writer:
@@ -615,6 +687,16 @@ class Writer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.abort()
+
+
+def _set_direct(fd: int, on: bool) -> bool:
+    """Switch ``O_DIRECT`` on ``fd``; False where the filesystem does not support it."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
+    except OSError:
+        return False
+    return True
 
 
 class ContainerdContentSource:

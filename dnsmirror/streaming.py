@@ -42,6 +42,12 @@ NOTIFY_STEP = 256 * 1024
 # upstream is paused while this much received data waits for the disk
 FILL_HIGH_WATER = 8 * 1024 * 1024
 FILL_LOW_WATER = 2 * 1024 * 1024
+# upstream is also paused while the leading reader is this far behind the newest byte: the fill goes at
+# the pace of its fastest client, which keeps reading from memory instead of falling back to the disk
+READER_LAG_HIGH = 2 * 1024 * 1024
+READER_LAG_LOW = 1024 * 1024
+# readers that make no progress for this long stop holding the fill back (upstream must not idle out)
+READER_STALL = 5.0
 
 
 class DiskIO:
@@ -96,7 +102,14 @@ class Fill:
         self._writing = False
         self._body_finished = False
         self._upstream = None
-        self._paused = False
+        self._upstream_paused = False
+        self._disk_paused = False
+        self._readers: set[BlobStreamer] = set()
+        self._lead = 0  # the furthest offset any attached reader has sent
+        self._reader_paused = False
+        self._pacing = True
+        self._progress_at = 0.0
+        self._stall_timer = None
         self._waiters: list[defer.Deferred] = []
         self.info: BlobInfo | None = None
         self.waiters = 0
@@ -165,9 +178,12 @@ class Fill:
         self._pending.append(data)
         self._queued += len(data)
         self._pending_bytes += len(data)
-        if self._pending_bytes >= FILL_HIGH_WATER and not self._paused and self._upstream is not None:
-            self._paused = True
-            self._upstream.pauseProducing()
+        if self._pending_bytes >= FILL_HIGH_WATER and not self._disk_paused:
+            self._disk_paused = True
+            self._flow()
+        if (self._readers and not self._reader_paused and self._pacing
+                and self.received - self._lead >= READER_LAG_HIGH):
+            self._pause_for_readers()
         self._write_next()
         if self.received - self._notified >= NOTIFY_STEP:
             self._notify()
@@ -182,24 +198,90 @@ class Fill:
         if not self._body_finished and self._queued < WRITE_BATCH:
             # readers are served from memory; the disk gets fewer, larger writes (fewer thread hops)
             return
-        chunk = b"".join(self._pending)
+        chunks, size = self._pending, self._queued
         self._pending = []
         self._queued = 0
         self._writing = True
-        self.disk.run(self.writer.write, chunk).addCallbacks(self._wrote, self._fail, callbackArgs=(len(chunk),))
+        # the writer copies the chunks into its aligned stage in the thread, not on the reactor
+        self.disk.run(self._write_chunks, chunks).addCallbacks(self._wrote, self._fail, callbackArgs=(size,))
+
+    def _write_chunks(self, chunks: list[bytes]) -> None:
+        for chunk in chunks:
+            self.writer.write(chunk)
 
     def _wrote(self, _result, size: int) -> None:
         self._writing = False
-        self.written += size
+        self.written = self.writer.bytes_in_file
         self._pending_bytes -= size
         self._trim()
-        if self._paused and self._pending_bytes <= FILL_LOW_WATER and self._upstream is not None:
-            self._paused = False
-            self._upstream.resumeProducing()
+        if self._disk_paused and self._pending_bytes <= FILL_LOW_WATER:
+            self._disk_paused = False
+            self._flow()
         self._notify()
         self._write_next()
 
+    # --- pacing: the upstream body is read about as fast as the fastest reader takes it ---------------
+
+    def attach(self, reader: BlobStreamer) -> None:
+        """``reader`` streams this fill; the fill waits for the fastest such reader (see READER_LAG_HIGH)."""
+        self._readers.add(reader)
+        self._lead = max(self._lead, reader.offset)
+
+    def detach(self, reader: BlobStreamer) -> None:
+        """``reader`` is done; with nobody left to wait for, the fill runs at upstream's pace."""
+        self._readers.discard(reader)
+        self._lead = max((other.offset for other in self._readers), default=0)
+        self.reader_progress(self._lead)
+
+    def reader_progress(self, offset: int) -> None:
+        """An attached reader has sent everything before ``offset``."""
+        if offset > self._lead:
+            self._lead = offset
+        if self._reader_paused:
+            self._progress_at = self._clock.seconds()
+            if not self._readers or self.received - self._lead <= READER_LAG_LOW:
+                self._stop_pacing(keep=True)
+
+    @property
+    def _clock(self):
+        return self.disk.reactor
+
+    def _pause_for_readers(self) -> None:
+        self._reader_paused = True
+        self._progress_at = self._clock.seconds()
+        self._stall_timer = self._clock.callLater(READER_STALL, self._check_stall)
+        self._flow()
+
+    def _check_stall(self) -> None:
+        self._stall_timer = None
+        idle = self._clock.seconds() - self._progress_at
+        if idle < READER_STALL:
+            self._stall_timer = self._clock.callLater(READER_STALL - idle, self._check_stall)
+            return
+        log.debug("readers of %s stalled: the fill no longer waits for them", self.digest)
+        self._stop_pacing(keep=False)
+
+    def _stop_pacing(self, keep: bool) -> None:
+        self._pacing = self._pacing and keep
+        if self._stall_timer is not None and self._stall_timer.active():
+            self._stall_timer.cancel()
+        self._stall_timer = None
+        if self._reader_paused:
+            self._reader_paused = False
+            self._flow()
+
+    def _flow(self) -> None:
+        paused = (self._disk_paused or self._reader_paused) and not self._body_finished and self.failure is None
+        if self._upstream is None or paused == self._upstream_paused:
+            return
+        self._upstream_paused = paused
+        if paused:
+            self._upstream.pauseProducing()
+        else:
+            self._upstream.resumeProducing()
+
     def _body_done(self, reason: Failure) -> None:
+        self._stop_pacing(keep=False)
         if reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self.total is None):
             self._body_finished = True
             self._write_next()
@@ -207,8 +289,8 @@ class Fill:
             self._fail(reason)
 
     def _commit(self) -> None:
-        if self.total is not None and self.written != self.total:
-            self._fail(Failure(FillFailed(f"{self.digest}: upstream sent {self.written} of {self.total} bytes")))
+        if self.total is not None and self.received != self.total:
+            self._fail(Failure(FillFailed(f"{self.digest}: upstream sent {self.received} of {self.total} bytes")))
             return
         self._writing = True  # no further writes
         self.disk.run(self.writer.verify).addCallbacks(self._verified, self._fail)
@@ -216,6 +298,7 @@ class Fill:
     def _verified(self, _result) -> None:
         # clients get their last byte now; the durable commit (fsync, rename) follows without them
         self.verified = True
+        self.written = self.writer.bytes_in_file
         self.total = self.written
         self._recent.clear()
         self._recent_bytes = 0
@@ -240,6 +323,7 @@ class Fill:
             f"{self.digest}: {reason.getErrorMessage() or reason.type.__name__}")
         self.failure.__cause__ = reason.value
         self._pending = []
+        self._stop_pacing(keep=False)
         if self._upstream is not None:
             self._upstream.stopProducing()
         self.disk.run(self.writer.abort).addErrback(lambda f: log.warning("abort failed: %s", f.value))
@@ -289,6 +373,8 @@ class BlobStreamer:
         self.finished: defer.Deferred = defer.Deferred()
 
     def start(self) -> defer.Deferred:
+        if self.fill is not None:
+            self.fill.attach(self)
         self.request.registerProducer(self, True)
         self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._next()
@@ -331,6 +417,7 @@ class BlobStreamer:
                     # a reader keeping up with the fill gets the bytes as they arrive, without the disk
                     self.offset += len(data)
                     self.request.write(data)
+                    self.fill.reader_progress(self.offset)
                     continue
                 size = min(size, self.fill.written - self.offset)
                 if size <= 0:  # neither in memory nor on disk yet: wait for the writer
@@ -355,6 +442,8 @@ class BlobStreamer:
             return
         self.offset += len(data)
         self.request.write(data)
+        if self.fill is not None:
+            self.fill.reader_progress(self.offset)
         self._next()
 
     def _read_failed(self, reason: Failure) -> None:
@@ -375,6 +464,8 @@ class BlobStreamer:
         if self.stopped and self.finished.called:
             return
         self.stopped = True
+        if self.fill is not None:
+            self.fill.detach(self)
         try:
             self.request.unregisterProducer()
         except Exception:  # noqa: BLE001 - the request may already be gone

@@ -1,4 +1,5 @@
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from hypothesis import strategies as st
 
 from dnsmirror.oci import Digest
 from dnsmirror.store import (
+    STAGE_SIZE,
     ContainerdContentSource,
     DigestMismatch,
     InvalidDigest,
@@ -211,7 +213,7 @@ def test_leftover_temp_files_removed_at_open(root):
         assert os.listdir(root / "tmp") == []
         assert reopened.open_blob(sha(b"partial")) is None
         assert reopened.stat(sha(b"kept")).size == 4
-    writer._file.close()
+    writer._close_file()  # the "crashed" writer still holds its descriptor
 
 
 def test_orphan_sidecar_removed_and_blob_without_sidecar_kept(root):
@@ -364,32 +366,33 @@ def test_unrelated_files_ignored_by_scan(root):
 # --- disk full ---------------------------------------------------------------------------------
 
 
-class FullDisk:
-    """A temp file whose writes fail the way a full file system does."""
+def full_disk(monkeypatch, writer, room: int) -> None:
+    """Make ``writer``'s file fail the way a full file system does once ``room`` bytes are written."""
+    real_write = os.write
+    left = [room]
 
-    def __init__(self, real, after: int):
-        self.real = real
-        self.room = after
+    def write(fd, data):
+        if fd == writer._fd:
+            if len(data) > left[0]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            left[0] -= len(data)
+        return real_write(fd, data)
 
-    def write(self, data):
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.real.write(data)
-
-    def __getattr__(self, name):
-        return getattr(self.real, name)
+    monkeypatch.setattr(os, "write", write)
 
 
-def test_enospc_during_write_raises_store_full(root):
-    with open_store(root) as store:
-        writer = store.writer(sha(blob(1, 5000)))
-        writer._file = FullDisk(writer._file, after=3000)
-        writer.write(blob(1, 2000))
+def test_enospc_during_write_raises_store_full(root, monkeypatch):
+    size = STAGE_SIZE + 5000
+    with open_store(root, max_size=4 * STAGE_SIZE) as store:
+        writer = store.writer(sha(blob(1, size)))
+        full_disk(monkeypatch, writer, room=STAGE_SIZE + 3000)
+        writer.write(blob(1, STAGE_SIZE))  # one whole staged block reaches the file
+        assert writer.bytes_in_file == STAGE_SIZE
+        writer.write(blob(1, 5000))  # staged only: the disk is not touched yet
         with pytest.raises(StoreFull):
-            writer.write(blob(1, 3000))
+            writer.verify()  # the flush of the last 5000 bytes finds the disk full
         assert os.listdir(root / "tmp") == []
-        assert store.pinned(sha(blob(1, 5000))) == 0 and store.total_size == 0
+        assert store.pinned(sha(blob(1, size))) == 0 and store.total_size == 0
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
@@ -504,16 +507,73 @@ def test_containerd_content_source(tmp_path):
 
 
 def test_temp_file_readable_while_filling_and_after_commit(root):
-    data = os.urandom(200_000)
-    with open_store(root) as store:
+    data = os.urandom(2 * STAGE_SIZE + 200_000)
+    with open_store(root, max_size=8 * STAGE_SIZE) as store:
         writer = store.writer(sha(data))
         writer.write(data[:50_000])
+        assert (writer.bytes_written, writer.bytes_in_file) == (50_000, 0)  # staged, not yet in the file
         with open(writer.temp_path, "rb") as partial:
-            assert partial.read(writer.bytes_written) == data[:50_000]
-            writer.write(data[50_000:])
+            writer.write(data[50_000:STAGE_SIZE + 60_000])
+            assert writer.bytes_in_file == STAGE_SIZE  # whole blocks reach the file as they fill
+            assert partial.read(writer.bytes_in_file) == data[:STAGE_SIZE]
+            writer.write(data[STAGE_SIZE + 60_000:])
+            writer.flush()
+            assert writer.bytes_in_file == len(data)
+            assert partial.read() == data[STAGE_SIZE:]
             writer.commit()
-            assert partial.read() == data[50_000:]
         assert not writer.temp_path.exists()
+        with store.open_blob(sha(data)) as reader:
+            assert reader.read() == data
+
+
+@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize("sizes", [[1], [4095, 1], [STAGE_SIZE], [STAGE_SIZE - 1, 2, 4096], [3 * STAGE_SIZE + 17]])
+def test_direct_and_buffered_writes_keep_every_byte(root, direct, sizes):
+    pieces = [os.urandom(size) for size in sizes]
+    data = b"".join(pieces)
+    with Store.open(root, 8 * STAGE_SIZE, touch_interval=0, direct_writes=direct) as store:
+        writer = store.writer(sha(data), expected_size=len(data))
+        for piece in pieces:
+            writer.write(piece)
+        writer.verify()
+        info = writer.commit()
+        assert info.size == len(data)
+        with store.open_blob(sha(data)) as reader:
+            assert reader.read() == data
+
+
+def test_direct_writes_fall_back_when_the_filesystem_refuses(root, monkeypatch):
+    data = os.urandom(2 * STAGE_SIZE)
+    real_write = os.write
+    refused = []
+
+    def picky_write(fd, payload):
+        # a device that wants a larger alignment than ours refuses O_DIRECT writes with EINVAL
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(len(payload))
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_write(fd, payload)
+
+    with Store.open(root, 8 * STAGE_SIZE, touch_interval=0, direct_writes=True) as store:
+        writer = store.writer(sha(data))
+        monkeypatch.setattr(os, "write", picky_write)
+        assert writer.direct
+        writer.write(data)
+        assert refused and not writer.direct
+        writer.commit()
+        monkeypatch.undo()
+        with store.open_blob(sha(data)) as reader:
+            assert reader.read() == data
+
+
+def test_a_mismatch_is_found_whatever_was_still_staged(root):
+    data = os.urandom(STAGE_SIZE + 10)
+    with open_store(root, max_size=8 * STAGE_SIZE) as store:
+        writer = store.writer(sha(data))
+        writer.write(data[:-1] + b"X")
+        with pytest.raises(DigestMismatch):
+            writer.verify()
+        assert os.listdir(root / "tmp") == []
 
 
 def test_modules_do_not_import_twisted():

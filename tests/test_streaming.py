@@ -6,7 +6,7 @@ import hashlib
 import os
 
 import pytest
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
@@ -19,6 +19,7 @@ class InlineDisk(DiskIO):
 
     def __init__(self, store):
         self.store = store
+        self.reactor = task.Clock()  # the fill's pacing timers; advanced by hand
 
     def run(self, function, *args, **kwargs):
         return defer.maybeDeferred(function, *args, **kwargs)
@@ -299,3 +300,84 @@ def test_the_last_byte_is_released_once_verified_before_the_durable_commit(store
     protocol.connectionLost(Failure(ResponseDone()))
     assert request.finished and request.body == data  # verified: served in full
     assert disk.held is not None and outcome == [] and sha(data) not in store  # fsync and rename still to come
+
+
+def paced_fill(store, data):
+    reads = []
+
+    class CountingDisk(InlineDisk):
+        def run(self, function, *args, **kwargs):
+            if function is os.pread:
+                reads.append(args[1:])
+            return super().run(function, *args, **kwargs)
+
+    disk = CountingDisk(store)
+    fill = Fill(disk, store.writer(sha(data), expected_size=len(data)), sha(data), len(data), None)
+    protocol = fill.body_protocol()
+    upstream = FakeTransport()
+    protocol.makeConnection(upstream)
+    return disk, fill, protocol, upstream, reads
+
+
+def feed(protocol, data, start, end, step=64 * 1024):
+    for offset in range(start, end, step):
+        protocol.dataReceived(data[offset:min(end, offset + step)])
+
+
+def test_the_fill_waits_for_its_fastest_reader_which_stays_in_memory(store):
+    from dnsmirror.streaming import READER_LAG_HIGH
+
+    data = os.urandom(9 * 1024 * 1024)
+    disk, fill, protocol, upstream, reads = paced_fill(store, data)
+    request = FakeRequest()
+    streamer, done = stream(disk, request, fill, len(data))
+    streamer.pauseProducing()  # the client's socket is full
+    feed(protocol, data, 0, READER_LAG_HIGH + 64 * 1024)
+    assert upstream.paused == 1 and upstream.resumed == 0
+    streamer.resumeProducing()  # the client drains: the fill goes on
+    assert upstream.resumed == 1
+    feed(protocol, data, READER_LAG_HIGH + 64 * 1024, len(data))
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert request.finished and request.body == data and done.result is True
+    # the paced reader never fell back to the disk, but for the byte held back until verification
+    assert reads == [(1, len(data) - 1)]
+
+
+def test_a_stalled_reader_stops_holding_the_fill_back(store):
+    from dnsmirror.streaming import READER_LAG_HIGH, READER_STALL
+
+    data = os.urandom(8 * 1024 * 1024)
+    disk, fill, protocol, upstream, _ = paced_fill(store, data)
+    stalled = FakeRequest()
+    streamer, _ = stream(disk, stalled, fill, len(data))
+    streamer.pauseProducing()
+    feed(protocol, data, 0, READER_LAG_HIGH)
+    assert upstream.paused == 1
+    disk.reactor.advance(READER_STALL - 1)
+    assert upstream.resumed == 0  # still waiting for the client
+    disk.reactor.advance(1)
+    assert upstream.resumed == 1  # upstream must not idle out for a stuck client
+    feed(protocol, data, READER_LAG_HIGH, len(data))
+    assert upstream.paused == 1  # and the fill no longer waits for it
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fill.verified
+    streamer.resumeProducing()
+    assert stalled.finished and stalled.body == data
+
+
+def test_the_last_reader_leaving_releases_the_fill_and_no_reader_means_no_pacing(store):
+    from dnsmirror.streaming import READER_LAG_HIGH
+
+    data = os.urandom(8 * 1024 * 1024)
+    disk, fill, protocol, upstream, _ = paced_fill(store, data)
+    leaving = FakeRequest()
+    streamer, left = stream(disk, leaving, fill, len(data))
+    streamer.pauseProducing()
+    feed(protocol, data, 0, READER_LAG_HIGH)
+    assert upstream.paused == 1
+    leaving._finish.errback(Failure(ConnectionError("client went away")))
+    assert left.result is False and upstream.resumed == 1
+    feed(protocol, data, READER_LAG_HIGH, len(data))  # nobody reads: upstream's pace
+    assert upstream.paused == 1
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fill.verified and fill.done.called
