@@ -7,10 +7,10 @@ import signal
 import sys
 
 from twisted.internet import defer, error, task
-from twisted.web import server
 
 from dnsmirror import ca as camod
 from dnsmirror import logs
+from dnsmirror.access import AccessLogSite
 from dnsmirror.authz import Grants
 from dnsmirror.config import Config
 from dnsmirror.content import ContentChain, ContentStats
@@ -91,8 +91,8 @@ class Services:
         self.content = ContentChain(self.reactor, self.disk, self.upstream, grants, self.passthrough,
                                     self.content_stats, containerd)
         # idle keep-alive connections are closed after this; a request in progress is never timed out
-        site = server.Site(RegistryResource(self.matcher, self.content, self.passthrough),
-                           requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT)
+        site = AccessLogSite(RegistryResource(self.matcher, self.content, self.passthrough),
+                             access=self.config.log.access, requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT)
         site.protocol = RegistryChannel
         site.displayTracebacks = False
         return site

@@ -129,6 +129,7 @@ class MetricsConfig:
 class LogConfig:
     format: str
     level: str
+    access: bool = True
 
 
 @dataclass(frozen=True)
@@ -392,7 +393,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
         "secret_file": _optional(_path),
     }),
     "metrics": (MetricsConfig, {"listen": _optional(host_port)}),
-    "log": (LogConfig, {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error")}),
+    "log": (LogConfig, {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error"),
+                        "access": _boolean}),
 }
 _TOP_LISTS = {"capture": _pattern, "skip": _pattern}
 

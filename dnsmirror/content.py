@@ -121,6 +121,7 @@ class ContentChain:
                 if not await self._may_read(request, target, granted_by_fill=slot.owner == _owner(target)):
                     return
                 self.stats.fills_joined += 1
+                request.source = "fill"
                 await self._serve_fill(request, target, fill)
                 return
             info = await self.disk.run(self.store.stat, target.digest)
@@ -219,6 +220,7 @@ class ContentChain:
         if reader is None:
             return False
         self.stats.cache_hits += 1
+        request.source = "cache"
         info: BlobInfo = reader.info
         # manifests are read whole (to grant what they reference); an oversized one streams like a blob
         if target.is_manifest and info.size <= oci.MANIFEST_MAX_SIZE:
@@ -302,6 +304,7 @@ class ContentChain:
         fill = Fill(self.disk, writer, target.digest, reader.size, "application/octet-stream")
         slot.settle(fill)
         self.stats.containerd_hits += 1
+        request.source = "containerd"
         fill.done.addBoth(self._fill_finished, target, slot, fill)
         FileFeed(self.disk, reader, fill).start()
         await self._serve_fill(request, target, fill)
@@ -324,6 +327,7 @@ class ContentChain:
         if fill is None:
             return
         self.stats.fills_started += 1
+        request.source = "upstream"
         fill.done.addBoth(self._fill_finished, target, slot, fill)
         await self._serve_fill(request, target, fill)
 
@@ -360,6 +364,7 @@ class ContentChain:
             log.warning("cache full; streaming without caching", extra=fields(event="store_full", digest=target.digest,
                                                                               reason=str(exc)))
             self.stats.uncached_streams += 1
+            request.source = "relay"
             await self._stream_uncached(request, target, response, content_type.decode("latin-1"))
             return None
         fill = Fill(self.disk, writer, target.digest, response.length, content_type.decode("latin-1"))

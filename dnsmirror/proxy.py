@@ -97,6 +97,7 @@ class PassThrough:
 
     async def forward(self, request, target: Target) -> None:
         """Send ``request`` upstream and its answer back; tag fallback when upstream is unreachable."""
+        request.source = "passthrough"
         early = getattr(request, "early_response", None)
         if early is not None:
             request.early_response = None
@@ -203,6 +204,7 @@ class PassThrough:
         if response is not None:
             await response.discard()
         self.stale_answers += 1
+        request.source = "stale_tag"
         log.warning("upstream unreachable; answering a tag from its last known digest",
                     extra=fields(event="stale_tag", host=target.upstream_host, repository=target.repository,
                                  tag=target.path.tag, digest=answer.digest, reason=reason))

@@ -11,12 +11,14 @@ stays as it expects; an early upstream answer (a 401, say) waits for that moment
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from io import BytesIO
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web import server
+from twisted.web.http import Request
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
@@ -130,6 +132,12 @@ class StreamingRequest(server.Request):
 
     early_response: defer.Deferred | None = None
     body_pipe: BodyPipe | None = None
+    #: Where the response came from, for the access log (set by the content chain / pass-through).
+    source: str | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.started_at = time.monotonic()
 
     def gotLength(self, length: int | None) -> None:  # noqa: N802 - twisted.web's name
         channel = self.channel
@@ -168,6 +176,9 @@ class StreamingRequest(server.Request):
             # never rendered: let go of upstream's answer so its connection is freed
             self.early_response.addCallback(_discard)
             self.early_response = None
+        unfinished = getattr(getattr(self.channel, "site", None), "log_unfinished", None)
+        if not self.finished and unfinished is not None and self.uri != Request.uri:
+            unfinished(self)
         super().connectionLost(reason)
 
 

@@ -34,7 +34,7 @@ from OpenSSL import SSL, crypto
 from service_identity import VerificationError
 from twisted.internet import defer
 from twisted.internet import error as internet_error
-from twisted.internet._sslverify import IOpenSSLTrustRoot
+from twisted.internet._sslverify import ClientTLSOptions, IOpenSSLTrustRoot
 from twisted.internet.interfaces import (
     IConsumer,
     IOpenSSLClientConnectionCreator,
@@ -46,7 +46,7 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol
-from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.ssl import CertificateOptions
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
@@ -231,12 +231,19 @@ class CombinedTrustRoot:
 
 @implementer(IPolicyForHTTPS)
 class UpstreamTLSPolicy:
-    """Verifying TLS connection creators, one per host name, built once and kept (bounded LRU)."""
+    """Verifying TLS connection creators, one per host name, built once and kept (bounded LRU).
+
+    Every host shares one OpenSSL context, built here: the trust store is read once at start-up, not
+    on the reactor at each new registry's first connection. Each connection still verifies the
+    chain and its own host name (``ClientTLSOptions`` sets a per-connection verify callback).
+    """
 
     def __init__(self, trust: IOpenSSLTrustRoot, cache_size: int = _CREATOR_CACHE_SIZE) -> None:
         self.trust = trust
         self.cache_size = cache_size
         self._creators: OrderedDict[str, IOpenSSLClientConnectionCreator] = OrderedDict()
+        self._options = CertificateOptions(trustRoot=trust)
+        self._options.getContext()
 
     @classmethod
     def from_bundle(cls, ca_bundle: str | Path | None, include_platform: bool = True) -> UpstreamTLSPolicy:
@@ -249,7 +256,7 @@ class UpstreamTLSPolicy:
         name = hostname.decode("ascii") if isinstance(hostname, bytes) else hostname
         creator = self._creators.get(name)
         if creator is None:
-            creator = optionsForClientTLS(name, trustRoot=self.trust)
+            creator = ClientTLSOptions(self._options._makeTLSConnection, name)
             self._creators[name] = creator
             while len(self._creators) > self.cache_size:
                 self._creators.popitem(last=False)

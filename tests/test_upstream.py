@@ -354,6 +354,15 @@ class UpstreamClientTests(TestCase):
         yield self.assertFailure(request, UpstreamTLSError)
         self.assertEqual(self.servers.log, [])
 
+    @defer.inlineCallbacks
+    def test_each_host_is_verified_although_hosts_share_one_context(self):
+        client = self.client()
+        response = yield client.request("GET", self.url("/blob"))
+        yield response.discard()
+        request = client.request("GET", self.url("/blob", host="wrong.test", port_of="registry.test"))
+        yield self.assertFailure(request, UpstreamTLSError)
+        self.assertEqual(len(self.servers.log), 1)
+
     def test_plain_http_url_refused(self):
         return self.assertFailure(self.client().request("GET", "http://registry.test/v2/"), ValueError)
 
