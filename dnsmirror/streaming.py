@@ -373,8 +373,11 @@ class BlobStreamer:
         self.finished: defer.Deferred = defer.Deferred()
 
     def start(self) -> defer.Deferred:
-        if self.fill is not None:
-            self.fill.attach(self)
+        fill = self.fill
+        # only a reader that takes the body to its end paces the fill: a shorter range ends up waiting
+        # for verification (its last byte is held back), which needs the rest of the body
+        if fill is not None and (self.end is None or fill.total is None or self.end >= fill.total):
+            fill.attach(self)
         self.request.registerProducer(self, True)
         self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._next()

@@ -381,3 +381,17 @@ def test_the_last_reader_leaving_releases_the_fill_and_no_reader_means_no_pacing
     assert upstream.paused == 1
     protocol.connectionLost(Failure(ResponseDone()))
     assert fill.verified and fill.done.called
+
+
+def test_a_short_range_waiting_for_verification_does_not_hold_the_fill(store):
+    from dnsmirror.streaming import READER_LAG_HIGH
+
+    data = os.urandom(4 * 1024 * 1024)
+    disk, fill, protocol, upstream, _ = paced_fill(store, data)
+    first_byte = FakeRequest()
+    _, done = stream(disk, first_byte, fill, len(data), start=0, end=1)
+    feed(protocol, data, 0, READER_LAG_HIGH + 256 * 1024)
+    assert upstream.paused == 0 and first_byte.body == b""  # its only byte waits for the digest
+    feed(protocol, data, READER_LAG_HIGH + 256 * 1024, len(data))
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert first_byte.finished and first_byte.body == data[:1] and done.result is True
