@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from dnsmirror.store import DigestMismatch, Store
-from dnsmirror.streaming import BlobStreamer, DiskIO, Fill, VerifiedRelay
+from dnsmirror.streaming import READER_LAG_HIGH, READER_STALL, BlobStreamer, DiskIO, Fill, VerifiedRelay
 
 
 class InlineDisk(DiskIO):
@@ -87,9 +87,10 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-@pytest.fixture
-def store(tmp_path):
-    with Store.open(tmp_path / "cache", 10 * 2**20) as opened:
+@pytest.fixture(params=[True, False], ids=["direct", "buffered"])
+def store(tmp_path, request):
+    # readers of a growing fill read its temp file whether the writer bypasses the page cache or not
+    with Store.open(tmp_path / "cache", 10 * 2**20, direct_writes=request.param) as opened:
         yield opened
 
 
@@ -325,8 +326,6 @@ def feed(protocol, data, start, end, step=64 * 1024):
 
 
 def test_the_fill_waits_for_its_fastest_reader_which_stays_in_memory(store):
-    from dnsmirror.streaming import READER_LAG_HIGH
-
     data = os.urandom(9 * 1024 * 1024)
     disk, fill, protocol, upstream, reads = paced_fill(store, data)
     request = FakeRequest()
@@ -343,16 +342,20 @@ def test_the_fill_waits_for_its_fastest_reader_which_stays_in_memory(store):
     assert reads == [(1, len(data) - 1)]
 
 
-def test_a_stalled_reader_stops_holding_the_fill_back(store):
-    from dnsmirror.streaming import READER_LAG_HIGH, READER_STALL
-
+def held_by_a_paused_reader(store):
+    """A fill of 8 MiB whose only reader stopped taking bytes: upstream is paused for it."""
     data = os.urandom(8 * 1024 * 1024)
     disk, fill, protocol, upstream, _ = paced_fill(store, data)
-    stalled = FakeRequest()
-    streamer, _ = stream(disk, stalled, fill, len(data))
+    request = FakeRequest()
+    streamer, done = stream(disk, request, fill, len(data))
     streamer.pauseProducing()
     feed(protocol, data, 0, READER_LAG_HIGH)
     assert upstream.paused == 1
+    return data, disk, fill, protocol, upstream, request, streamer, done
+
+
+def test_a_stalled_reader_stops_holding_the_fill_back(store):
+    data, disk, fill, protocol, upstream, stalled, streamer, _ = held_by_a_paused_reader(store)
     disk.reactor.advance(READER_STALL - 1)
     assert upstream.resumed == 0  # still waiting for the client
     disk.reactor.advance(1)
@@ -366,15 +369,7 @@ def test_a_stalled_reader_stops_holding_the_fill_back(store):
 
 
 def test_the_last_reader_leaving_releases_the_fill_and_no_reader_means_no_pacing(store):
-    from dnsmirror.streaming import READER_LAG_HIGH
-
-    data = os.urandom(8 * 1024 * 1024)
-    disk, fill, protocol, upstream, _ = paced_fill(store, data)
-    leaving = FakeRequest()
-    streamer, left = stream(disk, leaving, fill, len(data))
-    streamer.pauseProducing()
-    feed(protocol, data, 0, READER_LAG_HIGH)
-    assert upstream.paused == 1
+    data, _, fill, protocol, upstream, leaving, _, left = held_by_a_paused_reader(store)
     leaving._finish.errback(Failure(ConnectionError("client went away")))
     assert left.result is False and upstream.resumed == 1
     feed(protocol, data, READER_LAG_HIGH, len(data))  # nobody reads: upstream's pace
@@ -384,8 +379,6 @@ def test_the_last_reader_leaving_releases_the_fill_and_no_reader_means_no_pacing
 
 
 def test_a_short_range_waiting_for_verification_does_not_hold_the_fill(store):
-    from dnsmirror.streaming import READER_LAG_HIGH
-
     data = os.urandom(4 * 1024 * 1024)
     disk, fill, protocol, upstream, _ = paced_fill(store, data)
     first_byte = FakeRequest()
