@@ -4,7 +4,8 @@
 - :class:`Fill` is one upstream fetch of one digest, written to a store :class:`~dnsmirror.store.Writer`
   (hashed as written, off the reactor) and readable by any number of waiters while it grows. The last
   byte is held back until the digest is verified, so no client ever receives a complete body whose
-  digest is wrong.
+  digest is wrong. It reads upstream about as fast as its fastest reader takes the bytes, so that reader
+  is served from memory.
 - :class:`BlobStreamer` sends a byte range of a committed blob or of a growing fill to one HTTP
   request, as a push producer: a slow client pauses the disk reads, not the other clients.
 """

@@ -538,8 +538,9 @@ class UpstreamClientTests(TestCase):
 
 @implementer(IConsumer)
 class SlowConsumer:
-    """A consumer that drains ``drain`` bytes every ``tick`` seconds and pauses its producer above
-    ``high`` buffered bytes, resuming below ``low``."""
+    """A consumer that pauses its producer above ``high`` buffered bytes and, only while paused, drains
+    ``drain`` bytes every ``tick`` seconds, resuming below ``low``: every ``high - low`` bytes make one
+    pause, however fast the producer is (a drain while running made the count depend on the machine)."""
 
     def __init__(self, high: int, low: int, drain: int, tick: float) -> None:
         self.high, self.low, self.drain = high, low, drain
@@ -568,6 +569,8 @@ class SlowConsumer:
             self.producer.pauseProducing()
 
     def _tick(self) -> None:
+        if not self.paused:
+            return
         self.buffered = max(0, self.buffered - self.drain)
         if self.paused and self.buffered <= self.low and self.producer is not None:
             self.paused = False
