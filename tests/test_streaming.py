@@ -250,19 +250,8 @@ def test_readers_keeping_up_are_served_from_memory_and_laggards_from_disk(store,
     import dnsmirror.streaming as streaming
 
     monkeypatch.setattr(streaming, "RECENT_WINDOW", 1536 * 1024)
-    reads = []
-
-    class CountingDisk(InlineDisk):
-        def run(self, function, *args, **kwargs):
-            if function is os.pread:
-                reads.append(args[1:])
-            return super().run(function, *args, **kwargs)
-
     data = os.urandom(4 * 1024 * 1024)
-    disk = CountingDisk(store)
-    fill = Fill(disk, store.writer(sha(data), expected_size=len(data)), sha(data), len(data), None)
-    protocol = fill.body_protocol()
-    protocol.makeConnection(FakeTransport())
+    disk, fill, protocol, _, reads = paced_fill(store, data)
     live = FakeRequest()
     stream(disk, live, fill, len(data))
     for offset in range(0, len(data), 64 * 1024):
@@ -304,6 +293,7 @@ def test_the_last_byte_is_released_once_verified_before_the_durable_commit(store
 
 
 def paced_fill(store, data):
+    """A fill of ``data`` on a disk that records its ``pread`` calls, fed by a fake upstream."""
     reads = []
 
     class CountingDisk(InlineDisk):
