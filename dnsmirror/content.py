@@ -340,26 +340,39 @@ class ContentChain:
         user_agent = request.requestHeaders.getRawHeaders(b"user-agent")
         if user_agent:
             headers[b"user-agent"] = user_agent
+        # the cache file is created while upstream answers, off the response's critical path
+        early_writer = None
+        if self.reactor.seconds() >= self.uncached_until:
+            early_writer = self.disk.run(self.store.writer, target.digest)
         try:
             response = await self.upstream.request("GET", target.url, headers, follow_redirects=True)
         except UPSTREAM_FAILURES as exc:
+            self._drop_writer(early_writer)
             write_error(request, unavailable(str(exc)))
             return None
+        except BaseException:
+            self._drop_writer(early_writer)
+            raise
         if response.code != 200:
+            self._drop_writer(early_writer)
             await relay(request, response)
             return None
         content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
         if target.is_manifest and response.length is not None and response.length > oci.MANIFEST_MAX_SIZE:
+            self._drop_writer(early_writer)
             await response.discard(0)
             write_error(request, oci.OCIError("MANIFEST_INVALID", "manifest larger than 4 MiB", status=502))
             return None
         self.grants.grant(target.credential, target.upstream_host, target.repository, [target.digest],
                           self.reactor.seconds())
         try:
-            if self.reactor.seconds() < self.uncached_until:
+            if early_writer is None:
                 raise StoreFull("the cache disk was full recently")
-            writer = await self.disk.run(self.store.writer, target.digest,
-                                         content_type=content_type.decode("latin-1"), expected_size=response.length)
+            if response.length is not None and response.length > self.store.max_size:
+                self._drop_writer(early_writer)
+                raise StoreFull(f"blob of {response.length} bytes is larger than the cache ({self.store.max_size} bytes)")
+            writer = await early_writer
+            writer.describe(content_type.decode("latin-1"), response.length)
         except StoreFull as exc:
             log.warning("cache full; streaming without caching", extra=fields(event="store_full", digest=target.digest,
                                                                               reason=str(exc)))
@@ -370,6 +383,12 @@ class ContentChain:
         fill = Fill(self.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
         response.deliver_body(fill.body_protocol())
         return fill
+
+    def _drop_writer(self, pending: defer.Deferred | None) -> None:
+        """Abort a cache writer created ahead of an answer that will not fill the cache."""
+        if pending is not None:
+            pending.addCallback(lambda writer: self.disk.run(writer.abort))
+            pending.addErrback(lambda _: None)
 
     async def _stream_uncached(self, request, target: Target, response, content_type: str) -> None:
         self._headers(request, target, content_type)

@@ -545,6 +545,11 @@ class Writer:
         self._staged = 0
         self._done = False
 
+    def describe(self, content_type: str | None, expected_size: int | None) -> None:
+        """Set what a writer created before its response arrived could not know (no I/O: any thread)."""
+        self.content_type = _clean_content_type(content_type)
+        self.expected_size = expected_size
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
         """Append ``data``; raises :class:`StoreFull` on a full disk, :class:`SizeMismatch` past
         ``expected_size`` (the writer is then aborted)."""

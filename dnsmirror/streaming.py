@@ -194,7 +194,7 @@ class Fill:
             return
         if not self._pending:
             if self._body_finished:
-                self._commit()
+                self._commit([])
             return
         if not self._body_finished and self._queued < WRITE_BATCH:
             # readers are served from memory; the disk gets fewer, larger writes (fewer thread hops)
@@ -202,6 +202,9 @@ class Fill:
         chunks, size = self._pending, self._queued
         self._pending = []
         self._queued = 0
+        if self._body_finished:
+            self._commit(chunks)  # the last batch is written and verified in one trip to the disk thread
+            return
         self._writing = True
         # the writer copies the chunks into its aligned stage in the thread, not on the reactor
         self.disk.run(self._write_chunks, chunks).addCallbacks(self._wrote, self._fail, callbackArgs=(size,))
@@ -289,12 +292,16 @@ class Fill:
         else:
             self._fail(reason)
 
-    def _commit(self) -> None:
+    def _commit(self, chunks: list[bytes]) -> None:
         if self.total is not None and self.received != self.total:
             self._fail(Failure(FillFailed(f"{self.digest}: upstream sent {self.received} of {self.total} bytes")))
             return
         self._writing = True  # no further writes
-        self.disk.run(self.writer.verify).addCallbacks(self._verified, self._fail)
+        self.disk.run(self._write_and_verify, chunks).addCallbacks(self._verified, self._fail)
+
+    def _write_and_verify(self, chunks: list[bytes]) -> None:
+        self._write_chunks(chunks)
+        self.writer.verify()
 
     def _verified(self, _result) -> None:
         # clients get their last byte now; the durable commit (fsync, rename) follows without them

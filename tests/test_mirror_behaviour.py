@@ -620,3 +620,13 @@ def test_bad_requests_get_clear_errors_and_break_nothing(world: World) -> None:
     blob = world.blobs["ranges"]
     got = world.fetch(f"/v2/{PUBLIC_REPOSITORY}/blobs/{blob.digest}")
     assert got.status == 200 and got.body == blob.data
+
+
+def test_an_upstream_refusal_of_a_cold_read_leaves_no_cache_file(world: World) -> None:
+    """The cache file of a cold read is created while upstream answers; a refusal removes it again."""
+    missing = "sha256:" + hashlib.sha256(os.urandom(16)).hexdigest()
+    for attempt in range(3):
+        got = world.fetch(f"/v2/{PUBLIC_REPOSITORY}/blobs/{missing}")
+        assert got.status == 404 and json.loads(got.body)["errors"], (attempt, got.status, got.body[:200])
+    assert wait_until(lambda: world.temp_files(missing) == [], 10), world.temp_files(missing)
+    assert not world.cached(missing)
