@@ -124,7 +124,8 @@ class ContentChain:
                 request.source = "fill"
                 await self._serve_fill(request, target, fill)
                 return
-            info = await self.disk.run(self.store.stat, target.digest)
+            # the index is in memory: only a hit needs the disk thread (its sidecar may be read)
+            info = await self.disk.run(self.store.stat, target.digest) if target.digest in self.store else None
             if info is not None:
                 if not await self._may_read(request, target):
                     return
