@@ -599,3 +599,21 @@ def test_verify_checks_the_digest_before_the_durable_commit(tmp_path):
         with pytest.raises(DigestMismatch):
             bad.verify()
         assert not bad.temp_path.exists() and sha(b"other") not in store
+
+
+def test_a_writer_created_before_its_response_takes_the_type_and_size_later(root):
+    data = b'{"schemaVersion": 2}'
+    with open_store(root) as store:
+        writer = store.writer(sha(data))
+        writer.describe("application/vnd.oci.image.manifest.v1+json", len(data))
+        writer.write(data)
+        writer.commit()
+        assert store.stat(sha(data)).content_type == "application/vnd.oci.image.manifest.v1+json"
+        late = store.writer(sha(b"abc"))
+        late.describe("bad\ntype", 2)  # cleaned like any content type, and the size is enforced
+        assert late.content_type is None
+        with pytest.raises(SizeMismatch):
+            late.write(b"abc")
+    with open_store(root) as reopened:
+        assert reopened.stat(sha(data)).content_type == "application/vnd.oci.image.manifest.v1+json"
+        assert reopened.stat(sha(b"abc")) is None
