@@ -372,7 +372,10 @@ class ContentChain:
             if response.length is not None and response.length > self.store.max_size:
                 self._drop_writer(early_writer)
                 raise StoreFull(f"blob of {response.length} bytes is larger than the cache ({self.store.max_size} bytes)")
-            writer = await early_writer
+            try:
+                writer = await early_writer
+            except OSError as exc:  # no room for even a new file (inodes), or no access: serve uncached
+                raise StoreFull(f"cannot create a cache file: {exc.strerror or exc}") from exc
             writer.describe(content_type.decode("latin-1"), response.length)
         except StoreFull as exc:
             log.warning("cache full; streaming without caching", extra=fields(event="store_full", digest=target.digest,

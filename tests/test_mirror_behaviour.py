@@ -28,6 +28,7 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import socket
 import ssl
 import struct
@@ -630,3 +631,22 @@ def test_an_upstream_refusal_of_a_cold_read_leaves_no_cache_file(world: World) -
         assert got.status == 404 and json.loads(got.body)["errors"], (attempt, got.status, got.body[:200])
     assert wait_until(lambda: world.temp_files(missing) == [], 10), world.temp_files(missing)
     assert not world.cached(missing)
+
+
+def test_a_cache_that_cannot_create_files_still_serves_verified_bytes(world: World) -> None:
+    """No cache file can be made (here its directory is gone): the blob streams uncached, verified."""
+    blob = random_blob(256 * 1024)
+    upload(world.node, world.public, world.ca.cert_path, PUBLIC_REPOSITORY, blob)
+    temp_dir = world.mirror.workdir / "cache" / "tmp"
+    shutil.rmtree(temp_dir)
+    temp_dir.write_text("not a directory")
+    try:
+        got = world.fetch(f"/v2/{PUBLIC_REPOSITORY}/blobs/{blob.digest}")
+    finally:
+        temp_dir.unlink()
+        temp_dir.mkdir()
+    assert (got.status, got.cut, got.body == blob.data) == (200, None, True), world.log()
+    assert not world.cached(blob.digest)
+    again = world.fetch(f"/v2/{PUBLIC_REPOSITORY}/blobs/{blob.digest}")  # the cache works again at once
+    assert (again.status, again.body == blob.data) == (200, True)
+    assert wait_until(lambda: world.cached(blob.digest), 10)
