@@ -244,7 +244,7 @@ class Fill:
         if self._reader_paused:
             self._progress_at = self._clock.seconds()
             if not self._readers or self.received - self._lead <= READER_LAG_LOW:
-                self._stop_pacing(keep=True)
+                self._release_readers_hold(for_good=False)
 
     @property
     def _clock(self):
@@ -263,10 +263,12 @@ class Fill:
             self._stall_timer = self._clock.callLater(READER_STALL - idle, self._check_stall)
             return
         log.debug("readers of %s stalled: the fill no longer waits for them", self.digest)
-        self._stop_pacing(keep=False)
+        self._release_readers_hold(for_good=True)
 
-    def _stop_pacing(self, keep: bool) -> None:
-        self._pacing = self._pacing and keep
+    def _release_readers_hold(self, for_good: bool) -> None:
+        """Resume upstream if it waits for readers; ``for_good`` also stops pacing this fill."""
+        if for_good:
+            self._pacing = False
         if self._stall_timer is not None and self._stall_timer.active():
             self._stall_timer.cancel()
         self._stall_timer = None
@@ -275,8 +277,10 @@ class Fill:
             self._flow()
 
     def _flow(self) -> None:
-        paused = (self._disk_paused or self._reader_paused) and not self._body_finished and self.failure is None
-        if self._upstream is None or paused == self._upstream_paused:
+        if self._upstream is None or self._body_finished or self.failure is not None:
+            return  # the body is over: nothing left to pause or resume
+        paused = self._disk_paused or self._reader_paused
+        if paused == self._upstream_paused:
             return
         self._upstream_paused = paused
         if paused:
@@ -285,9 +289,9 @@ class Fill:
             self._upstream.resumeProducing()
 
     def _body_done(self, reason: Failure) -> None:
-        self._stop_pacing(keep=False)
         if reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self.total is None):
             self._body_finished = True
+            self._release_readers_hold(for_good=True)  # cancels the stall timer
             self._write_next()
         else:
             self._fail(reason)
@@ -331,7 +335,7 @@ class Fill:
             f"{self.digest}: {reason.getErrorMessage() or reason.type.__name__}")
         self.failure.__cause__ = reason.value
         self._pending = []
-        self._stop_pacing(keep=False)
+        self._release_readers_hold(for_good=True)
         if self._upstream is not None:
             self._upstream.stopProducing()
         self.disk.run(self.writer.abort).addErrback(lambda f: log.warning("abort failed: %s", f.value))

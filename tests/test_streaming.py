@@ -378,3 +378,14 @@ def test_a_short_range_waiting_for_verification_does_not_hold_the_fill(store):
     feed(protocol, data, READER_LAG_HIGH + 256 * 1024, len(data))
     protocol.connectionLost(Failure(ResponseDone()))
     assert first_byte.finished and first_byte.body == data[:1] and done.result is True
+
+
+def test_a_body_that_ends_while_readers_hold_it_leaves_no_timer(store):
+    data, disk, fill, protocol, upstream, request, streamer, done = held_by_a_paused_reader(store)
+    assert disk.reactor.getDelayedCalls()  # the stall check is armed while upstream waits
+    feed(protocol, data, READER_LAG_HIGH, len(data))  # what was already in flight still arrives
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fill.verified and disk.reactor.getDelayedCalls() == []
+    assert upstream.resumed == 0  # nothing to resume once the body is over
+    streamer.resumeProducing()
+    assert request.finished and request.body == data and done.result is True
