@@ -1,4 +1,4 @@
-"""Pull mirror benchmarks: dnsmirror against nginx and against pulling straight from the registry.
+"""Pull mirror benchmarks: dnsmirror against nginx, distribution, and pulling straight from the registry.
 
 Everything runs in network namespaces this script creates (the end-to-end harness of ``tests/``):
 Debian's docker-registry with TLS as the upstream of ``123456789012.dkr.ecr.us-east-1.amazonaws.com``
@@ -9,9 +9,11 @@ Measured, side by side in one run:
 1. throughput of a cached blob (256 MiB) over TLS: dnsmirror against nginx serving the same file with
    an ECDSA certificate; both servers pinned to core 0 (taskset), curl pinned to core 1, HTTP/1.1,
    the median of ``--runs`` downloads each (alternating which server goes first);
-2. a cold pull of an image with a big layer (``skopeo copy docker://... oci:DIR``): through a fresh
-   dnsmirror with an empty cache against the same pull straight from the registry, fresh client each
-   run, ``--pulls`` runs each, medians;
+2. a cold pull of an image with a big layer (``skopeo copy docker://... oci:DIR``) straight from the
+   registry, and through a fresh caching proxy with an empty cache: dnsmirror, nginx ``proxy_cache``
+   and docker-registry's pull-through cache (the peers run in a "peer" namespace and are reached
+   through /etc/hosts); fresh client each run, ``--pulls`` runs each way, medians; in two placements
+   (all sharing both cores; the proxy on a core of its own);
 3. dnsmirror's resident memory while streaming a 1 GiB blob to two clients at once, cold (filling
    from upstream while both read) and cached, each on a fresh dnsmirror process: idle VmRSS after a
    warm-up request, and the peak (VmHWM and 10 ms VmRSS samples) above it.
@@ -77,19 +79,10 @@ def mirror(node: Namespace, workdir: Path, dns: str, public_ca: TestCA, cache: P
         node_mirror.stop()
 
 
-@contextlib.contextmanager
-def nginx(node: Namespace, workdir: Path, public_ca: TestCA, blob: Path):
-    """nginx, one worker pinned to the server core, serving ``blob`` as /blob over TLS (ECDSA P-256)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    cert = public_ca.issue_server([ECR_HOST], workdir / "tls")
-    docroot = workdir / "root"
-    docroot.mkdir()
-    try:
-        os.link(blob, docroot / "blob")
-    except OSError:
-        shutil.copyfile(blob, docroot / "blob")
+def start_nginx(namespace: Namespace, workdir: Path, http_block: str, port: int, cpus: str | None):
+    """nginx (one worker, pinned to ``cpus`` if given) in ``namespace`` with ``http_block`` inside ``http {}``."""
     temp = workdir / "temp"
-    temp.mkdir()
+    temp.mkdir(parents=True)
     # as root, nginx's workers would drop to an account that cannot enter the private temp directory
     user = "user root;" if os.geteuid() == 0 else ""
     (workdir / "nginx.conf").write_text(f"""
@@ -104,23 +97,98 @@ http {{
   client_body_temp_path {temp}/body; proxy_temp_path {temp}/proxy; fastcgi_temp_path {temp}/fastcgi;
   uwsgi_temp_path {temp}/uwsgi; scgi_temp_path {temp}/scgi;
   default_type application/octet-stream;
+  {http_block}
+}}
+""")
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    argv = [binary, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", str(workdir / "error.log")]
+    process = namespace.start(["taskset", "-c", cpus, *argv] if cpus else argv, "nginx")
+    try:
+        process.wait_listening(port)
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+@contextlib.contextmanager
+def nginx(node: Namespace, workdir: Path, public_ca: TestCA, blob: Path):
+    """nginx, one worker pinned to the server core, serving ``blob`` as /blob over TLS (ECDSA P-256)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    cert = public_ca.issue_server([ECR_HOST], workdir / "tls")
+    docroot = workdir / "root"
+    docroot.mkdir()
+    try:
+        os.link(blob, docroot / "blob")
+    except OSError:
+        shutil.copyfile(blob, docroot / "blob")
+    process = start_nginx(node, workdir, f"""
   server {{
     listen {node.address}:{NGINX_PORT} ssl;
     ssl_certificate {cert.chain_path};
     ssl_certificate_key {cert.key_path};
     ssl_protocols TLSv1.2 TLSv1.3;
     root {docroot};
-  }}
-}}
-""")
-    binary = shutil.which("nginx") or "/usr/sbin/nginx"
-    process = node.start(["taskset", "-c", SERVER_CORE, binary, "-p", str(workdir), "-c",
-                          str(workdir / "nginx.conf"), "-e", str(workdir / "error.log")], "nginx")
+  }}""", NGINX_PORT, SERVER_CORE)
     try:
-        process.wait_listening(NGINX_PORT)
         yield process
     finally:
         process.stop()
+
+
+@contextlib.contextmanager
+def nginx_cache(peer: Namespace, workdir: Path, public_ca: TestCA, registry: Registry, cpus: str | None):
+    """nginx as a caching TLS reverse proxy of the registry, as a mirror without DNS capture would be.
+
+    ``proxy_cache`` on disk (an empty cache), keep-alive upstream connections, the registry's certificate
+    verified; responses stream to the client while they are written to the cache. Yields the processes.
+    """
+    workdir.mkdir(parents=True)
+    cert = public_ca.issue_server([ECR_HOST], workdir / "tls")
+    process = start_nginx(peer, workdir, f"""
+  proxy_cache_path {workdir}/cache levels=1:2 keys_zone=blobs:10m max_size=10g inactive=1h use_temp_path=off;
+  upstream registry {{ server {registry.address}:{registry.port}; keepalive 8; }}
+  server {{
+    listen {peer.address}:443 ssl;
+    ssl_certificate {cert.chain_path};
+    ssl_certificate_key {cert.key_path};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {{
+      proxy_pass https://registry;
+      proxy_http_version 1.1;
+      proxy_set_header Host $host;
+      proxy_set_header Connection "";
+      proxy_ssl_server_name on;
+      proxy_ssl_name {ECR_HOST};
+      proxy_ssl_verify on;
+      proxy_ssl_trusted_certificate {public_ca.cert_path};
+      proxy_ssl_session_reuse on;
+      proxy_cache blobs;
+      proxy_cache_key $uri;
+      proxy_cache_lock on;
+      proxy_cache_valid 200 1h;
+    }}
+  }}""", 443, cpus)
+    try:
+        yield process_tree(process.pid)
+    finally:
+        process.stop()
+
+
+@contextlib.contextmanager
+def distribution_cache(peer: Namespace, workdir: Path, public_ca: TestCA, cpus: str | None):
+    """docker-registry (distribution) as a pull-through cache of the registry, an empty storage.
+
+    It reaches the registry by name (the peer namespace's /etc/hosts) and verifies its certificate.
+    """
+    proxy = Registry(peer, ECR_HOST, public_ca, workdir, trust_file=public_ca.cert_path,
+                     extra_config={"proxy": {"remoteurl": f"https://{ECR_HOST}"},
+                                   "log": {"level": "warn", "accesslog": {"disabled": True}}})
+    with proxy:
+        if cpus:
+            subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(proxy.process.pid)], check=True,
+                           capture_output=True)
+        yield [proxy.process.pid]
 
 
 def memory_kib(pid: int, field: str) -> int:
@@ -211,6 +279,8 @@ class World:
     dns: str
     node: Namespace
     direct: Namespace
+    peer: Namespace  # where the other caching proxies run; its /etc/hosts names the registry
+    peer_client: Namespace  # whose /etc/hosts sends the registry's name to the peer
 
     def mirror(self, cache: Path, cpus: str | None = None):
         return mirror(self.node, self.work / "mirror", self.dns, self.ca, cache, cpus)
@@ -261,25 +331,55 @@ def pinned(world: World, cpu: str):
                        check=True, capture_output=True)
 
 
-def cold_pulls(world: World, pulls: int, layer_size: int, image=None, pin: bool = False) -> dict:
-    """skopeo copy of one image: straight from the registry vs through a fresh dnsmirror, fresh cache.
+PULL_WAYS = ("direct", "dnsmirror", "nginx", "distribution")
+PULL_WAY_LABELS = {
+    "direct": "direct from the registry",
+    "dnsmirror": "through dnsmirror, empty cache",
+    "nginx": "through nginx proxy_cache, empty cache",
+    "distribution": "through distribution's pull-through cache, empty storage",
+}
 
-    With ``pin``, dnsmirror runs on core SERVER_CORE and the registry and skopeo share CLIENT_CORE in
-    both cases: a node where the registry is remote and the mirror has a core's worth of headroom."""
+
+def cold_pulls(world: World, pulls: int, layer_size: int, image=None, pin: bool = False) -> dict:
+    """skopeo copy of one image: straight from the registry, and through each caching proxy started
+    fresh with an empty cache (dnsmirror, nginx proxy_cache, distribution's pull-through cache).
+
+    With ``pin``, the proxy runs on core SERVER_CORE and the registry and skopeo share CLIENT_CORE in
+    every case: a node where the registry is remote and the mirror has a core's worth of headroom."""
     reference = f"{ECR_HOST}/{PULL_REPOSITORY}:v1"
     if image is None:
         image = build_image(world.work / "pull-image", tag="v1", platforms=("linux/amd64",),
                             big_layer_size=layer_size)
         push_image(image, world.direct, reference, ca_file=world.ca.cert_path)
     big = image.big_layer
-    times: dict[str, list[float]] = {"direct": [], "dnsmirror": []}
-    mirror_cpu: list[float] = []
+    times: dict[str, list[float]] = {name: [] for name in PULL_WAYS}
+    proxy_cpu: dict[str, list[float]] = {name: [] for name in PULL_WAYS if name != "direct"}
+    proxy_core = SERVER_CORE if pin else None
+
+    @contextlib.contextmanager
+    def way(name: str, run: int):
+        """(client namespace, CA file it trusts, proxy pids) for one pull the ``name`` way."""
+        workdir = world.work / f"pull-{name}-{'pinned' if pin else 'shared'}-{run}"
+        try:
+            if name == "direct":
+                yield world.direct, world.ca.cert_path, []
+            elif name == "dnsmirror":
+                with world.mirror(workdir / "cache", cpus=proxy_core) as node_mirror:
+                    yield world.node, node_mirror.trust_bundle(), [node_mirror.process.pid]
+            elif name == "nginx":
+                with nginx_cache(world.peer, workdir, world.ca, world.registry, proxy_core) as pids:
+                    yield world.peer_client, world.ca.cert_path, pids
+            else:
+                with distribution_cache(world.peer, workdir, world.ca, proxy_core) as pids:
+                    yield world.peer_client, world.ca.cert_path, pids
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     def pull(namespace: Namespace, trust: Path, name: str, run: int) -> float:
         target = world.work / f"pulled-{name}-{run}"
         started = time.perf_counter()
         skopeo_copy(namespace, f"docker://{reference}", f"oci:{target}:v1", ca_file=trust, all_platforms=False,
-                     timeout=300)
+                    timeout=300)
         elapsed = time.perf_counter() - started
         pulled = target / "blobs" / "sha256" / big.digest.split(":", 1)[1]
         if pulled.stat().st_size != big.size:
@@ -288,21 +388,17 @@ def cold_pulls(world: World, pulls: int, layer_size: int, image=None, pin: bool 
         return elapsed
 
     for run in range(pulls):
-        for name in (("direct", "dnsmirror") if run % 2 == 0 else ("dnsmirror", "direct")):
-            if name == "direct":
+        # each way goes first, second, ... in turn, so that no way always follows the same one
+        shift = run % len(PULL_WAYS)
+        for name in PULL_WAYS[shift:] + PULL_WAYS[:shift]:
+            with way(name, run) as (namespace, trust, pids):
+                before = cpu_seconds(pids)
                 with pinned(world, CLIENT_CORE) if pin else contextlib.nullcontext():
-                    times[name].append(pull(world.direct, world.ca.cert_path, name, run))
-                continue
-            cache = world.work / f"cache-pull-{run}"
-            with world.mirror(cache, cpus=SERVER_CORE if pin else None) as node_mirror:
-                trust = node_mirror.trust_bundle()
-                before = cpu_seconds([node_mirror.process.pid])
-                with pinned(world, CLIENT_CORE) if pin else contextlib.nullcontext():
-                    times[name].append(pull(world.node, trust, name, run))
-                mirror_cpu.append(cpu_seconds([node_mirror.process.pid]) - before)
-            shutil.rmtree(cache)
+                    times[name].append(pull(namespace, trust, name, run))
+                if pids:
+                    proxy_cpu[name].append(cpu_seconds(pids) - before)
     return {"times": times, "layer": big.size, "image": sum(blob.size for blob in image.blobs()),
-            "mirror_cpu": mirror_cpu, "built": image}
+            "proxy_cpu": proxy_cpu, "built": image}
 
 
 class MemorySampler:
@@ -381,18 +477,36 @@ def mb(rate: float) -> str:
     return f"{rate / 1e6:,.0f}"
 
 
+def pull_rows(placements: dict[str, dict]) -> tuple[str, dict[str, dict[str, float]]]:
+    """Markdown rows of the cold-pull table and each proxy's overhead over direct, per placement."""
+    rows = []
+    overheads: dict[str, dict[str, float]] = {}
+    for placement, result in placements.items():
+        times = result["times"]
+        direct = statistics.median(times["direct"])
+        overheads[placement] = {}
+        for name in PULL_WAYS:
+            median = statistics.median(times[name])
+            cpu = result["proxy_cpu"].get(name)
+            if name == "direct":
+                vs_direct, cpu_cell = "", ""
+            else:
+                overheads[placement][name] = (median - direct) / direct
+                vs_direct = f"**{overheads[placement][name]:+.0%}**" if name == "dnsmirror" else \
+                    f"{overheads[placement][name]:+.0%}"
+                per_gib = statistics.median(cpu) / (result["layer"] / 2**30)
+                cpu_cell = f"{statistics.median(cpu):.2f} ({per_gib:.1f}/GiB)"
+            rows.append(f"| {placement} | {PULL_WAY_LABELS[name]} | {median:.2f} | {vs_direct} | {cpu_cell} | "
+                        f"{', '.join(f'{t:.2f}' for t in times[name])} |")
+    return "\n".join(rows), overheads
+
+
 def report(args: argparse.Namespace, tput: dict, pulls: dict, mem: dict) -> str:
     size = tput["size"]
     speeds = {name: [d.speed for d in rows] for name, rows in tput["rows"].items()}
     medians = {name: statistics.median(values) for name, values in speeds.items()}
     ratio = medians["dnsmirror"] / medians["nginx"]
     per_gib = {name: tput["cpu"][name] / (len(speeds[name]) * size / 2**30) for name in speeds}
-    times = pulls["times"]
-    direct, through = statistics.median(times["direct"]), statistics.median(times["dnsmirror"])
-    overhead = (through - direct) / direct
-    pinned_times = pulls["pinned"]["times"]
-    pinned_direct, pinned_through = statistics.median(pinned_times["direct"]), statistics.median(pinned_times["dnsmirror"])
-    pinned_overhead = (pinned_through - pinned_direct) / pinned_direct
     command = (f".venv/bin/python bench/mirror_bench.py --runs {args.runs} --pulls {args.pulls} "
                f"--blob-mib {args.blob_mib} --pull-layer-mib {args.pull_layer_mib} --rss-mib {args.rss_mib}")
 
@@ -406,9 +520,10 @@ def report(args: argparse.Namespace, tput: dict, pulls: dict, mem: dict) -> str:
         return (f"| {label} | {result['idle'] / 1024:.0f} | {result['peak'] / 1024:.0f} | **{above:.0f}** | "
                 f"{result['sampled'] / 1024:.0f} ({result['samples']} samples) | {result['seconds']:.1f} |")
 
+    rows, overheads = pull_rows({"shared cores": pulls, "proxy on its own core": pulls["pinned"]})
     cold_above = (mem["cold"]["peak"] - mem["cold"]["idle"]) / 1024
     cached_above = (mem["cached"]["peak"] - mem["cached"]["idle"]) / 1024
-    return f"""## Pull mirror: cached throughput vs nginx, cold pull overhead, memory while streaming
+    return f"""## Pull mirror: cached throughput vs nginx, cold pull overhead vs caching proxies, memory while streaming
 
 Command: `{command}` (run by `make bench`). Network namespaces created by the script: docker-registry (TLS, a test
 public CA) as the upstream of `{ECR_HOST}`, dnsmirror in a node namespace whose resolv.conf points at dnsmirror, a
@@ -433,25 +548,25 @@ one worker, the same file (a hard link of the registry's copy), ECDSA P-256 cert
 ### 2. Cold pull, `skopeo copy docker://{ECR_HOST}/{PULL_REPOSITORY}:v1 oci:DIR:v1`
 
 One platform, a {pulls['layer'] / MiB:.0f} MiB uncompressed layer ({pulls['image'] / MiB:.1f} MiB in all, pushed with
-skopeo). Direct: the registry's address from /etc/hosts. Through dnsmirror: a fresh dnsmirror process with an empty
-cache each run (start-up not timed), the node's DNS answering dnsmirror's address. A fresh skopeo and destination each
-run; {args.pulls} runs each, alternating the order. Two placements: everything sharing both cores; and dnsmirror on core
-{SERVER_CORE} while the registry and skopeo share core {CLIENT_CORE} in both the direct and the mirrored pull (as on a node,
-where the registry is remote and does not compete with the mirror for the node's CPU).
+skopeo). Direct: the registry's address from /etc/hosts. Through dnsmirror: the node's DNS answers dnsmirror's address.
+The peers, caching TLS proxies without DNS capture, reached through /etc/hosts: nginx with `proxy_cache` (one worker,
+keep-alive upstream, the registry's certificate verified; it streams while caching and does not check digests) and
+docker-registry (distribution) as a pull-through cache. Every proxy is a fresh process with an empty cache each run
+(start-up not timed); a fresh skopeo and destination each run; {args.pulls} runs each way, each way first in turn.
+Two placements: everything sharing both cores; and the proxy on core {SERVER_CORE} while the registry and skopeo share
+core {CLIENT_CORE} in every case, direct too (as on a node, where the registry is remote and does not compete with the
+mirror for the node's CPU). CPU: the proxy's user + system time per pull (median), and per GiB pulled.
 
-| placement | pull | median s | all runs (s) |
-|---|---|---:|---|
-| shared cores | direct from the registry | {direct:.2f} | {", ".join(f"{t:.2f}" for t in times["direct"])} |
-| shared cores | through dnsmirror, empty cache | {through:.2f} | {", ".join(f"{t:.2f}" for t in times["dnsmirror"])} |
-| dnsmirror on its own core | direct from the registry | {pinned_direct:.2f} | {", ".join(f"{t:.2f}" for t in pinned_times["direct"])} |
-| dnsmirror on its own core | through dnsmirror, empty cache | {pinned_through:.2f} | {", ".join(f"{t:.2f}" for t in pinned_times["dnsmirror"])} |
+| placement | pull | median s | vs direct | proxy CPU s | all runs (s) |
+|---|---|---:|---:|---:|---|
+{rows}
 
-- **Overhead of the cold pull through dnsmirror: {overhead:+.0%} sharing the cores, {pinned_overhead:+.0%} with
-  dnsmirror on its own core** (target < 15%).
-- dnsmirror's own CPU time per pull (median): {statistics.median(pulls['mirror_cpu']):.2f} s, i.e.
-  {statistics.median(pulls['mirror_cpu']) / (pulls['layer'] / 2**30):.1f} CPU-seconds per GiB pulled cold; the
-  machine has two cores, shared by skopeo, the registry and dnsmirror. Where that time goes (profiled): bench/README.md,
-  "What limits a cold pull".
+- **Overhead of the cold pull through dnsmirror: {overheads["shared cores"]["dnsmirror"]:+.0%} sharing the cores,
+  {overheads["proxy on its own core"]["dnsmirror"]:+.0%} with dnsmirror on its own core** (target < 15%).
+- In the same run, nginx `proxy_cache`: {overheads["shared cores"]["nginx"]:+.0%} shared,
+  {overheads["proxy on its own core"]["nginx"]:+.0%} on its own core; distribution's pull-through cache:
+  {overheads["shared cores"]["distribution"]:+.0%} and {overheads["proxy on its own core"]["distribution"]:+.0%}.
+  Where dnsmirror's CPU goes: bench/README.md, "What limits a cold pull".
 
 ### 3. dnsmirror's memory while two clients stream a {mem['size'] // MiB} MiB blob at once
 
@@ -493,10 +608,12 @@ def main() -> int:
         registry_ns = cluster.add("registry")
         node = cluster.add("node")
         direct = cluster.add("direct", hosts={ECR_HOST: registry_ns.address})
+        peer = cluster.add("peer", hosts={ECR_HOST: registry_ns.address})
+        peer_client = cluster.add("peer-client", hosts={ECR_HOST: peer.address})
         ca = create_ca(work / "public-ca")
         with Registry(registry_ns, ECR_HOST, ca, work / "registry") as registry, \
                 StaticDNS(registry_ns, {ECR_HOST: registry_ns.address}, work / "dns") as dns:
-            world = World(cluster, work, ca, registry, dns.address, node, direct)
+            world = World(cluster, work, ca, registry, dns.address, node, direct, peer, peer_client)
             tput = throughput(world, args.runs, args.blob_mib * MiB)
             pulls = cold_pulls(world, args.pulls, args.pull_layer_mib * MiB)
             pulls["pinned"] = cold_pulls(world, args.pulls, args.pull_layer_mib * MiB, image=pulls["built"], pin=True)

@@ -10,7 +10,8 @@ registry's stdout) that tests read to count requests:
         assert registry.count_requests("GET", f"/v2/team/app/blobs/{digest}") == 1
 
 ``redirect_base_url`` makes blob GETs answer a 307 to a second host (see :mod:`harness.blobhost`);
-``extra_config`` is deep-merged into the YAML config for anything else. :meth:`Registry.corrupt_blob`
+``extra_config`` is deep-merged into the YAML config for anything else (e.g. ``proxy.remoteurl``
+for a pull-through cache, whose upstream it verifies against ``trust_file``). :meth:`Registry.corrupt_blob`
 makes it serve bytes that do not match their digest.
 """
 
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .netns import HarnessError, Namespace, Process
+from .netns import HarnessError, Namespace, Process, clean_env
 from .pki import ServerCert, TestCA
 
 # combined log format: addr - user [time] "METHOD PATH PROTO" status size "referer" "agent"
@@ -74,7 +75,8 @@ class Registry:
 
     def __init__(self, namespace: Namespace, hostname: str, ca: TestCA, workdir: str | os.PathLike[str], *,
                  users: Mapping[str, str] | None = None, port: int = 443, address: str | None = None,
-                 redirect_base_url: str | None = None, extra_config: Mapping[str, Any] | None = None) -> None:
+                 redirect_base_url: str | None = None, extra_config: Mapping[str, Any] | None = None,
+                 trust_file: str | os.PathLike[str] | None = None) -> None:
         self.namespace = namespace
         self.hostname = hostname
         self.address = address or namespace.address
@@ -86,6 +88,7 @@ class Registry:
         self.tls: ServerCert = ca.issue_server([hostname], self.workdir / "tls", ip_addresses=[self.address])
         self.redirect_base_url = redirect_base_url
         self.extra_config = dict(extra_config or {})
+        self.trust_file = trust_file
         self.process: Process | None = None
 
     @property
@@ -122,7 +125,8 @@ class Registry:
         """Write the config, start the registry in its namespace and wait until it listens."""
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2))
-        self.process = self.namespace.start(["docker-registry", "serve", str(self.config_path)], "docker-registry")
+        self.process = self.namespace.start(["docker-registry", "serve", str(self.config_path)], "docker-registry",
+                                            env=clean_env(ssl_cert_file=self.trust_file))
         self.process.wait_listening(self.port, timeout)
         return self
 
