@@ -12,6 +12,7 @@ from dnsmirror import ca as camod
 from dnsmirror import logs
 from dnsmirror.access import AccessLogSite
 from dnsmirror.authz import Grants
+from dnsmirror.bypass import TlsBypass
 from dnsmirror.config import Config
 from dnsmirror.content import ContentChain, ContentStats
 from dnsmirror.dns import server as dnsserver
@@ -58,6 +59,8 @@ class Services:
         self.upstreams = config.dns.upstreams or tuple(default_upstreams(config.dns.listen))
         self.responder = Responder(self.matcher, config.mirror.address, config.mirror.address6,
                                    config.dns.ttl, config.dns.answer_cache_size)
+        self.tls_bypass = TlsBypass(reactor, config.upstream.tls_failure_bypass, self.responder.forget_answers)
+        self.responder.bypassed = self.tls_bypass.bypassed
         self.forwarder = Forwarder(reactor, self.upstreams, config.dns.timeout)
         self.dns = dnsserver.DnsController(self.responder, self.forwarder, config.dns.allow, self.dns_stats)
         self.probe = ListenerProbe(reactor, self.health, config.health.targets or config.https.listen,
@@ -85,6 +88,7 @@ class Services:
         self.disk = DiskIO(self.reactor, self.store)
         self.disk.start()
         self.upstream = UpstreamClient.from_config(self.config, self.reactor, fallback_resolvers=self.upstreams)
+        self.upstream.on_tls_failure = self.tls_bypass.record_failure
         grants = Grants(cache.grant_ttl, cache.offline_grant_ttl)
         self.passthrough = PassThrough(self.reactor, self.upstream, self.disk, grants, TagMemory(), cache.stale_tags)
         containerd = ContainerdContentSource(cache.containerd_content) if cache.containerd_content else None
@@ -133,6 +137,10 @@ class Services:
                                       lambda: self.passthrough.stale_answers if self.passthrough else 0),
                 "streamed_request_bodies": ("Request bodies (pushes) streamed upstream as they arrived",
                                             lambda: self.passthrough.streamed_bodies if self.passthrough else 0),
+                "tls_bypasses": ("Times a registry stopped being captured because its certificate failed "
+                                 "verification", lambda: self.tls_bypass.started),
+                "tls_bypassed_registries": ("Registries not captured now because their certificate failed "
+                                            "verification", lambda: self.tls_bypass.active),
             },
             self.health,
         )

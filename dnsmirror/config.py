@@ -99,6 +99,7 @@ class UpstreamConfig:
     pool_per_host: int
     pool_idle_timeout: float
     allow_internal: bool
+    tls_failure_bypass: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -376,6 +377,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
         "pool_per_host": _int_range(0, 1000),
         "pool_idle_timeout": parse_duration,
         "allow_internal": _boolean,
+        "tls_failure_bypass": _duration_or_zero,
     }),
     "cache": (CacheConfig, {
         "dir": _path,

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -659,6 +659,8 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = self.settings.pool_per_host
         self.pool.cachedConnectionTimeout = self.settings.pool_idle_timeout
         self.pool.retryAutomatically = True
+        # told (host, reason) when TLS with the host a request named fails, also on a redirect's hop
+        self.on_tls_failure: Callable[[str, str], None] | None = None
 
     @classmethod
     def from_config(cls, config: Config, reactor, fallback_resolvers: Iterable[HostPort] = ()) -> UpstreamClient:
@@ -700,7 +702,12 @@ class UpstreamClient:
         first_origin = origin(url)
         followed: list[str] = []
         for _hop in range(self.settings.max_redirects + 1):
-            response = await self._exchange(method, url, headers, body, tuple(followed))
+            try:
+                response = await self._exchange(method, url, headers, body, tuple(followed))
+            except UpstreamTLSError as exc:
+                if self.on_tls_failure is not None:
+                    self.on_tls_failure(first_origin[1], str(exc))
+                raise
             target = redirect_target(response.code, response.headers, url) if follow else None
             if target is None:
                 return response

@@ -330,9 +330,33 @@ class UpstreamClientTests(TestCase):
 
     @defer.inlineCallbacks
     def test_untrusted_without_the_bundle(self):
-        error = yield self.assertFailure(self.client(bundle=False).request("GET", self.url("/blob")), UpstreamTLSError)
+        client = self.client(bundle=False)
+        failures = []
+        client.on_tls_failure = lambda host, reason: failures.append((host, reason))
+        error = yield self.assertFailure(client.request("GET", self.url("/blob")), UpstreamTLSError)
         self.assertIn("registry.test", str(error))
         self.assertEqual(self.servers.log, [])
+        self.assertEqual(failures, [("registry.test", str(error))])
+
+    @defer.inlineCallbacks
+    def test_a_tls_failure_after_a_redirect_is_reported_for_the_host_the_request_named(self):
+        client = self.client()
+        failures = []
+        client.on_tls_failure = lambda host, reason: failures.append(host)
+        # the redirect's target answers with a certificate for another name
+        request = client.request("GET", self.url("/redirect/302/https://wrong.test:PORT_CDN/blob"),
+                                 follow_redirects=True)
+        yield self.assertFailure(request, UpstreamTLSError)
+        self.assertEqual(failures, ["registry.test"])
+
+    @defer.inlineCallbacks
+    def test_other_failures_are_not_reported_as_tls_failures(self):
+        client = self.client(connect_timeout=2)
+        failures = []
+        client.on_tls_failure = lambda host, reason: failures.append(host)
+        response = yield client.request("GET", self.url("/missing"))
+        yield response.discard()
+        self.assertEqual((response.code, failures), (404, []))
 
     @defer.inlineCallbacks
     def test_platform_trust_honours_ssl_cert_file(self):

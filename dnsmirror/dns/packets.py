@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import struct
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, A, DNSError, DNSRecord
@@ -91,7 +92,8 @@ class Responder:
     """Decides, for one query packet, whether dnsmirror answers it (captured) or forwards it.
 
     ``capture_enabled`` follows the mirror's health: when it is off, captured names are forwarded
-    (fail open) and the answer cache is emptied.
+    (fail open) and the answer cache is emptied. ``bypassed(name)``, if given, names single registries
+    to forward as well (see :mod:`dnsmirror.bypass`); call :meth:`forget_answers` when it changes.
     """
 
     def __init__(
@@ -101,8 +103,10 @@ class Responder:
         address6: str | None,
         ttl: int,
         cache_size: int = 4096,
+        bypassed: Callable[[str], bool] | None = None,
     ) -> None:
         self.matcher = matcher
+        self.bypassed = bypassed
         self.address = address
         self.address6 = address6
         self.ttl = ttl
@@ -119,6 +123,10 @@ class Responder:
         if enabled != self._capture_enabled:
             self._answers.clear()
         self._capture_enabled = enabled
+
+    def forget_answers(self) -> None:
+        """Drop the remembered captured answers (a registry stopped being captured)."""
+        self._answers.clear()
 
     def cached_answer(self, packet: bytes) -> bytes | None:
         """The captured answer for a query seen before in exactly these bytes (ID aside), or None."""
@@ -146,7 +154,7 @@ class Responder:
         qtype = question.qtype
         if not self.matcher.captures(qname):
             return Decision(Action.FORWARD, qname=qname, qtype=qtype)
-        if not self._capture_enabled:
+        if not self._capture_enabled or (self.bypassed is not None and self.bypassed(qname)):
             return Decision(Action.FORWARD, qname=qname, qtype=qtype, fail_open=True, captured=True)
         if qtype not in (QTYPE.A, QTYPE.AAAA) and qtype not in _EMPTY_FOR_CAPTURED:
             return Decision(Action.FORWARD, qname=qname, qtype=qtype)

@@ -11,7 +11,7 @@ class DnsStats:
 
     captured: int = 0       # answered with the mirror address (or an empty answer for AAAA/HTTPS/SVCB)
     forwarded: int = 0      # sent upstream and the answer passed back
-    fail_open: int = 0      # captured name forwarded because the mirror was not healthy
+    fail_open: int = 0      # captured name forwarded: the mirror was not healthy, or the registry is bypassed
     refused: int = 0        # client outside dns.allow
     malformed: int = 0      # unparseable packet, dropped
     servfail: int = 0       # every upstream failed
