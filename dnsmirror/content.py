@@ -261,7 +261,9 @@ class ContentChain:
         try:
             fd = await self.disk.run(os.open, fill.temp_path, os.O_RDONLY)
         except FileNotFoundError:
-            # committed (renamed) or aborted between the check and the open
+            # the fill ended (renamed into the cache, or removed) before the open: a small blob's commit
+            # can win that race, and its outcome reaches the reactor only after the rename
+            await fill.settled()
             if fill.info is None or not await self._serve_stored(request, target):
                 request.channel.transport.abortConnection()
             return

@@ -150,6 +150,17 @@ class Fill:
         while self._recent_bytes > RECENT_WINDOW and self._recent[0][0] + len(self._recent[0][1]) <= self.written:
             self._recent_bytes -= len(self._recent.popleft()[1])
 
+    def settled(self) -> defer.Deferred:
+        """Fires (with None) once ``done`` has: the blob is committed (``info`` set) or the fill failed."""
+        settled: defer.Deferred = defer.Deferred()
+
+        def relay(result):
+            settled.callback(None)
+            return result
+
+        self.done.addBoth(relay)
+        return settled
+
     def wait(self) -> defer.Deferred:
         """Fires at the next progress: more bytes readable, verification, or failure."""
         d: defer.Deferred = defer.Deferred()

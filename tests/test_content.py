@@ -1,0 +1,139 @@
+"""The content chain with its disk thread's calls ordered by hand, for races real threads hit rarely."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from test_streaming import FakeRequest
+from twisted.internet import defer, task
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from dnsmirror import oci
+from dnsmirror.authz import ANONYMOUS, Grants
+from dnsmirror.content import ContentChain
+from dnsmirror.store import Store
+from dnsmirror.streaming import DiskIO
+from dnsmirror.target import Target
+
+ECR = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
+
+
+class ManualDisk(DiskIO):
+    """Queues every disk call; the test runs them one by one, and may run one now and report it later."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.reactor = task.Clock()
+        self.queue: list[tuple[object, tuple, dict, defer.Deferred]] = []
+
+    def run(self, function, *args, **kwargs) -> defer.Deferred:
+        d: defer.Deferred = defer.Deferred()
+        self.queue.append((function, args, kwargs, d))
+        return d
+
+    def _take(self, name: str):
+        for index, (function, args, kwargs, d) in enumerate(self.queue):
+            if getattr(function, "__name__", "") == name:
+                del self.queue[index]
+                return function, args, kwargs, d
+        raise AssertionError(f"no queued {name} call in {[getattr(f, '__name__', f) for f, *_ in self.queue]}")
+
+    def step(self, name: str) -> None:
+        """Run the queued call of ``name`` and report its outcome at once."""
+        function, args, kwargs, d = self._take(name)
+        defer.maybeDeferred(function, *args, **kwargs).chainDeferred(d)
+
+    def run_quietly(self, name: str) -> defer.Deferred:
+        """Run the queued call of ``name`` now; its outcome reaches the caller when the result is fired."""
+        function, args, kwargs, d = self._take(name)
+        outcome = defer.maybeDeferred(function, *args, **kwargs)
+        held: defer.Deferred = defer.Deferred()
+        held.addCallback(lambda _: outcome.chainDeferred(d))
+        return held
+
+    def drain(self, limit: int = 100) -> None:
+        for _ in range(limit):
+            if not self.queue:
+                return
+            function, args, kwargs, d = self.queue.pop(0)
+            defer.maybeDeferred(function, *args, **kwargs).chainDeferred(d)
+        raise AssertionError("disk calls did not settle")
+
+
+class OneBlobUpstream:
+    """Answers every GET with ``body``, delivered as soon as a body protocol is attached."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
+        return defer.succeed(_Response(self.body))
+
+
+class _Response:
+    code = 200
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+        self.headers = Headers({b"content-type": [b"application/octet-stream"]})
+
+    def deliver_body(self, protocol) -> None:
+        protocol.makeConnection(None)
+        protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class BlobRequest(FakeRequest):
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: dict[bytes, bytes] = {}
+        self.code = 200
+        self.source = None
+
+    def setHeader(self, name, value):  # noqa: N802 - twisted.web's name
+        self.headers[name.lower()] = value
+
+    def getHeader(self, name):  # noqa: N802
+        return None
+
+    def setResponseCode(self, code, message=None):  # noqa: N802
+        self.code = code
+
+    @property
+    def requestHeaders(self):  # noqa: N802
+        return Headers()
+
+
+def blob_target(digest: str) -> Target:
+    uri = f"/v2/team/app/blobs/{digest}".encode()
+    return Target(host=ECR, upstream_host=ECR, uri=uri, method="GET", path=oci.parse_path(uri),
+                  credential=ANONYMOUS, authorization=[])
+
+
+def test_a_small_blob_committed_before_its_reader_opened_it_is_served_from_the_cache(tmp_path):
+    data = os.urandom(300)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with Store.open(tmp_path / "cache", 10 * 2**20) as store:
+        disk = ManualDisk(store)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), Grants(300, 86400), passthrough=None)
+        request = BlobRequest()
+        served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
+
+        disk.step("writer")               # the cache file, created while upstream answers
+        disk.step("_write_and_verify")    # the whole body arrived at once: written and verified
+        # the reader's open and the commit's rename race in two threads: the rename wins, and its
+        # outcome reaches the reactor only after the open has failed
+        commit_reported = disk.run_quietly("commit")
+        disk.step("open")
+        assert not request.channel.transport.aborted
+        commit_reported.callback(None)
+        disk.drain()
+
+        assert served.called and served.result is None
+        assert not request.channel.transport.aborted
+        assert request.finished and request.body == data and request.source == "cache"
+        assert digest in store
