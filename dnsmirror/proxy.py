@@ -27,12 +27,20 @@ from dnsmirror.upstream import UPSTREAM_FAILURES, BodyTooLarge, UpstreamClient, 
 log = logging.getLogger("dnsmirror.proxy")
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# an answer sent while the request body is still arriving is read whole first (error documents are small)
+EARLY_ANSWER_LIMIT = 1024 * 1024
 
 
 def write_error(request, error: oci.OCIError, headers: dict[bytes, bytes] | None = None) -> None:
     """Answer ``request`` with an OCI error body (unless the response already started)."""
     if request.startedWriting or request.finished:
         return
+    send_error(request, error, headers)
+    request.finish()
+
+
+def send_error(request, error: oci.OCIError, headers: dict[bytes, bytes] | None = None) -> None:
+    """Write an OCI error response, status to body, without finishing the request."""
     request.setResponseCode(error.status)
     request.setHeader(b"content-type", oci.ERROR_CONTENT_TYPE.encode())
     request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
@@ -42,7 +50,6 @@ def write_error(request, error: oci.OCIError, headers: dict[bytes, bytes] | None
     request.setHeader(b"content-length", str(len(body)).encode())
     if request.method != b"HEAD":
         request.write(body)
-    request.finish()
 
 
 def unavailable(reason: str) -> oci.OCIError:
@@ -95,9 +102,40 @@ class PassThrough:
         return self.upstream.request(target.method, target.url, headers, body).addCallbacks(
             lambda response: ("ok", response), lambda failure: ("failed", failure))
 
+    async def answer_early(self, request, outcome) -> None:
+        """Send upstream's answer to a request whose body is still arriving: whole, with its length (an
+        answer longer than :data:`EARLY_ANSWER_LIMIT` becomes a 502). The request is finished by
+        :meth:`forward` once the rest of the body has been read and dropped."""
+        request.source = "passthrough"
+        kind, value = outcome
+        if kind == "ok":
+            try:
+                body = await value.read_body(EARLY_ANSWER_LIMIT)
+            except UPSTREAM_FAILURES as exc:
+                send_error(request, unavailable(str(exc)))
+                return
+            request.setResponseCode(value.code, value.phrase)
+            copy_headers(request, value.headers)
+            request.responseHeaders.removeHeader(b"transfer-encoding")
+            request.setHeader(b"content-length", str(len(body)).encode())
+            request.write(body)
+            log.info("%s: upstream answered %s before the request body was complete", value.description,
+                     value.code, extra=fields(event="early_answer", status=value.code))
+        elif value.check(*UPSTREAM_FAILURES):
+            send_error(request, unavailable(value.getErrorMessage()))
+        else:
+            send_error(request, oci.OCIError("UNKNOWN", "internal error", status=500))
+            log.error("streamed request failed: %s", value.getTraceback())
+
     async def forward(self, request, target: Target) -> None:
         """Send ``request`` upstream and its answer back; tag fallback when upstream is unreachable."""
         request.source = "passthrough"
+        answered = getattr(request, "early_answer", None)
+        if answered is not None:
+            await answered
+            if not request.finished and request.channel is not None:
+                request.finish()
+            return
         early = getattr(request, "early_response", None)
         if early is not None:
             request.early_response = None

@@ -3,9 +3,13 @@
 twisted.web receives a whole request body before it renders a resource, writing large bodies to a
 temporary file on the reactor thread. :class:`StreamingRequest` starts the upstream request as soon
 as the headers of a body-carrying request are in, and feeds the body through a :class:`BodyPipe`:
-upstream's pace pauses the client's connection (back-pressure), and nothing touches the disk. The
-response is still rendered only once the body has been received, so twisted.web's connection state
-stays as it expects; an early upstream answer (a 401, say) waits for that moment.
+upstream's pace pauses the client's connection (back-pressure), and nothing touches the disk.
+
+When upstream answers before the body is all in (a 401 to a push whose token expired, say), that
+answer goes to the client at once, whole and with its length, and the rest of the body is read and
+dropped instead of being sent on: a client that stops sending (Go's HTTP client does) learns at once,
+and one that keeps sending still gets a connection in a clean state. twisted.web renders the request
+only once the body has been received; that render merely finishes the answer already sent.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import time
 from collections.abc import Callable
 from io import BytesIO
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import Request
@@ -69,6 +73,11 @@ class BodyPipe:
         """The client's body is complete."""
         self._finished = True
         self._settle()
+
+    @property
+    def complete(self) -> bool:
+        """Whether the client's whole body has arrived."""
+        return self._finished
 
     def fail(self, reason: Failure) -> None:
         """The client went away mid-body."""
@@ -132,6 +141,8 @@ class StreamingRequest(server.Request):
 
     early_response: defer.Deferred | None = None
     body_pipe: BodyPipe | None = None
+    #: Fires once upstream's answer has been sent before the body was all in (see the module docstring).
+    early_answer: defer.Deferred | None = None
     #: Where the response came from, for the access log (set by the content chain / pass-through).
     source: str | None = None
 
@@ -157,6 +168,23 @@ class StreamingRequest(server.Request):
         self.content = BytesIO()
         self.body_pipe = pipe
         self.early_response = early
+        # what requestReceived would set: needed to answer while the body is still arriving
+        self.clientproto = getattr(channel, "_version", self.clientproto)
+        answer_early = getattr(channel.site.resource, "answer_early", None)
+        if answer_early is not None:
+            early.addCallback(self._upstream_answered, answer_early)
+
+    def _upstream_answered(self, outcome, answer_early):
+        if self.body_pipe.complete or self._disconnected or self.early_response is None:
+            return outcome  # the usual render sends it
+        # upstream has its answer and takes no more of the body: drop the rest, answer the client now
+        self.early_response = None
+        self.body_pipe.stopProducing()
+        answered: defer.Deferred = defer.Deferred()
+        self.early_answer = answered
+        # on the next turn: this may run inside gotLength, before twisted.web's own "100 Continue"
+        reactor.callLater(0, lambda: defer.ensureDeferred(answer_early(self, outcome)).chainDeferred(answered))
+        return None
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - twisted.web's name
         if self.body_pipe is not None:

@@ -77,6 +77,10 @@ class RegistryResource(resource.Resource):
             return None
         return self.passthrough.start(target, request.requestHeaders, body)
 
+    def answer_early(self, request, outcome) -> defer.Deferred:
+        """Send upstream's answer to a push whose body is still arriving (see :mod:`dnsmirror.uploads`)."""
+        return defer.ensureDeferred(self.passthrough.answer_early(request, outcome))
+
     def render(self, request) -> int:
         done = defer.ensureDeferred(self._handle(request))
         done.addErrback(self._failed, request)

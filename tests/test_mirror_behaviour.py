@@ -23,7 +23,6 @@ contacts the ``realm``.
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import http.client
 import json
@@ -584,9 +583,10 @@ def test_sni_and_host_must_name_the_same_captured_registry(world: World) -> None
     assert logged() == 1
 
 
-def test_a_refused_push_gets_upstreams_refusal_after_its_body(world: World) -> None:
-    """A 2 MiB upload without a token: the body streams to the private registry, which refuses it; the
-    client gets that 401 with its challenge, not a gateway error."""
+def test_a_refused_push_gets_upstreams_refusal_before_its_body_is_sent(world: World) -> None:
+    """A 2 MiB upload without a token: the private registry refuses it at once. The client gets that 401,
+    with its challenge, after sending only the first 64 KiB; the rest it then sends is read and dropped,
+    and the same connection serves its next request."""
     body = os.urandom(2 * 1024 * 1024)
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     connection = send_request(world.node, world.mirror.address, world.trust,
@@ -594,11 +594,47 @@ def test_a_refused_push_gets_upstreams_refusal_after_its_body(world: World) -> N
                               method="POST", headers={"Content-Length": str(len(body)),
                                                       "Content-Type": "application/octet-stream"})
     try:
-        with contextlib.suppress(OSError):  # upstream may refuse before reading it all
-            connection.send(body)
+        connection.send(body[:65536])
+        connection.sock.settimeout(10)
         response = connection.getresponse()
-        assert response.status == 401, (response.status, response.read()[:300])
-        assert response.getheader("WWW-Authenticate", "").startswith("Bearer ")
+        challenge = response.getheader("WWW-Authenticate", "")
+        refusal = response.read()
+        assert response.status == 401, (response.status, refusal[:300])
+        assert challenge.startswith("Bearer ") and b"UNAUTHORIZED" in refusal
+
+        connection.send(body[65536:])
+        connection.putrequest("GET", "/v2/", skip_host=True, skip_accept_encoding=True)
+        connection.putheader("Host", ECR_HOST_2)
+        connection.endheaders()
+        again = connection.getresponse()
+        again.read()
+        assert again.status == 401 and again.getheader("WWW-Authenticate", "").startswith("Bearer ")
+    finally:
+        connection.close()
+
+
+def test_a_push_to_an_unreachable_registry_gets_a_502_without_sending_its_body(world: World) -> None:
+    """A captured name the world's DNS does not know: the upstream request fails at once, and a 4 MiB
+    push learns it after 64 KiB instead of stalling once its first MiB is held for an upstream that never
+    takes it."""
+    nowhere = "999999999999.dkr.ecr.us-east-1.amazonaws.com"
+    body = os.urandom(4 * 1024 * 1024)
+    connection = send_request(world.node, world.mirror.address, world.trust, "/v2/team/app/blobs/uploads/",
+                              sni=nowhere, host=nowhere, method="POST",
+                              headers={"Content-Length": str(len(body)), "Content-Type": "application/octet-stream"})
+    try:
+        connection.send(body[:65536])
+        connection.sock.settimeout(10)
+        response = connection.getresponse()
+        error = json.loads(response.read())
+        assert response.status == 502 and error["errors"][0]["code"] == "UNAVAILABLE", error
+        connection.send(body[65536:])
+        connection.putrequest("GET", "/v2/", skip_host=True, skip_accept_encoding=True)
+        connection.putheader("Host", nowhere)
+        connection.endheaders()
+        again = connection.getresponse()
+        again.read()
+        assert again.status == 502
     finally:
         connection.close()
 
