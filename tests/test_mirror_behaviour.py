@@ -583,6 +583,17 @@ def test_sni_and_host_must_name_the_same_captured_registry(world: World) -> None
     assert logged() == 1
 
 
+def finish_body_then_get(connection: http.client.HTTPConnection, rest: bytes, host: str) -> http.client.HTTPResponse:
+    """Send the rest of an answered request's body, then ``GET /v2/`` on the same connection (body read)."""
+    connection.send(rest)
+    connection.putrequest("GET", "/v2/", skip_host=True, skip_accept_encoding=True)
+    connection.putheader("Host", host)
+    connection.endheaders()
+    response = connection.getresponse()
+    response.read()
+    return response
+
+
 def test_a_refused_push_gets_upstreams_refusal_before_its_body_is_sent(world: World) -> None:
     """A 2 MiB upload without a token: the private registry refuses it at once. The client gets that 401,
     with its challenge, after sending only the first 64 KiB; the rest it then sends is read and dropped,
@@ -602,12 +613,7 @@ def test_a_refused_push_gets_upstreams_refusal_before_its_body_is_sent(world: Wo
         assert response.status == 401, (response.status, refusal[:300])
         assert challenge.startswith("Bearer ") and b"UNAUTHORIZED" in refusal
 
-        connection.send(body[65536:])
-        connection.putrequest("GET", "/v2/", skip_host=True, skip_accept_encoding=True)
-        connection.putheader("Host", ECR_HOST_2)
-        connection.endheaders()
-        again = connection.getresponse()
-        again.read()
+        again = finish_body_then_get(connection, body[65536:], ECR_HOST_2)
         assert again.status == 401 and again.getheader("WWW-Authenticate", "").startswith("Bearer ")
     finally:
         connection.close()
@@ -628,13 +634,7 @@ def test_a_push_to_an_unreachable_registry_gets_a_502_without_sending_its_body(w
         response = connection.getresponse()
         error = json.loads(response.read())
         assert response.status == 502 and error["errors"][0]["code"] == "UNAVAILABLE", error
-        connection.send(body[65536:])
-        connection.putrequest("GET", "/v2/", skip_host=True, skip_accept_encoding=True)
-        connection.putheader("Host", nowhere)
-        connection.endheaders()
-        again = connection.getresponse()
-        again.read()
-        assert again.status == 502
+        assert finish_body_then_get(connection, body[65536:], nowhere).status == 502
     finally:
         connection.close()
 
