@@ -396,6 +396,10 @@ class BlobStreamer:
         self.finished: defer.Deferred = defer.Deferred()
 
     def start(self) -> defer.Deferred:
+        if getattr(self.request, "channel", True) is None:
+            # the client left while the blob was being opened: nothing to send, the descriptor is released
+            self._close(False)
+            return self.finished
         fill = self.fill
         # only a reader that takes the body to its end paces the fill: a shorter range ends up waiting
         # for verification (its last byte is held back), which needs the rest of the body

@@ -197,6 +197,13 @@ class StreamingRequest(server.Request):
             self.body_pipe.finish()
         super().requestReceived(command, path, version)
 
+    def finish(self) -> None:
+        """Finish the response; a no-op once the client has gone (it may leave during any wait of a
+        handler, and twisted.web would raise)."""
+        if self._disconnected:
+            return
+        super().finish()
+
     def connectionLost(self, reason) -> None:  # noqa: N802 - twisted.web's name
         if self.body_pipe is not None:
             self.body_pipe.fail(Failure(ClientGone("client closed the connection mid-body")))

@@ -389,3 +389,18 @@ def test_a_body_that_ends_while_readers_hold_it_leaves_no_timer(store):
     assert upstream.resumed == 0  # nothing to resume once the body is over
     streamer.resumeProducing()
     assert request.finished and request.body == data and done.result is True
+
+
+def test_a_client_gone_before_its_stream_starts_releases_the_descriptor(store):
+    data = os.urandom(10_000)
+    disk, fill, protocol, _ = start_fill(store, data)
+    protocol.dataReceived(data[:5000])
+    request = FakeRequest()
+    request.channel = None  # twisted.web drops the channel when the connection is lost
+    closed = []
+    fd = os.open(fill.temp_path, os.O_RDONLY)
+    streamer = BlobStreamer(disk, request, fd, 0, None, fill=fill, on_close=lambda: closed.append(os.close(fd)))
+    done = streamer.start()
+    assert done.called and done.result is False
+    assert closed and request.written == [] and request.producer is None
+    assert streamer not in fill._readers  # it holds the fill back for nobody

@@ -89,3 +89,14 @@ def test_upstream_giving_up_drains_the_rest_of_the_body():
     body.write(b"more")
     body.finish()
     assert consumer.data == []
+
+
+def test_finishing_a_request_whose_client_left_is_a_no_op():
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from dnsmirror.uploads import StreamingRequest
+
+    request = StreamingRequest(DummyChannel(), queued=False)
+    request.connectionLost(Failure(ClientGone("gone")))
+    request.finish()  # twisted.web's own Request raises RuntimeError here
+    assert not request.finished
