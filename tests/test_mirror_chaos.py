@@ -1,0 +1,133 @@
+"""Many clients at once doing everything a node's clients do, some of them leaving early, on a small cache.
+
+One dnsmirror node in front of docker-registry; eight workers run 160 jobs chosen by a seeded random
+generator: skopeo pulls of multi-arch images, whole blob GETs (checked against their sha256), range
+GETs (checked byte for byte), HEADs, and GETs cut off after 50 ms, on blobs from 10 bytes to 20 MB, cold
+and cached, with a cache small enough that blobs are evicted while others are served. Every complete
+answer must be right; afterwards the mirror must have logged no error, and hold no file open but its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from harness import ECR_HOST, require_netns
+from harness.images import build_image, push_image, skopeo_copy
+from harness.netns import Cluster, Namespace
+from harness.pki import create_ca
+from harness.registry import Registry
+from mirror_support import MirrorNode, upstream_dns
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("skopeo") is None or shutil.which("curl") is None,
+                       reason="skopeo and curl are needed (scripts/setup.sh)"),
+]
+
+BLOB_SIZES = (10, 5000, 300_000, 2_000_000, 7_000_000, 20_000_000)
+JOBS = 160
+WORKERS = 8
+
+
+def put_blob(registry: Registry, repository: str, data: bytes) -> str:
+    """Place ``data`` in the registry's storage as a layer of ``repository`` (faster than a push)."""
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = registry.blob_file(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    link = (registry.storage_dir / "docker/registry/v2/repositories" / repository / "_layers/sha256"
+            / digest.split(":", 1)[1] / "link")
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.write_text(digest)
+    return digest
+
+
+def open_files(pid: int) -> list[str]:
+    """Regular files the process holds open."""
+    targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    return sorted(t for t in targets if t.startswith("/") and not t.startswith("/dev/"))
+
+
+def test_concurrent_pulls_ranges_and_clients_leaving_break_nothing(tmp_path: Path) -> None:
+    require_netns()
+    rng = random.Random(20261126)
+    with Cluster() as cluster:
+        registry_ns = cluster.add("registry")
+        node = cluster.add("node")
+        pusher = cluster.add("pusher", hosts={ECR_HOST: registry_ns.address})
+        ca = create_ca(tmp_path / "public-ca")
+        with Registry(registry_ns, ECR_HOST, ca, tmp_path / "registry") as registry, \
+                upstream_dns(registry_ns, tmp_path / "dns", {ECR_HOST: registry_ns.address}) as dns:
+            blobs = {}
+            for size in BLOB_SIZES:
+                data = rng.randbytes(size)
+                blobs[put_blob(registry, "chaos/blobs", data)] = data
+            references = []
+            for index in range(3):
+                reference = f"{ECR_HOST}/chaos/app:v{index}"
+                image = build_image(tmp_path / f"image-{index}", tag=f"v{index}", big_layer_size=1_500_000)
+                push_image(image, pusher, reference, ca_file=ca.cert_path)
+                references.append(reference)
+            overrides = {"cache": {"max_size": "24MiB"}}
+            with MirrorNode(node, tmp_path / "mirror", dns, ca, overrides) as mirror:
+                trust = mirror.trust_bundle()
+                files_before = open_files(mirror.process.pid)
+                jobs = [(index, rng.choice(["pull", "get", "range", "head", "cut"]), rng.choice(list(blobs)),
+                         rng.random(), rng.random()) for index in range(JOBS)]
+
+                def run(job) -> str | None:
+                    return run_job(job, node, mirror.address, trust, tmp_path, blobs, references)
+
+                with ThreadPoolExecutor(WORKERS) as workers:
+                    problems = [problem for problem in workers.map(run, jobs) if problem]
+                assert problems == []
+
+                output = mirror.process.stdout() + mirror.process.stderr()
+                errors = [line for line in output.splitlines()
+                          if '"level": "error"' in line or '"level": "critical"' in line]
+                assert errors == [], "\n".join(errors[:5])
+                assert open_files(mirror.process.pid) == files_before
+                served = [json.loads(line[line.index("{"):]) for line in output.splitlines()
+                          if '"event": "access"' in line]
+                assert len(served) >= JOBS
+
+
+def run_job(job, node: Namespace, address: str, trust: Path, workdir: Path, blobs: dict[str, bytes],
+            references: list[str]) -> str | None:
+    """One client action; returns what went wrong, or None."""
+    index, kind, digest, first, second = job
+    if kind == "pull":
+        reference = references[int(first * len(references))]
+        target = workdir / f"pulled-{index}"
+        done = skopeo_copy(node, f"docker://{reference}", f"oci:{target}:x", ca_file=trust, timeout=120,
+                           all_platforms=second < 0.5, check=False)
+        shutil.rmtree(target, ignore_errors=True)
+        return None if done.returncode == 0 else f"pull {reference}: {done.stderr[-300:]!r}"
+    data = blobs[digest]
+    curl = ["curl", "-sS", "--http1.1", "--cacert", str(trust), "--resolve", f"{ECR_HOST}:443:{address}",
+            "--max-time", "60"]
+    url = f"https://{ECR_HOST}/v2/chaos/blobs/blobs/{digest}"
+    if kind == "cut":
+        node.run([*curl, "--max-time", "0.05", "-o", "/dev/null", url], check=False, timeout=90)
+        return None
+    if kind == "head":
+        done = node.run([*curl, "-I", "-o", "/dev/null", "-w", "%{http_code}", url], check=False, timeout=90)
+        return None if done.stdout == b"200" else f"HEAD {len(data)}: {done.stdout!r} {done.stderr!r}"
+    if kind == "range":
+        start = int(first * len(data))
+        end = start + int(second * (len(data) - start))
+        done = node.run([*curl, "-H", f"Range: bytes={start}-{end}", "-o", "-", url], check=False, timeout=90)
+        if done.returncode == 0 and done.stdout == data[start:end + 1]:
+            return None
+        return f"range {start}-{end} of {len(data)}: {len(done.stdout)} bytes, {done.stderr[-200:]!r}"
+    done = node.run([*curl, "-o", "-", url], check=False, timeout=90)
+    if done.returncode == 0 and done.stdout == data:
+        return None
+    return f"GET {len(data)}: {len(done.stdout)} bytes, {done.stderr[-200:]!r}"
