@@ -183,6 +183,7 @@ class Services:
             "dnsmirror started", extra=fields(
                 dns=[str(a) for a in self.config.dns.listen], upstreams=[str(u) for u in self.upstreams],
                 mirror=self.config.mirror.address, patterns=len(self.config.capture), config=self.config.source,
+                **({"egress_proxy": str(self.upstream.proxy)} if self.upstream and self.upstream.proxy else {}),
             ),
         )
 

@@ -100,6 +100,8 @@ class UpstreamConfig:
     pool_idle_timeout: float
     allow_internal: bool
     tls_failure_bypass: float = 300.0
+    proxy: str | None = None
+    no_proxy: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -319,6 +321,21 @@ def _pattern(value: Any) -> str:
         raise ValueError(f"bad pattern: {exc}") from exc
 
 
+def _proxy_url(value: Any) -> str:
+    from dnsmirror.egress import EgressProxy
+
+    url = _string(value)
+    EgressProxy.parse(url)  # raises ValueError saying what is wrong
+    return url
+
+
+def _no_proxy_entry(value: Any) -> str:
+    entry = _string(value)
+    if entry != "*":
+        _dns_name(entry.lstrip("."))
+    return entry
+
+
 def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def parse_optional(value: Any) -> Any:
         return None if value is None else parse(value)
@@ -378,6 +395,8 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
         "pool_idle_timeout": parse_duration,
         "allow_internal": _boolean,
         "tls_failure_bypass": _duration_or_zero,
+        "proxy": _optional(_proxy_url),
+        "no_proxy": _list_of(_no_proxy_entry),
     }),
     "cache": (CacheConfig, {
         "dir": _path,

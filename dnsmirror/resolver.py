@@ -244,7 +244,7 @@ class UpstreamResolver:
         self._names = client.Resolver(
             resolv=None, servers=[(s.host, s.port) for s in self.servers], timeout=(timeout,), reactor=reactor,
         )
-        self._timeout = timeout
+        self.timeout = timeout
         self.cache = ResolutionCache(cache_size, clock=reactor.seconds)
         self._waiting: dict[str, list[defer.Deferred]] = {}
         self.queries = 0  # DNS lookups sent (A and AAAA count as one), for tests and metrics
@@ -379,7 +379,7 @@ class UpstreamResolver:
                 return HostNotFound(name, f"no such host (NXDOMAIN from {servers})")
         for failure in errors:
             if failure.check(names_error.DNSQueryTimeoutError, defer.TimeoutError):
-                return ResolutionTimeout(name, f"no answer from upstream resolvers {servers} within {self._timeout:g}s each")
+                return ResolutionTimeout(name, f"no answer from upstream resolvers {servers} within {self.timeout:g}s each")
         for failure in errors:
             if failure.check(names_error.DomainError):
                 kind = type(failure.value).__name__.removeprefix("DNS").removesuffix("Error")

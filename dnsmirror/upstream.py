@@ -55,6 +55,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from dnsmirror.config import Config, ConfigError, HostPort
+from dnsmirror.egress import EgressProxy, TunnelEndpointFactory, TunnelError
 from dnsmirror.logs import fields
 from dnsmirror.resolver import AddressPolicy, ResolutionError, UpstreamResolver
 
@@ -649,12 +650,19 @@ class UpstreamClient:
     """Requests to upstream registries over verified, pooled HTTPS, resolved by ``resolver``."""
 
     def __init__(self, resolver: UpstreamResolver, *, reactor, tls_policy: IPolicyForHTTPS,
-                 settings: UpstreamSettings | None = None) -> None:
+                 settings: UpstreamSettings | None = None, proxy: EgressProxy | None = None) -> None:
         self.resolver = resolver
         self.settings = settings or UpstreamSettings()
         self.tls_policy = tls_policy
+        self.proxy = proxy
         self._clock = reactor
         self._reactor = ResolvingReactor(reactor, resolver)
+        if proxy is not None:
+            # the proxy is the operator's own choice: its address is not held to the internal-address rule
+            proxy_resolver = UpstreamResolver(resolver.servers, reactor=reactor, timeout=resolver.timeout,
+                                              policy=AddressPolicy(allow_internal=True))
+            self._tunnels = TunnelEndpointFactory(ResolvingReactor(reactor, proxy_resolver), proxy, tls_policy,
+                                                  self.settings.connect_timeout)
         self.pool = HTTPConnectionPool(self._reactor, persistent=True)
         self.pool.maxPersistentPerHost = self.settings.pool_per_host
         self.pool.cachedConnectionTimeout = self.settings.pool_idle_timeout
@@ -673,7 +681,9 @@ class UpstreamClient:
         )
         resolver = UpstreamResolver(servers, reactor=reactor, timeout=config.dns.timeout, policy=policy)
         tls_policy = UpstreamTLSPolicy.from_bundle(config.upstream.ca_bundle)
-        return cls(resolver, reactor=reactor, tls_policy=tls_policy, settings=UpstreamSettings.from_config(config))
+        proxy = EgressProxy.parse(config.upstream.proxy, config.upstream.no_proxy) if config.upstream.proxy else None
+        return cls(resolver, reactor=reactor, tls_policy=tls_policy, settings=UpstreamSettings.from_config(config),
+                   proxy=proxy)
 
     def request(self, method: str | bytes, url: str | bytes, headers: HeaderInput = None,
                 body_producer: IBodyProducer | None = None, *, follow_redirects: bool = False) -> defer.Deferred:
@@ -728,11 +738,16 @@ class UpstreamClient:
                         redirects: tuple[str, ...]) -> UpstreamResponse:
         description = f"{method} {loggable_url(url)}"
         _scheme, host, port = origin(url)
-        # resolve first: clear errors (NXDOMAIN, timeout, refused address), and HostnameEndpoint hits the cache
-        await self.resolver.resolve(host, port)
         exchange = _Exchange(self._clock, self.settings.first_byte_timeout, description)
-        agent = Agent(self._reactor, contextFactory=self.tls_policy, connectTimeout=self.settings.connect_timeout,
-                      pool=_NotifyingPool(self.pool, exchange))
+        pool = _NotifyingPool(self.pool, exchange)
+        if self.proxy is not None and self.proxy.applies_to(host):
+            # the proxy resolves the name; TLS to the registry runs inside its tunnel
+            agent = Agent.usingEndpointFactory(self._reactor, self._tunnels, pool=pool)
+        else:
+            # resolve first: clear errors (NXDOMAIN, timeout, refused address), and HostnameEndpoint hits the cache
+            await self.resolver.resolve(host, port)
+            agent = Agent(self._reactor, contextFactory=self.tls_policy, connectTimeout=self.settings.connect_timeout,
+                          pool=pool)
         producer = _ObservedBodyProducer(body, exchange) if body is not None else None
         d = agent.request(method.encode("ascii"), url.encode("ascii"), headers.copy(), producer)
         exchange.request_deferred = d
@@ -749,6 +764,9 @@ class UpstreamClient:
         if exchange.timed_out:
             return UpstreamTimeout(f"{description}: no response headers within {self.settings.first_byte_timeout:g}s")
         reasons = _reasons(exc)
+        tunnel = next((r for r in reasons if isinstance(r, TunnelError)), None)
+        if tunnel is not None:
+            return UpstreamUnavailable(f"{description}: {tunnel}")
         if any(isinstance(r, internet_error.TimeoutError) for r in reasons):
             return UpstreamTimeout(f"{description}: connect timed out after {self.settings.connect_timeout:g}s")
         if any(_is_tls_error(r) for r in reasons):

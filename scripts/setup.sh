@@ -19,11 +19,12 @@ declare -A TOOLS=(
   [skopeo]=skopeo
   [containerd]=containerd
   [htpasswd]=apache2-utils
+  [curl]=curl
+  [tinyproxy]=tinyproxy
 )
 if [ "${1:-}" = bench ]; then
   TOOLS[dnsperf]=dnsperf
   TOOLS[nginx]=nginx-light
-  TOOLS[curl]=curl
 fi
 
 missing=()
@@ -37,7 +38,7 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
-  # policy-rc.d keeps Debian's postinst from starting system copies of unbound, nginx, the registry
+  # policy-rc.d keeps Debian's postinst from starting system copies of unbound, nginx, tinyproxy, the registry
   printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d
