@@ -182,8 +182,15 @@ class StreamingRequest(server.Request):
         self.body_pipe.stopProducing()
         answered: defer.Deferred = defer.Deferred()
         self.early_answer = answered
+
+        def answer() -> None:
+            sending = defer.ensureDeferred(answer_early(self, outcome))
+            # fires with None either way: the render that follows the body only finishes the request
+            sending.addErrback(lambda failure: log.error("early answer failed: %s", failure.getTraceback()))
+            sending.chainDeferred(answered)
+
         # on the next turn: this may run inside gotLength, before twisted.web's own "100 Continue"
-        reactor.callLater(0, lambda: defer.ensureDeferred(answer_early(self, outcome)).chainDeferred(answered))
+        reactor.callLater(0, answer)
         return None
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - twisted.web's name

@@ -84,7 +84,13 @@ class UpstreamUnavailable(UpstreamError):
 
 
 class UpstreamTLSError(UpstreamError):
-    """The upstream's certificate was not trusted or not valid for its name, or the handshake failed."""
+    """The upstream's certificate was not trusted or not valid for its name, or the handshake failed.
+
+    ``untrusted`` is True when the certificate itself was refused (not a handshake cut short)."""
+
+    def __init__(self, message: str, untrusted: bool = False) -> None:
+        super().__init__(message)
+        self.untrusted = untrusted
 
 
 class UpstreamTimeout(UpstreamError):
@@ -667,7 +673,8 @@ class UpstreamClient:
         self.pool.maxPersistentPerHost = self.settings.pool_per_host
         self.pool.cachedConnectionTimeout = self.settings.pool_idle_timeout
         self.pool.retryAutomatically = True
-        # told (host, reason) when TLS with the host a request named fails, also on a redirect's hop
+        # told (host, reason) when the certificate of the host a request named (or of a redirect's hop)
+        # is refused; a handshake merely cut short is not reported
         self.on_tls_failure: Callable[[str, str], None] | None = None
 
     @classmethod
@@ -715,7 +722,7 @@ class UpstreamClient:
             try:
                 response = await self._exchange(method, url, headers, body, tuple(followed))
             except UpstreamTLSError as exc:
-                if self.on_tls_failure is not None:
+                if exc.untrusted and self.on_tls_failure is not None:
                     self.on_tls_failure(first_origin[1], str(exc))
                 raise
             target = redirect_target(response.code, response.headers, url) if follow else None
@@ -770,7 +777,8 @@ class UpstreamClient:
         if any(isinstance(r, internet_error.TimeoutError) for r in reasons):
             return UpstreamTimeout(f"{description}: connect timed out after {self.settings.connect_timeout:g}s")
         if any(_is_tls_error(r) for r in reasons):
-            return UpstreamTLSError(f"{description}: TLS failed: {_describe_exception(exc)}")
+            return UpstreamTLSError(f"{description}: TLS failed: {_describe_exception(exc)}",
+                                    untrusted=any(_is_refused_certificate(r) for r in reasons))
         return UpstreamUnavailable(f"{description}: {_describe_exception(exc)}")
 
 
@@ -785,6 +793,11 @@ def _reasons(exc: BaseException) -> list[BaseException]:
 
 def _is_tls_error(exc: BaseException) -> bool:
     return isinstance(exc, SSL.Error | VerificationError)
+
+
+def _is_refused_certificate(exc: BaseException) -> bool:
+    # a name mismatch (service_identity), or OpenSSL's chain verification saying no
+    return isinstance(exc, VerificationError) or (isinstance(exc, SSL.Error) and "certificate verify failed" in str(exc))
 
 
 def _describe_exception(exc: BaseException) -> str:

@@ -21,6 +21,7 @@ from cryptography.x509.oid import NameOID
 from test_resolver import start_dns
 from twisted.internet import defer, reactor, ssl, task
 from twisted.internet.interfaces import IConsumer, IPushProducer
+from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import resource, server
 from twisted.web.client import FileBodyProducer
@@ -348,6 +349,23 @@ class UpstreamClientTests(TestCase):
                                  follow_redirects=True)
         yield self.assertFailure(request, UpstreamTLSError)
         self.assertEqual(failures, ["registry.test"])
+
+    @defer.inlineCallbacks
+    def test_a_handshake_with_something_that_is_not_tls_is_not_a_refused_certificate(self):
+        class NotTLS(Protocol):
+            def dataReceived(self, data):  # noqa: N802
+                self.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+                self.transport.loseConnection()
+
+        port = reactor.listenTCP(0, Factory.forProtocol(NotTLS), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        client = self.client()
+        failures = []
+        client.on_tls_failure = lambda host, reason: failures.append(host)
+        error = yield self.assertFailure(
+            client.request("GET", f"https://registry.test:{port.getHost().port}/blob"), UpstreamTLSError)
+        self.assertFalse(error.untrusted)
+        self.assertEqual(failures, [])
 
     @defer.inlineCallbacks
     def test_other_failures_are_not_reported_as_tls_failures(self):
