@@ -124,13 +124,13 @@ class EgressProxyTests(TestCase):
     def setUp(self) -> None:
         self.servers = LocalServers(self)
         # the mirror's own resolvers know none of the registry names: only the proxy can reach them
-        self.dns, self.dns_server = start_dns(self, {"elsewhere.test": [("A", "127.0.0.1")]})
+        self.dns, self.dns_server = start_dns(self, {"proxy.test": [("A", "127.0.0.1")]})
 
-    def client(self, proxy: LocalProxy, no_proxy: tuple[str, ...] = ()) -> UpstreamClient:
+    def client(self, proxy: LocalProxy, no_proxy: tuple[str, ...] = (), url: str | None = None) -> UpstreamClient:
         resolver = UpstreamResolver([self.dns_server], reactor=reactor, timeout=1.0,
                                     policy=AddressPolicy(allow_internal=True))
         client = UpstreamClient(resolver, reactor=reactor, tls_policy=UpstreamTLSPolicy.from_bundle(pki().ca_path),
-                                settings=UpstreamSettings(connect_timeout=5), proxy=EgressProxy.parse(proxy.url, no_proxy))
+                                settings=UpstreamSettings(connect_timeout=5), proxy=EgressProxy.parse(url or proxy.url, no_proxy))
         self.addCleanup(client.close)
         return client
 
@@ -145,6 +145,16 @@ class EgressProxyTests(TestCase):
         self.assertEqual(proxy.requests, [(b"CONNECT", f"registry.test:{port}", b"Basic dXNlcjpwdw==")])
         self.assertEqual(self.dns.queries, [])  # the proxy resolved the name, not the mirror
         self.assertEqual(len(self.servers.requests_to("registry.test")), 2)
+
+    @defer.inlineCallbacks
+    def test_a_proxy_named_by_host_name_is_resolved_by_the_mirrors_resolvers(self):
+        proxy = LocalProxy(self)
+        client = self.client(proxy, url=proxy.url.replace("127.0.0.1", "proxy.test"))
+        response = yield client.request("GET", self.servers.url("registry.test", "/blob"))
+        yield response.discard()
+        self.assertEqual(response.code, 200)
+        self.assertEqual({name for name, _type in self.dns.queries}, {"proxy.test"})
+        self.assertEqual(len(proxy.requests), 1)
 
     @defer.inlineCallbacks
     def test_the_registry_certificate_is_still_verified_inside_the_tunnel(self):
