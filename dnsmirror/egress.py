@@ -121,6 +121,9 @@ class _TunnelProtocol(Protocol):
             return
         self._cancel_timer()
         self._reply = b""
+        if self.opened.called:  # the caller gave up (cancelled) while the proxy was answering
+            self.transport.abortConnection()
+            return
         self.inner = self.inner_factory.buildProtocol(self.transport.getPeer())
         self.inner.makeConnection(self.transport)
         self.opened.callback(self.inner)
@@ -158,11 +161,23 @@ class TunnelEndpoint:
         self.timeout = timeout
 
     def connect(self, protocolFactory) -> defer.Deferred:  # noqa: N803 - Twisted's name
-        opened: defer.Deferred = defer.Deferred()
-        tunnel = Factory.forProtocol(lambda: _TunnelProtocol(self.proxy, self.target, protocolFactory, opened,
-                                                             self.reactor, self.timeout))
+        tunnels: list[_TunnelProtocol] = []
+
+        def cancel(_opened: defer.Deferred) -> None:
+            connecting.cancel()  # no-op once connected
+            for tunnel in tunnels:
+                if tunnel.inner is None and tunnel.transport is not None:
+                    tunnel.transport.abortConnection()
+
+        opened: defer.Deferred = defer.Deferred(cancel)
+
+        def build() -> _TunnelProtocol:
+            tunnel = _TunnelProtocol(self.proxy, self.target, protocolFactory, opened, self.reactor, self.timeout)
+            tunnels.append(tunnel)
+            return tunnel
+
         to_proxy = HostnameEndpoint(self.reactor, self.proxy.host, self.proxy.port, timeout=self.timeout)
-        connecting = to_proxy.connect(tunnel)
+        connecting = to_proxy.connect(Factory.forProtocol(build))
 
         def not_connected(failure: Failure) -> None:
             if not opened.called:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 from test_resolver import start_dns
 from test_upstream import LocalServers, pki
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
 
-from dnsmirror.egress import EgressProxy
+from dnsmirror.egress import EgressProxy, TunnelEndpoint
 from dnsmirror.resolver import AddressPolicy, UpstreamResolver
 from dnsmirror.upstream import (
     UpstreamClient,
@@ -106,6 +106,16 @@ class _ConnectProxy(Protocol):
             self.upstream.transport.loseConnection()
 
 
+@defer.inlineCallbacks
+def task_until(condition, timeout: float = 5.0):
+    """Wait on the reactor until ``condition()`` is true (bounded)."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not met in time")
+
+
 class LocalProxy:
     def __init__(self, test: TestCase, refuse: bool = False) -> None:
         self.requests: list[tuple[bytes, str, bytes | None]] = []
@@ -171,6 +181,38 @@ class EgressProxyTests(TestCase):
         self.assertIn("refused CONNECT", str(error))
         self.assertIn("403 Forbidden", str(error))
         self.assertNotIn("pw", str(error).replace("proxy", ""))
+
+    @defer.inlineCallbacks
+    def test_a_proxy_that_never_answers_fails_the_request_after_the_connect_timeout(self):
+        silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        resolver = UpstreamResolver([self.dns_server], reactor=reactor, timeout=1.0)
+        client = UpstreamClient(resolver, reactor=reactor, tls_policy=UpstreamTLSPolicy.from_bundle(pki().ca_path),
+                                settings=UpstreamSettings(connect_timeout=0.5),
+                                proxy=EgressProxy.parse(f"http://127.0.0.1:{silent.getHost().port}"))
+        self.addCleanup(client.close)
+        error = yield self.assertFailure(client.request("GET", self.servers.url("registry.test", "/blob")),
+                                         UpstreamUnavailable)
+        self.assertIn("no answer to CONNECT", str(error))
+
+    @defer.inlineCallbacks
+    def test_a_cancelled_request_drops_the_tunnel_being_opened(self):
+        silent_connections = []
+
+        class Silent(Protocol):
+            def connectionMade(self):  # noqa: N802
+                silent_connections.append(self)
+
+        silent = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+
+        endpoint = TunnelEndpoint(reactor, EgressProxy.parse(f"http://127.0.0.1:{silent.getHost().port}"),
+                                  "registry.test", 443, timeout=30)
+        opening = endpoint.connect(Factory.forProtocol(Protocol))
+        yield task_until(lambda: silent_connections)
+        opening.cancel()
+        yield self.assertFailure(opening, defer.CancelledError)
+        yield task_until(lambda: not silent_connections[0].transport.connected)
 
     @defer.inlineCallbacks
     def test_no_proxy_hosts_are_reached_directly_through_the_mirrors_resolvers(self):
