@@ -125,6 +125,7 @@ def latency(port: int, queries: Path, seconds: int, rate: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     for tool in ("dnsperf", "unbound", "taskset"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
@@ -196,7 +197,8 @@ def main() -> int:
         "- Forwarded names go through dnsmirror's asynchronous forwarder to an unbound upstream on the client core;"
         " they pay one fresh socket per query (random source port), so their rate is not a target.",
     ]
-    write_section("dns", "\n".join(lines))
+    if not args.no_write:
+        write_section("dns", "\n".join(lines))
     print("\n".join(lines))
     return 0
 

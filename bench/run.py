@@ -47,13 +47,13 @@ def run(command: list[str], timeout: float) -> int | str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only these (repeatable)")
-    parser.add_argument("--no-write", action="store_true", help="pass --no-write to benchmarks that support it")
+    parser.add_argument("--no-write", action="store_true", help="print results only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     failed = []
     for name, (script, *script_args) in BENCHMARKS.items():
         if args.only and name not in args.only:
             continue
-        if args.no_write and name != "dns":
+        if args.no_write:
             script_args = [*script_args, "--no-write"]
         command = [sys.executable, str(BENCH / script), *script_args]
         print(f"== {name}: {' '.join(command)}", flush=True)
