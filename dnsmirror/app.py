@@ -253,8 +253,8 @@ def _stopping(services: Services):
     """Fail open at once, keep serving while captured answers expire, then close everything."""
     delay = drain_seconds(services.config)
     log.info("dnsmirror stopping", extra=fields(drain_seconds=delay))
-    services.health.set(False, "shutting down")
     services.probe.stop()
+    services.health.set(False, "shutting down")
     if delay <= 0:
         services.stop()
         return None

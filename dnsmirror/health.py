@@ -70,6 +70,7 @@ class ListenerProbe:
         self.timeout = timeout
         self.failures = failures
         self._failed_rounds = 0
+        self._stopped = False
         self._loop = task.LoopingCall(self.probe_once)
         self._loop.clock = reactor
 
@@ -77,6 +78,8 @@ class ListenerProbe:
         self._loop.start(self.interval, now=True).addErrback(lambda f: log.error("health probe stopped: %s", f.value))
 
     def stop(self) -> None:
+        """No more rounds; a round still connecting no longer changes :attr:`state`."""
+        self._stopped = True
         if self._loop.running:
             self._loop.stop()
 
@@ -89,6 +92,8 @@ class ListenerProbe:
                 yield self._connect(target)
             except Exception as exc:  # noqa: BLE001 - any failure to connect is unhealthy
                 problems.append(f"{target}: {exc.__class__.__name__}")
+        if self._stopped:
+            return  # stopped meanwhile (shutting down): this round must not switch capture back on
         if not problems:
             self._failed_rounds = 0
             self.state.set(True, "HTTPS listeners accept connections")
