@@ -550,4 +550,8 @@ def to_document(config: Config) -> dict[str, Any]:
 
     document = plain(config)
     document.pop("source", None)
+    if config.upstream.proxy:
+        from dnsmirror.egress import redacted_url
+
+        document["upstream"]["proxy"] = redacted_url(config.upstream.proxy)  # printed: never the password
     return document

@@ -78,6 +78,11 @@ def _redacted(parts: urllib.parse.SplitResult) -> str:
     return parts._replace(netloc=f"{parts.username}:***@{netloc}").geturl()
 
 
+def redacted_url(url: str) -> str:
+    """``url`` with its password, if any, shown as ``***``."""
+    return _redacted(urllib.parse.urlsplit(url))
+
+
 class _TunnelProtocol(Protocol):
     """Asks the proxy for a tunnel; once it is open, hands the connection to the real protocol."""
 

@@ -109,20 +109,35 @@ def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "dnsmirror", *args], capture_output=True, text=True, timeout=60)
 
 
+def config_check(tmp_path, name: str, text: str):
+    """``dnsmirror config check`` on a file holding ``text``."""
+    path = tmp_path / name
+    path.write_text(text)
+    return run_cli("config", "check", str(path))
+
+
 def test_config_check_command(tmp_path):
-    good = tmp_path / "good.yaml"
-    good.write_text("mirror:\n  address: 10.1.2.3\n")
-    result = run_cli("config", "check", str(good))
+    result = config_check(tmp_path, "good.yaml", "mirror:\n  address: 10.1.2.3\n")
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["mirror"]["address"] == "10.1.2.3"
 
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("mirror:\n  address: nope\ndns:\n  listen: ['1.2.3.4']\n  bogus: 1\n")
-    result = run_cli("config", "check", str(bad))
+    result = config_check(tmp_path, "bad.yaml", "mirror:\n  address: nope\ndns:\n  listen: ['1.2.3.4']\n  bogus: 1\n")
     assert result.returncode != 0
     for key in ("mirror.address", "dns.listen[0]", "dns.bogus"):
         assert key in result.stderr
     assert result.stdout == ""
+
+
+def test_config_check_never_prints_the_proxy_password(tmp_path):
+    result = config_check(tmp_path, "proxy.yaml",
+                          "upstream:\n  proxy: http://ci:hunter2@proxy.corp.example:3128\n  no_proxy: [corp.example]\n")
+    assert result.returncode == 0, result.stderr
+    assert yaml.safe_load(result.stdout)["upstream"]["proxy"] == "http://ci:***@proxy.corp.example:3128"
+    assert "hunter2" not in result.stdout + result.stderr
+
+    result = config_check(tmp_path, "bad-proxy.yaml", "upstream:\n  proxy: https://ci:hunter2@proxy.corp.example:3128\n")
+    assert result.returncode != 0 and "upstream.proxy" in result.stderr
+    assert "hunter2" not in result.stdout + result.stderr
 
 
 def test_shipped_example_configs_are_valid():
