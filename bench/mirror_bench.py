@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -241,30 +240,18 @@ def blob_url(digest: str, port: int = 443, repository: str = BLOB_REPOSITORY) ->
 # --- content ---------------------------------------------------------------------------------------
 
 
-def place_blob(registry: Registry, repository: str, size: int) -> tuple[str, Path]:
-    """Write ``size`` random bytes into the registry's storage as a blob of ``repository``.
+def random_chunks(size: int, chunk: int = 4 * MiB):
+    """``size`` random bytes, ``chunk`` at a time (a big blob never sits in memory whole)."""
+    left = size
+    while left:
+        piece = os.urandom(min(chunk, left))
+        left -= len(piece)
+        yield piece
 
-    Much faster than a push for the big benchmark blobs; the registry serves it like a pushed layer.
-    """
-    blobs = registry.storage_dir / "docker/registry/v2/blobs"
-    blobs.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    with tempfile.NamedTemporaryFile(dir=blobs, delete=False) as out:
-        left = size
-        while left:
-            chunk = os.urandom(min(4 * MiB, left))
-            digest.update(chunk)
-            out.write(chunk)
-            left -= len(chunk)
-    name = f"sha256:{digest.hexdigest()}"
-    path = registry.blob_file(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(out.name, path)
-    link = (registry.storage_dir / "docker/registry/v2/repositories" / repository / "_layers/sha256"
-            / digest.hexdigest() / "link")
-    link.parent.mkdir(parents=True, exist_ok=True)
-    link.write_text(name)
-    return name, path
+
+def place_blob(registry: Registry, repository: str, size: int) -> tuple[str, Path]:
+    """``size`` random bytes in the registry's storage as a blob of ``repository``."""
+    return registry.place_blob(repository, random_chunks(size))
 
 
 # --- the three measurements ------------------------------------------------------------------------

@@ -9,6 +9,7 @@ cluster CA, exactly as on a real node.
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -115,6 +116,13 @@ class MirrorNode:
 
     def log(self) -> str:
         return self.process.describe(200) if self.process is not None else ""
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """Every JSON log record dnsmirror wrote so far (``log.format: json``), oldest first."""
+        if self.process is None:
+            return []
+        output = self.process.stdout() + self.process.stderr()
+        return [json.loads(line[line.index("{"):]) for line in output.splitlines() if "{" in line]
 
     def __enter__(self) -> MirrorNode:
         return self.start()

@@ -8,7 +8,6 @@ on a node with a private registry's CA installed would.
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -54,10 +53,9 @@ def test_a_registry_whose_certificate_the_mirror_cannot_verify_is_left_uncapture
             # no registry API request reached it (skopeo's last resort, a /v1/_ping, goes around the mirror)
             reached = [entry for entry in registry.access_log()[logged_by_push:] if entry.path.startswith("/v2/")]
             assert reached == []
-            output = mirror.process.stdout() + mirror.process.stderr()
-            events = [json.loads(line[line.index("{"):]) for line in output.splitlines()
-                      if '"upstream_tls_bypass"' in line]
-            assert [event["host"] for event in events] == [ECR_HOST], mirror.log()
+            bypasses = [record["host"] for record in mirror.log_records()
+                        if record.get("event") == "upstream_tls_bypass"]
+            assert bypasses == [ECR_HOST], mirror.log()
 
             # the name now resolves to the registry itself, and the same pull succeeds straight from it
             assert node.call(resolve, mirror.address, ECR_HOST) == [registry_ns.address]
