@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from io import BytesIO
 
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import Request
@@ -190,7 +190,7 @@ class StreamingRequest(server.Request):
             sending.chainDeferred(answered)
 
         # on the next turn: this may run inside gotLength, before twisted.web's own "100 Continue"
-        reactor.callLater(0, answer)
+        self.channel.callLater(0, answer)  # the channel's clock, as twisted.web's own timers use
         return None
 
     def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - twisted.web's name
