@@ -122,8 +122,9 @@ class ContentChain:
                     return
                 self.stats.fills_joined += 1
                 request.source = "fill"
-                await self._serve_fill(request, target, fill)
-                return
+                if await self._serve_fill(request, target, fill):
+                    return
+                continue
             # the index is in memory: only a hit needs the disk thread (its sidecar may be read)
             info = await self.disk.run(self.store.stat, target.digest) if target.digest in self.store else None
             if info is not None:
@@ -138,8 +139,8 @@ class ContentChain:
                 return
             if target.digest in self.slots:
                 continue
-            await self._fetch(request, target)
-            return
+            if await self._fetch(request, target):
+                return
         write_error(request, unavailable("content could not be fetched"))
 
     # --- authorisation -------------------------------------------------------------------------------
@@ -250,23 +251,32 @@ class ContentChain:
             self.stats.bytes_served += span[1] - span[0]
         return True
 
-    async def _serve_fill(self, request, target: Target, fill: Fill) -> None:
-        self._headers(request, target, fill.content_type)
-        span = self._range(request, target, fill.total)
-        if span is None:
-            return
+    async def _serve_fill(self, request, target: Target, fill: Fill) -> bool:
+        """Stream a fill (or, once it has ended, the blob it committed) to the request.
+
+        False when nothing was sent because the blob is gone: the fill failed, or its committed blob was
+        evicted before this reader could open it. The caller then looks for the content again."""
         if target.method == "HEAD":
-            request.finish()
-            return
+            self._headers(request, target, fill.content_type)
+            if self._range(request, target, fill.total) is not None:
+                request.finish()
+            return True
         try:
             fd = await self.disk.run(os.open, fill.temp_path, os.O_RDONLY)
         except FileNotFoundError:
             # the fill ended (renamed into the cache, or removed) before the open: a small blob's commit
             # can win that race, and its outcome reaches the reactor only after the rename
             await fill.settled()
-            if fill.info is None or not await self._serve_stored(request, target):
-                request.channel.transport.abortConnection()
-            return
+            if fill.info is not None and await self._serve_stored(request, target):
+                return True
+            log.info("blob gone before its reader opened it; looking again",
+                     extra=fields(event="fill_gone", digest=target.digest, host=target.upstream_host))
+            return False
+        self._headers(request, target, fill.content_type)
+        span = self._range(request, target, fill.total)
+        if span is None:
+            self.disk.run(os.close, fd)
+            return True
         streamer = BlobStreamer(self.disk, request, fd, span[0], span[1], fill=fill,
                                 on_close=lambda: self.disk.run(os.close, fd))
         fill.waiters += 1
@@ -276,6 +286,7 @@ class ContentChain:
             fill.waiters -= 1
         if sent and span[1] is not None:
             self.stats.bytes_served += span[1] - span[0]
+        return True
 
     # --- filling -------------------------------------------------------------------------------------
 
@@ -310,13 +321,13 @@ class ContentChain:
         request.source = "containerd"
         fill.done.addBoth(self._fill_finished, target, slot, fill)
         FileFeed(self.disk, reader, fill).start()
-        await self._serve_fill(request, target, fill)
-        return True
+        return await self._serve_fill(request, target, fill)
 
-    async def _fetch(self, request, target: Target) -> None:
+    async def _fetch(self, request, target: Target) -> bool:
+        """Fill from upstream and serve the fill; False when its blob was gone before it could be read."""
         if target.method == "HEAD":
             await self.passthrough.forward(request, target)
-            return
+            return True
         self.stats.cache_misses += 1
         slot = _Slot(target)
         self.slots[target.digest] = slot
@@ -328,11 +339,11 @@ class ContentChain:
             if fill is None and self.slots.get(target.digest) is slot:
                 del self.slots[target.digest]
         if fill is None:
-            return
+            return True
         self.stats.fills_started += 1
         request.source = "upstream"
         fill.done.addBoth(self._fill_finished, target, slot, fill)
-        await self._serve_fill(request, target, fill)
+        return await self._serve_fill(request, target, fill)
 
     async def _start_fill(self, request, target: Target) -> Fill | None:
         """Ask upstream; returns a running Fill, or None once the request has been answered otherwise."""

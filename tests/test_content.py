@@ -137,3 +137,26 @@ def test_a_small_blob_committed_before_its_reader_opened_it_is_served_from_the_c
         assert not request.channel.transport.aborted
         assert request.finished and request.body == data and request.source == "cache"
         assert digest in store
+
+
+def test_a_blob_evicted_between_its_commit_and_its_readers_open_is_fetched_again(tmp_path):
+    data = os.urandom(300)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with Store.open(tmp_path / "cache", 10 * 2**20) as store:
+        disk = ManualDisk(store)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), Grants(300, 86400), passthrough=None)
+        request = BlobRequest()
+        served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
+
+        disk.step("writer")
+        disk.step("_write_and_verify")
+        commit_reported = disk.run_quietly("commit")
+        disk.step("open")                 # too late: the temp file has been renamed into the cache
+        commit_reported.callback(None)
+        # another fill's commit evicts the blob before this reader opens it in the cache
+        assert store.delete(digest)
+        disk.drain()
+
+        assert served.called and served.result is None
+        assert not request.channel.transport.aborted
+        assert request.finished and request.body == data and request.source == "upstream"

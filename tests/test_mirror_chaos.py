@@ -72,9 +72,10 @@ def test_concurrent_pulls_ranges_and_clients_leaving_break_nothing(tmp_path: Pat
 
                 with ThreadPoolExecutor(WORKERS) as workers:
                     problems = [problem for problem in workers.map(run, jobs) if problem]
-                assert problems == []
-
                 records = mirror.log_records()
+                warnings = [record for record in records if record["level"] not in ("debug", "info")]
+                assert problems == [], warnings[-10:]
+
                 errors = [record for record in records if record["level"] in ("error", "critical")]
                 assert errors == [], errors[:5]
                 assert open_files(mirror.process.pid) == files_before
