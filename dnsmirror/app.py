@@ -7,6 +7,7 @@ import signal
 import sys
 
 from twisted.internet import defer, error, task
+from twisted.web import server
 
 from dnsmirror import ca as camod
 from dnsmirror import logs
@@ -25,7 +26,17 @@ from dnsmirror.https import HttpsBindError, HttpsListener
 from dnsmirror.logs import fields
 from dnsmirror.metrics import StatsCollector, metrics_site
 from dnsmirror.patterns import HostMatcher
+from dnsmirror.peers import (
+    Holders,
+    PeerClient,
+    PeerResource,
+    PeerSecretError,
+    PeerSet,
+    PeerStats,
+    load_secret,
+)
 from dnsmirror.proxy import PassThrough
+from dnsmirror.resolver import AddressPolicy, UpstreamResolver
 from dnsmirror.store import ContainerdContentSource, Store, StoreError
 from dnsmirror.streaming import DiskIO
 from dnsmirror.tags import TagMemory
@@ -77,6 +88,9 @@ class Services:
         self.content_stats = ContentStats()
         self.content: ContentChain | None = None
         self.passthrough: PassThrough | None = None
+        self.peer_stats = PeerStats()
+        self.peer_set: PeerSet | None = None
+        self.peer_client: PeerClient | None = None
 
     def _build_front(self):
         """The registry front: cache store, upstream client, content chain, pass-through."""
@@ -93,13 +107,48 @@ class Services:
         self.passthrough = PassThrough(self.reactor, self.upstream, self.disk, grants, TagMemory(), cache.stale_tags)
         containerd = ContainerdContentSource(cache.containerd_content) if cache.containerd_content else None
         self.content = ContentChain(self.reactor, self.disk, self.upstream, grants, self.passthrough,
-                                    self.content_stats, containerd)
+                                    self.content_stats, containerd, self._start_peers())
         # idle keep-alive connections are closed after this; a request in progress is never timed out
         site = AccessLogSite(RegistryResource(self.matcher, self.content, self.passthrough),
                              access=self.config.log.access, requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT)
         site.protocol = RegistryChannel
         site.displayTracebacks = False
         return site
+
+    def _start_peers(self) -> PeerClient | None:
+        """The peer listener, membership and client, when peers are configured; raises :class:`ListenError`."""
+        peers = self.config.peers
+        if not peers.enabled:
+            return None
+        try:
+            secret = load_secret(peers.secret_file)
+        except PeerSecretError as exc:
+            raise ListenError(str(exc)) from exc
+        resolve = None
+        if peers.dns_name:
+            if not (peers.resolvers or self.upstreams):
+                raise ListenError("peers.resolvers: no DNS server to resolve peers.dns_name with "
+                                  "(set peers.resolvers or dns.upstreams)")
+            # the peers' Service name: internal addresses are what it is expected to resolve to
+            names = UpstreamResolver(peers.resolvers or self.upstreams, reactor=self.reactor, timeout=self.config.dns.timeout,
+                                     policy=AddressPolicy(allow_internal=True), max_ttl=peers.refresh)
+            resolve = names.resolve
+        self.peer_set = PeerSet(self.reactor, peers.static, peers.dns_name, peers.listen.port, resolve,
+                                peers.refresh)
+        holders = Holders()
+        site = server.Site(PeerResource(self.reactor, self.disk, secret, holders, self.peer_stats,
+                                        peers.listen.port), timeout=HTTP_IDLE_TIMEOUT)
+        site.displayTracebacks = False
+        try:
+            self.ports.append(self.reactor.listenTCP(peers.listen.port, site, interface=peers.listen.host))
+        except error.CannotListenError as exc:
+            raise ListenError(f"peers.listen: cannot listen on {peers.listen}: {_reason(exc)}") from exc
+        self.peer_set.start()
+        self.peer_client = PeerClient(self.reactor, self.peer_set, holders, secret, peers.lookup, peers.timeout,
+                                      self.config.upstream.read_timeout, self.peer_stats)
+        log.info("peers listening", extra=fields(peers=str(peers.listen), static=[str(p) for p in peers.static],
+                                                 dns_name=peers.dns_name))
+        return self.peer_client
 
     def _load_ca(self):
         """Load and check the CA files (raises :class:`~dnsmirror.ca.CaError`) and pre-generate the leaf key."""
@@ -127,7 +176,7 @@ class Services:
     def _start_metrics(self) -> None:
         collector = StatsCollector(
             lambda: self.dns_stats,
-            {"tls": lambda: self.tls_stats, "content": lambda: self.content_stats},
+            {"tls": lambda: self.tls_stats, "content": lambda: self.content_stats, "peers": lambda: self.peer_stats},
             {
                 "cache_bytes": ("Bytes of committed content in the cache",
                                 lambda: self.store.total_size if self.store else 0),
@@ -198,6 +247,12 @@ class Services:
         if self.ca_watcher is not None:
             self.ca_watcher.stop()
             self.ca_watcher = None
+        if self.peer_set is not None:
+            self.peer_set.stop()
+            self.peer_set = None
+        if self.peer_client is not None:
+            self.peer_client.close()
+            self.peer_client = None
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None

@@ -121,6 +121,15 @@ class PeersConfig:
     static: tuple[HostPort, ...]
     dns_name: str | None
     secret_file: Path | None
+    lookup: int = 3
+    timeout: float = 2.0
+    refresh: float = 30.0
+    resolvers: tuple[HostPort, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        """True when peers are configured (a static list or a DNS name)."""
+        return bool(self.static or self.dns_name)
 
 
 @dataclass(frozen=True)
@@ -412,6 +421,10 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
         "static": _list_of(host_port),
         "dns_name": _optional(_dns_name),
         "secret_file": _optional(_path),
+        "lookup": _int_range(1, 16),
+        "timeout": parse_duration,
+        "refresh": parse_duration,
+        "resolvers": _list_of(_upstream_server),
     }),
     "metrics": (MetricsConfig, {"listen": _optional(host_port)}),
     "log": (LogConfig, {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error"),
@@ -514,6 +527,10 @@ def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> 
                                          "mirror's HTTPS address (DNS-only mode)"))
     if not built.get("capture") and not any(path.startswith("capture") for path, _ in problems):
         problems.append(("capture", "needs at least one pattern, or dnsmirror captures nothing"))
+    peers = built.get("peers")
+    if peers is not None and peers.enabled and peers.secret_file is None:
+        problems.append(("peers.secret_file", "is required when peers.static or peers.dns_name is set: peers "
+                                              "serve cached private content only to nodes that hold the secret"))
     if health is not None and health.timeout > health.interval:
         problems.append(("health.timeout", f"must not exceed health.interval ({health.interval}s)"))
 

@@ -1,11 +1,12 @@
-"""Blobs and manifests by digest: the local cache, then upstream (peers slot in between later).
+"""Blobs and manifests by digest: the local cache, then peer nodes, then upstream.
 
 For each ``GET``/``HEAD /v2/<name>/(blobs|manifests)/<digest>``:
 
 1. cached (or being filled) and the request's credentials are allowed (:mod:`dnsmirror.authz`):
    served from disk, ranges included, also while the fill is still running;
-2. otherwise one upstream ``GET`` per digest (single-flight) fills the cache while every waiter
-   streams from the growing file; the blob is committed only when its sha256 matches, and a
+2. otherwise one fill per digest (single-flight): from a peer node that has it, once upstream confirmed
+   that the request's credentials may read it (:mod:`dnsmirror.peers`), else from upstream. Every
+   waiter streams from the growing file; the blob is committed only when its sha256 matches, and a
    mismatch aborts every waiter's connection before its last byte;
 3. any refusal from upstream (401/403/404, ...) reaches the client exactly as upstream sent it.
 """
@@ -24,6 +25,7 @@ from twisted.python.failure import Failure
 from dnsmirror import oci
 from dnsmirror.authz import Grants
 from dnsmirror.logs import fields
+from dnsmirror.peers import PeerClient
 from dnsmirror.proxy import PassThrough, relay, unavailable, write_error
 from dnsmirror.store import BlobInfo, ContainerdContentSource, DigestMismatch, StoreFull
 from dnsmirror.streaming import BlobStreamer, DiskIO, FileFeed, Fill, VerifiedRelay
@@ -58,6 +60,7 @@ class ContentStats:
     offline_served: int = 0
     uncached_streams: int = 0
     containerd_hits: int = 0
+    peer_fills: int = 0
     bytes_served: int = 0
 
 
@@ -73,6 +76,7 @@ class _Slot:
         # a joiner with the starter's credential, host and repository needs no access check of its own
         self.owner = _owner(target)
         self.source = source
+        self.peer = None  # the peer node a fill streams from, if any
         self.fill: Fill | None = None
         self.settled = False
         self._waiters: list[defer.Deferred] = []
@@ -96,7 +100,8 @@ class ContentChain:
     """Serves reads by digest from the cache or a single upstream fill."""
 
     def __init__(self, reactor, disk: DiskIO, upstream: UpstreamClient, grants: Grants, passthrough: PassThrough,
-                 stats: ContentStats | None = None, containerd: ContainerdContentSource | None = None) -> None:
+                 stats: ContentStats | None = None, containerd: ContainerdContentSource | None = None,
+                 peers: PeerClient | None = None) -> None:
         self.reactor = reactor
         self.disk = disk
         self.store = disk.store
@@ -107,6 +112,7 @@ class ContentChain:
         self.slots: dict[str, _Slot] = {}
         self.uncached_until = 0.0
         self.containerd = containerd
+        self.peers = peers
         # digests whose copy in containerd's store failed verification: fetched upstream instead
         self.containerd_rejected: set[str] = set()
 
@@ -333,7 +339,10 @@ class ContentChain:
         self.slots[target.digest] = slot
         fill = None
         try:
-            fill = await self._start_fill(request, target)
+            if self.peers is not None and self.peers.available():
+                fill = await self._start_peer_fill(request, target, slot)
+            if slot.source != "answered" and fill is None:
+                fill = await self._start_fill(request, target)
         finally:
             slot.settle(fill)
             if fill is None and self.slots.get(target.digest) is slot:
@@ -341,9 +350,42 @@ class ContentChain:
         if fill is None:
             return True
         self.stats.fills_started += 1
-        request.source = "upstream"
+        request.source = slot.source
         fill.done.addBoth(self._fill_finished, target, slot, fill)
         return await self._serve_fill(request, target, fill)
+
+    async def _start_peer_fill(self, request, target: Target, slot: _Slot) -> Fill | None:
+        """A fill from a peer node that holds the digest, once upstream confirmed (or recently granted)
+        that this request may read it; None otherwise. A refusal from upstream is passed to the client
+        (``slot.source`` becomes "answered")."""
+        access = await self.check_access(target)
+        if access is Access.DENIED:
+            self.stats.access_denied += 1
+            slot.source = "answered"
+            await self.passthrough.forward(request, target)
+            return None
+        if access is not Access.ALLOWED:
+            return None  # upstream is asked next, and says why
+        found = await self.peers.fetch(target.digest)
+        if found is None:
+            return None
+        peer, response = found
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
+        if target.is_manifest and response.length > oci.MANIFEST_MAX_SIZE:
+            await response.discard(0)
+            self.peers.bad_body(peer, target.digest, f"manifest of {response.length} bytes")
+            return None
+        try:
+            writer = await self.disk.run(self.store.writer, target.digest,
+                                         content_type=content_type.decode("latin-1"), expected_size=response.length)
+        except (StoreFull, OSError):
+            await response.discard(0)
+            return None  # upstream's answer is streamed without caching
+        self.stats.peer_fills += 1
+        slot.source, slot.peer = "peer", peer
+        fill = Fill(self.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
+        response.deliver_body(fill.body_protocol())
+        return fill
 
     async def _start_fill(self, request, target: Target) -> Fill | None:
         """Ask upstream; returns a running Fill, or None once the request has been answered otherwise."""
@@ -429,11 +471,16 @@ class ContentChain:
             elif slot.source == "containerd" and len(self.containerd_rejected) < 100_000:
                 self.containerd_rejected.add(target.digest)
             log.warning("fill failed; nothing cached", extra=fields(event="fill_failed", digest=target.digest,
-                                                                   host=target.upstream_host, reason=str(result.value)))
+                                                                   host=target.upstream_host, source=slot.source,
+                                                                   reason=str(result.value)))
+            if slot.peer is not None and not isinstance(cause, StoreFull):
+                self.peers.bad_body(slot.peer, target.digest, str(result.value))
             return None
         log.info("cached", extra=fields(event="fill_done", digest=target.digest, host=target.upstream_host,
                                         repository=target.repository, source=slot.source, bytes=fill.written,
                                         seconds=round(time.monotonic() - fill.started, 3)))
+        if self.peers is not None:
+            self.peers.announce(target.digest)
         if target.is_manifest:
             self.disk.run(self._read_small, target.digest).addCallback(
                 lambda manifest: manifest is not None and self._grant_references(target, manifest))

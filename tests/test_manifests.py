@@ -189,7 +189,10 @@ def test_ports_and_probes_use_the_configured_addresses(effective):
     metrics_host, metrics_port = host_port(effective["metrics"]["listen"])
     expected = {("dns", "UDP"): (dns_host, dns_port), ("dns-tcp", "TCP"): (dns_host, dns_port),
                 ("https", "TCP"): (https_host, https_port), ("metrics", "TCP"): (metrics_host, metrics_port)}
-    assert set(ports) == set(expected)
+    assert set(ports) == {*expected, ("peers", "TCP")}
+    peers_host, peers_port = host_port(effective["peers"]["listen"])
+    assert peers_host == "0.0.0.0" and "hostIP" not in ports[("peers", "TCP")]  # other nodes connect to it
+    assert ports[("peers", "TCP")]["containerPort"] == peers_port == ports[("peers", "TCP")]["hostPort"]
     for key, (host, port) in expected.items():
         assert ports[key]["hostIP"] == host and ports[key]["containerPort"] == port == ports[key]["hostPort"]
     container = main_container()
@@ -211,6 +214,23 @@ def test_ca_secret_is_owner_only_and_mounted_where_tls_points(effective):
         assert path.parent == mount
         assert keys.get(path.name, path.name) in ("ca.crt", "ca.key")
     assert "fsGroup" not in pod_spec().get("securityContext", {}), "fsGroup makes the key group-readable"
+
+
+def test_peers_find_each_other_through_the_headless_service_and_share_the_secret(effective):
+    peers = effective["peers"]
+    service = find("Service", "dnsmirror-peers")
+    name, namespace = peers["dns_name"].split(".")[:2]
+    assert (service["metadata"]["name"], service["metadata"]["namespace"]) == (name, namespace)
+    assert peers["dns_name"].endswith(".svc.cluster.local")
+    assert service["spec"]["clusterIP"] == "None"
+    labels = find("DaemonSet", "dnsmirror")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert [p["port"] for p in service["spec"]["ports"]] == [host_port(peers["listen"])[1]]
+    assert peers["resolvers"], "the cluster DNS must be named: dns.upstreams do not know cluster.local"
+    secret = volume("peer-secret")["secret"]
+    assert (secret["secretName"], secret["defaultMode"]) == ("dnsmirror-peer-secret", 0o400)
+    assert PurePosixPath(peers["secret_file"]).parent == PurePosixPath(mount_of("peer-secret")["mountPath"])
+    assert PurePosixPath(peers["secret_file"]).name == "secret"
 
 
 def test_cache_is_the_hostpath_of_cache_dir(effective):
@@ -400,6 +420,10 @@ def test_node_setup_in_a_network_namespace(tmp_path):
     document["cache"].update(dir=str(tmp_path / "cache"), containerd_content=str(tmp_path / "containerd"))
     (tmp_path / "containerd").mkdir()
     document["dns"].update(upstreams=["127.0.0.1:53"], timeout="300ms")
+    secret = tmp_path / "peer-secret"
+    secret.write_text("a-test-peer-secret-of-enough-bytes\n")
+    secret.chmod(0o600)
+    document["peers"].update(secret_file=str(secret), resolvers=["127.0.0.1:53"])
     node_config = tmp_path / "node-config.yaml"
     node_config.write_text(yaml.safe_dump(document))
 

@@ -1,0 +1,443 @@
+"""Sharing cached content between nodes: membership, rendezvous order, signed requests, the peer listener.
+
+- A node asks peers for a digest only after upstream confirmed (or recently granted) that the
+  requesting client may read it (:mod:`dnsmirror.content` decides); the peer never sees the client's
+  credentials, and the bytes it sends are verified against the digest like any other source's.
+- Peers serve committed blobs of their own cache and nothing else: a peer request never makes a node
+  contact upstream, and a request without a valid signature (HMAC-SHA256 over method, digest and time
+  with the cluster's shared secret) gets 401.
+- Who holds what: after a node caches a digest it announces itself to the digest's first ``lookup``
+  peers in rendezvous order (highest hash of digest and address first). A lookup asks the same peers,
+  which answer with the blob or with the holders they were told about, so one or two requests find
+  a copy whatever the size of the cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import socket
+import stat
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from twisted.internet import defer, task
+from twisted.web import resource, server
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from dnsmirror.config import HostPort
+from dnsmirror.logs import fields
+from dnsmirror.streaming import BlobStreamer, DiskIO
+from dnsmirror.upstream import UpstreamResponse
+
+log = logging.getLogger("dnsmirror.peers")
+
+BLOB_PATH = "/peer/v1/blobs/"
+HOLDER_PATH = "/peer/v1/holders/"
+AUTH_HEADER = b"x-dnsmirror-peer-auth"
+HOLDERS_HEADER = b"x-dnsmirror-holders"
+# a signature is accepted this long around its timestamp (node clocks are NTP-synchronised)
+CLOCK_SKEW = 60.0
+MIN_SECRET_BYTES = 16
+# a peer that failed (refused, timed out, sent a wrong body) is skipped this long
+PEER_BACKOFF = 30.0
+HOLDERS_TTL = 600.0
+MAX_HOLDER_DIGESTS = 100_000
+MAX_HOLDERS_PER_DIGEST = 4
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+class PeerSecretError(Exception):
+    """The shared secret file is missing, unreadable, too short or readable by others."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        self.path = path
+        super().__init__(f"peers.secret_file: {path} {problem}")
+
+
+def load_secret(path: Path) -> bytes:
+    """The shared secret in ``path`` (surrounding whitespace removed); raises :class:`PeerSecretError`."""
+    try:
+        mode = os.stat(path).st_mode
+        data = Path(path).read_bytes().strip()
+    except OSError as exc:
+        raise PeerSecretError(path, f"cannot be read: {exc.strerror or exc}") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise PeerSecretError(path, f"is accessible by group or others (mode {stat.S_IMODE(mode):04o}); chmod 600 "
+                                    "(Kubernetes: defaultMode: 0400 on the Secret volume)")
+    if len(data) < MIN_SECRET_BYTES:
+        raise PeerSecretError(path, f"holds {len(data)} bytes; a secret needs at least {MIN_SECRET_BYTES} "
+                                    "(e.g. `head -c 32 /dev/urandom | base64`)")
+    return data
+
+
+def _mac(secret: bytes, stamp: int, method: str, digest: str) -> str:
+    return hmac.new(secret, f"{stamp} {method} {digest}".encode(), hashlib.sha256).hexdigest()
+
+
+def sign(secret: bytes, method: str, digest: str, now: float) -> bytes:
+    """The auth header value for ``method`` of ``digest`` at ``now`` (Unix time)."""
+    stamp = int(now)
+    return f"{stamp} {_mac(secret, stamp, method, digest)}".encode()
+
+
+def signature_valid(secret: bytes, header: bytes | None, method: str, digest: str, now: float) -> bool:
+    """True when ``header`` signs ``method`` of ``digest`` with ``secret`` within :data:`CLOCK_SKEW`."""
+    if not header:
+        return False
+    try:
+        stamp_text, mac = header.decode("ascii").split(" ", 1)
+        stamp = int(stamp_text)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    if abs(now - stamp) > CLOCK_SKEW:
+        return False
+    return hmac.compare_digest(mac, _mac(secret, stamp, method, digest))
+
+
+def rendezvous(digest: str, peers: Iterable[HostPort]) -> list[HostPort]:
+    """``peers`` in rendezvous order for ``digest``: every node computes the same order, and adding or
+    removing a peer moves only the digests whose first choices it was."""
+    def weight(peer: HostPort) -> bytes:
+        return hashlib.sha256(f"{digest}|{peer}".encode()).digest()
+    return sorted(set(peers), key=weight, reverse=True)
+
+
+def is_local_address(host: str) -> bool:
+    """True when ``host`` is one of this machine's addresses (binding to it succeeds)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return False
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.bind((host, 0))
+        except OSError:
+            return False
+    return True
+
+
+class Holders:
+    """Bounded memory of which peers announced a digest, each entry expiring after ``ttl``."""
+
+    def __init__(self, ttl: float = HOLDERS_TTL, max_digests: int = MAX_HOLDER_DIGESTS) -> None:
+        self.ttl = ttl
+        self.max_digests = max_digests
+        self._entries: OrderedDict[str, dict[HostPort, float]] = OrderedDict()
+
+    def record(self, digest: str, peer: HostPort, now: float) -> None:
+        holders = self._entries.pop(digest, {})
+        holders[peer] = now + self.ttl
+        if len(holders) > MAX_HOLDERS_PER_DIGEST:
+            del holders[min(holders, key=holders.__getitem__)]
+        self._entries[digest] = holders
+        while len(self._entries) > self.max_digests:
+            self._entries.popitem(last=False)
+
+    def forget(self, digest: str, peer: HostPort) -> None:
+        holders = self._entries.get(digest)
+        if holders is not None:
+            holders.pop(peer, None)
+
+    def lookup(self, digest: str, now: float) -> list[HostPort]:
+        holders = self._entries.get(digest)
+        if not holders:
+            return []
+        alive = {peer: until for peer, until in holders.items() if until > now}
+        if alive:
+            self._entries[digest] = alive
+        else:
+            del self._entries[digest]
+        return sorted(alive, key=alive.__getitem__, reverse=True)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+@dataclass
+class PeerStats:
+    """Counters of peer traffic (exported as ``dnsmirror_peers_*_total``)."""
+
+    lookups: int = 0            # digests looked for at peers
+    hits: int = 0               # lookups that found a peer sending the blob
+    failures: int = 0           # peer requests refused, timed out or broken
+    served: int = 0             # blobs this node sent to peers
+    refused: int = 0            # peer requests without a valid signature
+    announcements_sent: int = 0
+    announcements_received: int = 0
+
+
+class PeerSet:
+    """The current peers: ``static`` addresses plus the A/AAAA records of ``dns_name`` (re-resolved every
+    ``refresh`` seconds), without this node's own addresses and without peers that failed recently."""
+
+    def __init__(self, reactor, static: Sequence[HostPort], dns_name: str | None, port: int,
+                 resolve: Callable[[str], defer.Deferred] | None = None, refresh: float = 30.0,
+                 is_local: Callable[[str], bool] = is_local_address) -> None:
+        self.reactor = reactor
+        self.static = tuple(static)
+        self.dns_name = dns_name
+        self.port = port
+        self.resolve = resolve
+        self.refresh = refresh
+        self.is_local = is_local
+        self.discovered: tuple[HostPort, ...] = ()
+        self._local: dict[str, bool] = {}
+        self._down: dict[HostPort, float] = {}
+        self._loop: task.LoopingCall | None = None
+
+    def start(self) -> None:
+        if self.dns_name and self.resolve is not None:
+            self._loop = task.LoopingCall(self._discover)
+            self._loop.clock = self.reactor
+            self._loop.start(self.refresh, now=True)
+
+    def stop(self) -> None:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def _discover(self) -> defer.Deferred:
+        def found(addresses: list[str]) -> None:
+            self.discovered = tuple(HostPort(address, self.port) for address in addresses)
+
+        def failed(failure) -> None:
+            # keep the last known peers: a DNS hiccup must not empty the cluster
+            log.warning("peer discovery failed; keeping %d known peers: %s", len(self.discovered),
+                        failure.getErrorMessage(), extra=fields(event="peer_discovery_failed", name=self.dns_name))
+
+        return self.resolve(self.dns_name).addCallbacks(found, failed)
+
+    def _is_self(self, peer: HostPort) -> bool:
+        if peer.port != self.port:
+            return False
+        if peer.host not in self._local:
+            self._local[peer.host] = self.is_local(peer.host)
+        return self._local[peer.host]
+
+    def members(self) -> list[HostPort]:
+        """Every known peer but this node, healthy or not."""
+        return [peer for peer in dict.fromkeys((*self.static, *self.discovered)) if not self._is_self(peer)]
+
+    def healthy(self, peers: Iterable[HostPort]) -> list[HostPort]:
+        now = self.reactor.seconds()
+        return [peer for peer in peers if self._down.get(peer, 0.0) <= now and not self._is_self(peer)]
+
+    def failed(self, peer: HostPort) -> None:
+        """``peer`` refused, timed out or sent a wrong body: skip it for :data:`PEER_BACKOFF`."""
+        self._down[peer] = self.reactor.seconds() + PEER_BACKOFF
+        if len(self._down) > 10_000:
+            now = self.reactor.seconds()
+            self._down = {p: until for p, until in self._down.items() if until > now}
+
+
+class PeerClient:
+    """Looks digests up at peers and announces what this node cached."""
+
+    def __init__(self, reactor, peers: PeerSet, holders: Holders, secret: bytes, lookup: int, timeout: float,
+                 read_timeout: float, stats: PeerStats, wall_clock: Callable[[], float] = time.time) -> None:
+        self.reactor = reactor
+        self.peers = peers
+        self.holders = holders
+        self.secret = secret
+        self.lookup = lookup
+        self.timeout = timeout
+        self.read_timeout = read_timeout
+        self.stats = stats
+        self.wall_clock = wall_clock
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = 4
+        self.pool.cachedConnectionTimeout = 30
+        self.agent = Agent(reactor, connectTimeout=timeout, pool=self.pool)
+
+    def close(self) -> defer.Deferred:
+        return self.pool.closeCachedConnections()
+
+    def available(self) -> bool:
+        """True when some peer could be asked now."""
+        return bool(self.peers.healthy(self.peers.members()))
+
+    def _headers(self, method: str, digest: str) -> Headers:
+        return Headers({AUTH_HEADER: [sign(self.secret, method, digest, self.wall_clock())]})
+
+    async def fetch(self, digest: str) -> tuple[HostPort, UpstreamResponse] | None:
+        """A 200 response with the blob's body from some peer, or None when no peer has it.
+
+        Holders announced to this node come first (it may be one of the digest's first peers itself),
+        then the first ``lookup`` peers in rendezvous order; a peer without the blob may name holders,
+        which are asked next. Each request gets ``timeout`` for its answer."""
+        members = self.peers.members()
+        if not members:
+            return None
+        self.stats.lookups += 1
+        asked: set[HostPort] = set()
+        known = self.holders.lookup(digest, self.reactor.seconds())
+        queue = self.peers.healthy([*known, *rendezvous(digest, members)[:self.lookup]])
+        while queue and len(asked) < 2 * self.lookup:
+            peer = queue.pop(0)
+            if peer in asked:
+                continue
+            asked.add(peer)
+            response, holders = await self._ask(peer, digest)
+            if response is not None:
+                self.stats.hits += 1
+                return peer, response
+            queue[:0] = [holder for holder in self.peers.healthy(holders) if holder not in asked]
+        return None
+
+    async def _ask(self, peer: HostPort, digest: str) -> tuple[UpstreamResponse | None, list[HostPort]]:
+        url = f"http://{_authority(peer)}{BLOB_PATH}{digest}"
+        request = self.agent.request(b"GET", url.encode("ascii"), self._headers("GET", digest))
+        request.addTimeout(self.timeout, self.reactor)
+        try:
+            raw = await request
+        except Exception as exc:  # noqa: BLE001 - any failure of a peer means: ask the next one
+            self._failed(peer, digest, f"{type(exc).__name__}: {exc}")
+            return None, []
+        response = UpstreamResponse(raw, url, "GET", (), self.reactor, self.read_timeout)
+        if response.code == 200 and response.length is not None:
+            return response, []
+        await response.discard()
+        if response.code == 404:
+            return None, _parse_holders(raw.headers.getRawHeaders(HOLDERS_HEADER) or [])
+        self._failed(peer, digest, f"answered {response.code}")
+        return None, []
+
+    def _failed(self, peer: HostPort, digest: str, reason: str) -> None:
+        self.stats.failures += 1
+        self.peers.failed(peer)
+        log.warning("peer request failed; trying others, then upstream",
+                    extra=fields(event="peer_failed", peer=str(peer), digest=digest, reason=reason))
+
+    def bad_body(self, peer: HostPort, digest: str, reason: str) -> None:
+        """``peer`` sent a body that failed verification or broke off."""
+        self._failed(peer, digest, reason)
+
+    def announce(self, digest: str) -> None:
+        """Tell the digest's first ``lookup`` peers that this node holds it (best effort)."""
+        for peer in self.peers.healthy(rendezvous(digest, self.peers.members())[:self.lookup]):
+            url = f"http://{_authority(peer)}{HOLDER_PATH}{digest}"
+            sent = self.agent.request(b"POST", url.encode("ascii"), self._headers("POST", digest))
+            sent.addTimeout(self.timeout, self.reactor)
+            sent.addCallback(lambda response: response.deliverBody(_Discard()))
+            sent.addErrback(lambda failure, peer=peer: log.debug("announcement to %s failed: %s", peer,
+                                                                 failure.getErrorMessage()))
+            self.stats.announcements_sent += 1
+
+
+class _Discard:
+    def makeConnection(self, transport) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason) -> None:
+        pass
+
+
+def _authority(peer: HostPort) -> str:
+    return f"[{peer.host}]:{peer.port}" if ":" in peer.host else f"{peer.host}:{peer.port}"
+
+
+def _parse_holders(values: list[bytes]) -> list[HostPort]:
+    holders = []
+    for value in values:
+        for item in value.decode("ascii", "replace").split(","):
+            host, _, port = item.strip().rpartition(":")
+            host = host.strip("[]")
+            try:
+                holders.append(HostPort(str(ipaddress.ip_address(host)), int(port)))
+            except ValueError:
+                continue
+    return holders[:MAX_HOLDERS_PER_DIGEST]
+
+
+class PeerResource(resource.Resource):
+    """The peer listener: committed blobs of the cache to signed requests, and holder announcements."""
+
+    isLeaf = True
+
+    def __init__(self, reactor, disk: DiskIO, secret: bytes, holders: Holders, stats: PeerStats,
+                 port: int, wall_clock: Callable[[], float] = time.time) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.disk = disk
+        self.secret = secret
+        self.holders = holders
+        self.stats = stats
+        self.port = port
+        self.wall_clock = wall_clock
+
+    def render(self, request) -> bytes | int:
+        path = request.path.decode("ascii", "replace")
+        method = request.method.decode("ascii", "replace")
+        for prefix, methods in ((BLOB_PATH, ("GET", "HEAD")), (HOLDER_PATH, ("POST",))):
+            if not path.startswith(prefix):
+                continue
+            digest = path[len(prefix):]
+            if _SHA256.fullmatch(digest) is None:
+                return _plain(request, 400, "not a sha256 digest")
+            if method not in methods:
+                return _plain(request, 405, "method not allowed")
+            if not signature_valid(self.secret, request.getHeader(AUTH_HEADER), method, digest, self.wall_clock()):
+                self.stats.refused += 1
+                return _plain(request, 401, "peer signature missing or invalid")
+            if prefix == HOLDER_PATH:
+                return self._announced(request, digest)
+            defer.ensureDeferred(self._send(request, digest)).addErrback(self._send_failed, request)
+            return server.NOT_DONE_YET
+        return _plain(request, 404, "not a peer path")
+
+    def _announced(self, request, digest: str) -> bytes:
+        self.stats.announcements_received += 1
+        # the announcing node listens on the same port as every peer of the cluster
+        self.holders.record(digest, HostPort(request.getClientAddress().host, self.port), self.reactor.seconds())
+        return _plain(request, 204, "")
+
+    async def _send(self, request, digest: str) -> None:
+        store = self.disk.store
+        reader = await self.disk.run(store.open_blob, digest) if digest in store else None
+        if reader is None:
+            holders = self.holders.lookup(digest, self.reactor.seconds())
+            if holders:
+                request.setHeader(HOLDERS_HEADER, ", ".join(_authority(h) for h in holders).encode())
+            request.write(_plain(request, 404, "not cached here"))
+            request.finish()
+            return
+        info = reader.info
+        request.setHeader(b"content-length", str(info.size).encode())
+        request.setHeader(b"content-type", (info.content_type or "application/octet-stream").encode("latin-1"))
+        request.setHeader(b"docker-content-digest", digest.encode())
+        if request.method == b"HEAD":
+            self.disk.run(reader.close)
+            request.finish()
+            return
+        self.stats.served += 1
+        streamer = BlobStreamer(self.disk, request, reader.file.fileno(), 0, info.size,
+                                on_close=lambda: self.disk.run(reader.close))
+        await streamer.start()
+
+    def _send_failed(self, failure, request) -> None:
+        log.error("peer request failed: %s", failure.getTraceback())
+        if not request.startedWriting:
+            request.write(_plain(request, 500, "internal error"))
+            request.finish()
+
+
+def _plain(request, code: int, message: str) -> bytes:
+    request.setResponseCode(code)
+    if code == 204:
+        return b""
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    body = (message + "\n").encode()
+    request.setHeader(b"content-length", str(len(body)).encode())
+    return body

@@ -1,0 +1,267 @@
+"""Peer sharing's pure parts and the peer listener, without a network (see test_peers_e2e for nodes)."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from test_content import ManualDisk
+from twisted.internet import defer, task
+from twisted.internet.address import IPv4Address
+from twisted.web import server
+from twisted.web.test.requesthelper import DummyRequest
+
+from dnsmirror import config
+from dnsmirror.config import HostPort
+from dnsmirror.peers import (
+    AUTH_HEADER,
+    CLOCK_SKEW,
+    HOLDERS_HEADER,
+    PEER_BACKOFF,
+    Holders,
+    PeerResource,
+    PeerSecretError,
+    PeerSet,
+    PeerStats,
+    is_local_address,
+    load_secret,
+    rendezvous,
+    sign,
+    signature_valid,
+)
+from dnsmirror.store import Store
+
+SECRET = b"0123456789abcdef-cluster-secret"
+DIGEST = "sha256:" + "ab" * 32
+NOW = 1_800_000_000.0
+
+
+# --- signatures -----------------------------------------------------------------------------------------
+
+
+def test_a_signature_is_valid_only_for_its_secret_method_digest_and_time() -> None:
+    header = sign(SECRET, "GET", DIGEST, NOW)
+    assert signature_valid(SECRET, header, "GET", DIGEST, NOW)
+    assert signature_valid(SECRET, header, "GET", DIGEST, NOW + CLOCK_SKEW)
+    assert not signature_valid(SECRET, header, "GET", DIGEST, NOW + CLOCK_SKEW + 1)
+    assert not signature_valid(SECRET, header, "GET", DIGEST, NOW - CLOCK_SKEW - 1)
+    assert not signature_valid(b"another-secret-of-the-same-size", header, "GET", DIGEST, NOW)
+    assert not signature_valid(SECRET, header, "POST", DIGEST, NOW)
+    assert not signature_valid(SECRET, header, "GET", "sha256:" + "cd" * 32, NOW)
+
+
+@pytest.mark.parametrize("header", [None, b"", b"nonsense", b"12 ", b"\xff\xfe 00", b"1800000000", b"x y"])
+def test_malformed_signatures_are_refused(header) -> None:
+    assert not signature_valid(SECRET, header, "GET", DIGEST, NOW)
+
+
+# --- rendezvous order -----------------------------------------------------------------------------------
+
+PEERS = [HostPort(f"10.0.0.{n}", 5001) for n in range(1, 9)]
+
+
+@given(st.permutations(PEERS), st.binary(min_size=1, max_size=8))
+def test_every_node_computes_the_same_order(peers, seed) -> None:
+    digest = "sha256:" + hashlib.sha256(seed).hexdigest()
+    assert rendezvous(digest, peers) == rendezvous(digest, PEERS)
+
+
+@given(st.sampled_from(PEERS), st.binary(min_size=1, max_size=8))
+def test_removing_a_peer_keeps_the_order_of_the_others(removed, seed) -> None:
+    digest = "sha256:" + hashlib.sha256(seed).hexdigest()
+    full = rendezvous(digest, PEERS)
+    assert rendezvous(digest, [p for p in PEERS if p != removed]) == [p for p in full if p != removed]
+
+
+def test_first_choices_spread_over_the_peers() -> None:
+    firsts = collections.Counter(rendezvous("sha256:" + hashlib.sha256(str(n).encode()).hexdigest(), PEERS)[0]
+                                 for n in range(4000))
+    assert set(firsts) == set(PEERS)
+    assert all(350 < count < 650 for count in firsts.values()), firsts  # 500 each on average
+
+
+# --- the secret file ------------------------------------------------------------------------------------
+
+
+def test_the_secret_file_must_exist_be_private_and_long_enough(tmp_path) -> None:
+    path = tmp_path / "secret"
+    with pytest.raises(PeerSecretError, match="peers.secret_file: .* cannot be read"):
+        load_secret(path)
+    path.write_text("short\n")
+    path.chmod(0o600)
+    with pytest.raises(PeerSecretError, match="at least 16"):
+        load_secret(path)
+    path.write_text("  a-long-enough-cluster-secret \n")
+    path.chmod(0o644)
+    with pytest.raises(PeerSecretError, match="group or others"):
+        load_secret(path)
+    path.chmod(0o400)
+    assert load_secret(path) == b"a-long-enough-cluster-secret"
+
+
+def test_peers_without_a_secret_file_are_a_config_error() -> None:
+    with pytest.raises(config.ConfigError) as raised:
+        config.parse_document({"peers": {"static": ["10.0.0.5:5001"]}})
+    assert [path for path, _ in raised.value.problems] == ["peers.secret_file"]
+    with pytest.raises(config.ConfigError) as raised:
+        config.parse_document({"peers": {"lookup": 0, "timeout": "soon"}})
+    assert sorted(path for path, _ in raised.value.problems) == ["peers.lookup", "peers.timeout"]
+    built = config.parse_document({"peers": {"dns_name": "dnsmirror-peers.kube-system.svc.cluster.local",
+                                             "secret_file": "/etc/dnsmirror/peer-secret", "timeout": "500ms"}})
+    assert built.peers.enabled and built.peers.timeout == 0.5
+    assert not config.parse_document({}).peers.enabled
+
+
+# --- membership -----------------------------------------------------------------------------------------
+
+
+def test_is_local_address() -> None:
+    assert is_local_address("127.0.0.1")
+    assert not is_local_address("192.0.2.1")  # documentation range: never configured
+    assert not is_local_address("not-an-address")
+
+
+def test_members_are_static_and_discovered_peers_without_this_node() -> None:
+    clock = task.Clock()
+    answers = [defer.succeed(["10.0.0.2", "10.0.0.3", "10.0.0.9"])]
+    peers = PeerSet(clock, [HostPort("10.0.0.1", 5001), HostPort("10.0.0.2", 5001)], "peers.example", 5001,
+                    resolve=lambda name: answers.pop(0), refresh=30,
+                    is_local=lambda host: host == "10.0.0.9")
+    peers.start()
+    assert peers.members() == [HostPort("10.0.0.1", 5001), HostPort("10.0.0.2", 5001), HostPort("10.0.0.3", 5001)]
+    # a failed refresh keeps the peers known so far
+    answers.append(defer.fail(OSError("timeout")))
+    clock.advance(30)
+    assert HostPort("10.0.0.3", 5001) in peers.members()
+    peers.stop()
+
+
+def test_a_failed_peer_is_skipped_for_a_while() -> None:
+    clock = task.Clock()
+    peers = PeerSet(clock, PEERS[:3], None, 5001, is_local=lambda host: False)
+    peers.failed(PEERS[1])
+    assert peers.healthy(PEERS[:3]) == [PEERS[0], PEERS[2]]
+    clock.advance(PEER_BACKOFF + 1)
+    assert peers.healthy(PEERS[:3]) == PEERS[:3]
+
+
+def test_holders_expire_and_stay_bounded() -> None:
+    holders = Holders(ttl=60, max_digests=2)
+    holders.record("sha256:1", PEERS[0], 0)
+    holders.record("sha256:1", PEERS[1], 10)
+    assert holders.lookup("sha256:1", 30) == [PEERS[1], PEERS[0]]  # the newest announcement first
+    assert holders.lookup("sha256:1", 65) == [PEERS[1]]
+    holders.record("sha256:2", PEERS[0], 70)
+    holders.record("sha256:3", PEERS[0], 70)
+    assert len(holders) == 2 and holders.lookup("sha256:1", 70) == []
+    for peer in PEERS:
+        holders.record("sha256:3", peer, 80)
+    assert len(holders.lookup("sha256:3", 80)) == 4
+
+
+# --- the peer listener ----------------------------------------------------------------------------------
+
+
+class PeerRequest(DummyRequest):
+    """DummyRequest with a push-producer-friendly registerProducer."""
+
+    def __init__(self, method: bytes, path: bytes, headers: dict[bytes, bytes] | None = None) -> None:
+        super().__init__(path.lstrip(b"/").split(b"/"))
+        self.method = method
+        self.path = path
+        self.uri = path
+        self.client = IPv4Address("TCP", "10.0.0.7", 40000)
+        for name, value in (headers or {}).items():
+            self.requestHeaders.setRawHeaders(name, [value])
+
+    def registerProducer(self, producer, streaming):  # noqa: N802 - twisted's name
+        self.producer = producer
+
+    def unregisterProducer(self):  # noqa: N802
+        self.producer = None
+
+
+def render(resource: PeerResource, request: PeerRequest, disk: ManualDisk | None = None) -> bytes:
+    result = resource.render(request)
+    if result == server.NOT_DONE_YET:
+        disk.drain()
+        return b"".join(request.written)
+    return result
+
+
+@pytest.fixture
+def listener(tmp_path):
+    with Store.open(tmp_path / "cache", 10 * 2**20) as store:
+        disk = ManualDisk(store)
+        stats = PeerStats()
+        holders = Holders()
+        resource = PeerResource(disk.reactor, disk, SECRET, holders, stats, 5001, wall_clock=lambda: NOW)
+        yield resource, disk, store, stats, holders
+
+
+def signed(method: str, digest: str) -> dict[bytes, bytes]:
+    return {AUTH_HEADER: sign(SECRET, method, digest, NOW)}
+
+
+def test_the_listener_serves_cached_blobs_to_signed_requests_only(listener) -> None:
+    resource, disk, store, stats, _ = listener
+    data = os.urandom(200_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with store.writer(digest, content_type="application/vnd.oci.image.layer.v1.tar+gzip") as writer:
+        writer.write(data)
+        writer.commit()
+    path = f"/peer/v1/blobs/{digest}".encode()
+
+    request = PeerRequest(b"GET", path)
+    render(resource, request)
+    assert request.responseCode == 401 and stats.refused == 1
+    request = PeerRequest(b"GET", path, {AUTH_HEADER: sign(b"x" * 32, "GET", digest, NOW)})
+    render(resource, request)
+    assert request.responseCode == 401 and stats.refused == 2
+
+    request = PeerRequest(b"GET", path, signed("GET", digest))
+    body = render(resource, request, disk)
+    assert body == data and request.finished
+    assert request.responseHeaders.getRawHeaders(b"content-length") == [str(len(data)).encode()]
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/vnd.oci.image.layer.v1.tar+gzip"]
+    assert stats.served == 1 and store.pinned(digest) == 0
+
+    request = PeerRequest(b"HEAD", path, signed("HEAD", digest))
+    assert render(resource, request, disk) == b"" and request.finished and stats.served == 1
+
+
+def test_the_listener_names_holders_of_what_it_does_not_have(listener) -> None:
+    resource, disk, _, stats, holders = listener
+    path = f"/peer/v1/blobs/{DIGEST}".encode()
+    request = PeerRequest(b"GET", path, signed("GET", DIGEST))
+    render(resource, request, disk)
+    assert request.responseCode == 404 and not request.responseHeaders.hasHeader(HOLDERS_HEADER)
+
+    announce = PeerRequest(b"POST", f"/peer/v1/holders/{DIGEST}".encode(), signed("POST", DIGEST))
+    render(resource, announce)
+    assert announce.responseCode == 204 and stats.announcements_received == 1
+    assert holders.lookup(DIGEST, disk.reactor.seconds()) == [HostPort("10.0.0.7", 5001)]
+
+    request = PeerRequest(b"GET", path, signed("GET", DIGEST))
+    render(resource, request, disk)
+    assert request.responseCode == 404
+    assert request.responseHeaders.getRawHeaders(HOLDERS_HEADER) == [b"10.0.0.7:5001"]
+
+
+@pytest.mark.parametrize(("method", "path", "code"), [
+    (b"GET", b"/peer/v1/blobs/sha256:short", 400),
+    (b"GET", b"/peer/v1/blobs/../../etc/passwd", 400),
+    (b"GET", b"/peer/v1/blobs/sha512:" + b"ab" * 64, 400),
+    (b"DELETE", b"/peer/v1/blobs/" + DIGEST.encode(), 405),
+    (b"GET", b"/peer/v1/holders/" + DIGEST.encode(), 405),
+    (b"GET", b"/v2/", 404),
+])
+def test_the_listener_refuses_other_requests(listener, method, path, code) -> None:
+    resource, disk, _, stats, _ = listener
+    request = PeerRequest(method, path, signed(method.decode(), DIGEST))
+    render(resource, request, disk)
+    assert request.responseCode == code
