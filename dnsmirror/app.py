@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import sys
@@ -144,6 +145,9 @@ class Services:
         except error.CannotListenError as exc:
             raise ListenError(f"peers.listen: cannot listen on {peers.listen}: {_reason(exc)}") from exc
         self.peer_set.start()
+        if ipaddress.ip_address(peers.listen.host).is_loopback:
+            log.warning("peers.listen is a loopback address: other nodes cannot fetch from this one",
+                        extra=fields(event="peers_unreachable", listen=str(peers.listen)))
         self.peer_client = PeerClient(self.reactor, self.peer_set, holders, secret, peers.lookup, peers.timeout,
                                       self.config.upstream.read_timeout, self.peer_stats)
         log.info("peers listening", extra=fields(peers=str(peers.listen), static=[str(p) for p in peers.static],

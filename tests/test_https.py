@@ -212,6 +212,25 @@ def test_serve_names_the_https_address_it_cannot_bind(tmp_path, ca_dir):
     assert f"https.listen[0]: cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
+def test_serve_refuses_an_unsafe_peer_secret_and_names_a_peer_port_it_cannot_bind(tmp_path, ca_dir):
+    secret = tmp_path / "peer-secret"
+    secret.write_text("a-long-enough-cluster-secret\n")
+    secret.chmod(0o644)
+    peers = {"static": ["127.0.0.2:5001"], "secret_file": str(secret)}
+    done = run_serve(write_config(tmp_path, ca_dir, free_port(), peers={**peers, "listen": f"127.0.0.1:{free_port()}"}))
+    assert done.returncode == 2
+    assert f"peers.secret_file: {secret} is accessible by group or others" in done.stderr
+
+    secret.chmod(0o600)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        done = run_serve(write_config(tmp_path, ca_dir, free_port(), peers={**peers, "listen": f"127.0.0.1:{port}"}))
+    assert done.returncode == 2
+    assert f"peers.listen: cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
 # --- in process: the DNS fails open as soon as the HTTPS listener stops -----------------------------------
 
 
