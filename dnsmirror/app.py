@@ -148,8 +148,10 @@ class Services:
         if ipaddress.ip_address(peers.listen.host).is_loopback:
             log.warning("peers.listen is a loopback address: other nodes cannot fetch from this one",
                         extra=fields(event="peers_unreachable", listen=str(peers.listen)))
+        # a peer whose body stalls this long is given up and upstream sends the rest
+        read_timeout = min(max(5 * peers.timeout, 5.0), self.config.upstream.read_timeout)
         self.peer_client = PeerClient(self.reactor, self.peer_set, holders, secret, peers.lookup, peers.timeout,
-                                      self.config.upstream.read_timeout, self.peer_stats)
+                                      read_timeout, self.peer_stats)
         log.info("peers listening", extra=fields(peers=str(peers.listen), static=[str(p) for p in peers.static],
                                                  dns_name=peers.dns_name))
         return self.peer_client

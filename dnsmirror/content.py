@@ -28,7 +28,7 @@ from dnsmirror.logs import fields
 from dnsmirror.peers import PeerClient
 from dnsmirror.proxy import PassThrough, relay, unavailable, write_error
 from dnsmirror.store import BlobInfo, ContainerdContentSource, DigestMismatch, StoreFull
-from dnsmirror.streaming import BlobStreamer, DiskIO, FileFeed, Fill, VerifiedRelay
+from dnsmirror.streaming import BlobStreamer, DiskIO, FileFeed, Fill, ResumableBody, VerifiedRelay
 from dnsmirror.target import Target
 from dnsmirror.upstream import UPSTREAM_FAILURES, UpstreamClient
 
@@ -61,6 +61,7 @@ class ContentStats:
     uncached_streams: int = 0
     containerd_hits: int = 0
     peer_fills: int = 0
+    peer_resumes: int = 0  # peer transfers that broke off and were finished from upstream
     bytes_served: int = 0
 
 
@@ -384,18 +385,48 @@ class ContentChain:
         self.stats.peer_fills += 1
         slot.source, slot.peer = "peer", peer
         fill = Fill(self.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
-        response.deliver_body(fill.body_protocol())
+        headers = self._upstream_headers(request, target)
+
+        def broke(reason: str) -> None:
+            self.peers.bad_body(peer, target.digest, f"body broke off at byte {fill.received}: {reason}")
+            self.stats.peer_resumes += 1
+            slot.peer = None  # reported: the fill's outcome is upstream's from here
+
+        # a peer that goes away mid-blob costs its clients nothing: upstream sends the rest
+        response.deliver_body(ResumableBody(fill, lambda offset: defer.ensureDeferred(
+            self._upstream_rest(target, headers, offset, fill.total)), broke))
         return fill
+
+    async def _upstream_rest(self, target: Target, headers: dict, offset: int, total: int):
+        """Upstream's answer for bytes ``offset``- of the blob (206 with the matching range), or None."""
+        ranged = {**headers, b"range": [f"bytes={offset}-".encode()]}
+        try:
+            response = await self.upstream.request("GET", target.url, ranged, follow_redirects=True)
+        except UPSTREAM_FAILURES as exc:
+            log.warning("cannot resume a broken peer transfer upstream", extra=fields(
+                event="peer_resume_failed", digest=target.digest, reason=str(exc)))
+            return None
+        answered = (response.headers.getRawHeaders(b"content-range") or [b""])[0].decode("latin-1")
+        if response.code != 206 or answered != f"bytes {offset}-{total - 1}/{total}":
+            await response.discard(0)
+            log.warning("cannot resume a broken peer transfer upstream", extra=fields(
+                event="peer_resume_failed", digest=target.digest,
+                reason=f"upstream answered {response.code} {answered!r} to a range from byte {offset}"))
+            return None
+        return response
+
+    def _upstream_headers(self, request, target: Target) -> dict:
+        """What an upstream GET on the client's behalf carries: its credentials, Accept and User-Agent."""
+        headers = target.auth_headers()
+        for name in (b"accept", b"user-agent"):
+            values = request.requestHeaders.getRawHeaders(name)
+            if values:
+                headers[name] = values
+        return headers
 
     async def _start_fill(self, request, target: Target) -> Fill | None:
         """Ask upstream; returns a running Fill, or None once the request has been answered otherwise."""
-        headers = target.auth_headers()
-        accept = request.requestHeaders.getRawHeaders(b"accept")
-        if accept:
-            headers[b"accept"] = accept
-        user_agent = request.requestHeaders.getRawHeaders(b"user-agent")
-        if user_agent:
-            headers[b"user-agent"] = user_agent
+        headers = self._upstream_headers(request, target)
         # the cache file is created while upstream answers, off the response's critical path
         early_writer = None
         if self.reactor.seconds() >= self.uncached_until:

@@ -371,6 +371,65 @@ class _FillProtocol:
         self.fill._body_done(reason)
 
 
+class ResumableBody:
+    """Feeds a :class:`Fill` from one source; if that body breaks off early, the rest comes from another.
+
+    ``resume(offset)`` returns a Deferred of a response whose body continues at ``offset`` (or None when
+    it cannot); ``on_break(reason)`` hears why the first source ended. Only a cut transfer resumes: a
+    body that was complete but wrong still fails verification at the end. Resumes at most once.
+    """
+
+    def __init__(self, fill: Fill, resume: Callable[[int], defer.Deferred], on_break: Callable[[str], None]) -> None:
+        self.fill = fill
+        self.inner = fill.body_protocol()
+        self.resume = resume
+        self.on_break = on_break
+        self.resumed = False
+
+    def makeConnection(self, transport) -> None:
+        self.inner.makeConnection(transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        fill = self.fill
+        complete = fill.total is not None and fill.received >= fill.total
+        if self.resumed or complete or fill.failure is not None or reason.check(ResponseDone):
+            self.inner.connectionLost(reason)
+            return
+        self.resumed = True
+        self.on_break(reason.getErrorMessage() or reason.type.__name__)
+        d = self.resume(fill.received)
+        d.addErrback(lambda failure: None)
+        d.addCallback(self._continue, reason)
+
+    def _continue(self, response, reason: Failure) -> None:
+        if response is None or self.fill.failure is not None:
+            self.inner.connectionLost(reason)
+            return
+        response.deliver_body(_Continuation(self.inner, self.fill))
+
+
+class _Continuation:
+    """The second source's body for a :class:`ResumableBody`: the fill's pause state carries over."""
+
+    def __init__(self, inner: _FillProtocol, fill: Fill) -> None:
+        self.inner = inner
+        self.fill = fill
+
+    def makeConnection(self, transport) -> None:
+        self.inner.makeConnection(transport)
+        if self.fill._upstream_paused:
+            transport.pauseProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.inner.connectionLost(reason)
+
+
 @implementer(IPushProducer)
 class BlobStreamer:
     """Streams bytes ``[start, end)`` of an open file descriptor to ``request``.

@@ -7,6 +7,7 @@ import os
 
 from test_streaming import FakeRequest
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
@@ -160,3 +161,78 @@ def test_a_blob_evicted_between_its_commit_and_its_readers_open_is_fetched_again
         assert served.called and served.result is None
         assert not request.channel.transport.aborted
         assert request.finished and request.body == data and request.source == "upstream"
+
+
+class _CutResponse(_Response):
+    """A peer's 200 whose body breaks off after ``cut`` bytes."""
+
+    def __init__(self, body: bytes, cut: int) -> None:
+        super().__init__(body)
+        self.cut = cut
+
+    def deliver_body(self, protocol) -> None:
+        protocol.makeConnection(None)
+        protocol.dataReceived(self.body[:self.cut])
+        protocol.connectionLost(Failure(ConnectionLost("the peer went away")))
+
+
+class _RangeResponse(_Response):
+    code = 206
+
+    def __init__(self, body: bytes, start: int) -> None:
+        super().__init__(body[start:])
+        self.headers.setRawHeaders(b"content-range", [f"bytes {start}-{len(body) - 1}/{len(body)}".encode()])
+
+
+class RangeUpstream:
+    """Answers a GET with a Range header with 206 and the rest of ``body``; records the requests."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.requests: list[dict] = []
+
+    def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
+        self.requests.append(dict(headers or {}))
+        start = int(headers[b"range"][0].decode().removeprefix("bytes=").rstrip("-"))
+        return defer.succeed(_RangeResponse(self.body, start))
+
+
+class BreakingPeer:
+    """A peer client whose only peer sends the first ``cut`` bytes and goes away."""
+
+    def __init__(self, body: bytes, cut: int) -> None:
+        self.body, self.cut = body, cut
+        self.broken: list[str] = []
+
+    def available(self) -> bool:
+        return True
+
+    async def fetch(self, digest):
+        return "10.0.0.7:5001", _CutResponse(self.body, self.cut)
+
+    def bad_body(self, peer, digest, reason) -> None:
+        self.broken.append(reason)
+
+    def announce(self, digest) -> None:
+        pass
+
+
+def test_a_peer_that_breaks_off_mid_blob_is_finished_from_upstream(tmp_path):
+    data = os.urandom(300_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with Store.open(tmp_path / "cache", 10 * 2**20) as store:
+        disk = ManualDisk(store)
+        grants = Grants(300, 86400)
+        grants.grant(ANONYMOUS, ECR, "team/app", [digest], disk.reactor.seconds())
+        upstream, peer = RangeUpstream(data), BreakingPeer(data, cut=123_456)
+        chain = ContentChain(disk.reactor, disk, upstream, grants, passthrough=None, peers=peer)
+        request = BlobRequest()
+        served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
+        disk.drain()
+
+        assert served.called and served.result is None
+        assert not request.channel.transport.aborted
+        assert request.finished and request.body == data and request.source == "peer"
+        assert [r[b"range"] for r in upstream.requests] == [[b"bytes=123456-"]]
+        assert len(peer.broken) == 1 and "123456" in peer.broken[0]
+        assert digest in store and chain.stats.peer_resumes == 1

@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -199,3 +200,41 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert fetch(node_b, alone, fifth_digest) == (200, fifth)
                 assert sources(alone, fifth_digest) == ["upstream"]
                 assert metric(node_b, "dnsmirror_peers_failures_total") == 1
+
+
+def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> None:
+    """Node B's client reads slowly from a fill fed by node A; A is killed mid-transfer; B asks the
+    registry for the rest (one 206) and its client receives every byte, verified, without a break."""
+    require_netns()
+    with Cluster() as cluster:
+        registry_ns = cluster.add("registry")
+        node_a, node_b = cluster.add("node-a"), cluster.add("node-b")
+        ca = create_ca(tmp_path / "public-ca")
+        secret = write_secret(tmp_path / "peer-secret", os.urandom(24).hex())
+        with Registry(registry_ns, ECR_HOST, ca, tmp_path / "registry", users={USER: PASSWORD}) as registry, \
+                upstream_dns(registry_ns, tmp_path / "dns", {ECR_HOST: registry_ns.address}) as dns, \
+                MirrorNode(node_a, tmp_path / "a", dns, ca, peer_overrides(node_a, [node_b], secret)) as mirror_a, \
+                MirrorNode(node_b, tmp_path / "b", dns, ca, peer_overrides(node_b, [node_a], secret)) as mirror_b:
+            data = os.urandom(32 * 1024 * 1024)
+            digest = registry.place_blob(REPOSITORY, [data])[0]
+            path = registry.blob_path(REPOSITORY, digest)
+            assert fetch(node_a, mirror_a, digest) == (200, data)
+            assert wait_until(lambda: metric(node_b, "dnsmirror_peers_announcements_received_total") >= 1, 10)
+
+            out = tmp_path / "slow-download"
+            # ~8 s at 4 MB/s: the fill from A goes at this client's pace, so A dies with most of it unsent
+            client = node_b.start(["curl", "-sS", "--http1.1", "--cacert", str(mirror_b.trust_bundle()),
+                                   "--resolve", f"{ECR_HOST}:443:{mirror_b.address}", "--max-time", "60",
+                                   "--limit-rate", "4M", "-u", f"{USER}:{PASSWORD}", "-o", str(out),
+                                   f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], "slow-client")
+            try:
+                assert wait_until(lambda: out.exists() and out.stat().st_size > 2 * 1024 * 1024, 20)
+                mirror_a.process.signal(signal.SIGKILL)
+                assert client.popen.wait(60) == 0, client.describe(20)
+            finally:
+                client.stop()
+            assert out.read_bytes() == data
+            assert registry.count_requests("GET", path, status=200) == 1  # node A's fill
+            assert registry.count_requests("GET", path, status=206) == 1  # the rest, for node B
+            assert sources(mirror_b, digest) == ["peer"]
+            assert metric(node_b, "dnsmirror_content_peer_resumes_total") == 1
