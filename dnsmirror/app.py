@@ -137,8 +137,9 @@ class Services:
         self.peer_set = PeerSet(self.reactor, peers.static, peers.dns_name, peers.listen.port, resolve,
                                 peers.refresh)
         holders = Holders()
-        site = server.Site(PeerResource(self.reactor, self.disk, secret, holders, self.peer_stats,
-                                        peers.listen.port), timeout=HTTP_IDLE_TIMEOUT)
+        site = server.Site(PeerResource(self.reactor, self.disk, secret, holders, self.peer_stats, peers.listen.port,
+                                        running_fill=lambda digest: self.content and self.content.running_fill(digest)),
+                           timeout=HTTP_IDLE_TIMEOUT)
         site.displayTracebacks = False
         try:
             self.ports.append(self.reactor.listenTCP(peers.listen.port, site, interface=peers.listen.host))

@@ -150,6 +150,14 @@ class ContentChain:
                 return
         write_error(request, unavailable("content could not be fetched"))
 
+    def running_fill(self, digest: str) -> Fill | None:
+        """The fill of ``digest`` under way on this node, if its length is known (peers may stream it)."""
+        slot = self.slots.get(digest)
+        fill = slot.fill if slot is not None else None
+        if fill is None or fill.failure is not None or fill.total is None:
+            return None
+        return fill
+
     # --- authorisation -------------------------------------------------------------------------------
 
     async def _may_read(self, request, target: Target, granted_by_fill: bool = False) -> bool:
@@ -353,6 +361,8 @@ class ContentChain:
         self.stats.fills_started += 1
         request.source = slot.source
         fill.done.addBoth(self._fill_finished, target, slot, fill)
+        if self.peers is not None and fill.total is not None:
+            self.peers.announce(target.digest)  # other nodes may stream this fill while it runs
         return await self._serve_fill(request, target, fill)
 
     async def _start_peer_fill(self, request, target: Target, slot: _Slot) -> Fill | None:

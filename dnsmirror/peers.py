@@ -6,10 +6,12 @@
 - Peers serve committed blobs of their own cache and nothing else: a peer request never makes a node
   contact upstream, and a request without a valid signature (HMAC-SHA256 over method, digest and time
   with the cluster's shared secret) gets 401.
-- Who holds what: after a node caches a digest it announces itself to the digest's first ``lookup``
-  peers in rendezvous order (highest hash of digest and address first). A lookup asks the same peers,
-  which answer with the blob or with the holders they were told about, so one or two requests find
-  a copy whatever the size of the cluster.
+- Who holds what: when a node starts filling a digest, and again when it has cached it, it announces
+  itself to the digest's first ``lookup`` peers in rendezvous order (highest hash of digest and
+  address first). A lookup asks the same peers, which answer with the blob or with the holders they
+  were told about, so one or two requests find a copy whatever the size of the cluster. A fill still
+  under way is served as it grows (its last byte once verified), so nodes pulling the same new image
+  a moment apart share one upstream fetch.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from twisted.web.http_headers import Headers
 
 from dnsmirror.config import HostPort
 from dnsmirror.logs import fields
-from dnsmirror.streaming import BlobStreamer, DiskIO
+from dnsmirror.streaming import BlobStreamer, DiskIO, Fill
 from dnsmirror.upstream import UpstreamResponse
 
 log = logging.getLogger("dnsmirror.peers")
@@ -49,8 +51,10 @@ CLOCK_SKEW = 60.0
 MIN_SECRET_BYTES = 16
 # a peer that failed (refused, timed out, sent a wrong body) is skipped this long
 PEER_BACKOFF = 30.0
-HOLDERS_TTL = 600.0
-MAX_HOLDER_DIGESTS = 100_000
+# an announced copy is remembered this long (a node announces when a fill starts and when it commits);
+# a holder that evicted it meanwhile answers 404 and the next one is asked
+HOLDERS_TTL = 6 * 3600.0
+MAX_HOLDER_DIGESTS = 50_000
 MAX_HOLDERS_PER_DIGEST = 4
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -170,6 +174,7 @@ class PeerStats:
     hits: int = 0               # lookups that found a peer sending the blob
     failures: int = 0           # peer requests refused, timed out or broken
     served: int = 0             # blobs this node sent to peers
+    served_while_filling: int = 0  # of those, sent from a fill still under way
     refused: int = 0            # peer requests without a valid signature
     announcements_sent: int = 0
     announcements_received: int = 0
@@ -367,7 +372,8 @@ class PeerResource(resource.Resource):
     isLeaf = True
 
     def __init__(self, reactor, disk: DiskIO, secret: bytes, holders: Holders, stats: PeerStats,
-                 port: int, wall_clock: Callable[[], float] = time.time) -> None:
+                 port: int, wall_clock: Callable[[], float] = time.time,
+                 running_fill: Callable[[str], Fill | None] = lambda digest: None) -> None:
         super().__init__()
         self.reactor = reactor
         self.disk = disk
@@ -376,6 +382,7 @@ class PeerResource(resource.Resource):
         self.stats = stats
         self.port = port
         self.wall_clock = wall_clock
+        self.running_fill = running_fill
 
     def render(self, request) -> bytes | int:
         path = request.path.decode("ascii", "replace")
@@ -404,6 +411,9 @@ class PeerResource(resource.Resource):
         return _plain(request, 204, "")
 
     async def _send(self, request, digest: str) -> None:
+        fill = self.running_fill(digest)
+        if fill is not None and await self._send_fill(request, digest, fill):
+            return
         store = self.disk.store
         reader = await self.disk.run(store.open_blob, digest) if digest in store else None
         if reader is None:
@@ -425,6 +435,26 @@ class PeerResource(resource.Resource):
         streamer = BlobStreamer(self.disk, request, reader.file.fileno(), 0, info.size,
                                 on_close=lambda: self.disk.run(reader.close))
         await streamer.start()
+
+    async def _send_fill(self, request, digest: str, fill: Fill) -> bool:
+        """Stream a fill under way (False when it ended before its file could be opened)."""
+        try:
+            fd = await self.disk.run(os.open, fill.temp_path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False  # committed (the cache has it now) or failed
+        request.setHeader(b"content-length", str(fill.total).encode())
+        request.setHeader(b"content-type", (fill.content_type or "application/octet-stream").encode("latin-1"))
+        request.setHeader(b"docker-content-digest", digest.encode())
+        if request.method == b"HEAD":
+            self.disk.run(os.close, fd)
+            request.finish()
+            return True
+        self.stats.served += 1
+        self.stats.served_while_filling += 1
+        streamer = BlobStreamer(self.disk, request, fd, 0, fill.total, fill=fill,
+                                on_close=lambda: self.disk.run(os.close, fd))
+        await streamer.start()
+        return True
 
     def _send_failed(self, failure, request) -> None:
         log.error("peer request failed: %s", failure.getTraceback())

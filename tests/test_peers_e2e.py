@@ -238,3 +238,38 @@ def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> 
             assert registry.count_requests("GET", path, status=206) == 1  # the rest, for node B
             assert sources(mirror_b, digest) == ["peer"]
             assert metric(node_b, "dnsmirror_content_peer_resumes_total") == 1
+
+
+def test_nodes_pulling_a_new_blob_a_moment_apart_share_one_upstream_fetch(tmp_path: Path) -> None:
+    """A slow registry (2 MB/s); node A starts filling a blob; node B's client asks while A's fill is
+    still under way: B streams A's growing fill instead of fetching it from the registry again."""
+    require_netns()
+    with Cluster() as cluster:
+        registry_ns = cluster.add("registry")
+        node_a, node_b = cluster.add("node-a"), cluster.add("node-b")
+        ca = create_ca(tmp_path / "public-ca")
+        secret = write_secret(tmp_path / "peer-secret", os.urandom(24).hex())
+        with Registry(registry_ns, ECR_HOST, ca, tmp_path / "registry", users={USER: PASSWORD}) as registry, \
+                upstream_dns(registry_ns, tmp_path / "dns", {ECR_HOST: registry_ns.address}) as dns, \
+                MirrorNode(node_a, tmp_path / "a", dns, ca, peer_overrides(node_a, [node_b], secret)) as mirror_a, \
+                MirrorNode(node_b, tmp_path / "b", dns, ca, peer_overrides(node_b, [node_a], secret)) as mirror_b:
+            data = os.urandom(8 * 1024 * 1024)
+            digest = registry.place_blob(REPOSITORY, [data])[0]
+            registry_ns.limit_egress("16mbit")  # ~4 s for this blob
+            out = tmp_path / "from-a"
+            client_a = node_a.start(["curl", "-sS", "--http1.1", "--cacert", str(mirror_a.trust_bundle()),
+                                     "--resolve", f"{ECR_HOST}:443:{mirror_a.address}", "--max-time", "60",
+                                     "-u", f"{USER}:{PASSWORD}", "-o", str(out),
+                                     f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], "client-a")
+            try:
+                # A announces its fill when it starts; B asks while it runs
+                assert wait_until(lambda: metric(node_b, "dnsmirror_peers_announcements_received_total") >= 1, 20)
+                assert client_a.alive(), "the fill ended before node B could ask: the registry is too fast"
+                assert fetch(node_b, mirror_b, digest) == (200, data)
+                assert client_a.popen.wait(60) == 0, client_a.describe(20)
+            finally:
+                client_a.stop()
+            assert out.read_bytes() == data
+            assert registry.count_requests("GET", registry.blob_path(REPOSITORY, digest)) == 1
+            assert sources(mirror_b, digest) == ["peer"]
+            assert metric(node_a, "dnsmirror_peers_served_while_filling_total") == 1
