@@ -13,18 +13,21 @@ namespaces in front of one docker-registry that requires a login (htpasswd), and
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from dns_support import wait_until
 from harness import ECR_HOST, require_netns
 from harness.images import build_image, push_image, skopeo_copy
-from harness.netns import Cluster, Namespace
+from harness.netns import Cluster, Namespace, Process
 from harness.pki import create_ca
 from harness.registry import Registry
 from mirror_support import MirrorNode, upstream_dns
@@ -202,9 +205,20 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert metric(node_b, "dnsmirror_peers_failures_total") == 1
 
 
-def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> None:
-    """Node B's client reads slowly from a fill fed by node A; A is killed mid-transfer; B asks the
-    registry for the rest (one 206) and its client receives every byte, verified, without a break."""
+@dataclass
+class Pair:
+    """Two peer nodes in front of one registry that requires a login."""
+
+    registry: Registry
+    registry_ns: Namespace
+    node_a: Namespace
+    node_b: Namespace
+    mirror_a: MirrorNode
+    mirror_b: MirrorNode
+
+
+@contextlib.contextmanager
+def two_nodes(tmp_path: Path) -> Iterator[Pair]:
     require_netns()
     with Cluster() as cluster:
         registry_ns = cluster.add("registry")
@@ -215,61 +229,61 @@ def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> 
                 upstream_dns(registry_ns, tmp_path / "dns", {ECR_HOST: registry_ns.address}) as dns, \
                 MirrorNode(node_a, tmp_path / "a", dns, ca, peer_overrides(node_a, [node_b], secret)) as mirror_a, \
                 MirrorNode(node_b, tmp_path / "b", dns, ca, peer_overrides(node_b, [node_a], secret)) as mirror_b:
-            data = os.urandom(32 * 1024 * 1024)
-            digest = registry.place_blob(REPOSITORY, [data])[0]
-            path = registry.blob_path(REPOSITORY, digest)
-            assert fetch(node_a, mirror_a, digest) == (200, data)
-            assert wait_until(lambda: metric(node_b, "dnsmirror_peers_announcements_received_total") >= 1, 10)
+            yield Pair(registry, registry_ns, node_a, node_b, mirror_a, mirror_b)
 
-            out = tmp_path / "slow-download"
-            # ~8 s at 4 MB/s: the fill from A goes at this client's pace, so A dies with most of it unsent
-            client = node_b.start(["curl", "-sS", "--http1.1", "--cacert", str(mirror_b.trust_bundle()),
-                                   "--resolve", f"{ECR_HOST}:443:{mirror_b.address}", "--max-time", "60",
-                                   "--limit-rate", "4M", "-u", f"{USER}:{PASSWORD}", "-o", str(out),
-                                   f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], "slow-client")
-            try:
-                assert wait_until(lambda: out.exists() and out.stat().st_size > 2 * 1024 * 1024, 20)
-                mirror_a.process.signal(signal.SIGKILL)
-                assert client.popen.wait(60) == 0, client.describe(20)
-            finally:
-                client.stop()
-            assert out.read_bytes() == data
-            assert registry.count_requests("GET", path, status=200) == 1  # node A's fill
-            assert registry.count_requests("GET", path, status=206) == 1  # the rest, for node B
-            assert sources(mirror_b, digest) == ["peer"]
-            assert metric(node_b, "dnsmirror_content_peer_resumes_total") == 1
+
+def start_download(node: Namespace, mirror: MirrorNode, digest: str, out: Path, *options: str) -> Process:
+    """curl fetching a blob through ``mirror`` into ``out``, in the background."""
+    return node.start(["curl", "-sS", "--http1.1", "--cacert", str(mirror.trust_bundle()),
+                       "--resolve", f"{ECR_HOST}:443:{mirror.address}", "--max-time", "60", *options,
+                       "-u", f"{USER}:{PASSWORD}", "-o", str(out),
+                       f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], f"download-{out.name}")
+
+
+def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> None:
+    """Node B's client reads slowly from a fill fed by node A; A is killed mid-transfer; B asks the
+    registry for the rest (one 206) and its client receives every byte, verified, without a break."""
+    with two_nodes(tmp_path) as world:
+        data = os.urandom(32 * 1024 * 1024)
+        digest = world.registry.place_blob(REPOSITORY, [data])[0]
+        path = world.registry.blob_path(REPOSITORY, digest)
+        assert fetch(world.node_a, world.mirror_a, digest) == (200, data)
+        assert wait_until(lambda: metric(world.node_b, "dnsmirror_peers_announcements_received_total") >= 1, 10)
+
+        out = tmp_path / "slow-download"
+        # ~8 s at 4 MB/s: the fill from A goes at this client's pace, so A dies with most of it unsent
+        client = start_download(world.node_b, world.mirror_b, digest, out, "--limit-rate", "4M")
+        try:
+            assert wait_until(lambda: out.exists() and out.stat().st_size > 2 * 1024 * 1024, 20)
+            world.mirror_a.process.signal(signal.SIGKILL)
+            assert client.popen.wait(60) == 0, client.describe(20)
+        finally:
+            client.stop()
+        assert out.read_bytes() == data
+        assert world.registry.count_requests("GET", path, status=200) == 1  # node A's fill
+        assert world.registry.count_requests("GET", path, status=206) == 1  # the rest, for node B
+        assert sources(world.mirror_b, digest) == ["peer"]
+        assert metric(world.node_b, "dnsmirror_content_peer_resumes_total") == 1
 
 
 def test_nodes_pulling_a_new_blob_a_moment_apart_share_one_upstream_fetch(tmp_path: Path) -> None:
     """A slow registry (2 MB/s); node A starts filling a blob; node B's client asks while A's fill is
     still under way: B streams A's growing fill instead of fetching it from the registry again."""
-    require_netns()
-    with Cluster() as cluster:
-        registry_ns = cluster.add("registry")
-        node_a, node_b = cluster.add("node-a"), cluster.add("node-b")
-        ca = create_ca(tmp_path / "public-ca")
-        secret = write_secret(tmp_path / "peer-secret", os.urandom(24).hex())
-        with Registry(registry_ns, ECR_HOST, ca, tmp_path / "registry", users={USER: PASSWORD}) as registry, \
-                upstream_dns(registry_ns, tmp_path / "dns", {ECR_HOST: registry_ns.address}) as dns, \
-                MirrorNode(node_a, tmp_path / "a", dns, ca, peer_overrides(node_a, [node_b], secret)) as mirror_a, \
-                MirrorNode(node_b, tmp_path / "b", dns, ca, peer_overrides(node_b, [node_a], secret)) as mirror_b:
-            data = os.urandom(8 * 1024 * 1024)
-            digest = registry.place_blob(REPOSITORY, [data])[0]
-            registry_ns.limit_egress("16mbit")  # ~4 s for this blob
-            out = tmp_path / "from-a"
-            client_a = node_a.start(["curl", "-sS", "--http1.1", "--cacert", str(mirror_a.trust_bundle()),
-                                     "--resolve", f"{ECR_HOST}:443:{mirror_a.address}", "--max-time", "60",
-                                     "-u", f"{USER}:{PASSWORD}", "-o", str(out),
-                                     f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], "client-a")
-            try:
-                # A announces its fill when it starts; B asks while it runs
-                assert wait_until(lambda: metric(node_b, "dnsmirror_peers_announcements_received_total") >= 1, 20)
-                assert client_a.alive(), "the fill ended before node B could ask: the registry is too fast"
-                assert fetch(node_b, mirror_b, digest) == (200, data)
-                assert client_a.popen.wait(60) == 0, client_a.describe(20)
-            finally:
-                client_a.stop()
-            assert out.read_bytes() == data
-            assert registry.count_requests("GET", registry.blob_path(REPOSITORY, digest)) == 1
-            assert sources(mirror_b, digest) == ["peer"]
-            assert metric(node_a, "dnsmirror_peers_served_while_filling_total") == 1
+    with two_nodes(tmp_path) as world:
+        data = os.urandom(8 * 1024 * 1024)
+        digest = world.registry.place_blob(REPOSITORY, [data])[0]
+        world.registry_ns.limit_egress("16mbit")  # ~4 s for this blob
+        out = tmp_path / "from-a"
+        client_a = start_download(world.node_a, world.mirror_a, digest, out)
+        try:
+            # A announces its fill when it starts; B asks while it runs
+            assert wait_until(lambda: metric(world.node_b, "dnsmirror_peers_announcements_received_total") >= 1, 20)
+            assert client_a.alive(), "the fill ended before node B could ask: the registry is too fast"
+            assert fetch(world.node_b, world.mirror_b, digest) == (200, data)
+            assert client_a.popen.wait(60) == 0, client_a.describe(20)
+        finally:
+            client_a.stop()
+        assert out.read_bytes() == data
+        assert world.registry.count_requests("GET", world.registry.blob_path(REPOSITORY, digest)) == 1
+        assert sources(world.mirror_b, digest) == ["peer"]
+        assert metric(world.node_a, "dnsmirror_peers_served_while_filling_total") == 1
