@@ -1,0 +1,170 @@
+"""Peer benchmark: a cold blob through a node whose peer has it, against the same blob from the registry.
+
+Everything runs in network namespaces this script creates (the end-to-end harness of ``tests/``):
+Debian's docker-registry with TLS (the upstream of ``123456789012.dkr.ecr.us-east-1.amazonaws.com``),
+two dnsmirror nodes A and B that are each other's peers (shared secret, ``peers.static``), and a
+"direct" namespace whose /etc/hosts sends the registry's name to the registry. Each run places a new
+random blob in the registry's storage and downloads it with curl (HTTP/1.1, TLS, body discarded):
+
+1. straight from the registry (distribution serving its own storage: the reference);
+2. through node B, empty cache: B asks its peer (which answers 404), then fills from the registry;
+3. through node A, empty cache, while B has the blob: A fills from its peer B (A checks the client's
+   access upstream with one HEAD, then streams B's copy, verifying its sha256);
+4. through node A again: A's own cache (what every later pull on that node costs).
+
+Nothing is pinned: the registry, both nodes and curl share the machine's cores, as on one busy node.
+Medians of ``--runs`` runs; also the registry's GETs of each blob (one, from step 2, when peers work).
+Writes the ``peers`` section of bench/RESULTS.md.
+
+    .venv/bin/python bench/peer_bench.py --runs 5 --blob-mib 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from harness import ECR_HOST  # noqa: E402
+from harness.dns import StaticDNS  # noqa: E402
+from harness.netns import Cluster, Namespace, netns_available  # noqa: E402
+from harness.pki import create_ca  # noqa: E402
+from harness.registry import Registry  # noqa: E402
+from mirror_bench import Download, MiB, blob_url, download, place_blob  # noqa: E402
+from mirror_support import MirrorNode  # noqa: E402
+from procstat import cpu_seconds  # noqa: E402
+from results import machine, write_section  # noqa: E402
+
+REPOSITORY = "bench/peers"
+PEER_PORT = 5001
+WAYS = ("direct", "upstream", "peer", "cached")
+WAY_LABELS = {
+    "direct": "straight from the registry",
+    "upstream": "node B, empty cache: peer asked (404), then filled from the registry",
+    "peer": "node A, empty cache: filled from peer B",
+    "cached": "node A again: its own cache",
+}
+
+
+@contextlib.contextmanager
+def peer_nodes(work: Path, node_a: Namespace, node_b: Namespace, dns: str, ca):
+    secret = work / "peer-secret"
+    secret.write_text(os.urandom(24).hex())
+    secret.chmod(0o600)
+
+    def overrides(node: Namespace, other: Namespace) -> dict:
+        return {"peers": {"listen": f"{node.address}:{PEER_PORT}", "static": [f"{other.address}:{PEER_PORT}"],
+                          "secret_file": str(secret)},
+                "cache": {"max_size": "4GiB"}, "log": {"format": "json", "level": "warning"}}
+
+    with MirrorNode(node_a, work / "node-a", dns, ca, overrides(node_a, node_b)) as mirror_a, \
+            MirrorNode(node_b, work / "node-b", dns, ca, overrides(node_b, node_a)) as mirror_b:
+        yield mirror_a, mirror_b
+
+
+def measure(registry: Registry, direct: Namespace, ca, nodes, runs: int, size: int) -> dict:
+    (node_a, mirror_a), (node_b, mirror_b) = nodes
+    rows: dict[str, list[Download]] = {way: [] for way in WAYS}
+    cpu: dict[str, float] = {way: 0.0 for way in WAYS}
+    registry_gets: list[int] = []
+    pids = [mirror_a.process.pid, mirror_b.process.pid]
+    trust_a, trust_b = mirror_a.trust_bundle(), mirror_b.trust_bundle()
+    for run in range(runs + 1):  # the first run warms both nodes up and is not counted
+        digest, _ = place_blob(registry, REPOSITORY, size)
+        url = blob_url(digest, repository=REPOSITORY)
+        # (client namespace, address curl connects to, CA file it trusts) of each way
+        clients = {
+            "direct": (direct, registry.address, ca.cert_path),
+            "upstream": (node_b, mirror_b.address, trust_b),
+            "peer": (node_a, mirror_a.address, trust_a),
+            "cached": (node_a, mirror_a.address, trust_a),
+        }
+        # the direct pull goes first in even runs and last in odd ones; the others depend on their order
+        order = WAYS if run % 2 == 0 else (*WAYS[1:], WAYS[0])
+        for way in order:
+            namespace, address, trust = clients[way]
+            before = cpu_seconds(pids)
+            result = download(namespace, url, address, 443, trust, expected=size)
+            if run:
+                rows[way].append(result)
+                cpu[way] += cpu_seconds(pids) - before
+        if run:
+            path = f"/v2/{REPOSITORY}/blobs/{digest}"
+            registry_gets.append(sum(1 for entry in registry.access_log() if entry.method == "GET"
+                                     and entry.path == path and entry.client.rsplit(":", 1)[0] == node_a.address))
+    return {"rows": rows, "cpu": cpu, "registry_gets": registry_gets, "size": size, "runs": runs}
+
+
+def report(args: argparse.Namespace, result: dict) -> str:
+    size, runs = result["size"], result["runs"]
+    median = {way: statistics.median(d.seconds for d in result["rows"][way]) for way in WAYS}
+    lines = [
+        "## Peers: a cold blob from a peer node, against the same blob from the registry",
+        "",
+        f"Command: `.venv/bin/python bench/peer_bench.py --runs {args.runs} --blob-mib {args.blob_mib}` "
+        f"(a new {size // MiB} MiB blob per run, curl over TLS, nothing pinned: registry, two dnsmirror "
+        "nodes and curl share the cores; medians of "
+        f"{runs} runs after a warm-up run).",
+        f"Measured: {machine()}.",
+        "",
+        "| way | median s | MB/s | dnsmirror CPU-s per GiB (both nodes) |",
+        "|---|---:|---:|---:|",
+    ]
+    for way in WAYS:
+        per_gib = result["cpu"][way] / runs / (size / 2**30)
+        lines.append(f"| {WAY_LABELS[way]} | {median[way]:.3f} | {size / median[way] / 1e6:,.0f} | "
+                     f"{per_gib:.2f} |")
+    lines += [
+        "",
+        f"- **From a peer: {median['peer'] / median['upstream']:.0%} of the time of a fill from the registry** "
+        f"({median['peer'] / median['direct']:.0%} of a download straight from the registry; a fill from "
+        f"the registry through the node: {median['upstream'] / median['direct']:.0%}).",
+        f"- Node A's GETs of each blob at the registry: {result['registry_gets']} (0: every fill of node A "
+        "came from its peer; it sent the registry one HEAD per blob, the client's access check).",
+        "- Here the registry is a local process, so a peer saves little time; what it saves is the registry's "
+        "bandwidth and request quota, one fetch per cluster instead of one per node.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--blob-mib", type=int, default=256)
+    parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
+    args = parser.parse_args()
+    reason = netns_available()
+    if reason is not None:
+        raise SystemExit(f"peer_bench: {reason}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with tempfile.TemporaryDirectory(prefix="dnsmirror-peer-bench-") as tmp, \
+            Cluster(Path(tmp) / "cluster") as cluster:
+        work = Path(tmp)
+        registry_ns = cluster.add("registry")
+        direct = cluster.add("direct", hosts={ECR_HOST: registry_ns.address})
+        node_a, node_b = cluster.add("node-a"), cluster.add("node-b")
+        ca = create_ca(work / "public-ca")
+        with Registry(registry_ns, ECR_HOST, ca, work / "registry") as registry, \
+                StaticDNS(registry_ns, {ECR_HOST: registry_ns.address}, work / "dns") as dns, \
+                peer_nodes(work, node_a, node_b, dns.address, ca) as (mirror_a, mirror_b):
+            result = measure(registry, direct, ca, ((node_a, mirror_a), (node_b, mirror_b)), args.runs,
+                             args.blob_mib * MiB)
+    body = report(args, result)
+    print(body)
+    if not args.no_write:
+        write_section("peers", body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
