@@ -10,7 +10,7 @@ random blob in the registry's storage and downloads it with curl (HTTP/1.1, TLS,
 2. through node B, empty cache: B asks its peer (which answers 404), then fills from the registry;
 3. through node A, empty cache, while B has the blob: A fills from its peer B (A checks the client's
    access upstream with one HEAD, then streams B's copy, verifying its sha256);
-4. through node A again: A's own cache (what every later pull on that node costs).
+4. through node A again: A's own cache (its first read, from disk: fills are written with O_DIRECT).
 
 Nothing is pinned: the registry, both nodes and curl share the machine's cores, as on one busy node.
 Medians of ``--runs`` runs; also the registry's GETs of each blob (one, from step 2, when peers work).
@@ -52,7 +52,7 @@ WAY_LABELS = {
     "direct": "straight from the registry",
     "upstream": "node B, empty cache: peer asked (404), then filled from the registry",
     "peer": "node A, empty cache: filled from peer B",
-    "cached": "node A again: its own cache",
+    "cached": "node A again: its own cache (first read: from disk, fills bypass the page cache)",
 }
 
 
