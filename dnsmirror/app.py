@@ -153,6 +153,7 @@ class Services:
         read_timeout = min(max(5 * peers.timeout, 5.0), self.config.upstream.read_timeout)
         self.peer_client = PeerClient(self.reactor, self.peer_set, holders, secret, peers.lookup, peers.timeout,
                                       read_timeout, self.peer_stats)
+        self.peer_client.start_announcing(lambda: self.disk.run(self.store.digests))
         log.info("peers listening", extra=fields(peers=str(peers.listen), static=[str(p) for p in peers.static],
                                                  dns_name=peers.dns_name))
         return self.peer_client
@@ -258,6 +259,7 @@ class Services:
             self.peer_set.stop()
             self.peer_set = None
         if self.peer_client is not None:
+            self.peer_client.stop_announcing()
             self.peer_client.close()
             self.peer_client = None
         if self.upstream is not None:

@@ -7,7 +7,8 @@
   contact upstream, and a request without a valid signature (HMAC-SHA256 over method, digest and time
   with the cluster's shared secret) gets 401.
 - Who holds what: when a node starts filling a digest, and again when it has cached it, it announces
-  itself to the digest's first ``lookup`` peers in rendezvous order (highest hash of digest and
+  itself to the digest's first ``lookup`` peers in rendezvous order (and its whole cache, in batches,
+  soon after start and every few hours) (highest hash of digest and
   address first). A lookup asks the same peers, which answer with the blob or with the holders they
   were told about, so one or two requests find a copy whatever the size of the cluster. A fill still
   under way is served as it grows (its last byte once verified), so nodes pulling the same new image
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import ipaddress
 import logging
 import os
@@ -32,7 +34,7 @@ from pathlib import Path
 
 from twisted.internet import defer, task
 from twisted.web import resource, server
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from dnsmirror.config import HostPort
@@ -44,6 +46,7 @@ log = logging.getLogger("dnsmirror.peers")
 
 BLOB_PATH = "/peer/v1/blobs/"
 HOLDER_PATH = "/peer/v1/holders/"
+BATCH_PATH = "/peer/v1/holders"  # POST: a newline-separated list of digests this node holds
 AUTH_HEADER = b"x-dnsmirror-peer-auth"
 HOLDERS_HEADER = b"x-dnsmirror-holders"
 # a signature is accepted this long around its timestamp (node clocks are NTP-synchronised)
@@ -56,6 +59,11 @@ PEER_BACKOFF = 30.0
 HOLDERS_TTL = 6 * 3600.0
 MAX_HOLDER_DIGESTS = 50_000
 MAX_HOLDERS_PER_DIGEST = 4
+MAX_BATCH = 10_000  # digests per batch announcement
+# a node re-announces its whole cache this often (and once soon after start), so that announcements
+# outlive HOLDERS_TTL and restarts of the nodes that keep them
+REANNOUNCE_INTERVAL = HOLDERS_TTL / 2
+FIRST_REANNOUNCE = 5.0
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -338,6 +346,53 @@ class PeerClient:
             self.stats.announcements_sent += 1
 
 
+    def announce_cached(self, digests: Sequence[str]) -> int:
+        """Announce ``digests`` (this node's cache) to each one's first ``lookup`` peers, one request per
+        peer and :data:`MAX_BATCH` digests; returns how many requests were sent."""
+        members = self.peers.healthy(self.peers.members())
+        per_peer: dict[HostPort, list[str]] = {}
+        for digest in digests:
+            for peer in rendezvous(digest, members)[:self.lookup]:
+                per_peer.setdefault(peer, []).append(digest)
+        sent = 0
+        for peer, held in per_peer.items():
+            for start in range(0, len(held), MAX_BATCH):
+                body = "\n".join(held[start:start + MAX_BATCH]).encode()
+                url = f"http://{_authority(peer)}{BATCH_PATH}"
+                request = self.agent.request(b"POST", url.encode("ascii"), self._headers("POST", _body_digest(body)),
+                                             FileBodyProducer(io.BytesIO(body)))
+                request.addTimeout(max(self.timeout, 10.0), self.reactor)
+                request.addCallback(lambda response: response.deliverBody(_Discard()))
+                request.addErrback(lambda failure, peer=peer: log.info(
+                    "announcing this node's cache to %s failed: %s", peer, failure.getErrorMessage()))
+                sent += 1
+        self.stats.announcements_sent += sent
+        return sent
+
+    def start_announcing(self, cached: Callable[[], defer.Deferred]) -> None:
+        """Announce the cache (``cached()`` gives its digests) soon after start, then periodically."""
+        def announce() -> defer.Deferred:
+            return cached().addCallback(self.announce_cached).addErrback(
+                lambda failure: log.warning("cannot list the cache to announce it: %s", failure.getErrorMessage()))
+
+        self._announcing = task.LoopingCall(announce)
+        self._announcing.clock = self.reactor
+        self._first_announcement = self.reactor.callLater(
+            FIRST_REANNOUNCE, lambda: self._announcing.start(REANNOUNCE_INTERVAL, now=True))
+
+    def stop_announcing(self) -> None:
+        first = getattr(self, "_first_announcement", None)
+        if first is not None and first.active():
+            first.cancel()
+        loop = getattr(self, "_announcing", None)
+        if loop is not None and loop.running:
+            loop.stop()
+
+
+def _body_digest(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
 class _Discard:
     def makeConnection(self, transport) -> None:
         pass
@@ -387,6 +442,8 @@ class PeerResource(resource.Resource):
     def render(self, request) -> bytes | int:
         path = request.path.decode("ascii", "replace")
         method = request.method.decode("ascii", "replace")
+        if path == BATCH_PATH:
+            return self._batch(request, method)
         for prefix, methods in ((BLOB_PATH, ("GET", "HEAD")), (HOLDER_PATH, ("POST",))):
             if not path.startswith(prefix):
                 continue
@@ -403,6 +460,23 @@ class PeerResource(resource.Resource):
             defer.ensureDeferred(self._send(request, digest)).addErrback(self._send_failed, request)
             return server.NOT_DONE_YET
         return _plain(request, 404, "not a peer path")
+
+    def _batch(self, request, method: str) -> bytes:
+        if method != "POST":
+            return _plain(request, 405, "method not allowed")
+        body = request.content.read(MAX_BATCH * 72 + 1) if request.content is not None else b""
+        if not signature_valid(self.secret, request.getHeader(AUTH_HEADER), "POST", _body_digest(body),
+                               self.wall_clock()):
+            self.stats.refused += 1
+            return _plain(request, 401, "peer signature missing or invalid")
+        holder = HostPort(request.getClientAddress().host, self.port)
+        now = self.reactor.seconds()
+        lines = body.decode("ascii", "replace").split("\n")[:MAX_BATCH]
+        for digest in lines:
+            if _SHA256.fullmatch(digest):
+                self.holders.record(digest, holder, now)
+        self.stats.announcements_received += 1
+        return _plain(request, 204, "")
 
     def _announced(self, request, digest: str) -> bytes:
         self.stats.announcements_received += 1

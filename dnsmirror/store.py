@@ -316,6 +316,11 @@ class Store:
         """Number of committed blobs."""
         return len(self._index)
 
+    def digests(self) -> list[str]:
+        """Every committed digest, most recently used last."""
+        with self._lock:
+            return [f"sha256:{hex_}" for hex_ in self._index]
+
     def __contains__(self, digest: object) -> bool:
         return digest_hex(digest) in self._index
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import os
 
 import pytest
@@ -265,3 +266,22 @@ def test_the_listener_refuses_other_requests(listener, method, path, code) -> No
     request = PeerRequest(method, path, signed(method.decode(), DIGEST))
     render(resource, request, disk)
     assert request.responseCode == code
+
+
+def test_a_batch_announcement_records_every_digest_it_signs(listener) -> None:
+    resource, disk, _, stats, holders = listener
+    digests = ["sha256:" + hashlib.sha256(str(n).encode()).hexdigest() for n in range(3)]
+    body = "\n".join([*digests, "../../etc/passwd", "sha256:short"]).encode()
+    body_digest = "sha256:" + hashlib.sha256(body).hexdigest()
+
+    forged = PeerRequest(b"POST", b"/peer/v1/holders", {AUTH_HEADER: sign(SECRET, "POST", DIGEST, NOW)})
+    forged.content = io.BytesIO(body)
+    render(resource, forged)
+    assert forged.responseCode == 401 and len(holders) == 0
+
+    request = PeerRequest(b"POST", b"/peer/v1/holders", {AUTH_HEADER: sign(SECRET, "POST", body_digest, NOW)})
+    request.content = io.BytesIO(body)
+    render(resource, request)
+    assert request.responseCode == 204 and stats.announcements_received == 1
+    assert len(holders) == 3
+    assert all(holders.lookup(d, disk.reactor.seconds()) == [HostPort("10.0.0.7", 5001)] for d in digests)

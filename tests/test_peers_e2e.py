@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from harness.registry import Registry
 from mirror_support import MirrorNode, upstream_dns
 
 from dnsmirror.config import HostPort
-from dnsmirror.peers import rendezvous
+from dnsmirror.peers import AUTH_HEADER, HOLDERS_HEADER, rendezvous, sign
 
 pytestmark = [
     pytest.mark.integration,
@@ -75,6 +76,16 @@ def pull(node: Namespace, mirror: MirrorNode, reference: str) -> None:
     shutil.rmtree(target)
 
 
+def held_by(client: Namespace, index: HostPort, digest: str, secret: Path) -> HostPort | None:
+    """The holder of ``digest`` that the peer listener at ``index`` knows of (a signed HEAD, as a peer
+    would send), or None."""
+    auth = sign(secret.read_bytes().strip(), "HEAD", digest, time.time()).decode()
+    done = client.run(["curl", "-s", "-I", "--max-time", "5", "-H", f"{AUTH_HEADER.decode()}: {auth}",
+                       f"http://{index.host}:{index.port}/peer/v1/blobs/{digest}"], check=False, timeout=30)
+    match = re.search(rf"^{HOLDERS_HEADER.decode()}: ([0-9.]+):([0-9]+)", done.stdout.decode(), re.IGNORECASE | re.MULTILINE)
+    return HostPort(match.group(1), int(match.group(2))) if match else None
+
+
 def metric(node: Namespace, name: str) -> float:
     done = node.run(["curl", "-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"], check=False, timeout=30)
     match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", done.stdout.decode(), re.MULTILINE)
@@ -99,15 +110,19 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 upstream_dns(registry_ns, tmp_path / "dns", {ECR_HOST: registry_ns.address}) as dns:
             node_a, node_b, node_c = nodes
             peer_address = {node.name: HostPort(node.address, PEER_PORT) for node in nodes}
-            # a blob whose first peer, seen from node B, is node C: B finds A's copy through C
-            while True:
-                data = os.urandom(3 * 1024 * 1024)
-                digest = "sha256:" + hashlib.sha256(data).hexdigest()
-                if rendezvous(digest, [peer_address[node_a.name], peer_address[node_c.name]])[0] \
-                        == peer_address[node_c.name] and \
-                        rendezvous(digest, [peer_address[node_b.name], peer_address[node_c.name]])[0] \
-                        == peer_address[node_c.name]:
-                    break
+
+            def indexed_at_c(size: int) -> tuple[bytes, str]:
+                """Random bytes whose first peer is node C both for node A's announcement and for node B's
+                lookup: B can find A's copy only through what C was told."""
+                while True:
+                    data = os.urandom(size)
+                    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+                    c = peer_address[node_c.name]
+                    if rendezvous(digest, [peer_address[node_a.name], c])[0] == c == \
+                            rendezvous(digest, [peer_address[node_b.name], c])[0]:
+                        return data, digest
+
+            data, digest = indexed_at_c(3 * 1024 * 1024)
             assert registry.place_blob(REPOSITORY, [data])[0] == digest
             blob_path = registry.blob_path(REPOSITORY, digest)
             mirrors = [MirrorNode(node, tmp_path / node.name, dns, ca,
@@ -115,9 +130,11 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                        for node in nodes]
             mirror_a, mirror_b, mirror_c = mirrors
 
-            def announcements() -> float:
-                """Announcements nodes B and C received (node A announces what it cached)."""
-                return sum(metric(node, "dnsmirror_peers_announcements_received_total") for node in (node_b, node_c))
+            def announced(blob_digest: str) -> bool:
+                """Node A's copy of ``blob_digest`` is known where B will look: A's announcement goes to the
+                digest's first peer among B and C; B asks its own memory, then its first peer among A and C."""
+                index = rendezvous(blob_digest, [peer_address[node_b.name], peer_address[node_c.name]])[0]
+                return held_by(node_b, index, blob_digest, secret) == peer_address[node_a.name]
 
             try:
                 for mirror in mirrors:
@@ -126,10 +143,9 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 image = build_image(tmp_path / "image", tag="v1", big_layer_size=2_000_000)
                 reference = f"{ECR_HOST}/{REPOSITORY}:v1"
                 push_image(image, pusher, reference, ca_file=ca.cert_path, creds=f"{USER}:{PASSWORD}")
-                heard = announcements()
                 pull(node_a, mirror_a, reference)
                 # every blob A filled (all but the index, which skopeo reads by tag) is announced
-                assert wait_until(lambda: announcements() >= heard + len(image.blobs()) - 1, 10)
+                assert wait_until(lambda: all(announced(blob.digest) for blob in image.blobs()[1:]), 10)
                 pull(node_b, mirror_b, reference)
                 for blob in image.blobs():
                     if blob.media_type.endswith(("manifest.v1+json", "index.v1+json")):
@@ -137,13 +153,11 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                     assert registry.count_requests("GET", registry.blob_path(REPOSITORY, blob.digest)) == 1, blob
                     assert sources(mirror_b, blob.digest) == ["peer"], blob
 
-                c_heard = metric(node_c, "dnsmirror_peers_announcements_received_total")
                 served = metric(node_a, "dnsmirror_peers_served_total")
                 assert fetch(node_a, mirror_a, digest) == (200, data)
                 assert registry.count_requests("GET", blob_path) == 1
                 # A announces its copy to the digest's first peer (C); B asks C, is told A has it, asks A
-                assert wait_until(lambda: metric(node_c, "dnsmirror_peers_announcements_received_total") > c_heard,
-                                  10)
+                assert wait_until(lambda: announced(digest), 10)
                 assert fetch(node_b, mirror_b, digest) == (200, data)
                 assert registry.count_requests("GET", blob_path) == 1, "node B went to the registry"
                 assert sources(mirror_b, digest) == ["peer"]
@@ -154,9 +168,8 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 lookups_before = metric(node_b, "dnsmirror_peers_lookups_total")
                 second = os.urandom(100_000)
                 second_digest = registry.place_blob(REPOSITORY, [second])[0]
-                heard = announcements()
                 assert fetch(node_a, mirror_a, second_digest) == (200, second)
-                assert wait_until(lambda: announcements() > heard, 10)  # a peer would find A's copy
+                assert wait_until(lambda: announced(second_digest), 10)  # a peer would find A's copy
                 status, _ = fetch(node_b, mirror_b, second_digest, login=False)
                 assert status == 401
                 status, _ = fetch(node_c, mirror_c, second_digest, login=False)
@@ -165,11 +178,10 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert metric(node_b, "dnsmirror_peers_lookups_total") == lookups_before
 
                 # bytes from a peer that do not match the digest: the stream is cut, the retry goes upstream
-                heard = announcements()
                 third = os.urandom(500_000)
                 third_digest = registry.place_blob(REPOSITORY, [third])[0]
                 assert fetch(node_a, mirror_a, third_digest) == (200, third)
-                assert wait_until(lambda: announcements() > heard, 10)
+                assert wait_until(lambda: announced(third_digest), 10)
                 hex_digest = third_digest.split(":", 1)[1]
                 cached = tmp_path / node_a.name / "cache" / "blobs" / "sha256" / hex_digest[:2] / hex_digest
                 cached.write_bytes(bytes(byte ^ 0xFF for byte in cached.read_bytes()))
@@ -179,6 +191,19 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert fetch(node_b, mirror_b, third_digest) == (200, third)
                 assert registry.count_requests("GET", registry.blob_path(REPOSITORY, third_digest)) == gets_before + 1
                 assert any(r.get("event") == "peer_failed" for r in mirror_b.log_records())
+
+                # after a restart of every node, A's cache is announced again (in a batch), and found
+                sixth, sixth_digest = indexed_at_c(400_000)
+                assert registry.place_blob(REPOSITORY, [sixth])[0] == sixth_digest
+                assert fetch(node_a, mirror_a, sixth_digest) == (200, sixth)
+                for mirror in mirrors:
+                    mirror.stop()
+                for mirror in mirrors:
+                    mirror.start()
+                assert wait_until(lambda: announced(sixth_digest), 20)
+                assert fetch(node_b, mirror_b, sixth_digest) == (200, sixth)
+                assert registry.count_requests("GET", registry.blob_path(REPOSITORY, sixth_digest)) == 1
+                assert sources(mirror_b, sixth_digest) == ["peer"]
             finally:
                 for mirror in mirrors:
                     mirror.stop()
