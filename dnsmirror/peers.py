@@ -286,15 +286,21 @@ class PeerClient:
 
         Holders announced to this node come first (it may be one of the digest's first peers itself),
         then the first ``lookup`` peers in rendezvous order; a peer without the blob may name holders,
-        which are asked next. Each request gets ``timeout`` for its answer."""
+        which are asked next. Each request gets ``timeout`` for its answer; no new one starts after
+        twice that."""
         members = self.peers.members()
         if not members:
             return None
         self.stats.lookups += 1
         asked: set[HostPort] = set()
-        known = self.holders.lookup(digest, self.reactor.seconds())
+        # holders named by announcements or by other peers are asked only if they are members: a peer
+        # cannot send this node's signed requests anywhere else
+        member_set = set(members)
+        known = [holder for holder in self.holders.lookup(digest, self.reactor.seconds()) if holder in member_set]
         queue = self.peers.healthy([*known, *rendezvous(digest, members)[:self.lookup]])
-        while queue and len(asked) < 2 * self.lookup:
+        # a lookup never delays a pull by more than about three peer timeouts before upstream is asked
+        deadline = self.reactor.seconds() + 2 * self.timeout
+        while queue and len(asked) < self.lookup + MAX_HOLDERS_PER_DIGEST and self.reactor.seconds() < deadline:
             peer = queue.pop(0)
             if peer in asked:
                 continue
@@ -303,7 +309,7 @@ class PeerClient:
             if response is not None:
                 self.stats.hits += 1
                 return peer, response
-            queue[:0] = [holder for holder in self.peers.healthy(holders) if holder not in asked]
+            queue[:0] = [holder for holder in self.peers.healthy(holders) if holder in member_set and holder not in asked]
         return None
 
     async def _ask(self, peer: HostPort, digest: str) -> tuple[UpstreamResponse | None, list[HostPort]]:

@@ -285,3 +285,83 @@ def test_a_batch_announcement_records_every_digest_it_signs(listener) -> None:
     assert request.responseCode == 204 and stats.announcements_received == 1
     assert len(holders) == 3
     assert all(holders.lookup(d, disk.reactor.seconds()) == [HostPort("10.0.0.7", 5001)] for d in digests)
+
+
+class _RawResponse:
+    """What twisted's Agent gives: enough of it for UpstreamResponse."""
+
+    def __init__(self, code: int, headers: dict[bytes, bytes] | None = None, body: bytes = b"") -> None:
+        from twisted.web.http_headers import Headers
+        self.code, self.phrase, self.body = code, b"", body
+        self.length = len(body)
+        self.headers = Headers({name: [value] for name, value in (headers or {}).items()})
+
+    def deliverBody(self, protocol):  # noqa: N802 - twisted's name
+        from twisted.python.failure import Failure
+        from twisted.web.client import ResponseDone
+        protocol.makeConnection(None)
+        if self.body:
+            protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class ScriptedAgent:
+    """Answers each peer URL as scripted; records what was asked."""
+
+    def __init__(self, answers: dict[str, object]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    def request(self, method, url, headers=None, body=None):
+        host = url.decode().split("/")[2]
+        self.asked.append(host)
+        answer = self.answers.get(host, ConnectionRefusedError("refused"))
+        return defer.fail(answer) if isinstance(answer, Exception) else defer.succeed(answer)
+
+
+def test_a_lookup_follows_named_holders_only_among_members_and_skips_failed_peers() -> None:
+    from dnsmirror.peers import PeerClient
+    clock = task.Clock()
+    members = [HostPort("10.0.0.1", 5001), HostPort("10.0.0.2", 5001), HostPort("10.0.0.3", 5001)]
+    peers = PeerSet(clock, members, None, 5001, is_local=lambda host: False)
+    stats = PeerStats()
+    client = PeerClient(clock, peers, Holders(), SECRET, lookup=1, timeout=2, read_timeout=10, stats=stats)
+    digest = "sha256:" + "12" * 32
+    first, *others = rendezvous(digest, members)
+    holder = others[1]
+    client.agent = ScriptedAgent({
+        str(first): _RawResponse(404, {HOLDERS_HEADER: f"10.9.9.9:5001, {others[0]}, {holder}".encode()}),
+        str(holder): _RawResponse(200, body=b"blob bytes"),
+    })
+    found = defer.ensureDeferred(client.fetch(digest))
+    assert found.called and found.result[0] == holder
+    # the outsider named in the answer is never asked; the member that refuses is skipped for a while
+    assert client.agent.asked == [str(first), str(others[0]), str(holder)]
+    assert stats.failures == 1 and peers.healthy(members) == [m for m in members if m != others[0]]
+    assert stats.lookups == 1 and stats.hits == 1
+
+
+def test_a_lookup_gives_up_after_twice_the_peer_timeout() -> None:
+    from dnsmirror.peers import PeerClient
+    clock = task.Clock()
+    members = [HostPort(f"10.0.0.{n}", 5001) for n in range(1, 7)]
+    peers = PeerSet(clock, members, None, 5001, is_local=lambda host: False)
+    client = PeerClient(clock, peers, Holders(), SECRET, lookup=1, timeout=2, read_timeout=10, stats=PeerStats())
+    digest = "sha256:" + "34" * 32
+    first, *others = rendezvous(digest, members)
+    silent = {str(peer): defer.Deferred() for peer in others}  # connections that never answer
+
+    class Agent(ScriptedAgent):
+        def request(self, method, url, headers=None, body=None):
+            host = url.decode().split("/")[2]
+            self.asked.append(host)
+            if host in silent:
+                return silent[host]
+            return defer.succeed(_RawResponse(404, {HOLDERS_HEADER: ", ".join(map(str, others[:4])).encode()}))
+
+    client.agent = Agent({})
+    found = defer.ensureDeferred(client.fetch(digest))
+    for _ in range(5):
+        clock.advance(2)
+    assert found.called and found.result is None
+    assert client.agent.asked == [str(first), str(others[0]), str(others[1])]
