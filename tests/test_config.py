@@ -147,6 +147,7 @@ def test_shipped_example_configs_are_valid():
     assert loaded["dns-only.yaml"].https.listen == () and loaded["dns-only.yaml"].health.targets
     assert loaded["private-registries.yaml"].cache.offline_grant_ttl == 0
     assert loaded["node.yaml"].cache.containerd_content is not None
+    assert loaded["node.yaml"].peers.enabled and loaded["node.yaml"].peers.secret_file is not None
 
 
 def test_dns_only_mode_needs_a_health_target():
