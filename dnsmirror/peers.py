@@ -309,6 +309,7 @@ class PeerClient:
             if response is not None:
                 self.stats.hits += 1
                 return peer, response
+            self.holders.forget(digest, peer)  # an announced holder that no longer has it
             queue[:0] = [holder for holder in self.peers.healthy(holders) if holder in member_set and holder not in asked]
         return None
 

@@ -365,3 +365,19 @@ def test_a_lookup_gives_up_after_twice_the_peer_timeout() -> None:
         clock.advance(2)
     assert found.called and found.result is None
     assert client.agent.asked == [str(first), str(others[0]), str(others[1])]
+
+
+def test_an_announced_holder_that_evicted_the_blob_is_forgotten() -> None:
+    from dnsmirror.peers import PeerClient
+    clock = task.Clock()
+    members = [HostPort("10.0.0.1", 5001), HostPort("10.0.0.2", 5001)]
+    holders = Holders()
+    digest = "sha256:" + "56" * 32
+    holders.record(digest, members[1], clock.seconds())
+    client = PeerClient(clock, PeerSet(clock, members, None, 5001, is_local=lambda host: False), holders, SECRET,
+                        lookup=1, timeout=2, read_timeout=10, stats=PeerStats())
+    client.agent = ScriptedAgent({str(member): _RawResponse(404) for member in members})
+    found = defer.ensureDeferred(client.fetch(digest))
+    assert found.called and found.result is None
+    assert client.agent.asked[0] == str(members[1])  # what this node was told comes first
+    assert holders.lookup(digest, clock.seconds()) == []
