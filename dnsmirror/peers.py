@@ -377,23 +377,22 @@ class PeerClient:
         return sent
 
     def start_announcing(self, cached: Callable[[], defer.Deferred]) -> None:
-        """Announce the cache (``cached()`` gives its digests) soon after start, then periodically."""
-        def announce() -> defer.Deferred:
-            return cached().addCallback(self.announce_cached).addErrback(
+        """Announce the cache (``cached()`` gives its digests) soon after start, then periodically; while
+        no peer is known yet (discovery still running), try again every :data:`FIRST_REANNOUNCE` seconds."""
+        def announce() -> None:
+            if not self.available():
+                self._next_announcement = self.reactor.callLater(FIRST_REANNOUNCE, announce)
+                return
+            self._next_announcement = self.reactor.callLater(REANNOUNCE_INTERVAL, announce)
+            cached().addCallback(self.announce_cached).addErrback(
                 lambda failure: log.warning("cannot list the cache to announce it: %s", failure.getErrorMessage()))
 
-        self._announcing = task.LoopingCall(announce)
-        self._announcing.clock = self.reactor
-        self._first_announcement = self.reactor.callLater(
-            FIRST_REANNOUNCE, lambda: self._announcing.start(REANNOUNCE_INTERVAL, now=True))
+        self._next_announcement = self.reactor.callLater(FIRST_REANNOUNCE, announce)
 
     def stop_announcing(self) -> None:
-        first = getattr(self, "_first_announcement", None)
-        if first is not None and first.active():
-            first.cancel()
-        loop = getattr(self, "_announcing", None)
-        if loop is not None and loop.running:
-            loop.stop()
+        pending = getattr(self, "_next_announcement", None)
+        if pending is not None and pending.active():
+            pending.cancel()
 
 
 def _body_digest(body: bytes) -> str:

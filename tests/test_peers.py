@@ -381,3 +381,23 @@ def test_an_announced_holder_that_evicted_the_blob_is_forgotten() -> None:
     assert found.called and found.result is None
     assert client.agent.asked[0] == str(members[1])  # what this node was told comes first
     assert holders.lookup(digest, clock.seconds()) == []
+
+
+def test_the_cache_is_announced_once_peers_are_known_then_every_few_hours() -> None:
+    from dnsmirror.peers import FIRST_REANNOUNCE, REANNOUNCE_INTERVAL, PeerClient
+    clock = task.Clock()
+    peers = PeerSet(clock, [], None, 5001, is_local=lambda host: False)
+    client = PeerClient(clock, peers, Holders(), SECRET, lookup=1, timeout=2, read_timeout=10, stats=PeerStats())
+    announced: list[list[str]] = []
+    client.announce_cached = lambda digests: announced.append(digests) or 1
+    client.start_announcing(lambda: defer.succeed([DIGEST]))
+    clock.advance(FIRST_REANNOUNCE * 3)
+    assert announced == []  # nobody to tell yet (discovery has not answered)
+    peers.discovered = (HostPort("10.0.0.2", 5001),)
+    clock.advance(FIRST_REANNOUNCE)
+    assert announced == [[DIGEST]]
+    clock.advance(REANNOUNCE_INTERVAL)
+    assert announced == [[DIGEST], [DIGEST]]
+    client.stop_announcing()
+    clock.advance(REANNOUNCE_INTERVAL)
+    assert len(announced) == 2 and not clock.getDelayedCalls()
