@@ -528,6 +528,11 @@ def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> 
     if not built.get("capture") and not any(path.startswith("capture") for path, _ in problems):
         problems.append(("capture", "needs at least one pattern, or dnsmirror captures nothing"))
     peers = built.get("peers")
+    if peers is not None:
+        for index, peer in enumerate(peers.static):
+            if peer.port != peers.listen.port:
+                problems.append((f"peers.static[{index}]", f"port {peer.port} differs from peers.listen's port "
+                                                           f"{peers.listen.port}: every node listens on the same port"))
     if peers is not None and peers.enabled and peers.secret_file is None:
         problems.append(("peers.secret_file", "is required when peers.static or peers.dns_name is set: peers "
                                               "serve cached private content only to nodes that hold the secret"))

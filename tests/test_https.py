@@ -216,8 +216,10 @@ def test_serve_refuses_an_unsafe_peer_secret_and_names_a_peer_port_it_cannot_bin
     secret = tmp_path / "peer-secret"
     secret.write_text("a-long-enough-cluster-secret\n")
     secret.chmod(0o644)
-    peers = {"static": ["127.0.0.2:5001"], "secret_file": str(secret)}
-    done = run_serve(write_config(tmp_path, ca_dir, free_port(), peers={**peers, "listen": f"127.0.0.1:{free_port()}"}))
+    def peers(port: int) -> dict:
+        return {"listen": f"127.0.0.1:{port}", "static": [f"127.0.0.2:{port}"], "secret_file": str(secret)}
+
+    done = run_serve(write_config(tmp_path, ca_dir, free_port(), peers=peers(free_port())))
     assert done.returncode == 2
     assert f"peers.secret_file: {secret} is accessible by group or others" in done.stderr
 
@@ -226,7 +228,7 @@ def test_serve_refuses_an_unsafe_peer_secret_and_names_a_peer_port_it_cannot_bin
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        done = run_serve(write_config(tmp_path, ca_dir, free_port(), peers={**peers, "listen": f"127.0.0.1:{port}"}))
+        done = run_serve(write_config(tmp_path, ca_dir, free_port(), peers=peers(port)))
     assert done.returncode == 2
     assert f"peers.listen: cannot listen on 127.0.0.1:{port}" in done.stderr
 

@@ -109,6 +109,9 @@ def test_peers_without_a_secret_file_are_a_config_error() -> None:
         config.parse_document({"peers": {"static": ["10.0.0.5:5001"]}})
     assert [path for path, _ in raised.value.problems] == ["peers.secret_file"]
     with pytest.raises(config.ConfigError) as raised:
+        config.parse_document({"peers": {"static": ["10.0.0.5:5002"], "secret_file": "/s"}})
+    assert [path for path, _ in raised.value.problems] == ["peers.static[0]"]
+    with pytest.raises(config.ConfigError) as raised:
         config.parse_document({"peers": {"lookup": 0, "timeout": "soon"}})
     assert sorted(path for path, _ in raised.value.problems) == ["peers.lookup", "peers.timeout"]
     built = config.parse_document({"peers": {"dns_name": "dnsmirror-peers.kube-system.svc.cluster.local",
