@@ -1,8 +1,9 @@
 """Peer nodes share cached content, with real components: three dnsmirror nodes in their own network
 namespaces in front of one docker-registry that requires a login (htpasswd), and curl as the client.
 
-- an image pulled with skopeo through node A, then through node B: B's layers and configs come from
-  A (B's access checks ride on the manifests it fetched upstream), the registry serves each blob once;
+- an image pulled with skopeo through node A, then through node B, then with containerd (no registry
+  configuration) on node C: B's and C's layers and configs come from peers (their access checks ride
+  on the manifests they fetched upstream), the registry serves each blob once;
 - a blob pulled through node A is served to node B's client by node A, not by the registry again,
   also when B's first choice of peer is node C, which only knows that A holds it;
 - a request upstream refuses (no credentials) gets upstream's 401 and never reaches a peer;
@@ -27,6 +28,7 @@ from pathlib import Path
 import pytest
 from dns_support import wait_until
 from harness import ECR_HOST, require_netns
+from harness.containerd import Containerd
 from harness.images import build_image, push_image, skopeo_copy
 from harness.netns import Cluster, Namespace, Process
 from harness.pki import create_ca
@@ -152,6 +154,15 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                         continue  # skopeo asks for manifests by tag or digest: pass-through or cache
                     assert registry.count_requests("GET", registry.blob_path(REPOSITORY, blob.digest)) == 1, blob
                     assert sources(mirror_b, blob.digest) == ["peer"], blob
+                # containerd on node C, no registry configuration: its layers come from the peers too
+                amd64 = image.platform("linux/amd64")
+                with Containerd(node_c, tmp_path / "containerd-c", ssl_cert_file=mirror_c.trust_bundle()) as ctr:
+                    done = ctr.pull(reference, user=f"{USER}:{PASSWORD}", check=False)
+                    assert done.returncode == 0, done.stderr[-2000:]
+                    assert ctr.has_snapshot(amd64.chain_id)
+                for blob in (amd64.config, *amd64.layers):
+                    assert registry.count_requests("GET", registry.blob_path(REPOSITORY, blob.digest)) == 1, blob
+                    assert sources(mirror_c, blob.digest) == ["peer"], blob
 
                 served = metric(node_a, "dnsmirror_peers_served_total")
                 assert fetch(node_a, mirror_a, digest) == (200, data)
