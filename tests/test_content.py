@@ -115,47 +115,41 @@ def blob_target(digest: str) -> Target:
                   credential=ANONYMOUS, authorization=[])
 
 
+def read_after_commit(store: Store, data: bytes) -> tuple[ManualDisk, BlobRequest, defer.Deferred]:
+    """A GET of a small cold blob whose reader opens the fill's temp file just after the commit renamed it:
+    the reader's open and the commit's rename race in two threads, the rename wins, and its outcome
+    reaches the reactor only after the open has failed. Returns with the commit reported."""
+    disk = ManualDisk(store)
+    chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), Grants(300, 86400), passthrough=None)
+    request = BlobRequest()
+    served = defer.ensureDeferred(chain.serve(request, blob_target("sha256:" + hashlib.sha256(data).hexdigest())))
+    disk.step("writer")               # the cache file, created while upstream answers
+    disk.step("_write_and_verify")    # the whole body arrived at once: written and verified
+    commit_reported = disk.run_quietly("commit")
+    disk.step("open")                 # too late: the temp file has been renamed into the cache
+    assert not request.channel.transport.aborted
+    commit_reported.callback(None)
+    return disk, request, served
+
+
 def test_a_small_blob_committed_before_its_reader_opened_it_is_served_from_the_cache(tmp_path):
     data = os.urandom(300)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with Store.open(tmp_path / "cache", 10 * 2**20) as store:
-        disk = ManualDisk(store)
-        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), Grants(300, 86400), passthrough=None)
-        request = BlobRequest()
-        served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
-
-        disk.step("writer")               # the cache file, created while upstream answers
-        disk.step("_write_and_verify")    # the whole body arrived at once: written and verified
-        # the reader's open and the commit's rename race in two threads: the rename wins, and its
-        # outcome reaches the reactor only after the open has failed
-        commit_reported = disk.run_quietly("commit")
-        disk.step("open")
-        assert not request.channel.transport.aborted
-        commit_reported.callback(None)
+        disk, request, served = read_after_commit(store, data)
         disk.drain()
 
         assert served.called and served.result is None
         assert not request.channel.transport.aborted
         assert request.finished and request.body == data and request.source == "cache"
-        assert digest in store
+        assert "sha256:" + hashlib.sha256(data).hexdigest() in store
 
 
 def test_a_blob_evicted_between_its_commit_and_its_readers_open_is_fetched_again(tmp_path):
     data = os.urandom(300)
-    digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with Store.open(tmp_path / "cache", 10 * 2**20) as store:
-        disk = ManualDisk(store)
-        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), Grants(300, 86400), passthrough=None)
-        request = BlobRequest()
-        served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
-
-        disk.step("writer")
-        disk.step("_write_and_verify")
-        commit_reported = disk.run_quietly("commit")
-        disk.step("open")                 # too late: the temp file has been renamed into the cache
-        commit_reported.callback(None)
+        disk, request, served = read_after_commit(store, data)
         # another fill's commit evicts the blob before this reader opens it in the cache
-        assert store.delete(digest)
+        assert store.delete("sha256:" + hashlib.sha256(data).hexdigest())
         disk.drain()
 
         assert served.called and served.result is None
