@@ -153,7 +153,7 @@ class Services:
         read_timeout = min(max(5 * peers.timeout, 5.0), self.config.upstream.read_timeout)
         self.peer_client = PeerClient(self.reactor, self.peer_set, holders, secret, peers.lookup, peers.timeout,
                                       read_timeout, self.peer_stats)
-        self.peer_client.start_announcing(lambda: self.disk.run(self.store.digests))
+        self.peer_client.start_announcing(self.store.digests, self.disk.run)
         log.info("peers listening", extra=fields(peers=str(peers.listen), static=[str(p) for p in peers.static],
                                                  dns_name=peers.dns_name))
         return self.peer_client

@@ -353,14 +353,9 @@ class PeerClient:
             self.stats.announcements_sent += 1
 
 
-    def announce_cached(self, digests: Sequence[str]) -> int:
-        """Announce ``digests`` (this node's cache) to each one's first ``lookup`` peers, one request per
-        peer and :data:`MAX_BATCH` digests; returns how many requests were sent."""
-        members = self.peers.healthy(self.peers.members())
-        per_peer: dict[HostPort, list[str]] = {}
-        for digest in digests:
-            for peer in rendezvous(digest, members)[:self.lookup]:
-                per_peer.setdefault(peer, []).append(digest)
+    def send_announcements(self, per_peer: dict[HostPort, list[str]]) -> int:
+        """Tell each peer the digests it is a first peer of (:func:`group_by_first_peers`), one request
+        per :data:`MAX_BATCH` digests; returns how many requests were sent."""
         sent = 0
         for peer, held in per_peer.items():
             for start in range(0, len(held), MAX_BATCH):
@@ -376,16 +371,22 @@ class PeerClient:
         self.stats.announcements_sent += sent
         return sent
 
-    def start_announcing(self, cached: Callable[[], defer.Deferred]) -> None:
-        """Announce the cache (``cached()`` gives its digests) soon after start, then periodically; while
-        no peer is known yet (discovery still running), try again every :data:`FIRST_REANNOUNCE` seconds."""
+    def start_announcing(self, cached: Callable[[], Sequence[str]],
+                         in_thread: Callable[..., defer.Deferred]) -> None:
+        """Announce the cache soon after start, then every :data:`REANNOUNCE_INTERVAL`; while no peer is
+        known yet (discovery still running), try again every :data:`FIRST_REANNOUNCE` seconds.
+
+        ``cached()`` lists the cached digests; it runs with the grouping in ``in_thread`` (a thread
+        pool), since a big cache times many peers is seconds of hashing."""
         def announce() -> None:
-            if not self.available():
+            members = self.peers.healthy(self.peers.members())
+            if not members:
                 self._next_announcement = self.reactor.callLater(FIRST_REANNOUNCE, announce)
                 return
             self._next_announcement = self.reactor.callLater(REANNOUNCE_INTERVAL, announce)
-            cached().addCallback(self.announce_cached).addErrback(
-                lambda failure: log.warning("cannot list the cache to announce it: %s", failure.getErrorMessage()))
+            grouped = in_thread(lambda: group_by_first_peers(cached(), members, self.lookup))
+            grouped.addCallback(self.send_announcements).addErrback(
+                lambda failure: log.warning("cannot announce the cache: %s", failure.getErrorMessage()))
 
         self._next_announcement = self.reactor.callLater(FIRST_REANNOUNCE, announce)
 
@@ -393,6 +394,15 @@ class PeerClient:
         pending = getattr(self, "_next_announcement", None)
         if pending is not None and pending.active():
             pending.cancel()
+
+
+def group_by_first_peers(digests: Iterable[str], members: Sequence[HostPort], lookup: int) -> dict[HostPort, list[str]]:
+    """For each member, the digests it is one of the first ``lookup`` peers of (pure; any thread)."""
+    per_peer: dict[HostPort, list[str]] = {}
+    for digest in digests:
+        for peer in rendezvous(digest, members)[:lookup]:
+            per_peer.setdefault(peer, []).append(digest)
+    return per_peer
 
 
 def _body_digest(body: bytes) -> str:

@@ -386,21 +386,36 @@ def test_an_announced_holder_that_evicted_the_blob_is_forgotten() -> None:
     assert holders.lookup(digest, clock.seconds()) == []
 
 
+def test_grouping_gives_each_digest_to_its_first_peers() -> None:
+    from dnsmirror.peers import group_by_first_peers
+    digests = ["sha256:" + hashlib.sha256(str(n).encode()).hexdigest() for n in range(50)]
+    grouped = group_by_first_peers(digests, PEERS, 2)
+    assert sum(len(held) for held in grouped.values()) == 100
+    for digest in digests:
+        assert {peer for peer, held in grouped.items() if digest in held} == set(rendezvous(digest, PEERS)[:2])
+
+
 def test_the_cache_is_announced_once_peers_are_known_then_every_few_hours() -> None:
     from dnsmirror.peers import FIRST_REANNOUNCE, REANNOUNCE_INTERVAL, PeerClient
     clock = task.Clock()
     peers = PeerSet(clock, [], None, 5001, is_local=lambda host: False)
     client = PeerClient(clock, peers, Holders(), SECRET, lookup=1, timeout=2, read_timeout=10, stats=PeerStats())
-    announced: list[list[str]] = []
-    client.announce_cached = lambda digests: announced.append(digests) or 1
-    client.start_announcing(lambda: defer.succeed([DIGEST]))
+    announced: list[dict] = []
+    client.send_announcements = lambda per_peer: announced.append(per_peer) or 1
+    threaded: list[object] = []
+
+    def in_thread(function, *args):
+        threaded.append(function)
+        return defer.maybeDeferred(function, *args)
+
+    client.start_announcing(lambda: [DIGEST], in_thread)
     clock.advance(FIRST_REANNOUNCE * 3)
     assert announced == []  # nobody to tell yet (discovery has not answered)
     peers.discovered = (HostPort("10.0.0.2", 5001),)
     clock.advance(FIRST_REANNOUNCE)
-    assert announced == [[DIGEST]]
+    assert announced == [{HostPort("10.0.0.2", 5001): [DIGEST]}] and len(threaded) == 1
     clock.advance(REANNOUNCE_INTERVAL)
-    assert announced == [[DIGEST], [DIGEST]]
+    assert len(announced) == 2 and len(threaded) == 2
     client.stop_announcing()
     clock.advance(REANNOUNCE_INTERVAL)
     assert len(announced) == 2 and not clock.getDelayedCalls()
