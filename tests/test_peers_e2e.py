@@ -303,12 +303,12 @@ def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> 
 
 
 def test_nodes_pulling_a_new_blob_a_moment_apart_share_one_upstream_fetch(tmp_path: Path) -> None:
-    """A slow registry (2 MB/s); node A starts filling a blob; node B's client asks while A's fill is
+    """A slow registry (1.25 MB/s); node A starts filling a blob; node B's client asks while A's fill is
     still under way: B streams A's growing fill instead of fetching it from the registry again."""
     with two_nodes(tmp_path) as world:
         data = os.urandom(8 * 1024 * 1024)
         digest = world.registry.place_blob(REPOSITORY, [data])[0]
-        world.registry_ns.limit_egress("16mbit")  # ~4 s for this blob
+        world.registry_ns.limit_egress("10mbit")  # ~7 s for this blob: time to ask while it fills
         out = tmp_path / "from-a"
         client_a = start_download(world.node_a, world.mirror_a, digest, out)
         try:
