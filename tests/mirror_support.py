@@ -13,7 +13,7 @@ import json
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def upstream_dns(namespace: Namespace, workdir: Path, names: Mapping[str, str]) -> Iterator[str]:
-    """The real DNS of the test world (:class:`harness.dns.StaticDNS`) answering ``names`` (host -> IPv4)
+def upstream_dns(namespace: Namespace, workdir: Path, names: Mapping[str, str | Iterable[str]]) -> Iterator[str]:
+    """The real DNS of the test world (:class:`harness.dns.StaticDNS`) answering ``names`` (host -> IPv4s)
     on ``namespace.address:53``; yields that address, as dnsmirror's upstream resolver."""
     with StaticDNS(namespace, names, workdir):
         yield namespace.address

@@ -253,18 +253,30 @@ class Pair:
     mirror_b: MirrorNode
 
 
+PEERS_NAME = "dnsmirror-peers.dnsmirror.svc.cluster.local"
+
+
 @contextlib.contextmanager
 def two_nodes(tmp_path: Path) -> Iterator[Pair]:
+    """Nodes that find each other the way the DaemonSet does: ``peers.dns_name``, whose A records (served
+    by the world's DNS, named in ``peers.resolvers``) are both nodes, each leaving itself out."""
     require_netns()
     with Cluster() as cluster:
         registry_ns = cluster.add("registry")
         node_a, node_b = cluster.add("node-a"), cluster.add("node-b")
         ca = create_ca(tmp_path / "public-ca")
         secret = write_secret(tmp_path / "peer-secret", os.urandom(24).hex())
+        names = {ECR_HOST: registry_ns.address, PEERS_NAME: [node_a.address, node_b.address]}
+
+        def discovering(node: Namespace, dns: str) -> dict:
+            overrides = peer_overrides(node, [], secret)
+            overrides["peers"].update(dns_name=PEERS_NAME, resolvers=[f"{dns}:53"])
+            return overrides
+
         with Registry(registry_ns, ECR_HOST, ca, tmp_path / "registry", users={USER: PASSWORD}) as registry, \
-                upstream_dns(registry_ns, tmp_path / "dns", {ECR_HOST: registry_ns.address}) as dns, \
-                MirrorNode(node_a, tmp_path / "a", dns, ca, peer_overrides(node_a, [node_b], secret)) as mirror_a, \
-                MirrorNode(node_b, tmp_path / "b", dns, ca, peer_overrides(node_b, [node_a], secret)) as mirror_b:
+                upstream_dns(registry_ns, tmp_path / "dns", names) as dns, \
+                MirrorNode(node_a, tmp_path / "a", dns, ca, discovering(node_a, dns)) as mirror_a, \
+                MirrorNode(node_b, tmp_path / "b", dns, ca, discovering(node_b, dns)) as mirror_b:
             yield Pair(registry, registry_ns, node_a, node_b, mirror_a, mirror_b)
 
 
