@@ -1,5 +1,6 @@
-"""Peer nodes share cached content, with real components: three dnsmirror nodes in their own network
-namespaces in front of one docker-registry that requires a login (htpasswd), and curl as the client.
+"""Peer nodes share cached content, with real components: dnsmirror nodes in their own network
+namespaces in front of one docker-registry that requires a login (htpasswd); curl, skopeo and containerd
+as clients. Three nodes with static peers:
 
 - an image pulled with skopeo through node A, then through node B, then with containerd (no registry
   configuration) on node C: B's and C's layers and configs come from peers (their access checks ride
@@ -9,7 +10,13 @@ namespaces in front of one docker-registry that requires a login (htpasswd), and
 - a request upstream refuses (no credentials) gets upstream's 401 and never reaches a peer;
 - a peer without the shared secret is refused, and its client is served from upstream;
 - bytes from a peer that fail verification cut the stream; the retry is served from upstream;
-- a peer that is down costs a refused connection, then upstream serves.
+- a peer that is down costs a refused connection, then upstream serves;
+- after every node restarts, the cache each one announces again is found.
+
+Two nodes that find each other through ``peers.dns_name``:
+
+- a peer killed mid-blob: the rest comes from the registry, and the client sees no break;
+- nodes asking a moment apart: the second streams the first one's fill, the registry sends it once.
 """
 
 from __future__ import annotations
