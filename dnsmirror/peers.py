@@ -7,12 +7,12 @@
   contact upstream, and a request without a valid signature (HMAC-SHA256 over method, digest and time
   with the cluster's shared secret) gets 401.
 - Who holds what: when a node starts filling a digest, and again when it has cached it, it announces
-  itself to the digest's first ``lookup`` peers in rendezvous order (and its whole cache, in batches,
-  soon after start and every few hours) (highest hash of digest and
-  address first). A lookup asks the same peers, which answer with the blob or with the holders they
-  were told about, so one or two requests find a copy whatever the size of the cluster. A fill still
-  under way is served as it grows (its last byte once verified), so nodes pulling the same new image
-  a moment apart share one upstream fetch.
+  itself to the digest's first ``lookup`` peers in rendezvous order (highest hash of digest and
+  address first); it also announces its whole cache, in batches, soon after start and every few
+  hours. A lookup asks the same peers, which answer with the blob or with the holders they were told
+  about, so one or two requests find a copy whatever the size of the cluster. A fill still under way
+  is served as it grows (its last byte once verified), so nodes pulling the same new image a moment
+  apart share one upstream fetch.
 """
 
 from __future__ import annotations
