@@ -384,7 +384,7 @@ class ContentChain:
         content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
         if target.is_manifest and response.length > oci.MANIFEST_MAX_SIZE:
             await response.discard(0)
-            self.peers.bad_body(peer, target.digest, f"manifest of {response.length} bytes")
+            self.peers.failed(peer, target.digest, f"manifest of {response.length} bytes")
             return None
         try:
             writer = await self.disk.run(self.store.writer, target.digest,
@@ -398,7 +398,7 @@ class ContentChain:
         headers = self._upstream_headers(request, target)
 
         def broke(reason: str) -> None:
-            self.peers.bad_body(peer, target.digest, f"body broke off at byte {fill.received}: {reason}")
+            self.peers.failed(peer, target.digest, f"body broke off at byte {fill.received}: {reason}")
             self.stats.peer_resumes += 1
             slot.peer = None  # reported: the fill's outcome is upstream's from here
 
@@ -515,7 +515,7 @@ class ContentChain:
                                                                    host=target.upstream_host, source=slot.source,
                                                                    reason=str(result.value)))
             if slot.peer is not None and not isinstance(cause, StoreFull):
-                self.peers.bad_body(slot.peer, target.digest, str(result.value))
+                self.peers.failed(slot.peer, target.digest, str(result.value))
             return None
         log.info("cached", extra=fields(event="fill_done", digest=target.digest, host=target.upstream_host,
                                         repository=target.repository, source=slot.source, bytes=fill.written,

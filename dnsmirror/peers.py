@@ -320,7 +320,7 @@ class PeerClient:
         try:
             raw = await request
         except Exception as exc:  # noqa: BLE001 - any failure of a peer means: ask the next one
-            self._failed(peer, digest, f"{type(exc).__name__}: {exc}")
+            self.failed(peer, digest, f"{type(exc).__name__}: {exc}")
             return None, []
         response = UpstreamResponse(raw, url, "GET", (), self.reactor, self.read_timeout)
         if response.code == 200 and response.length is not None:
@@ -328,18 +328,16 @@ class PeerClient:
         await response.discard()
         if response.code == 404:
             return None, _parse_holders(raw.headers.getRawHeaders(HOLDERS_HEADER) or [])
-        self._failed(peer, digest, f"answered {response.code}")
+        self.failed(peer, digest, f"answered {response.code}")
         return None, []
 
-    def _failed(self, peer: HostPort, digest: str, reason: str) -> None:
+    def failed(self, peer: HostPort, digest: str, reason: str) -> None:
+        """``peer`` refused, timed out, or sent a body that broke off or failed verification: it is
+        skipped for :data:`PEER_BACKOFF`."""
         self.stats.failures += 1
         self.peers.failed(peer)
         log.warning("peer request failed; trying others, then upstream",
                     extra=fields(event="peer_failed", peer=str(peer), digest=digest, reason=reason))
-
-    def bad_body(self, peer: HostPort, digest: str, reason: str) -> None:
-        """``peer`` sent a body that failed verification or broke off."""
-        self._failed(peer, digest, reason)
 
     def announce(self, digest: str) -> None:
         """Tell the digest's first ``lookup`` peers that this node holds it (best effort)."""

@@ -204,7 +204,7 @@ class BreakingPeer:
     async def fetch(self, digest):
         return "10.0.0.7:5001", _CutResponse(self.body, self.cut)
 
-    def bad_body(self, peer, digest, reason) -> None:
+    def failed(self, peer, digest, reason) -> None:
         self.broken.append(reason)
 
     def announce(self, digest) -> None:
