@@ -348,9 +348,11 @@ class ContentChain:
         self.slots[target.digest] = slot
         fill = None
         try:
-            if self.peers is not None and self.peers.available():
-                fill = await self._start_peer_fill(request, target, slot)
-            if slot.source != "answered" and fill is None:
+            answered = False
+            # a cache disk that was full recently: upstream's answer is streamed uncached instead
+            if self.peers is not None and self.peers.available() and self.reactor.seconds() >= self.uncached_until:
+                fill, answered = await self._start_peer_fill(request, target, slot)
+            if fill is None and not answered:
                 fill = await self._start_fill(request, target)
         finally:
             slot.settle(fill)
@@ -365,33 +367,32 @@ class ContentChain:
             self.peers.announce(target.digest)  # other nodes may stream this fill while it runs
         return await self._serve_fill(request, target, fill)
 
-    async def _start_peer_fill(self, request, target: Target, slot: _Slot) -> Fill | None:
-        """A fill from a peer node that holds the digest, once upstream confirmed (or recently granted)
-        that this request may read it; None otherwise. A refusal from upstream is passed to the client
-        (``slot.source`` becomes "answered")."""
+    async def _start_peer_fill(self, request, target: Target, slot: _Slot) -> tuple[Fill | None, bool]:
+        """(a fill from a peer node that holds the digest, answered): the fill starts once upstream
+        confirmed (or recently granted) that this request may read it. A refusal from upstream is passed
+        to the client, which is then answered; otherwise, without a fill, upstream is asked next."""
         access = await self.check_access(target)
         if access is Access.DENIED:
             self.stats.access_denied += 1
-            slot.source = "answered"
             await self.passthrough.forward(request, target)
-            return None
+            return None, True
         if access is not Access.ALLOWED:
-            return None  # upstream is asked next, and says why
+            return None, False  # upstream is asked next, and says why
         found = await self.peers.fetch(target.digest)
         if found is None:
-            return None
+            return None, False
         peer, response = found
         content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
         if target.is_manifest and response.length > oci.MANIFEST_MAX_SIZE:
             await response.discard(0)
             self.peers.failed(peer, target.digest, f"manifest of {response.length} bytes")
-            return None
+            return None, False
         try:
             writer = await self.disk.run(self.store.writer, target.digest,
                                          content_type=content_type.decode("latin-1"), expected_size=response.length)
         except (StoreFull, OSError):
             await response.discard(0)
-            return None  # upstream's answer is streamed without caching
+            return None, False  # upstream's answer is streamed without caching
         self.stats.peer_fills += 1
         slot.source, slot.peer = "peer", peer
         fill = Fill(self.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
@@ -405,7 +406,7 @@ class ContentChain:
         # a peer that goes away mid-blob costs its clients nothing: upstream sends the rest
         response.deliver_body(ResumableBody(fill, lambda offset: defer.ensureDeferred(
             self._upstream_rest(target, headers, offset, fill.total)), broke))
-        return fill
+        return fill, False
 
     async def _upstream_rest(self, target: Target, headers: dict, offset: int, total: int):
         """Upstream's answer for bytes ``offset``- of the blob (206 with the matching range), or None."""

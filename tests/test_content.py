@@ -197,11 +197,13 @@ class BreakingPeer:
     def __init__(self, body: bytes, cut: int) -> None:
         self.body, self.cut = body, cut
         self.broken: list[str] = []
+        self.asked = 0
 
     def available(self) -> bool:
         return True
 
     async def fetch(self, digest):
+        self.asked += 1
         return "10.0.0.7:5001", _CutResponse(self.body, self.cut)
 
     def failed(self, peer, digest, reason) -> None:
@@ -230,3 +232,22 @@ def test_a_peer_that_breaks_off_mid_blob_is_finished_from_upstream(tmp_path):
         assert [r[b"range"] for r in upstream.requests] == [[b"bytes=123456-"]]
         assert len(peer.broken) == 1 and "123456" in peer.broken[0]
         assert digest in store and chain.stats.peer_resumes == 1
+
+
+def test_peers_are_not_asked_while_the_cache_disk_was_full_recently(tmp_path):
+    data = os.urandom(50_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with Store.open(tmp_path / "cache", 10 * 2**20) as store:
+        disk = ManualDisk(store)
+        grants = Grants(300, 86400)
+        grants.grant(ANONYMOUS, ECR, "team/app", [digest], disk.reactor.seconds())
+        peer = BreakingPeer(data, cut=100)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), grants, passthrough=None, peers=peer)
+        chain.uncached_until = disk.reactor.seconds() + 60
+        request = BlobRequest()
+        served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
+        disk.drain()
+
+        assert served.called and served.result is None
+        assert request.finished and request.body == data and request.source == "relay"
+        assert peer.asked == 0 and digest not in store
