@@ -30,6 +30,7 @@ from dnsmirror.patterns import HostMatcher
 from dnsmirror.peers import (
     Holders,
     PeerClient,
+    PeerRequest,
     PeerResource,
     PeerSecretError,
     PeerSet,
@@ -139,7 +140,7 @@ class Services:
         holders = Holders()
         site = server.Site(PeerResource(self.reactor, self.disk, secret, holders, self.peer_stats, peers.listen.port,
                                         running_fill=lambda digest: self.content and self.content.running_fill(digest)),
-                           timeout=HTTP_IDLE_TIMEOUT)
+                           requestFactory=PeerRequest, timeout=HTTP_IDLE_TIMEOUT)
         site.displayTracebacks = False
         try:
             self.ports.append(self.reactor.listenTCP(peers.listen.port, site, interface=peers.listen.host))

@@ -60,6 +60,7 @@ HOLDERS_TTL = 6 * 3600.0
 MAX_HOLDER_DIGESTS = 50_000
 MAX_HOLDERS_PER_DIGEST = 4
 MAX_BATCH = 10_000  # digests per batch announcement
+MAX_BODY = MAX_BATCH * 72  # bytes of a batch announcement's body (71-character digests, newlines)
 # a node re-announces its whole cache this often (and once soon after start), so that announcements
 # outlive HOLDERS_TTL and restarts of the nodes that keep them
 REANNOUNCE_INTERVAL = HOLDERS_TTL / 2
@@ -435,6 +436,16 @@ def _parse_holders(values: list[bytes]) -> list[HostPort]:
     return holders[:MAX_HOLDERS_PER_DIGEST]
 
 
+class PeerRequest(server.Request):
+    """A request on the peer listener. No more of a body than a batch announcement is kept (a longer one
+    then fails its signature check), so no client can make a node store more than :data:`MAX_BODY`."""
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - twisted.web's name
+        kept = self.content.tell()
+        if kept < MAX_BODY:
+            super().handleContentChunk(data[:MAX_BODY - kept])
+
+
 class PeerResource(resource.Resource):
     """The peer listener: committed blobs of the cache to signed requests, and holder announcements."""
 
@@ -478,7 +489,7 @@ class PeerResource(resource.Resource):
     def _batch(self, request, method: str) -> bytes:
         if method != "POST":
             return _plain(request, 405, "method not allowed")
-        body = request.content.read(MAX_BATCH * 72 + 1) if request.content is not None else b""
+        body = request.content.read(MAX_BODY + 1) if request.content is not None else b""
         if not signature_valid(self.secret, request.getHeader(AUTH_HEADER), "POST", _body_digest(body),
                                self.wall_clock()):
             self.stats.refused += 1

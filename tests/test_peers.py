@@ -419,3 +419,14 @@ def test_the_cache_is_announced_once_peers_are_known_then_every_few_hours() -> N
     client.stop_announcing()
     clock.advance(REANNOUNCE_INTERVAL)
     assert len(announced) == 2 and not clock.getDelayedCalls()
+
+
+def test_the_peer_listener_keeps_no_more_of_a_body_than_a_batch_announcement() -> None:
+    from twisted.web.test.requesthelper import DummyChannel
+
+    from dnsmirror.peers import MAX_BODY, PeerRequest
+    request = PeerRequest(DummyChannel())
+    request.gotLength(None)
+    for _ in range(3):
+        request.handleContentChunk(b"x" * (MAX_BODY // 2 + 1000))
+    assert request.content.tell() == MAX_BODY
