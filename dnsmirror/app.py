@@ -132,15 +132,16 @@ class Services:
                 raise ListenError("peers.resolvers: no DNS server to resolve peers.dns_name with "
                                   "(set peers.resolvers or dns.upstreams)")
             # the peers' Service name: internal addresses are what it is expected to resolve to
-            names = UpstreamResolver(peers.resolvers or self.upstreams, reactor=self.reactor, timeout=self.config.dns.timeout,
-                                     policy=AddressPolicy(allow_internal=True), max_ttl=peers.refresh)
+            names = UpstreamResolver(peers.resolvers or self.upstreams, reactor=self.reactor,
+                                     timeout=self.config.dns.timeout, policy=AddressPolicy(allow_internal=True),
+                                     max_ttl=peers.refresh)
             resolve = names.resolve
         self.peer_set = PeerSet(self.reactor, peers.static, peers.dns_name, peers.listen.port, resolve,
                                 peers.refresh)
         holders = Holders()
-        site = server.Site(PeerResource(self.reactor, self.disk, secret, holders, self.peer_stats, peers.listen.port,
-                                        running_fill=lambda digest: self.content and self.content.running_fill(digest)),
-                           requestFactory=PeerRequest, timeout=HTTP_IDLE_TIMEOUT)
+        listener = PeerResource(self.reactor, self.disk, secret, holders, self.peer_stats, peers.listen.port,
+                                running_fill=lambda digest: self.content and self.content.running_fill(digest))
+        site = server.Site(listener, requestFactory=PeerRequest, timeout=HTTP_IDLE_TIMEOUT)
         site.displayTracebacks = False
         try:
             self.ports.append(self.reactor.listenTCP(peers.listen.port, site, interface=peers.listen.host))

@@ -311,7 +311,8 @@ class PeerClient:
                 self.stats.hits += 1
                 return peer, response
             self.holders.forget(digest, peer)  # an announced holder that no longer has it
-            queue[:0] = [holder for holder in self.peers.healthy(holders) if holder in member_set and holder not in asked]
+            named = [holder for holder in self.peers.healthy(holders) if holder in member_set]
+            queue[:0] = [holder for holder in named if holder not in asked]
         return None
 
     async def _ask(self, peer: HostPort, digest: str) -> tuple[UpstreamResponse | None, list[HostPort]]:
@@ -360,8 +361,8 @@ class PeerClient:
             for start in range(0, len(held), MAX_BATCH):
                 body = "\n".join(held[start:start + MAX_BATCH]).encode()
                 url = f"http://{_authority(peer)}{BATCH_PATH}"
-                request = self.agent.request(b"POST", url.encode("ascii"), self._headers("POST", _body_digest(body)),
-                                             FileBodyProducer(io.BytesIO(body)))
+                headers = self._headers("POST", _body_digest(body))
+                request = self.agent.request(b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(body)))
                 request.addTimeout(max(self.timeout, 10.0), self.reactor)
                 request.addCallback(lambda response: response.deliverBody(_Discard()))
                 request.addErrback(lambda failure, peer=peer: log.info(
@@ -395,7 +396,8 @@ class PeerClient:
             pending.cancel()
 
 
-def group_by_first_peers(digests: Iterable[str], members: Sequence[HostPort], lookup: int) -> dict[HostPort, list[str]]:
+def group_by_first_peers(digests: Iterable[str], members: Sequence[HostPort],
+                         lookup: int) -> dict[HostPort, list[str]]:
     """For each member, the digests it is one of the first ``lookup`` peers of (pure; any thread)."""
     per_peer: dict[HostPort, list[str]] = {}
     for digest in digests:
