@@ -37,7 +37,7 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
-from dnsmirror.config import HostPort
+from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields
 from dnsmirror.streaming import BlobStreamer, DiskIO, Fill
 from dnsmirror.upstream import UpstreamResponse
@@ -316,7 +316,7 @@ class PeerClient:
         return None
 
     async def _ask(self, peer: HostPort, digest: str) -> tuple[UpstreamResponse | None, list[HostPort]]:
-        url = f"http://{_authority(peer)}{BLOB_PATH}{digest}"
+        url = f"http://{peer}{BLOB_PATH}{digest}"
         request = self.agent.request(b"GET", url.encode("ascii"), self._headers("GET", digest))
         request.addTimeout(self.timeout, self.reactor)
         try:
@@ -333,6 +333,10 @@ class PeerClient:
         self.failed(peer, digest, f"answered {response.code}")
         return None, []
 
+    def _discard(self, raw, url: str, method: str) -> defer.Deferred:
+        """Read and drop a peer's answer body, so its connection can be reused."""
+        return UpstreamResponse(raw, url, method, (), self.reactor, self.read_timeout).discard()
+
     def failed(self, peer: HostPort, digest: str, reason: str) -> None:
         """``peer`` refused, timed out, or sent a body that broke off or failed verification: it is
         skipped for :data:`PEER_BACKOFF`."""
@@ -344,10 +348,10 @@ class PeerClient:
     def announce(self, digest: str) -> None:
         """Tell the digest's first ``lookup`` peers that this node holds it (best effort)."""
         for peer in self.peers.healthy(rendezvous(digest, self.peers.members())[:self.lookup]):
-            url = f"http://{_authority(peer)}{HOLDER_PATH}{digest}"
+            url = f"http://{peer}{HOLDER_PATH}{digest}"
             sent = self.agent.request(b"POST", url.encode("ascii"), self._headers("POST", digest))
             sent.addTimeout(self.timeout, self.reactor)
-            sent.addCallback(lambda response: response.deliverBody(_Discard()))
+            sent.addCallback(self._discard, url, "POST")
             sent.addErrback(lambda failure, peer=peer: log.debug("announcement to %s failed: %s", peer,
                                                                  failure.getErrorMessage()))
             self.stats.announcements_sent += 1
@@ -360,11 +364,11 @@ class PeerClient:
         for peer, held in per_peer.items():
             for start in range(0, len(held), MAX_BATCH):
                 body = "\n".join(held[start:start + MAX_BATCH]).encode()
-                url = f"http://{_authority(peer)}{BATCH_PATH}"
+                url = f"http://{peer}{BATCH_PATH}"
                 headers = self._headers("POST", _body_digest(body))
                 request = self.agent.request(b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(body)))
                 request.addTimeout(max(self.timeout, 10.0), self.reactor)
-                request.addCallback(lambda response: response.deliverBody(_Discard()))
+                request.addCallback(self._discard, url, "POST")
                 request.addErrback(lambda failure, peer=peer: log.info(
                     "announcing this node's cache to %s failed: %s", peer, failure.getErrorMessage()))
                 sent += 1
@@ -410,31 +414,14 @@ def _body_digest(body: bytes) -> str:
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
-class _Discard:
-    def makeConnection(self, transport) -> None:
-        pass
-
-    def dataReceived(self, data: bytes) -> None:
-        pass
-
-    def connectionLost(self, reason) -> None:
-        pass
-
-
-def _authority(peer: HostPort) -> str:
-    return f"[{peer.host}]:{peer.port}" if ":" in peer.host else f"{peer.host}:{peer.port}"
-
-
 def _parse_holders(values: list[bytes]) -> list[HostPort]:
     holders = []
     for value in values:
         for item in value.decode("ascii", "replace").split(","):
-            host, _, port = item.strip().rpartition(":")
-            host = host.strip("[]")
             try:
-                holders.append(HostPort(str(ipaddress.ip_address(host)), int(port)))
+                holders.append(host_port(item.strip()))
             except ValueError:
-                continue
+                continue  # not IP:port: nothing to ask
     return holders[:MAX_HOLDERS_PER_DIGEST]
 
 
@@ -520,7 +507,7 @@ class PeerResource(resource.Resource):
         if reader is None:
             holders = self.holders.lookup(digest, self.reactor.seconds())
             if holders:
-                request.setHeader(HOLDERS_HEADER, ", ".join(_authority(h) for h in holders).encode())
+                request.setHeader(HOLDERS_HEADER, ", ".join(map(str, holders)).encode())
             request.write(_plain(request, 404, "not cached here"))
             request.finish()
             return
