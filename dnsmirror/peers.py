@@ -3,8 +3,8 @@
 - A node asks peers for a digest only after upstream confirmed (or recently granted) that the
   requesting client may read it (:mod:`dnsmirror.content` decides); the peer never sees the client's
   credentials, and the bytes it sends are verified against the digest like any other source's.
-- Peers serve committed blobs of their own cache and nothing else: a peer request never makes a node
-  contact upstream, and a request without a valid signature (HMAC-SHA256 over method, digest and time
+- Peers serve their own cache and their fills under way, nothing else: a peer request never makes a
+  node contact upstream, and a request without a valid signature (HMAC-SHA256 over method, digest and time
   with the cluster's shared secret) gets 401.
 - Who holds what: when a node starts filling a digest, and again when it has cached it, it announces
   itself to the digest's first ``lookup`` peers in rendezvous order (highest hash of digest and
