@@ -436,7 +436,7 @@ class PeerRequest(server.Request):
 
 
 class PeerResource(resource.Resource):
-    """The peer listener: committed blobs of the cache to signed requests, and holder announcements."""
+    """The peer listener: cached blobs and fills under way to signed requests, and holder announcements."""
 
     isLeaf = True
 
