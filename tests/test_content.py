@@ -213,15 +213,20 @@ class BreakingPeer:
         pass
 
 
+def granted(digest: str, disk: ManualDisk) -> Grants:
+    """Grants in which the anonymous client was just allowed ``digest`` (so no access check goes upstream)."""
+    grants = Grants(300, 86400)
+    grants.grant(ANONYMOUS, ECR, "team/app", [digest], disk.reactor.seconds())
+    return grants
+
+
 def test_a_peer_that_breaks_off_mid_blob_is_finished_from_upstream(tmp_path):
     data = os.urandom(300_000)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with Store.open(tmp_path / "cache", 10 * 2**20) as store:
         disk = ManualDisk(store)
-        grants = Grants(300, 86400)
-        grants.grant(ANONYMOUS, ECR, "team/app", [digest], disk.reactor.seconds())
         upstream, peer = RangeUpstream(data), BreakingPeer(data, cut=123_456)
-        chain = ContentChain(disk.reactor, disk, upstream, grants, passthrough=None, peers=peer)
+        chain = ContentChain(disk.reactor, disk, upstream, granted(digest, disk), passthrough=None, peers=peer)
         request = BlobRequest()
         served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
         disk.drain()
@@ -239,10 +244,9 @@ def test_peers_are_not_asked_while_the_cache_disk_was_full_recently(tmp_path):
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with Store.open(tmp_path / "cache", 10 * 2**20) as store:
         disk = ManualDisk(store)
-        grants = Grants(300, 86400)
-        grants.grant(ANONYMOUS, ECR, "team/app", [digest], disk.reactor.seconds())
         peer = BreakingPeer(data, cut=100)
-        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), grants, passthrough=None, peers=peer)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None,
+                             peers=peer)
         chain.uncached_until = disk.reactor.seconds() + 60
         request = BlobRequest()
         served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
