@@ -102,9 +102,14 @@ def metric(node: Namespace, name: str) -> float:
 
 
 def sources(mirror: MirrorNode, digest: str) -> list[str]:
-    """Where the mirror's access log says each request for ``digest`` was served from."""
-    return [record.get("source") for record in mirror.log_records()
-            if record.get("event") == "access" and digest in record.get("path", "")]
+    """Where the mirror's access log says each request for ``digest`` was served from. The line is
+    written as the response ends, so a client can be done a moment before it: wait for one."""
+    def logged() -> list[str]:
+        return [record.get("source") for record in mirror.log_records()
+                if record.get("event") == "access" and digest in record.get("path", "")]
+
+    wait_until(lambda: bool(logged()), 5)
+    return logged()
 
 
 def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> None:
@@ -208,7 +213,7 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert (status, body) != (200, third), "a body that failed verification was served"
                 assert fetch(node_b, mirror_b, third_digest) == (200, third)
                 assert registry.count_requests("GET", registry.blob_path(REPOSITORY, third_digest)) == gets_before + 1
-                assert any(r.get("event") == "peer_failed" for r in mirror_b.log_records())
+                assert wait_until(lambda: any(r.get("event") == "peer_failed" for r in mirror_b.log_records()), 5)
 
                 # after a restart of every node, A's cache is announced again (in a batch), and found
                 sixth, sixth_digest = indexed_at_c(400_000)
