@@ -134,9 +134,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         validation = {"manifests": {"urls": {"allow": [r"^https://layers\.example\.org/"]}}}
         registry = Registry(registry_ns, ECR_HOST, ca, work / "registry",
                             extra_config={"auth": tokens.registry_auth(), "validation": validation})
+        def overrides(node: Namespace, other: Namespace) -> dict:
+            # room for the registry to be paused while requests pile up (the price test)
+            return {**peer_overrides(node, [other], secret), "upstream": {"first_byte_timeout": "20s"}}
+
         with registry, upstream_dns(registry_ns, work / "dns", {ECR_HOST: registry_ns.address}) as dns, \
-                MirrorNode(node_a, work / "a", dns, ca, peer_overrides(node_a, [node_b], secret)) as mirror_a, \
-                MirrorNode(node_b, work / "b", dns, ca, peer_overrides(node_b, [node_a], secret)) as mirror_b:
+                MirrorNode(node_a, work / "a", dns, ca, overrides(node_a, node_b)) as mirror_a, \
+                MirrorNode(node_b, work / "b", dns, ca, overrides(node_b, node_a)) as mirror_b:
             world = World(cluster, ca, registry, tokens, node_a, node_b, mirror_a, mirror_b, os.urandom(300_000),
                           json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode(),
                           os.urandom(1000), {"a": mirror_a.trust_bundle(), "b": mirror_b.trust_bundle()})
