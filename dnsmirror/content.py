@@ -2,8 +2,10 @@
 
 For each ``GET``/``HEAD /v2/<name>/(blobs|manifests)/<digest>``:
 
-1. cached (or being filled) and the request's credentials are allowed (:mod:`dnsmirror.authz`):
-   served from disk, ranges included, also while the fill is still running;
+1. cached (or being filled) and the request's credentials are allowed (:mod:`dnsmirror.authz`: a grant
+   from upstream's own answer for this digest in this repository, else one ``HEAD`` upstream, merged
+   with any other check of the same credential, repository and digest under way): served from disk,
+   ranges included, also while the fill is still running;
 2. otherwise one fill per digest (single-flight): from a peer node that has it, once upstream confirmed
    that the request's credentials may read it (:mod:`dnsmirror.peers`), else from upstream. Every
    waiter streams from the growing file; the blob is committed only when its sha256 matches, and a
@@ -13,7 +15,6 @@ For each ``GET``/``HEAD /v2/<name>/(blobs|manifests)/<digest>``:
 
 from __future__ import annotations
 
-import enum
 import logging
 import os
 import time
@@ -23,7 +24,7 @@ from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from dnsmirror import oci
-from dnsmirror.authz import Grants
+from dnsmirror.authz import Access, Grants, access_from_answer
 from dnsmirror.logs import fields
 from dnsmirror.peers import PeerClient
 from dnsmirror.proxy import PassThrough, relay, unavailable, write_error
@@ -39,12 +40,6 @@ _ATTEMPTS = 3
 UNCACHED_BACKOFF = 60.0
 
 
-class Access(enum.Enum):
-    ALLOWED = "allowed"
-    DENIED = "denied"            # upstream refused: pass the request through so the client sees why
-    UNREACHABLE = "unreachable"  # upstream unreachable and no recent grant
-
-
 @dataclass
 class ContentStats:
     """Counters for the metrics endpoint."""
@@ -55,7 +50,8 @@ class ContentStats:
     fills_joined: int = 0
     fills_failed: int = 0
     digest_mismatches: int = 0
-    access_checks: int = 0
+    access_checks: int = 0          # authorisation HEADs sent upstream
+    access_checks_merged: int = 0   # checks that waited for the same credential's HEAD already under way
     access_denied: int = 0
     offline_served: int = 0
     uncached_streams: int = 0
@@ -68,6 +64,30 @@ class ContentStats:
 def _owner(target: Target) -> tuple[str, str, str]:
     """Whose access a fill's start proved: the same credential in another repository proves nothing."""
     return target.credential, target.upstream_host, target.repository
+
+
+class _SharedCheck:
+    """One authorisation HEAD under way; every request that needs the same answer waits for it."""
+
+    def __init__(self, answer: defer.Deferred) -> None:
+        self._waiters: list[defer.Deferred] = []
+        self._result = None
+        self.settled = False
+        answer.addBoth(self._settle)
+
+    def _settle(self, result) -> None:
+        self._result, self.settled = result, True
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if not d.called:  # a waiter whose client left was cancelled
+                d.callback(result)
+
+    def wait(self) -> defer.Deferred:
+        if self.settled:
+            return defer.succeed(self._result) if not isinstance(self._result, Failure) else defer.fail(self._result)
+        d: defer.Deferred = defer.Deferred()
+        self._waiters.append(d)
+        return d
 
 
 class _Slot:
@@ -111,6 +131,8 @@ class ContentChain:
         self.passthrough = passthrough
         self.stats = stats or ContentStats()
         self.slots: dict[str, _Slot] = {}
+        # authorisation HEADs under way, by (credential, host, repository, digest, manifest?)
+        self.checks: dict[tuple[str, str, str, str, bool], _SharedCheck] = {}
         self.uncached_until = 0.0
         self.containerd = containerd
         self.peers = peers
@@ -173,10 +195,27 @@ class ContentChain:
         return False
 
     async def check_access(self, target: Target) -> Access:
-        """Would upstream serve this digest to this request's credentials?"""
+        """Would upstream serve this digest to this request's credentials, in this repository?
+
+        A fresh grant answers at once; otherwise one ``HEAD`` upstream with the request's credentials,
+        shared by every request of the same credential for the same digest and repository meanwhile (a
+        pull's parallel reads, a client's retries)."""
         now = self.reactor.seconds()
         if self.grants.is_fresh(target.credential, target.upstream_host, target.repository, target.digest, now):
             return Access.ALLOWED
+        key = (target.credential, target.upstream_host, target.repository, target.digest, target.is_manifest)
+        check = self.checks.get(key)
+        if check is None:
+            check = _SharedCheck(defer.ensureDeferred(self._ask_upstream(target, now)))
+            if not check.settled:
+                self.checks[key] = check
+                check.wait().addBoth(lambda _: self.checks.pop(key, None))
+        else:
+            self.stats.access_checks_merged += 1
+        return await check.wait()
+
+    async def _ask_upstream(self, target: Target, now: float) -> Access:
+        """One authorisation ``HEAD`` upstream; its 200 grants exactly this digest in this repository."""
         self.stats.access_checks += 1
         url = f"https://{target.upstream_host}/v2/{target.repository}/{'manifests' if target.is_manifest else 'blobs'}/{target.digest}"
         headers = target.auth_headers()
@@ -187,13 +226,14 @@ class ContentChain:
             await response.discard()
         except UPSTREAM_FAILURES as exc:
             return self._offline(target, now, str(exc))
-        if response.code == 200:
+        access = access_from_answer(response.code)
+        if access is Access.ALLOWED:
             self.grants.grant(target.credential, target.upstream_host, target.repository, [target.digest], now)
-            return Access.ALLOWED
-        if response.code >= 500 or response.code == 429:
+        elif access is Access.DENIED:
+            self.grants.revoke(target.credential, target.upstream_host, target.repository, target.digest)
+        else:
             return self._offline(target, now, f"upstream answered {response.code}")
-        self.grants.revoke(target.credential, target.upstream_host, target.repository, target.digest)
-        return Access.DENIED
+        return access
 
     def _offline(self, target: Target, now: float, reason: str) -> Access:
         if self.grants.allows_offline(target.credential, target.upstream_host, target.repository, target.digest, now):
@@ -239,13 +279,12 @@ class ContentChain:
         self.stats.cache_hits += 1
         request.source = "cache"
         info: BlobInfo = reader.info
-        # manifests are read whole (to grant what they reference); an oversized one streams like a blob
+        # manifests are answered whole (never in ranges); an oversized one streams like a blob
         if target.is_manifest and info.size <= oci.MANIFEST_MAX_SIZE:
             try:
                 manifest = await self.disk.run(reader.read, oci.MANIFEST_MAX_SIZE + 1)
             finally:
                 self.disk.run(reader.close)
-            self._grant_references(target, manifest)
             self._headers(request, target, info.content_type)
             self._range(request, target, len(manifest))
             if target.method == "GET":
@@ -523,21 +562,5 @@ class ContentChain:
                                         seconds=round(time.monotonic() - fill.started, 3)))
         if self.peers is not None:
             self.peers.announce(target.digest)
-        if target.is_manifest:
-            self.disk.run(self._read_small, target.digest).addCallback(
-                lambda manifest: manifest is not None and self._grant_references(target, manifest))
+        # nothing a manifest refers to is granted: a reference is the pusher's claim, not upstream's answer
         return None
-
-    def _read_small(self, digest: str) -> bytes | None:
-        reader = self.store.open_blob(digest)
-        if reader is None:
-            return None
-        with reader:
-            return reader.read(oci.MANIFEST_MAX_SIZE + 1)
-
-    def _grant_references(self, target: Target, manifest: bytes) -> None:
-        try:
-            digests = [str(d) for d in oci.referenced_digests(manifest)]
-        except oci.OCIError:
-            return
-        self.grants.grant(target.credential, target.upstream_host, target.repository, digests, self.reactor.seconds())

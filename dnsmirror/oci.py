@@ -381,42 +381,6 @@ def manifest_media_type(body: bytes, content_type: str | None = None) -> str | N
     return bare_media_type(content_type)
 
 
-def referenced_digests(body: bytes) -> frozenset[Digest]:
-    """Digests a manifest or index refers to: config, layers, manifests, blobs, subject.
-
-    Tolerant: unknown fields are ignored, as are descriptors whose digest is missing or
-    malformed (they grant nothing). Raises ``OCIError(MANIFEST_INVALID)`` only when ``body``
-    is not a JSON object or exceeds :data:`MANIFEST_MAX_SIZE`.
-    """
-    document = _load_manifest(body)
-    descriptors: list[Any] = []
-    for single in ("config", "subject"):
-        descriptors.append(document.get(single))
-    for many in ("layers", "manifests", "blobs"):
-        value = document.get(many)
-        if isinstance(value, list):
-            descriptors.extend(value)
-    found: set[Digest] = set()
-    for descriptor in descriptors:
-        if isinstance(descriptor, dict):
-            _add_digest(found, descriptor.get("digest"))
-    # Docker schema 1 lists its layers as fsLayers[].blobSum
-    fs_layers = document.get("fsLayers")
-    if isinstance(fs_layers, list):
-        for layer in fs_layers:
-            if isinstance(layer, dict):
-                _add_digest(found, layer.get("blobSum"))
-    return frozenset(found)
-
-
-def _add_digest(found: set[Digest], value: Any) -> None:
-    if isinstance(value, str):
-        try:
-            found.add(parse_digest(value))
-        except OCIError:
-            pass
-
-
 # ---------------------------------------------------------------------------------------------
 # Ranges
 # ---------------------------------------------------------------------------------------------

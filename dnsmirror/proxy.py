@@ -3,7 +3,8 @@
 Everything that is not a read by digest (``GET /v2/``, auth challenges, tokens, manifests by tag,
 tag lists, referrers, pushes) goes upstream with the client's own headers and comes back unchanged.
 Manifests by tag are also *observed*: the tag -> digest answer is remembered, the manifest is cached
-by digest, and the credential is granted the digests it references (see :mod:`dnsmirror.authz`).
+by digest, and the credential is granted that manifest's digest, and nothing it references (see
+:mod:`dnsmirror.authz`).
 When upstream cannot be reached, a manifest by tag is answered from the last known digest.
 """
 
@@ -17,7 +18,7 @@ from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 
 from dnsmirror import oci
-from dnsmirror.authz import Grants
+from dnsmirror.authz import Grants, granted_by_answer
 from dnsmirror.logs import fields
 from dnsmirror.streaming import DiskIO
 from dnsmirror.tags import TagAnswer, TagMemory, accepted_types
@@ -198,8 +199,6 @@ class PassThrough:
                         extra=fields(host=target.upstream_host, repository=target.repository))
         else:
             self._remember(target, accepted, digest, media_type, len(manifest), now)
-            self.grants.grant(target.credential, target.upstream_host, target.repository,
-                              [d.__str__() for d in oci.referenced_digests(manifest)], now)
             self.disk.run(self._store_manifest, digest, media_type, manifest).addErrback(
                 lambda f: log.info("manifest not cached: %s", f.getErrorMessage()))
         request.setResponseCode(response.code, response.phrase)
@@ -209,9 +208,13 @@ class PassThrough:
         request.finish()
 
     def _remember(self, target: Target, accepted, digest: str, media_type: str, size: int, now: float) -> None:
+        """Upstream answered 200 for this tag with the manifest ``digest``: remember it, grant that digest."""
+        granted = granted_by_answer(target.path.tag, 200, digest)
+        if granted is None:
+            return  # not a digest this mirror can serve (or a malformed header): nothing to remember
         self.tags.remember(target.upstream_host, target.repository, target.path.tag, accepted,
-                           TagAnswer(digest=digest, media_type=media_type, size=size, seen=now))
-        self.grants.grant(target.credential, target.upstream_host, target.repository, [digest], now)
+                           TagAnswer(digest=granted, media_type=media_type, size=size, seen=now))
+        self.grants.grant(target.credential, target.upstream_host, target.repository, [granted], now)
 
     def _store_manifest(self, digest: str, media_type: str, manifest: bytes) -> None:
         store = self.disk.store

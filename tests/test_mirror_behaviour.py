@@ -107,13 +107,13 @@ class TokenIssuer:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return cls(root, leaf.certificate.public_bytes(serialization.Encoding.DER), key)
 
-    def token(self, subject: str, pulls: list[str]) -> str:
-        """A bearer token for ``subject`` allowed to pull exactly the repositories ``pulls``."""
+    def token(self, subject: str, pulls: list[str], actions: tuple[str, ...] = ("pull",)) -> str:
+        """A bearer token for ``subject`` allowed ``actions`` (pull) on exactly the repositories ``pulls``."""
         now = int(time.time())
         header = {"typ": "JWT", "alg": "ES256", "x5c": [base64.b64encode(self.leaf_der).decode("ascii")]}
         claims = {"iss": TOKEN_ISSUER, "sub": subject, "aud": TOKEN_SERVICE, "iat": now, "nbf": now - 60,
                   "exp": now + 3600, "jti": os.urandom(8).hex(),
-                  "access": [{"type": "repository", "name": name, "actions": ["pull"]} for name in pulls]}
+                  "access": [{"type": "repository", "name": name, "actions": list(actions)} for name in pulls]}
         signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
         r, s = decode_dss_signature(self.key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256())))
         return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"

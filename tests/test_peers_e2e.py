@@ -3,8 +3,9 @@ namespaces in front of one docker-registry that requires a login (htpasswd); cur
 as clients. Three nodes with static peers:
 
 - an image pulled with skopeo through node A, then through node B, then with containerd (no registry
-  configuration) on node C: B's and C's layers and configs come from peers (their access checks ride
-  on the manifests they fetched upstream), the registry serves each blob once;
+  configuration) on node C: B's and C's layers and configs come from peers, each after one access check
+  (a HEAD upstream with the client's credentials: reading a manifest grants nothing it names), and the
+  registry serves each blob once;
 - a blob pulled through node A is served to node B's client by node A, not by the registry again,
   also when B's first choice of peer is node C, which only knows that A holds it;
 - a request upstream refuses (no credentials) gets upstream's 401 and never reaches a peer;
@@ -161,11 +162,23 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 # every blob A filled (all but the index, which skopeo reads by tag) is announced
                 assert wait_until(lambda: all(announced(blob.digest) for blob in image.blobs()[1:]), 10)
                 pull(node_b, mirror_b, reference)
+
+                def access_checks(blob) -> int:
+                    """HEADs for ``blob`` by digest from the nodes (the pusher's HEADs looked for blobs to skip)."""
+                    manifest = blob.media_type.endswith("manifest.v1+json")
+                    path = (registry.manifest_path if manifest else registry.blob_path)(REPOSITORY, blob.digest)
+                    return sum(1 for entry in registry.access_log() if (entry.method, entry.path) == ("HEAD", path)
+                               and entry.client.rsplit(":", 1)[0] in {node.address for node in nodes})
+
                 for blob in image.blobs():
                     if blob.media_type.endswith(("manifest.v1+json", "index.v1+json")):
-                        continue  # skopeo asks for manifests by tag or digest: pass-through or cache
+                        # skopeo asks for the index by tag (pass-through, which grants it), and nodes with peers
+                        # check each platform manifest before they look for it at peers: A's fill and B's
+                        assert access_checks(blob) == (0 if blob is image.index else 2), blob
+                        continue
                     assert registry.count_requests("GET", registry.blob_path(REPOSITORY, blob.digest)) == 1, blob
                     assert sources(mirror_b, blob.digest) == ["peer"], blob
+                    assert access_checks(blob) == 2, blob  # one by node A before its fill, one by node B
                 # containerd on node C, no registry configuration: its layers come from the peers too
                 amd64 = image.platform("linux/amd64")
                 with Containerd(node_c, tmp_path / "containerd-c", ssl_cert_file=mirror_c.trust_bundle()) as ctr:
@@ -175,6 +188,11 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 for blob in (amd64.config, *amd64.layers):
                     assert registry.count_requests("GET", registry.blob_path(REPOSITORY, blob.digest)) == 1, blob
                     assert sources(mirror_c, blob.digest) == ["peer"], blob
+                # node C checked the platform manifest, the config and each layer once (the index was granted
+                # by containerd's own HEAD of the tag)
+                for blob in (amd64.manifest, amd64.config, *amd64.layers):
+                    assert access_checks(blob) == 3, blob
+                assert access_checks(image.index) == 0
 
                 served = metric(node_a, "dnsmirror_peers_served_total")
                 assert fetch(node_a, mirror_a, digest) == (200, data)
