@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import resource
 import signal
 import sys
 
@@ -28,6 +27,7 @@ from dnsmirror.https import HttpsBindError, HttpsListener
 from dnsmirror.limits import (
     ConnectionLimiter,
     DescriptorBudget,
+    current_limit,
     descriptors_in_use,
     plan_budget,
     raise_descriptor_limit,
@@ -102,8 +102,9 @@ class Services:
         self.peer_stats = PeerStats()
         self.peer_set: PeerSet | None = None
         self.peer_client: PeerClient | None = None
-        self.budget: DescriptorBudget = plan_budget(resource.getrlimit(resource.RLIMIT_NOFILE)[0],
-                                                    descriptors_in_use())
+        listeners = tuple(name for name, used in (("https", config.https.listen), ("peers", config.peers.enabled),
+                                                   ("metrics", config.metrics.listen is not None)) if used)
+        self.budget: DescriptorBudget = plan_budget(current_limit(), descriptors_in_use(), listeners)
         self.limiters: dict[str, ConnectionLimiter] = {}
 
     def _limited(self, name: str, factory) -> ConnectionLimiter:

@@ -6,9 +6,9 @@ connections takes the descriptors that another client's pull and the node's DNS 
 fails with "too many open files". So:
 
 - at start the soft ``RLIMIT_NOFILE`` is raised to the hard limit (:func:`raise_descriptor_limit`);
-- :func:`plan_budget` (pure) splits the descriptors left after start between a reserve (upstream and
-  peer connections, cache files, DNS forwards, threads: what the mirror opens on its clients' behalf)
-  and the listeners, each with a total cap and a cap per client address;
+- :func:`plan_budget` (pure) splits the descriptors left after start between the DNS, the listeners (a
+  total cap and a cap per client address each) and a reserve for what the mirror opens on behalf of the
+  connections it admitted (upstream and peer connections, cache files);
 - :class:`ConnectionLimiter` enforces a listener's caps when a connection is accepted. A client address at
   its cap is refused. When the listener is full, a newcomer holding fewer connections than the biggest
   holder takes that holder's oldest connection (fair share); otherwise it is refused. Refusals are logged
@@ -34,14 +34,19 @@ log = logging.getLogger("dnsmirror.limits")
 
 # descriptors taken at start besides those counted then: listeners, thread pools, the store, log files
 START_OVERHEAD = 32
-# share of the free descriptors kept for what the mirror opens on its clients' behalf
-RESERVE_SHARE = 0.5
-# listener weights in the share left for client connections
+# kept for the DNS: forwarded queries in flight and TCP DNS connections (a share of the free descriptors)
+DNS_SHARE = 0.125
+MIN_DNS = 32
+# what one busy connection of a listener may cost besides its own socket: for HTTPS an upstream (or peer)
+# connection, the fill's cache file and a cache reader; for the peer listener a cache reader
+EXTRA_PER_CONNECTION = {"https": 3, "peers": 1, "metrics": 0}
+# shares of the remaining descriptors, each listener's connections counted with what they may cost
 WEIGHTS = {"https": 6, "peers": 3, "metrics": 1}
-# one client address may hold at most this share of a listener's connections (and at least MIN_PER_CLIENT)
+# one client address may hold this share of a listener's connections, at least MIN_PER_CLIENT
 PER_CLIENT_SHARE = 0.25
-MIN_PER_CLIENT = 4
+MIN_PER_CLIENT = 16
 MAX_PER_CLIENT = 4096
+MIN_CONNECTIONS = 4
 REFUSAL_LOG_PERIOD = 10.0
 # a request's header must arrive whole within this many seconds of its first byte
 HEADER_DEADLINE = 20.0
@@ -77,6 +82,12 @@ def raise_descriptor_limit() -> DescriptorLimit:
              "unlimited" if limit.hard < 0 else limit.hard,
              extra=fields(event="nofile_limit", soft=limit.soft, soft_before=limit.soft_before, hard=limit.hard))
     return limit
+
+
+def current_limit() -> int:
+    """The soft descriptor limit now (an unlimited one counts as :data:`UNLIMITED_TARGET`)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return UNLIMITED_TARGET if soft == resource.RLIM_INFINITY else soft
 
 
 def descriptors_in_use() -> int:
@@ -115,18 +126,22 @@ class DescriptorBudget:
 
 
 def plan_budget(limit: int, in_use: int, listeners: tuple[str, ...] = ("https", "peers", "metrics")) -> DescriptorBudget:
-    """Split ``limit`` descriptors: what is in use at start (plus :data:`START_OVERHEAD`), a reserve of
-    :data:`RESERVE_SHARE` of the rest, and the remainder between ``listeners`` by :data:`WEIGHTS`."""
-    taken = in_use + START_OVERHEAD
-    free = max(limit - taken, 0)
-    reserve = int(free * RESERVE_SHARE)
-    for_clients = free - reserve
+    """Split ``limit`` descriptors. What is in use at start (plus :data:`START_OVERHEAD`) is taken; of the
+    rest, :data:`DNS_SHARE` is kept for the DNS, and the remainder goes to ``listeners`` by
+    :data:`WEIGHTS`, each connection counted with its :data:`EXTRA_PER_CONNECTION`. So the reserve (all but
+    the connections themselves) covers what the mirror opens for every connection it admitted, and
+    the DNS's share stays free whatever the listeners hold."""
+    free = max(limit - in_use - START_OVERHEAD, 0)
+    dns = min(max(int(free * DNS_SHARE), MIN_DNS), free)
+    for_listeners = free - dns
     weight = sum(WEIGHTS[name] for name in listeners) or 1
     caps = {}
     for name in listeners:
-        total = max(for_clients * WEIGHTS[name] // weight, MIN_PER_CLIENT)
+        share = for_listeners * WEIGHTS[name] // weight
+        total = max(share // (1 + EXTRA_PER_CONNECTION[name]), MIN_CONNECTIONS)
         per_client = min(max(int(total * PER_CLIENT_SHARE), MIN_PER_CLIENT), MAX_PER_CLIENT, total)
         caps[name] = ListenerCaps(total, per_client)
+    reserve = free - sum(cap.total for cap in caps.values())
     return DescriptorBudget(limit, in_use, reserve, caps)
 
 
