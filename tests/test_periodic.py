@@ -119,17 +119,21 @@ def test_is_self_does_not_remember_an_answer_it_could_not_check():
 def test_the_health_probe_survives_a_round_that_raises():
     clock, state = task.Clock(), HealthState()
     probe = ListenerProbe(clock, state, [HostPort("127.0.0.1", 8443)], interval=2.0, timeout=1.0, failures=1)
-    attempts = []
+    probe._connect = lambda target: defer.succeed(None)
+    heard = []
 
-    def connect(target):
-        attempts.append(target)
-        if len(attempts) == 1:
+    def listener(healthy):  # whatever hears of a change fails once, as a call out of descriptors would
+        heard.append(healthy)
+        if len(heard) == 2:
             raise OSError(24, "Too many open files")
-        return defer.succeed(None)
 
-    probe._connect = connect
+    state.subscribe(listener)
     probe.start()
-    assert not state.healthy
+    assert state.healthy
+    probe._connect = lambda target: defer.fail(ConnectionRefusedError())
+    clock.advance(2)  # this round's listener raises
     clock.advance(2)
-    assert state.healthy and len(attempts) == 2
+    probe._connect = lambda target: defer.succeed(None)
+    clock.advance(2)
+    assert heard == [False, True, False, True], "the probe stopped after one round raised"
     probe.stop()
