@@ -54,6 +54,7 @@ BLOB_SIZE = 600_000
 NOFILE = 256
 FLOOD_CONNECTIONS = 300
 FLOOD_ADDRESSES = 6
+PEER_FLOOD_CONNECTIONS = 150
 
 # how good an outcome is for a client: a clear answer beats a cut, a cut beats hanging until its own
 # timeout, and a complete response with wrong bytes is the worst (the client only finds out afterwards)
@@ -120,7 +121,8 @@ TABLE = [
         "the right bytes from upstream once peers.timeout passed"),
     Row("descriptor exhaustion", "flood", "node",
         f"skopeo copy of an image, dig (UDP and TCP), while {FLOOD_CONNECTIONS} idle connections from "
-        f"{FLOOD_ADDRESSES} other addresses are held open on :443 (dnsmirror under ulimit -n {NOFILE})",
+        f"{FLOOD_ADDRESSES} other addresses are held open on :443 and {PEER_FLOOD_CONNECTIONS} on the peer "
+        f"port (dnsmirror under ulimit -n {NOFILE})",
         frozenset({"ok"}), frozenset({"ok"}),
         "the pull succeeds and the DNS answers: the flood gets its capped share of the HTTPS listener and "
         "nothing else"),
@@ -308,6 +310,10 @@ def run_flood_row(world: World, row: Row) -> tuple[str, str, str]:
     mirror = world.mirror
     flood = world.attacker.start([sys.executable, "-c", FLOOD_SCRIPT, mirror.address, "443",
                                   str(FLOOD_CONNECTIONS), "60", ",".join(world.attacker.addresses)], "flood")
+    # the peer listener faces the whole network too: a flood there at the same time takes nothing either
+    peer_flood = world.attacker.start([sys.executable, "-c", FLOOD_SCRIPT, mirror.address, str(PEER_PORT),
+                                       str(PEER_FLOOD_CONNECTIONS), "60", ",".join(world.attacker.addresses)],
+                                      "peer-flood")
     try:
         time.sleep(3)  # the flood is in place before the pull starts
         problems = []
@@ -325,12 +331,15 @@ def run_flood_row(world: World, row: Row) -> tuple[str, str, str]:
         without = "ok" if direct.returncode == 0 else "failed"
         state = flood.stdout().strip().splitlines()
         assert flood.alive() and state, flood.describe()
+        assert peer_flood.alive() and peer_flood.stdout().strip(), peer_flood.describe()
     finally:
         flood.stop()
+        peer_flood.stop()
     records = mirror.log_records()
     refusals = [record for record in records if record.get("event") == "connections_refused"]
     # the flood met the cap, and was reported once per period, not once per connection
-    assert refusals and len(refusals) <= 10, refusals[-3:]
+    assert {record.get("listener") for record in refusals} == {"https", "peers"}, refusals[-3:]
+    assert len(refusals) <= 10, refusals[-3:]
     with_mirror = "ok" if not problems else "failed"
     return with_mirror, without, f"flood: {state[-1]}; {len(refusals)} refusal report(s); problems: {problems}"
 
