@@ -271,7 +271,8 @@ class Services:
             raise
         self.health.subscribe(self._on_health)
         self.probe.start()
-        log.info("descriptor budget", extra=fields(event="descriptor_budget", **self.budget.describe()))
+        log.info("descriptor budget: %s", self.budget.summary(),
+                 extra=fields(event="descriptor_budget", **self.budget.describe()))
         if not self.upstreams:
             log.warning("no upstream resolvers: set dns.upstreams; every forwarded query will get SERVFAIL")
         log.info(

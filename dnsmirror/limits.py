@@ -112,15 +112,22 @@ class DescriptorBudget:
 
     limit: int
     in_use: int
-    reserve: int
+    reserve: int  # for what admitted connections open (upstream and peer connections, cache files) and the DNS
+    dns: int  # of the reserve: kept for the DNS (forwarded queries in flight, TCP DNS connections)
     listeners: dict[str, ListenerCaps]
 
     def caps(self, listener: str) -> ListenerCaps:
         return self.listeners[listener]
 
+    def summary(self) -> str:
+        """One line for the log."""
+        listeners = ", ".join(f"{name} {caps.total} connections ({caps.per_client} per client address)"
+                              for name, caps in self.listeners.items())
+        return f"{self.limit} descriptors, {self.in_use} in use at start: {listeners}; {self.dns} kept for the DNS"
+
     def describe(self) -> dict[str, object]:
         """The plan as log fields."""
-        return {"limit": self.limit, "in_use": self.in_use, "reserve": self.reserve,
+        return {"limit": self.limit, "in_use": self.in_use, "reserve": self.reserve, "dns": self.dns,
                 **{f"{name}_connections": caps.total for name, caps in self.listeners.items()},
                 **{f"{name}_per_client": caps.per_client for name, caps in self.listeners.items()}}
 
@@ -142,7 +149,7 @@ def plan_budget(limit: int, in_use: int, listeners: tuple[str, ...] = ("https", 
         per_client = min(max(int(total * PER_CLIENT_SHARE), MIN_PER_CLIENT), MAX_PER_CLIENT, total)
         caps[name] = ListenerCaps(total, per_client)
     reserve = free - sum(cap.total for cap in caps.values())
-    return DescriptorBudget(limit, in_use, reserve, caps)
+    return DescriptorBudget(limit, in_use, reserve, dns, caps)
 
 
 class ConnectionTable:
