@@ -73,6 +73,7 @@ class Row:
     without: frozenset[str]
     promise: str
     shortfall: str | None = None  # why the mirror may do worse than no mirror, for a known limit
+    again: str | None = None  # what a second request through the mirror gets (nothing wrong was cached)
 
     @property
     def id(self) -> str:
@@ -97,10 +98,11 @@ TABLE = [
         "upstream's error, passed on"),
     Row("upstream closed mid-body", "cut", "upstream", GET,
         frozenset({"cut"}), frozenset({"cut"}),
-        "the response is cut as upstream's was, never completed; nothing is cached"),
+        "the response is cut as upstream's was, never completed; nothing is cached", again="cut"),
     Row("upstream corrupt", "corrupt", "upstream", GET,
         frozenset({"cut"}), frozenset({"wrong"}),
-        "the response is cut before its last byte (the digest does not match): never a complete wrong blob"),
+        "the response is cut before its last byte (the digest does not match): never a complete wrong blob, "
+        "and nothing is cached", again="cut"),
     Row("peer stalled before answering", "stall_headers", "peer", RETRIED,
         frozenset({"ok"}), frozenset({"ok"}),
         "the right bytes from upstream once peers.timeout passed"),
@@ -263,6 +265,9 @@ def run_transfer_row(world: World, row: Row) -> tuple[str, str, str]:
                                   retry)
         without = both.submit(fetch, world, host, direct, digest, data, out.with_suffix(".without"), retry)
         outcomes = with_mirror.result(), without.result()
+    if row.again is not None:
+        again = fetch(world, host, world.mirror.address, digest, data, out.with_suffix(".again"), retry)
+        assert again == row.again, f"{row.fault}: a second request through the mirror got {again!r}"
     seen = [entry for entry in (world.peers if row.where == "peer" else world.faulty).requests()
             if digest.removeprefix("sha256:") in entry["path"]]
     return outcomes[0], outcomes[1], f"{len(seen)} request(s) reached the faulty {row.where}"
@@ -339,9 +344,19 @@ def run_flood_row(world: World, row: Row) -> tuple[str, str, str]:
     refusals = [record for record in records if record.get("event") == "connections_refused"]
     # the flood met the cap, and was reported once per period, not once per connection
     assert {record.get("listener") for record in refusals} == {"https", "peers"}, refusals[-3:]
+    for listener in ("https", "peers"):
+        assert metric(world.node, mirror.address, f"dnsmirror_{listener}_connections_refused") > 0
     assert len(refusals) <= 10, refusals[-3:]
     with_mirror = "ok" if not problems else "failed"
     return with_mirror, without, f"flood: {state[-1]}; {len(refusals)} refusal report(s); problems: {problems}"
+
+
+def metric(namespace: Namespace, address: str, name: str) -> float:
+    done = namespace.run(["curl", "-s", "--max-time", "5", f"http://{address}:9090/metrics"], check=False, timeout=30)
+    for line in done.stdout.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in the metrics: {done.stdout[-300:]!r}")
 
 
 def dns_answers(namespace: Namespace, server: str) -> list[str]:
