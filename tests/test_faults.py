@@ -51,6 +51,9 @@ PLAIN_NAME = "plain.example.test"  # a name the mirror does not capture: always 
 PLAIN_ADDRESS = "192.0.2.53"
 PEER_PORT = 5001
 BLOB_SIZE = 600_000
+# how long a client waits: well past the mirror's upstream timeouts (3 s), so that the mirror's answer and
+# a client's own timeout are told apart even on a loaded machine
+CLIENT_TIMEOUT = 10
 NOFILE = 256
 FLOOD_CONNECTIONS = 300
 FLOOD_ADDRESSES = 6
@@ -222,7 +225,7 @@ def classify(exit_status: int, status: int, body: bytes, expected: bytes) -> str
 
 
 def fetch(world: World, host: str, address: str, digest: str, expected: bytes, out: Path, retry: bool,
-          max_time: float = 8) -> str:
+          max_time: float = CLIENT_TIMEOUT) -> str:
     path = f"/v2/{REPOSITORY}/blobs/{digest}"
     outcome = classify(*curl_get(world.node, host, address, path, world.mirror.trust_bundle(), out, max_time),
                        expected)
