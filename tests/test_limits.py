@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import resource
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from http.client import HTTPResponse
 
+import pytest
+import yaml
 from twisted.internet import address, protocol, task
 from twisted.internet.testing import StringTransport
 from twisted.web import http, server
 from twisted.web import resource as web_resource
 
+from dnsmirror import ca, config
 from dnsmirror.limits import (
     ConnectionLimiter,
     ConnectionTable,
@@ -151,3 +164,61 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_limit(caplog):
         assert "descriptor limit: soft" in caplog.text
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit is needed (util-linux)")
+def test_300_idle_connections_under_ulimit_256_leave_https_and_metrics_to_other_clients(tmp_path):
+    """The issue's flood, on loopback: one address holds its cap; another still gets TLS and an answer."""
+    authority = tmp_path / "ca"
+    ca.init_directory(authority, config.load().capture)
+    https_port, metrics_port = _free_port(), _free_port()
+    config_path = tmp_path / "dnsmirror.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "dns": {"listen": [f"127.0.0.1:{_free_port()}"], "upstreams": [f"127.0.0.1:{_free_port()}"], "ttl": 1},
+        "https": {"listen": [f"127.0.0.1:{https_port}"]},
+        "tls": {"ca_cert": str(authority / "ca.crt"), "ca_key": str(authority / "ca.key")},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "log": {"format": "json"},
+    }))
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file, contextlib.ExitStack() as held:
+        process = subprocess.Popen(["prlimit", "--nofile=256:256", "--", sys.executable, "-m", "dnsmirror", "serve",
+                                    "--config", str(config_path)], stdout=log_file, stderr=subprocess.STDOUT)
+        held.callback(process.wait, 10)
+        held.callback(process.send_signal, signal.SIGINT)
+        deadline = time.monotonic() + 15
+        while b"dnsmirror started" not in log_path.read_bytes():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        flood = [held.enter_context(socket.create_connection(("127.0.0.1", https_port), timeout=5))
+                 for _ in range(300)]
+        time.sleep(0.5)
+        closed = 0
+        for sock in flood:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                closed += sock.recv(1) == b""
+        assert 250 <= closed <= 300 - 16  # all but the address's cap were closed at accept
+
+        context = ssl.create_default_context(cafile=str(authority / "root.crt"))
+        with socket.create_connection(("127.0.0.1", https_port), timeout=10, source_address=("127.0.0.2", 0)) as raw, \
+                context.wrap_socket(raw, server_hostname="ghcr.io") as tls_socket:
+            tls_socket.sendall(b"GET /v2/ HTTP/1.1\r\nHost: ghcr.io\r\nConnection: close\r\n\r\n")
+            response = HTTPResponse(tls_socket)
+            response.begin()
+            assert response.status == 502  # an answer: upstream (a silent port) cannot be resolved
+        with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as raw:
+            raw.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            metrics = b"".join(iter(lambda: raw.recv(65536), b""))
+        refused = [line for line in metrics.decode().splitlines() if line.startswith("dnsmirror_https_connections_refused ")]
+        assert refused and float(refused[0].split()[1]) >= 250
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    assert [r for r in records if r.get("event") == "nofile_limit"][0]["soft"] == 256
+    assert len([r for r in records if r.get("event") == "connections_refused"]) == 1  # once per period
