@@ -8,7 +8,7 @@ import signal
 import sys
 
 from twisted.internet import defer, error, task
-from twisted.web import server
+from twisted.web import http, server
 
 from dnsmirror import ca as camod
 from dnsmirror import logs
@@ -24,6 +24,15 @@ from dnsmirror.dns.resolvconf import default_upstreams
 from dnsmirror.dns.stats import DnsStats
 from dnsmirror.health import HealthState, ListenerProbe
 from dnsmirror.https import HttpsBindError, HttpsListener
+from dnsmirror.limits import (
+    ConnectionLimiter,
+    DescriptorBudget,
+    current_limit,
+    descriptors_in_use,
+    plan_budget,
+    raise_descriptor_limit,
+    with_header_deadline,
+)
 from dnsmirror.logs import fields
 from dnsmirror.metrics import StatsCollector, metrics_site
 from dnsmirror.patterns import HostMatcher
@@ -93,6 +102,15 @@ class Services:
         self.peer_stats = PeerStats()
         self.peer_set: PeerSet | None = None
         self.peer_client: PeerClient | None = None
+        listeners = tuple(name for name, used in (("https", config.https.listen), ("peers", config.peers.enabled),
+                                                   ("metrics", config.metrics.listen is not None)) if used)
+        self.budget: DescriptorBudget = plan_budget(current_limit(), descriptors_in_use(), listeners)
+        self.limiters: dict[str, ConnectionLimiter] = {}
+
+    def _limited(self, name: str, factory) -> ConnectionLimiter:
+        """``factory`` behind the connection caps the descriptor budget gives listener ``name``."""
+        limiter = self.limiters[name] = ConnectionLimiter(factory, self.budget.caps(name), name, self.reactor)
+        return limiter
 
     def _build_front(self):
         """The registry front: cache store, upstream client, content chain, pass-through."""
@@ -113,7 +131,7 @@ class Services:
         # idle keep-alive connections are closed after this; a request in progress is never timed out
         site = AccessLogSite(RegistryResource(self.matcher, self.content, self.passthrough),
                              access=self.config.log.access, requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT)
-        site.protocol = RegistryChannel
+        site.protocol = with_header_deadline(RegistryChannel)
         site.displayTracebacks = False
         return site
 
@@ -142,9 +160,11 @@ class Services:
         listener = PeerResource(self.reactor, self.disk, secret, holders, self.peer_stats, peers.listen.port,
                                 running_fill=lambda digest: self.content and self.content.running_fill(digest))
         site = server.Site(listener, requestFactory=PeerRequest, timeout=HTTP_IDLE_TIMEOUT)
+        site.protocol = with_header_deadline(http.HTTPChannel)
         site.displayTracebacks = False
         try:
-            self.ports.append(self.reactor.listenTCP(peers.listen.port, site, interface=peers.listen.host))
+            self.ports.append(self.reactor.listenTCP(peers.listen.port, self._limited("peers", site),
+                                                     interface=peers.listen.host))
         except error.CannotListenError as exc:
             raise ListenError(f"peers.listen: cannot listen on {peers.listen}: {_reason(exc)}") from exc
         self.peer_set.start()
@@ -173,9 +193,10 @@ class Services:
         sni = SniServer(self.matcher, signing, leaf_validity=tls.leaf_validity,
                         cache_size=tls.leaf_cache_size, stats=self.tls_stats)
         site = self.web_site if self.web_site is not None else self._build_front()
-        self.https = HttpsListener(self.reactor, self.config.https.listen, sni, site)
+        self.https = HttpsListener(self.reactor, self.config.https.listen, sni, site, self.budget.caps("https"))
         try:
             self.https.start()
+            self.limiters["https"] = self.https.limiter
         except HttpsBindError as exc:
             raise ListenError(f"https.listen[{exc.index}]: cannot listen on {exc.address}: "
                               f"{_reason(exc.cause)}") from exc
@@ -200,17 +221,31 @@ class Services:
                                  "verification", lambda: self.tls_bypass.started),
                 "tls_bypassed_registries": ("Registries not captured now because their certificate failed "
                                             "verification", lambda: self.tls_bypass.active),
+                **{f"{name}_connections_refused": (f"Connections the {name} listener refused at its cap",
+                                                   lambda name=name: self._limiter_stat(name, "refused"))
+                   for name in ("https", "peers", "metrics")},
+                **{f"{name}_connections_evicted": (f"Connections the {name} listener closed to make room for a "
+                                                   "client holding fewer",
+                                                   lambda name=name: self._limiter_stat(name, "evicted"))
+                   for name in ("https", "peers", "metrics")},
             },
             self.health,
         )
         address = self.config.metrics.listen
         if address is None:
             return
+        site = metrics_site(collector, self.health)
+        site.protocol = with_header_deadline(http.HTTPChannel)
+        site.timeout = HTTP_IDLE_TIMEOUT
         try:
-            self.ports.append(self.reactor.listenTCP(address.port, metrics_site(collector, self.health),
+            self.ports.append(self.reactor.listenTCP(address.port, self._limited("metrics", site),
                                                      interface=address.host))
         except error.CannotListenError as exc:
             raise ListenError(f"metrics.listen: cannot listen on {address}: {_reason(exc)}") from exc
+
+    def _limiter_stat(self, name: str, stat: str) -> int:
+        limiter = self.limiters.get(name)
+        return getattr(limiter.stats, stat) if limiter is not None else 0
 
     def _on_health(self, healthy: bool) -> None:
         self.responder.capture_enabled = healthy
@@ -236,6 +271,8 @@ class Services:
             raise
         self.health.subscribe(self._on_health)
         self.probe.start()
+        log.info("descriptor budget: %s", self.budget.summary(),
+                 extra=fields(event="descriptor_budget", **self.budget.describe()))
         if not self.upstreams:
             log.warning("no upstream resolvers: set dns.upstreams; every forwarded query will get SERVFAIL")
         log.info(
@@ -291,6 +328,7 @@ def serve(config: Config) -> int:
     from twisted.internet import reactor
 
     logs.setup(config.log.format, config.log.level)
+    raise_descriptor_limit()
     services = Services(config, reactor)
     try:
         services.start()

@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 
 from dnsmirror.config import HostPort
 from dnsmirror.logs import fields
+from dnsmirror.periodic import Periodic
 
 log = logging.getLogger("dnsmirror.health")
 
@@ -71,17 +72,15 @@ class ListenerProbe:
         self.failures = failures
         self._failed_rounds = 0
         self._stopped = False
-        self._loop = task.LoopingCall(self.probe_once)
-        self._loop.clock = reactor
+        self._loop = Periodic(reactor, interval, self.probe_once, "health probe", first=0)
 
     def start(self) -> None:
-        self._loop.start(self.interval, now=True).addErrback(lambda f: log.error("health probe stopped: %s", f.value))
+        self._loop.start()
 
     def stop(self) -> None:
         """No more rounds; a round still connecting no longer changes :attr:`state`."""
         self._stopped = True
-        if self._loop.running:
-            self._loop.stop()
+        self._loop.stop()
 
     @defer.inlineCallbacks
     def probe_once(self):

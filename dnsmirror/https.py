@@ -15,6 +15,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
 from dnsmirror.config import HostPort
+from dnsmirror.limits import ConnectionLimiter, ListenerCaps
 from dnsmirror.logs import fields
 from dnsmirror.tls import SniServer
 
@@ -48,10 +49,11 @@ class HttpsBindError(Exception):
 
 
 class HttpsListener:
-    """Binds every ``https.listen`` address with the SNI connection creator in front of ``site``."""
+    """Binds every ``https.listen`` address with the SNI connection creator in front of ``site``; with
+    ``caps``, the connections all addresses hold together are bounded by them (:mod:`dnsmirror.limits`)."""
 
     def __init__(self, reactor, addresses: Sequence[HostPort], sni: SniServer,
-                 site: server.Site | resource.Resource | None = None) -> None:
+                 site: server.Site | resource.Resource | None = None, caps: ListenerCaps | None = None) -> None:
         self.reactor = reactor
         self.addresses = tuple(addresses)
         self.sni = sni
@@ -60,11 +62,16 @@ class HttpsListener:
         if isinstance(site, resource.Resource):
             site = server.Site(site)
         self.site = site
+        self.caps = caps
+        self.limiter: ConnectionLimiter | None = None
         self.ports: list = []
 
     def start(self) -> None:
         """Bind all addresses or none: raises :class:`HttpsBindError` after closing what was bound."""
         factory = TLSMemoryBIOFactory(self.sni, False, self.site)
+        if self.caps is not None:
+            # counted before TLS: a connection that never finishes its handshake holds a descriptor too
+            factory = self.limiter = ConnectionLimiter(factory, self.caps, "https", self.reactor)
         for index, address in enumerate(self.addresses):
             try:
                 port = self.reactor.listenTCP(address.port, factory, interface=address.host, backlog=1024)

@@ -32,13 +32,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.web import resource, server
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields
+from dnsmirror.periodic import Periodic
 from dnsmirror.streaming import BlobStreamer, DiskIO, Fill
 from dnsmirror.upstream import UpstreamResponse
 
@@ -125,7 +126,8 @@ def rendezvous(digest: str, peers: Iterable[HostPort]) -> list[HostPort]:
 
 
 def is_local_address(host: str) -> bool:
-    """True when ``host`` is one of this machine's addresses (binding to it succeeds)."""
+    """True when ``host`` is one of this machine's addresses (binding to it succeeds); raises ``OSError``
+    when no socket can be made to check (out of descriptors), so that no wrong answer is remembered."""
     try:
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
     except ValueError:
@@ -206,16 +208,15 @@ class PeerSet:
         self.discovered: tuple[HostPort, ...] = ()
         self._local: dict[str, bool] = {}
         self._down: dict[HostPort, float] = {}
-        self._loop: task.LoopingCall | None = None
+        self._loop: Periodic | None = None
 
     def start(self) -> None:
         if self.dns_name and self.resolve is not None:
-            self._loop = task.LoopingCall(self._discover)
-            self._loop.clock = self.reactor
-            self._loop.start(self.refresh, now=True)
+            self._loop = Periodic(self.reactor, self.refresh, self._discover, "peer discovery", first=0)
+            self._loop.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
+        if self._loop is not None:
             self._loop.stop()
         self._loop = None
 
@@ -234,7 +235,10 @@ class PeerSet:
         if peer.port != self.port:
             return False
         if peer.host not in self._local:
-            self._local[peer.host] = self.is_local(peer.host)
+            try:
+                self._local[peer.host] = self.is_local(peer.host)
+            except OSError:
+                return False  # no socket to check with (out of descriptors): ask again next time
         return self._local[peer.host]
 
     def members(self) -> list[HostPort]:
@@ -271,6 +275,7 @@ class PeerClient:
         self.pool.maxPersistentPerHost = 4
         self.pool.cachedConnectionTimeout = 30
         self.agent = Agent(reactor, connectTimeout=timeout, pool=self.pool)
+        self._announcing: Periodic | None = None
 
     def close(self) -> defer.Deferred:
         return self.pool.closeCachedConnections()
@@ -382,22 +387,22 @@ class PeerClient:
 
         ``cached()`` lists the cached digests; it runs with the grouping in ``in_thread`` (a thread
         pool), since a big cache times many peers is seconds of hashing."""
-        def announce() -> None:
+        def announce() -> float | None:
             members = self.peers.healthy(self.peers.members())
             if not members:
-                self._next_announcement = self.reactor.callLater(FIRST_REANNOUNCE, announce)
-                return
-            self._next_announcement = self.reactor.callLater(REANNOUNCE_INTERVAL, announce)
+                return FIRST_REANNOUNCE
             grouped = in_thread(lambda: group_by_first_peers(cached(), members, self.lookup))
             grouped.addCallback(self.send_announcements).addErrback(
                 lambda failure: log.warning("cannot announce the cache: %s", failure.getErrorMessage()))
+            return None
 
-        self._next_announcement = self.reactor.callLater(FIRST_REANNOUNCE, announce)
+        self._announcing = Periodic(self.reactor, REANNOUNCE_INTERVAL, announce, "cache announcement",
+                                    first=FIRST_REANNOUNCE)
+        self._announcing.start()
 
     def stop_announcing(self) -> None:
-        pending = getattr(self, "_next_announcement", None)
-        if pending is not None and pending.active():
-            pending.cancel()
+        if self._announcing is not None:
+            self._announcing.stop()
 
 
 def group_by_first_peers(digests: Iterable[str], members: Sequence[HostPort],

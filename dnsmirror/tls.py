@@ -29,13 +29,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import SSL
-from twisted.internet import task, threads
+from twisted.internet import threads
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from zope.interface import implementer
 
 from dnsmirror import ca as camod
 from dnsmirror.logs import fields
 from dnsmirror.patterns import HostMatcher, is_valid_host, normalize_host
+from dnsmirror.periodic import Periodic
 
 log = logging.getLogger("dnsmirror.tls")
 
@@ -236,8 +237,7 @@ class CaWatcher:
         self.patterns = tuple(patterns)
         self.interval = interval
         self._seen = self._signature()
-        self._loop = task.LoopingCall(self.poll)
-        self._loop.clock = reactor
+        self._loop = Periodic(reactor, interval, self.poll, "CA watcher")
 
     def _signature(self) -> tuple:
         """What identifies the files' content cheaply (Kubernetes swaps a symlink: stat follows it)."""
@@ -251,12 +251,10 @@ class CaWatcher:
         return tuple(result)
 
     def start(self) -> None:
-        self._loop.start(self.interval, now=False).addErrback(
-            lambda f: log.error("CA watcher stopped: %s", f.getErrorMessage()))
+        self._loop.start()
 
     def stop(self) -> None:
-        if self._loop.running:
-            self._loop.stop()
+        self._loop.stop()
 
     def _check(self) -> tuple[tuple, SigningState | None, list[str], str | None]:
         signature = self._signature()

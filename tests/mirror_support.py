@@ -54,6 +54,7 @@ class MirrorNode:
     public_ca: TestCA
     overrides: dict[str, Any] | None = None
     cpus: str | None = None  # taskset CPU list to pin dnsmirror to (benchmarks)
+    nofile: int | None = None  # RLIMIT_NOFILE (soft and hard) to start dnsmirror with, as `ulimit -n` would
     process: Process | None = None
 
     @property
@@ -99,6 +100,8 @@ class MirrorNode:
         self.config_path.write_text(yaml.safe_dump(self.config()))
         self.namespace.write_resolv_conf([self.address])
         pin = ["taskset", "-c", self.cpus] if self.cpus else []
+        if self.nofile:
+            pin = ["prlimit", f"--nofile={self.nofile}:{self.nofile}", "--", *pin]
         self.process = self.namespace.start([*pin, sys.executable, "-m", "dnsmirror", "serve", "--config",
                                              str(self.config_path)], "dnsmirror")
         self.process.wait_until(self.captures, "capturing registry names", timeout=30)

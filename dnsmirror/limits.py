@@ -1,0 +1,304 @@
+"""Bounds on what clients may hold: the descriptor budget, connection caps per listener, header deadlines.
+
+Every connection a client opens costs a file descriptor, and so does every upstream connection, cache
+file and forwarded DNS query the mirror opens for its clients. Without bounds, one client opening idle
+connections takes the descriptors that another client's pull and the node's DNS need, and everything
+fails with "too many open files". So:
+
+- at start the soft ``RLIMIT_NOFILE`` is raised to the hard limit (:func:`raise_descriptor_limit`);
+- :func:`plan_budget` (pure) splits the descriptors left after start between the DNS, the listeners (a
+  total cap and a cap per client address each) and a reserve for what the mirror opens on behalf of the
+  connections it admitted (upstream and peer connections, cache files);
+- :class:`ConnectionLimiter` enforces a listener's caps when a connection is accepted. A client address at
+  its cap is refused. When the listener is full, a newcomer holding fewer connections than the biggest
+  holder takes that holder's oldest connection (fair share); otherwise it is refused. Refusals are logged
+  once per :data:`REFUSAL_LOG_PERIOD` with their count, never one line per connection;
+- :func:`with_header_deadline` gives an HTTP channel a deadline for a request's whole header, from its
+  first byte (twisted.web's own timeout is an idle timer, which a client sending one byte at a time resets).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from twisted.internet import address as tw_address
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+from dnsmirror.logs import fields
+
+log = logging.getLogger("dnsmirror.limits")
+
+# descriptors taken at start besides those counted then: listeners, thread pools, the store, log files
+START_OVERHEAD = 32
+# kept for the DNS: forwarded queries in flight and TCP DNS connections (a share of the free descriptors)
+DNS_SHARE = 0.125
+MIN_DNS = 32
+# what one busy connection of a listener may cost besides its own socket: for HTTPS an upstream (or peer)
+# connection, the fill's cache file and a cache reader; for the peer listener a cache reader
+EXTRA_PER_CONNECTION = {"https": 3, "peers": 1, "metrics": 0}
+# shares of the remaining descriptors, each listener's connections counted with what they may cost
+WEIGHTS = {"https": 6, "peers": 3, "metrics": 1}
+# one client address may hold this share of a listener's connections, at least MIN_PER_CLIENT
+PER_CLIENT_SHARE = 0.25
+MIN_PER_CLIENT = 16
+MAX_PER_CLIENT = 4096
+MIN_CONNECTIONS = 4
+REFUSAL_LOG_PERIOD = 10.0
+# a request's header must arrive whole within this many seconds of its first byte
+HEADER_DEADLINE = 20.0
+# with an unlimited hard limit the soft limit is raised to this
+UNLIMITED_TARGET = 1 << 20
+
+
+@dataclass(frozen=True)
+class DescriptorLimit:
+    """The process's descriptor limit before and after :func:`raise_descriptor_limit`."""
+
+    soft_before: int
+    soft: int
+    hard: int
+
+
+def raise_descriptor_limit() -> DescriptorLimit:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit (as far as the kernel allows) and log both."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, UNLIMITED_TARGET)
+    raised = soft
+    if soft == resource.RLIM_INFINITY:
+        raised = target
+    elif target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            raised = target
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc,
+                        extra=fields(event="nofile_limit", soft=soft, hard=hard))
+    limit = DescriptorLimit(soft, raised, hard if hard != resource.RLIM_INFINITY else -1)
+    log.info("descriptor limit: soft %d (was %d), hard %s", limit.soft, limit.soft_before,
+             "unlimited" if limit.hard < 0 else limit.hard,
+             extra=fields(event="nofile_limit", soft=limit.soft, soft_before=limit.soft_before, hard=limit.hard))
+    return limit
+
+
+def current_limit() -> int:
+    """The soft descriptor limit now (an unlimited one counts as :data:`UNLIMITED_TARGET`)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return UNLIMITED_TARGET if soft == resource.RLIM_INFINITY else soft
+
+
+def descriptors_in_use() -> int:
+    """How many descriptors this process holds now (0 where ``/proc`` is missing)."""
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return 0
+
+
+@dataclass(frozen=True)
+class ListenerCaps:
+    """How many connections one listener may hold in all, and per client address."""
+
+    total: int
+    per_client: int
+
+
+@dataclass(frozen=True)
+class DescriptorBudget:
+    """What the descriptor limit allows: connection caps per listener, the rest kept in reserve."""
+
+    limit: int
+    in_use: int
+    reserve: int  # for what admitted connections open (upstream and peer connections, cache files) and the DNS
+    dns: int  # of the reserve: kept for the DNS (forwarded queries in flight, TCP DNS connections)
+    listeners: dict[str, ListenerCaps]
+
+    def caps(self, listener: str) -> ListenerCaps:
+        return self.listeners[listener]
+
+    def summary(self) -> str:
+        """One line for the log."""
+        listeners = ", ".join(f"{name} {caps.total} connections ({caps.per_client} per client address)"
+                              for name, caps in self.listeners.items())
+        return f"{self.limit} descriptors, {self.in_use} in use at start: {listeners}; {self.dns} kept for the DNS"
+
+    def describe(self) -> dict[str, object]:
+        """The plan as log fields."""
+        return {"limit": self.limit, "in_use": self.in_use, "reserve": self.reserve, "dns": self.dns,
+                **{f"{name}_connections": caps.total for name, caps in self.listeners.items()},
+                **{f"{name}_per_client": caps.per_client for name, caps in self.listeners.items()}}
+
+
+def plan_budget(limit: int, in_use: int, listeners: tuple[str, ...] = ("https", "peers", "metrics")) -> DescriptorBudget:
+    """Split ``limit`` descriptors. What is in use at start (plus :data:`START_OVERHEAD`) is taken; of the
+    rest, :data:`DNS_SHARE` is kept for the DNS, and the remainder goes to ``listeners`` by
+    :data:`WEIGHTS`, each connection counted with its :data:`EXTRA_PER_CONNECTION`. So the reserve (all but
+    the connections themselves) covers what the mirror opens for every connection it admitted, and
+    the DNS's share stays free whatever the listeners hold."""
+    free = max(limit - in_use - START_OVERHEAD, 0)
+    dns = min(max(int(free * DNS_SHARE), MIN_DNS), free)
+    for_listeners = free - dns
+    weight = sum(WEIGHTS[name] for name in listeners) or 1
+    caps = {}
+    for name in listeners:
+        share = for_listeners * WEIGHTS[name] // weight
+        total = max(share // (1 + EXTRA_PER_CONNECTION[name]), MIN_CONNECTIONS)
+        per_client = min(max(int(total * PER_CLIENT_SHARE), MIN_PER_CLIENT), MAX_PER_CLIENT, total)
+        caps[name] = ListenerCaps(total, per_client)
+    reserve = free - sum(cap.total for cap in caps.values())
+    return DescriptorBudget(limit, in_use, reserve, dns, caps)
+
+
+class ConnectionTable:
+    """Who holds which connections of one listener, and the admission decision (pure; no sockets).
+
+    ``admit(client)`` answers ``(True, None)``, ``(True, victim)`` where ``victim`` is a connection to
+    close first, or ``(False, None)``."""
+
+    def __init__(self, caps: ListenerCaps) -> None:
+        self.caps = caps
+        self.by_client: dict[str, OrderedDict[object, None]] = {}
+        self.total = 0
+
+    def admit(self, client: str) -> tuple[bool, object | None]:
+        held = len(self.by_client.get(client, ()))
+        if held >= self.caps.per_client:
+            return False, None
+        if self.total < self.caps.total:
+            return True, None
+        biggest = max(self.by_client, key=lambda other: len(self.by_client[other]))
+        if len(self.by_client[biggest]) > held + 1:
+            return True, next(iter(self.by_client[biggest]))
+        return False, None
+
+    def add(self, client: str, connection: object) -> None:
+        self.by_client.setdefault(client, OrderedDict())[connection] = None
+        self.total += 1
+
+    def remove(self, client: str, connection: object) -> None:
+        held = self.by_client.get(client)
+        if held is None or connection not in held:
+            return
+        del held[connection]
+        self.total -= 1
+        if not held:
+            del self.by_client[client]
+
+
+def client_address(addr) -> str:
+    """The client's IP address (one key per address, whatever the port); a UNIX socket is one client."""
+    if isinstance(addr, tw_address.IPv4Address | tw_address.IPv6Address):
+        return addr.host
+    return str(addr)
+
+
+class _Limited(ProtocolWrapper):
+    client = ""
+
+
+@dataclass
+class LimiterStats:
+    """Counters of one listener's limiter."""
+
+    refused: int = 0
+    evicted: int = 0
+
+
+class ConnectionLimiter(WrappingFactory):
+    """Wraps a listener's factory and enforces its :class:`ListenerCaps` at accept time."""
+
+    protocol = _Limited
+
+    def __init__(self, wrapped, caps: ListenerCaps, name: str, clock) -> None:
+        super().__init__(wrapped)
+        self.table = ConnectionTable(caps)
+        self.name = name
+        self.clock = clock
+        self.stats = LimiterStats()
+        self._unlogged = 0
+        self._logged_at: float | None = None
+
+    def buildProtocol(self, addr):  # noqa: N802 - Twisted's name
+        client = client_address(addr)
+        admitted, victim = self.table.admit(client)
+        if not admitted:
+            self.stats.refused += 1
+            self._refused(client)
+            return None  # twisted closes the accepted socket at once
+        if victim is not None:
+            self.stats.evicted += 1
+            victim.transport.abortConnection()
+            self.table.remove(victim.client, victim)  # at once: connectionLost comes later
+        wrapped = self.wrappedFactory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        connection = self.protocol(self, wrapped)
+        connection.client = client
+        self.table.add(client, connection)
+        return connection
+
+    def registerProtocol(self, p) -> None:  # noqa: N802 - Twisted's name
+        """Counted in :meth:`buildProtocol` already."""
+
+    def unregisterProtocol(self, p) -> None:  # noqa: N802 - Twisted's name
+        self.table.remove(p.client, p)
+
+    def _refused(self, client: str) -> None:
+        self._unlogged += 1
+        now = self.clock.seconds()
+        if self._logged_at is not None and now - self._logged_at < REFUSAL_LOG_PERIOD:
+            return
+        caps = self.table.caps
+        log.warning("%s listener full: refused %d connection(s) since the last report (latest from %s; "
+                    "caps %d in all, %d per client address)", self.name, self._unlogged, client,
+                    caps.total, caps.per_client,
+                    extra=fields(event="connections_refused", listener=self.name, refused=self._unlogged,
+                                 client=client, total=self.table.total, cap=caps.total,
+                                 per_client=caps.per_client))
+        self._unlogged = 0
+        self._logged_at = now
+
+
+def with_header_deadline(channel_type: type, deadline: float = HEADER_DEADLINE) -> type:
+    """A subclass of the twisted.web ``HTTPChannel`` type ``channel_type`` that closes the connection when
+    a request's header has not arrived whole ``deadline`` seconds after its first byte."""
+
+    class HeaderDeadlineChannel(channel_type):
+        header_deadline = deadline
+        _header_timer = None
+        _awaiting_header = True
+
+        def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+            if data and self._awaiting_header and self._header_timer is None:
+                self._header_timer = self.callLater(self.header_deadline, self._header_too_slow)
+            super().dataReceived(data)
+
+        def allHeadersReceived(self) -> None:  # noqa: N802 - Twisted's name
+            self._awaiting_header = False
+            self._cancel_header_timer()
+            super().allHeadersReceived()
+
+        def requestDone(self, request) -> None:  # noqa: N802 - Twisted's name
+            self._awaiting_header = True  # before the channel replays the next request's buffered bytes
+            super().requestDone(request)
+
+        def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted's name
+            self._cancel_header_timer()
+            super().connectionLost(reason)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None and self._header_timer.active():
+                self._header_timer.cancel()
+            self._header_timer = None
+
+        def _header_too_slow(self) -> None:
+            self._header_timer = None
+            log.debug("request header not complete after %.0f s: closing", self.header_deadline,
+                      extra=fields(event="header_timeout"))
+            self.transport.abortConnection()
+
+    HeaderDeadlineChannel.__name__ = HeaderDeadlineChannel.__qualname__ = f"HeaderDeadline{channel_type.__name__}"
+    return HeaderDeadlineChannel

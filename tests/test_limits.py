@@ -1,0 +1,224 @@
+"""The descriptor budget, connection caps at accept, and the request header deadline (fake clock)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from http.client import HTTPResponse
+
+import pytest
+import yaml
+from twisted.internet import address, protocol, task
+from twisted.internet.testing import StringTransport
+from twisted.web import http, server
+from twisted.web import resource as web_resource
+
+from dnsmirror import ca, config
+from dnsmirror.limits import (
+    ConnectionLimiter,
+    ConnectionTable,
+    ListenerCaps,
+    plan_budget,
+    raise_descriptor_limit,
+    with_header_deadline,
+)
+
+
+def test_the_budget_keeps_a_reserve_for_what_each_connection_opens_and_a_share_for_the_dns():
+    budget = plan_budget(256, 20)
+    https, peers, metrics = (budget.caps(name) for name in ("https", "peers", "metrics"))
+    assert budget.in_use + 32 + budget.reserve + https.total + peers.total + metrics.total == 256
+    # every admitted connection busy at once still leaves the DNS its share
+    busy = https.total * 4 + peers.total * 2 + metrics.total
+    assert budget.limit - budget.in_use - 32 - busy >= budget.dns >= 32
+    assert https.total > metrics.total >= 4
+    assert 16 <= https.per_client <= https.total
+    big = plan_budget(1 << 20, 20)
+    assert big.caps("https").per_client == 4096 and big.caps("https").total > 100_000
+    tiny = plan_budget(40, 20)  # less than nothing left: every listener still takes a few
+    assert tiny.caps("https") == ListenerCaps(4, 4)
+    assert "https 25 connections (16 per client address)" in budget.summary()
+
+
+def test_one_address_is_held_to_its_cap_and_a_full_listener_makes_room_for_a_smaller_holder():
+    table = ConnectionTable(ListenerCaps(total=6, per_client=4))
+    for n in range(4):
+        assert table.admit("10.0.0.9") == (True, None)
+        table.add("10.0.0.9", f"flood-{n}")
+    assert table.admit("10.0.0.9") == (False, None)  # at its own cap
+    for n in range(2):
+        assert table.admit("10.0.0.8") == (True, None)
+        table.add("10.0.0.8", f"other-{n}")
+    # full: a newcomer takes the oldest connection of the biggest holder
+    assert table.admit("10.0.0.1") == (True, "flood-0")
+    table.remove("10.0.0.9", "flood-0")
+    table.add("10.0.0.1", "pull-0")
+    assert table.admit("10.0.0.1") == (True, "flood-1")
+    table.remove("10.0.0.9", "flood-1")
+    table.add("10.0.0.1", "pull-1")
+    # now every holder has its fair share: nobody is evicted for a third connection
+    assert table.admit("10.0.0.1") == (False, None)
+    table.remove("10.0.0.8", "other-0")
+    assert table.total == 5 and table.admit("10.0.0.1") == (True, None)
+
+
+class _Echo(protocol.Protocol):
+    pass
+
+
+def _accept(limiter: ConnectionLimiter, host: str):
+    connection = limiter.buildProtocol(address.IPv4Address("TCP", host, 40000))
+    if connection is not None:
+        connection.makeConnection(StringTransport())
+    return connection
+
+
+def test_the_limiter_refuses_at_accept_and_logs_once_per_period(caplog):
+    clock = task.Clock()
+    limiter = ConnectionLimiter(protocol.Factory.forProtocol(_Echo), ListenerCaps(total=8, per_client=3),
+                                "https", clock)
+    held = [_accept(limiter, "10.0.0.9") for _ in range(3)]
+    assert all(held)
+    refused = [_accept(limiter, "10.0.0.9") for _ in range(50)]
+    assert refused == [None] * 50 and limiter.stats.refused == 50
+    assert caplog.text.count("https listener full") == 1
+    clock.advance(11)
+    assert _accept(limiter, "10.0.0.9") is None
+    assert caplog.text.count("https listener full") == 2 and "refused 1 connection" in caplog.text
+    held[0].connectionLost(None)
+    assert _accept(limiter, "10.0.0.9") is not None  # a closed connection gives its place back
+    assert _accept(limiter, "10.0.0.2") is not None  # another client is not affected
+
+
+def test_a_full_limiter_aborts_the_biggest_holders_oldest_connection():
+    limiter = ConnectionLimiter(protocol.Factory.forProtocol(_Echo), ListenerCaps(total=4, per_client=4),
+                                "https", task.Clock())
+    flood = [_accept(limiter, "10.0.0.9") for _ in range(4)]
+    pull = _accept(limiter, "10.0.0.1")
+    assert pull is not None and flood[0].transport.disconnecting
+    assert limiter.stats.evicted == 1 and limiter.table.total == 4
+
+
+class _Hello(web_resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):  # noqa: N802
+        return b"hello"
+
+
+def _channel(clock: task.Clock):
+    site = server.Site(_Hello(), timeout=None)
+    site.protocol = with_header_deadline(http.HTTPChannel, deadline=20)
+    channel = site.buildProtocol(address.IPv4Address("TCP", "10.0.0.1", 1))
+    channel.callLater = clock.callLater
+    transport = StringTransport()
+    channel.makeConnection(transport)
+    return channel, transport
+
+
+def test_a_header_sent_one_byte_at_a_time_is_cut_at_the_deadline():
+    clock = task.Clock()
+    channel, transport = _channel(clock)
+    for byte in b"GET / HTTP/1.1\r\nHost: x\r\n":
+        channel.dataReceived(bytes([byte]))
+        clock.advance(1)  # each byte well within any idle timeout
+        if clock.seconds() >= 20:
+            break
+    assert transport.disconnecting or getattr(transport, "aborted", False) or transport.disconnected
+
+
+def test_an_idle_keepalive_connection_and_a_slow_body_are_not_cut_by_the_header_deadline():
+    clock = task.Clock()
+    channel, transport = _channel(clock)
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert b"hello" in transport.value()
+    clock.advance(60)  # idle between requests: the header deadline has not started
+    assert not transport.disconnecting
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.value().count(b"hello") == 2
+    channel.dataReceived(b"GET / HTTP/1.1\r\nHo")
+    clock.advance(19)
+    assert not transport.disconnecting
+    clock.advance(1)
+    assert transport.disconnecting or getattr(transport, "aborted", False) or transport.disconnected
+
+
+def test_the_soft_descriptor_limit_is_raised_to_the_hard_limit(caplog):
+    caplog.set_level(logging.INFO, "dnsmirror.limits")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, hard), hard))
+        limit = raise_descriptor_limit()
+        assert limit.soft_before == min(256, hard)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == limit.soft
+        assert limit.soft == hard or hard == resource.RLIM_INFINITY
+        assert "descriptor limit: soft" in caplog.text
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("prlimit") is None, reason="prlimit is needed (util-linux)")
+def test_300_idle_connections_under_ulimit_256_leave_https_and_metrics_to_other_clients(tmp_path):
+    """The issue's flood, on loopback: one address holds its cap; another still gets TLS and an answer."""
+    authority = tmp_path / "ca"
+    ca.init_directory(authority, config.load().capture)
+    https_port, metrics_port = _free_port(), _free_port()
+    config_path = tmp_path / "dnsmirror.yaml"
+    config_path.write_text(yaml.safe_dump({
+        "dns": {"listen": [f"127.0.0.1:{_free_port()}"], "upstreams": [f"127.0.0.1:{_free_port()}"], "ttl": 1},
+        "https": {"listen": [f"127.0.0.1:{https_port}"]},
+        "tls": {"ca_cert": str(authority / "ca.crt"), "ca_key": str(authority / "ca.key")},
+        "cache": {"dir": str(tmp_path / "cache")},
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "log": {"format": "json"},
+    }))
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log_file, contextlib.ExitStack() as held:
+        process = subprocess.Popen(["prlimit", "--nofile=256:256", "--", sys.executable, "-m", "dnsmirror", "serve",
+                                    "--config", str(config_path)], stdout=log_file, stderr=subprocess.STDOUT)
+        held.callback(process.wait, 10)
+        held.callback(process.send_signal, signal.SIGINT)
+        deadline = time.monotonic() + 15
+        while b"dnsmirror started" not in log_path.read_bytes():
+            assert process.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.05)
+        flood = [held.enter_context(socket.create_connection(("127.0.0.1", https_port), timeout=5))
+                 for _ in range(300)]
+        time.sleep(0.5)
+        closed = 0
+        for sock in flood:
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                closed += sock.recv(1) == b""
+        assert 250 <= closed <= 300 - 16  # all but the address's cap were closed at accept
+
+        context = ssl.create_default_context(cafile=str(authority / "root.crt"))
+        with socket.create_connection(("127.0.0.1", https_port), timeout=10, source_address=("127.0.0.2", 0)) as raw, \
+                context.wrap_socket(raw, server_hostname="ghcr.io") as tls_socket:
+            tls_socket.sendall(b"GET /v2/ HTTP/1.1\r\nHost: ghcr.io\r\nConnection: close\r\n\r\n")
+            response = HTTPResponse(tls_socket)
+            response.begin()
+            assert response.status == 502  # an answer: upstream (a silent port) cannot be resolved
+        with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as raw:
+            raw.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            metrics = b"".join(iter(lambda: raw.recv(65536), b""))
+        refused = [line for line in metrics.decode().splitlines() if line.startswith("dnsmirror_https_connections_refused ")]
+        assert refused and float(refused[0].split()[1]) >= 250
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    assert [r for r in records if r.get("event") == "nofile_limit"][0]["soft"] == 256
+    assert len([r for r in records if r.get("event") == "connections_refused"]) == 1  # once per period
