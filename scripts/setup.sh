@@ -21,6 +21,11 @@ declare -A TOOLS=(
   [htpasswd]=apache2-utils
   [curl]=curl
   [tinyproxy]=tinyproxy
+  # the runtime tests: every engine a node may pull with, and a base image built from packages
+  [dockerd]=docker.io
+  [podman]=podman
+  [buildah]=buildah
+  [mmdebstrap]=mmdebstrap
 )
 if [ "${1:-}" = bench ]; then
   TOOLS[dnsperf]=dnsperf
@@ -38,7 +43,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   echo "setup: installing ${missing[*]}"
   apt-get update -qq
-  # policy-rc.d keeps Debian's postinst from starting system copies of unbound, nginx, tinyproxy, the registry
+  # policy-rc.d keeps Debian's postinst from starting system copies of unbound, nginx, tinyproxy, the registry,
+  # dockerd and containerd
   printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   rm -f /usr/sbin/policy-rc.d

@@ -160,7 +160,8 @@ class Process:
     """
 
     def __init__(self, namespace: Namespace, argv: Sequence[str], name: str, *,
-                 env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
+                 exec_prefix: Sequence[str] | None = None) -> None:
         self.namespace = namespace
         self.name = name
         self.argv = list(argv)
@@ -171,7 +172,7 @@ class Process:
         self.stderr_path = log_dir / f"{stem}.err"
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.popen = subprocess.Popen(
-                ["ip", "netns", "exec", namespace.name, *self.argv],
+                [*(namespace.exec_argv([]) if exec_prefix is None else exec_prefix), *self.argv],
                 stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                 env=dict(env) if env is not None else clean_env(), cwd=cwd,
                 # own process group: a stop also reaches children the server may have spawned
@@ -285,12 +286,13 @@ class Namespace:
         return done
 
     def start(self, argv: Sequence[str], name: str | None = None, *, env: Mapping[str, str] | None = None,
-              cwd: str | os.PathLike[str] | None = None) -> Process:
+              cwd: str | os.PathLike[str] | None = None, exec_prefix: Sequence[str] | None = None) -> Process:
         """Start a background process in the namespace; the cluster stops it at the latest on close.
 
-        ``env`` defaults to :func:`clean_env`.
+        ``env`` defaults to :func:`clean_env`. ``exec_prefix`` replaces ``ip netns exec NAME`` for a program
+        that enters the namespace itself (e.g. with ``nsenter``).
         """
-        process = Process(self, argv, name or Path(argv[0]).name, env=env, cwd=cwd)
+        process = Process(self, argv, name or Path(argv[0]).name, env=env, cwd=cwd, exec_prefix=exec_prefix)
         self.cluster.processes.append(process)
         return process
 
