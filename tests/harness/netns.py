@@ -338,6 +338,19 @@ class Namespace:
         """Remove a limit set by :meth:`limit_egress`."""
         self.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10, check=False)
 
+    def add_address6(self) -> str:
+        """Give ``eth0`` a fresh address of the cluster's IPv6 ULA subnet (usable at once: no DAD); return it."""
+        address = self.cluster.allocate_address6()
+        ip("-n", self.name, "addr", "add", f"{address}/{self.cluster.network6.prefixlen}", "dev", "eth0", "nodad")
+        self.addresses.append(address)
+        return address
+
+    def remove_ipv4(self) -> None:
+        """Take the IPv4 address off ``eth0``: an IPv6-only member (``address`` becomes its first IPv6)."""
+        ip("-n", self.name, "addr", "del", f"{self.address}/{self.cluster.network.prefixlen}", "dev", "eth0")
+        self.addresses.remove(self.address)
+        self.address = next(address for address in self.addresses if ":" in address)
+
     def add_address(self, address: str | None = None) -> str:
         """Add another address of the shared subnet to ``eth0`` (a fresh one by default); return it."""
         address = address or self.cluster.allocate_address()
@@ -359,6 +372,11 @@ class Cluster:
         self.network = ipaddress.ip_network(f"10.{random.randint(64, 254)}.{random.randint(0, 255)}.0/24")
         self._hosts = iter(self.network.hosts())
         next(self._hosts)  # .1 stays free, the usual gateway address, in case a test wants one
+        # a ULA /64 (inside fd00::/8, which dnsmirror's dns.allow admits) for members that want IPv6
+        self.network6 = ipaddress.ip_network(
+            f"fd{random.randint(0, 255):02x}:{random.randint(0, 0xffff):x}:{random.randint(0, 0xffff):x}::/64")
+        self._hosts6 = iter(self.network6.hosts())
+        next(self._hosts6)
         self.switch = f"{self.run_id}-sw"
         self.members: list[Namespace] = []
         self.processes: list[Process] = []
@@ -390,6 +408,10 @@ class Cluster:
     def allocate_address(self) -> str:
         """A subnet address no member uses yet."""
         return str(next(self._hosts))
+
+    def allocate_address6(self) -> str:
+        """An IPv6 subnet address no member uses yet."""
+        return str(next(self._hosts6))
 
     def add(self, role: str, *, hosts: Mapping[str, str] | None = None,
             nameservers: Iterable[str] | None = None) -> Namespace:
