@@ -63,3 +63,40 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   fi
   touch "$stamp"
 fi
+
+# The image test's offline inputs (tests/test_image_e2e.py), made once and kept across runs: a Debian
+# root filesystem with Python, pip and iproute2 (mmdebstrap, from the same package archive as above),
+# and wheels of dnsmirror's dependencies and build backend. The test builds the Dockerfile on them in a
+# namespace with no route anywhere. Best effort: without them that test is skipped with the reason.
+IMAGE_CACHE=${DNSMIRROR_TEST_CACHE:-/var/cache/dnsmirror-test}
+BASE_PACKAGES="python3,python3-pip,iproute2"
+image_inputs() {
+  [ "$(id -u)" -eq 0 ] && command -v mmdebstrap >/dev/null 2>&1 || return 0
+  mkdir -p "$IMAGE_CACHE"
+  local key rootfs wheels
+  key=$(printf 'bookworm essential %s' "$BASE_PACKAGES" | sha256sum | cut -c1-12)
+  rootfs="$IMAGE_CACHE/debian-rootfs-$key.tar"
+  if [ ! -s "$rootfs" ]; then
+    echo "setup: building the image test's Debian root filesystem (once, ~1 min)"
+    if mmdebstrap --quiet --variant=essential --include="$BASE_PACKAGES" \
+        --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
+        --dpkgopt='path-exclude=/usr/share/locale/*' bookworm "$rootfs.partial.$$" >"$IMAGE_CACHE/mmdebstrap.log" 2>&1; then
+      mv "$rootfs.partial.$$" "$rootfs"
+    else
+      rm -f "$rootfs.partial.$$"
+      echo "setup: mmdebstrap failed (see $IMAGE_CACHE/mmdebstrap.log); the image test will be skipped" >&2
+    fi
+  fi
+  wheels="$IMAGE_CACHE/wheels-$(sha256sum pyproject.toml | cut -c1-12)"
+  if [ ! -d "$wheels" ]; then
+    echo "setup: downloading wheels of dnsmirror's dependencies for the image test (once)"
+    if "$VENV/bin/pip" download --quiet --only-binary=:all: --dest "$wheels.partial.$$" . 'setuptools>=77' \
+        >"$IMAGE_CACHE/wheels.log" 2>&1; then
+      mv -T "$wheels.partial.$$" "$wheels" 2>/dev/null || rm -rf "$wheels.partial.$$"  # another run was first
+    else
+      rm -rf "$wheels.partial.$$"
+      echo "setup: pip download failed (see $IMAGE_CACHE/wheels.log); the image test will be skipped" >&2
+    fi
+  fi
+}
+image_inputs

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import socket
 import subprocess
@@ -28,7 +27,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from .netns import NETNS_RUN_DIR, HarnessError, Namespace, Process, clean_env
+from .netns import HarnessError, Namespace, Process, clean_env
 
 # the Debian package that provides each engine's binaries (for skip reasons)
 PACKAGES = {"dockerd": "docker.io", "podman": "podman", "buildah": "buildah"}
@@ -61,17 +60,12 @@ class Dockerd:
         """Start the daemon and wait until its API answers."""
         for name in ("data", "exec", "client"):
             (self.workdir / name).mkdir(parents=True, exist_ok=True)
-        etc = self.namespace.etc_dir
         daemon = ["dockerd", "--data-root", str(self.workdir / "data"), "--exec-root", str(self.workdir / "exec"),
                   "--pidfile", str(self.workdir / "docker.pid"), "--host", f"unix://{self.socket}",
                   "--iptables=false", "--ip6tables=false", "--bridge=none", "--storage-driver=vfs",
                   "--config-file", str(self._daemon_json())]
-        script = (f"mount --bind {shlex.quote(str(etc / 'resolv.conf'))} /etc/resolv.conf && "
-                  f"mount --bind {shlex.quote(str(etc / 'hosts'))} /etc/hosts && "
-                  f"exec nsenter --net={shlex.quote(str(NETNS_RUN_DIR / self.namespace.name))} "
-                  + " ".join(shlex.quote(part) for part in daemon))
-        self.process = self.namespace.start(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
-                                            "dockerd", env=self.env, exec_prefix=())
+        self.process = self.namespace.start(self.namespace.nsenter_argv(daemon), "dockerd", env=self.env,
+                                            exec_prefix=())
         self.process.wait_until(self._answers, "serving its API", timeout)
         return self
 
@@ -137,8 +131,9 @@ class ContainersTool:
     program = ""
 
     def __init__(self, namespace: Namespace, workdir: str | os.PathLike[str], *,
-                 ssl_cert_file: str | os.PathLike[str]) -> None:
+                 ssl_cert_file: str | os.PathLike[str], driver: str = "vfs") -> None:
         self.namespace = namespace
+        self.driver = driver
         self.workdir = Path(workdir)
         self.ssl_cert_file = ssl_cert_file
         # podman refuses a runroot path longer than 50 characters
@@ -153,7 +148,7 @@ class ContainersTool:
         (work / "auth.json").write_text(json.dumps({"auths": {}}))
         (work / "policy.json").write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
         (work / "storage.conf").write_text(
-            f'[storage]\ndriver = "vfs"\ngraphroot = "{work / "storage"}"\nrunroot = "{self.runroot}"\n')
+            f'[storage]\ndriver = "{self.driver}"\ngraphroot = "{work / "storage"}"\nrunroot = "{self.runroot}"\n')
         (work / "containers.conf").write_text(
             "[engine]\n"
             'lock_type = "file"\n'  # the default shm lock is /dev/shm/libpod_lock, shared by every podman
@@ -176,7 +171,7 @@ class ContainersTool:
         """Run the tool in the namespace."""
         work = self.workdir
         argv = [self.program, "--root", str(work / "storage"), "--runroot", str(self.runroot),
-                "--storage-driver", "vfs", *args]
+                "--storage-driver", self.driver, *args]
         return self.namespace.run(argv, env=self.env(), timeout=timeout, check=check)
 
     def reset_storage(self) -> None:
