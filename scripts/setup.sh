@@ -69,7 +69,8 @@ fi
 # and wheels of dnsmirror's dependencies and build backend. The test builds the Dockerfile on them in a
 # namespace with no route anywhere. Best effort: without them that test is skipped with the reason.
 IMAGE_CACHE=${DNSMIRROR_TEST_CACHE:-/var/cache/dnsmirror-test}
-BASE_PACKAGES="python3,python3-pip,iproute2"
+# usr-is-merged: mmdebstrap merges /usr itself, so usrmerge (and with it perl) stays out
+BASE_PACKAGES="python3,python3-pip,iproute2,usr-is-merged"
 image_inputs() {
   [ "$(id -u)" -eq 0 ] && command -v mmdebstrap >/dev/null 2>&1 || return 0
   mkdir -p "$IMAGE_CACHE"
@@ -78,10 +79,11 @@ image_inputs() {
   rootfs="$IMAGE_CACHE/debian-rootfs-$key.tar"
   if [ ! -s "$rootfs" ]; then
     echo "setup: building the image test's Debian root filesystem (once, ~1 min)"
-    if mmdebstrap --quiet --variant=essential --include="$BASE_PACKAGES" \
+    if mmdebstrap --quiet --format=tar --variant=essential --include="$BASE_PACKAGES" \
         --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' bookworm "$rootfs.partial.$$" >"$IMAGE_CACHE/mmdebstrap.log" 2>&1; then
       mv "$rootfs.partial.$$" "$rootfs"
+      find "$IMAGE_CACHE" -maxdepth 1 -name 'debian-rootfs-*.tar' ! -name '*.partial.*' ! -name "${rootfs##*/}" -delete  # older inputs
     else
       rm -f "$rootfs.partial.$$"
       echo "setup: mmdebstrap failed (see $IMAGE_CACHE/mmdebstrap.log); the image test will be skipped" >&2
@@ -93,6 +95,7 @@ image_inputs() {
     if "$VENV/bin/pip" download --quiet --only-binary=:all: --dest "$wheels.partial.$$" . 'setuptools>=77' \
         >"$IMAGE_CACHE/wheels.log" 2>&1; then
       mv -T "$wheels.partial.$$" "$wheels" 2>/dev/null || rm -rf "$wheels.partial.$$"  # another run was first
+      find "$IMAGE_CACHE" -maxdepth 1 -name 'wheels-*' ! -name '*.partial.*' ! -name "${wheels##*/}" -exec rm -rf {} +
     else
       rm -rf "$wheels.partial.$$"
       echo "setup: pip download failed (see $IMAGE_CACHE/wheels.log); the image test will be skipped" >&2

@@ -3,9 +3,10 @@
 The registry and its DNS are dual-stack (A and AAAA records for the registry name, from a ULA
 ``fd00::/8`` subnet chosen per run). The dual-stack node's dnsmirror answers A and AAAA with its two
 addresses. Each IPv6-only node has no IPv4 on its link: ``mirror.address6`` only (``mirror.address:
-null``), its resolver, dnsmirror's upstream DNS, the registry and the other node (``peers.static``)
-are reached over IPv6, and the second node's layers come from the first. On the IPv4-only node a
-captured name gets no AAAA although the registry has one (a client must not go around the mirror).
+null``), its resolver, dnsmirror's upstream DNS, the registry and the other node (found through the
+AAAA records of ``peers.dns_name``, as the DaemonSet finds its peers) are reached over IPv6, and the
+second node's layers come from the first. On the IPv4-only node a captured name gets no AAAA although
+the registry has one (a client must not go around the mirror).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ REPOSITORY = "team/v6"
 USER, PASSWORD = "bob", "bob-secret"
 CREDS = f"{USER}:{PASSWORD}"
 PEER_PORT = 5001
+PEERS_NAME = "dnsmirror-peers.dnsmirror.svc.cluster.local"  # the headless Service name, as in the ConfigMap
 
 
 @dataclass
@@ -43,6 +45,7 @@ class World:
     registry6: str
     image: BuiltImage
     work: Path
+    ipv6_only: tuple[Namespace, Namespace]
 
     @property
     def reference(self) -> str:
@@ -57,15 +60,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         registry_ns = cluster.add("registry")
         registry6 = registry_ns.add_address6()
         pusher = cluster.add("pusher", hosts={ECR_HOST: registry_ns.address})
+        # two IPv6-only nodes (no IPv4 on their link), found by each other as the peers Service's AAAA records
+        ipv6_only = (cluster.add("v6-a"), cluster.add("v6-b"))
+        for node in ipv6_only:
+            node.add_address6()
+            node.remove_ipv4()
         ca = create_ca(work / "public-ca")
         image = build_image(work / "layout", tag="v1", big_layer_size=512 * 1024)
+        records = {ECR_HOST: [registry_ns.address, registry6], PEERS_NAME: [node.address for node in ipv6_only]}
         # ":443": every address of the namespace, IPv4 and IPv6
         with Registry(registry_ns, ECR_HOST, ca, work / "registry", users={USER: PASSWORD},
                       extra_config={"http": {"addr": ":443"}}) as registry, \
-                StaticDNS(registry_ns, {ECR_HOST: [registry_ns.address, registry6]}, work / "dns",
-                          extra_addresses=[registry6]) as dns:
+                StaticDNS(registry_ns, records, work / "dns", extra_addresses=[registry6]) as dns:
             push_image(image, pusher, f"{ECR_HOST}/{REPOSITORY}:v1", ca_file=ca.cert_path, creds=CREDS)
-            yield World(cluster, ca, registry, dns, registry6, image, work)
+            yield World(cluster, ca, registry, dns, registry6, image, work, ipv6_only)
 
 
 def ctr_pull(node: Namespace, mirror: MirrorNode, reference: str, workdir: Path) -> None:
@@ -108,22 +116,17 @@ def test_dual_stack_node_answers_a_and_aaaa_and_serves_over_both(world: World) -
 
 
 def test_ipv6_only_nodes_pull_over_ipv6_from_upstream_and_from_each_other(world: World) -> None:
-    nodes = [world.cluster.add(role) for role in ("v6-a", "v6-b")]
-    for node in nodes:
-        node.add_address6()
-        node.remove_ipv4()
+    nodes = world.ipv6_only
     secret = world.work / "peer-secret"
     secret.write_text(os.urandom(24).hex())
     secret.chmod(0o600)
-
-    def overrides(node: Namespace, other: Namespace) -> dict:
-        return {"peers": {"listen": endpoint(node.address, PEER_PORT), "static": [endpoint(other.address, PEER_PORT)],
-                          "secret_file": str(secret), "timeout": "2s"}}
-
+    # the peers are found as the DaemonSet finds them: AAAA records of the Service name, over IPv6
+    overrides = {"peers": {"listen": f"[::]:{PEER_PORT}", "dns_name": PEERS_NAME,
+                           "resolvers": [endpoint(world.registry6, 53)], "secret_file": str(secret), "timeout": "2s"}}
     node_a, node_b = nodes
     amd64 = world.image.platform("linux/amd64")
-    with MirrorNode(node_a, world.work / "v6-a", world.registry6, world.ca, overrides(node_a, node_b)) as mirror_a, \
-            MirrorNode(node_b, world.work / "v6-b", world.registry6, world.ca, overrides(node_b, node_a)) as mirror_b:
+    with MirrorNode(node_a, world.work / "v6-a", world.registry6, world.ca, overrides) as mirror_a, \
+            MirrorNode(node_b, world.work / "v6-b", world.registry6, world.ca, overrides) as mirror_b:
         for node in nodes:
             assert node.call(resolve, node.address, ECR_HOST, "AAAA") == [node.address]
             assert node.call(resolve, node.address, ECR_HOST, "A") == []  # no IPv4 to give

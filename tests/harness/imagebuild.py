@@ -20,7 +20,7 @@ from .runtimes import Buildah
 
 CACHE_DIR = Path(os.environ.get("DNSMIRROR_TEST_CACHE", "/var/cache/dnsmirror-test"))
 ROOT = Path(__file__).resolve().parents[2]
-BASE_PACKAGES = "python3,python3-pip,iproute2"  # as in scripts/setup.sh
+BASE_PACKAGES = "python3,python3-pip,iproute2,usr-is-merged"  # as in scripts/setup.sh
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "PIP_NO_INDEX": "1",
@@ -61,6 +61,9 @@ def base_image(buildah: Buildah, rootfs: Path, wheels: Path) -> str:
     partial = archive.with_name(f"{archive.name}.partial.{os.getpid()}")
     buildah.run(["push", "--quiet", name, f"oci-archive:{partial}"], timeout=300)
     os.replace(partial, archive)
+    for stale in CACHE_DIR.glob("base-*.oci.tar"):  # of older inputs
+        if stale != archive:
+            stale.unlink(missing_ok=True)
     return name
 
 

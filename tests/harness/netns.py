@@ -278,14 +278,15 @@ class Namespace:
 
         ``ip netns exec`` remounts ``/sys`` for the namespace, which hides the cgroup hierarchies that
         dockerd and runc need ("Devices cgroup isn't mounted"). Here the namespace's resolv.conf and hosts
-        are bind-mounted over ``/etc`` in a private mount namespace (gone with the process), then
-        ``nsenter --net`` execs the program (its pid stays the program's).
+        are bind-mounted over ``/etc`` in a mount namespace of its own (gone with the process; a slave, so
+        namespaces added later under /run/netns appear in it), then ``nsenter --net`` execs the program
+        (its pid stays the program's).
         """
         script = (f"mount --bind {shlex.quote(str(self.etc_dir / 'resolv.conf'))} /etc/resolv.conf && "
                   f"mount --bind {shlex.quote(str(self.etc_dir / 'hosts'))} /etc/hosts && "
                   f"exec nsenter --net={shlex.quote(str(NETNS_RUN_DIR / self.name))} "
                   + " ".join(shlex.quote(part) for part in argv))
-        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+        return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script]
 
     def run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 60,
             check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
