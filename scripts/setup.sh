@@ -69,17 +69,18 @@ fi
 # and wheels of dnsmirror's dependencies and build backend. The test builds the Dockerfile on them in a
 # namespace with no route anywhere. Best effort: without them that test is skipped with the reason.
 IMAGE_CACHE=${DNSMIRROR_TEST_CACHE:-/var/cache/dnsmirror-test}
-# usr-is-merged: mmdebstrap merges /usr itself, so usrmerge (and with it perl) stays out
-BASE_PACKAGES="python3,python3-pip,iproute2,usr-is-merged"
+BASE_PACKAGES="python3,python3-pip,iproute2"
 image_inputs() {
   [ "$(id -u)" -eq 0 ] && command -v mmdebstrap >/dev/null 2>&1 || return 0
   mkdir -p "$IMAGE_CACHE"
   local key rootfs wheels
-  key=$(printf 'bookworm essential %s' "$BASE_PACKAGES" | sha256sum | cut -c1-12)
+  key=$(printf 'bookworm essential merged-usr %s' "$BASE_PACKAGES" | sha256sum | cut -c1-12)
   rootfs="$IMAGE_CACHE/debian-rootfs-$key.tar"
   if [ ! -s "$rootfs" ]; then
     echo "setup: building the image test's Debian root filesystem (once, ~1 min)"
+    # the merged-usr hook makes the /usr symlinks itself, so usrmerge (and with it perl) stays out
     if mmdebstrap --quiet --format=tar --variant=essential --include="$BASE_PACKAGES" \
+        --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
         --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' bookworm "$rootfs.partial.$$" >"$IMAGE_CACHE/mmdebstrap.log" 2>&1; then
       mv "$rootfs.partial.$$" "$rootfs"

@@ -28,7 +28,7 @@ from harness.images import BuiltImage, PlatformImage, build_image, push_image, s
 from harness.netns import Cluster, Namespace
 from harness.pki import TestCA, create_ca
 from harness.registry import Registry
-from harness.runtimes import Buildah, Dockerd, Podman, missing
+from harness.runtimes import DOCKER_CLIENT, Buildah, Dockerd, Podman, missing
 from mirror_support import MirrorNode, upstream_dns
 
 pytestmark = pytest.mark.integration
@@ -198,7 +198,7 @@ def test_ctr_and_cri(world: World, tmp_path: Path) -> None:
 
 
 def test_docker(world: World, tmp_path: Path) -> None:
-    skip_unless_installed("dockerd", "docker", "nsenter", "unshare")
+    skip_unless_installed("dockerd", DOCKER_CLIENT, "nsenter", "unshare")
     with Dockerd(world.node, tmp_path / "docker", ssl_cert_file=world.trust()) as docker:
         mirrored = docker.pull(world.reference)
         docker.login(ECR_HOST, USER, PASSWORD)

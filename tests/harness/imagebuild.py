@@ -20,7 +20,7 @@ from .runtimes import Buildah
 
 CACHE_DIR = Path(os.environ.get("DNSMIRROR_TEST_CACHE", "/var/cache/dnsmirror-test"))
 ROOT = Path(__file__).resolve().parents[2]
-BASE_PACKAGES = "python3,python3-pip,iproute2,usr-is-merged"  # as in scripts/setup.sh
+BASE_PACKAGES = "python3,python3-pip,iproute2"  # as in scripts/setup.sh
 BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "PIP_NO_INDEX": "1",
@@ -36,7 +36,7 @@ def _key(text: bytes) -> str:
 
 def image_inputs() -> tuple[Path, Path] | str:
     """``(rootfs tar, wheel directory)`` made by scripts/setup.sh, or the reason they are missing."""
-    rootfs = CACHE_DIR / f"debian-rootfs-{_key(f'bookworm essential {BASE_PACKAGES}'.encode())}.tar"
+    rootfs = CACHE_DIR / f"debian-rootfs-{_key(f'bookworm essential merged-usr {BASE_PACKAGES}'.encode())}.tar"
     wheels = CACHE_DIR / f"wheels-{_key((ROOT / 'pyproject.toml').read_bytes())}"
     absent = [str(path) for path in (rootfs, wheels) if not path.exists()]
     if absent:
@@ -67,12 +67,15 @@ def base_image(buildah: Buildah, rootfs: Path, wheels: Path) -> str:
     return name
 
 
-def build_dnsmirror_image(builder: Namespace, workdir: Path, tag: str = "localhost/dnsmirror:test") -> Buildah:
-    """Build the Dockerfile in ``builder`` (a namespace with no route out); return the Buildah holding ``tag``."""
+def build_dnsmirror_image(builder: Namespace, workdir: Path, *, ssl_cert_file: str | os.PathLike[str],
+                          tag: str = "localhost/dnsmirror:test") -> Buildah:
+    """Build the Dockerfile in ``builder`` (a namespace with no route out); return the Buildah holding
+    ``tag``, trusting ``ssl_cert_file`` for a push. The caller closes it."""
     inputs = image_inputs()
     if isinstance(inputs, str):
         raise RuntimeError(inputs)
-    buildah = Buildah(builder, workdir, ssl_cert_file=os.devnull, driver="overlay")
+    # overlay: the base is ~130 MB, which vfs would copy for every container and commit
+    buildah = Buildah(builder, workdir, ssl_cert_file=ssl_cert_file, driver="overlay")
     base = base_image(buildah, *inputs)
     buildah.run(["build", "--quiet", "--isolation", "chroot", "--pull-never", "--build-arg", f"BASE_IMAGE={base}",
                  "--tag", tag, "--file", str(ROOT / "Dockerfile"), str(ROOT)], timeout=600)

@@ -2,12 +2,13 @@
 
 Each engine gets private directories under a work directory (storage, state, locks, auth, network
 config), so nothing is read from or left in ``/etc/containers``, ``/run/containers``, ``/dev/shm`` or
-``/var/lib/docker``, and trusts exactly the ``SSL_CERT_FILE`` it is given. Storage is ``vfs``: no
-overlay mounts to leak, and the test images are small.
+``/var/lib/docker``, and trusts exactly the ``SSL_CERT_FILE`` it is given. Storage is ``vfs`` by
+default: no overlay mounts to leak, and the test images are small (the image build uses ``overlay``).
 
 - :class:`Dockerd`: Debian's dockerd 20.10. ``ip netns exec`` remounts ``/sys`` and dockerd then fails
   with "Devices cgroup isn't mounted", so it runs under ``nsenter --net`` in a mount namespace of its
-  own (``unshare -m``) where the node's resolv.conf and hosts are bind-mounted over ``/etc``; no
+  own (:meth:`~harness.netns.Namespace.nsenter_argv`) where the node's resolv.conf and hosts are
+  bind-mounted over ``/etc``; no
   iptables, no bridge, its own data root, exec root, pidfile and socket. The ``docker`` client talks
   to it over that socket (the daemon does the HTTPS).
 - :class:`Podman` and :class:`Buildah`: daemonless; run in the namespace with ``ip netns exec`` and a
@@ -29,9 +30,11 @@ from pathlib import Path
 
 from .netns import HarnessError, Namespace, Process, clean_env
 
-# the Debian package that provides each engine's binaries (for skip reasons)
-PACKAGES = {"dockerd": "docker.io", "podman": "podman", "buildah": "buildah"}
 DOCKER_CLIENT = "/usr/bin/docker"  # Debian's client, matching the daemon (another may come first on PATH)
+# the Debian package that provides each engine's binaries (for skip reasons)
+PACKAGES = {"dockerd": "docker.io", DOCKER_CLIENT: "docker.io", "podman": "podman", "buildah": "buildah",
+            "runc": "runc", "containerd-shim-runc-v2": "containerd", "nsenter": "util-linux",
+            "unshare": "util-linux"}
 
 
 def missing(*programs: str) -> str | None:
