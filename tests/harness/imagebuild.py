@@ -76,7 +76,11 @@ def build_dnsmirror_image(builder: Namespace, workdir: Path, *, ssl_cert_file: s
         raise RuntimeError(inputs)
     # overlay: the base is ~130 MB, which vfs would copy for every container and commit
     buildah = Buildah(builder, workdir, ssl_cert_file=ssl_cert_file, driver="overlay")
-    base = base_image(buildah, *inputs)
-    buildah.run(["build", "--quiet", "--isolation", "chroot", "--pull-never", "--build-arg", f"BASE_IMAGE={base}",
-                 "--tag", tag, "--file", str(ROOT / "Dockerfile"), str(ROOT)], timeout=600)
+    try:
+        base = base_image(buildah, *inputs)
+        buildah.run(["build", "--quiet", "--isolation", "chroot", "--pull-never", "--build-arg", f"BASE_IMAGE={base}",
+                     "--tag", tag, "--file", str(ROOT / "Dockerfile"), str(ROOT)], timeout=600)
+    except BaseException:
+        buildah.close()
+        raise
     return buildah
