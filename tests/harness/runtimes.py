@@ -19,6 +19,7 @@ default: no overlay mounts to leak, and the test images are small (the image bui
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,6 +31,7 @@ from pathlib import Path
 
 from .netns import HarnessError, Namespace, Process, clean_env
 
+RUN_DOCKER = Path("/run/docker")
 DOCKER_CLIENT = "/usr/bin/docker"  # Debian's client, matching the daemon (another may come first on PATH)
 # the Debian package that provides each engine's binaries (for skip reasons)
 PACKAGES = {"dockerd": "docker.io", DOCKER_CLIENT: "docker.io", "podman": "podman", "buildah": "buildah",
@@ -58,9 +60,12 @@ class Dockerd:
         self.env = clean_env(ssl_cert_file)
         self.client_config = self.workdir / "client"
         self.process: Process | None = None
+        self._made_run_docker = False
 
     def start(self, timeout: float = 60) -> Dockerd:
         """Start the daemon and wait until its API answers."""
+        # dockerd makes /run/docker/plugins whatever its exec root: removed on stop if it was not there
+        self._made_run_docker = not RUN_DOCKER.exists()
         for name in ("data", "exec", "client"):
             (self.workdir / name).mkdir(parents=True, exist_ok=True)
         daemon = ["dockerd", "--data-root", str(self.workdir / "data"), "--exec-root", str(self.workdir / "exec"),
@@ -120,6 +125,10 @@ class Dockerd:
         if self.process is not None:
             self.process.stop(timeout=15)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._made_run_docker:
+            for directory in (RUN_DOCKER / "plugins", RUN_DOCKER):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()  # only when empty: never what another daemon keeps there
 
     def __enter__(self) -> Dockerd:
         return self.start()
