@@ -53,7 +53,7 @@ class HostPort:
 
 @dataclass(frozen=True)
 class MirrorConfig:
-    address: str
+    address: str | None  # None on an IPv6-only node: captured A queries get an empty answer
     address6: str | None
 
 
@@ -371,7 +371,7 @@ def _upstream_server(value: Any) -> HostPort:
 
 # Section -> key -> parser. The dataclass of each section has the same field names.
 _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
-    "mirror": (MirrorConfig, {"address": _ipv4, "address6": _optional(_ipv6)}),
+    "mirror": (MirrorConfig, {"address": _optional(_ipv4), "address6": _optional(_ipv6)}),
     "dns": (DnsConfig, {
         "listen": _list_of(host_port),
         "upstreams": _list_of(_upstream_server),
@@ -517,6 +517,9 @@ def _parse_list(path: str, value: Any, item: Callable[[Any], Any], problems: lis
 
 
 def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> None:
+    mirror = built.get("mirror")
+    if mirror is not None and mirror.address is None and mirror.address6 is None:
+        problems.append(("mirror.address", "is required unless mirror.address6 is set (an IPv6-only node)"))
     dns = built.get("dns")
     if dns is not None and not dns.listen:
         problems.append(("dns.listen", "needs at least one address"))

@@ -35,18 +35,30 @@ def upstream_dns(namespace: Namespace, workdir: Path, names: Mapping[str, str | 
         yield namespace.address
 
 
-def resolve(address: str, name: str) -> list[str]:
-    """A records for ``name`` from the DNS server at ``address`` (run inside a namespace with ``call``)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+def resolve(address: str, name: str, qtype: str = "A") -> list[str]:
+    """``qtype`` (A or AAAA) records for ``name`` from the DNS server at ``address`` (IPv4 or IPv6; run
+    inside a namespace with ``call``)."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(1.0)
-        sock.sendto(DNSRecord.question(name).pack(), (address, 53))
+        sock.sendto(DNSRecord.question(name, qtype).pack(), (address, 53))
         reply = DNSRecord.parse(sock.recvfrom(4096)[0])
-    return [str(rr.rdata) for rr in reply.rr if rr.rtype == 1]
+    wanted = 28 if qtype == "AAAA" else 1
+    return [str(rr.rdata) for rr in reply.rr if rr.rtype == wanted]
+
+
+def endpoint(address: str, port: int) -> str:
+    """``address:port``, the IPv6 address in brackets."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 @dataclass
 class MirrorNode:
-    """``dnsmirror serve`` in ``namespace`` on its own address (DNS :53, HTTPS :443)."""
+    """``dnsmirror serve`` in ``namespace`` on its own address (DNS :53, HTTPS :443).
+
+    The address is ``namespace.address``: an IPv6 one (an IPv6-only node) becomes ``mirror.address6``
+    with ``mirror.address: null``; a dual-stack node sets both with ``overrides``.
+    """
 
     namespace: Namespace
     workdir: Path
@@ -71,9 +83,10 @@ class MirrorNode:
 
     def config(self) -> dict[str, Any]:
         document: dict[str, Any] = {
-            "dns": {"listen": [f"{self.address}:53"], "upstreams": [f"{self.upstream_dns}:53"], "timeout": "1s"},
-            "mirror": {"address": self.address},
-            "https": {"listen": [f"{self.address}:443"]},
+            "dns": {"listen": [endpoint(self.address, 53)], "upstreams": [endpoint(self.upstream_dns, 53)],
+                    "timeout": "1s"},
+            "mirror": {"address": None, "address6": self.address} if ":" in self.address else {"address": self.address},
+            "https": {"listen": [endpoint(self.address, 443)]},
             "health": {"interval": "500ms", "timeout": "400ms"},
             "tls": {"ca_cert": str(self.ca_dir / "ca.crt"), "ca_key": str(self.ca_dir / "ca.key")},
             "upstream": {"ca_bundle": str(self.public_ca.cert_path), "connect_timeout": "3s",
@@ -108,8 +121,9 @@ class MirrorNode:
         return self
 
     def captures(self, name: str = "123456789012.dkr.ecr.us-east-1.amazonaws.com") -> bool:
+        qtype = "AAAA" if ":" in self.address else "A"
         try:
-            return self.namespace.call(resolve, self.address, name) == [self.address]
+            return self.namespace.call(resolve, self.address, name, qtype) == [self.address]
         except OSError:
             return False
 

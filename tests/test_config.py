@@ -56,6 +56,13 @@ def test_every_problem_is_reported_with_its_key_path():
     assert "missing port" in found["peers.static[0]"]
 
 
+def test_an_ipv6_only_node_needs_only_address6():
+    ipv6_only = config.parse_document({"mirror": {"address": None, "address6": "fd00::53"}})
+    assert (ipv6_only.mirror.address, ipv6_only.mirror.address6) == (None, "fd00::53")
+    found = problems_of({"mirror": {"address": None}})
+    assert set(found) == {"mirror.address"} and "mirror.address6" in found["mirror.address"]
+
+
 def test_wrong_section_type_and_empty_lists():
     found = problems_of({"dns": ["not", "a", "mapping"], "https": {"listen": []}, "capture": []})
     assert "expected a mapping" in found["dns"]

@@ -51,6 +51,14 @@ def test_captured_aaaa_with_and_without_ipv6_address():
     assert empty.header.rcode == RCODE.NOERROR and empty.rr == []
 
 
+def test_captured_a_on_an_ipv6_only_node_is_empty_and_aaaa_answers():
+    ipv6_only = Responder(HostMatcher(["*.dkr.ecr.*.amazonaws.com"]), None, "fd00::53", ttl=7)
+    ipv6_only.capture_enabled = True
+    a = ipv6_only.decide(query(ECR, "A"))
+    assert a.action is Action.ANSWER and DNSRecord.parse(a.packet).rr == []
+    assert [str(rr.rdata) for rr in DNSRecord.parse(ipv6_only.decide(query(ECR, "AAAA")).packet).rr] == ["fd00::53"]
+
+
 @pytest.mark.parametrize("qtype", ["HTTPS", "SVCB"])
 def test_https_and_svcb_of_captured_names_are_empty(qtype):
     decision = responder().decide(query("us-docker.pkg.dev", qtype))

@@ -99,7 +99,7 @@ class Responder:
     def __init__(
         self,
         matcher: HostMatcher,
-        address: str,
+        address: str | None,
         address6: str | None,
         ttl: int,
         cache_size: int = 4096,
@@ -165,7 +165,7 @@ class Responder:
     def _build_answer(self, query: DNSRecord, qtype: int) -> bytes:
         reply = query.reply(ra=1, aa=0)
         qname = query.questions[0].qname
-        if qtype == QTYPE.A:
+        if qtype == QTYPE.A and self.address:
             reply.add_answer(RR(qname, QTYPE.A, rdata=A(self.address), ttl=self.ttl))
         elif qtype == QTYPE.AAAA and self.address6:
             reply.add_answer(RR(qname, QTYPE.AAAA, rdata=AAAA(self.address6), ttl=self.ttl))

@@ -8,6 +8,7 @@ Modules, one concern each:
 - :mod:`harness.images`: multi-arch OCI images built with the standard library; pushes with skopeo
 - :mod:`harness.containerd`: containerd 1.6 with no registry config; ``ctr images pull``
 - :mod:`harness.cri`: a minimal CRI ImageService client (the kubelet's pull path)
+- :mod:`harness.runtimes`: dockerd, podman and buildah with private directories and no registry config
 
 Tests import it as ``harness`` (pytest puts ``tests/`` on ``sys.path``).
 """

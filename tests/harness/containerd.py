@@ -53,7 +53,7 @@ class Containerd:
 
     def __init__(self, namespace: Namespace, workdir: str | os.PathLike[str], *,
                  ssl_cert_file: str | os.PathLike[str] | None = None,
-                 env: Mapping[str, str] | None = None, log_level: str = "info") -> None:
+                 env: Mapping[str, str] | None = None, log_level: str = "info", runs_containers: bool = False) -> None:
         self.namespace = namespace
         self.workdir = Path(workdir)
         self.root = self.workdir / "root"
@@ -63,6 +63,8 @@ class Containerd:
         self.ssl_cert_file = ssl_cert_file
         self.env = clean_env(ssl_cert_file, **dict(env or {}))
         self.log_level = log_level
+        # runc needs the machine's /sys (cgroups), which ip netns exec hides: see Namespace.nsenter_argv
+        self.runs_containers = runs_containers
         self.process: Process | None = None
 
     def config(self) -> str:
@@ -97,8 +99,12 @@ class Containerd:
         for directory in (self.root, self.state, self.workdir / "empty"):
             directory.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(self.config())
-        self.process = self.namespace.start(["containerd", "--config", str(self.config_path)], "containerd",
-                                            env=self.env)
+        argv = ["containerd", "--config", str(self.config_path)]
+        if self.runs_containers:
+            self.process = self.namespace.start(self.namespace.nsenter_argv(argv), "containerd", env=self.env,
+                                                exec_prefix=())
+        else:
+            self.process = self.namespace.start(argv, "containerd", env=self.env)
         self.process.wait_until(self._socket_answers, "serving on its socket", timeout)
         return self
 

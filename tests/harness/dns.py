@@ -25,17 +25,19 @@ _QUERY_LINE = re.compile(r" info: \S+ (?P<name>\S+)\. (?P<type>\S+) IN$")
 
 
 class StaticDNS:
-    """unbound on ``namespace.address:port`` (UDP and TCP) serving ``records`` (name -> IPv4 address(es))."""
+    """unbound on ``namespace.address:port`` (UDP and TCP) serving ``records`` (name -> IPv4 and IPv6 addresses,
+    as A and AAAA records)."""
 
     def __init__(self, namespace: Namespace, records: Mapping[str, str | Iterable[str]],
                  workdir: str | os.PathLike[str], *, port: int = 53, address: str | None = None,
-                 ttl: int = 30) -> None:
+                 ttl: int = 30, extra_addresses: Iterable[str] = ()) -> None:
         self.namespace = namespace
         self.records = {name: [value] if isinstance(value, str) else list(value) for name, value in records.items()}
         self.workdir = Path(workdir)
         self.port = port
         self.address = address or namespace.address
         self.ttl = ttl
+        self.extra_addresses = list(extra_addresses)  # more addresses to listen on, e.g. an IPv6 one
         self.process: Process | None = None
 
     @property
@@ -47,7 +49,7 @@ class StaticDNS:
         """unbound.conf: local data only, no recursion, no outgoing queries."""
         lines = [
             "server:",
-            f"  interface: {self.address}@{self.port}",
+            *(f"  interface: {address}@{self.port}" for address in (self.address, *self.extra_addresses)),
             f"  port: {self.port}",
             "  do-daemonize: no",
             '  username: ""',
@@ -59,14 +61,16 @@ class StaticDNS:
             "  verbosity: 1",
             "  log-queries: yes",
             "  access-control: 0.0.0.0/0 allow",
-            "  do-ip6: no",
+            "  access-control: ::/0 allow",
+            f"  do-ip6: {'yes' if any(':' in a for a in (self.address, *self.extra_addresses)) else 'no'}",
             "  num-threads: 1",
             "  do-not-query-address: 0.0.0.0/0",
             "  do-not-query-address: ::0/0",
             '  local-zone: "." static',
         ]
         for name, addresses in self.records.items():
-            lines += [f'  local-data: "{name}. {self.ttl} IN A {address}"' for address in addresses]
+            lines += [f'  local-data: "{name}. {self.ttl} IN {"AAAA" if ":" in address else "A"} {address}"'
+                      for address in addresses]
         lines += ["remote-control:", "  control-enable: no"]
         return "\n".join(lines) + "\n"
 

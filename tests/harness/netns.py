@@ -28,6 +28,7 @@ import ipaddress
 import os
 import random
 import secrets
+import shlex
 import shutil
 import signal
 import subprocess
@@ -160,7 +161,8 @@ class Process:
     """
 
     def __init__(self, namespace: Namespace, argv: Sequence[str], name: str, *,
-                 env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: str | os.PathLike[str] | None = None,
+                 exec_prefix: Sequence[str] | None = None) -> None:
         self.namespace = namespace
         self.name = name
         self.argv = list(argv)
@@ -171,7 +173,7 @@ class Process:
         self.stderr_path = log_dir / f"{stem}.err"
         with open(self.stdout_path, "wb") as stdout, open(self.stderr_path, "wb") as stderr:
             self.popen = subprocess.Popen(
-                ["ip", "netns", "exec", namespace.name, *self.argv],
+                [*(namespace.exec_argv([]) if exec_prefix is None else exec_prefix), *self.argv],
                 stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                 env=dict(env) if env is not None else clean_env(), cwd=cwd,
                 # own process group: a stop also reaches children the server may have spawned
@@ -271,6 +273,21 @@ class Namespace:
         """``argv`` prefixed so that it runs inside this namespace."""
         return ["ip", "netns", "exec", self.name, *argv]
 
+    def nsenter_argv(self, argv: Sequence[str]) -> list[str]:
+        """``argv`` in this network namespace and a mount namespace of its own, ``/sys`` left as it is.
+
+        ``ip netns exec`` remounts ``/sys`` for the namespace, which hides the cgroup hierarchies that
+        dockerd and runc need ("Devices cgroup isn't mounted"). Here the namespace's resolv.conf and hosts
+        are bind-mounted over ``/etc`` in a mount namespace of its own (gone with the process; a slave, so
+        namespaces added later under /run/netns appear in it), then ``nsenter --net`` execs the program
+        (its pid stays the program's).
+        """
+        script = (f"mount --bind {shlex.quote(str(self.etc_dir / 'resolv.conf'))} /etc/resolv.conf && "
+                  f"mount --bind {shlex.quote(str(self.etc_dir / 'hosts'))} /etc/hosts && "
+                  f"exec nsenter --net={shlex.quote(str(NETNS_RUN_DIR / self.name))} "
+                  + " ".join(shlex.quote(part) for part in argv))
+        return ["unshare", "--mount", "--propagation", "slave", "sh", "-c", script]
+
     def run(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None, timeout: float = 60,
             check: bool = True, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run a command to completion inside the namespace; with ``check``, raise with its output on failure.
@@ -285,12 +302,13 @@ class Namespace:
         return done
 
     def start(self, argv: Sequence[str], name: str | None = None, *, env: Mapping[str, str] | None = None,
-              cwd: str | os.PathLike[str] | None = None) -> Process:
+              cwd: str | os.PathLike[str] | None = None, exec_prefix: Sequence[str] | None = None) -> Process:
         """Start a background process in the namespace; the cluster stops it at the latest on close.
 
-        ``env`` defaults to :func:`clean_env`.
+        ``env`` defaults to :func:`clean_env`. ``exec_prefix`` replaces ``ip netns exec NAME`` for a program
+        that enters the namespace itself (e.g. with ``nsenter``).
         """
-        process = Process(self, argv, name or Path(argv[0]).name, env=env, cwd=cwd)
+        process = Process(self, argv, name or Path(argv[0]).name, env=env, cwd=cwd, exec_prefix=exec_prefix)
         self.cluster.processes.append(process)
         return process
 
@@ -336,6 +354,19 @@ class Namespace:
         """Remove a limit set by :meth:`limit_egress`."""
         self.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10, check=False)
 
+    def add_address6(self) -> str:
+        """Give ``eth0`` a fresh address of the cluster's IPv6 ULA subnet (usable at once: no DAD); return it."""
+        address = self.cluster.allocate_address6()
+        ip("-n", self.name, "addr", "add", f"{address}/{self.cluster.network6.prefixlen}", "dev", "eth0", "nodad")
+        self.addresses.append(address)
+        return address
+
+    def remove_ipv4(self) -> None:
+        """Take the IPv4 address off ``eth0``: an IPv6-only member (``address`` becomes its first IPv6)."""
+        ip("-n", self.name, "addr", "del", f"{self.address}/{self.cluster.network.prefixlen}", "dev", "eth0")
+        self.addresses.remove(self.address)
+        self.address = next(address for address in self.addresses if ":" in address)
+
     def add_address(self, address: str | None = None) -> str:
         """Add another address of the shared subnet to ``eth0`` (a fresh one by default); return it."""
         address = address or self.cluster.allocate_address()
@@ -357,6 +388,11 @@ class Cluster:
         self.network = ipaddress.ip_network(f"10.{random.randint(64, 254)}.{random.randint(0, 255)}.0/24")
         self._hosts = iter(self.network.hosts())
         next(self._hosts)  # .1 stays free, the usual gateway address, in case a test wants one
+        # a ULA /64 (inside fd00::/8, which dnsmirror's dns.allow admits) for members that want IPv6
+        self.network6 = ipaddress.ip_network(
+            f"fd{random.randint(0, 255):02x}:{random.randint(0, 0xffff):x}:{random.randint(0, 0xffff):x}::/64")
+        self._hosts6 = iter(self.network6.hosts())
+        next(self._hosts6)
         self.switch = f"{self.run_id}-sw"
         self.members: list[Namespace] = []
         self.processes: list[Process] = []
@@ -388,6 +424,10 @@ class Cluster:
     def allocate_address(self) -> str:
         """A subnet address no member uses yet."""
         return str(next(self._hosts))
+
+    def allocate_address6(self) -> str:
+        """An IPv6 subnet address no member uses yet."""
+        return str(next(self._hosts6))
 
     def add(self, role: str, *, hosts: Mapping[str, str] | None = None,
             nameservers: Iterable[str] | None = None) -> Namespace:
