@@ -12,7 +12,8 @@ run: setup
 	@test -f certs/ca.crt || $(BIN)/dnsmirror ca init --dir certs
 	$(BIN)/dnsmirror serve
 
-test: setup
+test:
+	@scripts/setup.sh test
 	$(BIN)/ruff check dnsmirror tests
 	$(BIN)/pytest -q
 

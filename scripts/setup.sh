@@ -2,6 +2,7 @@
 # Sets up a fresh machine for dnsmirror: system tools used by the tests and benchmarks, and a
 # virtualenv with the package. Idempotent; fast when everything is already there.
 #   scripts/setup.sh          # runtime + test tools
+#   scripts/setup.sh test     # also the image test's offline inputs (a Debian root filesystem, wheels)
 #   scripts/setup.sh bench    # also the benchmark peers (dnsperf, unbound, nginx)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -103,4 +104,7 @@ image_inputs() {
     fi
   fi
 }
-image_inputs
+# only the tests need them: `make run` stays a quick set-up
+if [ "${1:-}" = test ]; then
+  image_inputs
+fi
