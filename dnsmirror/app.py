@@ -5,13 +5,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
-import sys
 
 from twisted.internet import defer, error, task
 from twisted.web import server
 
+from dnsmirror import __version__, logs
 from dnsmirror import ca as camod
-from dnsmirror import logs
 from dnsmirror.access import AccessLogSite
 from dnsmirror.authz import Grants
 from dnsmirror.bypass import TlsBypass
@@ -93,6 +92,7 @@ class Services:
         self.peer_stats = PeerStats()
         self.peer_set: PeerSet | None = None
         self.peer_client: PeerClient | None = None
+        self._health_heard = False
 
     def _build_front(self):
         """The registry front: cache store, upstream client, content chain, pass-through."""
@@ -213,8 +213,10 @@ class Services:
             raise ListenError(f"metrics.listen: cannot listen on {address}: {_reason(exc)}") from exc
 
     def _on_health(self, healthy: bool) -> None:
+        if self._health_heard:  # subscribe calls this once with the current state, which is not a change
+            self.dns_stats.health_changes += 1
+        self._health_heard = True
         self.responder.capture_enabled = healthy
-        self.dns_stats.health_changes += 1
 
     def start(self) -> None:
         """Bind every listener and start the health probe; raises :class:`ListenError` or
@@ -240,7 +242,7 @@ class Services:
             log.warning("no upstream resolvers: set dns.upstreams; every forwarded query will get SERVFAIL")
         log.info(
             "dnsmirror started", extra=fields(
-                dns=[str(a) for a in self.config.dns.listen], upstreams=[str(u) for u in self.upstreams],
+                version=__version__, dns=[str(a) for a in self.config.dns.listen], upstreams=[str(u) for u in self.upstreams],
                 mirror=self.config.mirror.address, patterns=len(self.config.capture), config=self.config.source,
                 **({"egress_proxy": str(self.upstream.proxy)} if self.upstream and self.upstream.proxy else {}),
             ),
@@ -295,12 +297,11 @@ def serve(config: Config) -> int:
     try:
         services.start()
     except camod.CaError as exc:
+        # the log goes to stderr: one line, not two
         log.error("refusing to start: %s", exc)
-        print(f"dnsmirror: refusing to start: {exc}", file=sys.stderr)
         return 2
     except ListenError as exc:
         log.error("%s", exc)
-        print(f"dnsmirror: {exc}", file=sys.stderr)
         return 2
     reactor.addSystemEventTrigger("before", "shutdown", _stopping, services)
     reactor.run()
