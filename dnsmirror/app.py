@@ -9,7 +9,7 @@ import signal
 from twisted.internet import defer, error, task
 from twisted.web import server
 
-from dnsmirror import __version__, logs
+from dnsmirror import __version__, failures, logs
 from dnsmirror import ca as camod
 from dnsmirror.access import AccessLogSite
 from dnsmirror.authz import Grants
@@ -37,6 +37,7 @@ from dnsmirror.peers import (
     load_secret,
 )
 from dnsmirror.proxy import PassThrough
+from dnsmirror.pulls import PullReporter
 from dnsmirror.resolver import AddressPolicy, UpstreamResolver
 from dnsmirror.store import ContainerdContentSource, Store, StoreError
 from dnsmirror.streaming import DiskIO
@@ -93,6 +94,8 @@ class Services:
         self.peer_set: PeerSet | None = None
         self.peer_client: PeerClient | None = None
         self._health_heard = False
+        self.site = None  # the HTTPS listener's Site (its http_metrics feed /metrics)
+        self.pulls: PullReporter | None = None
 
     def _build_front(self):
         """The registry front: cache store, upstream client, content chain, pass-through."""
@@ -111,8 +114,11 @@ class Services:
         self.content = ContentChain(self.reactor, self.disk, self.upstream, grants, self.passthrough,
                                     self.content_stats, containerd, self._start_peers())
         # idle keep-alive connections are closed after this; a request in progress is never timed out
-        site = AccessLogSite(RegistryResource(self.matcher, self.content, self.passthrough),
-                             access=self.config.log.access, requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT)
+        self.pulls = PullReporter(self.reactor)
+        self.pulls.start()
+        site = AccessLogSite(RegistryResource(self.matcher, self.content, self.passthrough, self.pulls),
+                             access=self.config.log.access, requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT,
+                             observers=(self.pulls.request_ended,))
         site.protocol = RegistryChannel
         site.displayTracebacks = False
         return site
@@ -173,6 +179,7 @@ class Services:
         sni = SniServer(self.matcher, signing, leaf_validity=tls.leaf_validity,
                         cache_size=tls.leaf_cache_size, stats=self.tls_stats)
         site = self.web_site if self.web_site is not None else self._build_front()
+        self.site = site
         self.https = HttpsListener(self.reactor, self.config.https.listen, sni, site)
         try:
             self.https.start()
@@ -190,7 +197,14 @@ class Services:
             {
                 "cache_bytes": ("Bytes of committed content in the cache",
                                 lambda: self.store.total_size if self.store else 0),
+                "cache_max_bytes": ("cache.max_size: the cache is kept below this many bytes",
+                                    lambda: self.config.cache.max_size),
                 "cache_blobs": ("Blobs in the cache", lambda: self.store.blob_count if self.store else 0),
+                "tls_bypassed_registries": ("Registries not captured now because their certificate failed "
+                                            "verification", lambda: self.tls_bypass.active),
+            },
+            self.health,
+            counters={
                 "cache_evictions": ("Blobs evicted since start", lambda: self.store.evictions if self.store else 0),
                 "stale_tag_answers": ("Tags answered from the last known digest while upstream was unreachable",
                                       lambda: self.passthrough.stale_answers if self.passthrough else 0),
@@ -198,10 +212,10 @@ class Services:
                                             lambda: self.passthrough.streamed_bodies if self.passthrough else 0),
                 "tls_bypasses": ("Times a registry stopped being captured because its certificate failed "
                                  "verification", lambda: self.tls_bypass.started),
-                "tls_bypassed_registries": ("Registries not captured now because their certificate failed "
-                                            "verification", lambda: self.tls_bypass.active),
             },
-            self.health,
+            http=lambda: getattr(self.site, "http_metrics", None),
+            failure_log=failures.failures,
+            extra=(lambda: self.pulls.families() if self.pulls else (),),
         )
         address = self.config.metrics.listen
         if address is None:
@@ -266,6 +280,9 @@ class Services:
             self.peer_client.stop_announcing()
             self.peer_client.close()
             self.peer_client = None
+        if self.pulls is not None:
+            self.pulls.stop()
+            self.pulls = None
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None

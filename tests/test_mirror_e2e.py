@@ -97,7 +97,7 @@ def test_skopeo_copy_from_and_push_to_the_captured_host(setup: Setup, tmp_path: 
     assert setup.registry.count_requests("PUT", path, status=201) == 1
     # the push's bodies went upstream as they arrived, not spooled first
     metrics = setup.node.run(["curl", "-sS", "--max-time", "10", "http://127.0.0.1:9090/metrics"]).stdout.decode()
-    streamed = next(line for line in metrics.splitlines() if line.startswith("dnsmirror_streamed_request_bodies "))
+    streamed = next(line for line in metrics.splitlines() if line.startswith("dnsmirror_streamed_request_bodies_total "))
     # layer chunks (PATCH) and manifests (PUT) carry bodies; the PUT that closes a blob upload is empty
     bodies = [entry for entry in setup.registry.access_log() if entry.path.startswith("/v2/team/pushed/") and (
         entry.method == "PATCH" or (entry.method == "PUT" and "/manifests/" in entry.path))]
