@@ -213,7 +213,7 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert (status, body) != (200, third), "a body that failed verification was served"
                 assert fetch(node_b, mirror_b, third_digest) == (200, third)
                 assert registry.count_requests("GET", registry.blob_path(REPOSITORY, third_digest)) == gets_before + 1
-                assert wait_until(lambda: any(r.get("event") == "peer_failed" for r in mirror_b.log_records()), 5)
+                assert wait_until(lambda: any(r.get("event") == "peer_failure" for r in mirror_b.log_records()), 5)
 
                 # after a restart of every node, A's cache is announced again (in a batch), and found
                 sixth, sixth_digest = indexed_at_c(400_000)
