@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from dnsmirror import __version__
+from dnsmirror import __version__, doctor
 from dnsmirror import config as configmod
 
 
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     default.set_defaults(run=_cmd_config_default)
 
     register_ca_commands(commands)
+    doctor.register(commands)
     return parser
 
 
