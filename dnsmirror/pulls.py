@@ -3,7 +3,8 @@
 dnsmirror serves the image manifest a client pulls, so it knows the blobs (config and layers) that make
 up the image. A pull is keyed by (client address, registry host, repository, manifest digest); it starts
 when that client is sent an image manifest (an index starts none: the platform manifest that follows
-does) and collects the client's blob responses for those digests in that repository. It ends:
+does, and its time counts from the index request when that came within ``settle`` seconds before) and
+collects the client's blob responses for those digests in that repository. It ends:
 
 - ``complete``: every blob of the image was sent to the client in full;
 - ``partial``: no blob request of the pull in flight for :attr:`PullTracker.settle` seconds while some
@@ -37,6 +38,10 @@ IMAGE_MANIFEST_TYPES = frozenset({
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 })
+INDEX_TYPES = frozenset({
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+})
 MAX_BLOBS = 1000
 # the manifest body kept from a response for the report (larger manifests start no pull)
 MAX_MANIFEST_BYTES = 256 * 1024
@@ -61,6 +66,18 @@ def image_blobs(body: bytes) -> dict[str, int] | None:
             size = descriptor.get("size")
             blobs[descriptor["digest"]] = size if isinstance(size, int) and size >= 0 else 0
     return blobs or None
+
+
+def index_manifests(body: bytes) -> list[str]:
+    """The manifest digests an image index lists (at most :data:`MAX_BLOBS`), or [] for anything else."""
+    try:
+        document = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return []
+    manifests = document.get("manifests") if isinstance(document, dict) else None
+    if not isinstance(manifests, list):
+        return []
+    return [d["digest"] for d in manifests[:MAX_BLOBS] if isinstance(d, dict) and isinstance(d.get("digest"), str)]
 
 
 def source_mix(bytes_by_category: Counter) -> str:
@@ -122,12 +139,24 @@ class PullTracker:
         self.timeout = timeout
         self.max_pulls = max_pulls
         self.open: dict[tuple[str, str, str, str], Pull] = {}
+        # (client, host, repository, platform manifest) -> when the index naming it was asked for
+        self.indexes: dict[tuple[str, str, str, str], float] = {}
+
+    def index_sent(self, client: str, host: str, repository: str, body: bytes, started: float) -> None:
+        """An image index was sent: a pull of one of its manifests that follows started with it."""
+        for digest in index_manifests(body):
+            if len(self.indexes) >= self.max_pulls:
+                del self.indexes[next(iter(self.indexes))]  # the oldest
+            self.indexes[(client, host, repository, digest)] = started
 
     def manifest_sent(self, client: str, host: str, repository: str, digest: str, body: bytes,
                       started: float, now: float) -> list[dict[str, Any]]:
         """An image manifest was sent in full to ``client``: a pull starts (an index starts none)."""
         blobs = image_blobs(body)
         key = (client, host, repository, digest)
+        index_started = self.indexes.pop(key, None)
+        if index_started is not None and started - index_started <= self.settle:
+            started = index_started
         if blobs is None or key in self.open:
             return []
         reports = []
@@ -240,7 +269,11 @@ class PullReporter:
             content_type = (request.responseHeaders.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1")
             digest = target.digest or (request.responseHeaders.getRawHeaders(b"docker-content-digest")
                                        or [b""])[0].decode("latin-1")
-            if done and request.code == 200 and body and digest and content_type.split(";")[0] in IMAGE_MANIFEST_TYPES:
+            media_type = content_type.split(";")[0]
+            if done and request.code == 200 and body and media_type in INDEX_TYPES:
+                self.tracker.index_sent(client, target.upstream_host, target.repository, bytes(body),
+                                        self._since(request, now))
+            elif done and request.code == 200 and body and digest and media_type in IMAGE_MANIFEST_TYPES:
                 self._publish(self.tracker.manifest_sent(client, target.upstream_host, target.repository, digest,
                                                          bytes(body), self._since(request, now), now))
             return
@@ -276,7 +309,7 @@ class PullReporter:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
         histogram = HistogramMetricFamily("dnsmirror_image_pull_seconds", "Image pulls by the sources that sent "
-                                          "their bytes: time from the image manifest to the pull's end",
+                                          "their bytes: time from the index (or image manifest) request to the pull's end",
                                           labels=["source_mix"])
         for mix, counts in sorted(self.seconds.items()):
             running, buckets = 0, []

@@ -126,3 +126,22 @@ def test_the_reporter_logs_timeouts_on_its_clock_and_keeps_a_bounded_histogram()
     assert outcomes["timed_out"] == 1 and outcomes["complete"] == 0
     reporter.stop()
     assert clock.getDelayedCalls() == []
+
+
+def test_a_pull_through_an_index_counts_from_the_index_request():
+    tracker = PullTracker(settle=30.0)
+    index = json.dumps({"mediaType": "application/vnd.oci.image.index.v1+json",
+                        "manifests": [{"digest": MANIFEST}, {"digest": "sha256:" + "9" * 64}]}).encode()
+    tracker.index_sent(CLIENT, HOST, REPO, index, started=5.0)
+    tracker.manifest_sent(CLIENT, HOST, REPO, MANIFEST, manifest(), started=5.5, now=5.6)
+    [report] = tracker.blob_ended(CLIENT, HOST, REPO, CONFIG, source="cache", sent=100, complete=True,
+                                  first_byte_at=5.8, now=6.0)
+    assert (report["seconds"], report["first_byte_s"]) == (1.0, 0.8)
+    # an index long before does not stretch a later pull; the index table stays bounded
+    tracker.index_sent(CLIENT, HOST, REPO, index, started=100.0)
+    tracker.manifest_sent(CLIENT, HOST, REPO, MANIFEST, manifest(), started=200.0, now=200.0)
+    assert tracker.open[(CLIENT, HOST, REPO, MANIFEST)].started == 200.0
+    small = PullTracker(max_pulls=3)
+    for n in range(10):
+        small.index_sent(f"10.0.0.{n}", HOST, REPO, index, started=n)
+    assert len(small.indexes) <= 3
