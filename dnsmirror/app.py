@@ -5,13 +5,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
-import sys
 
 from twisted.internet import defer, error, task
 from twisted.web import http, server
 
+from dnsmirror import __version__, failures, logs
 from dnsmirror import ca as camod
-from dnsmirror import logs
 from dnsmirror.access import AccessLogSite
 from dnsmirror.authz import Grants
 from dnsmirror.bypass import TlsBypass
@@ -47,6 +46,7 @@ from dnsmirror.peers import (
     load_secret,
 )
 from dnsmirror.proxy import PassThrough
+from dnsmirror.pulls import PullReporter
 from dnsmirror.resolver import AddressPolicy, UpstreamResolver
 from dnsmirror.store import ContainerdContentSource, Store, StoreError
 from dnsmirror.streaming import DiskIO
@@ -106,6 +106,9 @@ class Services:
                                                    ("metrics", config.metrics.listen is not None)) if used)
         self.budget: DescriptorBudget = plan_budget(current_limit(), descriptors_in_use(), listeners)
         self.limiters: dict[str, ConnectionLimiter] = {}
+        self._health_heard = False
+        self.site = None  # the HTTPS listener's Site (its http_metrics feed /metrics)
+        self.pulls: PullReporter | None = None
 
     def _limited(self, name: str, factory) -> ConnectionLimiter:
         """``factory`` behind the connection caps the descriptor budget gives listener ``name``."""
@@ -129,8 +132,11 @@ class Services:
         self.content = ContentChain(self.reactor, self.disk, self.upstream, grants, self.passthrough,
                                     self.content_stats, containerd, self._start_peers())
         # idle keep-alive connections are closed after this; a request in progress is never timed out
-        site = AccessLogSite(RegistryResource(self.matcher, self.content, self.passthrough),
-                             access=self.config.log.access, requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT)
+        self.pulls = PullReporter(self.reactor)
+        self.pulls.start()
+        site = AccessLogSite(RegistryResource(self.matcher, self.content, self.passthrough, self.pulls),
+                             access=self.config.log.access, requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT,
+                             observers=(self.pulls.request_ended,))
         site.protocol = with_header_deadline(RegistryChannel)
         site.displayTracebacks = False
         return site
@@ -193,6 +199,7 @@ class Services:
         sni = SniServer(self.matcher, signing, leaf_validity=tls.leaf_validity,
                         cache_size=tls.leaf_cache_size, stats=self.tls_stats)
         site = self.web_site if self.web_site is not None else self._build_front()
+        self.site = site
         self.https = HttpsListener(self.reactor, self.config.https.listen, sni, site, self.budget.caps("https"))
         try:
             self.https.start()
@@ -211,7 +218,14 @@ class Services:
             {
                 "cache_bytes": ("Bytes of committed content in the cache",
                                 lambda: self.store.total_size if self.store else 0),
+                "cache_max_bytes": ("cache.max_size: the cache is kept below this many bytes",
+                                    lambda: self.config.cache.max_size),
                 "cache_blobs": ("Blobs in the cache", lambda: self.store.blob_count if self.store else 0),
+                "tls_bypassed_registries": ("Registries not captured now because their certificate failed "
+                                            "verification", lambda: self.tls_bypass.active),
+            },
+            self.health,
+            counters={
                 "cache_evictions": ("Blobs evicted since start", lambda: self.store.evictions if self.store else 0),
                 "stale_tag_answers": ("Tags answered from the last known digest while upstream was unreachable",
                                       lambda: self.passthrough.stale_answers if self.passthrough else 0),
@@ -219,8 +233,6 @@ class Services:
                                             lambda: self.passthrough.streamed_bodies if self.passthrough else 0),
                 "tls_bypasses": ("Times a registry stopped being captured because its certificate failed "
                                  "verification", lambda: self.tls_bypass.started),
-                "tls_bypassed_registries": ("Registries not captured now because their certificate failed "
-                                            "verification", lambda: self.tls_bypass.active),
                 **{f"{name}_connections_refused": (f"Connections the {name} listener refused at its cap",
                                                    lambda name=name: self._limiter_stat(name, "refused"))
                    for name in ("https", "peers", "metrics")},
@@ -229,7 +241,9 @@ class Services:
                                                    lambda name=name: self._limiter_stat(name, "evicted"))
                    for name in ("https", "peers", "metrics")},
             },
-            self.health,
+            http=lambda: getattr(self.site, "http_metrics", None),
+            failure_log=failures.failures,
+            extra=(lambda: self.pulls.families() if self.pulls else (),),
         )
         address = self.config.metrics.listen
         if address is None:
@@ -248,8 +262,10 @@ class Services:
         return getattr(limiter.stats, stat) if limiter is not None else 0
 
     def _on_health(self, healthy: bool) -> None:
+        if self._health_heard:  # subscribe calls this once with the current state, which is not a change
+            self.dns_stats.health_changes += 1
+        self._health_heard = True
         self.responder.capture_enabled = healthy
-        self.dns_stats.health_changes += 1
 
     def start(self) -> None:
         """Bind every listener and start the health probe; raises :class:`ListenError` or
@@ -277,7 +293,7 @@ class Services:
             log.warning("no upstream resolvers: set dns.upstreams; every forwarded query will get SERVFAIL")
         log.info(
             "dnsmirror started", extra=fields(
-                dns=[str(a) for a in self.config.dns.listen], upstreams=[str(u) for u in self.upstreams],
+                version=__version__, dns=[str(a) for a in self.config.dns.listen], upstreams=[str(u) for u in self.upstreams],
                 mirror=self.config.mirror.address, patterns=len(self.config.capture), config=self.config.source,
                 **({"egress_proxy": str(self.upstream.proxy)} if self.upstream and self.upstream.proxy else {}),
             ),
@@ -301,6 +317,9 @@ class Services:
             self.peer_client.stop_announcing()
             self.peer_client.close()
             self.peer_client = None
+        if self.pulls is not None:
+            self.pulls.stop()
+            self.pulls = None
         if self.upstream is not None:
             self.upstream.close()
             self.upstream = None
@@ -333,12 +352,11 @@ def serve(config: Config) -> int:
     try:
         services.start()
     except camod.CaError as exc:
+        # the log goes to stderr: one line, not two
         log.error("refusing to start: %s", exc)
-        print(f"dnsmirror: refusing to start: {exc}", file=sys.stderr)
         return 2
     except ListenError as exc:
         log.error("%s", exc)
-        print(f"dnsmirror: {exc}", file=sys.stderr)
         return 2
     reactor.addSystemEventTrigger("before", "shutdown", _stopping, services)
     reactor.run()

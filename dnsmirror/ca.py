@@ -303,24 +303,52 @@ def init_directory(directory: Path, patterns: Sequence[str], *, force: bool = Fa
                    root_days: int = ROOT_DAYS, intermediate_days: int = INTERMEDIATE_DAYS) -> list[Path]:
     """``dnsmirror ca init``: write root.crt, root.key, ca.crt, ca.key into ``directory``.
 
-    Refuses to overwrite existing files unless ``force``; returns the paths written.
+    Refuses to overwrite existing files unless ``force``; returns the paths written. Validity and the
+    directory are checked before anything is created, so a refusal leaves nothing behind.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    check_validity_days(root_days, intermediate_days)
+    _make_directory(directory)
     paths = [directory / name for name in CA_FILES]
     existing = [p for p in paths if p.exists()]
     if existing and not force:
         raise CaError(existing[0], "already exists", "use another --dir, or --force to replace the whole CA")
     bundle = create_ca(required_subtrees(patterns), root_days=root_days, intermediate_days=intermediate_days)
-    write_public(paths[0], pem(bundle.root_cert))
-    write_private(paths[1], key_pem(bundle.root_key))
-    write_public(paths[2], pem(bundle.cert))
-    write_private(paths[3], key_pem(bundle.key))
+    try:
+        write_public(paths[0], pem(bundle.root_cert))
+        write_private(paths[1], key_pem(bundle.root_key))
+        write_public(paths[2], pem(bundle.cert))
+        write_private(paths[3], key_pem(bundle.key))
+    except OSError as exc:
+        raise CaError(directory, f"cannot write the CA files: {exc.strerror or exc}",
+                      "choose a --dir you can write to") from exc
     return paths
+
+
+def check_validity_days(root_days: int, intermediate_days: int) -> None:
+    """Refuse validity periods that would write an expired CA or one cut short without a word."""
+    if root_days < 1:
+        raise CaError("--root-days", f"must be at least 1, got {root_days}", "give the root's validity in days")
+    if intermediate_days < 1:
+        raise CaError("--days", f"must be at least 1, got {intermediate_days}",
+                      "give the intermediate's validity in days (default 365)")
+    if intermediate_days > root_days:
+        raise CaError("--days", f"{intermediate_days} exceeds --root-days {root_days}: the intermediate cannot "
+                                "outlive the root that signs it", "lower --days or raise --root-days")
+
+
+def _make_directory(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise CaError(directory, "exists and is not a directory", "give --dir a directory (it is created if missing)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CaError(directory, f"cannot create the directory: {exc.strerror or exc}",
+                      "give --dir a path whose parent exists and is writable") from exc
 
 
 def csr_directory(directory: Path, patterns: Sequence[str], *, force: bool = False) -> tuple[Path, Path]:
     """``dnsmirror ca csr``: write ca.key (0600) and ca.csr into ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
+    _make_directory(directory)
     key_path, csr_path = directory / "ca.key", directory / "ca.csr"
     for path in (key_path, csr_path):
         if path.exists() and not force:
@@ -442,6 +470,10 @@ def load_authority(cert_path: Path | str, key_path: Path | str, patterns: Sequen
         raise CaError(cert_path, f"expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC",
                       "rotate the CA (docs/security.md, 'Rotating the CA')")
     warnings = []
+    if cert.issuer == cert.subject and basic.path_length != 0:
+        warnings.append(f"{key_path}: is the key of a self-signed root CA, so a node holding it could mint other "
+                        "intermediates; give nodes the intermediate (ca.crt / ca.key of `dnsmirror ca init`) and "
+                        "keep the root key offline")
     if cert.not_valid_after_utc - now < EXPIRY_WARNING:
         warnings.append(f"{cert_path}: the CA expires on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, "
                         "in less than 30 days; rotate it (docs/security.md, 'Rotating the CA')")

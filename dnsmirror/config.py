@@ -8,7 +8,9 @@ ever sees a malformed address, pattern or duration.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -32,8 +34,17 @@ class ConfigError(Exception):
         super().__init__(self.describe())
 
     def describe(self) -> str:
-        """One line per problem: ``key.path: what is wrong``."""
-        return "\n".join(f"{path or '<top>'}: {message}" for path, message in self.problems)
+        """One line per problem: ``key.path: what is wrong`` (the first ``MAX_SHOWN``, then a count)."""
+        return "\n".join(f"{path or '<top>'}: {message}" for path, message in self.shown())
+
+    MAX_SHOWN = 20
+
+    def shown(self) -> list[tuple[str, str]]:
+        """The problems to print: a file with thousands of bad entries gets a readable error."""
+        if len(self.problems) <= self.MAX_SHOWN:
+            return self.problems
+        more = len(self.problems) - self.MAX_SHOWN
+        return [*self.problems[:self.MAX_SHOWN], ("", f"... and {more} more problems")]
 
 
 @dataclass(frozen=True, order=True)
@@ -170,14 +181,14 @@ def _ipv4(value: Any) -> str:
     try:
         return str(ipaddress.IPv4Address(_string(value)))
     except ipaddress.AddressValueError as exc:
-        raise ValueError(f"not an IPv4 address: {value!r}") from exc
+        raise ValueError(f"not an IPv4 address: {_brief(value)}") from exc
 
 
 def _ipv6(value: Any) -> str:
     try:
         return str(ipaddress.IPv6Address(_string(value)))
     except ipaddress.AddressValueError as exc:
-        raise ValueError(f"not an IPv6 address: {value!r}") from exc
+        raise ValueError(f"not an IPv6 address: {_brief(value)}") from exc
 
 
 def _string(value: Any) -> str:
@@ -187,7 +198,18 @@ def _string(value: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+    return f"{type(value).__name__} {_brief(value)}"
+
+
+_BRIEF_CHARS = 60
+
+
+def _brief(value: Any) -> str:
+    """``repr(value)``, cut to a readable length: an error never prints a huge value in full."""
+    if isinstance(value, list | dict | tuple) and len(value) > 8:
+        return f"<{type(value).__name__} of {len(value)} items>"
+    text = repr(value)
+    return text if len(text) <= _BRIEF_CHARS else f"{text[:_BRIEF_CHARS]}... ({len(text)} characters)"
 
 
 _HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)|(?P<bare6>[0-9a-fA-F:]*:[0-9a-fA-F:]*))(?::(?P<port>\d+))?$")
@@ -205,40 +227,73 @@ def host_port(value: Any, default_port: int | None = None) -> HostPort:
         host = match.group("v6") or match.group("v4")
         port = match.group("port")
     else:
-        raise ValueError(f"expected IP:port (e.g. 127.0.0.1:53 or [::1]:53), got {text!r}")
+        raise ValueError(f"expected IP:port (e.g. 127.0.0.1:53 or [::1]:53), got {_brief(text)}")
     try:
         host = str(ipaddress.ip_address(host))
     except ValueError as exc:
-        raise ValueError(f"not an IP address in {text!r}") from exc
+        raise ValueError(f"not an IP address in {_brief(text)}") from exc
     if port is None:
         if default_port is None:
-            raise ValueError(f"missing port in {text!r} (e.g. {host}:53)")
+            raise ValueError(f"missing port in {_brief(text)} (e.g. {host}:53)")
         port_number = default_port
     else:
         port_number = int(port)
     if not 0 < port_number < 65536:
-        raise ValueError(f"port {port_number} out of range 1-65535 in {text!r}")
+        raise ValueError(f"port {port_number} out of range 1-65535 in {_brief(text)}")
     return HostPort(host, port_number)
 
 
-_DURATION = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h)?$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_DURATION_PART = re.compile(r"(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>ms|s|m|h)")
+_DURATION_PLAIN = re.compile(r"^\d+(?:\.\d+)?$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_HINT = "a duration like 2s, 500ms, 1m30s or 1h (units h, m, s, ms)"
+
+
+def _duration_seconds(value: Any) -> float:
+    """Seconds from a number or a (possibly compound) duration; any value >= 0."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected {_DURATION_HINT}, got {_show(value)}")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"must not be negative, got {_brief(value)}")
+        return float(value)
+    text = _string(value).replace(" ", "")
+    if _DURATION_PLAIN.match(text):
+        return float(text)
+    if text.startswith("-"):
+        raise ValueError(f"must not be negative, got {_brief(value)}")
+    position, seconds = 0, 0.0
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if not match:
+            raise ValueError(f"expected {_DURATION_HINT}, got {_brief(value)}")
+        seconds += float(match.group("num")) * _DURATION_UNITS[match.group("unit")]
+        position = match.end()
+    return seconds
 
 
 def parse_duration(value: Any) -> float:
-    """Seconds from ``2s``, ``500ms``, ``1m``, ``1h`` or a plain number of seconds; must be > 0."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like 2s or 500ms, got {_show(value)}")
-    if isinstance(value, int | float):
-        seconds = float(value)
-    else:
-        match = _DURATION.match(_string(value))
-        if not match:
-            raise ValueError(f"expected a duration like 2s, 500ms, 1m, got {value!r}")
-        seconds = float(match.group("num")) * _DURATION_UNITS[match.group("unit")]
+    """Seconds from ``2s``, ``500ms``, ``1m30s``, ``1h`` or a plain number of seconds; must be > 0."""
+    seconds = _duration_seconds(value)
     if seconds <= 0:
-        raise ValueError(f"must be greater than zero, got {value!r}")
+        raise ValueError(f"must be greater than zero, got {_brief(value)}")
     return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest duration text that :func:`parse_duration` reads back as ``seconds`` (``1m30s``, ``500ms``)."""
+    millis = round(seconds * 1000)
+    if millis == 0 or abs(millis - seconds * 1000) > 1e-6:
+        return f"{seconds:g}s"
+    if millis % 1000:
+        return f"{millis}ms" if millis < 1000 else f"{millis / 1000:g}s"
+    whole = millis // 1000
+    parts = []
+    for unit, size in (("h", 3600), ("m", 60), ("s", 1)):
+        if whole >= size:
+            parts.append(f"{whole // size}{unit}")
+            whole %= size
+    return "".join(parts)
 
 
 _SIZE = re.compile(r"^(?P<num>\d+(?:\.\d+)?)\s*(?P<unit>[KMGT]i?B|B)?$", re.IGNORECASE)
@@ -257,10 +312,10 @@ def parse_size(value: Any) -> int:
     else:
         match = _SIZE.match(_string(value))
         if not match:
-            raise ValueError(f"expected a size like 10GiB or 500MB, got {value!r}")
+            raise ValueError(f"expected a size like 10GiB or 500MB, got {_brief(value)}")
         size = int(float(match.group("num")) * _SIZE_UNITS[(match.group("unit") or "b").lower()])
     if size <= 0:
-        raise ValueError(f"must be greater than zero, got {value!r}")
+        raise ValueError(f"must be greater than zero, got {_brief(value)}")
     return size
 
 
@@ -276,9 +331,22 @@ def _int_range(low: int, high: int) -> Callable[[Any], int]:
 
 
 def _duration_or_zero(value: Any) -> float:
-    if value in (0, "0", "0s"):
-        return 0.0
-    return parse_duration(value)
+    return _duration_seconds(value)
+
+
+def _whole_seconds(low: int, high: int) -> Callable[[Any], int]:
+    """A time in whole seconds, given as an integer or a duration (``dns.ttl: 30`` or ``30s``)."""
+
+    def parse(value: Any) -> int:
+        seconds = _duration_seconds(value)
+        if seconds != int(seconds):
+            raise ValueError(f"must be whole seconds, got {_brief(value)}")
+        if not low <= seconds <= high:
+            raise ValueError(f"must be between {format_duration(low) if low else 0} and {format_duration(high)}, "
+                             f"got {_brief(value)}")
+        return int(seconds)
+
+    return parse
 
 
 def _boolean(value: Any) -> bool:
@@ -287,17 +355,43 @@ def _boolean(value: Any) -> bool:
     return value
 
 
-def _at_most(seconds: float, limit: float, shown: str) -> float:
-    if seconds > limit:
-        raise ValueError(f"must be at most {shown}, got {seconds:g}s")
-    return seconds
+def _duration_at_most(limit: float, shown: str) -> Callable[[Any], float]:
+    def parse(value: Any) -> float:
+        seconds = parse_duration(value)
+        if seconds > limit:
+            raise ValueError(f"must be at most {shown}, got {_brief(value)} ({format_duration(seconds)})")
+        return seconds
+
+    parse.duration = True  # type: ignore[attr-defined]
+    return parse
+
+
+def _mirror_ipv4(value: Any) -> str:
+    """The address captured names resolve to: one a client can connect to."""
+    address = ipaddress.IPv4Address(_ipv4(value))
+    if address.is_unspecified:
+        raise ValueError(f"{address} is the unspecified address: clients cannot connect to it; give the "
+                         "node-local address the HTTPS listener serves (e.g. 169.254.20.53)")
+    if address == ipaddress.IPv4Address("255.255.255.255") or address.is_multicast:
+        kind = "multicast" if address.is_multicast else "broadcast"
+        raise ValueError(f"{address} is a {kind} address: clients cannot connect to it; give the node-local "
+                         "address the HTTPS listener serves")
+    return str(address)
+
+
+def _mirror_ipv6(value: Any) -> str:
+    address = ipaddress.IPv6Address(_ipv6(value))
+    if address.is_unspecified or address.is_multicast:
+        raise ValueError(f"{address} is {'the unspecified' if address.is_unspecified else 'a multicast'} "
+                         "address: clients cannot connect to it")
+    return str(address)
 
 
 def _network(value: Any) -> IPNetwork:
     try:
         return ipaddress.ip_network(_string(value), strict=False)
     except ValueError as exc:
-        raise ValueError(f"not an IP network (e.g. 10.0.0.0/8): {value!r}") from exc
+        raise ValueError(f"not an IP network (e.g. 10.0.0.0/8): {_brief(value)}") from exc
 
 
 def _path(value: Any) -> Path:
@@ -308,7 +402,7 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = _string(value).lower()
         if text not in choices:
-            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+            raise ValueError(f"must be one of {', '.join(choices)}, got {_brief(value)}")
         return text
 
     return parse
@@ -319,7 +413,7 @@ def _dns_name(value: Any) -> str:
 
     name = normalize_host(_string(value))
     if not is_valid_host(name):
-        raise ValueError(f"not a valid DNS name: {value!r}")
+        raise ValueError(f"not a valid DNS name: {_brief(value)}")
     return name
 
 
@@ -371,11 +465,11 @@ def _upstream_server(value: Any) -> HostPort:
 
 # Section -> key -> parser. The dataclass of each section has the same field names.
 _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
-    "mirror": (MirrorConfig, {"address": _optional(_ipv4), "address6": _optional(_ipv6)}),
+    "mirror": (MirrorConfig, {"address": _optional(_mirror_ipv4), "address6": _optional(_mirror_ipv6)}),
     "dns": (DnsConfig, {
         "listen": _list_of(host_port),
         "upstreams": _list_of(_upstream_server),
-        "ttl": _int_range(0, 86400),
+        "ttl": _whole_seconds(0, 86400),
         "timeout": parse_duration,
         "allow": _list_of(_network),
         "answer_cache_size": _int_range(1, 10_000_000),
@@ -390,7 +484,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
     "tls": (TlsConfig, {
         "ca_cert": _path,
         "ca_key": _path,
-        "leaf_validity": lambda value: _at_most(parse_duration(value), 7 * 86400.0, "168h (7 days)"),
+        "leaf_validity": _duration_at_most(7 * 86400.0, "168h (7 days)"),
         "leaf_cache_size": _int_range(1, 1_000_000),
         "reload_interval": parse_duration,
     }),
@@ -433,10 +527,26 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
 _TOP_LISTS = {"capture": _pattern, "skip": _pattern}
 
 
+def default_text() -> str:
+    """The embedded default configuration file, comments included (``dnsmirror config default``)."""
+    return resources.files("dnsmirror").joinpath("default.yaml").read_text(encoding="utf-8")
+
+
 def default_document() -> dict[str, Any]:
     """The embedded default configuration as a plain YAML document."""
-    text = resources.files("dnsmirror").joinpath("default.yaml").read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    return yaml.safe_load(default_text())
+
+
+_PLACEHOLDER_ACCOUNT = "000000000000."
+
+
+def placeholder_warnings(text: str, config: Config) -> list[str]:
+    """Values an example file (the ConfigMap) marks as to be replaced, still in ``text``."""
+    warnings = [f"line {number}: marked PLACEHOLDER: replace the value it describes with yours, then remove the mark"
+                for number, line in enumerate(text.splitlines(), 1) if "PLACEHOLDER" in line]
+    warnings += [f"skip: {entry} is the example's placeholder account: give the registry of your dnsmirror image"
+                 for entry in config.skip if entry.startswith(_PLACEHOLDER_ACCOUNT)]
+    return warnings
 
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -462,7 +572,7 @@ def parse_document(document: Any, source: str = "<document>") -> Config:
         raise ConfigError("", f"the configuration must be a mapping of keys, got {type(document).__name__}")
     for key in document:
         if key not in _SCHEMA and key not in _TOP_LISTS:
-            problems.append((str(key), f"unknown key (known: {', '.join(sorted([*_TOP_LISTS, *_SCHEMA]))})"))
+            problems.append((_brief(key) if not isinstance(key, str) or len(key) > _BRIEF_CHARS else key, f"unknown key (known: {', '.join(sorted([*_TOP_LISTS, *_SCHEMA]))})"))
     for key, value in document.items():
         if key in _SCHEMA and value is not None and not isinstance(value, Mapping):
             problems.append((key, f"expected a mapping of keys, got {_show(value)}"))
@@ -517,15 +627,19 @@ def _parse_list(path: str, value: Any, item: Callable[[Any], Any], problems: lis
 
 
 def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> None:
+    def reported(prefix: str) -> bool:
+        return any(path == prefix or path.startswith(prefix + "[") for path, _ in problems)
+
     mirror = built.get("mirror")
     if mirror is not None and mirror.address is None and mirror.address6 is None:
         problems.append(("mirror.address", "is required unless mirror.address6 is set (an IPv6-only node)"))
     dns = built.get("dns")
-    if dns is not None and not dns.listen:
+    if dns is not None and not dns.listen and not reported("dns.listen"):
         problems.append(("dns.listen", "needs at least one address"))
     https = built.get("https")
     health = built.get("health")
-    if https is not None and health is not None and not https.listen and not health.targets:
+    if (https is not None and health is not None and not https.listen and not health.targets
+            and not reported("https.listen") and not reported("health.targets")):
         problems.append(("https.listen", "needs at least one address, unless health.targets names the "
                                          "mirror's HTTPS address (DNS-only mode)"))
     if not built.get("capture") and not any(path.startswith("capture") for path, _ in problems):
@@ -540,29 +654,158 @@ def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> 
         problems.append(("peers.secret_file", "is required when peers.static or peers.dns_name is set: peers "
                                               "serve cached private content only to nodes that hold the secret"))
     if health is not None and health.timeout > health.interval:
-        problems.append(("health.timeout", f"must not exceed health.interval ({health.interval}s)"))
+        problems.append(("health.timeout", f"must not exceed health.interval ({format_duration(health.interval)})"))
+
+
+MAX_FILE_BYTES = 256 * 1024  # the embedded default, every key commented, is 6 KiB
+MAX_NESTING = 32
 
 
 def load(path: str | Path | None = None) -> Config:
-    """Load the config file at ``path`` (or only the embedded default when ``None``)."""
+    """Load the config file at ``path`` (or only the embedded default when ``None``).
+
+    A hostile file costs at most a second and ``MAX_FILE_BYTES`` of reading: only regular files up to
+    that size are read, strict UTF-8, no YAML anchors or aliases, at most ``MAX_NESTING`` levels, no
+    duplicated key; each refusal is a :class:`ConfigError` of one line.
+    """
     if path is None:
         return parse_document({}, source="<embedded default>")
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError("", f"cannot read config file {path}: {exc.strerror or exc}") from exc
-    try:
-        document = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError("", f"{path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+    document = parse_yaml(read_text(path), str(path))
     return parse_document(document, source=str(path))
 
 
+def read_text(path: Path) -> str:
+    """The text of a config file: a regular file of at most ``MAX_FILE_BYTES``, strict UTF-8."""
+    try:
+        # non-blocking: opening a named pipe must not wait for a writer
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise ConfigError("", f"{path} is not a regular file (a device, pipe or directory): give a "
+                                      "YAML file")
+            data = handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {path}: {exc.strerror or exc}") from exc
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError("", f"{path} is larger than {MAX_FILE_BYTES // 1024} KiB: not a dnsmirror config file")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) >= 2 and b"\x00" in data[:2]):
+        raise ConfigError("", f"{path} is UTF-16 encoded: save it as UTF-8")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError("", f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at line {line}): "
+                              "save it as UTF-8") from exc
+
+
+class _NoDuplicateKeys:
+    """A constructor mix-in refusing a key that appears twice in one mapping (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # an unhashable key: PyYAML's own error follows
+            if first is not None:
+                raise _Refused(f"key {_brief(key)} appears twice (first at line {first.line + 1}); the "
+                               "second would silently replace the first", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+class _StrictLoader(_NoDuplicateKeys, yaml.SafeLoader):
+    """The pure-Python SafeLoader without anchors, aliases, deep nesting or duplicated keys."""
+
+    depth = 0
+
+    # the scanner looks ahead over every open flow collection: refuse deep nesting as it is scanned
+    def fetch_flow_collection_start(self, token_class):  # noqa: ANN001 - PyYAML's signature
+        if self.flow_level >= MAX_NESTING:
+            raise _Refused(f"nested deeper than {MAX_NESTING} levels", self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def add_indent(self, column):  # noqa: ANN001 - PyYAML's signature
+        if len(self.indents) >= MAX_NESTING:
+            raise _Refused(f"nested deeper than {MAX_NESTING} levels", self.get_mark())
+        return super().add_indent(column)
+
+    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused("YAML anchors and aliases (&name, *name) are not accepted: write each value out",
+                           event.start_mark)
+        self.depth += 1
+        if self.depth > MAX_NESTING:
+            raise _Refused(f"nested deeper than {MAX_NESTING} levels", event.start_mark)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+
+
+# libyaml parses a large file ten times faster; its events are checked before it builds anything
+_CLoader = getattr(yaml, "CSafeLoader", None)
+if _CLoader is not None:
+    class _FastStrictLoader(_NoDuplicateKeys, _CLoader):
+        """libyaml's SafeLoader refusing duplicated keys (anchors, aliases and depth: see :func:`_check_events`)."""
+
+
+def _check_events(text: str) -> None:
+    """Refuse anchors, aliases and nesting deeper than ``MAX_NESTING`` from libyaml's event stream."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_CLoader):
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused("YAML anchors and aliases (&name, *name) are not accepted: write each value out",
+                           event.start_mark)
+        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            depth += 1
+            if depth > MAX_NESTING:
+                raise _Refused(f"nested deeper than {MAX_NESTING} levels", event.start_mark)
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            depth -= 1
+
+
+class _Refused(yaml.YAMLError):
+    def __init__(self, problem: str, mark) -> None:  # noqa: ANN001 - a yaml Mark
+        super().__init__(problem)
+        self.problem = problem
+        self.problem_mark = mark
+
+
+def parse_yaml(text: str, source: str = "<document>") -> Any:
+    """The YAML document in ``text``, parsed with :class:`_StrictLoader`; :class:`ConfigError` if unusable."""
+    try:
+        if _CLoader is not None:
+            _check_events(text)
+            loader = _FastStrictLoader(text)
+        else:
+            loader = _StrictLoader(text)
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        kind = "refused" if isinstance(exc, _Refused) else "is not valid YAML"
+        raise ConfigError("", f"{source} {kind}{where}: {problem}") from exc
+    except RecursionError as exc:
+        raise ConfigError("", f"{source} is nested too deeply") from exc
+
+
+def _is_duration(parse: Any) -> bool:
+    return parse in (parse_duration, _duration_or_zero) or getattr(parse, "duration", False)
+
+
 def to_document(config: Config) -> dict[str, Any]:
-    """The effective configuration as plain YAML-friendly data (for ``config check``)."""
+    """The effective configuration as plain YAML-friendly data (for ``config check``).
+
+    Durations are written as durations (``1m30s``), so the output reads back as the same config.
+    """
 
     def plain(value: Any) -> Any:
         if isinstance(value, tuple | list):
@@ -575,8 +818,20 @@ def to_document(config: Config) -> dict[str, Any]:
 
     document = plain(config)
     document.pop("source", None)
+    for section, (_, keys) in _SCHEMA.items():
+        for key, parse in keys.items():
+            if _is_duration(parse) and isinstance(document[section].get(key), float):
+                document[section][key] = format_duration(document[section][key])
     if config.upstream.proxy:
         from dnsmirror.egress import redacted_url
 
         document["upstream"]["proxy"] = redacted_url(config.upstream.proxy)  # printed: never the password
     return document
+
+
+def describe_size(size: int) -> str:
+    """``10000000000 bytes (10 GB = 9.31 GiB)``: both unit systems, since ``GB`` and ``GiB`` differ by 7%."""
+    for power, decimal, binary in ((4, "TB", "TiB"), (3, "GB", "GiB"), (2, "MB", "MiB"), (1, "KB", "KiB")):
+        if size >= 1000**power:
+            return f"{size} bytes ({size / 1000**power:.3g} {decimal} = {size / 1024**power:.3g} {binary})"
+    return f"{size} bytes"

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
-from dnsmirror import oci
+from dnsmirror import failures, oci
 from dnsmirror.authz import Access, Grants, access_from_answer
 from dnsmirror.logs import fields
 from dnsmirror.peers import PeerClient
@@ -383,6 +383,7 @@ class ContentChain:
             await self.passthrough.forward(request, target)
             return True
         self.stats.cache_misses += 1
+        request.source = "upstream"  # until a peer or the cache disk says otherwise (also for upstream's refusals)
         slot = _Slot(target)
         self.slots[target.digest] = slot
         fill = None
@@ -514,8 +515,8 @@ class ContentChain:
                 raise StoreFull(f"cannot create a cache file: {exc.strerror or exc}") from exc
             writer.describe(content_type.decode("latin-1"), response.length)
         except StoreFull as exc:
-            log.warning("cache full; streaming without caching", extra=fields(event="store_full", digest=target.digest,
-                                                                              reason=str(exc)))
+            failures.report("cache", "full", f"{exc}; streaming without caching", host=target.upstream_host,
+                            repository=target.repository, digest=target.digest)
             self.stats.uncached_streams += 1
             request.source = "relay"
             await self._stream_uncached(request, target, response, content_type.decode("latin-1"))
@@ -551,9 +552,12 @@ class ContentChain:
                 self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
             elif slot.source == "containerd" and len(self.containerd_rejected) < 100_000:
                 self.containerd_rejected.add(target.digest)
-            log.warning("fill failed; nothing cached", extra=fields(event="fill_failed", digest=target.digest,
-                                                                   host=target.upstream_host, source=slot.source,
-                                                                   reason=str(result.value)))
+            # info: the failure itself is reported (once, at warning) where it happened
+            log.info("fill failed; nothing cached", extra=fields(event="fill_failed", digest=target.digest,
+                                                                host=target.upstream_host, source=slot.source,
+                                                                reason=str(result.value)))
+            failures.report_fill_failure(slot.source, cause, str(result.value), host=target.upstream_host,
+                                         repository=target.repository, digest=target.digest)
             if slot.peer is not None and not isinstance(cause, StoreFull):
                 self.peers.failed(slot.peer, target.digest, str(result.value))
             return None

@@ -37,6 +37,7 @@ from twisted.web import resource, server
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
+from dnsmirror import failures
 from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields
 from dnsmirror.periodic import Periodic
@@ -347,8 +348,8 @@ class PeerClient:
         skipped for :data:`PEER_BACKOFF`."""
         self.stats.failures += 1
         self.peers.failed(peer)
-        log.warning("peer request failed; trying others, then upstream",
-                    extra=fields(event="peer_failed", peer=str(peer), digest=digest, reason=reason))
+        failures.report("peer", failures.peer_kind(reason), f"{reason}; trying others, then upstream",
+                        host=str(peer), digest=digest)
 
     def announce(self, digest: str) -> None:
         """Tell the digest's first ``lookup`` peers that this node holds it (best effort)."""

@@ -26,6 +26,8 @@ from twisted.web.http import Request
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
+from dnsmirror.pulls import MAX_MANIFEST_BYTES
+
 log = logging.getLogger("dnsmirror.uploads")
 
 STREAMED_METHODS = frozenset({b"PUT", b"PATCH", b"POST"})
@@ -145,10 +147,26 @@ class StreamingRequest(server.Request):
     early_answer: defer.Deferred | None = None
     #: Where the response came from, for the access log (set by the content chain / pass-through).
     source: str | None = None
+    #: The request's :class:`~dnsmirror.target.Target`, once the registry front resolved it.
+    target = None
+    #: When the first body byte was written (monotonic), for the pull report.
+    first_byte_at: float | None = None
+    #: The body sent so far, kept (up to ``pulls.MAX_MANIFEST_BYTES``) when set to a bytearray: manifests.
+    kept_body: bytearray | None = None
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.started_at = time.monotonic()
+
+    def write(self, data: bytes) -> None:
+        if self.first_byte_at is None:
+            self.first_byte_at = time.monotonic()
+        if self.kept_body is not None:
+            if len(self.kept_body) + len(data) <= MAX_MANIFEST_BYTES:
+                self.kept_body += data
+            else:
+                self.kept_body = None
+        super().write(data)
 
     def gotLength(self, length: int | None) -> None:  # noqa: N802 - twisted.web's name
         channel = self.channel

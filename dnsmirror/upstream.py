@@ -54,6 +54,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
+from dnsmirror import failures
 from dnsmirror.config import Config, ConfigError, HostPort
 from dnsmirror.egress import EgressProxy, TunnelEndpointFactory, TunnelError
 from dnsmirror.logs import fields
@@ -409,6 +410,8 @@ class _WatchedTransport:
 
     def stopProducing(self) -> None:
         self._watch.suspend()
+        if not self._watch._timed_out:
+            self._watch.stopped_here = True  # our reader stopped the body: not upstream's failure
         self._transport.stopProducing()
 
     def __getattr__(self, name: str):
@@ -420,8 +423,9 @@ class _IdleWatch(Protocol):
     """Passes a response body to ``inner``; ends it with :class:`UpstreamTimeout` after ``timeout``
     seconds without bytes while the reader is not paused."""
 
-    def __init__(self, inner: IProtocol, clock, timeout: float, description: str) -> None:
+    def __init__(self, inner: IProtocol, clock, timeout: float, description: str, url: str = "") -> None:
         self.inner = inner
+        self.url = url
         self.clock = clock
         self.timeout = timeout
         self.description = description
@@ -430,6 +434,7 @@ class _IdleWatch(Protocol):
         self._last = 0.0
         self._timed_out = False
         self._done = False
+        self.stopped_here = False
 
     def makeConnection(self, transport) -> None:
         self.watched = _WatchedTransport(transport, self)
@@ -447,6 +452,10 @@ class _IdleWatch(Protocol):
         self.suspend()
         if self._timed_out:
             reason = Failure(UpstreamTimeout(f"{self.description}: no body bytes for {self.timeout:g}s"))
+        if not self.stopped_here and not reason.check(ResponseDone, PotentialDataLoss):
+            cut = _body_outcome(reason, self.description, 0, None)
+            failures.report("upstream", failures.upstream_kind(cut.value), str(cut.value),
+                            host=origin(self.url)[1], repository=failures.repository_of(self.url))
         self.inner.connectionLost(reason)
 
     def suspend(self) -> None:
@@ -597,7 +606,7 @@ class UpstreamResponse:
         if self._consumed:
             raise RuntimeError(f"{self.description}: body already consumed")
         self._consumed = True
-        self.watch = _IdleWatch(protocol, self._clock, self._read_timeout, self.description)
+        self.watch = _IdleWatch(protocol, self._clock, self._read_timeout, self.description, self.url)
         self._response.deliverBody(self.watch)
 
     def stream_to(self, consumer: IConsumer) -> defer.Deferred:
@@ -708,7 +717,8 @@ class UpstreamClient:
             return defer.fail(ValueError(f"upstream URLs must be https: {url_text!r}"))
         outgoing = end_to_end_headers(headers, drop=AGENT_MANAGED)
         follow = follow_redirects and body_producer is None and method_text.upper() in ("GET", "HEAD")
-        return defer.ensureDeferred(self._request(method_text.upper(), url_text, outgoing, body_producer, follow))
+        d = defer.ensureDeferred(self._request(method_text.upper(), url_text, outgoing, body_producer, follow))
+        return d.addCallbacks(_report_status, _report_failure, errbackArgs=(url_text,))
 
     def close(self) -> defer.Deferred:
         """Close the pooled idle connections (at shutdown)."""
@@ -780,6 +790,21 @@ class UpstreamClient:
             return UpstreamTLSError(f"{description}: TLS failed: {_describe_exception(exc)}",
                                     untrusted=any(_is_refused_certificate(r) for r in reasons))
         return UpstreamUnavailable(f"{description}: {_describe_exception(exc)}")
+
+
+def _report_status(response: UpstreamResponse) -> UpstreamResponse:
+    if response.code >= 500 or response.code == 429:
+        failures.report("upstream", "status_429" if response.code == 429 else "status_5xx",
+                        f"{response.description}: upstream answered {response.code}",
+                        host=origin(response.url)[1], repository=failures.repository_of(response.url))
+    return response
+
+
+def _report_failure(failure: Failure, url: str) -> Failure:
+    if failure.check(*UPSTREAM_FAILURES):
+        failures.report("upstream", failures.upstream_kind(failure.value), str(failure.value),
+                        host=origin(url)[1], repository=failures.repository_of(url))
+    return failure
 
 
 def _reasons(exc: BaseException) -> list[BaseException]:

@@ -62,11 +62,12 @@ class RegistryResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, matcher: HostMatcher, content: ContentChain, passthrough: PassThrough) -> None:
+    def __init__(self, matcher: HostMatcher, content: ContentChain, passthrough: PassThrough, pulls=None) -> None:
         super().__init__()
         self.matcher = matcher
         self.content = content
         self.passthrough = passthrough
+        self.pulls = pulls  # a PullReporter told of each request as it begins, or None
 
     def start_streaming(self, request, body):
         """Start the upstream exchange of a body-carrying request at header time (pushes), with
@@ -132,6 +133,9 @@ class RegistryResource(resource.Resource):
         if isinstance(target, oci.OCIError):
             write_error(request, target)
             return
+        request.target = target
+        if self.pulls is not None:
+            self.pulls.request_started(request, target)
         if target.path is not None and target.path.by_digest and target.method in ("GET", "HEAD"):
             await self.content.serve(request, target)
         else:

@@ -348,7 +348,7 @@ def run_flood_row(world: World, row: Row) -> tuple[str, str, str]:
     # the flood met the cap, and was reported once per period, not once per connection
     assert {record.get("listener") for record in refusals} == {"https", "peers"}, refusals[-3:]
     for listener in ("https", "peers"):
-        assert metric(world.node, mirror.address, f"dnsmirror_{listener}_connections_refused") > 0
+        assert metric(world.node, mirror.address, f"dnsmirror_{listener}_connections_refused_total") > 0
     assert len(refusals) <= 10, refusals[-3:]
     with_mirror = "ok" if not problems else "failed"
     return with_mirror, without, f"flood: {state[-1]}; {len(refusals)} refusal report(s); problems: {problems}"

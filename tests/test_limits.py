@@ -217,7 +217,7 @@ def test_300_idle_connections_under_ulimit_256_leave_https_and_metrics_to_other_
         with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as raw:
             raw.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             metrics = b"".join(iter(lambda: raw.recv(65536), b""))
-        refused = [line for line in metrics.decode().splitlines() if line.startswith("dnsmirror_https_connections_refused ")]
+        refused = [line for line in metrics.decode().splitlines() if line.startswith("dnsmirror_https_connections_refused_total ")]
         assert refused and float(refused[0].split()[1]) >= 250
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert [r for r in records if r.get("event") == "nofile_limit"][0]["soft"] == 256

@@ -103,7 +103,7 @@ def test_every_manifest_parses_as_kubernetes_objects():
         assert docs, f"{path} has no document"
         for doc in docs:
             assert isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"), path
-            if doc["kind"] != "Kustomization":
+            if doc["kind"] not in ("Kustomization", "Component"):
                 assert doc["metadata"]["name"], path
                 assert doc["kind"] == "Namespace" or doc["metadata"].get("namespace") == "dnsmirror", path
 
@@ -521,3 +521,18 @@ def test_node_setup_in_a_network_namespace(tmp_path):
         assert "resolver left unchanged" in refused.stderr.decode()
         assert (down_root / "etc/resolv.conf").read_text() == original
         assert (down_root / "usr/local/share/ca-certificates/dnsmirror-root.crt").exists()
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+def test_the_image_is_set_in_one_place_for_the_daemonset_and_the_node_setup(tmp_path):
+    copy = tmp_path / "manifests"
+    shutil.copytree(MANIFESTS, copy)
+    component = copy / "image" / "kustomization.yaml"
+    (document,) = documents(component)
+    document["images"] = [{"name": "dnsmirror", "newName": "registry.example.com/ops/dnsmirror", "newTag": "9.9.9"}]
+    component.write_text(yaml.safe_dump(document))
+    for directory in (copy, copy / "node-setup"):
+        built = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+        assert built.returncode == 0, built.stderr
+        images = {line.split("image:", 1)[1].strip() for line in built.stdout.splitlines() if "image:" in line}
+        assert images == {"registry.example.com/ops/dnsmirror:9.9.9"}, (directory, images)

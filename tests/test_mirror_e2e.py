@@ -63,8 +63,24 @@ def blob_gets(setup: Setup, digest: str) -> int:
     return setup.registry.count_requests("GET", setup.registry.blob_path(REPOSITORY, digest), status=200)
 
 
+def scrape(setup: Setup) -> dict[str, float]:
+    """The node's dnsmirror /metrics as {sample with labels: value}."""
+    text = setup.node.run(["curl", "-sS", "--max-time", "10", "http://127.0.0.1:9090/metrics"]).stdout.decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def served_bytes(samples: dict[str, float], source: str) -> float:
+    return samples.get(f'dnsmirror_http_response_bytes_total{{source="{source}"}}', 0.0)
+
+
 def test_ctr_pull_through_the_mirror_unpacks(setup: Setup, tmp_path: Path) -> None:
     amd64 = setup.image.platform("linux/amd64")
+    before = scrape(setup)
     with Containerd(setup.node, tmp_path / "containerd", ssl_cert_file=setup.mirror.trust_bundle()) as containerd:
         result = containerd.pull(setup.reference, check=False)
         assert result.returncode == 0, (result.stdout + result.stderr).decode() + setup.mirror.log()
@@ -74,16 +90,39 @@ def test_ctr_pull_through_the_mirror_unpacks(setup: Setup, tmp_path: Path) -> No
         assert blob_gets(setup, layer.digest) == 1
     # the connection was dnsmirror's: the registry saw the node's mirror as its client
     assert any(entry.client.startswith(setup.mirror.address) for entry in setup.registry.access_log())
+    # the metrics saw the layers come from upstream (first pull), none from the cache
+    after = scrape(setup)
+    layer_bytes = sum(layer.size for layer in amd64.layers)
+    assert served_bytes(after, "upstream") - served_bytes(before, "upstream") >= layer_bytes
+    assert served_bytes(after, "cache") - served_bytes(before, "cache") < layer_bytes
+    assert after['dnsmirror_http_requests_total{method="GET",source="upstream",status_class="2xx"}'] >= len(amd64.layers)
 
 
 def test_cri_pull_is_served_from_the_cache(setup: Setup, tmp_path: Path) -> None:
     amd64 = setup.image.platform("linux/amd64")
+    before = scrape(setup)
     with Containerd(setup.node, tmp_path / "containerd", ssl_cert_file=setup.mirror.trust_bundle()) as containerd, \
             CriImageClient(containerd.socket, timeout=120) as cri:
         assert cri.pull_image(setup.reference) == amd64.config.digest
         assert containerd.has_snapshot(amd64.chain_id)
     for layer in amd64.layers:
         assert blob_gets(setup, layer.digest) == 1  # still only the first pull's GET
+    # the counters moved for the cache only
+    after = scrape(setup)
+    layer_bytes = sum(layer.size for layer in amd64.layers)
+    assert served_bytes(after, "cache") - served_bytes(before, "cache") >= layer_bytes
+    assert served_bytes(after, "upstream") == served_bytes(before, "upstream")
+    # the pull report: one line for this image, every blob from the cache
+    image = f"{ECR_HOST}/{REPOSITORY}@{amd64.manifest.digest}"
+    reports = [r for r in setup.mirror.log_records() if r.get("event") == "pull" and r.get("image") == image]
+    assert reports, setup.mirror.log()
+    report = reports[-1]
+    assert report["outcome"] == "complete" and report["source_mix"] == "cache", report
+    assert report["blobs"] == report["blobs_sent"] == len(amd64.layers) + 1
+    assert report["bytes_cache"] >= layer_bytes + amd64.config.size and report["bytes_upstream"] == 0
+    assert 0 <= report["first_byte_s"] <= report["seconds"] < 120
+    assert after['dnsmirror_image_pulls_total{outcome="complete"}'] >= 1
+    assert after['dnsmirror_image_pull_seconds_count{source_mix="cache"}'] >= 1
 
 
 def test_skopeo_copy_from_and_push_to_the_captured_host(setup: Setup, tmp_path: Path) -> None:
@@ -97,7 +136,7 @@ def test_skopeo_copy_from_and_push_to_the_captured_host(setup: Setup, tmp_path: 
     assert setup.registry.count_requests("PUT", path, status=201) == 1
     # the push's bodies went upstream as they arrived, not spooled first
     metrics = setup.node.run(["curl", "-sS", "--max-time", "10", "http://127.0.0.1:9090/metrics"]).stdout.decode()
-    streamed = next(line for line in metrics.splitlines() if line.startswith("dnsmirror_streamed_request_bodies "))
+    streamed = next(line for line in metrics.splitlines() if line.startswith("dnsmirror_streamed_request_bodies_total "))
     # layer chunks (PATCH) and manifests (PUT) carry bodies; the PUT that closes a blob upload is empty
     bodies = [entry for entry in setup.registry.access_log() if entry.path.startswith("/v2/team/pushed/") and (
         entry.method == "PATCH" or (entry.method == "PUT" and "/manifests/" in entry.path))]
@@ -122,6 +161,17 @@ def test_pulls_by_digest_and_tag_survive_a_stopped_upstream(setup: Setup, tmp_pa
                                f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{amd64.layers[0].digest}"], check=False)
     body, _, status = stranger.stdout.rpartition(b"\n")
     assert status == b"502" and b"UNAVAILABLE" in body and amd64.layers[0].read()[:64] not in body
+    # why upstream failed is logged at warning with host, repository and kind, and counted by kind
+    failed = [r for r in setup.mirror.log_records() if r.get("event") == "upstream_failure"
+              and r.get("repository") == REPOSITORY]
+    assert failed and failed[-1]["level"] == "warning" and failed[-1]["host"] == ECR_HOST, setup.mirror.log()
+    assert failed[-1]["kind"] in ("connect", "connect_timeout"), failed[-1]
+    assert "authorization" not in str(failed).lower() and "c3RyYW5nZXI" not in str(failed)
+    errors = scrape(setup)
+    assert errors[f'dnsmirror_upstream_errors_total{{kind="{failed[-1]["kind"]}"}}'] >= 1
+    # every access line names its source, a refused blob read included
+    accesses = [r for r in setup.mirror.log_records() if r.get("event") == "access"]
+    assert accesses and all(r["source"] for r in accesses)
 
 
 def fetch_blob(namespace: Namespace, trust: Path, digest: str, repository: str = REPOSITORY) -> tuple[int, bytes]:

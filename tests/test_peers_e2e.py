@@ -44,6 +44,7 @@ from harness.registry import Registry
 from mirror_support import MirrorNode, upstream_dns
 
 from dnsmirror.config import HostPort
+from dnsmirror.failures import PEER_KINDS
 from dnsmirror.peers import AUTH_HEADER, HOLDERS_HEADER, rendezvous, sign
 
 pytestmark = [
@@ -195,6 +196,8 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert access_checks(image.index) == 0
 
                 served = metric(node_a, "dnsmirror_peers_served_total")
+                peer_bytes = metric(node_b, 'dnsmirror_http_response_bytes_total{source="peer"}')
+                upstream_bytes = metric(node_b, 'dnsmirror_http_response_bytes_total{source="upstream"}')
                 assert fetch(node_a, mirror_a, digest) == (200, data)
                 assert registry.count_requests("GET", blob_path) == 1
                 # A announces its copy to the digest's first peer (C); B asks C, is told A has it, asks A
@@ -203,6 +206,9 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert registry.count_requests("GET", blob_path) == 1, "node B went to the registry"
                 assert sources(mirror_b, digest) == ["peer"]
                 assert metric(node_a, "dnsmirror_peers_served_total") == served + 1
+                # node B's metrics counted the bytes as the peer's, none as upstream's
+                assert metric(node_b, 'dnsmirror_http_response_bytes_total{source="peer"}') >= peer_bytes + len(data)
+                assert metric(node_b, 'dnsmirror_http_response_bytes_total{source="upstream"}') == upstream_bytes
 
                 # no credentials: upstream refuses, and the peers are never asked
                 served_before = metric(node_a, "dnsmirror_peers_served_total")
@@ -231,7 +237,9 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert (status, body) != (200, third), "a body that failed verification was served"
                 assert fetch(node_b, mirror_b, third_digest) == (200, third)
                 assert registry.count_requests("GET", registry.blob_path(REPOSITORY, third_digest)) == gets_before + 1
-                assert wait_until(lambda: any(r.get("event") == "peer_failed" for r in mirror_b.log_records()), 5)
+                assert wait_until(lambda: any(r.get("event") == "peer_failure" for r in mirror_b.log_records()), 5)
+                peer_errors = sum(metric(node_b, f'dnsmirror_peer_errors_total{{kind="{kind}"}}') for kind in PEER_KINDS)
+                assert peer_errors >= 1
 
                 # after a restart of every node, A's cache is announced again (in a batch), and found
                 sixth, sixth_digest = indexed_at_c(400_000)

@@ -29,7 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from dnsmirror import config
+from dnsmirror import config, failures
 from dnsmirror.config import ConfigError
 from dnsmirror.resolver import AddressPolicy, AddressRefused, UpstreamResolver
 from dnsmirror.upstream import (
@@ -265,6 +265,9 @@ class _Recorder(resource.Resource):
             return server.NOT_DONE_YET
         if route == "/blob":
             return b"blob-bytes"
+        if route.startswith("/status/"):
+            request.setResponseCode(int(route.split("/")[2]))
+            return b"answered"
         request.setResponseCode(404)
         return b"not found"
 
@@ -531,16 +534,30 @@ class UpstreamClientTests(TestCase):
 
     @defer.inlineCallbacks
     def test_idle_read_timeout(self):
+        stalls = failures.failures.count("upstream", "read_timeout")
         response = yield self.client(read_timeout=0.5).request("GET", self.url("/stall"))
         started = reactor.seconds()
         error = yield self.assertFailure(response.read_body(MiB), UpstreamTimeout)
         self.assertTrue(0.45 <= reactor.seconds() - started < 3)
         self.assertIn("no body bytes", str(error))
+        # reported once, by the upstream client, for the operator
+        self.assertEqual(failures.failures.count("upstream", "read_timeout"), stalls + 1)
 
     @defer.inlineCallbacks
     def test_read_body_limit(self):
+        cuts = sum(failures.failures.count("upstream", kind) for kind in failures.UPSTREAM_KINDS)
         response = yield self.client().request("GET", self.url("/big?size=100000"))
         yield self.assertFailure(response.read_body(1000), BodyTooLarge)
+        # the mirror stopped reading: not upstream's failure
+        self.assertEqual(sum(failures.failures.count("upstream", kind) for kind in failures.UPSTREAM_KINDS), cuts)
+
+    @defer.inlineCallbacks
+    def test_an_upstream_5xx_is_counted(self):
+        answered = failures.failures.count("upstream", "status_5xx")
+        response = yield self.client().request("GET", self.url("/status/503"))
+        yield response.discard()
+        self.assertEqual(response.code, 503)
+        self.assertEqual(failures.failures.count("upstream", "status_5xx"), answered + 1)
 
     # streaming and pooling
 

@@ -1,0 +1,392 @@
+"""``dnsmirror doctor``: what is wrong with dnsmirror on this node, and how to fix it.
+
+Run on a node (or in the dnsmirror pod) with the config dnsmirror serves. Each check prints one line,
+``ok``, ``warn``, ``FAIL`` or ``skip``, with what it found; a failed check adds the fix. The exit status
+is 0 when no check failed, 1 otherwise. The checks, in order:
+
+- ``ca``: the CA files load as ``serve`` loads them, and do not expire within 30 days;
+- ``resolver``: the node resolver's first nameserver (``/etc/resolv.conf``) answers a captured name
+  with the mirror address (and, when it does not, whether dnsmirror itself is failing open);
+- ``mirror``: the HTTPS mirror answers ``GET /v2/`` on the mirror address;
+- ``upstream``: that answer came from the registry (not a 502 saying upstream is unreachable);
+- ``trust``: the system trust store (what containerd reads) verifies the mirror's certificate;
+- ``cache``: the cache directory is writable, with free space;
+- ``containerd``: containerd's content store, when configured, is readable;
+- ``image``: with IMAGE, its manifest comes through the mirror.
+
+The captured name checked is IMAGE's registry, or else the first capture pattern without a wildcard.
+Every connection goes to the mirror address (the registry's name is only sent as TLS server name), so
+the checks never depend on the node resolver they examine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import shutil
+import socket
+import ssl
+import sys
+import tempfile
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dnslib import QTYPE, DNSRecord
+
+from dnsmirror import config as configmod
+from dnsmirror.config import Config
+from dnsmirror.dns.resolvconf import nameservers
+from dnsmirror.patterns import HostMatcher
+
+TIMEOUT = 5.0
+MANIFEST_ACCEPT = ", ".join((
+    "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+))
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of one check: ``status`` is ok, warn, FAIL or skip."""
+
+    check: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def lines(self) -> list[str]:
+        shown = [f"{self.status:<4} {self.check:<10} {self.detail}"]
+        if self.fix and self.status in ("FAIL", "warn"):
+            shown.append(f"{'':<4} {'':<10} fix: {self.fix}")
+        return shown
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+# --- the checks ------------------------------------------------------------------------------------------
+
+
+class Doctor:
+    """Runs the checks against ``config``; ``resolv_conf`` is the node resolver's configuration."""
+
+    def __init__(self, config: Config, image: str | None = None, resolv_conf: Path = Path("/etc/resolv.conf")) -> None:
+        self.config = config
+        self.image = parse_reference(image) if image else None
+        self.resolv_conf = resolv_conf
+        self.matcher = HostMatcher(config.capture, config.skip)
+        self.name = self.image[0] if self.image else example_name(config.capture, self.matcher)
+        listen = config.https.listen[0] if config.https.listen else None
+        self.port = listen.port if listen else 443
+        self.v2: Reply | OSError | None = None
+
+    def run(self) -> Iterator[Result]:
+        yield self.check_ca()
+        if self.image is not None and not self.matcher.captures(self.image[0]):
+            yield Result("image", "FAIL", f"{self.image[0]} is not captured: its pulls do not go through dnsmirror",
+                         "add the registry to capture (and recreate the CA), or remove it from skip")
+            return
+        yield self.check_resolver()
+        yield self.check_mirror()
+        yield self.check_upstream()
+        yield self.check_trust()
+        yield self.check_cache()
+        yield self.check_containerd()
+        if self.image is not None:
+            yield self.check_image()
+
+    def check_ca(self) -> Result:
+        from dnsmirror import ca
+
+        tls = self.config.tls
+        try:
+            authority, warnings = ca.load_authority(tls.ca_cert, tls.ca_key, self.config.capture)
+        except ca.CaError as exc:
+            return Result("ca", "FAIL", f"{exc.path}: {exc.problem}", exc.fix)
+        days = (authority.not_after.timestamp() - time.time()) / 86400
+        detail = f"{tls.ca_cert} valid until {authority.not_after:%Y-%m-%d} ({days:.0f} days)"
+        if warnings:
+            return Result("ca", "warn", detail + "; " + "; ".join(warnings),
+                          "rotate the CA (docs/security.md, 'Rotating the CA')")
+        return Result("ca", "ok", detail)
+
+    def check_resolver(self) -> Result:
+        mirror = self.config.mirror.address
+        try:
+            servers = nameservers(self.resolv_conf.read_text(encoding="utf-8", errors="replace"))
+        except OSError as exc:
+            return Result("resolver", "FAIL", f"cannot read {self.resolv_conf}: {exc.strerror or exc}",
+                          "run doctor where the node's /etc/resolv.conf is visible (on the node, or the pod)")
+        if not servers:
+            return Result("resolver", "FAIL", f"{self.resolv_conf} names no nameserver",
+                          f"make dnsmirror ({mirror}) the first nameserver (manifests/node-setup/node-setup.sh)")
+        first = servers[0]
+        try:
+            answers = query_a(first, 53, self.name)
+        except OSError as exc:
+            return Result("resolver", "FAIL", f"the node resolver {first} did not answer {self.name}: {exc}",
+                          f"make dnsmirror ({mirror}) the first nameserver of {self.resolv_conf}")
+        if answers == [mirror]:
+            return Result("resolver", "ok", f"the node resolver {first} answers {self.name} with the mirror {mirror}")
+        found = ", ".join(answers) or "no address"
+        if first not in self._dns_addresses():
+            return Result("resolver", "FAIL", f"the node resolver {first} answers {self.name} with {found}, not the "
+                          f"mirror {mirror}: it is not dnsmirror",
+                          f"make dnsmirror ({mirror}) the first nameserver of {self.resolv_conf}, keeping the "
+                          "others after it (manifests/node-setup/node-setup.sh does this)")
+        return Result("resolver", "FAIL", f"dnsmirror ({first}) answers {self.name} with {found}: it is failing open "
+                      "because the mirror is unhealthy",
+                      f"see the mirror check below and http://{self._metrics_address()}/readyz")
+
+    def check_mirror(self) -> Result:
+        mirror = self.config.mirror.address
+        try:
+            self.v2 = https_get(mirror, self.port, self.name, "/v2/", verify=False)
+        except OSError as exc:
+            self.v2 = exc
+            return Result("mirror", "FAIL", f"no HTTPS answer from the mirror at {mirror}:{self.port} for "
+                          f"{self.name}: {describe(exc)}",
+                          "check that dnsmirror runs on this node (kubectl -n dnsmirror get pods -o wide) and "
+                          "its log; https.listen must include the mirror address")
+        return Result("mirror", "ok", f"the mirror at {mirror}:{self.port} answers GET /v2/ for {self.name} "
+                      f"({self.v2.status})")
+
+    def check_upstream(self) -> Result:
+        if not isinstance(self.v2, Reply):
+            return Result("upstream", "skip", "the mirror did not answer")
+        if self.v2.status in (502, 503, 504):
+            reason = error_message(self.v2.body) or f"status {self.v2.status}"
+            return Result("upstream", "FAIL", f"the mirror cannot reach {self.name}: {reason}",
+                          "let the node reach the registry on port 443 (egress rules, upstream.proxy), and check "
+                          "upstream.resolvers / dns.upstreams resolve it")
+        return Result("upstream", "ok", f"{self.name} answered the mirror's GET /v2/ ({self.v2.status})")
+
+    def check_trust(self) -> Result:
+        mirror = self.config.mirror.address
+        try:
+            https_get(mirror, self.port, self.name, "/v2/", verify=True)
+        except ssl.SSLCertVerificationError as exc:
+            return Result("trust", "FAIL", f"the system trust store does not verify the mirror's certificate for "
+                          f"{self.name}: {exc.verify_message or exc}",
+                          "install the cluster root (ca/root.crt) into the node trust store and restart containerd "
+                          "(manifests/node-setup/node-setup.sh does both)")
+        except OSError as exc:
+            return Result("trust", "skip" if not isinstance(self.v2, Reply) else "FAIL",
+                          f"TLS to the mirror failed: {describe(exc)}")
+        return Result("trust", "ok", f"the system trust store verifies the mirror's certificate for {self.name}")
+
+    def check_cache(self) -> Result:
+        directory = self.config.cache.dir
+        if not directory.is_dir():
+            return Result("cache", "FAIL", f"cache.dir {directory} does not exist",
+                          "create it (the DaemonSet's hostPath does) or fix cache.dir")
+        try:
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".doctor-"):
+                pass
+        except OSError as exc:
+            return Result("cache", "FAIL", f"cache.dir {directory} is not writable: {exc.strerror or exc}",
+                          "give dnsmirror's user write access, or point cache.dir at a writable disk")
+        free = shutil.disk_usage(directory).free
+        used = _cached_bytes(directory)
+        wanted = self.config.cache.max_size
+        detail = f"cache.dir {directory} writable; {used / 2**30:.2f} GiB cached, {free / 2**30:.2f} GiB free"
+        if free + used < wanted:
+            return Result("cache", "warn", f"{detail}, less than cache.max_size "
+                          f"({configmod.describe_size(wanted)})",
+                          "lower cache.max_size below the disk's free space, or give the cache a larger disk")
+        return Result("cache", "ok", detail)
+
+    def check_containerd(self) -> Result:
+        store = self.config.cache.containerd_content
+        if store is None:
+            return Result("containerd", "skip", "cache.containerd_content is not set")
+        blobs = store / "blobs" / "sha256"
+        if not blobs.is_dir():
+            return Result("containerd", "FAIL", f"{blobs} does not exist",
+                          "point cache.containerd_content at containerd's content store "
+                          "(/var/lib/containerd/io.containerd.content.v1.content) and mount it read-only")
+        if not os.access(blobs, os.R_OK | os.X_OK):
+            return Result("containerd", "FAIL", f"{blobs} is not readable", "run dnsmirror as root, or mount it readable")
+        return Result("containerd", "ok", f"containerd's content store {store} is readable")
+
+    def check_image(self) -> Result:
+        host, repository, reference = self.image
+        path = f"/v2/{repository}/manifests/{reference}"
+        headers = {"Accept": MANIFEST_ACCEPT}
+        try:
+            reply = https_get(self.config.mirror.address, self.port, host, path, verify=False, headers=headers)
+            if reply.status == 401:
+                token = anonymous_token(reply.headers.get("www-authenticate", ""), self._fetch_via_mirror)
+                if token:
+                    reply = https_get(self.config.mirror.address, self.port, host, path, verify=False,
+                                      headers={**headers, "Authorization": f"Bearer {token}"})
+        except OSError as exc:
+            return Result("image", "FAIL", f"{host}/{repository}:{reference}: {describe(exc)}",
+                          "see the checks above")
+        if reply.status != 200:
+            reason = error_message(reply.body) or f"status {reply.status}"
+            return Result("image", "FAIL", f"the manifest of {host}/{repository}:{reference} came back {reply.status}: "
+                          f"{reason}", "check the image name; private images need the pull secret's credentials, "
+                          "which doctor does not have")
+        digest = reply.headers.get("docker-content-digest", "")
+        return Result("image", "ok", f"the manifest of {host}/{repository}:{reference} came through the mirror "
+                      f"({len(reply.body)} bytes{', ' + digest if digest else ''})")
+
+    def _fetch_via_mirror(self, url: str) -> Reply:
+        """GET ``url``: through the mirror when its host is captured, else straight to the host."""
+        parts = urllib.parse.urlsplit(url)
+        target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+        host = parts.hostname or ""
+        if self.matcher.captures(host):
+            return https_get(self.config.mirror.address, self.port, host, target, verify=False)
+        return https_get(host, parts.port or 443, host, target, verify=True)
+
+    def _dns_addresses(self) -> set[str]:
+        return {address.host for address in self.config.dns.listen}
+
+    def _metrics_address(self) -> str:
+        listen = self.config.metrics.listen
+        return str(listen) if listen is not None else "<metrics.listen>"
+
+
+# --- small pure helpers and I/O -------------------------------------------------------------------------
+
+
+def parse_reference(image: str) -> tuple[str, str, str]:
+    """(registry host, repository, tag or digest) of ``host/repo[:tag|@digest]``; docker.io's short forms."""
+    first, _, rest = image.partition("/")
+    if not rest or ("." not in first and ":" not in first and first != "localhost"):
+        first, rest = "docker.io", image if "/" in image else f"library/{image}"
+    if "@" in rest:
+        repository, reference = rest.split("@", 1)
+    else:
+        repository, _, reference = rest.rpartition(":") if ":" in rest else (rest, "", "latest")
+    host = "registry-1.docker.io" if first == "docker.io" else first
+    return host.lower(), repository, reference or "latest"
+
+
+def example_name(capture: tuple[str, ...], matcher: HostMatcher) -> str:
+    """A concrete captured name: the first pattern without a wildcard (else one filled in)."""
+    for pattern in capture:
+        if "*" not in pattern and matcher.captures(pattern):
+            return pattern
+    filled = capture[0].replace("*", "doctor")
+    return filled
+
+
+def query_a(server: str, port: int, name: str, timeout: float = TIMEOUT) -> list[str]:
+    """The A records ``server`` answers for ``name`` (one UDP query)."""
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        sock.sendto(DNSRecord.question(name).pack(), (server, port))
+        reply = DNSRecord.parse(sock.recvfrom(4096)[0])
+    return [str(record.rdata) for record in reply.rr if record.rtype == QTYPE.A]
+
+
+def https_get(address: str, port: int, name: str, path: str, *, verify: bool,
+              headers: dict[str, str] | None = None, limit: int = 4 * 1024 * 1024) -> Reply:
+    """GET ``path`` from ``address:port`` with TLS server name and Host ``name``."""
+    context = ssl.create_default_context()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    with socket.create_connection((address, port), timeout=TIMEOUT) as raw, \
+            context.wrap_socket(raw, server_hostname=name) as tls:
+        lines = [f"GET {path} HTTP/1.1", f"Host: {name}", "User-Agent: dnsmirror-doctor", "Connection: close"]
+        lines += [f"{key}: {value}" for key, value in (headers or {}).items()]
+        tls.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        response = http.client.HTTPResponse(tls)
+        response.begin()
+        body = response.read(limit)
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+
+
+def anonymous_token(challenge: str, fetch: Callable[[str], Reply]) -> str | None:
+    """An anonymous pull token for a ``Bearer realm=...,service=...,scope=...`` challenge, if one is given."""
+    if not challenge.lower().startswith("bearer "):
+        return None
+    params = dict(part.split("=", 1) for part in challenge[7:].split(",") if "=" in part)
+    params = {key.strip(): value.strip().strip('"') for key, value in params.items()}
+    realm = params.pop("realm", "")
+    if not realm.startswith("https://"):
+        return None
+    reply = fetch(f"{realm}?{urllib.parse.urlencode(params)}")
+    if reply.status != 200:
+        return None
+    try:
+        document = json.loads(reply.body)
+    except ValueError:
+        return None
+    return document.get("token") or document.get("access_token")
+
+
+def error_message(body: bytes) -> str:
+    """The first message of an OCI error body, if it is one."""
+    try:
+        errors = json.loads(body).get("errors") or []
+        return str(errors[0].get("message", ""))[:300]
+    except (ValueError, AttributeError, IndexError):
+        return ""
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listens there)"
+    if isinstance(exc, TimeoutError | socket.timeout):
+        return f"no answer within {TIMEOUT:g}s"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _cached_bytes(directory: Path) -> int:
+    """Bytes of the files under ``directory/blobs`` (the cache's committed content)."""
+    total = 0
+    for root, _dirs, files in os.walk(directory / "blobs"):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(root, name)).st_size
+            except OSError:
+                continue  # evicted meanwhile
+    return total
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    try:
+        config = configmod.load(args.config)
+    except configmod.ConfigError as exc:
+        print(f"FAIL config     {args.config or 'embedded default'}: {exc.describe()}", file=sys.stdout)
+        return 1
+    print(f"dnsmirror doctor: config {config.source}, mirror {config.mirror.address}")
+    failed = False
+    for result in Doctor(config, args.image, Path(args.resolv_conf)).run():
+        for line in result.lines():
+            print(line, flush=True)
+        failed = failed or result.status == "FAIL"
+    print("some checks failed" if failed else "all checks passed")
+    return 1 if failed else 0
+
+
+def register(commands) -> None:
+    """Add ``doctor`` to the subcommands."""
+    doctor = commands.add_parser("doctor", help="check this node's dnsmirror set-up and say how to fix it",
+                                 description=__doc__.split("\n\n")[0].replace("``", ""))
+    doctor.add_argument("--config", metavar="FILE", help="the config dnsmirror serves with (default: the "
+                                                         "embedded default config)")
+    doctor.add_argument("--resolv-conf", default="/etc/resolv.conf", metavar="FILE",
+                        help="the node resolver's configuration (default: %(default)s)")
+    doctor.add_argument("image", nargs="?", metavar="IMAGE",
+                        help="also pull this image's manifest through the mirror (e.g. ghcr.io/org/app:1.0)")
+    doctor.set_defaults(run=_cmd_doctor)
