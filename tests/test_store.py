@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from dnsmirror.oci import Digest
 from dnsmirror.store import (
+    ROOM_MARGIN,
     STAGE_SIZE,
     ContainerdContentSource,
     DigestMismatch,
@@ -332,9 +333,12 @@ def test_blob_larger_than_cache_is_refused(root):
             store.writer(sha(blob(0, 1001)), expected_size=1001)
         writer = store.writer(sha(blob(0, 1001)))  # size unknown up front
         writer.write(blob(0, 600))
+        writer.write(blob(0, 1001)[600:])  # outgrows the cache: no longer written, still hashed
+        assert isinstance(writer.failure, StoreFull) and os.listdir(root / "tmp") == []
+        writer.verify()  # the body was right, so its readers may have it all
         with pytest.raises(StoreFull):
-            writer.write(blob(0, 401))
-        assert os.listdir(root / "tmp") == [] and store.pinned(sha(blob(0, 1001))) == 0
+            writer.commit()
+        assert store.pinned(sha(blob(0, 1001))) == 0 and store.blob_count == 0
 
 
 def test_accounting_and_lru_order_survive_restart(root):
@@ -381,18 +385,76 @@ def full_disk(monkeypatch, writer, room: int) -> None:
     monkeypatch.setattr(os, "write", write)
 
 
-def test_enospc_during_write_raises_store_full(root, monkeypatch):
+def test_enospc_during_write_stops_caching_but_not_hashing(root, monkeypatch):
     size = STAGE_SIZE + 5000
     with open_store(root, max_size=4 * STAGE_SIZE) as store:
         writer = store.writer(sha(blob(1, size)))
         full_disk(monkeypatch, writer, room=STAGE_SIZE + 3000)
         writer.write(blob(1, STAGE_SIZE))  # one whole staged block reaches the file
         assert writer.bytes_in_file == STAGE_SIZE
-        writer.write(blob(1, 5000))  # staged only: the disk is not touched yet
+        writer.write(blob(1, size)[STAGE_SIZE:])  # staged only: the disk is not touched yet
+        writer.verify()  # the flush of the last 5000 bytes finds the disk full; the digest still matches
+        assert isinstance(writer.failure, StoreFull) and writer.bytes_in_file == STAGE_SIZE
+        assert os.listdir(root / "tmp") == []  # the space is given back at once
         with pytest.raises(StoreFull):
-            writer.verify()  # the flush of the last 5000 bytes finds the disk full
-        assert os.listdir(root / "tmp") == []
+            writer.commit()
         assert store.pinned(sha(blob(1, size))) == 0 and store.total_size == 0
+
+
+def test_a_write_failing_mid_block_still_hashes_every_byte(root, monkeypatch):
+    data = blob(3, 3 * STAGE_SIZE + 10)
+    with open_store(root, max_size=8 * STAGE_SIZE) as store:
+        writer = store.writer(sha(data))
+        full_disk(monkeypatch, writer, room=STAGE_SIZE // 2)
+        writer.write(data)  # the first block fails; the rest of this very call is hashed only
+        assert writer.failure is not None and writer.bytes_in_file == 0
+        writer.verify()
+        wrong = store.writer(sha(data))
+        full_disk(monkeypatch, wrong, room=0)
+        wrong.write(data[:-1] + b"!")
+        with pytest.raises(DigestMismatch):
+            wrong.verify()
+
+
+def test_a_read_only_or_failing_disk_stops_caching_with_its_own_error(root, monkeypatch):
+    data = blob(4, STAGE_SIZE + 1)
+    with open_store(root, max_size=8 * STAGE_SIZE) as store:
+        writer = store.writer(sha(data))
+        real_write = os.write
+
+        def write(fd, chunk):
+            if fd == writer._fd:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_write(fd, chunk)
+
+        monkeypatch.setattr(os, "write", write)
+        writer.write(data)
+        writer.verify()
+        with pytest.raises(OSError) as raised:
+            writer.commit()
+        assert raised.value.errno == errno.EIO and store.blob_count == 0
+
+
+def test_make_room_compares_free_space_and_evicts_only_if_that_is_enough(root, monkeypatch):
+    with open_store(root, max_size=10_000) as store:
+        put(store, blob(0))
+        put(store, blob(1))
+        free = [ROOM_MARGIN + 500]
+        monkeypatch.setattr(store, "free_space", lambda: free[0])
+        assert store.make_room(500) and store.blob_count == 2
+        # 2000 bytes of blobs cannot make room for 5000: nothing is evicted for nothing
+        assert not store.make_room(5000) and store.blob_count == 2
+        with pytest.raises(StoreFull):
+            store.writer(sha(blob(9, 5000)), expected_size=5000)
+
+        def evict_frees(*args):
+            free[0] += 1000
+            return real_unlink(*args)
+
+        real_unlink = store._unlink_locked
+        monkeypatch.setattr(store, "_unlink_locked", evict_frees)
+        assert store.make_room(1200)  # the least recently used blob goes, and that is enough
+        assert store.blob_count == 1 and store.stat(sha(blob(0))) is None
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
@@ -409,9 +471,10 @@ def test_enospc_on_a_real_full_tmpfs(tmp_path):
         result = {{}}
         with Store.open({str(mountpoint)!r}, 100 * 1024 * 1024) as store:
             writer = store.writer("sha256:" + hashlib.sha256(data).hexdigest())
+            for i in range(0, len(data), 65536):
+                writer.write(data[i:i + 65536])
+            writer.verify()
             try:
-                for i in range(0, len(data), 65536):
-                    writer.write(data[i:i + 65536])
                 writer.commit()
                 result["full"] = False
             except StoreFull:
