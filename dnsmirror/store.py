@@ -236,12 +236,21 @@ class Store:
     ) -> Store:
         """Create or reopen the cache at ``root``: lock it, remove leftovers, scan sizes, evict.
 
-        Raises :class:`StoreLocked` if another open Store holds the directory.
+        Raises :class:`StoreLocked` if another open Store holds the directory. A directory on a
+        read-only filesystem opens too: what it holds is served, nothing new is cached.
         """
         root = Path(root)
-        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        (root / "tmp").mkdir(exist_ok=True)
-        lock_fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+            (root / "tmp").mkdir(exist_ok=True)
+            # read-only: flock needs no write access, and no open write keeps a remount read-only from working
+            lock_fd = os.open(root / "lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            log.warning("cache directory is on a read-only filesystem: nothing new will be cached",
+                        extra={"fields": {"dir": str(root)}})
+            lock_fd = os.open(root / "lock" if (root / "lock").exists() else root, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -269,16 +278,20 @@ class Store:
 
     def _recover(self) -> None:
         removed_tmp = 0
-        for leftover in self._tmp_dir.iterdir():
+        for leftover in self._tmp_dir.iterdir() if self._tmp_dir.is_dir() else ():
             # a crash mid-write leaves temp files: they were never visible, drop them
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+            try:
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+            except OSError as exc:  # a read-only disk: they stay, unused
+                log.warning("cannot remove a temp file: %s", exc)
+                continue
             removed_tmp += 1
         found: list[tuple[float, str, int]] = []
         orphans = 0
-        for shard in self._blobs_dir.iterdir():
+        for shard in self._blobs_dir.iterdir() if self._blobs_dir.is_dir() else ():
             if not _SHARD.fullmatch(shard.name) or not shard.is_dir() or shard.is_symlink():
                 continue
             names = {entry.name for entry in shard.iterdir()}
@@ -287,8 +300,9 @@ class Store:
                     blob_name = name[: -len(_SIDECAR_SUFFIX)]
                     if _HEX64.fullmatch(blob_name) and blob_name not in names:
                         # a crash between the sidecar rename and the blob rename
-                        (shard / name).unlink(missing_ok=True)
-                        orphans += 1
+                        with contextlib.suppress(OSError):
+                            (shard / name).unlink(missing_ok=True)
+                            orphans += 1
                     continue
                 if not _HEX64.fullmatch(name) or name[:2] != shard.name:
                     continue
@@ -522,8 +536,12 @@ class Store:
 
     def _unlink_locked(self, hex_: str) -> None:
         # blob first: a sidecar without its blob is an orphan that the next open removes
-        (self._blobs_dir / hex_[:2] / hex_).unlink(missing_ok=True)
-        self._sidecar_path(hex_).unlink(missing_ok=True)
+        try:
+            (self._blobs_dir / hex_[:2] / hex_).unlink(missing_ok=True)
+            self._sidecar_path(hex_).unlink(missing_ok=True)
+        except OSError as exc:  # a read-only or failing disk: the entry is forgotten all the same
+            log.warning("cannot remove a cached file", extra={"fields": {"digest": f"sha256:{hex_}",
+                                                                         "reason": str(exc)}})
 
     def evict(self, target: int | None = None) -> list[str]:
         """Remove least recently used, unpinned blobs until the total is at most ``target``
