@@ -179,7 +179,9 @@ class Fill:
                 self._flow()
 
     def _slowest(self) -> int:
-        return min((stream.offset for stream in self._streams), default=self.received)
+        """The first byte some reader still needs from memory (``received`` if none does)."""
+        return min((stream.offset for stream in self._streams if stream.needs_memory(self.written)),
+                   default=self.received)
 
     def _unsent(self) -> int:
         """Bytes in memory, not on disk, that the slowest reader has not sent yet."""
@@ -316,6 +318,8 @@ class Fill:
 
     def _go_uncached(self) -> None:
         self.uncached = True
+        for stream in self._streams:
+            stream.keep_tail()
         log.warning("cache disk failed mid-fill; streaming on without caching", extra={"fields": {
             "digest": self.digest, "reason": str(self.writer.failure), "cached_bytes": self.written}})
         self._trim()
@@ -559,6 +563,18 @@ class BlobStreamer:
         self.hasher = hashlib.sha256() if verify is not None else None
         self.on_damaged = on_damaged
         self.on_intact = on_intact
+        self._tail: bytes | None = None  # a range's last byte, kept here while it waits for verification
+
+    def needs_memory(self, written: int) -> bool:
+        """Whether this reader of an uncached fill still needs bytes that only memory holds."""
+        return self._tail is None and (self.end is None or self.end > written) and not self.stopped
+
+    def keep_tail(self) -> None:
+        """A range that has everything but its last byte keeps that byte itself: memory may drop it."""
+        fill = self.fill
+        if (fill is not None and fill.uncached and self.end is not None and self._tail is None
+                and self.offset == self.end - 1 and self.offset >= fill.written):
+            self._tail = fill.from_memory(self.offset, 1)
 
     def start(self) -> defer.Deferred:
         if getattr(self.request, "channel", True) is None:
@@ -602,8 +618,14 @@ class BlobStreamer:
             if self.fill is not None and self.fill.failure is not None:
                 self._abort(f"fill failed: {self.fill.failure}")
                 return
+            if self._tail is not None and self.fill.verified:
+                tail, self._tail = self._tail, None
+                self.offset += len(tail)
+                self.request.write(tail)
+                continue
             limit = self._limit()
             if limit is None or self.offset >= limit:
+                self.keep_tail()
                 self.busy = True
                 self.fill.wait().addCallback(self._progress)
                 return

@@ -680,3 +680,95 @@ def test_a_writer_created_before_its_response_takes_the_type_and_size_later(root
     with open_store(root) as reopened:
         assert reopened.stat(sha(data)).content_type == "application/vnd.oci.image.manifest.v1+json"
         assert reopened.stat(sha(b"abc")) is None
+
+
+# --- damaged entries ---------------------------------------------------------------------------
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 1]))
+
+
+def test_a_committed_file_is_verified_until_it_changes_or_the_cache_reopens(root):
+    data = blob(7, 5000)
+    with open_store(root) as store:
+        put(store, data)
+        with store.open_blob(sha(data)) as reader:
+            assert reader.verified  # hashed as it was written
+        flip(store.blob_path(sha(data)), 10)
+        with store.open_blob(sha(data)) as reader:
+            assert not reader.verified  # any write moves the file's ctime
+            assert not store.verify_reader(reader)
+        assert sha(data) not in store and not store.blob_path(sha(data)).exists()
+        put(store, data)
+    with open_store(root) as store:
+        with store.open_blob(sha(data)) as reader:
+            assert not reader.verified  # found on disk: not known to be intact
+            assert store.read_verified(reader, 10_000) == data
+        with store.open_blob(sha(data)) as reader:
+            assert reader.verified
+
+
+def test_a_damaged_file_is_dropped_but_not_the_new_copy_that_replaced_it(root):
+    data = blob(8, 5000)
+    with open_store(root) as store:
+        put(store, data)
+        old = store.open_blob(sha(data))
+        put(store, data)  # a new fill committed the same digest meanwhile
+        assert not store.drop_damaged(old, "test")
+        old.close()
+        assert sha(data) in store and store.blob_path(sha(data)).read_bytes() == data
+
+
+def test_a_damaged_manifest_read_whole_is_dropped(root):
+    data = b'{"schemaVersion": 2}'
+    with open_store(root) as store:
+        put(store, data)
+        flip(store.blob_path(sha(data)), 3)
+        with store.open_blob(sha(data)) as reader:
+            assert store.read_verified(reader, 4 * MiB) is None
+        assert sha(data) not in store
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
+def test_a_cache_on_a_read_only_filesystem_opens_and_serves_what_it_holds(tmp_path):
+    mountpoint = tmp_path / f"ro-{uuid.uuid4().hex[:8]}"
+    mountpoint.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import hashlib, json, os, subprocess
+        from dnsmirror.store import Store
+        data = b"cached before the disk went read-only"
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with Store.open({str(mountpoint)!r}, 1 << 20) as store:
+            with store.writer(digest) as writer:
+                writer.write(data)
+                writer.commit()
+        open(os.path.join({str(mountpoint)!r}, "tmp", "left.part"), "wb").close()  # a crash's leftover
+        subprocess.run(["mount", "-o", "remount,ro", {str(mountpoint)!r}], check=True)
+        result = {{}}
+        with Store.open({str(mountpoint)!r}, 1 << 20) as store:
+            result["count"] = store.blob_count
+            with store.open_blob(digest) as reader:
+                result["data"] = reader.read().decode()
+            try:
+                store.writer("sha256:" + "0" * 64)
+                result["write"] = "allowed"
+            except OSError as exc:
+                result["write"] = exc.errno
+        print(json.dumps(result))
+        """
+    )
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" -c "$2"', str(mountpoint), sys.executable, script]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                               cwd=Path(__file__).resolve().parent.parent)
+    if completed.returncode != 0 and "mount" in completed.stderr and "dnsmirror" not in completed.stderr:
+        pytest.skip(f"tmpfs mount not permitted here: {completed.stderr.strip()}")
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == {"count": 1, "data": "cached before the disk went read-only",
+                                            "write": errno.EROFS}
