@@ -594,14 +594,17 @@ class ContentChain:
             self.stats.fills_failed += 1
             if isinstance(cause, DigestMismatch):
                 self.stats.digest_mismatches += 1
-            if isinstance(cause, (StoreFull, OSError)):  # full, read-only or failing disk: leave it alone a while
+            # a full, read-only or failing disk (the fill's own writes, or its commit): leave it alone a while
+            disk_fault = isinstance(cause, StoreFull) or (cause is not None and cause is fill.writer.failure) or (
+                fill.verified and isinstance(cause, OSError))
+            if disk_fault:
                 self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
             elif slot.source == "containerd" and len(self.containerd_rejected) < 100_000:
                 self.containerd_rejected.add(target.digest)
             log.warning("fill failed; nothing cached", extra=fields(event="fill_failed", digest=target.digest,
                                                                    host=target.upstream_host, source=slot.source,
                                                                    reason=str(result.value)))
-            if slot.peer is not None and not isinstance(cause, (StoreFull, OSError)):
+            if slot.peer is not None and not disk_fault:
                 self.peers.failed(slot.peer, target.digest, str(result.value))
             return None
         log.info("cached", extra=fields(event="fill_done", digest=target.digest, host=target.upstream_host,
