@@ -20,6 +20,7 @@ is passed through to upstream.
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import os
 import time
@@ -44,6 +45,8 @@ log = logging.getLogger("dnsmirror.content")
 _ATTEMPTS = 3
 # after the disk filled up mid-fill, blobs are streamed uncached for this long before trying again
 UNCACHED_BACKOFF = 60.0
+# errors creating a cache file that say the disk itself cannot take files now
+_DISK_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 class Access(enum.Enum):
@@ -547,7 +550,8 @@ class ContentChain:
             try:
                 writer = await early_writer
             except OSError as exc:  # no room for even a new file (inodes), or no access: serve uncached
-                self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
+                if exc.errno in _DISK_FAULTS:  # the disk, not a passing mishap: leave it alone a while
+                    self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
                 raise StoreFull(f"cannot create a cache file: {exc.strerror or exc}") from exc
             if response.length is not None and writer.room is not None and response.length > writer.room:
                 self.disk.run(writer.abort)
