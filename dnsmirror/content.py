@@ -333,7 +333,7 @@ class ContentChain:
         try:
             fd = await self.disk.run(os.open, fill.temp_path, os.O_RDONLY)
         except FileNotFoundError:
-            if fill.uncached:  # its disk failed and its file is gone
+            if fill.uncached or fill.writer.failure is not None:  # its disk failed and its file is gone
                 await self._fetch_uncached(request, target)
                 return True
             # the fill ended (renamed into the cache, or removed) before the open: a small blob's commit
