@@ -438,3 +438,56 @@ def test_a_blob_larger_than_the_free_space_streams_uncached_and_a_range_of_it_go
         ranged = RangeRequest(0, 99)
         serve(chain, disk, ranged, blob_target(digest))
         assert ranged.code == 206 and ranged.body == data[:100] and chain.passthrough.forwarded == [b"bytes=0-99"]
+
+
+class _StagedResponse(_Response):
+    """A 200 whose body the test feeds by hand."""
+
+    def deliver_body(self, protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(None)
+
+
+class StagedThenWholeUpstream:
+    """The first GET's body is fed by the test; later GETs get the whole body at once."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.first: _StagedResponse | None = None
+
+    def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
+        if self.first is None:
+            self.first = _StagedResponse(self.body)
+            return defer.succeed(self.first)
+        return defer.succeed(_Response(self.body))
+
+
+def test_a_reader_joining_just_as_the_disk_fails_under_the_fill_is_served_from_upstream(tmp_path, monkeypatch):
+    import errno
+
+    data = os.urandom(3 * 2**20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with Store.open(tmp_path / "cache", 64 * 2**20) as store:
+        disk = ManualDisk(store)
+        upstream = StagedThenWholeUpstream(data)
+        chain = ContentChain(disk.reactor, disk, upstream, granted(digest, disk), passthrough=None)
+        first = BlobRequest()
+        first_served = defer.ensureDeferred(chain.serve(first, blob_target(digest)))
+        disk.step("writer")
+        disk.step("open")
+        body = upstream.first.protocol
+        body.dataReceived(data[:2**20])
+        failing_disk(monkeypatch, errno.ENOSPC)
+        wrote = disk.run_quietly("_write_chunks")  # the disk fails in the thread; the reactor hears later
+        assert chain.slots[digest].fill.writer.failure is not None and not chain.slots[digest].fill.uncached
+        joiner = BlobRequest()
+        joined = defer.ensureDeferred(chain.serve(joiner, blob_target(digest)))
+        disk.step("open")  # the temp file is gone already
+        disk.drain()
+        assert joined.called and joiner.finished and joiner.body == data and joiner.source == "relay"
+        wrote.callback(None)
+        body.dataReceived(data[2**20:])
+        body.connectionLost(Failure(ResponseDone()))
+        disk.drain()
+        assert first_served.called and first.finished and first.body == data
+        assert not first.channel.transport.aborted and digest not in store
