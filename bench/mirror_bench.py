@@ -334,7 +334,7 @@ def cached_report(args: argparse.Namespace, tput: dict, note: str) -> str:
                   f"**{medians['hashed'] / medians['nginx']:.0%} of nginx**; later reads are not hashed again.")
     return f"""## Cached blobs with cache verification: dnsmirror vs nginx
 
-Command: `{command}`. The same namespaces and servers as section 1 of the pull mirror section below (servers
+Command: `{command}`. The same namespaces and servers as section 1 of the pull mirror section (servers
 pinned to core {SERVER_CORE}, curl on core {CLIENT_CORE}, alternating order, a {size // MiB} MiB blob over TLS).
 Measured: {machine()}. {note}
 
