@@ -45,6 +45,9 @@ log = logging.getLogger("dnsmirror.content")
 _ATTEMPTS = 3
 # after the disk filled up mid-fill, blobs are streamed uncached for this long before trying again
 UNCACHED_BACKOFF = 60.0
+# an unverified cached blob up to this size is hashed whole before a byte is sent (a damaged one is then
+# replaced at once); a bigger one is hashed as it streams, its last bytes held back until the digest matches
+VERIFY_BEFORE_SERVING = 16 * 1024 * 1024
 # errors creating a cache file that say the disk itself cannot take files now
 _DISK_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
@@ -271,7 +274,8 @@ class ContentChain:
             request.finish()
             return True
         ranged = target.method == "GET" and not target.is_manifest and request.getHeader(b"range") is not None
-        if ranged and not reader.verified:
+        small = target.method == "GET" and info.size <= VERIFY_BEFORE_SERVING
+        if (ranged or small) and not reader.verified:
             # a range cannot be checked on its own: the whole file is, once, before any range is served
             if not await self.disk.run(self.store.verify_reader, reader):
                 self.disk.run(reader.close)

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from dnsmirror import oci
+from dnsmirror import content, oci
 from dnsmirror.authz import ANONYMOUS, Grants
 from dnsmirror.content import ContentChain
 from dnsmirror.store import Store
@@ -315,7 +315,8 @@ def serve(chain: ContentChain, disk: ManualDisk, request, target: Target) -> Non
     assert served.called and served.result is None
 
 
-def test_a_damaged_cached_blob_is_cut_before_its_last_bytes_dropped_and_fetched_again(tmp_path):
+def test_a_damaged_cached_blob_is_cut_before_its_last_bytes_dropped_and_fetched_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(content, "VERIFY_BEFORE_SERVING", 2**20)  # a big blob: hashed as it streams
     data = os.urandom(3 * 2**20 + 5)
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
         digest = cached(store, data)
@@ -333,6 +334,19 @@ def test_a_damaged_cached_blob_is_cut_before_its_last_bytes_dropped_and_fetched_
         assert store.open_blob(digest).verified  # the new copy was hashed as it was written
 
 
+def test_a_small_damaged_cached_blob_is_replaced_before_a_byte_is_sent(tmp_path):
+    data = os.urandom(2**20)
+    with Store.open(tmp_path / "cache", 64 * 2**20) as store:
+        digest = cached(store, data)
+        damage(store, digest, 5)
+        disk = ManualDisk(store)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None)
+        request = BlobRequest()
+        serve(chain, disk, request, blob_target(digest))
+        assert request.finished and request.body == data and request.source == "upstream"
+        assert not request.channel.transport.aborted and chain.stats.damaged_entries == 1
+
+
 def test_a_range_of_a_damaged_cached_blob_is_answered_with_the_right_bytes(tmp_path):
     data = os.urandom(2 * 2**20)
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
@@ -348,7 +362,8 @@ def test_a_range_of_a_damaged_cached_blob_is_answered_with_the_right_bytes(tmp_p
         assert store.open_blob(digest).verified
 
 
-def test_a_cached_blob_found_at_start_is_hashed_once_and_then_served_without_hashing(tmp_path):
+def test_a_cached_blob_found_at_start_is_hashed_once_and_then_served_without_hashing(tmp_path, monkeypatch):
+    monkeypatch.setattr(content, "VERIFY_BEFORE_SERVING", 2**20)
     data = os.urandom(2**20 + 7)
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
         digest = cached(store, data)
