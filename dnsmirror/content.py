@@ -11,10 +11,17 @@ For each ``GET``/``HEAD /v2/<name>/(blobs|manifests)/<digest>``:
    waiter streams from the growing file; the blob is committed only when its sha256 matches, and a
    mismatch aborts every waiter's connection before its last byte;
 3. any refusal from upstream (401/403/404, ...) reaches the client exactly as upstream sent it.
+
+A cached file not known to be intact (see :mod:`dnsmirror.store`) is hashed before a client may keep
+it: a manifest or a range is verified whole before it is sent, a whole blob while it streams (its last
+bytes wait for the digest). A damaged file is dropped and the content fetched again. When the cache
+cannot take a blob (no room, a full, read-only or failing disk), the blob streams uncached, and a range
+is passed through to upstream.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import time
@@ -29,6 +36,7 @@ from dnsmirror.logs import fields
 from dnsmirror.peers import PeerClient
 from dnsmirror.proxy import PassThrough, relay, unavailable, write_error
 from dnsmirror.store import BlobInfo, ContainerdContentSource, DigestMismatch, StoreFull
+from dnsmirror.store import digest_hex as oci_hex
 from dnsmirror.streaming import BlobStreamer, DiskIO, FileFeed, Fill, ResumableBody, VerifiedRelay
 from dnsmirror.target import Target
 from dnsmirror.upstream import UPSTREAM_FAILURES, UpstreamClient
@@ -38,6 +46,11 @@ log = logging.getLogger("dnsmirror.content")
 _ATTEMPTS = 3
 # after the disk filled up mid-fill, blobs are streamed uncached for this long before trying again
 UNCACHED_BACKOFF = 60.0
+# an unverified cached blob up to this size is hashed whole before a byte is sent (a damaged one is then
+# replaced at once); a bigger one is hashed as it streams, its last bytes held back until the digest matches
+VERIFY_BEFORE_SERVING = 16 * 1024 * 1024
+# errors creating a cache file that say the disk itself cannot take files now
+_DISK_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 @dataclass
@@ -55,6 +68,7 @@ class ContentStats:
     access_denied: int = 0
     offline_served: int = 0
     uncached_streams: int = 0
+    damaged_entries: int = 0  # cached files found not to match their digest (dropped)
     containerd_hits: int = 0
     peer_fills: int = 0
     peer_resumes: int = 0  # peer transfers that broke off and were finished from upstream
@@ -149,6 +163,9 @@ class ContentChain:
                     continue
                 if not await self._may_read(request, target, granted_by_fill=slot.owner == _owner(target)):
                     return
+                if fill.uncached:  # its disk failed: it keeps only what its own readers still need
+                    await self._fetch_uncached(request, target)
+                    return
                 self.stats.fills_joined += 1
                 request.source = "fill"
                 if await self._serve_fill(request, target, fill):
@@ -176,7 +193,7 @@ class ContentChain:
         """The fill of ``digest`` under way on this node, if its length is known (peers may stream it)."""
         slot = self.slots.get(digest)
         fill = slot.fill if slot is not None else None
-        if fill is None or fill.failure is not None or fill.total is None:
+        if fill is None or fill.failure is not None or fill.total is None or fill.uncached:
             return None
         return fill
 
@@ -272,25 +289,45 @@ class ContentChain:
             request.setHeader(b"content-length", str(total).encode())
         return 0, total
 
+    def _damaged(self, target: Target) -> None:
+        """A cached file did not match its digest: it is dropped, and the request looks again."""
+        self.stats.damaged_entries += 1
+        failures.report("cache", "damaged", "cached file does not match its digest; dropped", host=target.upstream_host,
+                        repository=target.repository, digest=target.digest)
+
     async def _serve_stored(self, request, target: Target) -> bool:
         reader = await self.disk.run(self.store.open_blob, target.digest)
         if reader is None:
             return False
-        self.stats.cache_hits += 1
-        request.source = "cache"
         info: BlobInfo = reader.info
         # manifests are answered whole (never in ranges); an oversized one streams like a blob
         if target.is_manifest and info.size <= oci.MANIFEST_MAX_SIZE:
             try:
-                manifest = await self.disk.run(reader.read, oci.MANIFEST_MAX_SIZE + 1)
+                # small: hashed whole before a byte is sent, so a damaged copy is replaced, not served
+                manifest = await self.disk.run(self.store.read_verified, reader, oci.MANIFEST_MAX_SIZE)
             finally:
                 self.disk.run(reader.close)
+            if manifest is None:
+                self._damaged(target)
+                return False
+            self.stats.cache_hits += 1
+            request.source = "cache"
             self._headers(request, target, info.content_type)
             self._range(request, target, len(manifest))
             if target.method == "GET":
                 request.write(manifest)
             request.finish()
             return True
+        ranged = target.method == "GET" and not target.is_manifest and request.getHeader(b"range") is not None
+        small = target.method == "GET" and info.size <= VERIFY_BEFORE_SERVING
+        if (ranged or small) and not reader.verified:
+            # a range cannot be checked on its own: the whole file is, once, before any range is served
+            if not await self.disk.run(self.store.verify_reader, reader):
+                self.disk.run(reader.close)
+                self._damaged(target)
+                return False
+        self.stats.cache_hits += 1
+        request.source = "cache"
         self._headers(request, target, info.content_type)
         span = self._range(request, target, info.size)
         if span is None or target.method == "HEAD":
@@ -298,12 +335,36 @@ class ContentChain:
             if span is not None:
                 request.finish()
             return True
-        streamer = BlobStreamer(self.disk, request, reader.file.fileno(), span[0], span[1],
-                                on_close=lambda: self.disk.run(reader.close))
+        check = None
+        if not reader.verified and span == (0, info.size):
+            check = oci_hex(target.digest)  # hashed as it streams; its last bytes wait for the digest
+
+        outcome: list[bool] = []  # set when a streamed check ends: intact or damaged
+
+        def close() -> None:
+            # one trip to the disk pool, in order: remember (or drop) the file, then close it
+            self.disk.run(self._close_checked, reader, outcome[0] if outcome else None)
+
+        def damaged() -> None:
+            self._damaged(target)
+            outcome.append(False)
+
+        streamer = BlobStreamer(self.disk, request, reader.file.fileno(), span[0], span[1], on_close=close,
+                                verify=check, on_damaged=damaged, on_intact=lambda: outcome.append(True))
         sent = await streamer.start()
         if sent:
             self.stats.bytes_served += span[1] - span[0]
         return True
+
+    def _close_checked(self, reader, intact: bool | None) -> None:
+        """Close a cached blob's reader after a streamed check (disk pool): remember or drop the file first."""
+        try:
+            if intact:
+                self.store.mark_verified(reader)
+            elif intact is False:
+                self.store.drop_damaged(reader, "blob content does not match its digest")
+        finally:
+            reader.close()
 
     async def _serve_fill(self, request, target: Target, fill: Fill) -> bool:
         """Stream a fill (or, once it has ended, the blob it committed) to the request.
@@ -315,9 +376,15 @@ class ContentChain:
             if self._range(request, target, fill.total) is not None:
                 request.finish()
             return True
+        if fill.uncached:
+            await self._fetch_uncached(request, target)
+            return True
         try:
             fd = await self.disk.run(os.open, fill.temp_path, os.O_RDONLY)
         except FileNotFoundError:
+            if fill.uncached or fill.writer.failure is not None:  # its disk failed and its file is gone
+                await self._fetch_uncached(request, target)
+                return True
             # the fill ended (renamed into the cache, or removed) before the open: a small blob's commit
             # can win that race, and its outcome reaches the reactor only after the rename
             await fill.settled()
@@ -326,6 +393,10 @@ class ContentChain:
             log.info("blob gone before its reader opened it; looking again",
                      extra=fields(event="fill_gone", digest=target.digest, host=target.upstream_host))
             return False
+        if not fill.can_serve(0):
+            self.disk.run(os.close, fd)
+            await self._fetch_uncached(request, target)
+            return True
         self._headers(request, target, fill.content_type)
         span = self._range(request, target, fill.total)
         if span is None:
@@ -377,9 +448,25 @@ class ContentChain:
         FileFeed(self.disk, reader, fill).start()
         return await self._serve_fill(request, target, fill)
 
+    async def _fetch_uncached(self, request, target: Target) -> None:
+        """Answer from upstream without the cache: a whole body verified as it streams, a range passed through."""
+        if target.method == "HEAD" or self._wants_range(request, target):
+            await self.passthrough.forward(request, target)
+            return
+        await self._start_fill(request, target, cache=False)
+
+    @staticmethod
+    def _wants_range(request, target: Target) -> bool:
+        return not target.is_manifest and request.getHeader(b"range") is not None
+
     async def _fetch(self, request, target: Target) -> bool:
         """Fill from upstream and serve the fill; False when its blob was gone before it could be read."""
         if target.method == "HEAD":
+            await self.passthrough.forward(request, target)
+            return True
+        if self._wants_range(request, target) and self.reactor.seconds() < self.uncached_until:
+            # the cache disk failed recently: upstream answers the range itself, with the client's credentials
+            self.stats.uncached_streams += 1
             await self.passthrough.forward(request, target)
             return True
         self.stats.cache_misses += 1
@@ -475,12 +562,13 @@ class ContentChain:
                 headers[name] = values
         return headers
 
-    async def _start_fill(self, request, target: Target) -> Fill | None:
-        """Ask upstream; returns a running Fill, or None once the request has been answered otherwise."""
+    async def _start_fill(self, request, target: Target, cache: bool = True) -> Fill | None:
+        """Ask upstream; returns a running Fill, or None once the request has been answered otherwise
+        (always so without ``cache``: the body is then relayed, verified, without the cache)."""
         headers = self._upstream_headers(request, target)
         # the cache file is created while upstream answers, off the response's critical path
         early_writer = None
-        if self.reactor.seconds() >= self.uncached_until:
+        if cache and self.reactor.seconds() >= self.uncached_until:
             early_writer = self.disk.run(self.store.writer, target.digest)
         try:
             response = await self.upstream.request("GET", target.url, headers, follow_redirects=True)
@@ -505,20 +593,32 @@ class ContentChain:
                           self.reactor.seconds())
         try:
             if early_writer is None:
-                raise StoreFull("the cache disk was full recently")
+                raise StoreFull("the cache disk failed recently" if cache else "the fill under way is not cached")
             if response.length is not None and response.length > self.store.max_size:
                 self._drop_writer(early_writer)
                 raise StoreFull(f"blob of {response.length} bytes is larger than the cache ({self.store.max_size} bytes)")
             try:
                 writer = await early_writer
             except OSError as exc:  # no room for even a new file (inodes), or no access: serve uncached
+                if exc.errno in _DISK_FAULTS:  # the disk, not a passing mishap: leave it alone a while
+                    self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
                 raise StoreFull(f"cannot create a cache file: {exc.strerror or exc}") from exc
+            if response.length is not None and writer.room is not None and response.length > writer.room:
+                self.disk.run(writer.abort)
+                # evicting old blobs may let the next request for it be cached
+                self.disk.run(self.store.make_room, response.length)
+                raise StoreFull(f"no room for {response.length} bytes on the cache's filesystem")
             writer.describe(content_type.decode("latin-1"), response.length)
         except StoreFull as exc:
-            failures.report("cache", "full", f"{exc}; streaming without caching", host=target.upstream_host,
-                            repository=target.repository, digest=target.digest)
+            if cache:
+                failures.report("cache", "full", f"{exc}; streaming without caching", host=target.upstream_host,
+                                repository=target.repository, digest=target.digest)
             self.stats.uncached_streams += 1
             request.source = "relay"
+            if self._wants_range(request, target):
+                await response.discard(0)
+                await self.passthrough.forward(request, target)
+                return None
             await self._stream_uncached(request, target, response, content_type.decode("latin-1"))
             return None
         fill = Fill(self.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
@@ -548,7 +648,10 @@ class ContentChain:
             self.stats.fills_failed += 1
             if isinstance(cause, DigestMismatch):
                 self.stats.digest_mismatches += 1
-            if isinstance(cause, StoreFull):
+            # a full, read-only or failing disk (the fill's own writes, or its commit): leave it alone a while
+            disk_fault = isinstance(cause, StoreFull) or (cause is not None and cause is fill.writer.failure) or (
+                fill.verified and isinstance(cause, OSError))
+            if disk_fault:
                 self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
             elif slot.source == "containerd" and len(self.containerd_rejected) < 100_000:
                 self.containerd_rejected.add(target.digest)
@@ -558,7 +661,7 @@ class ContentChain:
                                                                 reason=str(result.value)))
             failures.report_fill_failure(slot.source, cause, str(result.value), host=target.upstream_host,
                                          repository=target.repository, digest=target.digest)
-            if slot.peer is not None and not isinstance(cause, StoreFull):
+            if slot.peer is not None and not disk_fault:
                 self.peers.failed(slot.peer, target.digest, str(result.value))
             return None
         log.info("cached", extra=fields(event="fill_done", digest=target.digest, host=target.upstream_host,

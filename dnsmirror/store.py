@@ -14,6 +14,15 @@ removed by :meth:`Store.open`. The sidecar holds no credentials, only what a res
 Last access is the blob file's mtime (touched on reads), so LRU order survives a restart without
 rewriting the sidecar.
 
+A committed file can still go bad (a damaged disk, a stray write). Each entry remembers the file it
+last found matching its digest, as a mark (inode, size, mtime, ctime): set at commit (the bytes were
+hashed as they were written) and by :meth:`Store.verify_reader`. A reader whose file no longer has
+that mark (any write changes the ctime) is unverified, and its caller must hash it before a client
+may keep its bytes; a damaged file is dropped with :meth:`Store.drop_damaged`. Entries found on disk
+at start are unverified. Before a write starts, :meth:`Store.make_room` compares the free space of
+the filesystem with the blob's size; a write that fails anyway (full, read-only or failing disk)
+stops writing, keeps hashing, and is never committed (see :class:`Writer`).
+
 BLOCKING BY DESIGN: everything here does synchronous file I/O and hashing. Callers in the Twisted
 process run these calls in a thread pool (``twisted.internet.threads.deferToThreadPool``), never
 on the reactor thread. The classes are thread-safe. This module must not import Twisted.
@@ -55,6 +64,9 @@ _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 STAGE_SIZE = 1024 * 1024
 # O_DIRECT writes must be a multiple of the logical block size; 4096 covers every common device
 DIRECT_ALIGNMENT = 4096
+#: Free space a new blob must leave on the filesystem (sidecars, directories, the last partial block).
+ROOM_MARGIN = 1024 * 1024
+VERIFY_CHUNK = 1024 * 1024
 
 
 class StoreError(Exception):
@@ -118,10 +130,15 @@ class BlobReader:
     ``file`` is an unbuffered binary file (``read``, ``readinto``, ``seek``, ``fileno``).
     """
 
-    def __init__(self, file: Any, info: BlobInfo, release: Callable[[], None] | None = None):
+    def __init__(self, file: Any, info: BlobInfo, release: Callable[[], None] | None = None,
+                 verified: bool = False, mark: tuple[int, int, int, int] | None = None):
         self.file = file
         self.info = info
         self.size = info.size
+        #: The file is the one last found to match the digest (see :meth:`Store.verify_reader`).
+        self.verified = verified
+        #: The opened file's identity and change stamps (see :func:`file_mark`).
+        self.mark = mark
         self._release = release
 
     def read(self, size: int = -1) -> bytes:
@@ -155,6 +172,12 @@ class _Entry:
     content_type: str | None = None
     sidecar_loaded: bool = False
     last_touch: float = 0.0
+    verified_mark: tuple[int, int, int, int] | None = None  # the file last found matching the digest
+
+
+def file_mark(info: os.stat_result) -> tuple[int, int, int, int]:
+    """What identifies a file's content short of reading it: inode, size, mtime, ctime (any write moves ctime)."""
+    return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def _fsync_dir(path: Path) -> None:
@@ -213,12 +236,21 @@ class Store:
     ) -> Store:
         """Create or reopen the cache at ``root``: lock it, remove leftovers, scan sizes, evict.
 
-        Raises :class:`StoreLocked` if another open Store holds the directory.
+        Raises :class:`StoreLocked` if another open Store holds the directory. A directory on a
+        read-only filesystem opens too: what it holds is served, nothing new is cached.
         """
         root = Path(root)
-        (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        (root / "tmp").mkdir(exist_ok=True)
-        lock_fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            (root / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
+            (root / "tmp").mkdir(exist_ok=True)
+            # read-only: flock needs no write access, and no open write keeps a remount read-only from working
+            lock_fd = os.open(root / "lock", os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            log.warning("cache directory is on a read-only filesystem: nothing new will be cached",
+                        extra={"fields": {"dir": str(root)}})
+            lock_fd = os.open(root / "lock" if (root / "lock").exists() else root, os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -246,16 +278,20 @@ class Store:
 
     def _recover(self) -> None:
         removed_tmp = 0
-        for leftover in self._tmp_dir.iterdir():
+        for leftover in self._tmp_dir.iterdir() if self._tmp_dir.is_dir() else ():
             # a crash mid-write leaves temp files: they were never visible, drop them
-            if leftover.is_dir() and not leftover.is_symlink():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
+            try:
+                if leftover.is_dir() and not leftover.is_symlink():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                else:
+                    leftover.unlink(missing_ok=True)
+            except OSError as exc:  # a read-only disk: they stay, unused
+                log.warning("cannot remove a temp file: %s", exc)
+                continue
             removed_tmp += 1
         found: list[tuple[float, str, int]] = []
         orphans = 0
-        for shard in self._blobs_dir.iterdir():
+        for shard in self._blobs_dir.iterdir() if self._blobs_dir.is_dir() else ():
             if not _SHARD.fullmatch(shard.name) or not shard.is_dir() or shard.is_symlink():
                 continue
             names = {entry.name for entry in shard.iterdir()}
@@ -264,8 +300,9 @@ class Store:
                     blob_name = name[: -len(_SIDECAR_SUFFIX)]
                     if _HEX64.fullmatch(blob_name) and blob_name not in names:
                         # a crash between the sidecar rename and the blob rename
-                        (shard / name).unlink(missing_ok=True)
-                        orphans += 1
+                        with contextlib.suppress(OSError):
+                            (shard / name).unlink(missing_ok=True)
+                            orphans += 1
                     continue
                 if not _HEX64.fullmatch(name) or name[:2] != shard.name:
                     continue
@@ -370,22 +407,27 @@ class Store:
             self._forget(hex_, "blob file missing")
             return None
         file = os.fdopen(fd, "rb", buffering=0)
-        size = os.fstat(fd).st_size
+        mark = file_mark(os.fstat(fd))
+        size = mark[1]
         if size != entry.size:
             file.close()
             self._unpin(hex_)
             self._forget(hex_, "blob file has the wrong size", remove=True)
             return None
+        verified = entry.verified_mark == mark
         if now - entry.last_touch >= self._touch_interval:
             # the mtime is the persistent last-access stamp (LRU order after a restart)
             entry.last_touch = now
             try:
                 os.utime(fd, (now, now))
+                mark = file_mark(os.fstat(fd))
+                if verified:  # our own touch changes nothing in the content
+                    entry.verified_mark = mark
             except OSError:
                 pass
         self._load_sidecar(hex_, entry)
         info = BlobInfo(f"sha256:{hex_}", size, entry.content_type, now)
-        return BlobReader(file, info, release=lambda: self._unpin(hex_))
+        return BlobReader(file, info, release=lambda: self._unpin(hex_), verified=verified, mark=mark)
 
     def _load_sidecar(self, hex_: str, entry: _Entry) -> None:
         if entry.sidecar_loaded:
@@ -404,13 +446,76 @@ class Store:
         if reader is None:
             return False
         with reader:
-            hasher = hashlib.sha256()
-            while chunk := reader.read(1 << 20):
-                hasher.update(chunk)
-        if hasher.hexdigest() == digest_hex(digest):
+            return self.verify_reader(reader)
+
+    def verify_reader(self, reader: BlobReader) -> bool:
+        """Hash the whole file of an open reader (without moving its position).
+
+        True: the entry is remembered as verified for this file. False: the file is damaged and has
+        been dropped (:meth:`drop_damaged`); the reader stays open but must not be served.
+        """
+        hasher = hashlib.sha256()
+        fd = reader.file.fileno()
+        offset = 0
+        while chunk := os.pread(fd, VERIFY_CHUNK, offset):
+            hasher.update(chunk)
+            offset += len(chunk)
+        if offset == reader.size and hasher.hexdigest() == digest_hex(reader.info.digest):
+            self.mark_verified(reader)
             return True
-        self._forget(digest_hex(digest), "blob content does not match its digest", remove=True)
+        self.drop_damaged(reader, "blob content does not match its digest")
         return False
+
+    def read_verified(self, reader: BlobReader, limit: int) -> bytes | None:
+        """The whole content of a reader of at most ``limit`` bytes, hashed; None if it is damaged
+        (then dropped) or longer than ``limit`` (for small documents such as manifests)."""
+        data = bytearray()
+        fd = reader.file.fileno()
+        while len(data) <= limit and (chunk := os.pread(fd, VERIFY_CHUNK, len(data))):
+            data += chunk
+        if len(data) > limit:
+            return None
+        if len(data) == reader.size and hashlib.sha256(data).hexdigest() == digest_hex(reader.info.digest):
+            self.mark_verified(reader)
+            return bytes(data)
+        self.drop_damaged(reader, "blob content does not match its digest")
+        return None
+
+    def mark_verified(self, reader: BlobReader) -> None:
+        """Remember that the reader's file matched its digest, if the cache still holds that file unchanged."""
+        hex_ = digest_hex(reader.info.digest)
+        try:
+            mark = file_mark(os.fstat(reader.file.fileno()))
+        except (OSError, ValueError):
+            return
+        if mark != reader.mark:
+            return  # written to while it was hashed: what was hashed is not what is there now
+        with self._lock:
+            entry = self._index.get(hex_)
+            if entry is not None and self._holds_locked(hex_, mark[0]):
+                entry.verified_mark = mark
+        reader.verified = True
+
+    def drop_damaged(self, reader: BlobReader, reason: str) -> bool:
+        """Remove the reader's blob from the cache, unless the cache has a new file for it meanwhile."""
+        hex_ = digest_hex(reader.info.digest)
+        inode = reader.mark[0] if reader.mark is not None else os.fstat(reader.file.fileno()).st_ino
+        reader.verified = False
+        with self._lock:
+            if not self._holds_locked(hex_, inode):
+                return False
+            entry = self._index.pop(hex_, None)
+            if entry is not None:
+                self._total -= entry.size
+            self._unlink_locked(hex_)
+        log.warning("cache entry dropped", extra={"fields": {"digest": reader.info.digest, "reason": reason}})
+        return entry is not None
+
+    def _holds_locked(self, hex_: str, inode: int) -> bool:
+        try:
+            return (self._blobs_dir / hex_[:2] / hex_).lstat().st_ino == inode
+        except OSError:
+            return False
 
     # -- removal -----------------------------------------------------------------------------
 
@@ -431,8 +536,12 @@ class Store:
 
     def _unlink_locked(self, hex_: str) -> None:
         # blob first: a sidecar without its blob is an orphan that the next open removes
-        (self._blobs_dir / hex_[:2] / hex_).unlink(missing_ok=True)
-        self._sidecar_path(hex_).unlink(missing_ok=True)
+        try:
+            (self._blobs_dir / hex_[:2] / hex_).unlink(missing_ok=True)
+            self._sidecar_path(hex_).unlink(missing_ok=True)
+        except OSError as exc:  # a read-only or failing disk: the entry is forgotten all the same
+            log.warning("cannot remove a cached file", extra={"fields": {"digest": f"sha256:{hex_}",
+                                                                         "reason": str(exc)}})
 
     def evict(self, target: int | None = None) -> list[str]:
         """Remove least recently used, unpinned blobs until the total is at most ``target``
@@ -461,23 +570,65 @@ class Store:
             )
         return evicted
 
+    # -- room --------------------------------------------------------------------------------
+
+    def free_space(self) -> int:
+        """Bytes an unprivileged writer may still use on the cache's filesystem."""
+        info = os.statvfs(self._tmp_dir)
+        return info.f_bavail * info.f_frsize
+
+    def make_room(self, size: int) -> bool:
+        """Whether a blob of ``size`` bytes fits on the filesystem now, evicting least recently used
+        blobs if that is enough to make it fit; False (nothing evicted) when it cannot fit."""
+        needed = size + ROOM_MARGIN
+        try:
+            free = self.free_space()
+        except OSError:
+            return False
+        if free >= needed:
+            return True
+        with self._lock:
+            reclaimable = sum(entry.size for hex_, entry in self._index.items() if not self._pins.get(hex_))
+            if free + reclaimable < needed:
+                return False
+            for hex_ in list(self._index):
+                if free >= needed:
+                    break
+                if self._pins.get(hex_):
+                    continue
+                entry = self._index.pop(hex_)
+                self._total -= entry.size
+                self._unlink_locked(hex_)
+                self.evictions += 1
+                free = self.free_space()
+        log.info("cache evicted blobs to make room", extra={"fields": {"needed": needed, "free": free}})
+        return free >= needed
+
     # -- writes ------------------------------------------------------------------------------
 
     def writer(self, digest: object, *, content_type: str | None = None, expected_size: int | None = None) -> Writer:
         """Start writing the blob for ``digest``; commit it with :meth:`Writer.commit`.
 
-        Raises :class:`StoreFull` at once if ``expected_size`` exceeds ``max_size``.
+        Raises :class:`StoreFull` at once if ``expected_size`` exceeds ``max_size`` or the free space
+        of the filesystem (see :meth:`make_room`).
         """
         hex_ = digest_hex(digest)
         if expected_size is not None and expected_size > self.max_size:
             raise StoreFull(f"blob of {expected_size} bytes is larger than the cache ({self.max_size} bytes)")
+        if expected_size is not None and not self.make_room(expected_size):
+            raise StoreFull(f"no room for a blob of {expected_size} bytes on the cache's filesystem")
         with self._lock:
             self._pin(hex_)
         try:
-            return Writer(self, hex_, _clean_content_type(content_type), expected_size, self.direct_writes)
+            writer = Writer(self, hex_, _clean_content_type(content_type), expected_size, self.direct_writes)
         except BaseException:
             self._unpin(hex_)
             raise
+        try:
+            writer.room = self.free_space() - ROOM_MARGIN
+        except OSError:
+            writer.room = 0
+        return writer
 
     def _commit(self, hex_: str, temp_path: Path, size: int, content_type: str | None) -> BlobInfo:
         shard = self._blobs_dir / hex_[:2]
@@ -498,8 +649,10 @@ class Store:
                 previous = self._index.pop(hex_, None)
                 if previous is not None:
                     self._total -= previous.size
+                # hashed as it was written: this file is the verified content until it changes
                 self._index[hex_] = _Entry(
-                    size=size, last_access=now, content_type=content_type, sidecar_loaded=True, last_touch=now
+                    size=size, last_access=now, content_type=content_type, sidecar_loaded=True, last_touch=now,
+                    verified_mark=file_mark((shard / hex_).lstat()),
                 )
                 self._total += size
         except BaseException:
@@ -516,9 +669,14 @@ class Store:
 class Writer:
     """Writes one blob to a temp file, hashing as it goes; :meth:`commit` makes it visible.
 
-    Use as a context manager to abort on any exception. After :class:`StoreFull`,
-    :class:`DigestMismatch` or any other error from :meth:`write` / :meth:`commit`, the writer
-    has already aborted itself and nothing is kept.
+    Use as a context manager to abort on any exception. After :class:`DigestMismatch` or any other
+    error from :meth:`write` / :meth:`commit`, the writer has already aborted itself and nothing is kept.
+
+    A disk that fails under a write (full, read-only, I/O error) or a blob that outgrows the cache
+    does not end the writer: it records the error in :attr:`failure`, removes its temp file (readers
+    that opened it keep its first :attr:`bytes_in_file` bytes) and goes on hashing what it is given,
+    so that :meth:`verify` still tells whether the body was right. Such a writer is never committed:
+    :meth:`commit` raises :class:`StoreFull` (or the disk's error).
 
     Bytes are staged in a page-aligned buffer and reach the file in blocks of :data:`STAGE_SIZE`
     (the rest at :meth:`flush`). With ``direct`` the blocks are written with ``O_DIRECT``: a fill
@@ -549,6 +707,10 @@ class Writer:
         self._stage: mmap.mmap | None = None
         self._staged = 0
         self._done = False
+        #: Why the bytes stopped going to the file (then they are only hashed), or None.
+        self.failure: OSError | StoreError | None = None
+        #: Bytes the filesystem had room for when the writer was created (see :meth:`Store.make_room`).
+        self.room: int | None = None
 
     def describe(self, content_type: str | None, expected_size: int | None) -> None:
         """Set what a writer created before its response arrived could not know (no I/O: any thread)."""
@@ -565,9 +727,15 @@ class Writer:
             if self.expected_size is not None and new_size > self.expected_size:
                 self.abort()
                 raise SizeMismatch(self.digest, self.expected_size, new_size)
-            if new_size > self._store.max_size:
-                self.abort()
-                raise StoreFull(f"blob is larger than the cache ({self._store.max_size} bytes)")
+            if new_size > self._store.max_size and self.failure is None:
+                if self._staged:  # staged bytes are hashed when they go to the file: they never will now
+                    with memoryview(self._stage) as whole, whole[:self._staged] as staged:
+                        self._hasher.update(staged)
+                self._give_up(StoreFull(f"blob is larger than the cache ({self._store.max_size} bytes)"))
+            if self.failure is not None:
+                self._hasher.update(view)
+                self.bytes_written = new_size
+                return
             if self._stage is None:
                 self._stage = mmap.mmap(-1, STAGE_SIZE)  # page-aligned, as O_DIRECT needs
             taken = 0
@@ -578,13 +746,16 @@ class Writer:
                 taken += size
                 if self._staged == STAGE_SIZE:
                     self._write_stage()
+                    if self.failure is not None:  # the staged bytes were hashed: only the rest is left
+                        self._hasher.update(view[taken:])
+                        break
         self.bytes_written = new_size
 
     def flush(self) -> None:
         """Write what is staged, so that the file holds every accepted byte."""
         if self._done:
             raise StoreError("writer already committed or aborted")
-        if self._staged:
+        if self._staged and self.failure is None:
             self._write_stage()
 
     def _write_stage(self) -> None:
@@ -597,13 +768,28 @@ class Writer:
                 self._write_all(staged)
             except OSError as error:
                 failure = error.with_traceback(None)  # its frames would keep views of the stage alive
-        if failure is not None:  # abort only once the stage is no longer viewed (it closes the buffer)
-            self.abort()
-            if failure.errno in _NO_SPACE:
-                raise StoreFull(f"no space left while caching {self.digest}: {failure.strerror}") from failure
-            raise failure
+        if failure is not None:
+            self._give_up(StoreFull(f"no space left while caching {self.digest}: {failure.strerror}")
+                          if failure.errno in _NO_SPACE else failure)
+            return
         self.bytes_in_file += self._staged
         self._staged = 0
+
+    def _give_up(self, failure: OSError | StoreError) -> None:
+        """Stop writing for good (the disk failed or the blob outgrew the cache); keep hashing.
+
+        Whatever was staged must already be in the hash."""
+        self.failure = failure
+        self._staged = 0
+        log.warning("cache write failed; the blob goes on uncached",
+                    extra={"fields": {"digest": self.digest, "reason": str(failure)}})
+        try:
+            self._close_file()
+        except OSError:
+            pass
+        # readers that opened the file keep it; the space it held is given back now
+        with contextlib.suppress(OSError):
+            self.temp_path.unlink(missing_ok=True)
 
     def _write_all(self, view: memoryview) -> None:
         done = 0
@@ -648,6 +834,10 @@ class Writer:
         :class:`StoreFull`. Committing a digest that is already cached replaces it.
         """
         self.flush()
+        if self.failure is not None:
+            failure = self.failure
+            self.abort()
+            raise failure
         try:
             os.fsync(self._fd)
             self._close_file()

@@ -5,9 +5,13 @@
   (hashed as written, off the reactor) and readable by any number of waiters while it grows. The last
   byte is held back until the digest is verified, so no client ever receives a complete body whose
   digest is wrong. It reads upstream about as fast as its fastest reader takes the bytes, so that reader
-  is served from memory.
+  is served from memory. If the disk fails under it (full, read-only, I/O errors) the fill goes on
+  *uncached*: the bytes its readers still need stay in memory, upstream goes at the pace of the slowest
+  reader, and the hash still decides whether the last byte is released.
 - :class:`BlobStreamer` sends a byte range of a committed blob or of a growing fill to one HTTP
-  request, as a push producer: a slow client pauses the disk reads, not the other clients.
+  request, as a push producer: a slow client pauses the disk reads, not the other clients. Given a
+  cached blob not known to be intact, it hashes what it reads (on the disk pool) and sends the last
+  bytes only if the digest matches.
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ READER_LAG_HIGH = 2 * 1024 * 1024
 READER_LAG_LOW = 1024 * 1024
 # readers that make no progress for this long stop holding the fill back (upstream must not idle out)
 READER_STALL = 5.0
+# a fill whose disk failed keeps at most about this much that its slowest reader has not sent yet
+UNCACHED_HIGH_WATER = 16 * 1024 * 1024
+UNCACHED_LOW_WATER = 8 * 1024 * 1024
 
 
 class DiskIO:
@@ -114,6 +121,11 @@ class Fill:
         self._waiters: list[defer.Deferred] = []
         self.info: BlobInfo | None = None
         self.waiters = 0
+        #: The disk failed under this fill: it streams on from memory and will not be cached.
+        self.uncached = False
+        self._streams: set[BlobStreamer] = set()  # every reader (ranges too): what memory must keep
+        self._memory_paused = False
+        self._memory_timer = None
 
     @property
     def finished(self) -> bool:
@@ -121,7 +133,14 @@ class Fill:
 
     def readable(self) -> int:
         """Bytes a waiter may send now: all of them once verified, else all received but the last."""
-        return self.written if self.verified else max(0, self.received - 1)
+        return self.received if self.verified else max(0, self.received - 1)
+
+    def can_serve(self, offset: int) -> bool:
+        """Whether a new reader from ``offset`` finds every byte it needs (on disk, in memory or to come)."""
+        if not self.uncached:
+            return True
+        memory_start = self._recent[0][0] if self._recent else self.received
+        return memory_start <= max(offset, self.written)
 
     def from_memory(self, offset: int, size: int) -> bytes | None:
         """Up to ``size`` bytes at ``offset`` if they are still in memory (the newest received), else None."""
@@ -149,6 +168,24 @@ class Fill:
         # only bytes already on disk may leave memory: a reader that falls behind reads them there
         while self._recent_bytes > RECENT_WINDOW and self._recent[0][0] + len(self._recent[0][1]) <= self.written:
             self._recent_bytes -= len(self._recent.popleft()[1])
+        if self.uncached:
+            # without a disk, memory holds what some reader still needs, and nothing else
+            floor = self._slowest()
+            while self._recent and self._recent[0][0] + len(self._recent[0][1]) <= floor:
+                self._recent_bytes -= len(self._recent.popleft()[1])
+            if self._memory_paused and self._unsent() <= UNCACHED_LOW_WATER:
+                self._memory_paused = False
+                self._cancel_memory_timer()
+                self._flow()
+
+    def _slowest(self) -> int:
+        """The first byte some reader still needs from memory (``received`` if none does)."""
+        return min((stream.offset for stream in self._streams if stream.needs_memory(self.written)),
+                   default=self.received)
+
+    def _unsent(self) -> int:
+        """Bytes in memory, not on disk, that the slowest reader has not sent yet."""
+        return self.received - max(self._slowest(), self.written)
 
     def settled(self) -> defer.Deferred:
         """Fires (with None) once ``done`` has: the blob is committed (``info`` set) or the fill failed."""
@@ -190,12 +227,16 @@ class Fill:
         self._pending.append(data)
         self._queued += len(data)
         self._pending_bytes += len(data)
+        if self.uncached:
+            self._trim()
         if self._pending_bytes >= FILL_HIGH_WATER and not self._disk_paused:
             self._disk_paused = True
             self._flow()
         if (self._readers and not self._reader_paused and self._pacing
                 and self.received - self._lead >= READER_LAG_HIGH):
             self._pause_for_readers()
+        if self.uncached and not self._memory_paused and self._unsent() >= UNCACHED_HIGH_WATER:
+            self._pause_for_memory()
         self._write_next()
         if self.received - self._notified >= NOTIFY_STEP:
             self._notify()
@@ -227,6 +268,8 @@ class Fill:
     def _wrote(self, _result, size: int) -> None:
         self._writing = False
         self.written = self.writer.bytes_in_file
+        if self.writer.failure is not None and not self.uncached:
+            self._go_uncached()
         self._pending_bytes -= size
         self._trim()
         if self._disk_paused and self._pending_bytes <= FILL_LOW_WATER:
@@ -252,10 +295,59 @@ class Fill:
         """An attached reader has sent everything before ``offset``."""
         if offset > self._lead:
             self._lead = offset
+        if self.uncached:
+            self._trim()
         if self._reader_paused:
             self._progress_at = self._clock.seconds()
             if not self._readers or self.received - self._lead <= READER_LAG_LOW:
                 self._release_readers_hold(for_good=False)
+
+    def register(self, stream: BlobStreamer) -> None:
+        """``stream`` reads this fill (any range): if the disk fails, memory keeps what it still needs."""
+        self._streams.add(stream)
+
+    def unregister(self, stream: BlobStreamer) -> None:
+        self._streams.discard(stream)
+        if self.uncached:
+            self._trim()
+            if not self._streams and not self.finished:
+                # nobody left to stream to and nothing to cache: upstream's body is not needed
+                self._fail(Failure(self.writer.failure))
+
+    # --- a disk that failed mid-fill: the body goes on from memory, uncached ------------------------
+
+    def _go_uncached(self) -> None:
+        self.uncached = True
+        for stream in self._streams:
+            stream.keep_tail()
+        log.warning("cache disk failed mid-fill; streaming on without caching", extra={"fields": {
+            "digest": self.digest, "reason": str(self.writer.failure), "cached_bytes": self.written}})
+        self._trim()
+        if not self._memory_paused and self._unsent() >= UNCACHED_HIGH_WATER:
+            self._pause_for_memory()
+
+    def _pause_for_memory(self) -> None:
+        self._memory_paused = True
+        self._memory_progress = self._slowest()
+        self._memory_timer = self._clock.callLater(READER_STALL, self._check_memory_stall)
+        self._flow()
+
+    def _check_memory_stall(self) -> None:
+        self._memory_timer = None
+        slowest = self._slowest()
+        if slowest > self._memory_progress:
+            self._memory_progress = slowest
+            self._memory_timer = self._clock.callLater(READER_STALL, self._check_memory_stall)
+            return
+        # a reader that took nothing for this long would hold every other reader (and upstream) back
+        for stream in [stream for stream in self._streams if stream.offset == slowest]:
+            stream._abort("stalled while the fill could not be cached")
+        self._trim()
+
+    def _cancel_memory_timer(self) -> None:
+        if self._memory_timer is not None and self._memory_timer.active():
+            self._memory_timer.cancel()
+        self._memory_timer = None
 
     @property
     def _clock(self):
@@ -290,7 +382,7 @@ class Fill:
     def _flow(self) -> None:
         if self._upstream is None or self._body_finished or self.failure is not None:
             return  # the body is over: nothing left to pause or resume
-        paused = self._disk_paused or self._reader_paused
+        paused = self._disk_paused or self._reader_paused or self._memory_paused
         if paused == self._upstream_paused:
             return
         self._upstream_paused = paused
@@ -322,9 +414,14 @@ class Fill:
         # clients get their last byte now; the durable commit (fsync, rename) follows without them
         self.verified = True
         self.written = self.writer.bytes_in_file
-        self.total = self.written
-        self._recent.clear()
-        self._recent_bytes = 0
+        self.total = self.received
+        if self.writer.failure is not None and not self.uncached:
+            self._go_uncached()
+        self._memory_paused = False
+        self._cancel_memory_timer()
+        if not self.uncached:
+            self._recent.clear()
+            self._recent_bytes = 0
         self._notify()
         self.disk.run(self.writer.commit).addCallbacks(self._committed, self._commit_failed)
 
@@ -347,6 +444,7 @@ class Fill:
         self.failure.__cause__ = reason.value
         self._pending = []
         self._release_readers_hold(for_good=True)
+        self._cancel_memory_timer()
         if self._upstream is not None:
             self._upstream.stopProducing()
         self.disk.run(self.writer.abort).addErrback(lambda f: log.warning("abort failed: %s", f.value))
@@ -437,10 +535,16 @@ class BlobStreamer:
     With a ``fill`` the file is the fill's growing temp file: the streamer waits for progress and
     aborts the client connection if the fill fails. ``finished`` fires True when everything was
     sent, False when the client went away or the stream was aborted.
+
+    With ``verify`` (the expected sha256 hex digest of the whole file; only for ``start`` 0 and ``end``
+    the file's size) every read is hashed on the disk pool, and the last read is sent only if the
+    digest matches; otherwise the connection is aborted and ``on_damaged`` is called (on the reactor).
+    ``on_intact`` is called when the digest matched.
     """
 
     def __init__(self, disk: DiskIO, request, fd: int, start: int, end: int | None, fill: Fill | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None, verify: str | None = None,
+                 on_damaged: Callable[[], None] | None = None, on_intact: Callable[[], None] | None = None) -> None:
         self.disk = disk
         self.request = request
         self.fd = fd
@@ -453,6 +557,24 @@ class BlobStreamer:
         self.reading = False
         self.stopped = False
         self.finished: defer.Deferred = defer.Deferred()
+        if verify is not None and (start != 0 or end is None or fill is not None):
+            raise ValueError("only a whole committed file can be verified while streamed")
+        self.verify = verify
+        self.hasher = hashlib.sha256() if verify is not None else None
+        self.on_damaged = on_damaged
+        self.on_intact = on_intact
+        self._tail: bytes | None = None  # a range's last byte, kept here while it waits for verification
+
+    def needs_memory(self, written: int) -> bool:
+        """Whether this reader of an uncached fill still needs bytes that only memory holds."""
+        return self._tail is None and (self.end is None or self.end > written) and not self.stopped
+
+    def keep_tail(self) -> None:
+        """A range that has everything but its last byte keeps that byte itself: memory may drop it."""
+        fill = self.fill
+        if (fill is not None and fill.uncached and self.end is not None and self._tail is None
+                and self.offset == self.end - 1 and self.offset >= fill.written):
+            self._tail = fill.from_memory(self.offset, 1)
 
     def start(self) -> defer.Deferred:
         if getattr(self.request, "channel", True) is None:
@@ -464,6 +586,8 @@ class BlobStreamer:
         # for verification (its last byte is held back), which needs the rest of the body
         if fill is not None and (self.end is None or fill.total is None or self.end >= fill.total):
             fill.attach(self)
+        if fill is not None:
+            fill.register(self)
         self.request.registerProducer(self, True)
         self.request.notifyFinish().addErrback(lambda _: self.stopProducing())
         self._next()
@@ -482,7 +606,7 @@ class BlobStreamer:
         if self.end is not None:
             return self.end
         if self.fill is not None and self.fill.verified:
-            return self.fill.written
+            return self.fill.total
         return None
 
     def _next(self) -> None:
@@ -494,8 +618,14 @@ class BlobStreamer:
             if self.fill is not None and self.fill.failure is not None:
                 self._abort(f"fill failed: {self.fill.failure}")
                 return
+            if self._tail is not None and self.fill.verified:
+                tail, self._tail = self._tail, None
+                self.offset += len(tail)
+                self.request.write(tail)
+                continue
             limit = self._limit()
             if limit is None or self.offset >= limit:
+                self.keep_tail()
                 self.busy = True
                 self.fill.wait().addCallback(self._progress)
                 return
@@ -509,12 +639,19 @@ class BlobStreamer:
                     self.fill.reader_progress(self.offset)
                     continue
                 size = min(size, self.fill.written - self.offset)
+                if size <= 0 and self.fill.uncached:
+                    self._abort("bytes neither in memory nor on disk")  # cannot happen: memory keeps them
+                    return
                 if size <= 0:  # neither in memory nor on disk yet: wait for the writer
                     self.busy = True
                     self.fill.wait().addCallback(self._progress)
                     return
             self.busy = self.reading = True
-            self.disk.run(os.pread, self.fd, size, self.offset).addCallbacks(self._read, self._read_failed)
+            if self.hasher is not None:
+                self.disk.run(_read_hashed, self.fd, size, self.offset, self.hasher, self.end, self.verify
+                              ).addCallbacks(self._read_checked, self._read_failed)
+            else:
+                self.disk.run(os.pread, self.fd, size, self.offset).addCallbacks(self._read, self._read_failed)
             return
 
     def _progress(self, _result) -> None:
@@ -534,6 +671,19 @@ class BlobStreamer:
         if self.fill is not None:
             self.fill.reader_progress(self.offset)
         self._next()
+
+    def _read_checked(self, result: tuple[bytes, bool | None]) -> None:
+        data, intact = result
+        if intact is False:
+            if self.on_damaged is not None:
+                self.on_damaged()
+            if not self.stopped:
+                self.busy = self.reading = False
+                self._abort(f"cached blob sha256:{self.verify} does not match its digest")
+                return
+        elif intact and self.on_intact is not None:
+            self.on_intact()
+        self._read(data)
 
     def _read_failed(self, reason: Failure) -> None:
         self.busy = self.reading = False
@@ -555,6 +705,7 @@ class BlobStreamer:
         self.stopped = True
         if self.fill is not None:
             self.fill.detach(self)
+            self.fill.unregister(self)
         try:
             self.request.unregisterProducer()
         except Exception:  # noqa: BLE001 - the request may already be gone
@@ -583,6 +734,16 @@ class BlobStreamer:
     def stopProducing(self) -> None:
         if not self.stopped:
             self._close(False)
+
+
+def _read_hashed(fd: int, size: int, offset: int, hasher, end: int, expected_hex: str) -> tuple[bytes, bool | None]:
+    """(bytes read, whether the whole file hashed to ``expected_hex``, or None before its end) -- on the disk pool."""
+    data = os.pread(fd, size, offset)
+    hasher.update(data)
+    if offset + len(data) < end and data:
+        return data, None
+    # the last read: nothing of it leaves before the digest is known
+    return data, offset + len(data) == end and hasher.hexdigest() == expected_hex
 
 
 @implementer(IPushProducer)

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from dnsmirror import oci
+from dnsmirror import content, oci
 from dnsmirror.authz import ANONYMOUS, Grants
 from dnsmirror.content import ContentChain
 from dnsmirror.store import Store
@@ -86,6 +86,9 @@ class _Response:
         protocol.makeConnection(None)
         protocol.dataReceived(self.body)
         protocol.connectionLost(Failure(ResponseDone()))
+
+    def discard(self, *args) -> defer.Deferred:
+        return defer.succeed(None)
 
 
 class BlobRequest(FakeRequest):
@@ -255,3 +258,251 @@ def test_peers_are_not_asked_while_the_cache_disk_was_full_recently(tmp_path):
         assert served.called and served.result is None
         assert request.finished and request.body == data and request.source == "relay"
         assert peer.asked == 0 and digest not in store
+
+
+# --- a damaged cache, a failing disk -------------------------------------------------------------------
+
+
+class RangeRequest(BlobRequest):
+    """A GET with a Range header."""
+
+    def __init__(self, first: int, last: int) -> None:
+        super().__init__()
+        self.range = f"bytes={first}-{last}".encode()
+
+    def getHeader(self, name):  # noqa: N802
+        return self.range if name.lower() == b"range" else None
+
+    @property
+    def requestHeaders(self):  # noqa: N802
+        return Headers({b"range": [self.range]})
+
+
+class RecordingPassThrough:
+    """Stands for upstream answering a request itself (the client's own headers, Range included)."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.forwarded: list[bytes | None] = []
+
+    async def forward(self, request, target) -> None:
+        self.forwarded.append(request.getHeader(b"range"))
+        first, last = map(int, request.getHeader(b"range").decode().removeprefix("bytes=").split("-"))
+        request.setResponseCode(206)
+        request.write(self.body[first:last + 1])
+        request.finish()
+
+
+def cached(store: Store, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with store.writer(digest) as writer:
+        writer.write(data)
+        writer.commit()
+    return digest
+
+
+def damage(store: Store, digest: str, offset: int) -> None:
+    with open(store.blob_path(digest), "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 0x80]))
+
+
+def serve(chain: ContentChain, disk: ManualDisk, request, target: Target) -> None:
+    served = defer.ensureDeferred(chain.serve(request, target))
+    disk.drain(1000)
+    assert served.called and served.result is None
+
+
+def test_a_damaged_cached_blob_is_cut_before_its_last_bytes_dropped_and_fetched_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(content, "VERIFY_BEFORE_SERVING", 2**20)  # a big blob: hashed as it streams
+    data = os.urandom(3 * 2**20 + 5)
+    with Store.open(tmp_path / "cache", 64 * 2**20) as store:
+        digest = cached(store, data)
+        damage(store, digest, len(data) - 2)  # in the last bytes: everything before them is sent
+        disk = ManualDisk(store)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None)
+        first = BlobRequest()
+        serve(chain, disk, first, blob_target(digest))
+        assert first.channel.transport.aborted and not first.finished
+        assert len(first.body) < len(data) and digest not in store and chain.stats.damaged_entries == 1
+
+        again = BlobRequest()
+        serve(chain, disk, again, blob_target(digest))
+        assert again.finished and again.body == data and again.source == "upstream"
+        assert store.open_blob(digest).verified  # the new copy was hashed as it was written
+
+
+def test_a_small_damaged_cached_blob_is_replaced_before_a_byte_is_sent(tmp_path):
+    data = os.urandom(2**20)
+    with Store.open(tmp_path / "cache", 64 * 2**20) as store:
+        digest = cached(store, data)
+        damage(store, digest, 5)
+        disk = ManualDisk(store)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None)
+        request = BlobRequest()
+        serve(chain, disk, request, blob_target(digest))
+        assert request.finished and request.body == data and request.source == "upstream"
+        assert not request.channel.transport.aborted and chain.stats.damaged_entries == 1
+
+
+def test_a_range_of_a_damaged_cached_blob_is_answered_with_the_right_bytes(tmp_path):
+    data = os.urandom(2 * 2**20)
+    with Store.open(tmp_path / "cache", 64 * 2**20) as store:
+        digest = cached(store, data)
+        damage(store, digest, 1000)
+        disk = ManualDisk(store)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None)
+        request = RangeRequest(900, 1100)
+        serve(chain, disk, request, blob_target(digest))
+        # the whole copy is checked before any range of it is served: the range comes from a new fill
+        assert request.code == 206 and request.finished and request.body == data[900:1101]
+        assert request.source == "upstream" and chain.stats.damaged_entries == 1
+        assert store.open_blob(digest).verified
+
+
+def test_a_cached_blob_found_at_start_is_hashed_once_and_then_served_without_hashing(tmp_path, monkeypatch):
+    monkeypatch.setattr(content, "VERIFY_BEFORE_SERVING", 2**20)
+    data = os.urandom(2**20 + 7)
+    with Store.open(tmp_path / "cache", 64 * 2**20) as store:
+        digest = cached(store, data)
+        reader = store.open_blob(digest)
+        assert reader.verified  # hashed as it was written
+        reader.close()
+    with Store.open(tmp_path / "cache", 64 * 2**20) as store:
+        disk = ManualDisk(store)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(b"unused"), granted(digest, disk), passthrough=None)
+        calls: list[str] = []
+        run = disk.run
+        disk.run = lambda function, *a, **k: calls.append(getattr(function, "__name__", "")) or run(function, *a, **k)
+        for _ in range(2):
+            request = BlobRequest()
+            serve(chain, disk, request, blob_target(digest))
+            assert request.finished and request.body == data and request.source == "cache"
+        first, second = calls[:len(calls) // 2], calls[len(calls) // 2:]
+        assert "_read_hashed" in first and "_read_hashed" not in second
+        request = RangeRequest(5, 10)
+        serve(chain, disk, request, blob_target(digest))
+        assert request.body == data[5:11] and "verify_reader" not in calls  # remembered as intact
+
+
+def test_a_damaged_cached_manifest_is_fetched_again_before_a_byte_is_sent(tmp_path):
+    manifest = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": []}'
+    with Store.open(tmp_path / "cache", 64 * 2**20) as store:
+        digest = cached(store, manifest)
+        damage(store, digest, 10)
+        disk = ManualDisk(store)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(manifest), granted(digest, disk), passthrough=None)
+        uri = f"/v2/team/app/manifests/{digest}".encode()
+        target = Target(host=ECR, upstream_host=ECR, uri=uri, method="GET", path=oci.parse_path(uri),
+                        credential=ANONYMOUS, authorization=[])
+        request = BlobRequest()
+        serve(chain, disk, request, target)
+        assert request.finished and request.body == manifest and request.source == "upstream"
+        assert not request.channel.transport.aborted and chain.stats.damaged_entries == 1
+        assert store.open_blob(digest).verified
+
+
+def failing_disk(monkeypatch, errno_: int) -> None:
+    """Every cache write fails as a full, read-only or failing disk makes it fail."""
+    from dnsmirror.store import Writer
+
+    def fail(self, view):
+        raise OSError(errno_, os.strerror(errno_))
+
+    monkeypatch.setattr(Writer, "_write_all", fail)
+
+
+def test_a_disk_failing_mid_fill_does_not_cut_the_client_and_later_fills_stay_off_it(tmp_path, monkeypatch):
+    import errno
+
+    for errno_ in (errno.ENOSPC, errno.EIO):
+        data = os.urandom(2 * 2**20 + 1)
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with Store.open(tmp_path / f"cache-{errno_}", 64 * 2**20) as store:
+            failing_disk(monkeypatch, errno_)
+            disk = ManualDisk(store)
+            chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk),
+                                 passthrough=RecordingPassThrough(data))
+            request = BlobRequest()
+            serve(chain, disk, request, blob_target(digest))
+            assert not request.channel.transport.aborted
+            assert request.finished and request.body == data and digest not in store
+            assert os.listdir(tmp_path / f"cache-{errno_}" / "tmp") == []
+            assert chain.uncached_until > disk.reactor.seconds()  # later fills know
+            # while it stays off the disk, a range is answered by upstream itself, not ignored
+            ranged = RangeRequest(10, 20)
+            serve(chain, disk, ranged, blob_target(digest))
+            assert ranged.code == 206 and ranged.body == data[10:21]
+            assert chain.passthrough.forwarded == [b"bytes=10-20"]
+            monkeypatch.undo()
+
+
+def test_a_blob_larger_than_the_free_space_streams_uncached_and_a_range_of_it_goes_upstream(tmp_path, monkeypatch):
+    data = os.urandom(300_000)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with Store.open(tmp_path / "cache", 64 * 2**20) as store:
+        monkeypatch.setattr(store, "free_space", lambda: 100_000)
+        disk = ManualDisk(store)
+        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk),
+                             passthrough=RecordingPassThrough(data))
+        request = BlobRequest()
+        serve(chain, disk, request, blob_target(digest))
+        assert request.finished and request.body == data and request.source == "relay" and digest not in store
+        ranged = RangeRequest(0, 99)
+        serve(chain, disk, ranged, blob_target(digest))
+        assert ranged.code == 206 and ranged.body == data[:100] and chain.passthrough.forwarded == [b"bytes=0-99"]
+
+
+class _StagedResponse(_Response):
+    """A 200 whose body the test feeds by hand."""
+
+    def deliver_body(self, protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(None)
+
+
+class StagedThenWholeUpstream:
+    """The first GET's body is fed by the test; later GETs get the whole body at once."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.first: _StagedResponse | None = None
+
+    def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
+        if self.first is None:
+            self.first = _StagedResponse(self.body)
+            return defer.succeed(self.first)
+        return defer.succeed(_Response(self.body))
+
+
+def test_a_reader_joining_just_as_the_disk_fails_under_the_fill_is_served_from_upstream(tmp_path, monkeypatch):
+    import errno
+
+    data = os.urandom(3 * 2**20)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with Store.open(tmp_path / "cache", 64 * 2**20) as store:
+        disk = ManualDisk(store)
+        upstream = StagedThenWholeUpstream(data)
+        chain = ContentChain(disk.reactor, disk, upstream, granted(digest, disk), passthrough=None)
+        first = BlobRequest()
+        first_served = defer.ensureDeferred(chain.serve(first, blob_target(digest)))
+        disk.step("writer")
+        disk.step("open")
+        body = upstream.first.protocol
+        body.dataReceived(data[:2**20])
+        failing_disk(monkeypatch, errno.ENOSPC)
+        wrote = disk.run_quietly("_write_chunks")  # the disk fails in the thread; the reactor hears later
+        assert chain.slots[digest].fill.writer.failure is not None and not chain.slots[digest].fill.uncached
+        joiner = BlobRequest()
+        joined = defer.ensureDeferred(chain.serve(joiner, blob_target(digest)))
+        disk.step("open")  # the temp file is gone already
+        disk.drain()
+        assert joined.called and joiner.finished and joiner.body == data and joiner.source == "relay"
+        wrote.callback(None)
+        body.dataReceived(data[2**20:])
+        body.connectionLost(Failure(ResponseDone()))
+        disk.drain()
+        assert first_served.called and first.finished and first.body == data
+        assert not first.channel.transport.aborted and digest not in store

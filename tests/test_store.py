@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from dnsmirror.oci import Digest
 from dnsmirror.store import (
+    ROOM_MARGIN,
     STAGE_SIZE,
     ContainerdContentSource,
     DigestMismatch,
@@ -332,9 +333,12 @@ def test_blob_larger_than_cache_is_refused(root):
             store.writer(sha(blob(0, 1001)), expected_size=1001)
         writer = store.writer(sha(blob(0, 1001)))  # size unknown up front
         writer.write(blob(0, 600))
+        writer.write(blob(0, 1001)[600:])  # outgrows the cache: no longer written, still hashed
+        assert isinstance(writer.failure, StoreFull) and os.listdir(root / "tmp") == []
+        writer.verify()  # the body was right, so its readers may have it all
         with pytest.raises(StoreFull):
-            writer.write(blob(0, 401))
-        assert os.listdir(root / "tmp") == [] and store.pinned(sha(blob(0, 1001))) == 0
+            writer.commit()
+        assert store.pinned(sha(blob(0, 1001))) == 0 and store.blob_count == 0
 
 
 def test_accounting_and_lru_order_survive_restart(root):
@@ -381,18 +385,76 @@ def full_disk(monkeypatch, writer, room: int) -> None:
     monkeypatch.setattr(os, "write", write)
 
 
-def test_enospc_during_write_raises_store_full(root, monkeypatch):
+def test_enospc_during_write_stops_caching_but_not_hashing(root, monkeypatch):
     size = STAGE_SIZE + 5000
     with open_store(root, max_size=4 * STAGE_SIZE) as store:
         writer = store.writer(sha(blob(1, size)))
         full_disk(monkeypatch, writer, room=STAGE_SIZE + 3000)
         writer.write(blob(1, STAGE_SIZE))  # one whole staged block reaches the file
         assert writer.bytes_in_file == STAGE_SIZE
-        writer.write(blob(1, 5000))  # staged only: the disk is not touched yet
+        writer.write(blob(1, size)[STAGE_SIZE:])  # staged only: the disk is not touched yet
+        writer.verify()  # the flush of the last 5000 bytes finds the disk full; the digest still matches
+        assert isinstance(writer.failure, StoreFull) and writer.bytes_in_file == STAGE_SIZE
+        assert os.listdir(root / "tmp") == []  # the space is given back at once
         with pytest.raises(StoreFull):
-            writer.verify()  # the flush of the last 5000 bytes finds the disk full
-        assert os.listdir(root / "tmp") == []
+            writer.commit()
         assert store.pinned(sha(blob(1, size))) == 0 and store.total_size == 0
+
+
+def test_a_write_failing_mid_block_still_hashes_every_byte(root, monkeypatch):
+    data = blob(3, 3 * STAGE_SIZE + 10)
+    with open_store(root, max_size=8 * STAGE_SIZE) as store:
+        writer = store.writer(sha(data))
+        full_disk(monkeypatch, writer, room=STAGE_SIZE // 2)
+        writer.write(data)  # the first block fails; the rest of this very call is hashed only
+        assert writer.failure is not None and writer.bytes_in_file == 0
+        writer.verify()
+        wrong = store.writer(sha(data))
+        full_disk(monkeypatch, wrong, room=0)
+        wrong.write(data[:-1] + b"!")
+        with pytest.raises(DigestMismatch):
+            wrong.verify()
+
+
+def test_a_read_only_or_failing_disk_stops_caching_with_its_own_error(root, monkeypatch):
+    data = blob(4, STAGE_SIZE + 1)
+    with open_store(root, max_size=8 * STAGE_SIZE) as store:
+        writer = store.writer(sha(data))
+        real_write = os.write
+
+        def write(fd, chunk):
+            if fd == writer._fd:
+                raise OSError(errno.EIO, "Input/output error")
+            return real_write(fd, chunk)
+
+        monkeypatch.setattr(os, "write", write)
+        writer.write(data)
+        writer.verify()
+        with pytest.raises(OSError) as raised:
+            writer.commit()
+        assert raised.value.errno == errno.EIO and store.blob_count == 0
+
+
+def test_make_room_compares_free_space_and_evicts_only_if_that_is_enough(root, monkeypatch):
+    with open_store(root, max_size=10_000) as store:
+        put(store, blob(0))
+        put(store, blob(1))
+        free = [ROOM_MARGIN + 500]
+        monkeypatch.setattr(store, "free_space", lambda: free[0])
+        assert store.make_room(500) and store.blob_count == 2
+        # 2000 bytes of blobs cannot make room for 5000: nothing is evicted for nothing
+        assert not store.make_room(5000) and store.blob_count == 2
+        with pytest.raises(StoreFull):
+            store.writer(sha(blob(9, 5000)), expected_size=5000)
+
+        def evict_frees(*args):
+            free[0] += 1000
+            return real_unlink(*args)
+
+        real_unlink = store._unlink_locked
+        monkeypatch.setattr(store, "_unlink_locked", evict_frees)
+        assert store.make_room(1200)  # the least recently used blob goes, and that is enough
+        assert store.blob_count == 1 and store.stat(sha(blob(0))) is None
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
@@ -409,9 +471,10 @@ def test_enospc_on_a_real_full_tmpfs(tmp_path):
         result = {{}}
         with Store.open({str(mountpoint)!r}, 100 * 1024 * 1024) as store:
             writer = store.writer("sha256:" + hashlib.sha256(data).hexdigest())
+            for i in range(0, len(data), 65536):
+                writer.write(data[i:i + 65536])
+            writer.verify()
             try:
-                for i in range(0, len(data), 65536):
-                    writer.write(data[i:i + 65536])
                 writer.commit()
                 result["full"] = False
             except StoreFull:
@@ -617,3 +680,95 @@ def test_a_writer_created_before_its_response_takes_the_type_and_size_later(root
     with open_store(root) as reopened:
         assert reopened.stat(sha(data)).content_type == "application/vnd.oci.image.manifest.v1+json"
         assert reopened.stat(sha(b"abc")) is None
+
+
+# --- damaged entries ---------------------------------------------------------------------------
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)
+        file.seek(offset)
+        file.write(bytes([byte[0] ^ 1]))
+
+
+def test_a_committed_file_is_verified_until_it_changes_or_the_cache_reopens(root):
+    data = blob(7, 5000)
+    with open_store(root) as store:
+        put(store, data)
+        with store.open_blob(sha(data)) as reader:
+            assert reader.verified  # hashed as it was written
+        flip(store.blob_path(sha(data)), 10)
+        with store.open_blob(sha(data)) as reader:
+            assert not reader.verified  # any write moves the file's ctime
+            assert not store.verify_reader(reader)
+        assert sha(data) not in store and not store.blob_path(sha(data)).exists()
+        put(store, data)
+    with open_store(root) as store:
+        with store.open_blob(sha(data)) as reader:
+            assert not reader.verified  # found on disk: not known to be intact
+            assert store.read_verified(reader, 10_000) == data
+        with store.open_blob(sha(data)) as reader:
+            assert reader.verified
+
+
+def test_a_damaged_file_is_dropped_but_not_the_new_copy_that_replaced_it(root):
+    data = blob(8, 5000)
+    with open_store(root) as store:
+        put(store, data)
+        old = store.open_blob(sha(data))
+        put(store, data)  # a new fill committed the same digest meanwhile
+        assert not store.drop_damaged(old, "test")
+        old.close()
+        assert sha(data) in store and store.blob_path(sha(data)).read_bytes() == data
+
+
+def test_a_damaged_manifest_read_whole_is_dropped(root):
+    data = b'{"schemaVersion": 2}'
+    with open_store(root) as store:
+        put(store, data)
+        flip(store.blob_path(sha(data)), 3)
+        with store.open_blob(sha(data)) as reader:
+            assert store.read_verified(reader, 4 * MiB) is None
+        assert sha(data) not in store
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
+def test_a_cache_on_a_read_only_filesystem_opens_and_serves_what_it_holds(tmp_path):
+    mountpoint = tmp_path / f"ro-{uuid.uuid4().hex[:8]}"
+    mountpoint.mkdir()
+    script = textwrap.dedent(
+        f"""
+        import hashlib, json, os, subprocess
+        from dnsmirror.store import Store
+        data = b"cached before the disk went read-only"
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        with Store.open({str(mountpoint)!r}, 1 << 20) as store:
+            with store.writer(digest) as writer:
+                writer.write(data)
+                writer.commit()
+        open(os.path.join({str(mountpoint)!r}, "tmp", "left.part"), "wb").close()  # a crash's leftover
+        subprocess.run(["mount", "-o", "remount,ro", {str(mountpoint)!r}], check=True)
+        result = {{}}
+        with Store.open({str(mountpoint)!r}, 1 << 20) as store:
+            result["count"] = store.blob_count
+            with store.open_blob(digest) as reader:
+                result["data"] = reader.read().decode()
+            try:
+                store.writer("sha256:" + "0" * 64)
+                result["write"] = "allowed"
+            except OSError as exc:
+                result["write"] = exc.errno
+        print(json.dumps(result))
+        """
+    )
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+               'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" -c "$2"', str(mountpoint), sys.executable, script]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                               cwd=Path(__file__).resolve().parent.parent)
+    if completed.returncode != 0 and "mount" in completed.stderr and "dnsmirror" not in completed.stderr:
+        pytest.skip(f"tmpfs mount not permitted here: {completed.stderr.strip()}")
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout) == {"count": 1, "data": "cached before the disk went read-only",
+                                            "write": errno.EROFS}

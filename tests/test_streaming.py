@@ -404,3 +404,147 @@ def test_a_client_gone_before_its_stream_starts_releases_the_descriptor(store):
     assert done.called and done.result is False
     assert closed and request.written == [] and request.producer is None
     assert streamer not in fill._readers  # it holds the fill back for nobody
+
+
+# --- a disk that fails under a fill ---------------------------------------------------------------------
+
+
+def feed_while_flowing(protocol, upstream, data, start, end, step=64 * 1024) -> int:
+    """Feed like a socket does: nothing while paused. Returns where it stopped."""
+    offset = start
+    while offset < end and upstream.paused == upstream.resumed:
+        protocol.dataReceived(data[offset:min(end, offset + step)])
+        offset = min(end, offset + step)
+    return offset
+
+
+@pytest.fixture
+def roomy(tmp_path):
+    with Store.open(tmp_path / "roomy", 256 * 2**20) as opened:
+        yield opened
+
+
+def disk_fails_after(monkeypatch, blocks: int, errno_: int = 28) -> None:
+    """Cache writes succeed for ``blocks`` staged blocks, then fail as a full (or failing) disk makes them."""
+    from dnsmirror.store import Writer
+
+    real = Writer._write_all
+    left = [blocks]
+
+    def write_all(self, view):
+        if left[0] <= 0:
+            raise OSError(errno_, os.strerror(errno_))
+        left[0] -= 1
+        return real(self, view)
+
+    monkeypatch.setattr(Writer, "_write_all", write_all)
+
+
+def test_a_fill_whose_disk_fails_streams_on_from_memory_to_every_reader(roomy, monkeypatch):
+    store = roomy
+    from dnsmirror.store import StoreFull
+    from dnsmirror.streaming import UNCACHED_HIGH_WATER
+
+    disk_fails_after(monkeypatch, blocks=3)
+    data = os.urandom(40 * 1024 * 1024)
+    disk, fill, protocol, upstream, _ = paced_fill(store, data)
+    causes = []
+    fill.done.addErrback(lambda failure: causes.append(failure.value.__cause__))
+    fast, slow, ranged = FakeRequest(), FakeRequest(), FakeRequest()
+    stream(disk, fast, fill, len(data))
+    slow_streamer, _ = stream(disk, slow, fill, len(data))
+    stream(disk, ranged, fill, len(data), start=2 * 1024 * 1024, end=5 * 1024 * 1024)
+    slow_streamer.pauseProducing()
+    feed(protocol, data, 0, 6 * 1024 * 1024)
+    assert fill.uncached and fill.written == 3 * 1024 * 1024 and os.listdir(store.root / "tmp") == []
+    disk.reactor.advance(READER_STALL)  # the paused reader no longer paces the fill...
+    stopped = feed_while_flowing(protocol, upstream, data, 6 * 1024 * 1024, len(data))
+    # ...but memory keeps what it has not sent, up to a bound: then upstream waits for it
+    assert stopped < len(data) and upstream.paused > upstream.resumed
+    assert UNCACHED_HIGH_WATER <= fill._recent_bytes <= UNCACHED_HIGH_WATER + 3 * 1024 * 1024
+    slow_streamer.resumeProducing()
+    assert upstream.paused == upstream.resumed
+    feed(protocol, data, stopped, len(data))
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fast.finished and fast.body == data and not fast.transport.aborted
+    assert slow.finished and slow.body == data
+    assert ranged.finished and ranged.body == data[2 * 1024 * 1024:5 * 1024 * 1024]
+    assert len(causes) == 1 and isinstance(causes[0], StoreFull) and sha(data) not in store
+
+
+def test_a_fill_whose_disk_failed_still_cuts_its_readers_on_a_wrong_digest(store, monkeypatch):
+    disk_fails_after(monkeypatch, blocks=1, errno_=5)
+    data = os.urandom(3 * 1024 * 1024)
+    disk, fill, protocol, _ = start_fill(store, data, digest=sha(b"other"))
+    request = FakeRequest()
+    _, done = stream(disk, request, fill, len(data))
+    feed(protocol, data, 0, len(data))
+    assert fill.uncached
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert request.transport.aborted and not request.finished and done.result is False
+
+
+def test_a_reader_that_stalls_a_fill_without_a_disk_is_cut_and_the_others_go_on(roomy, monkeypatch):
+    store = roomy
+    disk_fails_after(monkeypatch, blocks=0)
+    data = os.urandom(30 * 1024 * 1024)
+    disk, fill, protocol, upstream, _ = paced_fill(store, data)
+    fast, stuck = FakeRequest(), FakeRequest()
+    stream(disk, fast, fill, len(data))
+    stuck_streamer, stuck_done = stream(disk, stuck, fill, len(data))
+    stuck_streamer.pauseProducing()
+    feed(protocol, data, 0, 4 * 1024 * 1024)
+    disk.reactor.advance(READER_STALL)  # pacing gives up on it
+    stopped = feed_while_flowing(protocol, upstream, data, 4 * 1024 * 1024, len(data))
+    assert stopped < len(data) and upstream.paused > upstream.resumed  # memory holds what it has not taken
+    disk.reactor.advance(READER_STALL)
+    # it would hold every other reader (and upstream, which would time out) for ever: it is cut
+    assert stuck.transport.aborted and stuck_done.result is False
+    assert upstream.paused == upstream.resumed and fill._recent_bytes < 4 * 1024 * 1024
+    feed(protocol, data, stopped, len(data))
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fast.finished and fast.body == data
+    fill.done.addErrback(lambda _: None)
+
+
+def test_a_fill_whose_disk_failed_stops_when_its_last_reader_leaves(store, monkeypatch):
+    disk_fails_after(monkeypatch, blocks=0)
+    data = os.urandom(3 * 1024 * 1024)
+    disk, fill, protocol, upstream = start_fill(store, data)
+    request = FakeRequest()
+    _, done = stream(disk, request, fill, len(data))
+    feed(protocol, data, 0, 2 * 1024 * 1024)
+    assert fill.uncached and not fill.can_serve(0)  # a newcomer would need bytes no longer kept
+    request._finish.errback(Failure(ConnectionError("client went away")))
+    assert done.result is False and fill.failure is not None and upstream.stopped
+    assert fill._recent_bytes == 0
+    fill.done.addErrback(lambda _: None)
+
+
+def test_a_whole_cached_blob_is_hashed_as_it_streams_and_its_last_bytes_wait_for_the_digest(store):
+    data = os.urandom(3 * 1024 * 1024 + 3)
+    digest = sha(data)
+    with store.writer(digest) as writer:
+        writer.write(data)
+        writer.commit()
+    for damaged in (False, True):
+        if damaged:
+            with open(store.blob_path(digest), "r+b") as file:
+                file.seek(len(data) - 1)
+                file.write(b"\0" if data[-1] else b"\1")
+        reader = store.open_blob(digest)
+        request = FakeRequest()
+        outcome = []
+        streamer = BlobStreamer(InlineDisk(store), request, reader.file.fileno(), 0, len(data),
+                                on_close=reader.close, verify=digest.split(":")[1],
+                                on_damaged=lambda seen=outcome: seen.append("damaged"),
+                                on_intact=lambda seen=outcome: seen.append("ok"))
+        done = streamer.start()
+        if damaged:
+            assert outcome == ["damaged"] and request.transport.aborted and not request.finished
+            assert request.body == data[:3 * 1024 * 1024]  # the last read (3 bytes) was never sent
+            assert done.result is False
+        else:
+            assert outcome == ["ok"] and request.finished and request.body == data and done.result is True
+    with pytest.raises(ValueError):
+        BlobStreamer(InlineDisk(store), FakeRequest(), 0, 10, len(data), verify="00")
