@@ -24,6 +24,8 @@ reads no clock; the simulation in ``sim/`` and the tests drive it, and a real no
 from __future__ import annotations
 
 import enum
+import functools
+import ipaddress
 import re
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -53,6 +55,15 @@ class TimerKind(enum.Enum):
     HEARTBEAT = "heartbeat"  # tell the coordinator we still hold or fetch the blob
 
 
+@functools.lru_cache(maxsize=65536)
+def _is_address(node: HostPort) -> bool:
+    try:
+        ipaddress.ip_address(node.host)
+    except (TypeError, ValueError):
+        return False
+    return isinstance(node.port, int) and 0 < node.port < 65536
+
+
 def _check_fields(obj: object) -> None:
     """Refuse any value a credential could hide in: digests must be digests, nodes addresses."""
     for f in fields(obj):  # type: ignore[arg-type]
@@ -60,9 +71,11 @@ def _check_fields(obj: object) -> None:
         if f.name == "digest":
             if not (isinstance(value, str) and _SHA256.fullmatch(value)):
                 raise ValueError(f"{type(obj).__name__}.digest: not a sha256 digest: {value!r:.80}")
-        elif value is None or isinstance(value, HostPort | Outcome | TimerKind | bool | int | float):
-            if isinstance(value, HostPort) and not (isinstance(value.host, str) and isinstance(value.port, int)):
-                raise ValueError(f"{type(obj).__name__}.{f.name}: not a node address")
+        elif isinstance(value, HostPort):
+            if not _is_address(value):
+                raise ValueError(f"{type(obj).__name__}.{f.name}: not a node address: {value!r:.80}")
+        elif value is None or isinstance(value, Outcome | bool | int | float):
+            pass
         else:
             raise ValueError(f"{type(obj).__name__}.{f.name}: {type(value).__name__} may not cross nodes")
 
