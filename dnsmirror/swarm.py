@@ -128,13 +128,14 @@ class Wait:
 
 @dataclass(frozen=True)
 class Register:
-    """Holder -> coordinator (first byte, every heartbeat, completion): I hold ``offset`` bytes from ``source``
-    (None: upstream)."""
+    """Holder -> coordinator (first byte from a new source, every heartbeat, completion): I hold ``offset``
+    bytes from ``source`` (None: upstream) and upload to ``uploads`` nodes now."""
 
     digest: str
     source: HostPort | None
     offset: int
     complete: bool
+    uploads: int = 0
 
     def __post_init__(self) -> None:
         _check_fields(self)
@@ -330,7 +331,8 @@ class SwarmSettings:
     heartbeat: float = 1.0  # holders re-register this often (renews the lease, detects a lost coordinator)
     retry_after: float = 0.05  # an asker told to wait asks again after this
     patience: float = 10.0  # an asker that has not started receiving after this fetches upstream
-    max_peer_failures: int = 3  # then upstream
+    max_peer_failures: int = 3  # sources that died or lied, then upstream
+    max_stalls: int = 8  # sources that stalled (often only starved by their own source), then upstream
     max_coordinators: int = 3  # coordinators tried before upstream
     suspect_for: float = 30.0  # a node that failed is not asked or offered for this long
     linger: float = 60.0  # a complete holder keeps registering this long (so a new coordinator learns it)
@@ -385,10 +387,12 @@ class Pull:
     coordinator: HostPort | None = None
     coordinator_failures: int = 0
     peer_failures: int = 0
-    first_asked: float | None = None
+    stalls: int = 0
+    asking_since: float | None = None  # when it last had no source (patience runs from there)
     deadline: float = 0.0  # the ASK or RETRY timer's time
     last_progress: float = 0.0
-    registered: bool = False
+    registered: bool = False  # with the current source (a new source registers again at its first byte)
+    heartbeat_at: float | None = None
     ack_due: float | None = None
     done_at: float | None = None
     uploads: set[HostPort] = field(default_factory=set)
@@ -401,6 +405,9 @@ class _Holder:
     complete: bool
     orphan: bool = False  # its source failed and it has not registered a new one
     receivers: set[HostPort] = field(default_factory=set)
+    last_seen: float = 0.0  # its last registration (a holder that still registers is alive)
+    reported_uploads: int = 0  # what it said at its last registration (other coordinators may have sent it askers)
+    full: bool = False  # it refused an asker; not offered until it registers again
 
 
 @dataclass
@@ -418,7 +425,9 @@ class _DigestView:
     free_complete: dict[HostPort, None] = field(default_factory=dict)  # insertion-ordered sets
     free_filling: dict[HostPort, None] = field(default_factory=dict)
     suspects: dict[HostPort, float] = field(default_factory=dict)
+    avoid: dict[HostPort, HostPort] = field(default_factory=dict)  # asker -> the source it last gave up on
     complete: int = 0  # how many holders have all of it
+    created: float = 0.0
     last_activity: float = 0.0
 
 
@@ -481,15 +490,15 @@ class SwarmNode:
         if not allowed:
             pull.phase = Phase.REFUSED
             return [PassRefusal(digest)]
-        pull.first_asked = now
         return self._ask(pull, now)
 
     def _ask(self, pull: Pull, now: float) -> list[Action]:
         s = self.settings
         coordinator = self.coordinator_for(pull.digest, now)
-        assert pull.first_asked is not None
+        if pull.asking_since is None:
+            pull.asking_since = now
         if (coordinator is None or pull.coordinator_failures >= s.max_coordinators
-                or now - pull.first_asked >= s.patience):
+                or now - pull.asking_since >= s.patience):
             return self._upstream(pull, now, lease=False)
         pull.phase = Phase.ASKING
         pull.source = None
@@ -498,6 +507,7 @@ class SwarmNode:
         return [Send(coordinator, Ask(pull.digest, pull.offset)), SetTimer(pull.digest, TimerKind.ASK, pull.deadline)]
 
     def _upstream(self, pull: Pull, now: float, lease: bool) -> list[Action]:
+        pull.registered = False
         pull.phase = Phase.FROM_UPSTREAM
         pull.source = None
         pull.lease = lease
@@ -521,12 +531,14 @@ class SwarmNode:
         if kind is TimerKind.RETRY and pull.phase is Phase.WAITING and now >= pull.deadline:
             return self._ask(pull, now)
         if kind is TimerKind.STALL and pull.phase is Phase.FROM_PEER:
-            if now - pull.last_progress >= s.stall_timeout:
+            due = pull.last_progress + s.stall_timeout  # the same sum as the timer's: no float drift re-arms it
+            if now >= due:
                 return [Abort(digest), *self._source_failed(digest, pull.offset, Outcome.STALLED, now)]
-            return [SetTimer(digest, TimerKind.STALL, pull.last_progress + s.stall_timeout)]
-        if kind is TimerKind.HEARTBEAT and pull.registered:
+            return [SetTimer(digest, TimerKind.STALL, due)]
+        if kind is TimerKind.HEARTBEAT and pull.heartbeat_at is not None and now >= pull.heartbeat_at:
+            pull.heartbeat_at = None  # restarted by the next registration
             lingering = pull.phase is Phase.DONE and pull.done_at is not None and now < pull.done_at + s.linger
-            if pull.phase in (Phase.FROM_PEER, Phase.FROM_UPSTREAM) or lingering:
+            if pull.registered and (pull.phase in (Phase.FROM_PEER, Phase.FROM_UPSTREAM) or lingering):
                 if pull.ack_due is not None and now >= pull.ack_due and pull.coordinator is not None:
                     self._suspect(pull.coordinator, now)  # a lost coordinator: register with the next one
                 return self._register(pull, now)
@@ -539,8 +551,9 @@ class SwarmNode:
         pull.coordinator = coordinator
         pull.registered = True
         pull.ack_due = now + self.settings.ask_timeout
-        register = Register(pull.digest, pull.source, pull.offset, pull.phase is Phase.DONE)
-        return [Send(coordinator, register), SetTimer(pull.digest, TimerKind.HEARTBEAT, now + self.settings.heartbeat)]
+        pull.heartbeat_at = now + self.settings.heartbeat
+        register = Register(pull.digest, pull.source, pull.offset, pull.phase is Phase.DONE, len(pull.uploads))
+        return [Send(coordinator, register), SetTimer(pull.digest, TimerKind.HEARTBEAT, pull.heartbeat_at)]
 
     def _bytes(self, digest: str, offset: int, now: float) -> list[Action]:
         pull = self.pulls.get(digest)
@@ -548,6 +561,7 @@ class SwarmNode:
             return []
         pull.offset = max(pull.offset, offset)
         pull.last_progress = now
+        pull.asking_since = None
         if not pull.registered:
             return self._register(pull, now)
         return []
@@ -581,20 +595,23 @@ class SwarmNode:
         actions = []
         if pull.coordinator is not None:
             actions.append(Send(pull.coordinator, Release(digest, self.me, failed, outcome)))
-        if outcome is not Outcome.REFUSED:
-            self._suspect(failed, now)
+        if outcome is Outcome.DIED:
+            self._suspect(failed, now)  # not asked as a coordinator either (a stalled one may only be starved)
+        if outcome is Outcome.STALLED:
+            pull.stalls += 1
+        elif outcome is not Outcome.REFUSED:
             pull.peer_failures += 1
         if outcome is Outcome.LIED:
             pull.offset = 0  # nothing from a lying chain is kept; upstream is the only source trusted now
             return actions + self._upstream(pull, now, lease=False)
         pull.offset = max(pull.offset, offset)
-        if pull.peer_failures >= self.settings.max_peer_failures:
+        if pull.peer_failures >= self.settings.max_peer_failures or pull.stalls >= self.settings.max_stalls:
             return actions + self._upstream(pull, now, lease=False)
         return actions + self._ask(pull, now)
 
     def _upload_requested(self, digest: str, receiver: HostPort) -> list[Action]:
         pull = self.pulls.get(digest)
-        serving = pull is not None and (pull.phase is Phase.DONE or (pull.registered and pull.phase in
+        serving = pull is not None and (pull.phase is Phase.DONE or (pull.offset > 0 and pull.phase in
                                                                       (Phase.FROM_PEER, Phase.FROM_UPSTREAM)))
         if pull is None or not serving or len(pull.uploads) >= self.settings.max_uploads:
             return [RejectUpload(digest, receiver)]
@@ -641,6 +658,7 @@ class SwarmNode:
             case Lease(digest, _):
                 return self._upstream(pull, now, lease=True)
             case Offer(digest, holder):
+                pull.registered = False
                 pull.phase = Phase.FROM_PEER
                 pull.source = holder
                 pull.last_progress = now
@@ -657,7 +675,7 @@ class SwarmNode:
     def _view(self, digest: str, now: float) -> _DigestView:
         view = self.coordinated.get(digest)
         if view is None:
-            view = self.coordinated[digest] = _DigestView()
+            view = self.coordinated[digest] = _DigestView(created=now)
         view.last_activity = now
         return view
 
@@ -670,7 +688,8 @@ class SwarmNode:
         view.free_complete.pop(node, None)
         view.free_filling.pop(node, None)
         holder = view.holders.get(node)
-        if holder is None or holder.orphan or len(holder.receivers) >= self.settings.max_uploads:
+        busy = max(len(holder.receivers), holder.reported_uploads) if holder is not None else 0
+        if holder is None or holder.orphan or holder.full or busy >= self.settings.max_uploads:
             return
         (view.free_complete if holder.complete else view.free_filling)[node] = None
 
@@ -717,7 +736,7 @@ class SwarmNode:
                 if looked >= self.settings.scan_limit:
                     return None
                 looked += 1
-                if node == asker or view.suspects.get(node, 0.0) > now:
+                if node == asker or view.suspects.get(node, 0.0) > now or view.avoid.get(asker) == node:
                     continue
                 if self._feeds_from_live_chain(view, node, asker):
                     return node
@@ -742,7 +761,10 @@ class SwarmNode:
             view.holders[holder].receivers.add(asker)
             self._refresh_free(view, holder)
             return [Send(asker, Offer(digest, holder))]
-        if view.lease is None and not view.complete:
+        # a node that took over from a lost coordinator first lets the holders re-register (one heartbeat)
+        taking_over = (self.membership.order(digest)[:1] != (self.me,)
+                       and now - view.created < s.heartbeat + s.ask_timeout)
+        if view.lease is None and not view.complete and not taking_over:
             view.lease = _LeaseState(asker, now + s.lease_ttl)
             return [Send(asker, Lease(digest, offset))]
         return [Send(asker, Wait(digest, s.retry_after))]
@@ -759,6 +781,9 @@ class SwarmNode:
                 old.receivers.discard(node)
                 self._refresh_free(view, holder.source)  # type: ignore[arg-type]
         holder.source = register.source
+        holder.last_seen = now
+        holder.reported_uploads = register.uploads
+        holder.full = False
         holder.offset = max(holder.offset, register.offset)
         if register.complete and not holder.complete:
             holder.complete = True
@@ -788,8 +813,19 @@ class SwarmNode:
         source = view.holders.get(release.source)
         if source is not None:
             source.receivers.discard(release.receiver)
+            if release.outcome is Outcome.REFUSED and sender == release.receiver:
+                source.full = True
             self._refresh_free(view, release.source)
-        if sender == release.receiver and release.outcome in (Outcome.DIED, Outcome.STALLED, Outcome.LIED):
+        if sender == release.source and release.outcome is Outcome.DIED:
+            # the uploader lost its receiver: not offered until it asks or registers again
+            self._drop_holder(view, release.receiver, now)
+            return
+        if sender != release.receiver or release.outcome not in (Outcome.DIED, Outcome.STALLED, Outcome.LIED):
+            return
+        view.avoid[release.receiver] = release.source
+        # a source that stalled but still registers is alive and starved by its own source: keep it
+        alive = source is not None and now - source.last_seen <= 2 * self.settings.heartbeat
+        if release.outcome is not Outcome.STALLED or not alive:
             self._drop_holder(view, release.source, now)
 
     def forget_idle(self, now: float) -> int:

@@ -108,7 +108,7 @@ class Node:
     done_at: float | None = None
     failed: bool = False
     inbound: Stream | None = None
-    outbound: set[Stream] = field(default_factory=set)
+    outbound: dict[Stream, None] = field(default_factory=dict)  # ordered: runs repeat exactly
     waiters: dict[int, list[Stream]] = field(default_factory=dict)
     uploaded: int = 0
     started_upstream: float | None = None
@@ -198,6 +198,7 @@ class Simulation:
 
     def _open(self, src: Node | None, dst: Node) -> Stream:
         stream = Stream(src, dst, dst.chunks)
+        assert dst.inbound is None and dst.done_at is None, (dst.addr, dst.inbound, dst.done_at, self.now)
         dst.inbound = stream
         if src is None:
             self.upstream_open += 1
@@ -205,7 +206,7 @@ class Simulation:
             if dst.started_upstream is None:
                 dst.started_upstream = self.now
         else:
-            src.outbound.add(stream)
+            src.outbound[stream] = None
             self.max_uploads_seen = max(self.max_uploads_seen, len(src.outbound))
         return stream
 
@@ -220,7 +221,7 @@ class Simulation:
             if stream.in_flight:  # the registry sent part of a chunk the receiver will not keep
                 self.upstream_bytes += stream.rate * (self.now - stream.chunk_started)
         else:
-            stream.src.outbound.discard(stream)
+            stream.src.outbound.pop(stream, None)
 
     def _next_chunk(self, stream: Stream) -> None:
         if stream.closed or stream.frozen:
@@ -249,6 +250,7 @@ class Simulation:
             self.upstream_bytes += size
         else:
             src.uploaded += size
+        assert dst.alive, (dst.addr, self.now)
         dst.chunks = index + 1
         stream.next_chunk = index + 1
         for waiting in dst.waiters.pop(index, []):
@@ -305,9 +307,10 @@ class Simulation:
         node.hung = True
         for stream in node.outbound:
             stream.frozen = True  # the receiver finds out by its stall timeout
-        if node.inbound is not None and node.inbound.src is not None:
-            stream = node.inbound
-            self._close(stream)
+        stream = node.inbound
+        if stream is not None:
+            self._close(stream)  # it stops reading
+        if stream is not None and stream.src is not None:
             self.at(self.now + swarm.SwarmSettings().stall_timeout, "upload_ended", stream.src, node,
                     swarm.Outcome.STALLED)
 
