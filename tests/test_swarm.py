@@ -452,3 +452,71 @@ def test_random_schedules_finish_every_live_node_within_the_upload_limit(n, seed
         # stable membership and no failure: one upstream fetch, however the messages were ordered,
         # unless an ask outlived its timeout (time moves only when nothing else can happen, so it did not)
         assert cluster.upstream_fetches == 1
+
+
+# ---- what the simulation taught (each of these once broke a 50-node run with failures) ----
+
+def test_a_refusing_holder_is_not_offered_again_until_it_registers():
+    nodes = make(8)
+    coordinator = coordinator_of(nodes)
+    holder, a, b = [n for n in nodes if n is not coordinator][:3]
+    reply(coordinator, holder, swarm.Ask(D))
+    reply(coordinator, holder, swarm.Register(D, None, 10, False))
+    assert reply(coordinator, a, swarm.Ask(D)) == swarm.Offer(D, holder.me)
+    # the holder is full of askers another coordinator sent it
+    coordinator.handle(swarm.MessageReceived(a.me, swarm.Release(D, a.me, holder.me, swarm.Outcome.REFUSED)), 0.1)
+    assert isinstance(reply(coordinator, b, swarm.Ask(D), 0.1), swarm.Wait)
+    reply(coordinator, holder, swarm.Register(D, None, 20, False, uploads=K), 0.2)
+    assert isinstance(reply(coordinator, b, swarm.Ask(D), 0.2), swarm.Wait)  # it says it is full
+    reply(coordinator, holder, swarm.Register(D, None, 30, False, uploads=1), 0.3)
+    assert reply(coordinator, b, swarm.Ask(D), 0.3) == swarm.Offer(D, holder.me)
+
+
+def test_a_receiver_whose_uploader_saw_it_die_is_not_offered():
+    nodes = make(8)
+    coordinator = coordinator_of(nodes)
+    root, dead, asker = [n for n in nodes if n is not coordinator][:3]
+    reply(coordinator, root, swarm.Ask(D))
+    reply(coordinator, root, swarm.Register(D, None, 10, False, uploads=K))  # root is busy
+    reply(coordinator, dead, swarm.Register(D, root.me, 5, False))
+    coordinator.handle(swarm.MessageReceived(root.me, swarm.Release(D, dead.me, root.me, swarm.Outcome.DIED)), 0.5)
+    assert isinstance(reply(coordinator, asker, swarm.Ask(D), 0.5), swarm.Wait)
+
+
+def test_a_stalled_source_that_still_registers_is_kept_but_not_offered_to_the_same_asker():
+    nodes = make(8)
+    coordinator = coordinator_of(nodes)
+    root, starved, child, other = [n for n in nodes if n is not coordinator][:4]
+    reply(coordinator, root, swarm.Ask(D))
+    reply(coordinator, root, swarm.Register(D, None, 10, False, uploads=K))
+    reply(coordinator, starved, swarm.Register(D, root.me, 5, False), 1.0)
+    coordinator.handle(swarm.MessageReceived(child.me, swarm.Release(D, child.me, starved.me, swarm.Outcome.STALLED)),
+                       1.5)
+    assert isinstance(reply(coordinator, child, swarm.Ask(D, 3), 1.5), swarm.Wait)
+    assert reply(coordinator, other, swarm.Ask(D), 1.5) == swarm.Offer(D, starved.me)
+
+
+def test_a_node_that_took_over_from_a_lost_coordinator_lets_holders_register_before_giving_a_lease():
+    nodes = make(6, heartbeat=1.0, ask_timeout=0.5)
+    order = rendezvous(D, [n.me for n in nodes])
+    successor = next(n for n in nodes if n.me == order[1])
+    holder, asker = [n for n in nodes if n.me not in order[:2]][:2]
+    assert isinstance(reply(successor, asker, swarm.Ask(D), 10.0), swarm.Wait)
+    reply(successor, holder, swarm.Register(D, None, 100, False), 10.8)  # the fill the old coordinator granted
+    assert reply(successor, asker, swarm.Ask(D), 10.9) == swarm.Offer(D, holder.me)
+    assert successor.lease_holder(D) == holder.me
+
+
+def test_a_new_source_is_registered_at_its_first_byte():
+    node = make(6)[0]
+    coordinator = node.coordinator_for(D, 0.0)
+    ask_granted(node)
+    node.handle(swarm.MessageReceived(coordinator, swarm.Offer(D, addr(2))), 0.0)
+    assert sends(node.handle(swarm.BytesReceived(D, 100), 0.1), swarm.Register)[0].message.source == addr(2)
+    node.handle(swarm.SourceFailed(D, 100, swarm.Outcome.DIED), 0.2)
+    node.handle(swarm.MessageReceived(coordinator, swarm.Offer(D, addr(3))), 0.2)
+    register = sends(node.handle(swarm.BytesReceived(D, 200), 0.3), swarm.Register)[0].message
+    assert register == swarm.Register(D, addr(3), 200, False, 0)
+    # the heartbeat armed for the first registration is stale; the new one beats on
+    assert node.handle(swarm.TimerFired(D, swarm.TimerKind.HEARTBEAT), 1.1) == []
+    assert sends(node.handle(swarm.TimerFired(D, swarm.TimerKind.HEARTBEAT), 1.3), swarm.Register)
