@@ -56,7 +56,7 @@ def main() -> int:
         "byte reached) and every surviving node finishes.",
         "- Not yet compared with the network-namespace burst in the same run (that end-to-end test and "
         "its tc-limited benchmark are still to come); the 5-node case uses the setting of the burst measured "
-        "by hand in the issue, whose figures are quoted in its title.",
+        "by hand in network namespaces before this work, whose figures are quoted in its title.",
         f"- The whole report took {time.perf_counter() - started:.0f} s of wall-clock time.",
     ]
     write_section("burst-sim", "\n".join(parts))
