@@ -489,6 +489,7 @@ class SwarmNode:
             return []
         if not allowed:
             pull.phase = Phase.REFUSED
+            pull.done_at = now
             return [PassRefusal(digest)]
         return self._ask(pull, now)
 
@@ -585,6 +586,7 @@ class SwarmNode:
         if pull.phase is Phase.FROM_UPSTREAM:
             # upstream's own error reaches the client as it would without a mirror; the lease goes back
             pull.phase = Phase.FAILED
+            pull.done_at = now
             actions: list[Action] = [FailPull(digest)]
             if pull.lease and pull.coordinator is not None:
                 actions.insert(0, Send(pull.coordinator, Release(digest, self.me, None, Outcome.DIED)))
@@ -829,11 +831,18 @@ class SwarmNode:
             self._drop_holder(view, release.source, now)
 
     def forget_idle(self, now: float) -> int:
-        """Drop coordinator views idle for ``linger``; returns how many (bounded memory on a long-lived node)."""
-        idle = [d for d, v in self.coordinated.items() if now - v.last_activity > self.settings.linger]
+        """Drop coordinator views idle for ``linger``, pulls ended ``linger`` ago with no upload left, and
+        expired suspicions; returns how many views and pulls went (a long-lived node calls it periodically)."""
+        linger = self.settings.linger
+        idle = [d for d, v in self.coordinated.items() if now - v.last_activity > linger]
         for digest in idle:
             del self.coordinated[digest]
-        return len(idle)
+        ended = [d for d, p in self.pulls.items()
+                 if p.done_at is not None and now - p.done_at > linger and not p.uploads]
+        for digest in ended:
+            del self.pulls[digest]
+        self._suspects = {node: until for node, until in self._suspects.items() if until > now}
+        return len(idle) + len(ended)
 
     # ---- for checks ----
 

@@ -289,13 +289,19 @@ def test_an_upstream_error_fails_the_pull_as_without_a_mirror_and_returns_the_le
     assert coordinator.lease_holder(D) is None
 
 
-def test_idle_coordinator_views_are_forgotten():
+def test_idle_coordinator_views_and_ended_pulls_are_forgotten():
     nodes = make(3, linger=60.0)
     coordinator = coordinator_of(nodes)
     reply(coordinator, nodes[0], swarm.Ask(D), 0.0)
     assert coordinator.forget_idle(30.0) == 0
     assert coordinator.forget_idle(61.0) == 1
     assert coordinator.coordinated == {}
+    refused = nodes[1]
+    refused.handle(swarm.Wanted(D), 0.0)
+    refused.handle(swarm.AccessChecked(D, False), 1.0)
+    assert refused.forget_idle(30.0) == 0
+    assert refused.forget_idle(62.0) == 1
+    assert refused.pulls == {}
 
 
 # ---- random schedules ----
