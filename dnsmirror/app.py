@@ -5,7 +5,10 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 
+from twisted.application import service
 from twisted.internet import defer, error, task
 from twisted.web import http, server
 
@@ -65,10 +68,42 @@ class ListenError(Exception):
     """A configured address could not be bound; the message names the key and the reason."""
 
 
-class Services:
-    """All listeners of one dnsmirror process. ``start`` binds everything or raises :class:`ListenError`."""
+class _Child(service.Service):
+    """One part of the running mirror as a child service: ``start`` binds or starts it (raising before it
+    counts as running, so a failed bind is not stopped), ``stop`` closes it."""
+
+    def __init__(self, name: str, start: Callable[[], object], stop: Callable[[], object]) -> None:
+        self.setName(name)
+        self._start = start
+        self._stop = stop
+
+    def startService(self) -> None:
+        self._start()
+        super().startService()
+
+    def stopService(self) -> None:
+        if not self.running:
+            return
+        super().stopService()
+        # a Deferred (closing idle pooled connections) is not waited for: exit is not held up by it
+        self._stop()
+
+
+def _stop_listening(ports: list) -> Callable[[], None]:
+    def stop() -> None:
+        for port in ports:
+            port.stopListening()
+    return stop
+
+
+class Services(service.MultiService):
+    """All listeners of one dnsmirror process, each a child service: the DNS, HTTPS, peers and metrics
+    listeners, and the background services (health probe, CA watcher, peer discovery and announcement,
+    pull reporter, disk pool). ``start`` binds everything or raises :class:`ListenError`; ``stopService``
+    fails open at once and drains (its Deferred fires when everything is closed); ``stop`` closes at once."""
 
     def __init__(self, config: Config, reactor=None, web_site=None) -> None:
+        super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -88,27 +123,36 @@ class Services:
         self.probe = ListenerProbe(reactor, self.health, config.health.targets or config.https.listen,
                                    config.health.interval,
                                    config.health.timeout, config.health.failures)
-        self.ports: list = []
         self.tls_stats = TlsStats()
         self.web_site = web_site  # the twisted.web Site/Resource behind HTTPS; None = 503 placeholder
-        self.https: HttpsListener | None = None
-        self.ca_watcher: CaWatcher | None = None
-        self.store: Store | None = None
-        self.disk: DiskIO | None = None
-        self.upstream: UpstreamClient | None = None
         self.content_stats = ContentStats()
-        self.content: ContentChain | None = None
-        self.passthrough: PassThrough | None = None
         self.peer_stats = PeerStats()
-        self.peer_set: PeerSet | None = None
-        self.peer_client: PeerClient | None = None
         listeners = tuple(name for name, used in (("https", config.https.listen), ("peers", config.peers.enabled),
                                                    ("metrics", config.metrics.listen is not None)) if used)
         self.budget: DescriptorBudget = plan_budget(current_limit(), descriptors_in_use(), listeners)
         self.limiters: dict[str, ConnectionLimiter] = {}
         self._health_heard = False
+        # set once the registry front is built (HTTPS enabled, no web_site given)
+        self.front: Front | None = None
         self.site = None  # the HTTPS listener's Site (its http_metrics feed /metrics)
-        self.pulls: PullReporter | None = None
+        self._closed = False
+
+    def _run(self, name: str, start: Callable[[], object], stop: Callable[[], object]) -> None:
+        """Add a child service; the parent is running, so it starts now (and raises if it cannot)."""
+        _Child(name, start, stop).setServiceParent(self)
+
+    def _listen_tcp(self, name: str, key: str, address, factory) -> None:
+        """A listener child service ``name`` on ``address``; a bind error names config ``key``."""
+        ports: list = []
+
+        def bind() -> None:
+            try:
+                ports.append(self.reactor.listenTCP(address.port, self._limited(name, factory),
+                                                    interface=address.host))
+            except error.CannotListenError as exc:
+                raise ListenError(f"{key}: cannot listen on {address}: {_reason(exc)}") from exc
+
+        self._run(f"{name} listener", bind, _stop_listening(ports))
 
     def _limited(self, name: str, factory) -> ConnectionLimiter:
         """``factory`` behind the connection caps the descriptor budget gives listener ``name``."""
@@ -119,29 +163,36 @@ class Services:
         """The registry front: cache store, upstream client, content chain, pass-through."""
         cache = self.config.cache
         try:
-            self.store = Store.open(cache.dir, cache.max_size, direct_writes=cache.direct_writes)
+            store = Store.open(cache.dir, cache.max_size, direct_writes=cache.direct_writes)
         except (StoreError, OSError) as exc:
             raise ListenError(f"cache.dir: cannot use {cache.dir}: {exc}") from exc
-        self.disk = DiskIO(self.reactor, self.store)
-        self.disk.start()
-        self.upstream = UpstreamClient.from_config(self.config, self.reactor, fallback_resolvers=self.upstreams)
-        self.upstream.on_tls_failure = self.tls_bypass.record_failure
+        disk = DiskIO(self.reactor, store)
+
+        def close_disk() -> None:
+            disk.stop()
+            store.close()
+
+        self._run("disk pool", disk.start, close_disk)
+        upstream = UpstreamClient.from_config(self.config, self.reactor, fallback_resolvers=self.upstreams)
+        upstream.on_tls_failure = self.tls_bypass.record_failure
+        self._run("upstream client", lambda: None, upstream.close)
         grants = Grants(cache.grant_ttl, cache.offline_grant_ttl)
-        self.passthrough = PassThrough(self.reactor, self.upstream, self.disk, grants, TagMemory(), cache.stale_tags)
+        passthrough = PassThrough(self.reactor, upstream, disk, grants, TagMemory(), cache.stale_tags)
         containerd = ContainerdContentSource(cache.containerd_content) if cache.containerd_content else None
-        self.content = ContentChain(self.reactor, self.disk, self.upstream, grants, self.passthrough,
-                                    self.content_stats, containerd, self._start_peers())
+        content = ContentChain(self.reactor, disk, upstream, grants, passthrough,
+                               self.content_stats, containerd, self._start_peers(store, disk))
+        pulls = PullReporter(self.reactor)
+        self._run("pull reporter", pulls.start, pulls.stop)
+        self.front = Front(store, upstream, passthrough, content, pulls)
         # idle keep-alive connections are closed after this; a request in progress is never timed out
-        self.pulls = PullReporter(self.reactor)
-        self.pulls.start()
-        site = AccessLogSite(RegistryResource(self.matcher, self.content, self.passthrough, self.pulls),
+        site = AccessLogSite(RegistryResource(self.matcher, content, passthrough, pulls),
                              access=self.config.log.access, requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT,
-                             observers=(self.pulls.request_ended,))
+                             observers=(pulls.request_ended,))
         site.protocol = with_header_deadline(RegistryChannel)
         site.displayTracebacks = False
         return site
 
-    def _start_peers(self) -> PeerClient | None:
+    def _start_peers(self, store: Store, disk: DiskIO) -> PeerClient | None:
         """The peer listener, membership and client, when peers are configured; raises :class:`ListenError`."""
         peers = self.config.peers
         if not peers.enabled:
@@ -160,31 +211,33 @@ class Services:
                                      timeout=self.config.dns.timeout, policy=AddressPolicy(allow_internal=True),
                                      max_ttl=peers.refresh)
             resolve = names.resolve
-        self.peer_set = PeerSet(self.reactor, peers.static, peers.dns_name, peers.listen.port, resolve,
-                                peers.refresh)
+        peer_set = PeerSet(self.reactor, peers.static, peers.dns_name, peers.listen.port, resolve,
+                           peers.refresh)
         holders = Holders()
-        listener = PeerResource(self.reactor, self.disk, secret, holders, self.peer_stats, peers.listen.port,
-                                running_fill=lambda digest: self.content and self.content.running_fill(digest))
+        listener = PeerResource(self.reactor, disk, secret, holders, self.peer_stats, peers.listen.port,
+                                running_fill=lambda digest: self.front and self.front.content.running_fill(digest))
         site = server.Site(listener, requestFactory=PeerRequest, timeout=HTTP_IDLE_TIMEOUT)
         site.protocol = with_header_deadline(http.HTTPChannel)
         site.displayTracebacks = False
-        try:
-            self.ports.append(self.reactor.listenTCP(peers.listen.port, self._limited("peers", site),
-                                                     interface=peers.listen.host))
-        except error.CannotListenError as exc:
-            raise ListenError(f"peers.listen: cannot listen on {peers.listen}: {_reason(exc)}") from exc
-        self.peer_set.start()
+        self._listen_tcp("peers", "peers.listen", peers.listen, site)
+        self._run("peer discovery", peer_set.start, peer_set.stop)
         if ipaddress.ip_address(peers.listen.host).is_loopback:
             log.warning("peers.listen is a loopback address: other nodes cannot fetch from this one",
                         extra=fields(event="peers_unreachable", listen=str(peers.listen)))
         # a peer whose body stalls this long is given up and upstream sends the rest
         read_timeout = min(max(5 * peers.timeout, 5.0), self.config.upstream.read_timeout)
-        self.peer_client = PeerClient(self.reactor, self.peer_set, holders, secret, peers.lookup, peers.timeout,
-                                      read_timeout, self.peer_stats)
-        self.peer_client.start_announcing(self.store.digests, self.disk.run)
+        peer_client = PeerClient(self.reactor, peer_set, holders, secret, peers.lookup, peers.timeout,
+                                 read_timeout, self.peer_stats)
+
+        def stop_announcing() -> None:
+            peer_client.stop_announcing()
+            peer_client.close()
+
+        self._run("peer announcement", lambda: peer_client.start_announcing(store.digests, disk.run),
+                  stop_announcing)
         log.info("peers listening", extra=fields(peers=str(peers.listen), static=[str(p) for p in peers.static],
                                                  dns_name=peers.dns_name))
-        return self.peer_client
+        return peer_client
 
     def _load_ca(self):
         """Load and check the CA files (raises :class:`~dnsmirror.ca.CaError`) and pre-generate the leaf key."""
@@ -200,16 +253,30 @@ class Services:
                         cache_size=tls.leaf_cache_size, stats=self.tls_stats)
         site = self.web_site if self.web_site is not None else self._build_front()
         self.site = site
-        self.https = HttpsListener(self.reactor, self.config.https.listen, sni, site, self.budget.caps("https"))
-        try:
-            self.https.start()
-            self.limiters["https"] = self.https.limiter
-        except HttpsBindError as exc:
-            raise ListenError(f"https.listen[{exc.index}]: cannot listen on {exc.address}: "
-                              f"{_reason(exc.cause)}") from exc
-        self.ca_watcher = CaWatcher(self.reactor, sni, tls.ca_cert, tls.ca_key, self.config.capture,
-                                    tls.reload_interval)
-        self.ca_watcher.start()
+        https = HttpsListener(self.reactor, self.config.https.listen, sni, site, self.budget.caps("https"))
+
+        def bind() -> None:
+            try:
+                https.start()
+            except HttpsBindError as exc:
+                raise ListenError(f"https.listen[{exc.index}]: cannot listen on {exc.address}: "
+                                  f"{_reason(exc.cause)}") from exc
+            if https.limiter is not None:
+                self.limiters["https"] = https.limiter
+
+        def stop() -> None:
+            # the DNS must stop sending clients here before the HTTPS listener goes away
+            self.health.set(False, "HTTPS listener stopped")
+            https.stop()
+
+        self._run("https listener", bind, stop)
+        ca_watcher = CaWatcher(self.reactor, sni, tls.ca_cert, tls.ca_key, self.config.capture,
+                               tls.reload_interval)
+        self._run("CA watcher", ca_watcher.start, ca_watcher.stop)
+
+    def _front_value(self, read: Callable[[Front], int]) -> int:
+        """A gauge or counter of the registry front; 0 while there is none (DNS-only mode)."""
+        return read(self.front) if self.front is not None else 0
 
     def _start_metrics(self) -> None:
         collector = StatsCollector(
@@ -217,20 +284,23 @@ class Services:
             {"tls": lambda: self.tls_stats, "content": lambda: self.content_stats, "peers": lambda: self.peer_stats},
             {
                 "cache_bytes": ("Bytes of committed content in the cache",
-                                lambda: self.store.total_size if self.store else 0),
+                                lambda: self._front_value(lambda front: front.store.total_size)),
                 "cache_max_bytes": ("cache.max_size: the cache is kept below this many bytes",
                                     lambda: self.config.cache.max_size),
-                "cache_blobs": ("Blobs in the cache", lambda: self.store.blob_count if self.store else 0),
+                "cache_blobs": ("Blobs in the cache",
+                                lambda: self._front_value(lambda front: front.store.blob_count)),
                 "tls_bypassed_registries": ("Registries not captured now because their certificate failed "
                                             "verification", lambda: self.tls_bypass.active),
             },
             self.health,
             counters={
-                "cache_evictions": ("Blobs evicted since start", lambda: self.store.evictions if self.store else 0),
+                "cache_evictions": ("Blobs evicted since start",
+                                    lambda: self._front_value(lambda front: front.store.evictions)),
                 "stale_tag_answers": ("Tags answered from the last known digest while upstream was unreachable",
-                                      lambda: self.passthrough.stale_answers if self.passthrough else 0),
+                                      lambda: self._front_value(lambda front: front.passthrough.stale_answers)),
                 "streamed_request_bodies": ("Request bodies (pushes) streamed upstream as they arrived",
-                                            lambda: self.passthrough.streamed_bodies if self.passthrough else 0),
+                                            lambda: self._front_value(
+                                                lambda front: front.passthrough.streamed_bodies)),
                 "tls_bypasses": ("Times a registry stopped being captured because its certificate failed "
                                  "verification", lambda: self.tls_bypass.started),
                 **{f"{name}_connections_refused": (f"Connections the {name} listener refused at its cap",
@@ -243,7 +313,7 @@ class Services:
             },
             http=lambda: getattr(self.site, "http_metrics", None),
             failure_log=failures.failures,
-            extra=(lambda: self.pulls.families() if self.pulls else (),),
+            extra=(lambda: self.front.pulls.families() if self.front is not None else (),),
         )
         address = self.config.metrics.listen
         if address is None:
@@ -251,11 +321,7 @@ class Services:
         site = metrics_site(collector, self.health)
         site.protocol = with_header_deadline(http.HTTPChannel)
         site.timeout = HTTP_IDLE_TIMEOUT
-        try:
-            self.ports.append(self.reactor.listenTCP(address.port, self._limited("metrics", site),
-                                                     interface=address.host))
-        except error.CannotListenError as exc:
-            raise ListenError(f"metrics.listen: cannot listen on {address}: {_reason(exc)}") from exc
+        self._listen_tcp("metrics", "metrics.listen", address, site)
 
     def _limiter_stat(self, name: str, stat: str) -> int:
         limiter = self.limiters.get(name)
@@ -267,18 +333,28 @@ class Services:
         self._health_heard = True
         self.responder.capture_enabled = healthy
 
+    def _listen_dns(self) -> None:
+        for index, address in enumerate(self.config.dns.listen):
+            ports: list = []
+
+            def bind(address=address, index=index, ports=ports) -> None:
+                try:
+                    ports.extend(dnsserver.listen(self.reactor, self.dns, address.host, address.port))
+                except error.CannotListenError as exc:
+                    raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): "
+                                      f"{_reason(exc)}") from exc
+
+            self._run(f"dns listener {index}", bind, _stop_listening(ports))
+
     def start(self) -> None:
         """Bind every listener and start the health probe; raises :class:`ListenError` or
         :class:`~dnsmirror.ca.CaError` (checked before anything is bound)."""
         # DNS-only mode (https.listen: []) serves no TLS, so it needs no CA
         signing = self._load_ca() if self.config.https.listen else None
+        # running first: each child added below starts as it is added, in this order (and stops in reverse)
+        service.Service.startService(self)
         try:
-            for index, address in enumerate(self.config.dns.listen):
-                try:
-                    self.ports += dnsserver.listen(self.reactor, self.dns, address.host, address.port)
-                except error.CannotListenError as exc:
-                    raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): "
-                                      f"{_reason(exc)}") from exc
+            self._listen_dns()
             if signing is not None:
                 self._start_https(signing)
             self._start_metrics()
@@ -286,52 +362,62 @@ class Services:
             self.stop()
             raise
         self.health.subscribe(self._on_health)
-        self.probe.start()
+        self._run("health probe", self.probe.start, self.probe.stop)
         log.info("descriptor budget: %s", self.budget.summary(),
                  extra=fields(event="descriptor_budget", **self.budget.describe()))
         if not self.upstreams:
             log.warning("no upstream resolvers: set dns.upstreams; every forwarded query will get SERVFAIL")
+        proxy = self.front.upstream.proxy if self.front is not None else None
         log.info(
             "dnsmirror started", extra=fields(
-                version=__version__, dns=[str(a) for a in self.config.dns.listen], upstreams=[str(u) for u in self.upstreams],
-                mirror=self.config.mirror.address, patterns=len(self.config.capture), config=self.config.source,
-                **({"egress_proxy": str(self.upstream.proxy)} if self.upstream and self.upstream.proxy else {}),
+                version=__version__, dns=[str(a) for a in self.config.dns.listen],
+                upstreams=[str(u) for u in self.upstreams], mirror=self.config.mirror.address,
+                patterns=len(self.config.capture), config=self.config.source,
+                **({"egress_proxy": str(proxy)} if proxy else {}),
             ),
         )
 
+    def startService(self) -> None:
+        """Twisted's start: :meth:`start` (binds everything or raises)."""
+        self.start()
+
     def stop(self) -> None:
-        """Stop the probe and close every listener; captured names fail open at once."""
+        """Stop every child service at once, in reverse order of start: the probe first, then the
+        listeners; captured names fail open as soon as the HTTPS listener stops."""
+        if self._closed:
+            return
+        self._closed = True
         self.probe.stop()
-        if self.https is not None:
-            # the DNS must stop sending clients here before the HTTPS listener goes away
-            self.health.set(False, "HTTPS listener stopped")
-            self.https.stop()
-            self.https = None
-        if self.ca_watcher is not None:
-            self.ca_watcher.stop()
-            self.ca_watcher = None
-        if self.peer_set is not None:
-            self.peer_set.stop()
-            self.peer_set = None
-        if self.peer_client is not None:
-            self.peer_client.stop_announcing()
-            self.peer_client.close()
-            self.peer_client = None
-        if self.pulls is not None:
-            self.pulls.stop()
-            self.pulls = None
-        if self.upstream is not None:
-            self.upstream.close()
-            self.upstream = None
-        if self.disk is not None:
-            self.disk.stop()
-            self.disk = None
-        if self.store is not None:
-            self.store.close()
-            self.store = None
-        for port in self.ports:
-            port.stopListening()
-        self.ports = []
+        service.MultiService.stopService(self)
+
+    def stopService(self) -> defer.Deferred:
+        """Fail open at once, keep serving while captured answers expire (:func:`drain_seconds`), then
+        close everything. The Deferred fires when all is closed; cancelling it closes everything now."""
+        delay = drain_seconds(self.config)
+        log.info("dnsmirror stopping", extra=fields(drain_seconds=delay))
+        self.probe.stop()
+        self.health.set(False, "shutting down")
+        if delay <= 0:
+            self.stop()
+            return defer.succeed(None)
+        drain = task.deferLater(self.reactor, delay, self.stop)
+
+        def cancelled(failure):
+            failure.trap(defer.CancelledError)
+            self.stop()
+
+        return drain.addErrback(cancelled)
+
+
+@dataclass(frozen=True)
+class Front:
+    """The registry front's parts that outlive its construction: read by metrics and the peer listener."""
+
+    store: Store
+    upstream: UpstreamClient
+    passthrough: PassThrough
+    content: ContentChain
+    pulls: PullReporter
 
 
 def _reason(exc: error.CannotListenError) -> str:
@@ -371,26 +457,15 @@ def drain_seconds(config: Config) -> float:
     return min(config.dns.ttl + 1.0, 30.0)
 
 
-def _stopping(services: Services):
-    """Fail open at once, keep serving while captured answers expire, then close everything."""
-    delay = drain_seconds(services.config)
-    log.info("dnsmirror stopping", extra=fields(drain_seconds=delay))
-    services.probe.stop()
-    services.health.set(False, "shutting down")
-    if delay <= 0:
-        services.stop()
-        return None
-    drain = task.deferLater(services.reactor, delay, services.stop)
+def _stopping(services: Services) -> defer.Deferred:
+    """The reactor's shutdown: the services' drain; a second SIGTERM or SIGINT during it stops at once."""
+    drain = services.stopService()
+    if drain.called:  # nothing to drain (DNS-only mode): closed already
+        return drain
 
     def stop_now(signum, frame) -> None:
-        # a second SIGTERM or SIGINT during the drain: stop at once
         services.reactor.callFromThread(drain.cancel)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, stop_now)
-
-    def cancelled(failure):
-        failure.trap(defer.CancelledError)
-        services.stop()
-
-    return drain.addErrback(cancelled)
+    return drain
