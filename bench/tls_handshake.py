@@ -35,9 +35,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from procstat import cpu_seconds, process_tree  # noqa: E402
+from procstat import cpu_seconds, process_tree
 
-from dnsmirror import ca, config, tls  # noqa: E402
+from dnsmirror import ca, config, tls
 
 SERVER_CORE = 0
 CLIENT_CORE = 1

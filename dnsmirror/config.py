@@ -701,7 +701,7 @@ def read_text(path: Path) -> str:
 class _NoDuplicateKeys:
     """A constructor mix-in refusing a key that appears twice in one mapping (YAML keeps the last silently)."""
 
-    def construct_mapping(self, node, deep=False):  # noqa: ANN001 - PyYAML's signature
+    def construct_mapping(self, node, deep=False):
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
@@ -722,17 +722,17 @@ class _StrictLoader(_NoDuplicateKeys, yaml.SafeLoader):
     depth = 0
 
     # the scanner looks ahead over every open flow collection: refuse deep nesting as it is scanned
-    def fetch_flow_collection_start(self, token_class):  # noqa: ANN001 - PyYAML's signature
+    def fetch_flow_collection_start(self, token_class):
         if self.flow_level >= MAX_NESTING:
             raise _Refused(f"nested deeper than {MAX_NESTING} levels", self.get_mark())
         super().fetch_flow_collection_start(token_class)
 
-    def add_indent(self, column):  # noqa: ANN001 - PyYAML's signature
+    def add_indent(self, column):
         if len(self.indents) >= MAX_NESTING:
             raise _Refused(f"nested deeper than {MAX_NESTING} levels", self.get_mark())
         return super().add_indent(column)
 
-    def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+    def compose_node(self, parent, index):
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise _Refused("YAML anchors and aliases (&name, *name) are not accepted: write each value out",
@@ -769,7 +769,7 @@ def _check_events(text: str) -> None:
 
 
 class _Refused(yaml.YAMLError):
-    def __init__(self, problem: str, mark) -> None:  # noqa: ANN001 - a yaml Mark
+    def __init__(self, problem: str, mark) -> None:
         super().__init__(problem)
         self.problem = problem
         self.problem_mark = mark

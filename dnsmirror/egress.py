@@ -98,7 +98,7 @@ class _TunnelProtocol(Protocol):
         self._reply = b""
         self._timer = None
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+    def connectionMade(self) -> None:
         lines = [f"CONNECT {self.target} HTTP/1.1", f"Host: {self.target}"]
         request = "\r\n".join(lines).encode("ascii") + b"\r\n"
         if self.proxy.authorization:
@@ -107,7 +107,7 @@ class _TunnelProtocol(Protocol):
         self._timer = self.clock.callLater(self.timeout, self._give_up,
                                            f"no answer to CONNECT {self.target} within {self.timeout:g}s")
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+    def dataReceived(self, data: bytes) -> None:
         if self.inner is not None:
             self.inner.dataReceived(data)
             return
@@ -135,7 +135,7 @@ class _TunnelProtocol(Protocol):
         if rest:
             self.inner.dataReceived(rest)
 
-    def connectionLost(self, reason: Failure) -> None:  # noqa: N802 - Twisted's name
+    def connectionLost(self, reason: Failure) -> None:
         self._cancel_timer()
         if self.inner is not None:
             self.inner.connectionLost(reason)
@@ -165,7 +165,7 @@ class TunnelEndpoint:
         self.target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.timeout = timeout
 
-    def connect(self, protocolFactory) -> defer.Deferred:  # noqa: N803 - Twisted's name
+    def connect(self, protocolFactory) -> defer.Deferred:
         tunnels: list[_TunnelProtocol] = []
 
         def cancel(_opened: defer.Deferred) -> None:
@@ -202,7 +202,7 @@ class TunnelEndpointFactory:
         self.tls_policy = tls_policy
         self.timeout = timeout
 
-    def endpointForURI(self, uri):  # noqa: N802 - Twisted's name
+    def endpointForURI(self, uri):
         host = uri.host.decode("ascii")
         tunnel = TunnelEndpoint(self.reactor, self.proxy, host, uri.port, self.timeout)
         return wrapClientTLS(self.tls_policy.creatorForNetloc(uri.host, uri.port), tunnel)

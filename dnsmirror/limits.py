@@ -112,7 +112,8 @@ class DescriptorBudget:
 
     limit: int
     in_use: int
-    reserve: int  # for what admitted connections open (upstream and peer connections, cache files) and the DNS
+    # for what admitted connections open (upstream and peer connections, cache files) and the DNS
+    reserve: int
     dns: int  # of the reserve: kept for the DNS (forwarded queries in flight, TCP DNS connections)
     listeners: dict[str, ListenerCaps]
 
@@ -221,7 +222,7 @@ class ConnectionLimiter(WrappingFactory):
         self._unlogged = 0
         self._logged_at: float | None = None
 
-    def buildProtocol(self, addr):  # noqa: N802 - Twisted's name
+    def buildProtocol(self, addr):
         client = client_address(addr)
         admitted, victim = self.table.admit(client)
         if not admitted:
@@ -240,10 +241,10 @@ class ConnectionLimiter(WrappingFactory):
         self.table.add(client, connection)
         return connection
 
-    def registerProtocol(self, p) -> None:  # noqa: N802 - Twisted's name
+    def registerProtocol(self, p) -> None:
         """Counted in :meth:`buildProtocol` already."""
 
-    def unregisterProtocol(self, p) -> None:  # noqa: N802 - Twisted's name
+    def unregisterProtocol(self, p) -> None:
         self.table.remove(p.client, p)
 
     def _refused(self, client: str) -> None:
@@ -271,21 +272,21 @@ def with_header_deadline(channel_type: type, deadline: float = HEADER_DEADLINE) 
         _header_timer = None
         _awaiting_header = True
 
-        def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        def dataReceived(self, data: bytes) -> None:
             if data and self._awaiting_header and self._header_timer is None:
                 self._header_timer = self.callLater(self.header_deadline, self._header_too_slow)
             super().dataReceived(data)
 
-        def allHeadersReceived(self) -> None:  # noqa: N802 - Twisted's name
+        def allHeadersReceived(self) -> None:
             self._awaiting_header = False
             self._cancel_header_timer()
             super().allHeadersReceived()
 
-        def requestDone(self, request) -> None:  # noqa: N802 - Twisted's name
+        def requestDone(self, request) -> None:
             self._awaiting_header = True  # before the channel replays the next request's buffered bytes
             super().requestDone(request)
 
-        def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted's name
+        def connectionLost(self, reason) -> None:
             self._cancel_header_timer()
             super().connectionLost(reason)
 

@@ -178,7 +178,7 @@ class _Metrics(resource.Resource):
         super().__init__()
         self.registry = registry
 
-    def render_GET(self, request) -> bytes:  # noqa: N802 - twisted.web's naming
+    def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
         return generate_latest(self.registry)
 
@@ -190,7 +190,7 @@ class _Health(resource.Resource):
         super().__init__()
         self.health = health
 
-    def render_GET(self, request) -> bytes:  # noqa: N802 - twisted.web's naming
+    def render_GET(self, request) -> bytes:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
         if self.health is None or self.health.healthy:
             return b"ok\n"

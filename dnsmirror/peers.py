@@ -435,7 +435,7 @@ class PeerRequest(server.Request):
     """A request on the peer listener. No more of a body than a batch announcement is kept (a longer one
     then fails its signature check), so no client can make a node store more than :data:`MAX_BODY`."""
 
-    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - twisted.web's name
+    def handleContentChunk(self, data: bytes) -> None:
         kept = self.content.tell()
         if kept < MAX_BODY:
             super().handleContentChunk(data[:MAX_BODY - kept])

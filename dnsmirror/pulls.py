@@ -241,7 +241,7 @@ class PullReporter:
     def _tick(self) -> None:
         try:
             self._publish(self.tracker.tick(self.clock.seconds()))
-        except Exception:  # noqa: BLE001 - a bad report must not stop the timer
+        except Exception:  # a bad report must not stop the timer
             log.exception("pull report failed")
 
     def request_started(self, request, target) -> None:

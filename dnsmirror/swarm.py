@@ -406,7 +406,8 @@ class _Holder:
     orphan: bool = False  # its source failed and it has not registered a new one
     receivers: set[HostPort] = field(default_factory=set)
     last_seen: float = 0.0  # its last registration (a holder that still registers is alive)
-    reported_uploads: int = 0  # what it said at its last registration (other coordinators may have sent it askers)
+    # what it said at its last registration (other coordinators may have sent it askers)
+    reported_uploads: int = 0
     full: bool = False  # it refused an asker; not offered until it registers again
 
 
@@ -532,7 +533,8 @@ class SwarmNode:
         if kind is TimerKind.RETRY and pull.phase is Phase.WAITING and now >= pull.deadline:
             return self._ask(pull, now)
         if kind is TimerKind.STALL and pull.phase is Phase.FROM_PEER:
-            due = pull.last_progress + s.stall_timeout  # the same sum as the timer's: no float drift re-arms it
+            # the same sum as the timer's: no float drift re-arms it
+            due = pull.last_progress + s.stall_timeout
             if now >= due:
                 return [Abort(digest), *self._source_failed(digest, pull.offset, Outcome.STALLED, now)]
             return [SetTimer(digest, TimerKind.STALL, due)]
@@ -598,7 +600,8 @@ class SwarmNode:
         if pull.coordinator is not None:
             actions.append(Send(pull.coordinator, Release(digest, self.me, failed, outcome)))
         if outcome is Outcome.DIED:
-            self._suspect(failed, now)  # not asked as a coordinator either (a stalled one may only be starved)
+            # not asked as a coordinator either (a stalled one may only be starved)
+            self._suspect(failed, now)
         if outcome is Outcome.STALLED:
             pull.stalls += 1
         elif outcome is not Outcome.REFUSED:

@@ -11,7 +11,8 @@ from dnsmirror.oci import DistributionPath, Endpoint
 class Target:
     """A request, resolved against the captured host it was sent to (SNI = Host)."""
 
-    host: str                 # the name the client connected to (SNI), e.g. 1234.dkr.ecr.us-east-1.amazonaws.com
+    # the name the client connected to (SNI), e.g. 1234.dkr.ecr.us-east-1.amazonaws.com
+    host: str
     upstream_host: str        # where it goes upstream (docker.io -> registry-1.docker.io)
     uri: bytes                # path and query, as received
     method: str

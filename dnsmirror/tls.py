@@ -152,7 +152,7 @@ class SniServer:
         self.default_context.set_tlsext_servername_callback(self._on_server_name)
 
     # IOpenSSLServerConnectionCreator
-    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:  # noqa: N802, N803 - Twisted's names
+    def serverConnectionForTLS(self, tlsProtocol) -> SSL.Connection:
         connection = SSL.Connection(self.default_context, None)
         connection.set_app_data(tlsProtocol)
         return connection

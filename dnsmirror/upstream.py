@@ -761,7 +761,8 @@ class UpstreamClient:
             # the proxy resolves the name; TLS to the registry runs inside its tunnel
             agent = Agent.usingEndpointFactory(self._reactor, self._tunnels, pool=pool)
         else:
-            # resolve first: clear errors (NXDOMAIN, timeout, refused address), and HostnameEndpoint hits the cache
+            # resolve first: clear errors (NXDOMAIN, timeout, refused address), and HostnameEndpoint hits the
+            # cache
             await self.resolver.resolve(host, port)
             agent = Agent(self._reactor, contextFactory=self.tls_policy, connectTimeout=self.settings.connect_timeout,
                           pool=pool)

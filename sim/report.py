@@ -9,7 +9,7 @@ from pathlib import Path
 from sim.burst import MIB, Params, simulate, table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from results import machine, write_section  # noqa: E402
+from results import machine, write_section
 
 MODES = ("swarm", "direct", "spegel")
 CASES = [

@@ -32,7 +32,7 @@ class Answers(resource.Resource):
         super().__init__()
         self.hanging = defer.Deferred()
 
-    def render_GET(self, request):  # noqa: N802 - twisted.web's name
+    def render_GET(self, request):
         if request.path == b"/hang":
             self.hanging.callback(request)
             return server.NOT_DONE_YET
@@ -46,13 +46,13 @@ class Raw(protocol.Protocol):
         self.received = b""
         self.closed = defer.Deferred()
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+    def connectionMade(self) -> None:
         self.transport.write(self.payload)
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+    def dataReceived(self, data: bytes) -> None:
         self.received += data
 
-    def connectionLost(self, reason) -> None:  # noqa: N802 - Twisted's name
+    def connectionLost(self, reason) -> None:
         self.closed.callback(None)
 
 

@@ -49,7 +49,8 @@ def test_nodes_dying_or_hanging_mid_transfer_leave_no_survivor_unfinished(seed):
     assert result.finished == 50 - 8
     assert not math.isinf(result.all_done)
     assert result.max_concurrent_uploads <= params.max_uploads
-    # a dead fill holder hands the lease on, with a range from the byte reached: far less than one blob per node
+    # a dead fill holder hands the lease on, with a range from the byte reached: far less than one blob per
+    # node
     assert result.upstream_blobs < 4
 
 

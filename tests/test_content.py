@@ -98,17 +98,17 @@ class BlobRequest(FakeRequest):
         self.code = 200
         self.source = None
 
-    def setHeader(self, name, value):  # noqa: N802 - twisted.web's name
+    def setHeader(self, name, value):
         self.headers[name.lower()] = value
 
-    def getHeader(self, name):  # noqa: N802
+    def getHeader(self, name):
         return None
 
-    def setResponseCode(self, code, message=None):  # noqa: N802
+    def setResponseCode(self, code, message=None):
         self.code = code
 
     @property
-    def requestHeaders(self):  # noqa: N802
+    def requestHeaders(self):
         return Headers()
 
 
@@ -270,11 +270,11 @@ class RangeRequest(BlobRequest):
         super().__init__()
         self.range = f"bytes={first}-{last}".encode()
 
-    def getHeader(self, name):  # noqa: N802
+    def getHeader(self, name):
         return self.range if name.lower() == b"range" else None
 
     @property
-    def requestHeaders(self):  # noqa: N802
+    def requestHeaders(self):
         return Headers({b"range": [self.range]})
 
 

@@ -56,10 +56,10 @@ class _Splice(Protocol):
     def __init__(self, other: Protocol) -> None:
         self.other = other
 
-    def dataReceived(self, data):  # noqa: N802
+    def dataReceived(self, data):
         self.other.transport.write(data)
 
-    def connectionLost(self, reason):  # noqa: N802
+    def connectionLost(self, reason):
         self.other.transport.loseConnection()
 
 
@@ -71,7 +71,7 @@ class _ConnectProxy(Protocol):
         self.buffer = b""
         self.upstream: Protocol | None = None
 
-    def dataReceived(self, data):  # noqa: N802
+    def dataReceived(self, data):
         if self.upstream is not None:
             self.upstream.transport.write(data)
             return
@@ -101,7 +101,7 @@ class _ConnectProxy(Protocol):
         endpoint.connect(Factory.forProtocol(lambda: _Splice(self))).addCallbacks(
             connected, lambda _: self.transport.loseConnection())
 
-    def connectionLost(self, reason):  # noqa: N802
+    def connectionLost(self, reason):
         if self.upstream is not None:
             self.upstream.transport.loseConnection()
 
@@ -203,7 +203,7 @@ class EgressProxyTests(TestCase):
         silent_connections = []
 
         class Silent(Protocol):
-            def connectionMade(self):  # noqa: N802
+            def connectionMade(self):
                 silent_connections.append(self)
 
         silent = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")

@@ -88,7 +88,8 @@ def test_other_classifications():
     assert fill_failure_kind("upstream", StoreFull("full")) == ("cache", "full")
     assert fill_failure_kind("upstream", DigestMismatch("sha256:a", "sha256:b", 1)) == ("upstream", "digest_mismatch")
     assert fill_failure_kind("containerd", DigestMismatch("sha256:a", "sha256:b", 1)) == ("cache", "damaged")
-    assert fill_failure_kind("peer", DigestMismatch("sha256:a", "sha256:b", 1)) is None  # the peer client reports it
+    # the peer client reports it
+    assert fill_failure_kind("peer", DigestMismatch("sha256:a", "sha256:b", 1)) is None
     assert fill_failure_kind("upstream", None) is None  # a cut body: the upstream client reported it
 
 

@@ -136,7 +136,7 @@ class Request(BlobRequest):
     method = b"GET"
 
     @property
-    def startedWriting(self):  # noqa: N802 - twisted.web's name
+    def startedWriting(self):
         return bool(self.written)
 
 
@@ -356,10 +356,10 @@ class TagRequest(Request):
 
     def __init__(self) -> None:
         super().__init__()
-        self.responseHeaders = Headers()  # noqa: N815 - twisted.web's name
+        self.responseHeaders = Headers()
 
     @property
-    def requestHeaders(self):  # noqa: N802
+    def requestHeaders(self):
         return Headers({b"accept": [oci.OCI_MANIFEST.encode(), oci.OCI_INDEX.encode()]})
 
 

@@ -166,7 +166,8 @@ def naming_d(world: World) -> dict:
     return descriptor(world.secret)
 
 
-# case: (the manifest team B pushes, None when distribution 2.8 accepts it, else the error code it refuses with)
+# case: (the manifest team B pushes, None when distribution 2.8 accepts it, else the error code it refuses
+# with)
 CASES = {
     # OCI 1.1: a registry MUST accept a subject that does not exist (distribution 2.8 ignores the field)
     "subject": (lambda w: image_manifest(w, subject=naming_d(w)), None),
@@ -254,7 +255,7 @@ def pull_in_parallel(world: World, via: str, requests: list[tuple[str, dict[str,
         try:
             barrier.wait()
             results[index] = world.call(via, "GET", path, headers)
-        except BaseException as error:  # reported below
+        except BaseException as error:  # noqa: BLE001 - reported below
             results[index] = error
 
     threads = [threading.Thread(target=get, args=(index,), daemon=True) for index in range(len(requests))]
@@ -338,4 +339,5 @@ def test_the_price_of_a_warm_pull_is_one_head_per_digest_and_concurrent_reads_sh
     finally:
         world.registry.process.signal(signal.SIGCONT)
     assert metric(world.node_a, merged) == merged_before + 7 * 3
-    assert all(world.registry.count_requests("GET", path, status=200) == 1 for path in by_digest)  # from cache
+    # from cache
+    assert all(world.registry.count_requests("GET", path, status=200) == 1 for path in by_digest)

@@ -310,7 +310,8 @@ def test_private_registry_refuses_anonymous_pulls_and_serves_credentials(public_
             containerd.pull(reference, user="alice:a-secret")
             assert containerd.has_snapshot(amd64.chain_id)
         layer_path = registry.blob_path(REPOSITORY, amd64.layers[0].digest)
-        assert registry.count_requests("GET", layer_path, status=200) == 1  # ctr found it already in the store
+        # ctr found it already in the store
+        assert registry.count_requests("GET", layer_path, status=200) == 1
         assert registry.count_requests("HEAD", registry.manifest_path(REPOSITORY, "v1"), status=401) >= 2
 
 

@@ -239,12 +239,12 @@ def test_serve_refuses_an_unsafe_peer_secret_and_names_a_peer_port_it_cannot_bin
 class MemoryReactorWithUdp(MemoryReactorClock):
     """MemoryReactorClock records TCP listens; the DNS also binds UDP, which only needs to succeed here."""
 
-    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):  # noqa: N802 - Twisted's name
+    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
         return _StoppablePort()
 
 
 class _StoppablePort:
-    def stopListening(self):  # noqa: N802
+    def stopListening(self):
         return None
 
 

@@ -159,7 +159,8 @@ def test_the_image_runs_as_the_daemonset_runs_it(world: World, tmp_path: Path) -
         mode = "ro" if mount.get("readOnly") else "rw"
         mounts.append(f"--mount=type=bind,src={host[mount['name']]},dst={mount['mountPath']},options=rbind:{mode}")
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
-    assert container["securityContext"]["allowPrivilegeEscalation"] is False  # ctr's default: no new privileges
+    # ctr's default: no new privileges
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
     env = [f"--env={item['name']}={item['value']}" for item in container.get("env", [])]
 
     log = tmp_path / "dnsmirror.log"

@@ -111,7 +111,7 @@ def test_a_full_limiter_aborts_the_biggest_holders_oldest_connection():
 class _Hello(web_resource.Resource):
     isLeaf = True
 
-    def render_GET(self, request):  # noqa: N802
+    def render_GET(self, request):
         return b"hello"
 
 

@@ -304,7 +304,8 @@ def test_deployment_doc_names_only_real_commands_and_keys():
             assert flag in options, f"dnsmirror {command}: no option {flag}"
     defaults = yaml.safe_load((ROOT / "dnsmirror/default.yaml").read_text())
     keys = [key for key in re.findall(r"`([a-z_]+(?:\.[a-z_0-9]+)+)`", text)
-            if key.split(".")[0] in defaults and key.rsplit(".", 1)[1] not in ("crt", "key")]  # tls.crt: a file
+            # tls.crt: a file
+            if key.split(".")[0] in defaults and key.rsplit(".", 1)[1] not in ("crt", "key")]
     assert len(keys) >= 10
     for key in keys:
         node = defaults

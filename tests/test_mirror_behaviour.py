@@ -434,7 +434,7 @@ def test_twenty_concurrent_cold_gets_make_one_upstream_get(world: World) -> None
             response = connection.getresponse()
             body, cut = read_body(response)
             results[index] = Fetched(response.status, response.msg, body, cut)
-        except BaseException as error:  # reported by the assertions below
+        except BaseException as error:  # noqa: BLE001 - reported by the assertions below
             results[index] = error
         finally:
             connection.close()

@@ -182,10 +182,10 @@ class PeerRequest(DummyRequest):
         for name, value in (headers or {}).items():
             self.requestHeaders.setRawHeaders(name, [value])
 
-    def registerProducer(self, producer, streaming):  # noqa: N802 - twisted's name
+    def registerProducer(self, producer, streaming):
         self.producer = producer
 
-    def unregisterProducer(self):  # noqa: N802
+    def unregisterProducer(self):
         self.producer = None
 
 
@@ -299,7 +299,7 @@ class _RawResponse:
         self.length = len(body)
         self.headers = Headers({name: [value] for name, value in (headers or {}).items()})
 
-    def deliverBody(self, protocol):  # noqa: N802 - twisted's name
+    def deliverBody(self, protocol):
         from twisted.python.failure import Failure
         from twisted.web.client import ResponseDone
         protocol.makeConnection(None)

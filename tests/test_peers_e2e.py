@@ -173,7 +173,8 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
 
                 for blob in image.blobs():
                     if blob.media_type.endswith(("manifest.v1+json", "index.v1+json")):
-                        # skopeo asks for the index by tag (pass-through, which grants it), and nodes with peers
+                        # skopeo asks for the index by tag (pass-through, which grants it), and nodes with
+                        # peers
                         # check each platform manifest before they look for it at peers: A's fill and B's
                         assert access_checks(blob) == (0 if blob is image.index else 2), blob
                         continue

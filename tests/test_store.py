@@ -176,7 +176,7 @@ def test_concurrent_writers_of_one_digest(root):
         def fill():
             try:
                 put(store, data)
-            except Exception as error:  # pragma: no cover - reported below
+            except Exception as error:  # noqa: BLE001 - reported below  # pragma: no cover
                 errors.append(error)
 
         threads = [threading.Thread(target=fill) for _ in range(6)]

@@ -289,7 +289,8 @@ def test_the_last_byte_is_released_once_verified_before_the_durable_commit(store
     protocol.dataReceived(data)
     protocol.connectionLost(Failure(ResponseDone()))
     assert request.finished and request.body == data  # verified: served in full
-    assert disk.held is not None and outcome == [] and sha(data) not in store  # fsync and rename still to come
+    # fsync and rename still to come
+    assert disk.held is not None and outcome == [] and sha(data) not in store
 
 
 def paced_fill(store, data):

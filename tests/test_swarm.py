@@ -141,7 +141,8 @@ def test_complete_holders_are_preferred_and_no_lease_is_given_while_one_exists()
     for asker in rest[:K * 2 - 2]:
         assert isinstance(reply(coordinator, asker, swarm.Ask(D)), swarm.Offer)
     last = rest[K * 2 - 2]
-    assert isinstance(reply(coordinator, last, swarm.Ask(D)), swarm.Wait)  # all slots taken: wait, never a lease
+    # all slots taken: wait, never a lease
+    assert isinstance(reply(coordinator, last, swarm.Ask(D)), swarm.Wait)
 
 
 def test_a_dead_lease_holder_hands_the_lease_to_the_next_asker_with_its_offset():
@@ -256,7 +257,8 @@ def test_the_uploader_refuses_more_than_max_uploads_and_releases_when_an_upload_
     node = make(8)[0]
     ask_granted(node)
     node.handle(swarm.MessageReceived(node.coordinator_for(D, 0.0), swarm.Lease(D)), 0.0)
-    assert node.handle(swarm.UploadRequested(D, addr(5)), 0.0) == [swarm.RejectUpload(D, addr(5))]  # no byte yet
+    # no byte yet
+    assert node.handle(swarm.UploadRequested(D, addr(5)), 0.0) == [swarm.RejectUpload(D, addr(5))]
     node.handle(swarm.BytesReceived(D, 10), 0.1)
     answers = [node.handle(swarm.UploadRequested(D, addr(i)), 0.2)[0] for i in range(1, K + 2)]
     assert [type(a) for a in answers] == [swarm.AcceptUpload] * K + [swarm.RejectUpload]
@@ -508,7 +510,8 @@ def test_a_node_that_took_over_from_a_lost_coordinator_lets_holders_register_bef
     successor = next(n for n in nodes if n.me == order[1])
     holder, asker = [n for n in nodes if n.me not in order[:2]][:2]
     assert isinstance(reply(successor, asker, swarm.Ask(D), 10.0), swarm.Wait)
-    reply(successor, holder, swarm.Register(D, None, 100, False), 10.8)  # the fill the old coordinator granted
+    # the fill the old coordinator granted
+    reply(successor, holder, swarm.Register(D, None, 100, False), 10.8)
     assert reply(successor, asker, swarm.Ask(D), 10.9) == swarm.Offer(D, holder.me)
     assert successor.lease_holder(D) == holder.me
 

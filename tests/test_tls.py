@@ -222,7 +222,8 @@ def test_tls11_is_refused(authority):
         memory_handshake(sni_server(authority), b"quay.io", client_context)
 
 
-# --- the pin test: Twisted's TLS protocol over the SNI connection creator ------------------------------------
+# --- the pin test: Twisted's TLS protocol over the SNI connection creator
+# ------------------------------------
 
 
 @implementer(IHandshakeListener)
@@ -232,13 +233,13 @@ class Recorder(protocol.Protocol):
         self.lost = None
         self.received = b""
 
-    def handshakeCompleted(self) -> None:  # noqa: N802 - Twisted's name
+    def handshakeCompleted(self) -> None:
         self.handshakes += 1
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.received += data
 
-    def connectionLost(self, reason) -> None:  # noqa: N802
+    def connectionLost(self, reason) -> None:
         self.lost = reason
 
 

@@ -356,7 +356,7 @@ class UpstreamClientTests(TestCase):
     @defer.inlineCallbacks
     def test_a_handshake_with_something_that_is_not_tls_is_not_a_refused_certificate(self):
         class NotTLS(Protocol):
-            def dataReceived(self, data):  # noqa: N802
+            def dataReceived(self, data):
                 self.transport.write(b"HTTP/1.1 400 Bad Request\r\n\r\n")
                 self.transport.loseConnection()
 

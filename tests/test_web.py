@@ -26,7 +26,7 @@ class Transport:
     def __init__(self, sni):
         self.handle = Handle(sni)
 
-    def getHandle(self):  # noqa: N802 - Twisted's name
+    def getHandle(self):
         return self.handle
 
 

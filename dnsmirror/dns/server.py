@@ -113,7 +113,7 @@ class DnsDatagramProtocol(protocol.DatagramProtocol):
         transport = self.transport
         try:
             self.controller.handle(data, addr[0], lambda answer: transport.write(answer, addr))
-        except Exception:  # noqa: BLE001 - a bug must cost one query, not the listener
+        except Exception:  # a bug must cost one query, not the listener
             self.controller.stats.malformed += 1
             log.exception("query from %s could not be handled", addr[0])
 
@@ -144,7 +144,7 @@ class DnsStreamProtocol(protocol.Protocol, TimeoutMixin):
                 continue
             try:
                 self.controller.handle(packet, self.transport.getPeer().host, self._write, tcp=True)
-            except Exception:  # noqa: BLE001 - a bug must cost one query, not the listener
+            except Exception:  # a bug must cost one query, not the listener
                 self.controller.stats.malformed += 1
                 log.exception("TCP query could not be handled")
 

@@ -93,10 +93,10 @@ def _serve(address: str, port: int, cert: str, key: str, root: str) -> None:
                 with open(path, "rb") as body:
                     shutil.copyfileobj(body, self.wfile, 1 << 20)
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             self._answer(True)
 
-        def do_HEAD(self) -> None:  # noqa: N802
+        def do_HEAD(self) -> None:
             self._answer(False)
 
         def log_message(self, format: str, *args: Any) -> None:

@@ -102,7 +102,7 @@ def _serve(address: str, port: int, root: str, cert: str | None, key: str | None
     class Handler(http.server.BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path == "/v2/":
                 self._reply(200, b"{}", "application/json")

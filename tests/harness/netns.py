@@ -323,7 +323,7 @@ class Namespace:
             try:
                 _setns(self.name)
                 outcome["value"] = function(*args, **kwargs)
-            except BaseException as error:  # re-raised in the caller's thread
+            except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
                 outcome["error"] = error
 
         thread = threading.Thread(target=in_namespace, name=f"netns-{self.role}", daemon=True)

@@ -119,7 +119,8 @@ class Registry:
             path = htpasswd_file(self.users, self.workdir / "htpasswd")
             config["auth"] = {"htpasswd": {"realm": "dnsmirror-test", "path": str(path)}}
         if self.redirect_base_url:
-            # blob GETs answer 307 to BASE/docker/registry/v2/blobs/sha256/xx/<hex>/data (see harness.blobhost)
+            # blob GETs answer 307 to BASE/docker/registry/v2/blobs/sha256/xx/<hex>/data (see
+            # harness.blobhost)
             config["middleware"] = {"storage": [{"name": "redirect", "options": {"baseurl": self.redirect_base_url}}]}
         return _merge(config, self.extra_config)
 
