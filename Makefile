@@ -14,11 +14,11 @@ run: setup
 
 test:
 	@scripts/setup.sh test
-	$(BIN)/ruff check dnsmirror tests
+	$(BIN)/ruff check dnsmirror tests sim bench
 	$(BIN)/pytest -q
 
 lint: setup
-	$(BIN)/ruff check dnsmirror tests
+	$(BIN)/ruff check dnsmirror tests sim bench
 
 bench: setup
 	@scripts/setup.sh bench

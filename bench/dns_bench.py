@@ -75,21 +75,49 @@ def process(command: list[str], port: int, log: Path):
 def unbound_command(workdir: Path, port: int, records: list[str], zone: str) -> list[str]:
     conf = workdir / f"unbound-{port}.conf"
     lines = [
-        "server:", f"  interface: 127.0.0.1@{port}", f"  port: {port}", "  do-daemonize: no", '  username: ""',
-        '  chroot: ""', f'  directory: "{workdir}"', "  use-syslog: no", '  logfile: ""', "  verbosity: 0",
-        "  num-threads: 1", "  access-control: 127.0.0.0/8 allow", '  module-config: "iterator"', "  do-ip6: no",
-        "  do-not-query-address: 0.0.0.0/0", "  do-not-query-address: ::0/0", '  local-zone: "test." nodefault',
-        '  local-zone: "." static', f'  local-zone: "{zone}." static',
+        "server:",
+        f"  interface: 127.0.0.1@{port}",
+        f"  port: {port}",
+        "  do-daemonize: no",
+        '  username: ""',
+        '  chroot: ""',
+        f'  directory: "{workdir}"',
+        "  use-syslog: no",
+        '  logfile: ""',
+        "  verbosity: 0",
+        "  num-threads: 1",
+        "  access-control: 127.0.0.0/8 allow",
+        '  module-config: "iterator"',
+        "  do-ip6: no",
+        "  do-not-query-address: 0.0.0.0/0",
+        "  do-not-query-address: ::0/0",
+        '  local-zone: "test." nodefault',
+        '  local-zone: "." static',
+        f'  local-zone: "{zone}." static',
         *[f"  local-data: '{r}'" for r in records],
-        "remote-control:", "  control-enable: no",
+        "remote-control:",
+        "  control-enable: no",
     ]
     conf.write_text("\n".join(lines) + "\n")
     return [shutil.which("unbound") or "/usr/sbin/unbound", "-d", "-c", str(conf)]
 
 
 def dnsperf(port: int, queries: Path, seconds: int, *extra: str) -> str:
-    command = ["taskset", "-c", CLIENT_CORE, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries),
-               "-l", str(seconds), *extra]
+    command = [
+        "taskset",
+        "-c",
+        CLIENT_CORE,
+        "dnsperf",
+        "-s",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-d",
+        str(queries),
+        "-l",
+        str(seconds),
+        *extra,
+    ]
     return subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
 
 
@@ -123,7 +151,9 @@ def latency(port: int, queries: Path, seconds: int, rate: int) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
@@ -146,27 +176,43 @@ def main() -> int:
         health.bind(("127.0.0.1", 0))
         health.listen(64)
         config = work / "dnsmirror.yaml"
-        config.write_text(yaml.safe_dump({
-            "dns": {"listen": [f"127.0.0.1:{mirror_port}"], "upstreams": [f"127.0.0.1:{upstream_port}"]},
-            "https": {"listen": []},
-            "health": {"targets": [f"127.0.0.1:{health.getsockname()[1]}"], "interval": "1s", "timeout": "500ms"},
-            "mirror": {"address": MIRROR_ADDRESS},
-            "log": {"level": "warning"},
-            "metrics": {"listen": None},
-        }))
-        peer = unbound_command(work, peer_port, [f"{n}. 5 IN A {MIRROR_ADDRESS}" for n in captured], "amazonaws.com")
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "dns": {
+                        "listen": [f"127.0.0.1:{mirror_port}"],
+                        "upstreams": [f"127.0.0.1:{upstream_port}"],
+                    },
+                    "https": {"listen": []},
+                    "health": {
+                        "targets": [f"127.0.0.1:{health.getsockname()[1]}"],
+                        "interval": "1s",
+                        "timeout": "500ms",
+                    },
+                    "mirror": {"address": MIRROR_ADDRESS},
+                    "log": {"level": "warning"},
+                    "metrics": {"listen": None},
+                }
+            )
+        )
+        peer = unbound_command(
+            work, peer_port, [f"{n}. 5 IN A {MIRROR_ADDRESS}" for n in captured], "amazonaws.com"
+        )
         upstream = unbound_command(work, upstream_port, [f"{n}. 300 IN A 192.0.2.10" for n in forwarded],
                                    "example.test")
         mirror = [sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)]
         rows = {}
         with process(["taskset", "-c", SERVER_CORE, *peer], peer_port, work / "peer.log") as proc:
-            rows["unbound, captured names (local zone)"] = peak(peer_port, captured_queries, args.seconds, proc.pid)
+            rows["unbound, captured names (local zone)"] = peak(
+                peer_port, captured_queries, args.seconds, proc.pid
+            )
         with process(["taskset", "-c", CLIENT_CORE, *upstream], upstream_port, work / "upstream.log"), \
                 process(["taskset", "-c", SERVER_CORE, *mirror], mirror_port, work / "mirror.log") as proc:
             time.sleep(1.5)  # first health probe: capture on
             rows["dnsmirror, captured names"] = peak(mirror_port, captured_queries, args.seconds, proc.pid)
-            rows["dnsmirror, forwarded names (-> unbound)"] = peak(mirror_port, forwarded_queries, args.seconds,
-                                                                  proc.pid)
+            rows["dnsmirror, forwarded names (-> unbound)"] = peak(
+                mirror_port, forwarded_queries, args.seconds, proc.pid
+            )
             rate = max(100, int(rows["dnsmirror, captured names"]["qps"] * 0.5))
             lat = latency(mirror_port, captured_queries, min(args.seconds, 5), rate)
         health.close()
@@ -181,20 +227,30 @@ def main() -> int:
         "## DNS: captured and forwarded names",
         "",
         f"Command: `make bench` runs `{command}` (dnsperf {CLIENT_CORE and 'on core ' + CLIENT_CORE}, "
-        f"servers pinned to core {SERVER_CORE}, loopback, {NAMES} distinct names, 8 clients, 400 outstanding).",
+        f"servers pinned to core {SERVER_CORE}, loopback, {NAMES} distinct names, 8 clients, 400 "
+        f"outstanding).",
         f"Measured: {machine()}.",
         "",
-        "| server, names | queries/s | server CPU (of its core) | queries per CPU-second | lost | response codes |",
+        "| server, names | queries/s | server CPU (of its core) | queries per CPU-second | lost | response "
+        "codes |",
         "|---|---:|---:|---:|---|---|",
-        *[f"| {name} | {r['qps']:,.0f} | {r['cpu']:.0%} | {r['qps'] / max(r['cpu'], 1e-9):,.0f} | {r['lost']} "
-          f"| {r['codes']} |" for name, r in rows.items()],
+        *[
+            f"| {name} | {r['qps']:,.0f} | {r['cpu']:.0%} | {r['qps'] / max(r['cpu'], 1e-9):,.0f} | "
+            f"{r['lost']} "
+            f"| {r['codes']} |"
+            for name, r in rows.items()
+        ],
         "",
-        f"- **dnsmirror / unbound, captured names: {ratio:.0%} of the query rate** (target >= 30%); per CPU-second "
-        f"of the server's core: {mirror_eff / unbound_eff:.0%}. When a server's CPU is below 100% the single dnsperf "
+        f"- **dnsmirror / unbound, captured names: {ratio:.0%} of the query rate** (target >= 30%); per "
+        f"CPU-second "
+        f"of the server's core: {mirror_eff / unbound_eff:.0%}. When a server's CPU is below 100% the single "
+        f"dnsperf "
         "core, not the server, set its rate; the per-CPU-second column is then the fairer comparison.",
-        f"- Latency of captured answers at {rate:,} queries/s (50% of dnsmirror's peak), {lat['n']:,} queries: "
+        f"- Latency of captured answers at {rate:,} queries/s (50% of dnsmirror's peak), {lat['n']:,} "
+        f"queries: "
         f"p50 {lat['p50']:.2f} ms, **p99 {lat['p99']:.2f} ms** (target < 5 ms), max {lat['max']:.2f} ms.",
-        "- Forwarded names go through dnsmirror's asynchronous forwarder to an unbound upstream on the client core;"
+        "- Forwarded names go through dnsmirror's asynchronous forwarder to an unbound upstream on the "
+        "client core;"
         " they pay one fresh socket per query (random source port), so their rate is not a target.",
     ]
     if not args.no_write:

@@ -79,7 +79,8 @@ def mirror(node: Namespace, workdir: Path, dns: str, public_ca: TestCA, cache: P
 
 
 def start_nginx(namespace: Namespace, workdir: Path, http_block: str, port: int, cpus: str | None):
-    """nginx (one worker, pinned to ``cpus`` if given) in ``namespace`` with ``http_block`` inside ``http {}``."""
+    """nginx (one worker, pinned to ``cpus`` if given) in ``namespace`` with ``http_block`` inside ``http
+    {}``."""
     temp = workdir / "temp"
     temp.mkdir(parents=True)
     # as root, nginx's workers would drop to an account that cannot enter the private temp directory
@@ -286,7 +287,9 @@ def throughput(world: World, runs: int, size: int, first_reads: int = 0) -> dict
         fill = download(world.node, blob_url(digest), node_mirror.address, 443, trust, expected=size,
                         cpu=CLIENT_CORE)
         # the first cached read once more, so that both servers start warm
-        download(world.node, blob_url(digest), node_mirror.address, 443, trust, expected=size, cpu=CLIENT_CORE)
+        download(
+            world.node, blob_url(digest), node_mirror.address, 443, trust, expected=size, cpu=CLIENT_CORE
+        )
         with nginx(world.node, world.work / "nginx", world.ca, path) as server:
             nginx_url = f"https://{ECR_HOST}:{NGINX_PORT}/blob"
             download(world.node, nginx_url, world.node.address, NGINX_PORT, world.ca.cert_path, expected=size,
@@ -300,8 +303,11 @@ def throughput(world: World, runs: int, size: int, first_reads: int = 0) -> dict
                 for name in order:
                     url, port, cacert, pids = servers[name]
                     before = cpu_seconds(pids)
-                    rows[name].append(download(world.node, url, world.node.address, port, cacert, expected=size,
-                                               cpu=CLIENT_CORE))
+                    rows[name].append(
+                        download(
+                            world.node, url, world.node.address, port, cacert, expected=size, cpu=CLIENT_CORE
+                        )
+                    )
                     cpu[name] += cpu_seconds(pids) - before
         for _ in range(first_reads):
             node_mirror.stop()
@@ -329,13 +335,16 @@ def cached_report(args: argparse.Namespace, tput: dict, note: str) -> str:
 
     hashed = ""
     if "hashed" in medians:
-        hashed = (f"\n- A restarted dnsmirror's first read of the blob (found on disk at start, so hashed while it "
-                  f"streams, last MiB held back until the digest matches): "
-                  f"**{medians['hashed'] / medians['nginx']:.0%} of nginx**; later reads are not hashed again.")
+        hashed = (
+            f"\n- A restarted dnsmirror's first read of the blob (found on disk at start, so hashed while it "
+            f"streams, last MiB held back until the digest matches): "
+            f"**{medians['hashed'] / medians['nginx']:.0%} of nginx**; later reads are not hashed again."
+        )
     return f"""## Cached blobs with cache verification: dnsmirror vs nginx
 
 Command: `{command}`. The same namespaces and servers as section 1 of the pull mirror section (servers
-pinned to core {SERVER_CORE}, curl on core {CLIENT_CORE}, alternating order, a {size // MiB} MiB blob over TLS).
+pinned to core {SERVER_CORE}, curl on core {CLIENT_CORE}, alternating order, a {size // MiB} MiB blob over \
+TLS).
 Measured: {machine()}. {note}
 
 | server | median MB/s | min - max MB/s | server CPU-seconds per GiB | downloads |
@@ -344,7 +353,8 @@ Measured: {machine()}. {note}
 {row("dnsmirror", "dnsmirror, from its cache (verified at commit)")}
 {row("hashed", "dnsmirror, first read after a restart (hashed)") if "hashed" in speeds else ""}
 
-- **dnsmirror / nginx: {medians["dnsmirror"] / medians["nginx"]:.0%} of nginx's throughput** (target >= 80%).{hashed}
+- **dnsmirror / nginx: {medians["dnsmirror"] / medians["nginx"]:.0%} of nginx's throughput** (target >= \
+80%).{hashed}
 """
 
 
@@ -410,8 +420,14 @@ def cold_pulls(world: World, pulls: int, layer_size: int, image=None, pin: bool 
     def pull(namespace: Namespace, trust: Path, name: str, run: int) -> float:
         target = world.work / f"pulled-{name}-{run}"
         started = time.perf_counter()
-        skopeo_copy(namespace, f"docker://{reference}", f"oci:{target}:v1", ca_file=trust, all_platforms=False,
-                    timeout=300)
+        skopeo_copy(
+            namespace,
+            f"docker://{reference}",
+            f"oci:{target}:v1",
+            ca_file=trust,
+            all_platforms=False,
+            timeout=300,
+        )
         elapsed = time.perf_counter() - started
         pulled = target / "blobs" / "sha256" / big.digest.split(":", 1)[1]
         if pulled.stat().st_size != big.size:
@@ -485,7 +501,9 @@ def two_clients_memory(world: World, node_mirror: MirrorNode, digest: str, size:
     downloads = [parse_download(out) for out, _ in outputs]
     for result, (_, err) in zip(downloads, outputs, strict=True):
         if result.status != 200 or result.size != size:
-            raise RuntimeError(f"two-client GET: status {result.status}, {result.size} of {size} bytes {err!r}")
+            raise RuntimeError(
+                f"two-client GET: status {result.status}, {result.size} of {size} bytes {err!r}"
+            )
     hwm = memory_kib(pid, "VmHWM")
     return {"idle": idle, "peak": max(hwm, sampler.peak), "sampled": sampler.peak, "hwm": hwm,
             "samples": sampler.samples, "seconds": elapsed}
@@ -528,8 +546,10 @@ def pull_rows(placements: dict[str, dict]) -> tuple[str, dict[str, dict[str, flo
                     f"{overheads[placement][name]:+.0%}"
                 per_gib = statistics.median(cpu) / (result["layer"] / 2**30)
                 cpu_cell = f"{statistics.median(cpu):.2f} ({per_gib:.1f}/GiB)"
-            rows.append(f"| {placement} | {PULL_WAY_LABELS[name]} | {median:.2f} | {vs_direct} | {cpu_cell} | "
-                        f"{', '.join(f'{t:.2f}' for t in times[name])} |")
+            rows.append(
+                f"| {placement} | {PULL_WAY_LABELS[name]} | {median:.2f} | {vs_direct} | {cpu_cell} | "
+                f"{', '.join(f'{t:.2f}' for t in times[name])} |"
+            )
     return "\n".join(rows), overheads
 
 
@@ -555,17 +575,22 @@ def report(args: argparse.Namespace, tput: dict, pulls: dict, mem: dict) -> str:
     rows, overheads = pull_rows({"shared cores": pulls, "proxy on its own core": pulls["pinned"]})
     cold_above = (mem["cold"]["peak"] - mem["cold"]["idle"]) / 1024
     cached_above = (mem["cached"]["peak"] - mem["cached"]["idle"]) / 1024
-    return f"""## Pull mirror: cached throughput vs nginx, cold pull overhead vs caching proxies, memory while streaming
+    return f"""## Pull mirror: cached throughput vs nginx, cold pull overhead vs caching proxies, memory \
+while streaming
 
-Command: `{command}` (run by `make bench`). Network namespaces created by the script: docker-registry (TLS, a test
-public CA) as the upstream of `{ECR_HOST}`, dnsmirror in a node namespace whose resolv.conf points at dnsmirror, a
+Command: `{command}` (run by `make bench`). Network namespaces created by the script: docker-registry (TLS, \
+a test
+public CA) as the upstream of `{ECR_HOST}`, dnsmirror in a node namespace whose resolv.conf points at \
+dnsmirror, a
 direct-client namespace whose /etc/hosts names the registry. Log level warning.
 Measured: {machine()}. The machine is shared with other work: expect some noise.
 
 ### 1. A cached {size // MiB} MiB blob over TLS, one client
 
-Both servers pinned to core {SERVER_CORE} (taskset), in the node namespace; curl (`--http1.1 -o /dev/null`, verifying
-the certificate) pinned to core {CLIENT_CORE}; {args.runs} downloads each, alternating which server goes first. nginx:
+Both servers pinned to core {SERVER_CORE} (taskset), in the node namespace; curl (`--http1.1 -o /dev/null`, \
+verifying
+the certificate) pinned to core {CLIENT_CORE}; {args.runs} downloads each, alternating which server goes \
+first. nginx:
 one worker, the same file (a hard link of the registry's copy), ECDSA P-256 certificate, default buffers.
 
 | server | median MB/s | min - max MB/s | server CPU-seconds per GiB |
@@ -575,35 +600,47 @@ one worker, the same file (a hard link of the registry's copy), ECDSA P-256 cert
 
 - **dnsmirror / nginx: {ratio:.0%} of nginx's throughput** (target >= 80%).
 - The fill that put the blob in the cache (one client, upstream over the namespaces' veth link):
-  {mb(tput['fill'].speed)} MB/s.
+  {mb(tput["fill"].speed)} MB/s.
 
 ### 2. Cold pull, `skopeo copy docker://{ECR_HOST}/{PULL_REPOSITORY}:v1 oci:DIR:v1`
 
-One platform, a {pulls['layer'] / MiB:.0f} MiB uncompressed layer ({pulls['image'] / MiB:.1f} MiB in all, pushed with
-skopeo). Direct: the registry's address from /etc/hosts. Through dnsmirror: the node's DNS answers dnsmirror's address.
-The peers, caching TLS proxies without DNS capture, reached through /etc/hosts: nginx with `proxy_cache` (one worker,
-keep-alive upstream, the registry's certificate verified; it streams while caching and does not check digests) and
-docker-registry (distribution) as a pull-through cache. Every proxy is a fresh process with an empty cache each run
-(start-up not timed); a fresh skopeo and destination each run; {args.pulls} runs each way, each way first in turn.
-Two placements: everything sharing both cores; and the proxy on core {SERVER_CORE} while the registry and skopeo share
-core {CLIENT_CORE} in every case, direct too (as on a node, where the registry is remote and does not compete with the
+One platform, a {pulls["layer"] / MiB:.0f} MiB uncompressed layer ({pulls["image"] / MiB:.1f} MiB in all, \
+pushed with
+skopeo). Direct: the registry's address from /etc/hosts. Through dnsmirror: the node's DNS answers \
+dnsmirror's address.
+The peers, caching TLS proxies without DNS capture, reached through /etc/hosts: nginx with `proxy_cache` \
+(one worker,
+keep-alive upstream, the registry's certificate verified; it streams while caching and does not check \
+digests) and
+docker-registry (distribution) as a pull-through cache. Every proxy is a fresh process with an empty cache \
+each run
+(start-up not timed); a fresh skopeo and destination each run; {args.pulls} runs each way, each way first in \
+turn.
+Two placements: everything sharing both cores; and the proxy on core {SERVER_CORE} while the registry and \
+skopeo share
+core {CLIENT_CORE} in every case, direct too (as on a node, where the registry is remote and does not \
+compete with the
 mirror for the node's CPU). CPU: the proxy's user + system time per pull (median), and per GiB pulled.
 
 | placement | pull | median s | vs direct | proxy CPU s | all runs (s) |
 |---|---|---:|---:|---:|---|
 {rows}
 
-- **Overhead of the cold pull through dnsmirror: {overheads["shared cores"]["dnsmirror"]:+.0%} sharing the cores,
+- **Overhead of the cold pull through dnsmirror: {overheads["shared cores"]["dnsmirror"]:+.0%} sharing the \
+cores,
   {overheads["proxy on its own core"]["dnsmirror"]:+.0%} with dnsmirror on its own core** (target < 15%).
 - In the same run, nginx `proxy_cache`: {overheads["shared cores"]["nginx"]:+.0%} shared,
   {overheads["proxy on its own core"]["nginx"]:+.0%} on its own core; distribution's pull-through cache:
-  {overheads["shared cores"]["distribution"]:+.0%} and {overheads["proxy on its own core"]["distribution"]:+.0%}.
+  {overheads["shared cores"]["distribution"]:+.0%} and \
+{overheads["proxy on its own core"]["distribution"]:+.0%}.
   Where dnsmirror's CPU goes: bench/README.md, "What limits a cold pull".
 
-### 3. dnsmirror's memory while two clients stream a {mem['size'] // MiB} MiB blob at once
+### 3. dnsmirror's memory while two clients stream a {mem["size"] // MiB} MiB blob at once
 
-A fresh dnsmirror process per case; idle = VmRSS after a warm-up HEAD of the blob; peak = the larger of VmHWM at the
-end and VmRSS sampled every 10 ms. Cold: both clients start together on an empty cache (one upstream fill, both read
+A fresh dnsmirror process per case; idle = VmRSS after a warm-up HEAD of the blob; peak = the larger of \
+VmHWM at the
+end and VmRSS sampled every 10 ms. Cold: both clients start together on an empty cache (one upstream fill, \
+both read
 the growing file); cached: the same blob, now in the cache.
 
 | case | idle MiB | peak MiB | peak above idle MiB | sampled max MiB | seconds |
@@ -616,8 +653,12 @@ the growing file); cached: the same blob, now in the cache.
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=7, help="downloads per server for the throughput comparison")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--runs", type=int, default=7, help="downloads per server for the throughput comparison"
+    )
     parser.add_argument("--pulls", type=int, default=5, help="cold pulls each way")
     parser.add_argument("--blob-mib", type=int, default=256, help="size of the cached blob (throughput)")
     parser.add_argument("--pull-layer-mib", type=int, default=96, help="size of the pulled image's big layer")
@@ -653,15 +694,18 @@ def main() -> int:
                 StaticDNS(registry_ns, {ECR_HOST: registry_ns.address}, work / "dns") as dns:
             world = World(cluster, work, ca, registry, dns.address, node, direct, peer, peer_client)
             if args.cached_only:
-                body = cached_report(args, throughput(world, args.runs, args.blob_mib * MiB, args.first_reads),
-                                     args.note)
+                body = cached_report(
+                    args, throughput(world, args.runs, args.blob_mib * MiB, args.first_reads), args.note
+                )
                 print(body)
                 if not args.no_write:
                     write_section("mirror-cached", body)
                 return 0
             tput = throughput(world, args.runs, args.blob_mib * MiB)
             pulls = cold_pulls(world, args.pulls, args.pull_layer_mib * MiB)
-            pulls["pinned"] = cold_pulls(world, args.pulls, args.pull_layer_mib * MiB, image=pulls["built"], pin=True)
+            pulls["pinned"] = cold_pulls(
+                world, args.pulls, args.pull_layer_mib * MiB, image=pulls["built"], pin=True
+            )
             mem = memory(world, args.rss_mib * MiB)
     body = report(args, tput, pulls, mem)
     print(body)

@@ -100,8 +100,15 @@ def measure(registry: Registry, direct: Namespace, ca, nodes, runs: int, size: i
                 cpu[way] += cpu_seconds(pids) - before
         if run:
             path = f"/v2/{REPOSITORY}/blobs/{digest}"
-            registry_gets.append(sum(1 for entry in registry.access_log() if entry.method == "GET"
-                                     and entry.path == path and entry.client.rsplit(":", 1)[0] == node_a.address))
+            registry_gets.append(
+                sum(
+                    1
+                    for entry in registry.access_log()
+                    if entry.method == "GET"
+                    and entry.path == path
+                    and entry.client.rsplit(":", 1)[0] == node_a.address
+                )
+            )
     return {"rows": rows, "cpu": cpu, "registry_gets": registry_gets, "size": size, "runs": runs}
 
 
@@ -126,19 +133,23 @@ def report(args: argparse.Namespace, result: dict) -> str:
                      f"{per_gib:.2f} |")
     lines += [
         "",
-        f"- **From a peer: {median['peer'] / median['upstream']:.0%} of the time of a fill from the registry** "
+        f"- **From a peer: {median['peer'] / median['upstream']:.0%} of the time of a fill from the "
+        f"registry** "
         f"({median['peer'] / median['direct']:.0%} of a download straight from the registry; a fill from "
         f"the registry through the node: {median['upstream'] / median['direct']:.0%}).",
         f"- Node A's GETs of each blob at the registry: {result['registry_gets']} (0: every fill of node A "
         "came from its peer; it sent the registry one HEAD per blob, the client's access check).",
-        "- Here the registry is a local process, so a peer saves little time; what it saves is the registry's "
+        "- Here the registry is a local process, so a peer saves little time; what it saves is the "
+        "registry's "
         "bandwidth and request quota, one fetch per cluster instead of one per node.",
     ]
     return "\n".join(lines)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--blob-mib", type=int, default=256)
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")

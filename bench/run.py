@@ -46,9 +46,15 @@ def run(command: list[str], timeout: float) -> int | str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", action="append", choices=sorted(BENCHMARKS), help="run only these (repeatable)")
-    parser.add_argument("--no-write", action="store_true", help="print results only; leave bench/RESULTS.md alone")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", action="append", choices=sorted(BENCHMARKS), help="run only these (repeatable)"
+    )
+    parser.add_argument(
+        "--no-write", action="store_true", help="print results only; leave bench/RESULTS.md alone"
+    )
     args = parser.parse_args()
     failed = []
     for name, (script, *script_args) in BENCHMARKS.items():
@@ -60,8 +66,11 @@ def main() -> int:
         print(f"== {name}: {' '.join(command)}", flush=True)
         started = time.monotonic()
         status = run(command, TIMEOUT_SECONDS[name])
-        print(f"== {name}: {'ok' if status == 0 else f'FAILED ({status})'} in {time.monotonic() - started:.0f}s",
-              flush=True)
+        print(
+            f"== {name}: {'ok' if status == 0 else f'FAILED ({status})'} in "
+            f"{time.monotonic() - started:.0f}s",
+            flush=True,
+        )
         if status != 0:
             failed.append(name)
     if failed:

@@ -198,7 +198,9 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="duration of each rate measurement")
     parser.add_argument("--workers", type=int, default=4, help="client processes (all on core 1)")
     parser.add_argument("--rounds", type=int, default=300, help="handshakes per latency series")
@@ -224,8 +226,10 @@ def main() -> int:
             nginx_latency = latencies(port, iter(lambda: CACHED_NAME, None), args.rounds)
 
     def row(label, result):
-        return (f"| {label} | {result['rate']:,.0f} | {result['cpu'] * 100:.0f}% | {result['per_cpu']:,.0f} | "
-                f"{result['failed']} |")
+        return (
+            f"| {label} | {result['rate']:,.0f} | {result['cpu'] * 100:.0f}% | {result['per_cpu']:,.0f} | "
+            f"{result['failed']} |"
+        )
 
     def lat(label, values):
         return (f"| {label} | {statistics.median(values):.2f} | {percentile(values, 0.9):.2f} | "
@@ -237,7 +241,10 @@ def main() -> int:
 
     body = f"""## TLS: full handshakes, dnsmirror (per-SNI leaves) vs nginx (one static ECDSA certificate)
 
-Command: `.venv/bin/python bench/tls_handshake.py --seconds {args.seconds:g} --workers {args.workers} --rounds {args.rounds}` (servers pinned to core {SERVER_CORE} with taskset, one after the other in the same run; {args.workers} Python client processes pinned to core {CLIENT_CORE}; TLS 1.3, X25519, ECDSA P-256 leaf + intermediate, no resumption, client does not verify; loopback).
+Command: `.venv/bin/python bench/tls_handshake.py --seconds {args.seconds:g} --workers {args.workers} \
+--rounds {args.rounds}` (servers pinned to core {SERVER_CORE} with taskset, one after the other in the same \
+run; {args.workers} Python client processes pinned to core {CLIENT_CORE}; TLS 1.3, X25519, ECDSA P-256 leaf \
++ intermediate, no resumption, client does not verify; loopback).
 Measured: {machine()}. The machine is shared with other work: expect some noise.
 
 | server | handshakes/s | server CPU (of its core) | handshakes per CPU-second | failed |
@@ -245,7 +252,10 @@ Measured: {machine()}. The machine is shared with other work: expect some noise.
 {row("nginx 1 worker, static certificate", theirs)}
 {row("dnsmirror, cached leaf", ours)}
 
-- **dnsmirror / nginx: {ours['rate'] / theirs['rate'] * 100:.0f}% of the handshake rate**, {ours['per_cpu'] / theirs['per_cpu'] * 100:.0f}% per CPU-second of the server core (target >= 50%). When a server's CPU is below 100% the client core, not the server, set its rate; the per-CPU-second column is then the fairer comparison.
+- **dnsmirror / nginx: {ours["rate"] / theirs["rate"] * 100:.0f}% of the handshake rate**, \
+{ours["per_cpu"] / theirs["per_cpu"] * 100:.0f}% per CPU-second of the server core (target >= 50%). When a \
+server's CPU is below 100% the client core, not the server, set its rate; the per-CPU-second column is then \
+the fairer comparison.
 
 Handshake latency, one client, one handshake at a time (connect + handshake, ms, {args.rounds} each):
 
@@ -255,7 +265,8 @@ Handshake latency, one client, one handshake at a time (connect + handshake, ms,
 {lat("dnsmirror, cached leaf", cached)}
 {lat("dnsmirror, never-seen name (leaf minted in the handshake)", first_seen)}
 
-- **A never-seen name adds {added:.2f} ms at the median** ({added_p99:.2f} ms at p99) to the handshake (target < 5 ms): signing one leaf and building its context, on the reactor, inside the SNI callback.
+- **A never-seen name adds {added:.2f} ms at the median** ({added_p99:.2f} ms at p99) to the handshake \
+(target < 5 ms): signing one leaf and building its context, on the reactor, inside the SNI callback.
 """
     print(body)
     if not args.no_write:

@@ -6,7 +6,8 @@ sent, duration in milliseconds, the client's address and ``source``, always one 
 node), ``upstream`` (filled the cache, or upstream's refusal or failure of a read by digest),
 ``relay`` (streamed without caching), ``passthrough``, ``stale_tag``, or ``mirror`` (answered by
 dnsmirror itself: an error before any source answered, a request for a name it does not mirror). No
-header is logged, so no credential can be. Each line is also counted in :class:`~dnsmirror.metrics.HttpMetrics`.
+header is logged, so no credential can be. Each line is also counted in
+:class:`~dnsmirror.metrics.HttpMetrics`.
 """
 
 from __future__ import annotations
@@ -71,8 +72,13 @@ class AccessLogSite(server.Site):
 
     def _ended(self, request, outcome: str) -> None:
         values = access_fields(request, time.monotonic(), outcome=outcome)
-        self.http_metrics.observe(values["method"], values["status"] or 0, values["source"], values["ms"] / 1000,
-                                  values["bytes"] or 0)
+        self.http_metrics.observe(
+            values["method"],
+            values["status"] or 0,
+            values["source"],
+            values["ms"] / 1000,
+            values["bytes"] or 0,
+        )
         for observe in self.observers:
             observe(request, values)
         if self.access and log.isEnabledFor(logging.INFO):

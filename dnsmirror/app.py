@@ -116,7 +116,9 @@ class Services(service.MultiService):
         self.upstreams = config.dns.upstreams or tuple(default_upstreams(config.dns.listen))
         self.responder = Responder(self.matcher, config.mirror.address, config.mirror.address6,
                                    config.dns.ttl, config.dns.answer_cache_size)
-        self.tls_bypass = TlsBypass(reactor, config.upstream.tls_failure_bypass, self.responder.forget_answers)
+        self.tls_bypass = TlsBypass(
+            reactor, config.upstream.tls_failure_bypass, self.responder.forget_answers
+        )
         self.responder.bypassed = self.tls_bypass.bypassed
         self.forwarder = Forwarder(reactor, self.upstreams, config.dns.timeout)
         self.dns = dnsserver.DnsController(self.responder, self.forwarder, config.dns.allow, self.dns_stats)
@@ -127,8 +129,15 @@ class Services(service.MultiService):
         self.web_site = web_site  # the twisted.web Site/Resource behind HTTPS; None = 503 placeholder
         self.content_stats = ContentStats()
         self.peer_stats = PeerStats()
-        listeners = tuple(name for name, used in (("https", config.https.listen), ("peers", config.peers.enabled),
-                                                   ("metrics", config.metrics.listen is not None)) if used)
+        listeners = tuple(
+            name
+            for name, used in (
+                ("https", config.https.listen),
+                ("peers", config.peers.enabled),
+                ("metrics", config.metrics.listen is not None),
+            )
+            if used
+        )
         self.budget: DescriptorBudget = plan_budget(current_limit(), descriptors_in_use(), listeners)
         self.limiters: dict[str, ConnectionLimiter] = {}
         self._health_heard = False
@@ -185,15 +194,20 @@ class Services(service.MultiService):
         self._run("pull reporter", pulls.start, pulls.stop)
         self.front = Front(store, upstream, passthrough, content, pulls)
         # idle keep-alive connections are closed after this; a request in progress is never timed out
-        site = AccessLogSite(RegistryResource(self.matcher, content, passthrough, pulls),
-                             access=self.config.log.access, requestFactory=StreamingRequest, timeout=HTTP_IDLE_TIMEOUT,
-                             observers=(pulls.request_ended,))
+        site = AccessLogSite(
+            RegistryResource(self.matcher, content, passthrough, pulls),
+            access=self.config.log.access,
+            requestFactory=StreamingRequest,
+            timeout=HTTP_IDLE_TIMEOUT,
+            observers=(pulls.request_ended,),
+        )
         site.protocol = with_header_deadline(RegistryChannel)
         site.displayTracebacks = False
         return site
 
     def _start_peers(self, store: Store, disk: DiskIO) -> PeerClient | None:
-        """The peer listener, membership and client, when peers are configured; raises :class:`ListenError`."""
+        """The peer listener, membership and client, when peers are configured; raises
+        :class:`ListenError`."""
         peers = self.config.peers
         if not peers.enabled:
             return None
@@ -207,15 +221,26 @@ class Services(service.MultiService):
                 raise ListenError("peers.resolvers: no DNS server to resolve peers.dns_name with "
                                   "(set peers.resolvers or dns.upstreams)")
             # the peers' Service name: internal addresses are what it is expected to resolve to
-            names = UpstreamResolver(peers.resolvers or self.upstreams, reactor=self.reactor,
-                                     timeout=self.config.dns.timeout, policy=AddressPolicy(allow_internal=True),
-                                     max_ttl=peers.refresh)
+            names = UpstreamResolver(
+                peers.resolvers or self.upstreams,
+                reactor=self.reactor,
+                timeout=self.config.dns.timeout,
+                policy=AddressPolicy(allow_internal=True),
+                max_ttl=peers.refresh,
+            )
             resolve = names.resolve
         peer_set = PeerSet(self.reactor, peers.static, peers.dns_name, peers.listen.port, resolve,
                            peers.refresh)
         holders = Holders()
-        listener = PeerResource(self.reactor, disk, secret, holders, self.peer_stats, peers.listen.port,
-                                running_fill=lambda digest: self.front and self.front.content.running_fill(digest))
+        listener = PeerResource(
+            self.reactor,
+            disk,
+            secret,
+            holders,
+            self.peer_stats,
+            peers.listen.port,
+            running_fill=lambda digest: self.front and self.front.content.running_fill(digest),
+        )
         site = server.Site(listener, requestFactory=PeerRequest, timeout=HTTP_IDLE_TIMEOUT)
         site.protocol = with_header_deadline(http.HTTPChannel)
         site.displayTracebacks = False
@@ -235,12 +260,17 @@ class Services(service.MultiService):
 
         self._run("peer announcement", lambda: peer_client.start_announcing(store.digests, disk.run),
                   stop_announcing)
-        log.info("peers listening", extra=fields(peers=str(peers.listen), static=[str(p) for p in peers.static],
-                                                 dns_name=peers.dns_name))
+        log.info(
+            "peers listening",
+            extra=fields(
+                peers=str(peers.listen), static=[str(p) for p in peers.static], dns_name=peers.dns_name
+            ),
+        )
         return peer_client
 
     def _load_ca(self):
-        """Load and check the CA files (raises :class:`~dnsmirror.ca.CaError`) and pre-generate the leaf key."""
+        """Load and check the CA files (raises :class:`~dnsmirror.ca.CaError`) and pre-generate the leaf
+        key."""
         tls = self.config.tls
         authority, warnings = camod.load_authority(tls.ca_cert, tls.ca_key, self.config.capture)
         for warning in warnings:
@@ -281,35 +311,61 @@ class Services(service.MultiService):
     def _start_metrics(self) -> None:
         collector = StatsCollector(
             lambda: self.dns_stats,
-            {"tls": lambda: self.tls_stats, "content": lambda: self.content_stats, "peers": lambda: self.peer_stats},
             {
-                "cache_bytes": ("Bytes of committed content in the cache",
-                                lambda: self._front_value(lambda front: front.store.total_size)),
-                "cache_max_bytes": ("cache.max_size: the cache is kept below this many bytes",
-                                    lambda: self.config.cache.max_size),
-                "cache_blobs": ("Blobs in the cache",
-                                lambda: self._front_value(lambda front: front.store.blob_count)),
-                "tls_bypassed_registries": ("Registries not captured now because their certificate failed "
-                                            "verification", lambda: self.tls_bypass.active),
+                "tls": lambda: self.tls_stats,
+                "content": lambda: self.content_stats,
+                "peers": lambda: self.peer_stats,
+            },
+            {
+                "cache_bytes": (
+                    "Bytes of committed content in the cache",
+                    lambda: self._front_value(lambda front: front.store.total_size),
+                ),
+                "cache_max_bytes": (
+                    "cache.max_size: the cache is kept below this many bytes",
+                    lambda: self.config.cache.max_size,
+                ),
+                "cache_blobs": (
+                    "Blobs in the cache",
+                    lambda: self._front_value(lambda front: front.store.blob_count),
+                ),
+                "tls_bypassed_registries": (
+                    "Registries not captured now because their certificate failed verification",
+                    lambda: self.tls_bypass.active,
+                ),
             },
             self.health,
             counters={
-                "cache_evictions": ("Blobs evicted since start",
-                                    lambda: self._front_value(lambda front: front.store.evictions)),
-                "stale_tag_answers": ("Tags answered from the last known digest while upstream was unreachable",
-                                      lambda: self._front_value(lambda front: front.passthrough.stale_answers)),
-                "streamed_request_bodies": ("Request bodies (pushes) streamed upstream as they arrived",
-                                            lambda: self._front_value(
-                                                lambda front: front.passthrough.streamed_bodies)),
-                "tls_bypasses": ("Times a registry stopped being captured because its certificate failed "
-                                 "verification", lambda: self.tls_bypass.started),
-                **{f"{name}_connections_refused": (f"Connections the {name} listener refused at its cap",
-                                                   lambda name=name: self._limiter_stat(name, "refused"))
-                   for name in ("https", "peers", "metrics")},
-                **{f"{name}_connections_evicted": (f"Connections the {name} listener closed to make room for a "
-                                                   "client holding fewer",
-                                                   lambda name=name: self._limiter_stat(name, "evicted"))
-                   for name in ("https", "peers", "metrics")},
+                "cache_evictions": (
+                    "Blobs evicted since start",
+                    lambda: self._front_value(lambda front: front.store.evictions),
+                ),
+                "stale_tag_answers": (
+                    "Tags answered from the last known digest while upstream was unreachable",
+                    lambda: self._front_value(lambda front: front.passthrough.stale_answers),
+                ),
+                "streamed_request_bodies": (
+                    "Request bodies (pushes) streamed upstream as they arrived",
+                    lambda: self._front_value(lambda front: front.passthrough.streamed_bodies),
+                ),
+                "tls_bypasses": (
+                    "Times a registry stopped being captured because its certificate failed verification",
+                    lambda: self.tls_bypass.started,
+                ),
+                **{
+                    f"{name}_connections_refused": (
+                        f"Connections the {name} listener refused at its cap",
+                        lambda name=name: self._limiter_stat(name, "refused"),
+                    )
+                    for name in ("https", "peers", "metrics")
+                },
+                **{
+                    f"{name}_connections_evicted": (
+                        f"Connections the {name} listener closed to make room for a client holding fewer",
+                        lambda name=name: self._limiter_stat(name, "evicted"),
+                    )
+                    for name in ("https", "peers", "metrics")
+                },
             },
             http=lambda: getattr(self.site, "http_metrics", None),
             failure_log=failures.failures,

@@ -46,7 +46,10 @@ class TlsBypass:
         self.started += 1
         log.warning(
             "cannot verify %s's certificate; its name resolves to its real address for %gs, so clients "
-            "connect directly (add its CA to upstream.ca_bundle to mirror it): %s", host, self.duration, reason,
+            "connect directly (add its CA to upstream.ca_bundle to mirror it): %s",
+            host,
+            self.duration,
+            reason,
             extra=fields(event="upstream_tls_bypass", host=host, seconds=self.duration, reason=reason),
         )
         self.clock.callLater(self.duration, self._expired, host)

@@ -129,8 +129,12 @@ def describe_constraints(patterns: Sequence[str]) -> str:
     width = max(len(s.name) for s in subtrees)
     lines = ["Permitted DNS subtrees (critical X.509 name constraints on the root and the intermediate):"]
     for subtree in subtrees:
-        lines.append(f"  {subtree.name:<{width}}  {subtree.explain()}; needed by {', '.join(subtree.patterns)}")
-    lines.append(f"Excluded IP ranges: {', '.join(EXCLUDED_NETWORKS)} (no certificate may name an IP address)")
+        lines.append(
+            f"  {subtree.name:<{width}}  {subtree.explain()}; needed by {', '.join(subtree.patterns)}"
+        )
+    lines.append(
+        f"Excluded IP ranges: {', '.join(EXCLUDED_NETWORKS)} (no certificate may name an IP address)"
+    )
     return "\n".join(lines)
 
 
@@ -211,7 +215,9 @@ def _ca_extensions(builder, key, path_length: int, subtrees: Sequence[Subtree], 
     )
     if server_auth_only:
         # clients that nest EKUs (Go, Windows) then accept only TLS server leaves under this CA
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        builder = builder.add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
     return builder
 
 
@@ -248,20 +254,30 @@ def create_ca(subtrees: Sequence[Subtree], *, root_days: int = ROOT_DAYS,
     key = new_key()
     end = min(start + datetime.timedelta(days=intermediate_days), root_cert.not_valid_after_utc)
     builder = (
-        x509.CertificateBuilder().subject_name(_name(f"dnsmirror cluster CA {tag}")).issuer_name(root_name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
+        x509.CertificateBuilder()
+        .subject_name(_name(f"dnsmirror cluster CA {tag}"))
+        .issuer_name(root_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(root_ski), critical=False
+        )
     )
     cert = _ca_extensions(builder, key, 0, subtrees, True).sign(root_key, hashes.SHA256())
     return CaBundle(root_key, root_cert, key, cert)
 
 
-def create_csr(key: ec.EllipticCurvePrivateKey, subtrees: Sequence[Subtree]) -> x509.CertificateSigningRequest:
+def create_csr(
+    key: ec.EllipticCurvePrivateKey, subtrees: Sequence[Subtree]
+) -> x509.CertificateSigningRequest:
     """A CSR for an intermediate that an enterprise PKI signs; it requests the same extensions
     :func:`create_ca` puts on the intermediate (CA, pathlen 0, name constraints, serverAuth)."""
-    builder = x509.CertificateSigningRequestBuilder().subject_name(_name(f"dnsmirror cluster CA {secrets.token_hex(4)}"))
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        _name(f"dnsmirror cluster CA {secrets.token_hex(4)}")
+    )
     builder = _ca_extensions(builder, key, 0, subtrees, True)
     return builder.sign(key, hashes.SHA256())
 
@@ -327,18 +343,26 @@ def init_directory(directory: Path, patterns: Sequence[str], *, force: bool = Fa
 def check_validity_days(root_days: int, intermediate_days: int) -> None:
     """Refuse validity periods that would write an expired CA or one cut short without a word."""
     if root_days < 1:
-        raise CaError("--root-days", f"must be at least 1, got {root_days}", "give the root's validity in days")
+        raise CaError(
+            "--root-days", f"must be at least 1, got {root_days}", "give the root's validity in days"
+        )
     if intermediate_days < 1:
         raise CaError("--days", f"must be at least 1, got {intermediate_days}",
                       "give the intermediate's validity in days (default 365)")
     if intermediate_days > root_days:
-        raise CaError("--days", f"{intermediate_days} exceeds --root-days {root_days}: the intermediate cannot "
-                                "outlive the root that signs it", "lower --days or raise --root-days")
+        raise CaError(
+            "--days",
+            f"{intermediate_days} exceeds --root-days {root_days}: the intermediate cannot "
+            "outlive the root that signs it",
+            "lower --days or raise --root-days",
+        )
 
 
 def _make_directory(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
-        raise CaError(directory, "exists and is not a directory", "give --dir a directory (it is created if missing)")
+        raise CaError(
+            directory, "exists and is not a directory", "give --dir a directory (it is created if missing)"
+        )
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -389,21 +413,32 @@ def check_key_permissions(key_path: Path) -> None:
     try:
         mode = os.stat(key_path).st_mode
     except FileNotFoundError:
-        raise CaError(key_path, "does not exist",
-                      "create a CA with `dnsmirror ca init --dir DIR` and point tls.ca_key at DIR/ca.key") from None
+        raise CaError(
+            key_path,
+            "does not exist",
+            "create a CA with `dnsmirror ca init --dir DIR` and point tls.ca_key at DIR/ca.key",
+        ) from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise CaError(key_path, f"is accessible by group or others (mode {stat.S_IMODE(mode):04o})",
-                      f"chmod 600 {key_path} (Kubernetes: defaultMode: 0400 on the Secret volume, no fsGroup)")
+        raise CaError(
+            key_path,
+            f"is accessible by group or others (mode {stat.S_IMODE(mode):04o})",
+            f"chmod 600 {key_path} (Kubernetes: defaultMode: 0400 on the Secret volume, no fsGroup)",
+        )
 
 
 def _read(path: Path, what: str) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise CaError(path, f"{what} does not exist",
-                      "create a CA with `dnsmirror ca init --dir DIR`, or set tls.ca_cert/tls.ca_key") from None
+        raise CaError(
+            path,
+            f"{what} does not exist",
+            "create a CA with `dnsmirror ca init --dir DIR`, or set tls.ca_cert/tls.ca_key",
+        ) from None
     except OSError as exc:
-        raise CaError(path, f"cannot read {what}: {exc.strerror or exc}", "check the path and its permissions") from exc
+        raise CaError(
+            path, f"cannot read {what}: {exc.strerror or exc}", "check the path and its permissions"
+        ) from exc
 
 
 def _same_public_key(a, b) -> bool:
@@ -424,8 +459,11 @@ def load_authority(cert_path: Path | str, key_path: Path | str, patterns: Sequen
     try:
         certs = x509.load_pem_x509_certificates(_read(cert_path, "CA certificate"))
     except ValueError:
-        raise CaError(cert_path, "is not a PEM certificate file",
-                      "point tls.ca_cert at the CA certificate (PEM), e.g. the ca.crt `dnsmirror ca init` wrote") from None
+        raise CaError(
+            cert_path,
+            "is not a PEM certificate file",
+            "point tls.ca_cert at the CA certificate (PEM), e.g. the ca.crt `dnsmirror ca init` wrote",
+        ) from None
     try:
         key = serialization.load_pem_private_key(_read(key_path, "CA key"), password=None)
     except (ValueError, TypeError) as exc:
@@ -436,15 +474,21 @@ def load_authority(cert_path: Path | str, key_path: Path | str, patterns: Sequen
                       "use an ECDSA P-256 key (`dnsmirror ca init` or `dnsmirror ca csr` write one)")
     cert = certs[0]
     if not _same_public_key(cert.public_key(), key.public_key()):
-        raise CaError(key_path, f"does not match the certificate in {cert_path}",
-                      "install the key and certificate of the same CA (both from one `ca init` or one signed CSR)")
+        raise CaError(
+            key_path,
+            f"does not match the certificate in {cert_path}",
+            "install the key and certificate of the same CA (both from one `ca init` or one signed CSR)",
+        )
     try:
         basic = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         basic = None
     if basic is None or not basic.ca:
-        raise CaError(cert_path, "is not a CA certificate (basicConstraints CA:TRUE is missing)",
-                      "use the intermediate CA written by `dnsmirror ca init` (ca.crt), not a server certificate")
+        raise CaError(
+            cert_path,
+            "is not a CA certificate (basicConstraints CA:TRUE is missing)",
+            "use the intermediate CA written by `dnsmirror ca init` (ca.crt), not a server certificate",
+        )
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
         if not usage.key_cert_sign:
@@ -459,10 +503,13 @@ def load_authority(cert_path: Path | str, key_path: Path | str, patterns: Sequen
         problems = uncovered_patterns(ca_cert, patterns)
         if problems:
             pattern, why = problems[0]
-            raise CaError(cert_path, f"name constraints of {ca_cert.subject.rfc4514_string()} do not cover "
-                          f"capture pattern {pattern!r}: {why}",
-                          "recreate the CA for the current capture list (`dnsmirror ca constraints` shows what it "
-                          "needs; `dnsmirror ca init --config FILE`), or remove the pattern from capture")
+            raise CaError(
+                cert_path,
+                f"name constraints of {ca_cert.subject.rfc4514_string()} do not cover "
+                f"capture pattern {pattern!r}: {why}",
+                "recreate the CA for the current capture list (`dnsmirror ca constraints` shows what it "
+                "needs; `dnsmirror ca init --config FILE`), or remove the pattern from capture",
+            )
     if cert.not_valid_before_utc > now:
         raise CaError(cert_path, f"is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC",
                       "check the clock of this node, or install a CA that is valid now")
@@ -471,9 +518,11 @@ def load_authority(cert_path: Path | str, key_path: Path | str, patterns: Sequen
                       "rotate the CA (docs/security.md, 'Rotating the CA')")
     warnings = []
     if cert.issuer == cert.subject and basic.path_length != 0:
-        warnings.append(f"{key_path}: is the key of a self-signed root CA, so a node holding it could mint other "
-                        "intermediates; give nodes the intermediate (ca.crt / ca.key of `dnsmirror ca init`) and "
-                        "keep the root key offline")
+        warnings.append(
+            f"{key_path}: is the key of a self-signed root CA, so a node holding it could mint other "
+            "intermediates; give nodes the intermediate (ca.crt / ca.key of `dnsmirror ca init`) and "
+            "keep the root key offline"
+        )
     if cert.not_valid_after_utc - now < EXPIRY_WARNING:
         warnings.append(f"{cert_path}: the CA expires on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, "
                         "in less than 30 days; rotate it (docs/security.md, 'Rotating the CA')")

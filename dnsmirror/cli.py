@@ -18,7 +18,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = configmod.load(args.config)
     except configmod.ConfigError as exc:
-        print(f"dnsmirror: invalid configuration ({args.config or 'embedded default'}):\n{exc.describe()}", file=sys.stderr)
+        print(
+            f"dnsmirror: invalid configuration ({args.config or 'embedded default'}):\n{exc.describe()}",
+            file=sys.stderr,
+        )
         return 2
     return app.serve(config)
 
@@ -32,8 +35,10 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
             print(f"  {path or '<top>'}: {message}", file=sys.stderr)
         return 1
     print(f"# effective configuration of {args.file} (defaults filled in)")
-    print(f"# cache.max_size: {configmod.describe_size(config.cache.max_size)}; KB/MB/GB/TB count in powers of "
-          "1000, KiB/MiB/GiB/TiB in powers of 1024")
+    print(
+        f"# cache.max_size: {configmod.describe_size(config.cache.max_size)}; KB/MB/GB/TB count in powers of "
+        "1000, KiB/MiB/GiB/TiB in powers of 1024"
+    )
     print(yaml.safe_dump(configmod.to_document(config), sort_keys=False), end="")
     for warning in configmod.placeholder_warnings(configmod.read_text(configmod.Path(args.file)), config):
         print(f"warning: {args.file}: {warning}", file=sys.stderr)
@@ -100,7 +105,10 @@ def _cmd_ca_csr(args: argparse.Namespace) -> int:
         return 1
     print(f"wrote {key_path} (0600) and {csr_path}.")
     print("Have your PKI sign the CSR as an intermediate CA keeping its extensions (CA, pathlen 0, critical")
-    print(f"name constraints); save the certificate, followed by your intermediates, as {Path(args.dir) / 'ca.crt'}.")
+    print(
+        f"name constraints); save the certificate, followed by your intermediates, as "
+        f"{Path(args.dir) / 'ca.crt'}."
+    )
     print(ca.describe_constraints(config.capture))
     return 0
 
@@ -129,22 +137,37 @@ def register_ca_commands(commands) -> None:
     """Add ``ca init``, ``ca constraints``, ``ca csr`` and ``ca check`` to the subcommands."""
     from dnsmirror import ca
 
-    parser = commands.add_parser("ca", help="the cluster CA that signs per-registry leaves",
-                                 description="Create, describe and check the cluster CA that signs per-registry leaves.")
+    parser = commands.add_parser(
+        "ca",
+        help="the cluster CA that signs per-registry leaves",
+        description="Create, describe and check the cluster CA that signs per-registry leaves.",
+    )
     ca_commands = parser.add_subparsers(dest="ca_command", required=True, metavar="COMMAND")
     init = ca_commands.add_parser("init", help="create a name-constrained root and intermediate in DIR",
                                   formatter_class=_Formatter)
     init.add_argument("--dir", required=True, metavar="DIR", help="writes root.crt, root.key, ca.crt, ca.key")
-    init.add_argument("--config", metavar="FILE", help="whose capture patterns to permit (default: the embedded "
-                                                         "default config)")
+    init.add_argument(
+        "--config",
+        metavar="FILE",
+        help="whose capture patterns to permit (default: the embedded default config)",
+    )
     init.add_argument("--force", action="store_true", help="replace an existing CA in DIR")
-    init.add_argument("--days", type=int, default=ca.INTERMEDIATE_DAYS, help="intermediate validity in days (at most --root-days)")
+    init.add_argument(
+        "--days",
+        type=int,
+        default=ca.INTERMEDIATE_DAYS,
+        help="intermediate validity in days (at most --root-days)",
+    )
     init.add_argument("--root-days", type=int, default=ca.ROOT_DAYS, help="root validity in days")
     init.set_defaults(run=_cmd_ca_init)
-    constraints = ca_commands.add_parser("constraints", help="print the DNS subtrees the capture patterns need")
+    constraints = ca_commands.add_parser(
+        "constraints", help="print the DNS subtrees the capture patterns need"
+    )
     constraints.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
     constraints.set_defaults(run=_cmd_ca_constraints)
-    csr = ca_commands.add_parser("csr", help="write a key and a CSR for an intermediate signed by your own PKI")
+    csr = ca_commands.add_parser(
+        "csr", help="write a key and a CSR for an intermediate signed by your own PKI"
+    )
     csr.add_argument("--dir", required=True, metavar="DIR", help="writes ca.key and ca.csr")
     csr.add_argument("--config", metavar="FILE", help=_CONFIG_HELP)
     csr.add_argument("--force", action="store_true", help="replace an existing ca.key and ca.csr in DIR")
@@ -188,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     config = commands.add_parser("config", help="configuration tools", description="Configuration tools.")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
-    check = config_commands.add_parser("check", help="print the effective config, or every error with its key")
+    check = config_commands.add_parser(
+        "check", help="print the effective config, or every error with its key"
+    )
     check.add_argument("file", metavar="FILE", help="the YAML config file to check")
     check.set_defaults(run=_cmd_config_check)
     default = config_commands.add_parser("default", help="print the embedded default config (every key, "

@@ -27,7 +27,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 class ConfigError(Exception):
     """Configuration that cannot be used. ``problems`` lists ``(key path, what is wrong)``."""
 
-    def __init__(self, path: str, message: str | None = None, *, problems: list[tuple[str, str]] | None = None):
+    def __init__(
+        self, path: str, message: str | None = None, *, problems: list[tuple[str, str]] | None = None
+    ):
         self.problems: list[tuple[str, str]] = list(problems or [])
         if message is not None:
             self.problems.insert(0, (path, message))
@@ -212,7 +214,9 @@ def _brief(value: Any) -> str:
     return text if len(text) <= _BRIEF_CHARS else f"{text[:_BRIEF_CHARS]}... ({len(text)} characters)"
 
 
-_HOSTPORT = re.compile(r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)|(?P<bare6>[0-9a-fA-F:]*:[0-9a-fA-F:]*))(?::(?P<port>\d+))?$")
+_HOSTPORT = re.compile(
+    r"^(?:\[(?P<v6>[0-9a-fA-F:.]+)\]|(?P<v4>[0-9.]+)|(?P<bare6>[0-9a-fA-F:]*:[0-9a-fA-F:]*))(?::(?P<port>\d+))?$"
+)
 
 
 def host_port(value: Any, default_port: int | None = None) -> HostPort:
@@ -281,7 +285,8 @@ def parse_duration(value: Any) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """The shortest duration text that :func:`parse_duration` reads back as ``seconds`` (``1m30s``, ``500ms``)."""
+    """The shortest duration text that :func:`parse_duration` reads back as ``seconds`` (``1m30s``,
+    ``500ms``)."""
     millis = round(seconds * 1000)
     if millis == 0 or abs(millis - seconds * 1000) > 1e-6:
         return f"{seconds:g}s"
@@ -342,8 +347,10 @@ def _whole_seconds(low: int, high: int) -> Callable[[Any], int]:
         if seconds != int(seconds):
             raise ValueError(f"must be whole seconds, got {_brief(value)}")
         if not low <= seconds <= high:
-            raise ValueError(f"must be between {format_duration(low) if low else 0} and {format_duration(high)}, "
-                             f"got {_brief(value)}")
+            raise ValueError(
+                f"must be between {format_duration(low) if low else 0} and {format_duration(high)}, "
+                f"got {_brief(value)}"
+            )
         return int(seconds)
 
     return parse
@@ -466,63 +473,87 @@ def _upstream_server(value: Any) -> HostPort:
 # Section -> key -> parser. The dataclass of each section has the same field names.
 _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
     "mirror": (MirrorConfig, {"address": _optional(_mirror_ipv4), "address6": _optional(_mirror_ipv6)}),
-    "dns": (DnsConfig, {
-        "listen": _list_of(host_port),
-        "upstreams": _list_of(_upstream_server),
-        "ttl": _whole_seconds(0, 86400),
-        "timeout": parse_duration,
-        "allow": _list_of(_network),
-        "answer_cache_size": _int_range(1, 10_000_000),
-    }),
-    "health": (HealthConfig, {
-        "interval": parse_duration,
-        "timeout": parse_duration,
-        "failures": _int_range(1, 100),
-        "targets": _list_of(host_port),
-    }),
+    "dns": (
+        DnsConfig,
+        {
+            "listen": _list_of(host_port),
+            "upstreams": _list_of(_upstream_server),
+            "ttl": _whole_seconds(0, 86400),
+            "timeout": parse_duration,
+            "allow": _list_of(_network),
+            "answer_cache_size": _int_range(1, 10_000_000),
+        },
+    ),
+    "health": (
+        HealthConfig,
+        {
+            "interval": parse_duration,
+            "timeout": parse_duration,
+            "failures": _int_range(1, 100),
+            "targets": _list_of(host_port),
+        },
+    ),
     "https": (HttpsConfig, {"listen": _list_of(host_port)}),
-    "tls": (TlsConfig, {
-        "ca_cert": _path,
-        "ca_key": _path,
-        "leaf_validity": _duration_at_most(7 * 86400.0, "168h (7 days)"),
-        "leaf_cache_size": _int_range(1, 1_000_000),
-        "reload_interval": parse_duration,
-    }),
-    "upstream": (UpstreamConfig, {
-        "resolvers": _list_of(_upstream_server),
-        "ca_bundle": _optional(_path),
-        "connect_timeout": parse_duration,
-        "read_timeout": parse_duration,
-        "first_byte_timeout": parse_duration,
-        "pool_per_host": _int_range(0, 1000),
-        "pool_idle_timeout": parse_duration,
-        "allow_internal": _boolean,
-        "tls_failure_bypass": _duration_or_zero,
-        "proxy": _optional(_proxy_url),
-        "no_proxy": _list_of(_no_proxy_entry),
-    }),
-    "cache": (CacheConfig, {
-        "dir": _path,
-        "max_size": parse_size,
-        "containerd_content": _optional(_path),
-        "grant_ttl": parse_duration,
-        "offline_grant_ttl": _duration_or_zero,
-        "stale_tags": _boolean,
-        "direct_writes": _boolean,
-    }),
-    "peers": (PeersConfig, {
-        "listen": host_port,
-        "static": _list_of(host_port),
-        "dns_name": _optional(_dns_name),
-        "secret_file": _optional(_path),
-        "lookup": _int_range(1, 16),
-        "timeout": parse_duration,
-        "refresh": parse_duration,
-        "resolvers": _list_of(_upstream_server),
-    }),
+    "tls": (
+        TlsConfig,
+        {
+            "ca_cert": _path,
+            "ca_key": _path,
+            "leaf_validity": _duration_at_most(7 * 86400.0, "168h (7 days)"),
+            "leaf_cache_size": _int_range(1, 1_000_000),
+            "reload_interval": parse_duration,
+        },
+    ),
+    "upstream": (
+        UpstreamConfig,
+        {
+            "resolvers": _list_of(_upstream_server),
+            "ca_bundle": _optional(_path),
+            "connect_timeout": parse_duration,
+            "read_timeout": parse_duration,
+            "first_byte_timeout": parse_duration,
+            "pool_per_host": _int_range(0, 1000),
+            "pool_idle_timeout": parse_duration,
+            "allow_internal": _boolean,
+            "tls_failure_bypass": _duration_or_zero,
+            "proxy": _optional(_proxy_url),
+            "no_proxy": _list_of(_no_proxy_entry),
+        },
+    ),
+    "cache": (
+        CacheConfig,
+        {
+            "dir": _path,
+            "max_size": parse_size,
+            "containerd_content": _optional(_path),
+            "grant_ttl": parse_duration,
+            "offline_grant_ttl": _duration_or_zero,
+            "stale_tags": _boolean,
+            "direct_writes": _boolean,
+        },
+    ),
+    "peers": (
+        PeersConfig,
+        {
+            "listen": host_port,
+            "static": _list_of(host_port),
+            "dns_name": _optional(_dns_name),
+            "secret_file": _optional(_path),
+            "lookup": _int_range(1, 16),
+            "timeout": parse_duration,
+            "refresh": parse_duration,
+            "resolvers": _list_of(_upstream_server),
+        },
+    ),
     "metrics": (MetricsConfig, {"listen": _optional(host_port)}),
-    "log": (LogConfig, {"format": _choice("text", "json"), "level": _choice("debug", "info", "warning", "error"),
-                        "access": _boolean}),
+    "log": (
+        LogConfig,
+        {
+            "format": _choice("text", "json"),
+            "level": _choice("debug", "info", "warning", "error"),
+            "access": _boolean,
+        },
+    ),
 }
 _TOP_LISTS = {"capture": _pattern, "skip": _pattern}
 
@@ -542,10 +573,16 @@ _PLACEHOLDER_ACCOUNT = "000000000000."
 
 def placeholder_warnings(text: str, config: Config) -> list[str]:
     """Values an example file (the ConfigMap) marks as to be replaced, still in ``text``."""
-    warnings = [f"line {number}: marked PLACEHOLDER: replace the value it describes with yours, then remove the mark"
-                for number, line in enumerate(text.splitlines(), 1) if "PLACEHOLDER" in line]
-    warnings += [f"skip: {entry} is the example's placeholder account: give the registry of your dnsmirror image"
-                 for entry in config.skip if entry.startswith(_PLACEHOLDER_ACCOUNT)]
+    warnings = [
+        f"line {number}: marked PLACEHOLDER: replace the value it describes with yours, then remove the mark"
+        for number, line in enumerate(text.splitlines(), 1)
+        if "PLACEHOLDER" in line
+    ]
+    warnings += [
+        f"skip: {entry} is the example's placeholder account: give the registry of your dnsmirror image"
+        for entry in config.skip
+        if entry.startswith(_PLACEHOLDER_ACCOUNT)
+    ]
     return warnings
 
 
@@ -572,7 +609,12 @@ def parse_document(document: Any, source: str = "<document>") -> Config:
         raise ConfigError("", f"the configuration must be a mapping of keys, got {type(document).__name__}")
     for key in document:
         if key not in _SCHEMA and key not in _TOP_LISTS:
-            problems.append((_brief(key) if not isinstance(key, str) or len(key) > _BRIEF_CHARS else key, f"unknown key (known: {', '.join(sorted([*_TOP_LISTS, *_SCHEMA]))})"))
+            problems.append(
+                (
+                    _brief(key) if not isinstance(key, str) or len(key) > _BRIEF_CHARS else key,
+                    f"unknown key (known: {', '.join(sorted([*_TOP_LISTS, *_SCHEMA]))})",
+                )
+            )
     for key, value in document.items():
         if key in _SCHEMA and value is not None and not isinstance(value, Mapping):
             problems.append((key, f"expected a mapping of keys, got {_show(value)}"))
@@ -611,7 +653,9 @@ def parse_document(document: Any, source: str = "<document>") -> Config:
     return Config(**built, source=source)
 
 
-def _parse_list(path: str, value: Any, item: Callable[[Any], Any], problems: list[tuple[str, str]]) -> list[Any]:
+def _parse_list(
+    path: str, value: Any, item: Callable[[Any], Any], problems: list[tuple[str, str]]
+) -> list[Any]:
     if value is None:
         return []
     if not isinstance(value, list):
@@ -648,13 +692,25 @@ def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> 
     if peers is not None:
         for index, peer in enumerate(peers.static):
             if peer.port != peers.listen.port:
-                problems.append((f"peers.static[{index}]", f"port {peer.port} differs from peers.listen's port "
-                                                           f"{peers.listen.port}: every node listens on the same port"))
+                problems.append(
+                    (
+                        f"peers.static[{index}]",
+                        f"port {peer.port} differs from peers.listen's port "
+                        f"{peers.listen.port}: every node listens on the same port",
+                    )
+                )
     if peers is not None and peers.enabled and peers.secret_file is None:
-        problems.append(("peers.secret_file", "is required when peers.static or peers.dns_name is set: peers "
-                                              "serve cached private content only to nodes that hold the secret"))
+        problems.append(
+            (
+                "peers.secret_file",
+                "is required when peers.static or peers.dns_name is set: peers "
+                "serve cached private content only to nodes that hold the secret",
+            )
+        )
     if health is not None and health.timeout > health.interval:
-        problems.append(("health.timeout", f"must not exceed health.interval ({format_duration(health.interval)})"))
+        problems.append(
+            ("health.timeout", f"must not exceed health.interval ({format_duration(health.interval)})")
+        )
 
 
 MAX_FILE_BYTES = 256 * 1024  # the embedded default, every key commented, is 6 KiB
@@ -687,7 +743,9 @@ def read_text(path: Path) -> str:
     except OSError as exc:
         raise ConfigError("", f"cannot read config file {path}: {exc.strerror or exc}") from exc
     if len(data) > MAX_FILE_BYTES:
-        raise ConfigError("", f"{path} is larger than {MAX_FILE_BYTES // 1024} KiB: not a dnsmirror config file")
+        raise ConfigError(
+            "", f"{path} is larger than {MAX_FILE_BYTES // 1024} KiB: not a dnsmirror config file"
+        )
     if data.startswith((b"\xff\xfe", b"\xfe\xff")) or (len(data) >= 2 and b"\x00" in data[:2]):
         raise ConfigError("", f"{path} is UTF-16 encoded: save it as UTF-8")
     try:
@@ -699,7 +757,8 @@ def read_text(path: Path) -> str:
 
 
 class _NoDuplicateKeys:
-    """A constructor mix-in refusing a key that appears twice in one mapping (YAML keeps the last silently)."""
+    """A constructor mix-in refusing a key that appears twice in one mapping (YAML keeps the last
+    silently)."""
 
     def construct_mapping(self, node, deep=False):
         seen: dict[Any, Any] = {}
@@ -750,7 +809,8 @@ class _StrictLoader(_NoDuplicateKeys, yaml.SafeLoader):
 _CLoader = getattr(yaml, "CSafeLoader", None)
 if _CLoader is not None:
     class _FastStrictLoader(_NoDuplicateKeys, _CLoader):
-        """libyaml's SafeLoader refusing duplicated keys (anchors, aliases and depth: see :func:`_check_events`)."""
+        """libyaml's SafeLoader refusing duplicated keys (anchors, aliases and depth: see
+        :func:`_check_events`)."""
 
 
 def _check_events(text: str) -> None:
@@ -810,7 +870,9 @@ def to_document(config: Config) -> dict[str, Any]:
     def plain(value: Any) -> Any:
         if isinstance(value, tuple | list):
             return [plain(v) for v in value]
-        if isinstance(value, HostPort | Path) or isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        if isinstance(value, HostPort | Path) or isinstance(
+            value, ipaddress.IPv4Network | ipaddress.IPv6Network
+        ):
             return str(value)
         if hasattr(value, "__dataclass_fields__"):
             return {f.name: plain(getattr(value, f.name)) for f in fields(value)}

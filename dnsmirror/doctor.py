@@ -80,7 +80,9 @@ class Reply:
 class Doctor:
     """Runs the checks against ``config``; ``resolv_conf`` is the node resolver's configuration."""
 
-    def __init__(self, config: Config, image: str | None = None, resolv_conf: Path = Path("/etc/resolv.conf")) -> None:
+    def __init__(
+        self, config: Config, image: str | None = None, resolv_conf: Path = Path("/etc/resolv.conf")
+    ) -> None:
         self.config = config
         self.image = parse_reference(image) if image else None
         self.resolv_conf = resolv_conf
@@ -93,8 +95,12 @@ class Doctor:
     def run(self) -> Iterator[Result]:
         yield self.check_ca()
         if self.image is not None and not self.matcher.captures(self.image[0]):
-            yield Result("image", "FAIL", f"{self.image[0]} is not captured: its pulls do not go through dnsmirror",
-                         "add the registry to capture (and recreate the CA), or remove it from skip")
+            yield Result(
+                "image",
+                "FAIL",
+                f"{self.image[0]} is not captured: its pulls do not go through dnsmirror",
+                "add the registry to capture (and recreate the CA), or remove it from skip",
+            )
             return
         yield self.check_resolver()
         yield self.check_mirror()
@@ -128,8 +134,12 @@ class Doctor:
             return Result("resolver", "FAIL", f"cannot read {self.resolv_conf}: {exc.strerror or exc}",
                           "run doctor where the node's /etc/resolv.conf is visible (on the node, or the pod)")
         if not servers:
-            return Result("resolver", "FAIL", f"{self.resolv_conf} names no nameserver",
-                          f"make dnsmirror ({mirror}) the first nameserver (manifests/node-setup/node-setup.sh)")
+            return Result(
+                "resolver",
+                "FAIL",
+                f"{self.resolv_conf} names no nameserver",
+                f"make dnsmirror ({mirror}) the first nameserver (manifests/node-setup/node-setup.sh)",
+            )
         first = servers[0]
         try:
             answers = query_a(first, 53, self.name)
@@ -137,16 +147,26 @@ class Doctor:
             return Result("resolver", "FAIL", f"the node resolver {first} did not answer {self.name}: {exc}",
                           f"make dnsmirror ({mirror}) the first nameserver of {self.resolv_conf}")
         if answers == [mirror]:
-            return Result("resolver", "ok", f"the node resolver {first} answers {self.name} with the mirror {mirror}")
+            return Result(
+                "resolver", "ok", f"the node resolver {first} answers {self.name} with the mirror {mirror}"
+            )
         found = ", ".join(answers) or "no address"
         if first not in self._dns_addresses():
-            return Result("resolver", "FAIL", f"the node resolver {first} answers {self.name} with {found}, not the "
-                          f"mirror {mirror}: it is not dnsmirror",
-                          f"make dnsmirror ({mirror}) the first nameserver of {self.resolv_conf}, keeping the "
-                          "others after it (manifests/node-setup/node-setup.sh does this)")
-        return Result("resolver", "FAIL", f"dnsmirror ({first}) answers {self.name} with {found}: it is failing open "
-                      "because the mirror is unhealthy",
-                      f"see the mirror check below and http://{self._metrics_address()}/readyz")
+            return Result(
+                "resolver",
+                "FAIL",
+                f"the node resolver {first} answers {self.name} with {found}, not the "
+                f"mirror {mirror}: it is not dnsmirror",
+                f"make dnsmirror ({mirror}) the first nameserver of {self.resolv_conf}, keeping the "
+                "others after it (manifests/node-setup/node-setup.sh does this)",
+            )
+        return Result(
+            "resolver",
+            "FAIL",
+            f"dnsmirror ({first}) answers {self.name} with {found}: it is failing open "
+            "because the mirror is unhealthy",
+            f"see the mirror check below and http://{self._metrics_address()}/readyz",
+        )
 
     def check_mirror(self) -> Result:
         mirror = self.config.mirror.address
@@ -154,10 +174,13 @@ class Doctor:
             self.v2 = https_get(mirror, self.port, self.name, "/v2/", verify=False)
         except OSError as exc:
             self.v2 = exc
-            return Result("mirror", "FAIL", f"no HTTPS answer from the mirror at {mirror}:{self.port} for "
-                          f"{self.name}: {describe(exc)}",
-                          "check that dnsmirror runs on this node (kubectl -n dnsmirror get pods -o wide) and "
-                          "its log; https.listen must include the mirror address")
+            return Result(
+                "mirror",
+                "FAIL",
+                f"no HTTPS answer from the mirror at {mirror}:{self.port} for {self.name}: {describe(exc)}",
+                "check that dnsmirror runs on this node (kubectl -n dnsmirror get pods -o wide) and "
+                "its log; https.listen must include the mirror address",
+            )
         return Result("mirror", "ok", f"the mirror at {mirror}:{self.port} answers GET /v2/ for {self.name} "
                       f"({self.v2.status})")
 
@@ -166,9 +189,13 @@ class Doctor:
             return Result("upstream", "skip", "the mirror did not answer")
         if self.v2.status in (502, 503, 504):
             reason = error_message(self.v2.body) or f"status {self.v2.status}"
-            return Result("upstream", "FAIL", f"the mirror cannot reach {self.name}: {reason}",
-                          "let the node reach the registry on port 443 (egress rules, upstream.proxy), and check "
-                          "upstream.resolvers / dns.upstreams resolve it")
+            return Result(
+                "upstream",
+                "FAIL",
+                f"the mirror cannot reach {self.name}: {reason}",
+                "let the node reach the registry on port 443 (egress rules, upstream.proxy), and check "
+                "upstream.resolvers / dns.upstreams resolve it",
+            )
         return Result("upstream", "ok", f"{self.name} answered the mirror's GET /v2/ ({self.v2.status})")
 
     def check_trust(self) -> Result:
@@ -176,14 +203,20 @@ class Doctor:
         try:
             https_get(mirror, self.port, self.name, "/v2/", verify=True)
         except ssl.SSLCertVerificationError as exc:
-            return Result("trust", "FAIL", f"the system trust store does not verify the mirror's certificate for "
-                          f"{self.name}: {exc.verify_message or exc}",
-                          "install the cluster root (ca/root.crt) into the node trust store and restart containerd "
-                          "(manifests/node-setup/node-setup.sh does both)")
+            return Result(
+                "trust",
+                "FAIL",
+                f"the system trust store does not verify the mirror's certificate for "
+                f"{self.name}: {exc.verify_message or exc}",
+                "install the cluster root (ca/root.crt) into the node trust store and restart containerd "
+                "(manifests/node-setup/node-setup.sh does both)",
+            )
         except OSError as exc:
             return Result("trust", "skip" if not isinstance(self.v2, Reply) else "FAIL",
                           f"TLS to the mirror failed: {describe(exc)}")
-        return Result("trust", "ok", f"the system trust store verifies the mirror's certificate for {self.name}")
+        return Result(
+            "trust", "ok", f"the system trust store verifies the mirror's certificate for {self.name}"
+        )
 
     def check_cache(self) -> Result:
         directory = self.config.cache.dir
@@ -216,7 +249,12 @@ class Doctor:
                           "point cache.containerd_content at containerd's content store "
                           "(/var/lib/containerd/io.containerd.content.v1.content) and mount it read-only")
         if not os.access(blobs, os.R_OK | os.X_OK):
-            return Result("containerd", "FAIL", f"{blobs} is not readable", "run dnsmirror as root, or mount it readable")
+            return Result(
+                "containerd",
+                "FAIL",
+                f"{blobs} is not readable",
+                "run dnsmirror as root, or mount it readable",
+            )
         return Result("containerd", "ok", f"containerd's content store {store} is readable")
 
     def check_image(self) -> Result:
@@ -224,7 +262,9 @@ class Doctor:
         path = f"/v2/{repository}/manifests/{reference}"
         headers = {"Accept": MANIFEST_ACCEPT}
         try:
-            reply = https_get(self.config.mirror.address, self.port, host, path, verify=False, headers=headers)
+            reply = https_get(
+                self.config.mirror.address, self.port, host, path, verify=False, headers=headers
+            )
             if reply.status == 401:
                 token = anonymous_token(reply.headers.get("www-authenticate", ""), self._fetch_via_mirror)
                 if token:
@@ -235,12 +275,20 @@ class Doctor:
                           "see the checks above")
         if reply.status != 200:
             reason = error_message(reply.body) or f"status {reply.status}"
-            return Result("image", "FAIL", f"the manifest of {host}/{repository}:{reference} came back {reply.status}: "
-                          f"{reason}", "check the image name; private images need the pull secret's credentials, "
-                          "which doctor does not have")
+            return Result(
+                "image",
+                "FAIL",
+                f"the manifest of {host}/{repository}:{reference} came back {reply.status}: {reason}",
+                "check the image name; private images need the pull secret's credentials, "
+                "which doctor does not have",
+            )
         digest = reply.headers.get("docker-content-digest", "")
-        return Result("image", "ok", f"the manifest of {host}/{repository}:{reference} came through the mirror "
-                      f"({len(reply.body)} bytes{', ' + digest if digest else ''})")
+        return Result(
+            "image",
+            "ok",
+            f"the manifest of {host}/{repository}:{reference} came through the mirror "
+            f"({len(reply.body)} bytes{', ' + digest if digest else ''})",
+        )
 
     def _fetch_via_mirror(self, url: str) -> Reply:
         """GET ``url``: through the mirror when its host is captured, else straight to the host."""

@@ -45,8 +45,10 @@ class EgressProxy:
         parts = urllib.parse.urlsplit(url)
         shown = _redacted(parts)
         if parts.scheme != "http":
-            raise ValueError(f"expected http://[user:password@]host:port (TLS to the proxy is not supported), "
-                             f"got {shown!r}")
+            raise ValueError(
+                f"expected http://[user:password@]host:port (TLS to the proxy is not supported), "
+                f"got {shown!r}"
+            )
         if not parts.hostname or parts.path not in ("", "/") or parts.query or parts.fragment:
             raise ValueError(f"expected http://[user:password@]host:port, got {shown!r}")
         try:
@@ -140,8 +142,11 @@ class _TunnelProtocol(Protocol):
         if self.inner is not None:
             self.inner.connectionLost(reason)
         elif not self.opened.called:
-            self.opened.errback(TunnelError(f"proxy {self.proxy} closed the connection before opening a tunnel "
-                                            f"to {self.target}"))
+            self.opened.errback(
+                TunnelError(
+                    f"proxy {self.proxy} closed the connection before opening a tunnel to {self.target}"
+                )
+            )
 
     def _give_up(self, why: str) -> None:
         self._cancel_timer()
@@ -157,7 +162,8 @@ class _TunnelProtocol(Protocol):
 
 @implementer(IStreamClientEndpoint)
 class TunnelEndpoint:
-    """Connections to ``host:port`` through a CONNECT tunnel of ``proxy`` (plain TCP inside: wrap it in TLS)."""
+    """Connections to ``host:port`` through a CONNECT tunnel of ``proxy`` (plain TCP inside: wrap it in
+    TLS)."""
 
     def __init__(self, reactor, proxy: EgressProxy, host: str, port: int, timeout: float) -> None:
         self.reactor = reactor
@@ -177,7 +183,9 @@ class TunnelEndpoint:
         opened: defer.Deferred = defer.Deferred(cancel)
 
         def build() -> _TunnelProtocol:
-            tunnel = _TunnelProtocol(self.proxy, self.target, protocolFactory, opened, self.reactor, self.timeout)
+            tunnel = _TunnelProtocol(
+                self.proxy, self.target, protocolFactory, opened, self.reactor, self.timeout
+            )
             tunnels.append(tunnel)
             return tunnel
 
@@ -186,7 +194,9 @@ class TunnelEndpoint:
 
         def not_connected(failure: Failure) -> None:
             if not opened.called:
-                opened.errback(TunnelError(f"cannot connect to proxy {self.proxy}: {failure.getErrorMessage()}"))
+                opened.errback(
+                    TunnelError(f"cannot connect to proxy {self.proxy}: {failure.getErrorMessage()}")
+                )
 
         connecting.addErrback(not_connected)
         return opened

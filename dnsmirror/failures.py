@@ -24,8 +24,22 @@ from dnsmirror.logs import fields
 
 log = logging.getLogger("dnsmirror.failures")
 
-UPSTREAM_KINDS = ("dns", "connect", "connect_timeout", "tls", "first_byte_timeout", "read_timeout", "body_cut",
-                  "proxy", "redirect", "too_large", "status_5xx", "status_429", "digest_mismatch", "other")
+UPSTREAM_KINDS = (
+    "dns",
+    "connect",
+    "connect_timeout",
+    "tls",
+    "first_byte_timeout",
+    "read_timeout",
+    "body_cut",
+    "proxy",
+    "redirect",
+    "too_large",
+    "status_5xx",
+    "status_429",
+    "digest_mismatch",
+    "other",
+)
 PEER_KINDS = ("refused", "timeout", "status", "body_cut", "digest_mismatch", "other")
 CACHE_KINDS = ("full", "write", "read", "damaged", "other")
 KINDS = {"upstream": UPSTREAM_KINDS, "peer": PEER_KINDS, "cache": CACHE_KINDS}
@@ -76,7 +90,9 @@ class FailureLog:
         self._last_logged = {key: at for key, at in self._last_logged.items() if at >= cutoff}
         if len(self._last_logged) >= _MAX_TRACKED:
             self._last_logged.clear()
-        self._suppressed = Counter({key: n for key, n in self._suppressed.items() if key in self._last_logged})
+        self._suppressed = Counter(
+            {key: n for key, n in self._suppressed.items() if key in self._last_logged}
+        )
 
 
 # The process's failure log: the reporting sites sit deep in the request path, where passing one more
@@ -126,7 +142,8 @@ def repository_of(url: str) -> str | None:
 
 
 def upstream_kind(exc: BaseException) -> str:
-    """The :data:`UPSTREAM_KINDS` word for an upstream exception (of :data:`~dnsmirror.upstream.UPSTREAM_FAILURES`)."""
+    """The :data:`UPSTREAM_KINDS` word for an upstream exception (of
+    :data:`~dnsmirror.upstream.UPSTREAM_FAILURES`)."""
     from dnsmirror import upstream
     from dnsmirror.resolver import ResolutionError
 

@@ -42,7 +42,9 @@ class HealthState:
         self.reason = reason
         log.log(
             logging.INFO if healthy else logging.WARNING,
-            "mirror is %s: %s", "healthy, capturing registry names" if healthy else "unhealthy, failing open", reason,
+            "mirror is %s: %s",
+            "healthy, capturing registry names" if healthy else "unhealthy, failing open",
+            reason,
             extra=fields(event="health_change", healthy=healthy, reason=reason),
         )
         for listener in list(self._listeners):

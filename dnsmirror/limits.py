@@ -78,9 +78,13 @@ def raise_descriptor_limit() -> DescriptorLimit:
             log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, target, exc,
                         extra=fields(event="nofile_limit", soft=soft, hard=hard))
     limit = DescriptorLimit(soft, raised, hard if hard != resource.RLIM_INFINITY else -1)
-    log.info("descriptor limit: soft %d (was %d), hard %s", limit.soft, limit.soft_before,
-             "unlimited" if limit.hard < 0 else limit.hard,
-             extra=fields(event="nofile_limit", soft=limit.soft, soft_before=limit.soft_before, hard=limit.hard))
+    log.info(
+        "descriptor limit: soft %d (was %d), hard %s",
+        limit.soft,
+        limit.soft_before,
+        "unlimited" if limit.hard < 0 else limit.hard,
+        extra=fields(event="nofile_limit", soft=limit.soft, soft_before=limit.soft_before, hard=limit.hard),
+    )
     return limit
 
 
@@ -124,7 +128,8 @@ class DescriptorBudget:
         """One line for the log."""
         listeners = ", ".join(f"{name} {caps.total} connections ({caps.per_client} per client address)"
                               for name, caps in self.listeners.items())
-        return f"{self.limit} descriptors, {self.in_use} in use at start: {listeners}; {self.dns} kept for the DNS"
+        return (f"{self.limit} descriptors, {self.in_use} in use at start: {listeners}; "
+                f"{self.dns} kept for the DNS")
 
     def describe(self) -> dict[str, object]:
         """The plan as log fields."""
@@ -133,7 +138,9 @@ class DescriptorBudget:
                 **{f"{name}_per_client": caps.per_client for name, caps in self.listeners.items()}}
 
 
-def plan_budget(limit: int, in_use: int, listeners: tuple[str, ...] = ("https", "peers", "metrics")) -> DescriptorBudget:
+def plan_budget(
+    limit: int, in_use: int, listeners: tuple[str, ...] = ("https", "peers", "metrics")
+) -> DescriptorBudget:
     """Split ``limit`` descriptors. What is in use at start (plus :data:`START_OVERHEAD`) is taken; of the
     rest, :data:`DNS_SHARE` is kept for the DNS, and the remainder goes to ``listeners`` by
     :data:`WEIGHTS`, each connection counted with its :data:`EXTRA_PER_CONNECTION`. So the reserve (all but
@@ -301,5 +308,7 @@ def with_header_deadline(channel_type: type, deadline: float = HEADER_DEADLINE) 
                       extra=fields(event="header_timeout"))
             self.transport.abortConnection()
 
-    HeaderDeadlineChannel.__name__ = HeaderDeadlineChannel.__qualname__ = f"HeaderDeadline{channel_type.__name__}"
+    HeaderDeadlineChannel.__name__ = HeaderDeadlineChannel.__qualname__ = (
+        f"HeaderDeadline{channel_type.__name__}"
+    )
     return HeaderDeadlineChannel

@@ -99,8 +99,12 @@ def failure_families(log: FailureLog) -> Iterable:
     """``dnsmirror_<component>_errors_total{kind}`` for upstream, peer and cache failures; every kind is
     always present (at 0), so alerts and dashboards need no absent() guard."""
     for component, kinds in KINDS.items():
-        family = CounterMetricFamily(f"dnsmirror_{component}_errors", f"{component.capitalize()} failures by kind "
-                                     "(each one is also logged at warning with host and reason)", labels=["kind"])
+        family = CounterMetricFamily(
+            f"dnsmirror_{component}_errors",
+            f"{component.capitalize()} failures by kind "
+            "(each one is also logged at warning with host and reason)",
+            labels=["kind"],
+        )
         for kind in kinds:
             family.add_metric([kind], log.count(component, kind))
         yield family

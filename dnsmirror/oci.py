@@ -193,10 +193,14 @@ def parse_digest(text: str) -> Digest:
         raise OCIError("DIGEST_INVALID", "invalid digest", detail={"digest": _printable(text)})
     pattern = KNOWN_ALGORITHMS.get(algorithm)
     if pattern is None:
-        raise OCIError("DIGEST_INVALID", f"unknown digest algorithm {algorithm!r}", detail={"digest": _printable(text)})
+        raise OCIError(
+            "DIGEST_INVALID", f"unknown digest algorithm {algorithm!r}", detail={"digest": _printable(text)}
+        )
     if not pattern.fullmatch(encoded):
         raise OCIError(
-            "DIGEST_INVALID", f"invalid {algorithm} digest (lower-case hex expected)", detail={"digest": _printable(text)}
+            "DIGEST_INVALID",
+            f"invalid {algorithm} digest (lower-case hex expected)",
+            detail={"digest": _printable(text)},
         )
     return Digest(algorithm, encoded)
 
@@ -208,7 +212,10 @@ def require_supported(digest: Digest) -> Digest:
     """
     if not digest.supported:
         raise OCIError(
-            "UNSUPPORTED", f"digest algorithm {digest.algorithm} is not supported", detail={"digest": str(digest)}, status=400
+            "UNSUPPORTED",
+            f"digest algorithm {digest.algorithm} is not supported",
+            detail={"digest": str(digest)},
+            status=400,
         )
     return digest
 
@@ -257,7 +264,9 @@ class DistributionPath:
     def by_digest(self) -> bool:
         """True for a blob or manifest addressed by a digest this mirror can verify and cache."""
         return (
-            self.endpoint in (Endpoint.BLOB, Endpoint.MANIFEST) and self.digest is not None and self.digest.supported
+            self.endpoint in (Endpoint.BLOB, Endpoint.MANIFEST)
+            and self.digest is not None
+            and self.digest.supported
         )
 
 
@@ -324,7 +333,9 @@ def parse_path(raw: str | bytes) -> DistributionPath:
         return DistributionPath(Endpoint.TAGS, path, validate_name("/".join(segments[:-2])))
     if len(segments) >= 3 and segments[-2] == "referrers":
         name = validate_name("/".join(segments[:-2]))
-        return DistributionPath(Endpoint.REFERRERS, path, name, segments[-1], digest=parse_digest(segments[-1]))
+        return DistributionPath(
+            Endpoint.REFERRERS, path, name, segments[-1], digest=parse_digest(segments[-1])
+        )
     return DistributionPath(Endpoint.OTHER, path)
 
 
@@ -343,7 +354,9 @@ DOCKER_MANIFEST_V1 = "application/vnd.docker.distribution.manifest.v1+json"
 DOCKER_MANIFEST_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 
 #: Media types of an image manifest (one platform).
-IMAGE_MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST, DOCKER_MANIFEST_V1, DOCKER_MANIFEST_V1_SIGNED})
+IMAGE_MANIFEST_TYPES = frozenset(
+    {OCI_MANIFEST, DOCKER_MANIFEST, DOCKER_MANIFEST_V1, DOCKER_MANIFEST_V1_SIGNED}
+)
 #: Media types of an index / manifest list (several platforms).
 INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 #: Every manifest media type served from ``/manifests/``.

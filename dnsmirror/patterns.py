@@ -65,7 +65,9 @@ class Pattern:
             if not label:
                 raise PatternError(f"{text!r} has an empty label")
             if not _LABEL_CHARS.match(label):
-                raise PatternError(f"{text!r} has a label with characters other than a-z 0-9 - _ *: {label!r}")
+                raise PatternError(
+                    f"{text!r} has a label with characters other than a-z 0-9 - _ *: {label!r}"
+                )
             if "**" in label:
                 raise PatternError(f"{text!r} has '**' in label {label!r}")
             if len(label.replace("*", "x")) > 63:

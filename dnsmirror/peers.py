@@ -86,8 +86,11 @@ def load_secret(path: Path) -> bytes:
     except OSError as exc:
         raise PeerSecretError(path, f"cannot be read: {exc.strerror or exc}") from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise PeerSecretError(path, f"is accessible by group or others (mode {stat.S_IMODE(mode):04o}); chmod 600 "
-                                    "(Kubernetes: defaultMode: 0400 on the Secret volume)")
+        raise PeerSecretError(
+            path,
+            f"is accessible by group or others (mode {stat.S_IMODE(mode):04o}); chmod 600 "
+            "(Kubernetes: defaultMode: 0400 on the Secret volume)",
+        )
     if len(data) < MIN_SECRET_BYTES:
         raise PeerSecretError(path, f"holds {len(data)} bytes; a secret needs at least {MIN_SECRET_BYTES} "
                                     "(e.g. `head -c 32 /dev/urandom | base64`)")
@@ -227,8 +230,12 @@ class PeerSet:
 
         def failed(failure) -> None:
             # keep the last known peers: a DNS hiccup must not empty the cluster
-            log.warning("peer discovery failed; keeping %d known peers: %s", len(self.discovered),
-                        failure.getErrorMessage(), extra=fields(event="peer_discovery_failed", name=self.dns_name))
+            log.warning(
+                "peer discovery failed; keeping %d known peers: %s",
+                len(self.discovered),
+                failure.getErrorMessage(),
+                extra=fields(event="peer_discovery_failed", name=self.dns_name),
+            )
 
         return self.resolve(self.dns_name).addCallbacks(found, failed)
 
@@ -303,11 +310,15 @@ class PeerClient:
         # holders named by announcements or by other peers are asked only if they are members: a peer
         # cannot send this node's signed requests anywhere else
         member_set = set(members)
-        known = [holder for holder in self.holders.lookup(digest, self.reactor.seconds()) if holder in member_set]
+        known = [
+            holder for holder in self.holders.lookup(digest, self.reactor.seconds()) if holder in member_set
+        ]
         queue = self.peers.healthy([*known, *rendezvous(digest, members)[:self.lookup]])
         # a lookup never delays a pull by more than about three peer timeouts before upstream is asked
         deadline = self.reactor.seconds() + 2 * self.timeout
-        while queue and len(asked) < self.lookup + MAX_HOLDERS_PER_DIGEST and self.reactor.seconds() < deadline:
+        while (
+            queue and len(asked) < self.lookup + MAX_HOLDERS_PER_DIGEST and self.reactor.seconds() < deadline
+        ):
             peer = queue.pop(0)
             if peer in asked:
                 continue
@@ -372,7 +383,9 @@ class PeerClient:
                 body = "\n".join(held[start:start + MAX_BATCH]).encode()
                 url = f"http://{peer}{BATCH_PATH}"
                 headers = self._headers("POST", _body_digest(body))
-                request = self.agent.request(b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(body)))
+                request = self.agent.request(
+                    b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(body))
+                )
                 request.addTimeout(max(self.timeout, 10.0), self.reactor)
                 request.addCallback(self._discard, url, "POST")
                 request.addErrback(lambda failure, peer=peer: log.info(
@@ -472,7 +485,9 @@ class PeerResource(resource.Resource):
                 return _plain(request, 400, "not a sha256 digest")
             if method not in methods:
                 return _plain(request, 405, "method not allowed")
-            if not signature_valid(self.secret, request.getHeader(AUTH_HEADER), method, digest, self.wall_clock()):
+            if not signature_valid(
+                self.secret, request.getHeader(AUTH_HEADER), method, digest, self.wall_clock()
+            ):
                 self.stats.refused += 1
                 return _plain(request, 401, "peer signature missing or invalid")
             if prefix == HOLDER_PATH:
@@ -501,7 +516,9 @@ class PeerResource(resource.Resource):
     def _announced(self, request, digest: str) -> bytes:
         self.stats.announcements_received += 1
         # the announcing node listens on the same port as every peer of the cluster
-        self.holders.record(digest, HostPort(request.getClientAddress().host, self.port), self.reactor.seconds())
+        self.holders.record(
+            digest, HostPort(request.getClientAddress().host, self.port), self.reactor.seconds()
+        )
         return _plain(request, 204, "")
 
     async def _send(self, request, digest: str) -> None:
@@ -519,7 +536,9 @@ class PeerResource(resource.Resource):
             return
         info = reader.info
         request.setHeader(b"content-length", str(info.size).encode())
-        request.setHeader(b"content-type", (info.content_type or "application/octet-stream").encode("latin-1"))
+        request.setHeader(
+            b"content-type", (info.content_type or "application/octet-stream").encode("latin-1")
+        )
         request.setHeader(b"docker-content-digest", digest.encode())
         if request.method == b"HEAD":
             self.disk.run(reader.close)
@@ -537,7 +556,9 @@ class PeerResource(resource.Resource):
         except FileNotFoundError:
             return False  # committed (the cache has it now) or failed
         request.setHeader(b"content-length", str(fill.total).encode())
-        request.setHeader(b"content-type", (fill.content_type or "application/octet-stream").encode("latin-1"))
+        request.setHeader(
+            b"content-type", (fill.content_type or "application/octet-stream").encode("latin-1")
+        )
         request.setHeader(b"docker-content-digest", digest.encode())
         if request.method == b"HEAD":
             self.disk.run(os.close, fd)

@@ -28,7 +28,9 @@ class Periodic:
     ``first`` is the delay before the first round (0: at once, within :meth:`start`).
     """
 
-    def __init__(self, clock, interval: float, work: Callable[[], Any], name: str, first: float | None = None) -> None:
+    def __init__(
+        self, clock, interval: float, work: Callable[[], Any], name: str, first: float | None = None
+    ) -> None:
         self.clock = clock
         self.interval = interval
         self.work = work
@@ -95,6 +97,11 @@ class Periodic:
             log.exception("%s failed; next round in %.0f s", self.name, self.interval,
                           extra=fields(event="periodic_failed", loop=self.name))
         else:
-            log.error("%s failed; next round in %.0f s: %s", self.name, self.interval, failure.getErrorMessage(),
-                      exc_info=(failure.type, failure.value, failure.getTracebackObject()),
-                      extra=fields(event="periodic_failed", loop=self.name))
+            log.error(
+                "%s failed; next round in %.0f s: %s",
+                self.name,
+                self.interval,
+                failure.getErrorMessage(),
+                exc_info=(failure.type, failure.value, failure.getTracebackObject()),
+                extra=fields(event="periodic_failed", loop=self.name),
+            )

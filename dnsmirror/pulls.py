@@ -77,7 +77,9 @@ def index_manifests(body: bytes) -> list[str]:
     manifests = document.get("manifests") if isinstance(document, dict) else None
     if not isinstance(manifests, list):
         return []
-    return [d["digest"] for d in manifests[:MAX_BLOBS] if isinstance(d, dict) and isinstance(d.get("digest"), str)]
+    return [
+        d["digest"] for d in manifests[:MAX_BLOBS] if isinstance(d, dict) and isinstance(d.get("digest"), str)
+    ]
 
 
 def source_mix(bytes_by_category: Counter) -> str:
@@ -126,7 +128,9 @@ class Pull:
         for category in CATEGORIES:
             values[f"bytes_{category}"] = self.bytes[category]
         values["source_mix"] = source_mix(self.bytes)
-        values["first_byte_s"] = round(self.first_byte - self.started, 3) if self.first_byte is not None else None
+        values["first_byte_s"] = (
+            round(self.first_byte - self.started, 3) if self.first_byte is not None else None
+        )
         values["seconds"] = round(now - self.started, 3)
         return values
 
@@ -245,7 +249,8 @@ class PullReporter:
             log.exception("pull report failed")
 
     def request_started(self, request, target) -> None:
-        """Called as a request to the registry front begins (``target``: its :class:`~dnsmirror.target.Target`)."""
+        """Called as a request to the registry front begins (``target``: its
+        :class:`~dnsmirror.target.Target`)."""
         if target.method != "GET":
             return
         if target.is_manifest:
@@ -266,7 +271,9 @@ class PullReporter:
         done = values.get("outcome") is None
         if target.is_manifest:
             body = getattr(request, "kept_body", None)
-            content_type = (request.responseHeaders.getRawHeaders(b"content-type") or [b""])[0].decode("latin-1")
+            content_type = (request.responseHeaders.getRawHeaders(b"content-type") or [b""])[0].decode(
+                "latin-1"
+            )
             digest = target.digest or (request.responseHeaders.getRawHeaders(b"docker-content-digest")
                                        or [b""])[0].decode("latin-1")
             media_type = content_type.split(";")[0]
@@ -274,18 +281,38 @@ class PullReporter:
                 self.tracker.index_sent(client, target.upstream_host, target.repository, bytes(body),
                                         self._since(request, now))
             elif done and request.code == 200 and body and digest and media_type in IMAGE_MANIFEST_TYPES:
-                self._publish(self.tracker.manifest_sent(client, target.upstream_host, target.repository, digest,
-                                                         bytes(body), self._since(request, now), now))
+                self._publish(
+                    self.tracker.manifest_sent(
+                        client,
+                        target.upstream_host,
+                        target.repository,
+                        digest,
+                        bytes(body),
+                        self._since(request, now),
+                        now,
+                    )
+                )
             return
         if target.path is None or not target.path.by_digest:
             return
         content_range = request.responseHeaders.getRawHeaders(b"content-range")
-        complete = done and reaches_the_end(request.code, content_range[0].decode("latin-1") if content_range else None)
+        complete = done and reaches_the_end(
+            request.code, content_range[0].decode("latin-1") if content_range else None
+        )
         first_write = getattr(request, "first_byte_at", None)
-        self._publish(self.tracker.blob_ended(
-            client, target.upstream_host, target.repository, target.digest, source=values.get("source") or "",
-            sent=values.get("bytes") or 0, complete=complete,
-            first_byte_at=self._since(request, now, first_write) if first_write is not None else None, now=now))
+        self._publish(
+            self.tracker.blob_ended(
+                client,
+                target.upstream_host,
+                target.repository,
+                target.digest,
+                source=values.get("source") or "",
+                sent=values.get("bytes") or 0,
+                complete=complete,
+                first_byte_at=self._since(request, now, first_write) if first_write is not None else None,
+                now=now,
+            )
+        )
 
     def _since(self, request, now: float, moment: float | None = None) -> float:
         """A monotonic instant of the request (its start by default) on this reporter's clock."""
@@ -299,7 +326,9 @@ class PullReporter:
             self.outcomes[values["outcome"]] += 1
             mix = values["source_mix"]
             counts = self.seconds.setdefault(mix, [0] * (len(PULL_BUCKETS) + 1))
-            index = next((i for i, bound in enumerate(PULL_BUCKETS) if values["seconds"] <= bound), len(PULL_BUCKETS))
+            index = next(
+                (i for i, bound in enumerate(PULL_BUCKETS) if values["seconds"] <= bound), len(PULL_BUCKETS)
+            )
             counts[index] += 1
             self.seconds_sum[mix] += values["seconds"]
             self.emit(values)
@@ -308,9 +337,12 @@ class PullReporter:
         """``dnsmirror_image_pull_seconds{source_mix}`` and ``dnsmirror_image_pulls_total{outcome}``."""
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-        histogram = HistogramMetricFamily("dnsmirror_image_pull_seconds", "Image pulls by the sources that sent "
-                                          "their bytes: time from the index (or image manifest) request to the pull's end",
-                                          labels=["source_mix"])
+        histogram = HistogramMetricFamily(
+            "dnsmirror_image_pull_seconds",
+            "Image pulls by the sources that sent "
+            "their bytes: time from the index (or image manifest) request to the pull's end",
+            labels=["source_mix"],
+        )
         for mix, counts in sorted(self.seconds.items()):
             running, buckets = 0, []
             for bound, count in zip((*map(str, PULL_BUCKETS), "+Inf"), counts, strict=True):

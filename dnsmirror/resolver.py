@@ -82,7 +82,9 @@ def internal_reason(address: IPAddress) -> str | None:
         return "link-local address"
     if address.is_multicast:
         return "multicast address"
-    if isinstance(address, ipaddress.IPv4Address) and (address.is_reserved or address == ipaddress.IPv4Address("255.255.255.255")):
+    if isinstance(address, ipaddress.IPv4Address) and (
+        address.is_reserved or address == ipaddress.IPv4Address("255.255.255.255")
+    ):
         return "reserved address"
     return None
 
@@ -103,14 +105,18 @@ class AddressPolicy:
         """Why connecting to ``address`` (on ``port``, if known) is refused, or ``None`` if allowed."""
         ip = ipaddress.ip_address(address)
         canonical = str(ip)
-        if (canonical, 0) in self.refused_endpoints or (port is not None and (canonical, port) in self.refused_endpoints):
+        if (canonical, 0) in self.refused_endpoints or (
+            port is not None and (canonical, port) in self.refused_endpoints
+        ):
             return "dnsmirror's own listener (request loop)"
         if not self.allow_internal:
             return internal_reason(ip)
         return None
 
     @classmethod
-    def guarding(cls, allow_internal: bool, own_listeners: Iterable[HostPort], own_addresses: Iterable[str | None] = ()) -> AddressPolicy:
+    def guarding(
+        cls, allow_internal: bool, own_listeners: Iterable[HostPort], own_addresses: Iterable[str | None] = ()
+    ) -> AddressPolicy:
         """A policy refusing dnsmirror's HTTPS listeners; ``own_addresses`` are refused on their ports.
 
         A listener on an unspecified address (``0.0.0.0:443``) guards every ``own_addresses`` entry on
@@ -122,7 +128,9 @@ class AddressPolicy:
         for item in listeners:
             for address in addresses:
                 endpoints.add((str(ipaddress.ip_address(address)), item.port))
-        endpoints = {(host, port) for host, port in endpoints if not ipaddress.ip_address(host).is_unspecified}
+        endpoints = {
+            (host, port) for host, port in endpoints if not ipaddress.ip_address(host).is_unspecified
+        }
         return cls(allow_internal=allow_internal, refused_endpoints=frozenset(endpoints))
 
 
@@ -175,7 +183,9 @@ def normalize_name(host: str | bytes) -> str:
         return text
 
 
-def follow_chain(name: str, records: Sequence[dns.RRHeader], record_type: int) -> tuple[list[str], str, int | None]:
+def follow_chain(
+    name: str, records: Sequence[dns.RRHeader], record_type: int
+) -> tuple[list[str], str, int | None]:
     """Walk ``records`` from ``name`` through CNAMEs to ``record_type`` addresses.
 
     Returns ``(addresses, last name reached, smallest TTL on the way or None)``; when no address is
@@ -234,7 +244,9 @@ class UpstreamResolver:
         max_ttl: float = 300.0,
     ) -> None:
         if not servers:
-            raise ValueError("no upstream resolvers configured (upstream.resolvers and dns.upstreams are empty)")
+            raise ValueError(
+                "no upstream resolvers configured (upstream.resolvers and dns.upstreams are empty)"
+            )
         self.servers = tuple(servers)
         self.policy = policy or AddressPolicy()
         self.min_ttl = min_ttl
@@ -242,7 +254,10 @@ class UpstreamResolver:
         self._reactor = reactor
         # one attempt per server, each `timeout` long; resolv=None: /etc/resolv.conf is never read
         self._names = client.Resolver(
-            resolv=None, servers=[(s.host, s.port) for s in self.servers], timeout=(timeout,), reactor=reactor,
+            resolv=None,
+            servers=[(s.host, s.port) for s in self.servers],
+            timeout=(timeout,),
+            reactor=reactor,
         )
         self.timeout = timeout
         self.cache = ResolutionCache(cache_size, clock=reactor.seconds)
@@ -334,7 +349,10 @@ class UpstreamResolver:
 
     async def _query_both(self, name: str) -> Resolution:
         outcomes = await defer.DeferredList(
-            [defer.ensureDeferred(self._query(name, dns.A)), defer.ensureDeferred(self._query(name, dns.AAAA))],
+            [
+                defer.ensureDeferred(self._query(name, dns.A)),
+                defer.ensureDeferred(self._query(name, dns.AAAA)),
+            ],
             consumeErrors=True,
         )
         addresses: list[str] = []
@@ -379,7 +397,9 @@ class UpstreamResolver:
                 return HostNotFound(name, f"no such host (NXDOMAIN from {servers})")
         for failure in errors:
             if failure.check(names_error.DNSQueryTimeoutError, defer.TimeoutError):
-                return ResolutionTimeout(name, f"no answer from upstream resolvers {servers} within {self.timeout:g}s each")
+                return ResolutionTimeout(
+                    name, f"no answer from upstream resolvers {servers} within {self.timeout:g}s each"
+                )
         for failure in errors:
             if failure.check(names_error.DomainError):
                 kind = type(failure.value).__name__.removeprefix("DNS").removesuffix("Error")

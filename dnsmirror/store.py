@@ -92,7 +92,9 @@ class SizeMismatch(DigestMismatch):
 
     def __init__(self, expected: str, expected_size: int, size: int):
         self.expected_size = expected_size
-        super().__init__(expected, None, size, f"content of {expected} is {size} bytes, expected {expected_size}")
+        super().__init__(
+            expected, None, size, f"content of {expected} is {size} bytes, expected {expected_size}"
+        )
 
 
 class StoreFull(StoreError):
@@ -176,7 +178,8 @@ class _Entry:
 
 
 def file_mark(info: os.stat_result) -> tuple[int, int, int, int]:
-    """What identifies a file's content short of reading it: inode, size, mtime, ctime (any write moves ctime)."""
+    """What identifies a file's content short of reading it: inode, size, mtime, ctime (any write moves
+    ctime)."""
     return info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
@@ -204,8 +207,15 @@ class Store:
     the minimum time between two mtime updates of one blob on reads.
     """
 
-    def __init__(self, root: Path, max_size: int, clock: Callable[[], float], touch_interval: float, lock_fd: int,
-                 direct_writes: bool = False):
+    def __init__(
+        self,
+        root: Path,
+        max_size: int,
+        clock: Callable[[], float],
+        touch_interval: float,
+        lock_fd: int,
+        direct_writes: bool = False,
+    ):
         self.root = root
         self.max_size = max_size
         #: New blobs are written with O_DIRECT where the filesystem allows (see :class:`Writer`).
@@ -482,7 +492,8 @@ class Store:
         return None
 
     def mark_verified(self, reader: BlobReader) -> None:
-        """Remember that the reader's file matched its digest, if the cache still holds that file unchanged."""
+        """Remember that the reader's file matched its digest, if the cache still holds that file
+        unchanged."""
         hex_ = digest_hex(reader.info.digest)
         try:
             mark = file_mark(os.fstat(reader.file.fileno()))
@@ -531,7 +542,9 @@ class Store:
             if remove:
                 self._unlink_locked(hex_)
         if entry is not None:
-            log.warning("cache entry dropped", extra={"fields": {"digest": f"sha256:{hex_}", "reason": reason}})
+            log.warning(
+                "cache entry dropped", extra={"fields": {"digest": f"sha256:{hex_}", "reason": reason}}
+            )
         return entry is not None
 
     def _unlink_locked(self, hex_: str) -> None:
@@ -606,7 +619,9 @@ class Store:
 
     # -- writes ------------------------------------------------------------------------------
 
-    def writer(self, digest: object, *, content_type: str | None = None, expected_size: int | None = None) -> Writer:
+    def writer(
+        self, digest: object, *, content_type: str | None = None, expected_size: int | None = None
+    ) -> Writer:
         """Start writing the blob for ``digest``; commit it with :meth:`Writer.commit`.
 
         Raises :class:`StoreFull` at once if ``expected_size`` exceeds ``max_size`` or the free space
@@ -634,7 +649,9 @@ class Store:
         shard = self._blobs_dir / hex_[:2]
         new_shard = not shard.exists()
         shard.mkdir(exist_ok=True)
-        sidecar = json.dumps({"digest": f"sha256:{hex_}", "size": size, "content_type": content_type}).encode()
+        sidecar = json.dumps(
+            {"digest": f"sha256:{hex_}", "size": size, "content_type": content_type}
+        ).encode()
         fd, sidecar_temp = tempfile.mkstemp(prefix=hex_[:16] + ".", suffix=".meta.part", dir=self._tmp_dir)
         try:
             with os.fdopen(fd, "wb") as file:
@@ -651,7 +668,11 @@ class Store:
                     self._total -= previous.size
                 # hashed as it was written: this file is the verified content until it changes
                 self._index[hex_] = _Entry(
-                    size=size, last_access=now, content_type=content_type, sidecar_loaded=True, last_touch=now,
+                    size=size,
+                    last_access=now,
+                    content_type=content_type,
+                    sidecar_loaded=True,
+                    last_touch=now,
                     verified_mark=file_mark((shard / hex_).lstat()),
                 )
                 self._total += size

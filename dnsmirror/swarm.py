@@ -95,7 +95,8 @@ class Ask:
 
 @dataclass(frozen=True)
 class Lease:
-    """Coordinator -> asker: you hold the fill lease; fetch upstream from ``offset`` with your client's credentials."""
+    """Coordinator -> asker: you hold the fill lease; fetch upstream from ``offset`` with your client's
+    credentials."""
 
     digest: str
     offset: int = 0
@@ -117,7 +118,8 @@ class Offer:
 
 @dataclass(frozen=True)
 class Wait:
-    """Coordinator -> asker: a fill is under way but every holder is busy; ask again after ``retry_after`` s."""
+    """Coordinator -> asker: a fill is under way but every holder is busy; ask again after ``retry_after``
+    s."""
 
     digest: str
     retry_after: float
@@ -281,7 +283,8 @@ class FetchUpstream:
 
 @dataclass(frozen=True)
 class FetchPeer:
-    """Fetch from ``holder`` from ``offset``; the holder serves what it has and streams the rest as it comes."""
+    """Fetch from ``holder`` from ``offset``; the holder serves what it has and streams the rest as it
+    comes."""
 
     digest: str
     holder: HostPort
@@ -342,7 +345,9 @@ class SwarmSettings:
         if self.max_uploads < 1:
             raise ValueError("max_uploads: must be at least 1")
         if self.heartbeat <= self.ask_timeout:
-            raise ValueError("heartbeat: must be longer than ask_timeout (the ack is checked at the next beat)")
+            raise ValueError(
+                "heartbeat: must be longer than ask_timeout (the ack is checked at the next beat)"
+            )
 
 
 class Membership:
@@ -506,7 +511,10 @@ class SwarmNode:
         pull.source = None
         pull.coordinator = coordinator
         pull.deadline = now + s.ask_timeout
-        return [Send(coordinator, Ask(pull.digest, pull.offset)), SetTimer(pull.digest, TimerKind.ASK, pull.deadline)]
+        return [
+            Send(coordinator, Ask(pull.digest, pull.offset)),
+            SetTimer(pull.digest, TimerKind.ASK, pull.deadline),
+        ]
 
     def _upstream(self, pull: Pull, now: float, lease: bool) -> list[Action]:
         pull.registered = False
@@ -540,7 +548,9 @@ class SwarmNode:
             return [SetTimer(digest, TimerKind.STALL, due)]
         if kind is TimerKind.HEARTBEAT and pull.heartbeat_at is not None and now >= pull.heartbeat_at:
             pull.heartbeat_at = None  # restarted by the next registration
-            lingering = pull.phase is Phase.DONE and pull.done_at is not None and now < pull.done_at + s.linger
+            lingering = (
+                pull.phase is Phase.DONE and pull.done_at is not None and now < pull.done_at + s.linger
+            )
             if pull.registered and (pull.phase in (Phase.FROM_PEER, Phase.FROM_UPSTREAM) or lingering):
                 if pull.ack_due is not None and now >= pull.ack_due and pull.coordinator is not None:
                     self._suspect(pull.coordinator, now)  # a lost coordinator: register with the next one
@@ -555,7 +565,9 @@ class SwarmNode:
         pull.registered = True
         pull.ack_due = now + self.settings.ask_timeout
         pull.heartbeat_at = now + self.settings.heartbeat
-        register = Register(pull.digest, pull.source, pull.offset, pull.phase is Phase.DONE, len(pull.uploads))
+        register = Register(
+            pull.digest, pull.source, pull.offset, pull.phase is Phase.DONE, len(pull.uploads)
+        )
         return [Send(coordinator, register), SetTimer(pull.digest, TimerKind.HEARTBEAT, pull.heartbeat_at)]
 
     def _bytes(self, digest: str, offset: int, now: float) -> list[Action]:
@@ -810,7 +822,11 @@ class SwarmNode:
     def _coordinate_release(self, sender: HostPort, release: Release, now: float) -> None:
         view = self._view(release.digest, now)
         if release.source is None:
-            if view.lease is not None and view.lease.holder == release.receiver and sender == release.receiver:
+            if (
+                view.lease is not None
+                and view.lease.holder == release.receiver
+                and sender == release.receiver
+            ):
                 view.lease = None
                 if release.outcome is not Outcome.UNUSED:
                     self._drop_holder(view, release.receiver, now)
@@ -835,7 +851,8 @@ class SwarmNode:
 
     def forget_idle(self, now: float) -> int:
         """Drop coordinator views idle for ``linger``, pulls ended ``linger`` ago with no upload left, and
-        expired suspicions; returns how many views and pulls went (a long-lived node calls it periodically)."""
+        expired suspicions; returns how many views and pulls went (a long-lived node calls it
+        periodically)."""
         linger = self.settings.linger
         idle = [d for d, v in self.coordinated.items() if now - v.last_activity > linger]
         for digest in idle:

@@ -43,7 +43,9 @@ class TagMemory:
         self.max_tags = max_tags
         self._tags: OrderedDict[tuple[str, str, str], dict[str, TagAnswer]] = OrderedDict()
 
-    def remember(self, host: str, repository: str, tag: str, accepted: frozenset[str], answer: TagAnswer) -> None:
+    def remember(
+        self, host: str, repository: str, tag: str, accepted: frozenset[str], answer: TagAnswer
+    ) -> None:
         """Record upstream's answer for a client that accepts ``accepted``."""
         key = (host, repository, tag)
         entry = self._tags.setdefault(key, {})

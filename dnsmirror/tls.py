@@ -78,17 +78,32 @@ def mint_leaf(authority: camod.CertificateAuthority, leaf_key: ec.EllipticCurveP
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)] if len(host) <= 64 else [])
     builder = (
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(authority.cert.subject)
-        .public_key(leaf_key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
+        .subject_name(subject)
+        .issuer_name(authority.cert.subject)
+        .public_key(leaf_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(end)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=not len(subject))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(
-            digital_signature=True, content_commitment=False, key_encipherment=False,
-            data_encipherment=False, key_agreement=False, key_cert_sign=False, crl_sign=False,
-            encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(authority.ski), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(authority.ski), critical=False
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(leaf_key.public_key()), critical=False)
     )
     return builder.sign(authority.key, hashes.SHA256())
@@ -136,9 +151,16 @@ def prepare_signing(authority: camod.CertificateAuthority) -> SigningState:
 class SniServer:
     """Creates server TLS connections that pick a per-host leaf by SNI (a Twisted connection creator)."""
 
-    def __init__(self, matcher: HostMatcher, signing: SigningState, *, leaf_validity: float = MAX_LEAF_VALIDITY,
-                 cache_size: int = 1024, clock: Callable[[], float] = time.time,
-                 stats: TlsStats | None = None) -> None:
+    def __init__(
+        self,
+        matcher: HostMatcher,
+        signing: SigningState,
+        *,
+        leaf_validity: float = MAX_LEAF_VALIDITY,
+        cache_size: int = 1024,
+        clock: Callable[[], float] = time.time,
+        stats: TlsStats | None = None,
+    ) -> None:
         if not 0 < leaf_validity <= MAX_LEAF_VALIDITY:
             raise ValueError(f"leaf validity must be within (0, {MAX_LEAF_VALIDITY}] seconds")
         self.matcher = matcher
@@ -270,7 +292,10 @@ class CaWatcher:
         """One check (in a thread); the swap happens on the reactor."""
         checking = threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._check)
         return checking.addCallback(self._checked).addErrback(
-            lambda f: log.error("CA check failed: %s", f.getErrorMessage(), extra=fields(event="ca_reload_failed")))
+            lambda f: log.error(
+                "CA check failed: %s", f.getErrorMessage(), extra=fields(event="ca_reload_failed")
+            )
+        )
 
     def _checked(self, result) -> None:
         signature, signing, warnings, problem = result

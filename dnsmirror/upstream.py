@@ -197,7 +197,9 @@ def check_redirect(target: str) -> None:
     """Raise :class:`RedirectRefused` unless ``target`` is an https URL with a host."""
     scheme, host, _port = origin(target)
     if scheme != "https":
-        raise RedirectRefused(f"refusing redirect to {scheme or 'a relative'} URL {loggable_url(target)}: https only")
+        raise RedirectRefused(
+            f"refusing redirect to {scheme or 'a relative'} URL {loggable_url(target)}: https only"
+        )
     if not host:
         raise RedirectRefused(f"refusing redirect without a host: {loggable_url(target)}")
 
@@ -490,14 +492,18 @@ def _body_outcome(reason: Failure, description: str, received: int, expected: in
     if reason.check(UpstreamError):
         return reason
     total = f" of {expected}" if expected is not None else ""
-    return Failure(UpstreamUnavailable(f"{description}: body cut after {received}{total} bytes: {_describe(reason)}"))
+    return Failure(
+        UpstreamUnavailable(f"{description}: body cut after {received}{total} bytes: {_describe(reason)}")
+    )
 
 
 @implementer(IPushProducer)
 class _ConsumerStream(Protocol):
     """Writes a response body into an :class:`IConsumer`, registered as its streaming producer."""
 
-    def __init__(self, consumer: IConsumer, done: defer.Deferred, description: str, expected: int | None) -> None:
+    def __init__(
+        self, consumer: IConsumer, done: defer.Deferred, description: str, expected: int | None
+    ) -> None:
         self.consumer = consumer
         self.done = done
         self.description = description
@@ -533,7 +539,9 @@ class _ConsumerStream(Protocol):
 class _Collector(Protocol):
     """Collects a body up to ``limit`` bytes; beyond that, stops reading and fails (or just drops)."""
 
-    def __init__(self, done: defer.Deferred, limit: int, description: str, expected: int | None, keep: bool) -> None:
+    def __init__(
+        self, done: defer.Deferred, limit: int, description: str, expected: int | None, keep: bool
+    ) -> None:
         self.done = done
         self.limit = limit
         self.description = description
@@ -574,7 +582,9 @@ class UpstreamResponse:
     once, with one of :meth:`deliver_body`, :meth:`stream_to`, :meth:`read_body` or :meth:`discard`.
     """
 
-    def __init__(self, response, url: str, method: str, redirects: tuple[str, ...], clock, read_timeout: float) -> None:
+    def __init__(
+        self, response, url: str, method: str, redirects: tuple[str, ...], clock, read_timeout: float
+    ) -> None:
         self._response = response
         self.url = url
         self.method = method
@@ -622,7 +632,9 @@ class UpstreamResponse:
         if self.length is not None and self.length > limit:
             # announced too large: do not read it at all (the connection closes)
             self.discard(limit=0)
-            return defer.fail(BodyTooLarge(f"{self.description}: body of {self.length} bytes exceeds {limit}"))
+            return defer.fail(
+                BodyTooLarge(f"{self.description}: body of {self.length} bytes exceeds {limit}")
+            )
         done: defer.Deferred = defer.Deferred()
         self.deliver_body(_Collector(done, limit, self.description, self.length, keep=True))
         return done
@@ -676,8 +688,9 @@ class UpstreamClient:
             # the proxy is the operator's own choice: its address is not held to the internal-address rule
             proxy_resolver = UpstreamResolver(resolver.servers, reactor=reactor, timeout=resolver.timeout,
                                               policy=AddressPolicy(allow_internal=True))
-            self._tunnels = TunnelEndpointFactory(ResolvingReactor(reactor, proxy_resolver), proxy, tls_policy,
-                                                  self.settings.connect_timeout)
+            self._tunnels = TunnelEndpointFactory(
+                ResolvingReactor(reactor, proxy_resolver), proxy, tls_policy, self.settings.connect_timeout
+            )
         self.pool = HTTPConnectionPool(self._reactor, persistent=True)
         self.pool.maxPersistentPerHost = self.settings.pool_per_host
         self.pool.cachedConnectionTimeout = self.settings.pool_idle_timeout
@@ -687,22 +700,42 @@ class UpstreamClient:
         self.on_tls_failure: Callable[[str, str], None] | None = None
 
     @classmethod
-    def from_config(cls, config: Config, reactor, fallback_resolvers: Iterable[HostPort] = ()) -> UpstreamClient:
+    def from_config(
+        cls, config: Config, reactor, fallback_resolvers: Iterable[HostPort] = ()
+    ) -> UpstreamClient:
         """Client as configured: ``upstream.resolvers``, else ``dns.upstreams``, else ``fallback_resolvers``
         (the app's resolv.conf-derived list). Refuses dnsmirror's own HTTPS listeners as upstreams.
         Reads ``upstream.ca_bundle`` now (start-up, off the serving path)."""
         servers = config.upstream.resolvers or config.dns.upstreams or tuple(fallback_resolvers)
         policy = AddressPolicy.guarding(
-            config.upstream.allow_internal, config.https.listen, (config.mirror.address, config.mirror.address6),
+            config.upstream.allow_internal,
+            config.https.listen,
+            (config.mirror.address, config.mirror.address6),
         )
         resolver = UpstreamResolver(servers, reactor=reactor, timeout=config.dns.timeout, policy=policy)
         tls_policy = UpstreamTLSPolicy.from_bundle(config.upstream.ca_bundle)
-        proxy = EgressProxy.parse(config.upstream.proxy, config.upstream.no_proxy) if config.upstream.proxy else None
-        return cls(resolver, reactor=reactor, tls_policy=tls_policy, settings=UpstreamSettings.from_config(config),
-                   proxy=proxy)
+        proxy = (
+            EgressProxy.parse(config.upstream.proxy, config.upstream.no_proxy)
+            if config.upstream.proxy
+            else None
+        )
+        return cls(
+            resolver,
+            reactor=reactor,
+            tls_policy=tls_policy,
+            settings=UpstreamSettings.from_config(config),
+            proxy=proxy,
+        )
 
-    def request(self, method: str | bytes, url: str | bytes, headers: HeaderInput = None,
-                body_producer: IBodyProducer | None = None, *, follow_redirects: bool = False) -> defer.Deferred:
+    def request(
+        self,
+        method: str | bytes,
+        url: str | bytes,
+        headers: HeaderInput = None,
+        body_producer: IBodyProducer | None = None,
+        *,
+        follow_redirects: bool = False,
+    ) -> defer.Deferred:
         """Send one request upstream; fires with an :class:`UpstreamResponse` once its headers arrived.
 
         ``headers`` go upstream as given (repeated headers as separate lines) minus hop-by-hop headers,
@@ -717,7 +750,9 @@ class UpstreamClient:
             return defer.fail(ValueError(f"upstream URLs must be https: {url_text!r}"))
         outgoing = end_to_end_headers(headers, drop=AGENT_MANAGED)
         follow = follow_redirects and body_producer is None and method_text.upper() in ("GET", "HEAD")
-        d = defer.ensureDeferred(self._request(method_text.upper(), url_text, outgoing, body_producer, follow))
+        d = defer.ensureDeferred(
+            self._request(method_text.upper(), url_text, outgoing, body_producer, follow)
+        )
         return d.addCallbacks(_report_status, _report_failure, errbackArgs=(url_text,))
 
     def close(self) -> defer.Deferred:
@@ -746,10 +781,16 @@ class UpstreamClient:
                 headers = end_to_end_headers(headers, drop=CROSS_ORIGIN_SENSITIVE)
             if response.code == 303 and method != "HEAD":
                 method = "GET"
-            log.debug("following upstream redirect", extra=fields(code=response.code, source=url, target=origin(target)[1]))
+            log.debug(
+                "following upstream redirect",
+                extra=fields(code=response.code, source=url, target=origin(target)[1]),
+            )
             followed.append(url)
             url = target
-        raise TooManyRedirects(f"{method} {loggable_url(followed[0] if followed else url)}: more than {self.settings.max_redirects} redirects")
+        raise TooManyRedirects(
+            f"{method} {loggable_url(followed[0] if followed else url)}: more than "
+            f"{self.settings.max_redirects} redirects"
+        )
 
     async def _exchange(self, method: str, url: str, headers: Headers, body: IBodyProducer | None,
                         redirects: tuple[str, ...]) -> UpstreamResponse:
@@ -764,8 +805,12 @@ class UpstreamClient:
             # resolve first: clear errors (NXDOMAIN, timeout, refused address), and HostnameEndpoint hits the
             # cache
             await self.resolver.resolve(host, port)
-            agent = Agent(self._reactor, contextFactory=self.tls_policy, connectTimeout=self.settings.connect_timeout,
-                          pool=pool)
+            agent = Agent(
+                self._reactor,
+                contextFactory=self.tls_policy,
+                connectTimeout=self.settings.connect_timeout,
+                pool=pool,
+            )
         producer = _ObservedBodyProducer(body, exchange) if body is not None else None
         d = agent.request(method.encode("ascii"), url.encode("ascii"), headers.copy(), producer)
         exchange.request_deferred = d
@@ -780,13 +825,17 @@ class UpstreamClient:
         if isinstance(exc, UPSTREAM_FAILURES):
             return exc
         if exchange.timed_out:
-            return UpstreamTimeout(f"{description}: no response headers within {self.settings.first_byte_timeout:g}s")
+            return UpstreamTimeout(
+                f"{description}: no response headers within {self.settings.first_byte_timeout:g}s"
+            )
         reasons = _reasons(exc)
         tunnel = next((r for r in reasons if isinstance(r, TunnelError)), None)
         if tunnel is not None:
             return UpstreamUnavailable(f"{description}: {tunnel}")
         if any(isinstance(r, internet_error.TimeoutError) for r in reasons):
-            return UpstreamTimeout(f"{description}: connect timed out after {self.settings.connect_timeout:g}s")
+            return UpstreamTimeout(
+                f"{description}: connect timed out after {self.settings.connect_timeout:g}s"
+            )
         if any(_is_tls_error(r) for r in reasons):
             return UpstreamTLSError(f"{description}: TLS failed: {_describe_exception(exc)}",
                                     untrusted=any(_is_refused_certificate(r) for r in reasons))
@@ -823,7 +872,9 @@ def _is_tls_error(exc: BaseException) -> bool:
 
 def _is_refused_certificate(exc: BaseException) -> bool:
     # a name mismatch (service_identity), or OpenSSL's chain verification saying no
-    return isinstance(exc, VerificationError) or (isinstance(exc, SSL.Error) and "certificate verify failed" in str(exc))
+    return isinstance(exc, VerificationError) or (
+        isinstance(exc, SSL.Error) and "certificate verify failed" in str(exc)
+    )
 
 
 def _describe_exception(exc: BaseException) -> str:

@@ -367,8 +367,13 @@ class Simulation:
             return
         if not holder.alive:
             if not holder.hung:  # a dead process refuses the connection; a hung one lets it time out
-                self._apply(dst, dst.logic.handle(
-                    swarm.SourceFailed(DIGEST, dst.chunks * self.p.chunk_bytes, swarm.Outcome.DIED), self.now))
+                self._apply(
+                    dst,
+                    dst.logic.handle(
+                        swarm.SourceFailed(DIGEST, dst.chunks * self.p.chunk_bytes, swarm.Outcome.DIED),
+                        self.now,
+                    ),
+                )
             return
         answer = holder.logic.handle(swarm.UploadRequested(DIGEST, dst.addr), self.now)
         if any(isinstance(a, swarm.AcceptUpload) for a in answer):
@@ -463,11 +468,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default="swarm,direct,spegel")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    params = Params(nodes=args.nodes, blob_bytes=int(args.blob_mib * MIB), chunk_bytes=int(args.chunk_mib * MIB),
-                    node_link_gbit=args.node_gbit, registry_gbit=args.registry_gbit, node_mbs=args.node_mbs,
-                    upload_cost=args.upload_cost, start_spread=args.spread, kill=args.kill, hang=args.hang,
-                    kill_window=tuple(args.kill_window), kill_fill_holder_at=args.kill_fill_holder_at,
-                    max_uploads=args.max_uploads, seed=args.seed)
+    params = Params(
+        nodes=args.nodes,
+        blob_bytes=int(args.blob_mib * MIB),
+        chunk_bytes=int(args.chunk_mib * MIB),
+        node_link_gbit=args.node_gbit,
+        registry_gbit=args.registry_gbit,
+        node_mbs=args.node_mbs,
+        upload_cost=args.upload_cost,
+        start_spread=args.spread,
+        kill=args.kill,
+        hang=args.hang,
+        kill_window=tuple(args.kill_window),
+        kill_fill_holder_at=args.kill_fill_holder_at,
+        max_uploads=args.max_uploads,
+        seed=args.seed,
+    )
     results = [simulate(params, mode) for mode in args.modes.split(",")]
     if args.json:
         json.dump([asdict(r) for r in results], sys.stdout, indent=1)

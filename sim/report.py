@@ -32,9 +32,11 @@ def main() -> int:
         "",
         "Command: `python -m sim.report` (each table: `python -m sim.burst` with the arguments shown). "
         "A discrete-event simulation (sim/README.md): no sockets; the swarm rows run the decision code of "
-        "`dnsmirror/swarm.py`, which **real nodes do not use yet** (docs/architecture.md, \"Burst coordination\"). "
+        '`dnsmirror/swarm.py`, which **real nodes do not use yet** (docs/architecture.md, "Burst '
+        'coordination"). '
         "Links: 10 Gbit/s per node, the registry's egress 2 Gbit/s shared evenly by its downloads; one "
-        "dnsmirror process moves 370 MB/s received-and-passed-on, an uploaded byte costs half a received one; "
+        "dnsmirror process moves 370 MB/s received-and-passed-on, an uploaded byte costs half a received "
+        "one; "
         "16 MiB chunks, passed on as they arrive; peers.max_uploads 4.",
         f"Simulated: {machine()}. Other engineers' test runs shared the machine; that changes only the "
         "wall-clock seconds of the simulation itself, not its figures (runs are deterministic).",
@@ -48,7 +50,8 @@ def main() -> int:
         "mirror and with the Spegel-like way (nodes that ask at the same instant find no complete copy).",
         "- **No node uploads more than 4 streams at once** (the swarm's cap); each node uploads at most "
         "about 4 blobs in all.",
-        "- **All nodes finish in 9-10 s**, about 2.2 single transfers (a node alone from the registry: 4.3 s), "
+        "- **All nodes finish in 9-10 s**, about 2.2 single transfers (a node alone from the registry: 4.3 "
+        "s), "
         "well inside the design target of (1 + log_4 N) single transfers (26-31 s); streams run at the "
         "process budget shared by 1 receive and 4 uploads (~123 MB/s), and pipelining makes depth cost "
         "only a chunk per level.",

@@ -114,7 +114,9 @@ def unbound(tmp: Path, records: list[str], port: int | None = None):
     conf = workdir / "unbound.conf"
     conf.write_text("\n".join(lines) + "\n")
     binary = shutil.which("unbound") or "/usr/sbin/unbound"
-    process = subprocess.Popen([binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        [binary, "-d", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         wait_for_dns(port)
         yield port
@@ -176,7 +178,9 @@ def tcp_listener(port: int):
         sock.close()
 
 
-def dig(port: int, name: str, qtype: str = "A", *options: str, timeout: int = 3) -> subprocess.CompletedProcess:
+def dig(
+    port: int, name: str, qtype: str = "A", *options: str, timeout: int = 3
+) -> subprocess.CompletedProcess:
     """Run real dig against 127.0.0.1:port; one try, bounded time."""
     command = ["dig", "-p", str(port), "@127.0.0.1", name, qtype, f"+time={timeout}", "+tries=1", *options]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout * 4 + 5)

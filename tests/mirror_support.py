@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.contextmanager
-def upstream_dns(namespace: Namespace, workdir: Path, names: Mapping[str, str | Iterable[str]]) -> Iterator[str]:
+def upstream_dns(
+    namespace: Namespace, workdir: Path, names: Mapping[str, str | Iterable[str]]
+) -> Iterator[str]:
     """The real DNS of the test world (:class:`harness.dns.StaticDNS`) answering ``names`` (host -> IPv4s)
     on ``namespace.address:53``; yields that address, as dnsmirror's upstream resolver."""
     with StaticDNS(namespace, names, workdir):
@@ -83,14 +85,23 @@ class MirrorNode:
 
     def config(self) -> dict[str, Any]:
         document: dict[str, Any] = {
-            "dns": {"listen": [endpoint(self.address, 53)], "upstreams": [endpoint(self.upstream_dns, 53)],
-                    "timeout": "1s"},
-            "mirror": {"address": None, "address6": self.address} if ":" in self.address else {"address": self.address},
+            "dns": {
+                "listen": [endpoint(self.address, 53)],
+                "upstreams": [endpoint(self.upstream_dns, 53)],
+                "timeout": "1s",
+            },
+            "mirror": {"address": None, "address6": self.address}
+            if ":" in self.address
+            else {"address": self.address},
             "https": {"listen": [endpoint(self.address, 443)]},
             "health": {"interval": "500ms", "timeout": "400ms"},
             "tls": {"ca_cert": str(self.ca_dir / "ca.crt"), "ca_key": str(self.ca_dir / "ca.key")},
-            "upstream": {"ca_bundle": str(self.public_ca.cert_path), "connect_timeout": "3s",
-                         "first_byte_timeout": "10s", "read_timeout": "10s"},
+            "upstream": {
+                "ca_bundle": str(self.public_ca.cert_path),
+                "connect_timeout": "3s",
+                "first_byte_timeout": "10s",
+                "read_timeout": "10s",
+            },
             "cache": {"dir": str(self.workdir / "cache")},
             "log": {"format": "json", "level": "info"},
         }

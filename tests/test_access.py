@@ -78,14 +78,25 @@ class AccessLogTests(TestCase):
 
     @defer.inlineCallbacks
     def test_a_finished_request_is_logged_without_its_query_or_headers(self):
-        client = yield self.connect(b"GET /v2/app/tags/list?n=10&token=secret HTTP/1.1\r\nHost: registry.test\r\n"
-                                    b"Authorization: Basic c2VjcmV0\r\nConnection: close\r\n\r\n")
+        client = yield self.connect(
+            b"GET /v2/app/tags/list?n=10&token=secret HTTP/1.1\r\nHost: registry.test\r\n"
+            b"Authorization: Basic c2VjcmV0\r\nConnection: close\r\n\r\n"
+        )
         yield client.closed
         self.assertIn(b"hello", client.received)
         (line,) = self.recorder.lines
-        self.assertEqual({key: line[key] for key in ("event", "method", "host", "path", "status", "bytes", "source")},
-                         {"event": "access", "method": "GET", "host": "registry.test", "path": "/v2/app/tags/list",
-                          "status": 200, "bytes": 5, "source": "cache"})
+        self.assertEqual(
+            {key: line[key] for key in ("event", "method", "host", "path", "status", "bytes", "source")},
+            {
+                "event": "access",
+                "method": "GET",
+                "host": "registry.test",
+                "path": "/v2/app/tags/list",
+                "status": 200,
+                "bytes": 5,
+                "source": "cache",
+            },
+        )
         self.assertEqual(line["client"], "127.0.0.1")
         self.assertGreaterEqual(line["ms"], 0)
         self.assertNotIn("outcome", line)

@@ -41,10 +41,20 @@ def test_accept_sets_ignore_order_parameters_and_repetition():
 
 def test_tag_memory_prefers_the_same_accept_set_then_an_acceptable_type():
     tags = TagMemory(max_tags=2)
-    index = frozenset({"application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json"})
+    index = frozenset(
+        {"application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json"}
+    )
     single = frozenset({"application/vnd.docker.distribution.manifest.v2+json"})
-    tags.remember(HOST, REPO, "v1", index, TagAnswer("sha256:1", "application/vnd.oci.image.index.v1+json", 10, 5))
-    tags.remember(HOST, REPO, "v1", single, TagAnswer("sha256:2", "application/vnd.docker.distribution.manifest.v2+json", 10, 1))
+    tags.remember(
+        HOST, REPO, "v1", index, TagAnswer("sha256:1", "application/vnd.oci.image.index.v1+json", 10, 5)
+    )
+    tags.remember(
+        HOST,
+        REPO,
+        "v1",
+        single,
+        TagAnswer("sha256:2", "application/vnd.docker.distribution.manifest.v2+json", 10, 1),
+    )
     assert tags.recall(HOST, REPO, "v1", index).digest == "sha256:1"
     assert tags.recall(HOST, REPO, "v1", single).digest == "sha256:2"
     assert tags.recall(HOST, REPO, "v1", frozenset({"application/vnd.oci.image.manifest.v1+json"})) is None

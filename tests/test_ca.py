@@ -36,11 +36,16 @@ def forge_leaf(bundle: ca.CaBundle, san: x509.GeneralName, cn: str = "forged") -
     return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-        .issuer_name(bundle.cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+        .issuer_name(bundle.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
         .add_extension(x509.SubjectAlternativeName([san]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -60,7 +65,9 @@ def ca_dir(tmp_path) -> Path:
 
 
 def minted_leaf(bundle: ca.CaBundle, host: str) -> x509.Certificate:
-    authority = ca.CertificateAuthority(bundle.cert, bundle.key, (bundle.cert,), Path("ca.crt"), Path("ca.key"))
+    authority = ca.CertificateAuthority(
+        bundle.cert, bundle.key, (bundle.cert,), Path("ca.crt"), Path("ca.key")
+    )
     return tls.mint_leaf(authority, ca.new_key(), host, tls.MAX_LEAF_VALIDITY,
                          datetime.datetime.now(datetime.UTC).timestamp())
 
@@ -88,7 +95,11 @@ def test_subtree_semantics_follow_rfc5280_and_go():
     dotted, plain = ca.Subtree(".amazonaws.com"), ca.Subtree("docker.io")
     assert dotted.permits(ECR_HOST) and not dotted.permits("amazonaws.com")
     assert not dotted.permits("notamazonaws.com") and not dotted.permits("amazonaws.com.evil.io")
-    assert plain.permits("docker.io") and plain.permits("registry-1.docker.io") and not plain.permits("xdocker.io")
+    assert (
+        plain.permits("docker.io")
+        and plain.permits("registry-1.docker.io")
+        and not plain.permits("xdocker.io")
+    )
 
 
 def test_describe_constraints_says_why():
@@ -103,11 +114,19 @@ def test_describe_constraints_says_why():
 @pytest.mark.parametrize("which, path_length", [("root_cert", 1), ("cert", 0)])
 def test_root_and_intermediate_are_constrained_cas(bundle, which, path_length):
     cert = getattr(bundle, which)
-    assert isinstance(cert.public_key(), ec.EllipticCurvePublicKey) and cert.public_key().curve.name == "secp256r1"
+    assert (
+        isinstance(cert.public_key(), ec.EllipticCurvePublicKey)
+        and cert.public_key().curve.name == "secp256r1"
+    )
     basic = cert.extensions.get_extension_for_class(x509.BasicConstraints)
     assert basic.critical and basic.value.ca and basic.value.path_length == path_length
     usage = cert.extensions.get_extension_for_class(x509.KeyUsage)
-    assert usage.critical and usage.value.key_cert_sign and usage.value.crl_sign and not usage.value.digital_signature
+    assert (
+        usage.critical
+        and usage.value.key_cert_sign
+        and usage.value.crl_sign
+        and not usage.value.digital_signature
+    )
     constraints = cert.extensions.get_extension_for_class(x509.NameConstraints)
     assert constraints.critical
     permitted = {n.value for n in constraints.value.permitted_subtrees}
@@ -132,7 +151,9 @@ def test_init_writes_keys_0600_and_refuses_to_overwrite(ca_dir):
 # --- chain verification by real verifiers --------------------------------------------------------------
 
 
-def openssl_verify(tmp_path: Path, bundle: ca.CaBundle, leaf: x509.Certificate) -> subprocess.CompletedProcess:
+def openssl_verify(
+    tmp_path: Path, bundle: ca.CaBundle, leaf: x509.Certificate
+) -> subprocess.CompletedProcess:
     root = write_pem(tmp_path / "root.pem", bundle.root_cert)
     intermediate = write_pem(tmp_path / "intermediate.pem", bundle.cert)
     leaf_path = write_pem(tmp_path / "leaf.pem", leaf)
@@ -143,7 +164,11 @@ def openssl_verify(tmp_path: Path, bundle: ca.CaBundle, leaf: x509.Certificate) 
 
 
 def cryptography_verify(bundle: ca.CaBundle, leaf: x509.Certificate, subject: x509.GeneralName):
-    verifier = verification.PolicyBuilder().store(verification.Store([bundle.root_cert])).build_server_verifier(subject)
+    verifier = (
+        verification.PolicyBuilder()
+        .store(verification.Store([bundle.root_cert]))
+        .build_server_verifier(subject)
+    )
     return verifier.verify(leaf, [bundle.cert])
 
 
@@ -218,7 +243,9 @@ def test_key_that_does_not_match_is_refused(ca_dir, tmp_path):
 def test_a_leaf_is_not_a_ca(ca_dir, tmp_path, bundle):
     leaf_key = ca.new_key()
     authority = ca.CertificateAuthority(bundle.cert, bundle.key, (), Path("x"), Path("y"))
-    leaf = tls.mint_leaf(authority, leaf_key, "docker.io", 3600, datetime.datetime.now(datetime.UTC).timestamp())
+    leaf = tls.mint_leaf(
+        authority, leaf_key, "docker.io", 3600, datetime.datetime.now(datetime.UTC).timestamp()
+    )
     write_pem(tmp_path / "leaf.crt", leaf)
     ca.write_private(tmp_path / "leaf.key", ca.key_pem(leaf_key))
     with pytest.raises(ca.CaError, match="is not a CA certificate") as caught:
@@ -231,7 +258,9 @@ def test_constraints_must_cover_every_pattern_and_name_it(tmp_path):
     with pytest.raises(ca.CaError) as caught:
         ca.load_authority(tmp_path / "ca.crt", tmp_path / "ca.key", ["docker.io", "*.azurecr.io"])
     assert "'*.azurecr.io'" in caught.value.problem and "dnsmirror ca constraints" in caught.value.fix
-    ca.load_authority(tmp_path / "ca.crt", tmp_path / "ca.key", ["registry-1.docker.io", "*.dkr.ecr.*.amazonaws.com"])
+    ca.load_authority(
+        tmp_path / "ca.crt", tmp_path / "ca.key", ["registry-1.docker.io", "*.dkr.ecr.*.amazonaws.com"]
+    )
 
 
 def test_uncovered_patterns_reads_subtrees_like_a_verifier():
@@ -248,11 +277,17 @@ def _self_signed_ca(constraints: x509.NameConstraints | None):
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "unconstrained")])
     now = datetime.datetime.now(datetime.UTC)
     builder = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(1).not_valid_before(now - datetime.timedelta(hours=1))
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
     )
     if constraints is not None:
@@ -271,7 +306,9 @@ def test_a_ca_without_name_constraints_is_refused(tmp_path):
 def test_expired_ca_is_refused_and_expiring_ca_warns(tmp_path):
     ca.init_directory(tmp_path, DEFAULT_PATTERNS, intermediate_days=20)
     authority, warnings = ca.load_authority(tmp_path / "ca.crt", tmp_path / "ca.key", DEFAULT_PATTERNS)
-    assert len(warnings) == 1 and "less than 30 days" in warnings[0] and str(tmp_path / "ca.crt") in warnings[0]
+    assert (
+        len(warnings) == 1 and "less than 30 days" in warnings[0] and str(tmp_path / "ca.crt") in warnings[0]
+    )
     later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=21)
     with pytest.raises(ca.CaError, match="expired"):
         ca.load_authority(tmp_path / "ca.crt", tmp_path / "ca.key", DEFAULT_PATTERNS, now=later)
@@ -291,11 +328,17 @@ def _enterprise_sign(csr: x509.CertificateSigningRequest):
     root_key, root = _self_signed_ca(None)
     now = datetime.datetime.now(datetime.UTC)
     builder = (
-        x509.CertificateBuilder().subject_name(csr.subject).issuer_name(root.subject).public_key(csr.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+        x509.CertificateBuilder()
+        .subject_name(csr.subject)
+        .issuer_name(root.subject)
+        .public_key(csr.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=90))
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False
+        )
     )
     for extension in csr.extensions:
         builder = builder.add_extension(extension.value, critical=extension.critical)
@@ -316,7 +359,9 @@ def test_csr_carries_the_constraints_and_the_signed_result_is_accepted(tmp_path)
     write_pem(tmp_path / "ca.crt", intermediate, enterprise_root)
     authority, _ = ca.load_authority(tmp_path / "ca.crt", key_path, DEFAULT_PATTERNS)
     assert authority.chain == (intermediate,)
-    leaf = tls.mint_leaf(authority, ca.new_key(), ECR_HOST, 3600, datetime.datetime.now(datetime.UTC).timestamp())
+    leaf = tls.mint_leaf(
+        authority, ca.new_key(), ECR_HOST, 3600, datetime.datetime.now(datetime.UTC).timestamp()
+    )
     store = verification.Store([enterprise_root])
     verifier = verification.PolicyBuilder().store(store).build_server_verifier(x509.DNSName(ECR_HOST))
     verifier.verify(leaf, list(authority.chain))

@@ -11,7 +11,9 @@ DNSMIRROR = [sys.executable, "-m", "dnsmirror"]
 
 
 def run(*args, timeout=60, **kwargs):
-    return subprocess.run([*DNSMIRROR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs)
+    return subprocess.run(
+        [*DNSMIRROR, *map(str, args)], capture_output=True, text=True, timeout=timeout, **kwargs
+    )
 
 
 def refused(done) -> str:
@@ -86,7 +88,9 @@ def test_help_is_plain_text_with_defaults():
     assert "(default: 365)" in init and "(default: 3650)" in init
     for command in (["serve"], ["config", "check"], ["ca", "csr"], ["ca", "check"], ["ca", "constraints"]):
         text = run(*command, "--help").stdout
-        options = [line for line in text.splitlines() if line.strip().startswith("--") and "--help" not in line]
+        options = [
+            line for line in text.splitlines() if line.strip().startswith("--") and "--help" not in line
+        ]
         for line in options:
             assert len(line.split(None, 2)) == 3, f"{command}: option without help: {line!r}"
 

@@ -48,8 +48,19 @@ def test_every_problem_is_reported_with_its_key_path():
         "surprise": True,
     })
     assert set(found) == {
-        "capture[0]", "capture[2]", "mirror.address", "mirror.address6", "dns.listen[0]", "dns.ttl",
-        "dns.allow[0]", "dns.typo", "dns.timeout", "cache.max_size", "peers.static[0]", "log.format", "surprise",
+        "capture[0]",
+        "capture[2]",
+        "mirror.address",
+        "mirror.address6",
+        "dns.listen[0]",
+        "dns.ttl",
+        "dns.allow[0]",
+        "dns.typo",
+        "dns.timeout",
+        "cache.max_size",
+        "peers.static[0]",
+        "log.format",
+        "surprise",
     }
     assert "two labels" in found["capture[0]"]
     assert "unknown key" in found["dns.typo"]
@@ -98,7 +109,9 @@ def test_host_port_rejects(text):
 def test_durations_and_sizes():
     assert parse_duration("500ms") == 0.5
     assert parse_duration("2s") == 2 and parse_duration(3) == 3 and parse_duration("1m") == 60
-    assert parse_size("10GiB") == 10 * 2**30 and parse_size("500MB") == 500 * 10**6 and parse_size(4096) == 4096
+    assert (
+        parse_size("10GiB") == 10 * 2**30 and parse_size("500MB") == 500 * 10**6 and parse_size(4096) == 4096
+    )
     for bad in ("0s", "soon", True, -1):
         with pytest.raises(ValueError):
             parse_duration(bad)
@@ -113,7 +126,9 @@ def test_effective_document_round_trips():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "dnsmirror", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "dnsmirror", *args], capture_output=True, text=True, timeout=60
+    )
 
 
 def config_check(tmp_path, name: str, text: str):
@@ -128,7 +143,9 @@ def test_config_check_command(tmp_path):
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["mirror"]["address"] == "10.1.2.3"
 
-    result = config_check(tmp_path, "bad.yaml", "mirror:\n  address: nope\ndns:\n  listen: ['1.2.3.4']\n  bogus: 1\n")
+    result = config_check(
+        tmp_path, "bad.yaml", "mirror:\n  address: nope\ndns:\n  listen: ['1.2.3.4']\n  bogus: 1\n"
+    )
     assert result.returncode != 0
     for key in ("mirror.address", "dns.listen[0]", "dns.bogus"):
         assert key in result.stderr
@@ -136,8 +153,11 @@ def test_config_check_command(tmp_path):
 
 
 def test_config_check_never_prints_the_proxy_password(tmp_path):
-    result = config_check(tmp_path, "proxy.yaml",
-                          "upstream:\n  proxy: http://ci:hunter2@proxy.corp.example:3128\n  no_proxy: [corp.example]\n")
+    result = config_check(
+        tmp_path,
+        "proxy.yaml",
+        "upstream:\n  proxy: http://ci:hunter2@proxy.corp.example:3128\n  no_proxy: [corp.example]\n",
+    )
     assert result.returncode == 0, result.stderr
     assert yaml.safe_load(result.stdout)["upstream"]["proxy"] == "http://ci:***@proxy.corp.example:3128"
     assert "hunter2" not in result.stdout + result.stderr

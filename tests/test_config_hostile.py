@@ -101,7 +101,9 @@ def test_a_huge_file_is_refused_after_reading_at_most_256_kib(tmp_path):
 
 def test_a_huge_value_is_not_printed_in_full(tmp_path):
     path = tmp_path / "long.yaml"
-    path.write_text(yaml.safe_dump({"mirror": {"address": "x" * 200_000}, "dns": {"allow": list(range(5000))}}))
+    path.write_text(
+        yaml.safe_dump({"mirror": {"address": "x" * 200_000}, "dns": {"allow": list(range(5000))}})
+    )
     with pytest.raises(ConfigError) as info:
         config.load(path)
     text = info.value.describe()
@@ -207,7 +209,9 @@ def test_invalid_listen_entries_are_not_followed_by_a_misleading_empty_list_prob
 def test_effective_config_prints_durations_as_durations_and_reads_back(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("upstream:\n  read_timeout: 1m30s\ncache:\n  max_size: 10GB\n")
-    done = subprocess.run([*DNSMIRROR, "config", "check", str(path)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*DNSMIRROR, "config", "check", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     document = yaml.safe_load(done.stdout)
     assert document["upstream"]["read_timeout"] == "1m30s"
@@ -222,7 +226,9 @@ def test_effective_config_prints_durations_as_durations_and_reads_back(tmp_path)
 def test_placeholders_of_the_configmap_are_pointed_out(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("# PLACEHOLDER: your registry\nskip: ['000000000000.dkr.ecr.us-east-1.amazonaws.com']\n")
-    done = subprocess.run([*DNSMIRROR, "config", "check", str(path)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*DNSMIRROR, "config", "check", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert "line 1: marked PLACEHOLDER" in done.stderr
     assert "placeholder account" in done.stderr
 

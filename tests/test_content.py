@@ -40,7 +40,9 @@ class ManualDisk(DiskIO):
             if getattr(function, "__name__", "") == name:
                 del self.queue[index]
                 return function, args, kwargs, d
-        raise AssertionError(f"no queued {name} call in {[getattr(f, '__name__', f) for f, *_ in self.queue]}")
+        raise AssertionError(
+            f"no queued {name} call in {[getattr(f, '__name__', f) for f, *_ in self.queue]}"
+        )
 
     def step(self, name: str) -> None:
         """Run the queued call of ``name`` and report its outcome at once."""
@@ -125,7 +127,9 @@ def read_after_commit(store: Store, data: bytes) -> tuple[ManualDisk, BlobReques
     disk = ManualDisk(store)
     chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), Grants(300, 86400), passthrough=None)
     request = BlobRequest()
-    served = defer.ensureDeferred(chain.serve(request, blob_target("sha256:" + hashlib.sha256(data).hexdigest())))
+    served = defer.ensureDeferred(
+        chain.serve(request, blob_target("sha256:" + hashlib.sha256(data).hexdigest()))
+    )
     disk.step("writer")               # the cache file, created while upstream answers
     disk.step("_write_and_verify")    # the whole body arrived at once: written and verified
     commit_reported = disk.run_quietly("commit")
@@ -229,7 +233,9 @@ def test_a_peer_that_breaks_off_mid_blob_is_finished_from_upstream(tmp_path):
     with Store.open(tmp_path / "cache", 10 * 2**20) as store:
         disk = ManualDisk(store)
         upstream, peer = RangeUpstream(data), BreakingPeer(data, cut=123_456)
-        chain = ContentChain(disk.reactor, disk, upstream, granted(digest, disk), passthrough=None, peers=peer)
+        chain = ContentChain(
+            disk.reactor, disk, upstream, granted(digest, disk), passthrough=None, peers=peer
+        )
         request = BlobRequest()
         served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
         disk.drain()
@@ -248,8 +254,9 @@ def test_peers_are_not_asked_while_the_cache_disk_was_full_recently(tmp_path):
     with Store.open(tmp_path / "cache", 10 * 2**20) as store:
         disk = ManualDisk(store)
         peer = BreakingPeer(data, cut=100)
-        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None,
-                             peers=peer)
+        chain = ContentChain(
+            disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None, peers=peer
+        )
         chain.uncached_until = disk.reactor.seconds() + 60
         request = BlobRequest()
         served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
@@ -322,7 +329,9 @@ def test_a_damaged_cached_blob_is_cut_before_its_last_bytes_dropped_and_fetched_
         digest = cached(store, data)
         damage(store, digest, len(data) - 2)  # in the last bytes: everything before them is sent
         disk = ManualDisk(store)
-        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None)
+        chain = ContentChain(
+            disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None
+        )
         first = BlobRequest()
         serve(chain, disk, first, blob_target(digest))
         assert first.channel.transport.aborted and not first.finished
@@ -340,7 +349,9 @@ def test_a_small_damaged_cached_blob_is_replaced_before_a_byte_is_sent(tmp_path)
         digest = cached(store, data)
         damage(store, digest, 5)
         disk = ManualDisk(store)
-        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None)
+        chain = ContentChain(
+            disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None
+        )
         request = BlobRequest()
         serve(chain, disk, request, blob_target(digest))
         assert request.finished and request.body == data and request.source == "upstream"
@@ -353,7 +364,9 @@ def test_a_range_of_a_damaged_cached_blob_is_answered_with_the_right_bytes(tmp_p
         digest = cached(store, data)
         damage(store, digest, 1000)
         disk = ManualDisk(store)
-        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None)
+        chain = ContentChain(
+            disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None
+        )
         request = RangeRequest(900, 1100)
         serve(chain, disk, request, blob_target(digest))
         # the whole copy is checked before any range of it is served: the range comes from a new fill
@@ -372,10 +385,14 @@ def test_a_cached_blob_found_at_start_is_hashed_once_and_then_served_without_has
         reader.close()
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
         disk = ManualDisk(store)
-        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(b"unused"), granted(digest, disk), passthrough=None)
+        chain = ContentChain(
+            disk.reactor, disk, OneBlobUpstream(b"unused"), granted(digest, disk), passthrough=None
+        )
         calls: list[str] = []
         run = disk.run
-        disk.run = lambda function, *a, **k: calls.append(getattr(function, "__name__", "")) or run(function, *a, **k)
+        disk.run = lambda function, *a, **k: (
+            calls.append(getattr(function, "__name__", "")) or run(function, *a, **k)
+        )
         for _ in range(2):
             request = BlobRequest()
             serve(chain, disk, request, blob_target(digest))
@@ -388,12 +405,16 @@ def test_a_cached_blob_found_at_start_is_hashed_once_and_then_served_without_has
 
 
 def test_a_damaged_cached_manifest_is_fetched_again_before_a_byte_is_sent(tmp_path):
-    manifest = b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": []}'
+    manifest = (
+        b'{"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "layers": []}'
+    )
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
         digest = cached(store, manifest)
         damage(store, digest, 10)
         disk = ManualDisk(store)
-        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(manifest), granted(digest, disk), passthrough=None)
+        chain = ContentChain(
+            disk.reactor, disk, OneBlobUpstream(manifest), granted(digest, disk), passthrough=None
+        )
         uri = f"/v2/team/app/manifests/{digest}".encode()
         target = Target(host=ECR, upstream_host=ECR, uri=uri, method="GET", path=oci.parse_path(uri),
                         credential=ANONYMOUS, authorization=[])
@@ -439,7 +460,9 @@ def test_a_disk_failing_mid_fill_does_not_cut_the_client_and_later_fills_stay_of
             monkeypatch.undo()
 
 
-def test_a_blob_larger_than_the_free_space_streams_uncached_and_a_range_of_it_goes_upstream(tmp_path, monkeypatch):
+def test_a_blob_larger_than_the_free_space_streams_uncached_and_a_range_of_it_goes_upstream(
+    tmp_path, monkeypatch
+):
     data = os.urandom(300_000)
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
@@ -452,7 +475,11 @@ def test_a_blob_larger_than_the_free_space_streams_uncached_and_a_range_of_it_go
         assert request.finished and request.body == data and request.source == "relay" and digest not in store
         ranged = RangeRequest(0, 99)
         serve(chain, disk, ranged, blob_target(digest))
-        assert ranged.code == 206 and ranged.body == data[:100] and chain.passthrough.forwarded == [b"bytes=0-99"]
+        assert (
+            ranged.code == 206
+            and ranged.body == data[:100]
+            and chain.passthrough.forwarded == [b"bytes=0-99"]
+        )
 
 
 class _StagedResponse(_Response):
@@ -477,7 +504,9 @@ class StagedThenWholeUpstream:
         return defer.succeed(_Response(self.body))
 
 
-def test_a_reader_joining_just_as_the_disk_fails_under_the_fill_is_served_from_upstream(tmp_path, monkeypatch):
+def test_a_reader_joining_just_as_the_disk_fails_under_the_fill_is_served_from_upstream(
+    tmp_path, monkeypatch
+):
     import errno
 
     data = os.urandom(3 * 2**20)

@@ -49,7 +49,12 @@ def healthy_mirror(tmp_path, upstream):
     overrides = {
         "dns": {"upstreams": [f"127.0.0.1:{upstream}"]},
         "mirror": {"address": "10.96.0.53", "address6": "fd00::53"},
-        "health": {"interval": "200ms", "timeout": "100ms", "failures": 1, "targets": [f"127.0.0.1:{https_port}"]},
+        "health": {
+            "interval": "200ms",
+            "timeout": "100ms",
+            "failures": 1,
+            "targets": [f"127.0.0.1:{https_port}"],
+        },
     }
     with tcp_listener(https_port), dnsmirror_serve(tmp_path, overrides) as (port, process, log):
         assert wait_until(lambda: dig_answers(dig(port, ECR).stdout)[:1] and
@@ -95,7 +100,9 @@ def test_aaaa_is_empty_without_an_ipv6_mirror_address(tmp_path, upstream):
 
 def test_forwarded_answers_pass_through(healthy_mirror):
     port = healthy_mirror
-    assert dig_answers(dig(port, "www.example.test").stdout) == [("www.example.test.", 300, "A", "192.0.2.10")]
+    assert dig_answers(dig(port, "www.example.test").stdout) == [
+        ("www.example.test.", 300, "A", "192.0.2.10")
+    ]
 
     nx = dig(port, "missing.example.test")
     assert dig_status(nx.stdout) == "NXDOMAIN"
@@ -130,10 +137,18 @@ def test_second_upstream_answers_when_the_first_is_silent(tmp_path, upstream):
 
 
 def test_servfail_within_the_timeout_budget_when_all_upstreams_are_silent(tmp_path):
-    with silent_udp_server() as one, silent_udp_server() as two, dnsmirror_serve(
-        tmp_path, {"dns": {"upstreams": [f"127.0.0.1:{one}", f"127.0.0.1:{two}"], "timeout": "400ms"}}, wait=False
-    ) as (port, _, _):
-        assert wait_until(lambda: dig_status(dig(port, "x.example.test", timeout=1).stdout) != "NO ANSWER", 10)
+    with (
+        silent_udp_server() as one,
+        silent_udp_server() as two,
+        dnsmirror_serve(
+            tmp_path,
+            {"dns": {"upstreams": [f"127.0.0.1:{one}", f"127.0.0.1:{two}"], "timeout": "400ms"}},
+            wait=False,
+        ) as (port, _, _),
+    ):
+        assert wait_until(
+            lambda: dig_status(dig(port, "x.example.test", timeout=1).stdout) != "NO ANSWER", 10
+        )
         started = time.monotonic()
         result = dig(port, "www.example.test", timeout=5)
         elapsed = time.monotonic() - started
@@ -144,7 +159,9 @@ def test_servfail_within_the_timeout_budget_when_all_upstreams_are_silent(tmp_pa
 def test_clients_outside_the_allow_list_are_refused(tmp_path, upstream):
     overrides = {"dns": {"upstreams": [f"127.0.0.1:{upstream}"], "allow": ["127.0.0.2/32"]}}
     with dnsmirror_serve(tmp_path, overrides, wait=False) as (port, _, _):
-        assert wait_until(lambda: dig_status(dig(port, "www.example.test", timeout=1).stdout) == "REFUSED", 10)
+        assert wait_until(
+            lambda: dig_status(dig(port, "www.example.test", timeout=1).stdout) == "REFUSED", 10
+        )
         refused = dig(port, ECR)
         assert dig_status(refused.stdout) == "REFUSED" and dig_answers(refused.stdout) == []
         allowed = dig(port, "www.example.test", "A", "-b", "127.0.0.2")
@@ -156,7 +173,12 @@ def test_fail_open_while_the_mirror_is_down_and_capture_again_once_back(tmp_path
     overrides = {
         "dns": {"upstreams": [f"127.0.0.1:{upstream}"]},
         "mirror": {"address": "10.96.0.53"},
-        "health": {"interval": "200ms", "timeout": "100ms", "failures": 2, "targets": [f"127.0.0.1:{https_port}"]},
+        "health": {
+            "interval": "200ms",
+            "timeout": "100ms",
+            "failures": 2,
+            "targets": [f"127.0.0.1:{https_port}"],
+        },
     }
 
     def answer() -> str:
@@ -184,8 +206,16 @@ def test_serve_reports_a_port_it_cannot_bind(tmp_path):
     with tcp_listener(free_port()) as busy:
         port = busy.getsockname()[1]
         config = tmp_path / "busy.yaml"
-        config.write_text(yaml.safe_dump({"dns": {"listen": [f"127.0.0.1:{port}"]}, "https": {"listen": []},
-                                          "health": {"targets": ["127.0.0.1:9"]}, "metrics": {"listen": None}}))
+        config.write_text(
+            yaml.safe_dump(
+                {
+                    "dns": {"listen": [f"127.0.0.1:{port}"]},
+                    "https": {"listen": []},
+                    "health": {"targets": ["127.0.0.1:9"]},
+                    "metrics": {"listen": None},
+                }
+            )
+        )
         result = subprocess.run([sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)],
                                 capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert result.returncode == 2
@@ -200,7 +230,12 @@ def test_metrics_count_outcomes_and_readiness_follows_health(tmp_path, upstream)
     https_port, metrics_port = free_port(), free_port()
     overrides = {
         "dns": {"upstreams": [f"127.0.0.1:{upstream}"], "allow": ["127.0.0.1/32"]},
-        "health": {"interval": "200ms", "timeout": "100ms", "failures": 1, "targets": [f"127.0.0.1:{https_port}"]},
+        "health": {
+            "interval": "200ms",
+            "timeout": "100ms",
+            "failures": 1,
+            "targets": [f"127.0.0.1:{https_port}"],
+        },
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
     }
 

@@ -16,8 +16,13 @@ ECR = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
 
 
 def responder(enabled: bool = True, address6: str | None = "fd00::53") -> Responder:
-    r = Responder(HostMatcher(["*.dkr.ecr.*.amazonaws.com", "*-docker.pkg.dev"], skip=["9.dkr.ecr.x.amazonaws.com"]),
-                  "10.96.0.53", address6, ttl=7, cache_size=8)
+    r = Responder(
+        HostMatcher(["*.dkr.ecr.*.amazonaws.com", "*-docker.pkg.dev"], skip=["9.dkr.ecr.x.amazonaws.com"]),
+        "10.96.0.53",
+        address6,
+        ttl=7,
+        cache_size=8,
+    )
     r.capture_enabled = enabled
     return r
 
@@ -34,7 +39,9 @@ def test_captured_a_answer():
     decision = responder().decide(packet)
     assert decision.action is Action.ANSWER and decision.captured
     reply = DNSRecord.parse(decision.packet)
-    assert reply.header.id == 0x1234 and reply.header.qr == 1 and reply.header.aa == 0 and reply.header.ra == 1
+    assert (
+        reply.header.id == 0x1234 and reply.header.qr == 1 and reply.header.aa == 0 and reply.header.ra == 1
+    )
     assert reply.header.rd == 1 and reply.header.rcode == RCODE.NOERROR
     assert str(reply.q.qname) == ECR.upper() + "."
     assert [(str(rr.rname), rr.rtype, str(rr.rdata), rr.ttl) for rr in reply.rr] == [
@@ -56,7 +63,9 @@ def test_captured_a_on_an_ipv6_only_node_is_empty_and_aaaa_answers():
     ipv6_only.capture_enabled = True
     a = ipv6_only.decide(query(ECR, "A"))
     assert a.action is Action.ANSWER and DNSRecord.parse(a.packet).rr == []
-    assert [str(rr.rdata) for rr in DNSRecord.parse(ipv6_only.decide(query(ECR, "AAAA")).packet).rr] == ["fd00::53"]
+    assert [str(rr.rdata) for rr in DNSRecord.parse(ipv6_only.decide(query(ECR, "AAAA")).packet).rr] == [
+        "fd00::53"
+    ]
 
 
 @pytest.mark.parametrize("qtype", ["HTTPS", "SVCB"])

@@ -30,10 +30,24 @@ def test_references_and_names():
     assert example_name(("*.gcr.io", "quay.io"), HostMatcher(("*.gcr.io", "quay.io"), ())) == "quay.io"
 
 
-def doctor(node, mirror: MirrorNode, trust: Path, image: str | None = IMAGE) -> tuple[int, dict[str, str], str]:
+def doctor(
+    node, mirror: MirrorNode, trust: Path, image: str | None = IMAGE
+) -> tuple[int, dict[str, str], str]:
     """Run doctor in ``node``; (exit status, {check: its line and fix}, whole output)."""
-    done = node.run([sys.executable, "-m", "dnsmirror", "doctor", "--config", str(mirror.config_path),
-                     *([image] if image else [])], env=clean_env(ssl_cert_file=trust), check=False, timeout=90)
+    done = node.run(
+        [
+            sys.executable,
+            "-m",
+            "dnsmirror",
+            "doctor",
+            "--config",
+            str(mirror.config_path),
+            *([image] if image else []),
+        ],
+        env=clean_env(ssl_cert_file=trust),
+        check=False,
+        timeout=90,
+    )
     output = done.stdout.decode()
     checks: dict[str, str] = {}
     current = None
@@ -81,7 +95,9 @@ def test_doctor_finds_what_is_broken(tmp_path: Path) -> None:
                 status, checks, output = doctor(node, mirror, trust, image=None)
                 node.write_resolv_conf([mirror.address])
                 assert status == 1 and checks["resolver"].startswith("FAIL"), output
-                assert "it is not dnsmirror" in checks["resolver"] and "first nameserver" in checks["resolver"]
+                assert (
+                    "it is not dnsmirror" in checks["resolver"] and "first nameserver" in checks["resolver"]
+                )
 
                 # upstream unreachable from the mirror
                 registry.stop()
@@ -96,5 +112,8 @@ def test_doctor_finds_what_is_broken(tmp_path: Path) -> None:
                 mirror.stop()
                 status, checks, output = doctor(node, mirror, trust, image=None)
                 assert status == 1 and checks["mirror"].startswith("FAIL"), output
-                assert "connection refused" in checks["mirror"] and "kubectl -n dnsmirror get pods" in checks["mirror"]
+                assert (
+                    "connection refused" in checks["mirror"]
+                    and "kubectl -n dnsmirror get pods" in checks["mirror"]
+                )
                 assert checks["resolver"].startswith("FAIL") and checks["upstream"].startswith("skip"), output

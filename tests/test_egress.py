@@ -123,7 +123,9 @@ class LocalProxy:
     def __init__(self, test: TestCase, refuse: bool = False) -> None:
         self.requests: list[tuple[bytes, str, bytes | None]] = []
         self.refuse = refuse
-        self.port = reactor.listenTCP(0, Factory.forProtocol(lambda: _ConnectProxy(self)), interface="127.0.0.1")
+        self.port = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: _ConnectProxy(self)), interface="127.0.0.1"
+        )
         test.addCleanup(self.port.stopListening)
 
     @property
@@ -139,11 +141,18 @@ class EgressProxyTests(TestCase):
         # the mirror's own resolvers know none of the registry names: only the proxy can reach them
         self.dns, self.dns_server = start_dns(self, {"proxy.test": [("A", "127.0.0.1")]})
 
-    def client(self, proxy: LocalProxy, no_proxy: tuple[str, ...] = (), url: str | None = None) -> UpstreamClient:
+    def client(
+        self, proxy: LocalProxy, no_proxy: tuple[str, ...] = (), url: str | None = None
+    ) -> UpstreamClient:
         resolver = UpstreamResolver([self.dns_server], reactor=reactor, timeout=1.0,
                                     policy=AddressPolicy(allow_internal=True))
-        client = UpstreamClient(resolver, reactor=reactor, tls_policy=UpstreamTLSPolicy.from_bundle(pki().ca_path),
-                                settings=UpstreamSettings(connect_timeout=5), proxy=EgressProxy.parse(url or proxy.url, no_proxy))
+        client = UpstreamClient(
+            resolver,
+            reactor=reactor,
+            tls_policy=UpstreamTLSPolicy.from_bundle(pki().ca_path),
+            settings=UpstreamSettings(connect_timeout=5),
+            proxy=EgressProxy.parse(url or proxy.url, no_proxy),
+        )
         self.addCleanup(client.close)
         return client
 
@@ -155,7 +164,9 @@ class EgressProxyTests(TestCase):
             response = yield client.request("GET", self.servers.url("registry.test", "/blob"))
             self.assertEqual((response.code, (yield response.read_body(1024))), (200, b"blob-bytes"))
         port = self.servers.ports["registry.test"]
-        self.assertEqual(proxy.requests, [(b"CONNECT", f"registry.test:{port}", b"Basic dXNlcjpwcjB4eS1zZWNyZXQ=")])
+        self.assertEqual(
+            proxy.requests, [(b"CONNECT", f"registry.test:{port}", b"Basic dXNlcjpwcjB4eS1zZWNyZXQ=")]
+        )
         self.assertEqual(self.dns.queries, [])  # the proxy resolved the name, not the mirror
         self.assertEqual(len(self.servers.requests_to("registry.test")), 2)
 
@@ -172,15 +183,18 @@ class EgressProxyTests(TestCase):
     @defer.inlineCallbacks
     def test_the_registry_certificate_is_still_verified_inside_the_tunnel(self):
         proxy = LocalProxy(self)
-        request = self.client(proxy).request("GET", self.servers.url("wrong.test", "/blob", port_of="registry.test"))
+        request = self.client(proxy).request(
+            "GET", self.servers.url("wrong.test", "/blob", port_of="registry.test")
+        )
         yield self.assertFailure(request, UpstreamTLSError)
         self.assertEqual(self.servers.log, [])
 
     @defer.inlineCallbacks
     def test_a_refused_tunnel_is_a_clear_upstream_failure(self):
         proxy = LocalProxy(self, refuse=True)
-        error = yield self.assertFailure(self.client(proxy).request("GET", self.servers.url("registry.test", "/blob")),
-                                         UpstreamUnavailable)
+        error = yield self.assertFailure(
+            self.client(proxy).request("GET", self.servers.url("registry.test", "/blob")), UpstreamUnavailable
+        )
         self.assertIn("refused CONNECT", str(error))
         self.assertIn("403 Forbidden", str(error))
         self.assertNotIn(PROXY_PASSWORD, str(error))
@@ -190,9 +204,13 @@ class EgressProxyTests(TestCase):
         silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
         self.addCleanup(silent.stopListening)
         resolver = UpstreamResolver([self.dns_server], reactor=reactor, timeout=1.0)
-        client = UpstreamClient(resolver, reactor=reactor, tls_policy=UpstreamTLSPolicy.from_bundle(pki().ca_path),
-                                settings=UpstreamSettings(connect_timeout=0.5),
-                                proxy=EgressProxy.parse(f"http://127.0.0.1:{silent.getHost().port}"))
+        client = UpstreamClient(
+            resolver,
+            reactor=reactor,
+            tls_policy=UpstreamTLSPolicy.from_bundle(pki().ca_path),
+            settings=UpstreamSettings(connect_timeout=0.5),
+            proxy=EgressProxy.parse(f"http://127.0.0.1:{silent.getHost().port}"),
+        )
         self.addCleanup(client.close)
         error = yield self.assertFailure(client.request("GET", self.servers.url("registry.test", "/blob")),
                                          UpstreamUnavailable)

@@ -44,8 +44,14 @@ def test_pulls_go_through_the_egress_proxy_with_the_registry_verified(tmp_path) 
             push_image(image, pusher, REFERENCE, ca_file=ca.cert_path)
             pushed = len(registry.access_log())
 
-            skopeo_copy(node, f"docker://{REFERENCE}", f"oci:{tmp_path / 'pulled'}:v1", ca_file=mirror.trust_bundle(),
-                        all_platforms=False, timeout=60)
+            skopeo_copy(
+                node,
+                f"docker://{REFERENCE}",
+                f"oci:{tmp_path / 'pulled'}:v1",
+                ca_file=mirror.trust_bundle(),
+                all_platforms=False,
+                timeout=60,
+            )
 
             assert (tmp_path / "pulled" / "index.json").exists()
             assert proxy.connects() and set(proxy.connects()) == {f"{ECR_HOST}:443"}

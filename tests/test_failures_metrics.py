@@ -35,8 +35,14 @@ def test_a_failure_is_logged_at_warning_with_where_and_why_and_counted(records):
     log.report("upstream", "dns", "ghcr.io: lookup failed", host="ghcr.io", repository="team/app")
     [record] = records()
     assert record.levelno == logging.WARNING
-    assert record.fields == {"event": "upstream_failure", "component": "upstream", "kind": "dns", "host": "ghcr.io",
-                             "repository": "team/app", "reason": "ghcr.io: lookup failed"}
+    assert record.fields == {
+        "event": "upstream_failure",
+        "component": "upstream",
+        "kind": "dns",
+        "host": "ghcr.io",
+        "repository": "team/app",
+        "reason": "ghcr.io: lookup failed",
+    }
     assert log.count("upstream", "dns") == 1
 
 
@@ -63,17 +69,29 @@ def test_unknown_kinds_and_long_reasons_stay_bounded(records):
     assert len(log._last_logged) <= 1000
 
 
-@pytest.mark.parametrize(("exc", "kind"), [
-    (ResolutionError("ghcr.io", "lookup failed: [Errno 101] Network is unreachable"), "dns"),
-    (upstream.UpstreamTimeout("GET https://ghcr.io/v2/: connect timed out after 5s"), "connect_timeout"),
-    (upstream.UpstreamTimeout("GET https://ghcr.io/v2/: no response headers within 30s"), "first_byte_timeout"),
-    (upstream.UpstreamTimeout("GET https://ghcr.io/v2/: no body bytes for 60s"), "read_timeout"),
-    (upstream.UpstreamTLSError("GET https://ghcr.io/v2/: TLS failed: certificate verify failed", True), "tls"),
-    (upstream.UpstreamUnavailable("GET https://ghcr.io/v2/a/blobs/x: body cut after 10 of 20 bytes"), "body_cut"),
-    (upstream.UpstreamUnavailable("GET https://ghcr.io/v2/: ConnectionRefusedError: refused"), "connect"),
-    (upstream.RedirectRefused("refusing redirect to http URL"), "redirect"),
-    (upstream.BodyTooLarge("too big"), "too_large"),
-])
+@pytest.mark.parametrize(
+    ("exc", "kind"),
+    [
+        (ResolutionError("ghcr.io", "lookup failed: [Errno 101] Network is unreachable"), "dns"),
+        (upstream.UpstreamTimeout("GET https://ghcr.io/v2/: connect timed out after 5s"), "connect_timeout"),
+        (
+            upstream.UpstreamTimeout("GET https://ghcr.io/v2/: no response headers within 30s"),
+            "first_byte_timeout",
+        ),
+        (upstream.UpstreamTimeout("GET https://ghcr.io/v2/: no body bytes for 60s"), "read_timeout"),
+        (
+            upstream.UpstreamTLSError("GET https://ghcr.io/v2/: TLS failed: certificate verify failed", True),
+            "tls",
+        ),
+        (
+            upstream.UpstreamUnavailable("GET https://ghcr.io/v2/a/blobs/x: body cut after 10 of 20 bytes"),
+            "body_cut",
+        ),
+        (upstream.UpstreamUnavailable("GET https://ghcr.io/v2/: ConnectionRefusedError: refused"), "connect"),
+        (upstream.RedirectRefused("refusing redirect to http URL"), "redirect"),
+        (upstream.BodyTooLarge("too big"), "too_large"),
+    ],
+)
 def test_upstream_failures_are_classified(exc, kind):
     assert upstream_kind(exc) == kind
     assert kind in failures.UPSTREAM_KINDS
@@ -86,7 +104,10 @@ def test_other_classifications():
     assert peer_kind("User timeout caused connection failure.") == "timeout"
     assert peer_kind("Connection was refused by other side") == "refused"
     assert fill_failure_kind("upstream", StoreFull("full")) == ("cache", "full")
-    assert fill_failure_kind("upstream", DigestMismatch("sha256:a", "sha256:b", 1)) == ("upstream", "digest_mismatch")
+    assert fill_failure_kind("upstream", DigestMismatch("sha256:a", "sha256:b", 1)) == (
+        "upstream",
+        "digest_mismatch",
+    )
     assert fill_failure_kind("containerd", DigestMismatch("sha256:a", "sha256:b", 1)) == ("cache", "damaged")
     # the peer client reports it
     assert fill_failure_kind("peer", DigestMismatch("sha256:a", "sha256:b", 1)) is None
@@ -126,7 +147,10 @@ def test_metrics_follow_the_conventions():
     assert samples[("dnsmirror_http_requests_total", (("method", "other"), ("source", "other"),
                                                       ("status_class", "4xx")))] == 1
     assert samples[("dnsmirror_http_response_bytes_total", (("source", "cache"),))] == 1000
-    assert samples[("dnsmirror_http_request_duration_seconds_bucket", (("le", "0.025"), ("source", "cache")))] == 1
+    assert (
+        samples[("dnsmirror_http_request_duration_seconds_bucket", (("le", "0.025"), ("source", "cache")))]
+        == 1
+    )
     assert samples[("dnsmirror_http_request_duration_seconds_count", (("source", "mirror"),))] == 1
     assert samples[("dnsmirror_upstream_errors_total", (("kind", "dns"),))] == 1
     assert samples[("dnsmirror_upstream_errors_total", (("kind", "tls"),))] == 0

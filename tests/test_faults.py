@@ -61,7 +61,16 @@ PEER_FLOOD_CONNECTIONS = 150
 
 # how good an outcome is for a client: a clear answer beats a cut, a cut beats hanging until its own
 # timeout, and a complete response with wrong bytes is the worst (the client only finds out afterwards)
-RANK = {"ok": 6, "ok after retry": 5, "status 5xx": 4, "cut": 3, "timeout": 2, "refused": 2, "failed": 1, "wrong": 0}
+RANK = {
+    "ok": 6,
+    "ok after retry": 5,
+    "status 5xx": 4,
+    "cut": 3,
+    "timeout": 2,
+    "refused": 2,
+    "failed": 1,
+    "wrong": 0,
+}
 
 
 @dataclass(frozen=True)
@@ -203,9 +212,26 @@ def world(tmp_path_factory) -> Iterator[World]:
 def curl_get(namespace: Namespace, host: str, address: str, path: str, trust: Path, out: Path,
              max_time: float) -> tuple[int, int, bytes]:
     """(curl exit status, HTTP status, body) of one GET of ``https://host{path}`` sent to ``address``."""
-    done = namespace.run(["curl", "-sS", "--http1.1", "--cacert", str(trust), "--resolve", f"{host}:443:{address}",
-                          "--max-time", str(max_time), "-o", str(out), "-w", "%{http_code}",
-                          f"https://{host}{path}"], check=False, timeout=max_time + 30)
+    done = namespace.run(
+        [
+            "curl",
+            "-sS",
+            "--http1.1",
+            "--cacert",
+            str(trust),
+            "--resolve",
+            f"{host}:443:{address}",
+            "--max-time",
+            str(max_time),
+            "-o",
+            str(out),
+            "-w",
+            "%{http_code}",
+            f"https://{host}{path}",
+        ],
+        check=False,
+        timeout=max_time + 30,
+    )
     body = out.read_bytes() if out.exists() else b""
     out.unlink(missing_ok=True)
     return done.returncode, int(done.stdout or 0), body
@@ -232,8 +258,9 @@ def fetch(world: World, host: str, address: str, digest: str, expected: bytes, o
     if outcome == "wrong":
         return outcome  # a complete response with wrong bytes: nothing after it repairs that
     if retry and outcome != "ok":
-        again = classify(*curl_get(world.node, host, address, path, world.mirror.trust_bundle(), out, max_time),
-                         expected)
+        again = classify(
+            *curl_get(world.node, host, address, path, world.mirror.trust_bundle(), out, max_time), expected
+        )
         return "ok after retry" if again == "ok" else outcome
     return outcome
 
@@ -264,8 +291,9 @@ def run_transfer_row(world: World, row: Row) -> tuple[str, str, str]:
             world.peers.put(data, row.mode)
         host, direct = ECR_HOST, world.registry.namespace.address
     with ThreadPoolExecutor(2) as both:
-        with_mirror = both.submit(fetch, world, host, world.mirror.address, digest, data, out.with_suffix(".with"),
-                                  retry)
+        with_mirror = both.submit(
+            fetch, world, host, world.mirror.address, digest, data, out.with_suffix(".with"), retry
+        )
         without = both.submit(fetch, world, host, direct, digest, data, out.with_suffix(".without"), retry)
         outcomes = with_mirror.result(), without.result()
     if row.again is not None:
@@ -334,8 +362,14 @@ def run_flood_row(world: World, row: Row) -> tuple[str, str, str]:
                 problems.append(f"pull: {pulled.result().stderr.decode(errors='replace')[-300:]}")
             problems += answers.result()
         # without dnsmirror the node resolves the registry itself and pulls from it: the pusher's view
-        direct = skopeo_copy(world.direct, f"docker://{world.image}", f"oci:{world.workdir / 'pulled-without'}:x",
-                             ca_file=mirror.public_ca.cert_path, timeout=60, check=False)
+        direct = skopeo_copy(
+            world.direct,
+            f"docker://{world.image}",
+            f"oci:{world.workdir / 'pulled-without'}:x",
+            ca_file=mirror.public_ca.cert_path,
+            timeout=60,
+            check=False,
+        )
         without = "ok" if direct.returncode == 0 else "failed"
         state = flood.stdout().strip().splitlines()
         assert flood.alive() and state, flood.describe()
@@ -351,11 +385,17 @@ def run_flood_row(world: World, row: Row) -> tuple[str, str, str]:
         assert metric(world.node, mirror.address, f"dnsmirror_{listener}_connections_refused_total") > 0
     assert len(refusals) <= 10, refusals[-3:]
     with_mirror = "ok" if not problems else "failed"
-    return with_mirror, without, f"flood: {state[-1]}; {len(refusals)} refusal report(s); problems: {problems}"
+    return (
+        with_mirror,
+        without,
+        f"flood: {state[-1]}; {len(refusals)} refusal report(s); problems: {problems}",
+    )
 
 
 def metric(namespace: Namespace, address: str, name: str) -> float:
-    done = namespace.run(["curl", "-s", "--max-time", "5", f"http://{address}:9090/metrics"], check=False, timeout=30)
+    done = namespace.run(
+        ["curl", "-s", "--max-time", "5", f"http://{address}:9090/metrics"], check=False, timeout=30
+    )
     for line in done.stdout.decode().splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])

@@ -10,7 +10,8 @@ with a wrong byte.
 | cache.dir on a tmpfs smaller than the blob | 200/206, right bytes, every time | 200/206 |
 | two fills that fit alone, not together | both 200, right bytes | 200 |
 | cache.dir remounted read-only | 200/206, right bytes (cached content too) | 200/206 |
-| a flipped byte in a cached blob | up to 16 MiB: right bytes at once; bigger, whole GET: cut at worst, never wrong; entry dropped; next: right bytes; Range: right bytes | 200 |
+| a flipped byte in a cached blob | up to 16 MiB: right bytes at once; bigger, whole GET: cut at worst, never
+wrong; entry dropped; next: right bytes; Range: right bytes | 200 |
 | a flipped byte in a cached manifest | right bytes at once; entry dropped and refetched | 200 |
 | dnsmirror SIGKILLed mid-fill, restarted | temp files removed at start; 200, right bytes | 200 |
 """
@@ -51,8 +52,20 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A real tmpfs of ``size`` mounted on ``path`` (a fresh directory), unmounted even on failure."""
     path.mkdir(parents=True)
     try:
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", f"dnsmirror-{uuid.uuid4().hex[:8]}",
-                        str(path)], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                f"size={size},mode=0755",
+                f"dnsmirror-{uuid.uuid4().hex[:8]}",
+                str(path),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"cannot mount a tmpfs here: {exc}")
     try:
@@ -76,8 +89,13 @@ class World:
         return digest, data
 
     def mirror(self, name: str, cache_dir: Path, **cache: object) -> MirrorNode:
-        return MirrorNode(self.node, self.workdir / name, self.dns, self.ca,
-                          {"cache": {"dir": str(cache_dir), **cache}, "log": {"format": "json", "level": "info"}})
+        return MirrorNode(
+            self.node,
+            self.workdir / name,
+            self.dns,
+            self.ca,
+            {"cache": {"dir": str(cache_dir), **cache}, "log": {"format": "json", "level": "info"}},
+        )
 
 
 @pytest.fixture(scope="module")
@@ -98,8 +116,21 @@ def curl(world: World, mirror: MirrorNode, path: str, *headers: str, max_time: f
          rate: str | None = None) -> tuple[int, str, bytes]:
     """(curl's exit code, HTTP status, body) of a GET through dnsmirror, from the node."""
     body = world.workdir / f"body-{uuid.uuid4().hex[:8]}"
-    argv = ["curl", "-sS", "--http1.1", "--cacert", str(mirror.trust_bundle()), "--resolve",
-            f"{ECR_HOST}:443:{mirror.address}", "--max-time", str(max_time), "-o", str(body), "-w", "%{http_code}"]
+    argv = [
+        "curl",
+        "-sS",
+        "--http1.1",
+        "--cacert",
+        str(mirror.trust_bundle()),
+        "--resolve",
+        f"{ECR_HOST}:443:{mirror.address}",
+        "--max-time",
+        str(max_time),
+        "-o",
+        str(body),
+        "-w",
+        "%{http_code}",
+    ]
     if rate:
         argv += ["--limit-rate", rate]
     for header in headers:
@@ -158,7 +189,11 @@ def test_cache_on_a_tmpfs_smaller_than_the_blob_serves_every_get_and_range(world
             world.mirror("tiny", cache_dir, max_size="1GiB") as mirror:
         for _ in range(3):
             assert get_blob(world, mirror, big) == (0, "200", big_data)
-            assert get_blob(world, mirror, big, (5_000_000, 9_000_000)) == (0, "206", big_data[5_000_000:9_000_001])
+            assert get_blob(world, mirror, big, (5_000_000, 9_000_000)) == (
+                0,
+                "206",
+                big_data[5_000_000:9_000_001],
+            )
         # what fits is still cached (and then served from the cache)
         assert get_blob(world, mirror, small) == (0, "200", small_data)
         wait_for(lambda: cached_file(cache_dir, small).exists(), "the small blob to be cached")
@@ -194,7 +229,9 @@ def test_a_cache_dir_remounted_read_only_serves_cached_and_new_content(world: Wo
             world.mirror("ro", cache_dir) as mirror:
         assert get_blob(world, mirror, cached) == (0, "200", cached_data)
         wait_for(lambda: cached_file(cache_dir, cached).exists(), "the blob to be cached")
-        subprocess.run(["mount", "-o", "remount,ro", str(cache_dir)], check=True, capture_output=True, timeout=30)
+        subprocess.run(
+            ["mount", "-o", "remount,ro", str(cache_dir)], check=True, capture_output=True, timeout=30
+        )
         with pytest.raises(OSError):
             (cache_dir / "probe").write_bytes(b"x")
         for _ in range(2):
@@ -238,10 +275,16 @@ def test_a_flipped_byte_in_a_cached_blob_is_never_served_as_a_success(world: Wor
             never_wrong(first, data, "200")
             wait_for(lambda: not path.exists() or path.read_bytes() == data, "the damaged copy to be dropped")
             assert get_blob(world, mirror, digest) == (0, "200", data)
-            wait_for(lambda: path.exists() and path.read_bytes() == data, "the right bytes to be cached again")
+            wait_for(
+                lambda: path.exists() and path.read_bytes() == data, "the right bytes to be cached again"
+            )
         # a range cannot be checked on its own: the whole copy is, before the range is served
         flip_byte(path, 4_000_000)
-        assert get_blob(world, mirror, digest, (3_999_000, 4_001_000)) == (0, "206", data[3_999_000:4_001_001])
+        assert get_blob(world, mirror, digest, (3_999_000, 4_001_000)) == (
+            0,
+            "206",
+            data[3_999_000:4_001_001],
+        )
         wait_for(lambda: path.exists() and path.read_bytes() == data, "the right bytes to be cached again")
         assert get_blob(world, mirror, digest, (0, 99)) == (0, "206", data[:100])
         dropped = [r for r in mirror.log_records() if r.get("message") == "cache entry dropped"]
@@ -299,7 +342,9 @@ def test_a_flipped_byte_in_a_cached_manifest_is_replaced_before_it_is_served(wor
         wait_for(path.exists, "the manifest to be cached")
         flip_byte(path, len(manifest) // 2)
         assert get() == (0, "200", manifest)  # checked whole before a byte was sent: fetched again
-        wait_for(lambda: path.exists() and path.read_bytes() == manifest, "the right manifest to be cached again")
+        wait_for(
+            lambda: path.exists() and path.read_bytes() == manifest, "the right manifest to be cached again"
+        )
         assert get() == (0, "200", manifest)
 
 
@@ -313,9 +358,25 @@ def test_a_mirror_killed_mid_fill_cleans_up_and_serves_the_blob_after_a_restart(
     slow = None
     try:
         # a slow client: the fill goes at its pace, so it is still under way when the process dies
-        slow = world.node.start(["curl", "-sS", "--http1.1", "--cacert", str(mirror.trust_bundle()), "--resolve",
-                                 f"{ECR_HOST}:443:{mirror.address}", "--limit-rate", "2M", "--max-time", "60",
-                                 "-o", "/dev/null", f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], "slow-curl")
+        slow = world.node.start(
+            [
+                "curl",
+                "-sS",
+                "--http1.1",
+                "--cacert",
+                str(mirror.trust_bundle()),
+                "--resolve",
+                f"{ECR_HOST}:443:{mirror.address}",
+                "--limit-rate",
+                "2M",
+                "--max-time",
+                "60",
+                "-o",
+                "/dev/null",
+                f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}",
+            ],
+            "slow-curl",
+        )
 
         def partial() -> bool:
             return any(entry.stat().st_size > 0 for entry in (cache_dir / "tmp").iterdir())

@@ -161,7 +161,9 @@ class WholePeer:
         pass
 
 
-def target(credential: str, repository: str, digest: str, *, manifest: bool = False, method: str = "GET") -> Target:
+def target(
+    credential: str, repository: str, digest: str, *, manifest: bool = False, method: str = "GET"
+) -> Target:
     uri = f"/v2/{repository}/{'manifests' if manifest else 'blobs'}/{digest}".encode()
     return Target(host=HOST, upstream_host=HOST, uri=uri, method=method, path=oci.parse_path(uri),
                   credential=credential, authorization=[b"Bearer x"])
@@ -181,10 +183,14 @@ def store(tmp_path):
         yield opened
 
 
-def chain_with(store: Store, upstream, passthrough=None, peers=None) -> tuple[ContentChain, ManualDisk, Grants]:
+def chain_with(
+    store: Store, upstream, passthrough=None, peers=None
+) -> tuple[ContentChain, ManualDisk, Grants]:
     disk = ManualDisk(store)
     grants = Grants(300, 86400)
-    chain = ContentChain(disk.reactor, disk, upstream, grants, passthrough or RecordingPassThrough(), peers=peers)
+    chain = ContentChain(
+        disk.reactor, disk, upstream, grants, passthrough or RecordingPassThrough(), peers=peers
+    )
     return chain, disk, grants
 
 
@@ -279,7 +285,8 @@ def test_concurrent_reads_of_one_credential_share_one_authorisation_head(store):
 
 
 def test_an_unreachable_upstream_serves_only_an_earlier_answer_for_that_digest(store):
-    """Offline policy: a credential upstream allowed D (in that repository) within offline_grant_ttl is served;
+    """Offline policy: a credential upstream allowed D (in that repository) within offline_grant_ttl is
+    served;
     one that only read a manifest naming D is not."""
     manifest_digest = put(store, naming("subject"), oci.OCI_MANIFEST)
     put(store, SECRET)

@@ -100,12 +100,19 @@ class World:
         """Push one blob to the team's repository with a push token, straight to the registry."""
         repository = TEAM_A if repository_team == "a" else TEAM_B
         auth = self.token(repository_team, "pull", "push")
-        started = self.call("registry", "POST", f"/v2/{repository}/blobs/uploads/", {**auth, "Content-Length": "0"})
+        started = self.call(
+            "registry", "POST", f"/v2/{repository}/blobs/uploads/", {**auth, "Content-Length": "0"}
+        )
         assert started.status == 202, (started.status, started.body[:300])
         location = urllib.parse.urlsplit(started.headers["Location"])
         query = f"{location.query}&" if location.query else ""
-        done = self.call("registry", "PUT", f"{location.path}?{query}digest={urllib.parse.quote(digest_of(data))}",
-                         {**auth, "Content-Type": "application/octet-stream"}, data)
+        done = self.call(
+            "registry",
+            "PUT",
+            f"{location.path}?{query}digest={urllib.parse.quote(digest_of(data))}",
+            {**auth, "Content-Type": "application/octet-stream"},
+            data,
+        )
         assert done.status == 201, (done.status, done.body[:300])
 
     def push_manifest(self, tag: str, manifest: dict) -> Fetched:
@@ -143,9 +150,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         with registry, upstream_dns(registry_ns, work / "dns", {ECR_HOST: registry_ns.address}) as dns, \
                 MirrorNode(node_a, work / "a", dns, ca, overrides(node_a, node_b)) as mirror_a, \
                 MirrorNode(node_b, work / "b", dns, ca, overrides(node_b, node_a)) as mirror_b:
-            world = World(cluster, ca, registry, tokens, node_a, node_b, mirror_a, mirror_b, os.urandom(300_000),
-                          json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode(),
-                          os.urandom(1000), {"a": mirror_a.trust_bundle(), "b": mirror_b.trust_bundle()})
+            world = World(
+                cluster,
+                ca,
+                registry,
+                tokens,
+                node_a,
+                node_b,
+                mirror_a,
+                mirror_b,
+                os.urandom(300_000),
+                json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers"}}).encode(),
+                os.urandom(1000),
+                {"a": mirror_a.trust_bundle(), "b": mirror_b.trust_bundle()},
+            )
             world.upload("a", world.secret)
             world.upload("b", world.own_config)
             world.upload("b", world.own_layer)
@@ -158,8 +176,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 
 def image_manifest(world: World, **extra: object) -> dict:
     """A valid image manifest of team B's own blobs, plus ``extra`` fields."""
-    return {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST, "config": descriptor(world.own_config, OCI_CONFIG),
-            "layers": [descriptor(world.own_layer)], **extra}
+    return {
+        "schemaVersion": 2,
+        "mediaType": oci.OCI_MANIFEST,
+        "config": descriptor(world.own_config, OCI_CONFIG),
+        "layers": [descriptor(world.own_layer)],
+        **extra,
+    }
 
 
 def naming_d(world: World) -> dict:
@@ -176,16 +199,33 @@ CASES = {
     # an index's ``manifests`` list inside an image manifest: refused as ambiguous (CVE-2021-41190)
     "manifests-field": (lambda w: image_manifest(w, manifests=[naming_d(w)]), "MANIFEST_INVALID"),
     # an artifact manifest (withdrawn from OCI 1.1): distribution 2.8 does not know the media type
-    "artifact": (lambda w: {"mediaType": ARTIFACT_MANIFEST, "artifactType": "application/x-test",
-                            "blobs": [naming_d(w)]}, "MANIFEST_INVALID"),
+    "artifact": (
+        lambda w: {
+            "mediaType": ARTIFACT_MANIFEST,
+            "artifactType": "application/x-test",
+            "blobs": [naming_d(w)],
+        },
+        "MANIFEST_INVALID",
+    ),
     # a real index naming D: distribution checks each child is a manifest of this repository
-    "index": (lambda w: {"schemaVersion": 2, "mediaType": oci.OCI_INDEX,
-                         "manifests": [{**naming_d(w), "mediaType": oci.OCI_MANIFEST}]}, "MANIFEST_BLOB_UNKNOWN"),
+    "index": (
+        lambda w: {
+            "schemaVersion": 2,
+            "mediaType": oci.OCI_INDEX,
+            "manifests": [{**naming_d(w), "mediaType": oci.OCI_MANIFEST}],
+        },
+        "MANIFEST_BLOB_UNKNOWN",
+    ),
     # a layer the repository does not hold: distribution checks layers in the repository's scope
     "layer": (lambda w: {**image_manifest(w), "layers": [naming_d(w)]}, "MANIFEST_BLOB_UNKNOWN"),
     # the same layer with ``urls`` from an allowed host (a non-distributable layer): not looked for
-    "layer-with-urls": (lambda w: {**image_manifest(w), "layers": [
-        {**naming_d(w), "urls": ["https://layers.example.org/d"]}]}, None),
+    "layer-with-urls": (
+        lambda w: {
+            **image_manifest(w),
+            "layers": [{**naming_d(w), "urls": ["https://layers.example.org/d"]}],
+        },
+        None,
+    ),
 }
 
 
@@ -211,7 +251,12 @@ def test_a_manifest_naming_a_cached_private_blob_does_not_open_it(world: World, 
                              {**b_pull, "Accept": manifest["mediaType"]})
             direct = world.call("registry", "GET", f"/v2/{TEAM_B}/manifests/{reference}",
                                 {**b_pull, "Accept": manifest["mediaType"]})
-            assert got.status == direct.status == (200 if accepted else 404), (case, via, reference, got.status)
+            assert got.status == direct.status == (200 if accepted else 404), (
+                case,
+                via,
+                reference,
+                got.status,
+            )
             if accepted:
                 assert got.body == direct.body == body, (case, via, reference)
         # then asks for D in its own repository: exactly what the registry answers, never team A's bytes
@@ -222,11 +267,20 @@ def test_a_manifest_naming_a_cached_private_blob_does_not_open_it(world: World, 
             got = world.call(via, method, blob_path, {**b_pull, **extra})
             direct = world.call("registry", method, blob_path, {**b_pull, **extra})
             assert got.status == direct.status == 404, (case, via, method, extra, got.status, direct.status)
-            assert world.secret[100:164] not in got.body and got.body == direct.body, (case, via, method, extra)
+            assert world.secret[100:164] not in got.body and got.body == direct.body, (
+                case,
+                via,
+                method,
+                extra,
+            )
             if method == "GET" and not extra:
                 assert json.loads(got.body)["errors"][0]["code"] == "BLOB_UNKNOWN"
             # the mirror asked the registry with team B's token (its HEAD, or the request passed through)
-            assert world.heads(blob_path) >= heads_before + (2 if method == "HEAD" else 1), (case, via, method)
+            assert world.heads(blob_path) >= heads_before + (2 if method == "HEAD" else 1), (
+                case,
+                via,
+                method,
+            )
         # team B's token in team A's repository: the registry's 401, with its challenge
         got = world.call(via, "GET", f"/v2/{TEAM_A}/blobs/{d}", b_pull)
         direct = world.call("registry", "GET", f"/v2/{TEAM_A}/blobs/{d}", b_pull)
@@ -281,8 +335,18 @@ def test_the_price_of_a_warm_pull_is_one_head_per_digest_and_concurrent_reads_sh
     pushed = world.call("registry", "PUT", f"/v2/{TEAM_B}/manifests/{digest_of(manifest)}",
                         {**world.token("b", "pull", "push"), "Content-Type": oci.OCI_MANIFEST}, manifest)
     assert pushed.status == 201, pushed.body[:300]
-    index = json.dumps({"schemaVersion": 2, "mediaType": oci.OCI_INDEX, "manifests": [
-        {**descriptor(manifest, oci.OCI_MANIFEST), "platform": {"os": "linux", "architecture": "amd64"}}]}).encode()
+    index = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": oci.OCI_INDEX,
+            "manifests": [
+                {
+                    **descriptor(manifest, oci.OCI_MANIFEST),
+                    "platform": {"os": "linux", "architecture": "amd64"},
+                }
+            ],
+        }
+    ).encode()
     pushed = world.call("registry", "PUT", f"/v2/{TEAM_B}/manifests/app",
                         {**world.token("b", "pull", "push"), "Content-Type": oci.OCI_INDEX}, index)
     assert pushed.status == 201, pushed.body[:300]
@@ -303,7 +367,9 @@ def test_the_price_of_a_warm_pull_is_one_head_per_digest_and_concurrent_reads_sh
         got = world.call("a", "GET", by_digest[0], {**token, **accept})
         assert (got.status, got.body) == (200, manifest)
         before_blobs()
-        results = pull_in_parallel(world, "a", [(path, token) for path in by_digest[1:] for _ in range(copies)])
+        results = pull_in_parallel(
+            world, "a", [(path, token) for path in by_digest[1:] for _ in range(copies)]
+        )
         expected = [blob for blob in (config, *layers) for _ in range(copies)]
         assert [(r.status, r.cut, r.body == blob) for r, blob in zip(results, expected, strict=True)] == \
             [(200, None, True)] * len(expected)

@@ -58,7 +58,9 @@ def test_image_layout_is_content_addressed_and_consistent(tmp_path: Path) -> Non
         manifest = json.loads(platform.manifest.read())
         config = json.loads(platform.config.read())
         assert manifest["config"]["digest"] == platform.config.digest
-        assert [layer["digest"] for layer in manifest["layers"]] == [layer.digest for layer in platform.layers]
+        assert [layer["digest"] for layer in manifest["layers"]] == [
+            layer.digest for layer in platform.layers
+        ]
         assert config["architecture"] == platform.platform.split("/")[1]
         own_layer = platform.layers[-1]
         tar = gzip.decompress(own_layer.read())
@@ -118,7 +120,9 @@ def test_cri_client_falls_back_to_v1alpha2(tmp_path: Path) -> None:
 
 def test_test_ca_issues_a_certificate_that_verifies_for_its_name(public_ca: TestCA, tmp_path: Path) -> None:
     server = public_ca.issue_server([ECR_HOST], tmp_path / "tls")
-    verifier = PolicyBuilder().store(Store([public_ca.certificate])).build_server_verifier(x509.DNSName(ECR_HOST))
+    verifier = (
+        PolicyBuilder().store(Store([public_ca.certificate])).build_server_verifier(x509.DNSName(ECR_HOST))
+    )
     chain = verifier.verify(server.certificate, [])
     assert chain[-1] == public_ca.certificate
     other = create_ca(tmp_path / "other")
@@ -151,9 +155,18 @@ def test_cluster_connects_members_and_cleans_up_even_on_failure() -> None:
         # a socket opened on a thread inside the registry namespace, reached from the peer namespace
         listener, port = registry_ns.call(_listen_once, registry_ns.address)
         with listener:
-            peer.run(["python3", "-c", f"import socket; socket.create_connection(('{registry_ns.address}', {port}), 2)"])
+            peer.run(
+                [
+                    "python3",
+                    "-c",
+                    f"import socket; socket.create_connection(('{registry_ns.address}', {port}), 2)",
+                ]
+            )
         # the machine's own namespace has no such address: traffic stays in the cluster
-        assert registry_ns.address not in subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
+        assert (
+            registry_ns.address
+            not in subprocess.run(["ip", "-4", "addr"], capture_output=True, text=True).stdout
+        )
         sleeper = node.start(["sleep", "300"])
         # ip netns exec execs the program: the pid we hold becomes the server's own
         sleeper.wait_until(lambda: Path(f"/proc/{sleeper.pid}/cmdline").read_bytes().startswith(b"sleep\0"),
@@ -174,8 +187,10 @@ def test_parallel_clusters_do_not_collide() -> None:
         # same-looking members of two clusters never see each other
         listener, port = a.call(_listen_once, a.address)
         with listener:
-            probe = b.run(["python3", "-c",
-                           f"import socket; socket.create_connection(('{a.address}', {port}), 1)"], check=False)
+            probe = b.run(
+                ["python3", "-c", f"import socket; socket.create_connection(('{a.address}', {port}), 1)"],
+                check=False,
+            )
         assert probe.returncode != 0
 
 
@@ -197,8 +212,14 @@ def test_cleanup_stale_removes_what_a_dead_run_left() -> None:
 @pytest.mark.integration
 def test_process_stop_kills_a_server_that_ignores_sigterm(netns_cluster: Cluster) -> None:
     node = netns_cluster.add("node")
-    stubborn = node.start(["python3", "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-                                            "print('ready', flush=True); time.sleep(300)"])
+    stubborn = node.start(
+        [
+            "python3",
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(300)",
+        ]
+    )
     stubborn.wait_until(lambda: "ready" in stubborn.stdout(), "ready")
     assert stubborn.stop(timeout=0.5) == -9
 
@@ -245,17 +266,30 @@ def test_skopeo_push_preserves_digests(public_setup: PublicSetup) -> None:
 
 
 @pytest.mark.integration
-def test_ctr_pull_unpacks_and_the_access_log_counts_blob_gets(public_setup: PublicSetup, tmp_path: Path) -> None:
+def test_ctr_pull_unpacks_and_the_access_log_counts_blob_gets(
+    public_setup: PublicSetup, tmp_path: Path
+) -> None:
     registry, image = public_setup.registry, public_setup.image
     amd64, arm64 = image.platform("linux/amd64"), image.platform("linux/arm64")
-    with Containerd(public_setup.node, tmp_path / "containerd", ssl_cert_file=public_setup.ca.cert_path) as containerd:
+    with Containerd(
+        public_setup.node, tmp_path / "containerd", ssl_cert_file=public_setup.ca.cert_path
+    ) as containerd:
         containerd.pull(public_setup.reference)
         assert containerd.has_snapshot(amd64.chain_id)
-        assert amd64.files["etc/dnsmirror-test/platform"] in containerd.unpacked_files("etc/dnsmirror-test/platform")
+        assert amd64.files["etc/dnsmirror-test/platform"] in containerd.unpacked_files(
+            "etc/dnsmirror-test/platform"
+        )
         assert public_setup.reference in containerd.images()
-        assert {image.index.digest, amd64.manifest.digest, amd64.layers[0].digest} <= containerd.content_digests()
+        assert {
+            image.index.digest,
+            amd64.manifest.digest,
+            amd64.layers[0].digest,
+        } <= containerd.content_digests()
     # containerd fetched this platform's layer exactly once and the other platform's not at all
-    assert registry.count_requests("GET", registry.blob_path(REPOSITORY, amd64.layers[0].digest), status=200) == 1
+    assert (
+        registry.count_requests("GET", registry.blob_path(REPOSITORY, amd64.layers[0].digest), status=200)
+        == 1
+    )
     assert registry.count_requests("GET", registry.blob_path(REPOSITORY, arm64.layers[0].digest)) == 0
     assert registry.count_requests("HEAD", registry.manifest_path(REPOSITORY, "v1")) >= 1
 
@@ -264,8 +298,12 @@ def test_ctr_pull_unpacks_and_the_access_log_counts_blob_gets(public_setup: Publ
 def test_cri_pull_by_tag_and_digest_unpacks(public_setup: PublicSetup, tmp_path: Path) -> None:
     amd64 = public_setup.image.platform("linux/amd64")
     by_digest = f"{ECR_HOST}/{REPOSITORY}@{public_setup.image.index.digest}"
-    with Containerd(public_setup.node, tmp_path / "containerd", ssl_cert_file=public_setup.ca.cert_path) as containerd, \
-            CriImageClient(containerd.socket, timeout=60) as cri:
+    with (
+        Containerd(
+            public_setup.node, tmp_path / "containerd", ssl_cert_file=public_setup.ca.cert_path
+        ) as containerd,
+        CriImageClient(containerd.socket, timeout=60) as cri,
+    ):
         assert cri.image_status(public_setup.reference) is None
         assert cri.pull_image(public_setup.reference) == amd64.config.digest
         assert cri.pull_image(by_digest) == amd64.config.digest
@@ -281,7 +319,9 @@ def test_cri_pull_by_tag_and_digest_unpacks(public_setup: PublicSetup, tmp_path:
 @pytest.mark.integration
 def test_a_client_trusting_another_ca_is_refused(public_setup: PublicSetup, tmp_path: Path) -> None:
     stranger = create_ca(tmp_path / "stranger")
-    with Containerd(public_setup.node, tmp_path / "containerd", ssl_cert_file=stranger.cert_path) as containerd:
+    with Containerd(
+        public_setup.node, tmp_path / "containerd", ssl_cert_file=stranger.cert_path
+    ) as containerd:
         refused = containerd.pull(public_setup.reference, check=False)
     assert refused.returncode != 0
     assert b"certificate signed by unknown authority" in refused.stdout + refused.stderr
@@ -326,14 +366,20 @@ def _fetch_seconds(node: Namespace, url: str, ca_file: Path) -> float:
 
 
 @pytest.mark.integration
-def test_corrupted_blob_is_served_and_containerd_rejects_it(public_setup: PublicSetup, tmp_path: Path) -> None:
+def test_corrupted_blob_is_served_and_containerd_rejects_it(
+    public_setup: PublicSetup, tmp_path: Path
+) -> None:
     image = build_image(tmp_path / "layout", tag="corrupt", platforms=("linux/amd64",))
     layer = image.platform("linux/amd64").layers[0]
     registry = public_setup.registry
-    push_image(image, public_setup.node, f"{ECR_HOST}/{REPOSITORY}:corrupt", ca_file=public_setup.ca.cert_path)
+    push_image(
+        image, public_setup.node, f"{ECR_HOST}/{REPOSITORY}:corrupt", ca_file=public_setup.ca.cert_path
+    )
     registry.corrupt_blob(layer.digest)
     assert registry.blob_file(layer.digest).stat().st_size == layer.size
-    with Containerd(public_setup.node, tmp_path / "containerd", ssl_cert_file=public_setup.ca.cert_path) as containerd:
+    with Containerd(
+        public_setup.node, tmp_path / "containerd", ssl_cert_file=public_setup.ca.cert_path
+    ) as containerd:
         refused = containerd.pull(f"{ECR_HOST}/{REPOSITORY}:corrupt", check=False)
     assert refused.returncode != 0
     assert b"unexpected commit digest" in refused.stdout + refused.stderr
@@ -373,10 +419,15 @@ def test_redirected_blobs_come_from_the_blob_host_without_authorization(public_s
         with Containerd(node, tmp_path / "containerd", ssl_cert_file=ca.cert_path) as containerd:
             containerd.pull(reference, user="bob:b-secret")
             assert containerd.has_snapshot(amd64.chain_id)
-        assert registry.count_requests("GET", registry.blob_path(REPOSITORY, amd64.layers[0].digest), status=307) == 1
+        assert (
+            registry.count_requests("GET", registry.blob_path(REPOSITORY, amd64.layers[0].digest), status=307)
+            == 1
+        )
         layer_file = "/" + str(registry.blob_file(amd64.layers[0].digest).relative_to(registry.storage_dir))
         served = [entry for entry in blob_host.requests() if entry["path"] == layer_file]
-        assert [(entry["method"], entry["status"], entry["host"]) for entry in served] == [("GET", 200, blobs_host)]
+        assert [(entry["method"], entry["status"], entry["host"]) for entry in served] == [
+            ("GET", 200, blobs_host)
+        ]
         # Go's client drops credentials on a cross-host redirect; so must dnsmirror
         assert not any(entry["authorization"] for entry in blob_host.requests())
 

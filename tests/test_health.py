@@ -12,7 +12,9 @@ class HandProbe(ListenerProbe):
     """A probe whose connection attempts stay pending until the test fires them."""
 
     def __init__(self, clock: task.Clock, state: HealthState, failures: int = 2) -> None:
-        super().__init__(clock, state, [HostPort("127.0.0.1", 8443)], interval=2.0, timeout=1.0, failures=failures)
+        super().__init__(
+            clock, state, [HostPort("127.0.0.1", 8443)], interval=2.0, timeout=1.0, failures=failures
+        )
         self.pending: list[defer.Deferred] = []
 
     def _connect(self, target: HostPort) -> defer.Deferred:

@@ -27,7 +27,9 @@ from dnsmirror.https import UnavailableResource
 ECR_HOST = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
 PATTERNS = config.load().capture
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed (scripts/setup.sh)")
+pytestmark = pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="openssl not installed (scripts/setup.sh)"
+)
 
 
 def free_port() -> int:
@@ -40,7 +42,11 @@ def write_config(directory: Path, ca_dir: Path, https_port: int, **extra) -> Pat
     document = {
         "dns": {"listen": [f"127.0.0.1:{free_port()}"], "upstreams": [f"127.0.0.1:{free_port()}"]},
         "https": {"listen": [f"127.0.0.1:{https_port}"]},
-        "tls": {"ca_cert": str(ca_dir / "ca.crt"), "ca_key": str(ca_dir / "ca.key"), "reload_interval": "200ms"},
+        "tls": {
+            "ca_cert": str(ca_dir / "ca.crt"),
+            "ca_key": str(ca_dir / "ca.key"),
+            "reload_interval": "200ms",
+        },
         "cache": {"dir": str(directory / f"cache-{https_port}")},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         **extra,
@@ -62,8 +68,12 @@ def serving(tmp: Path, ca_dir: Path):
     config_path = write_config(tmp, ca_dir, port)
     log_path = tmp / f"serve-{port}.log"
     with open(log_path, "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "dnsmirror", "serve", "--config", str(config_path)],
-                                   stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dnsmirror", "serve", "--config", str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
         try:
             deadline = time.monotonic() + 15
             while True:
@@ -101,8 +111,20 @@ def https_port(tmp_path_factory, ca_dir):
 
 
 def test_captured_name_gets_its_own_strictly_valid_leaf(https_port, ca_dir):
-    done = s_client(https_port, "-servername", ECR_HOST, "-CAfile", str(ca_dir / "root.crt"), "-verify_return_error",
-                    "-x509_strict", "-verify_hostname", ECR_HOST, "-alpn", "http/1.1", "-showcerts")
+    done = s_client(
+        https_port,
+        "-servername",
+        ECR_HOST,
+        "-CAfile",
+        str(ca_dir / "root.crt"),
+        "-verify_return_error",
+        "-x509_strict",
+        "-verify_hostname",
+        ECR_HOST,
+        "-alpn",
+        "http/1.1",
+        "-showcerts",
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Verify return code: 0 (ok)" in done.stdout
     assert f"subject=CN = {ECR_HOST}" in done.stdout
@@ -113,8 +135,16 @@ def test_captured_name_gets_its_own_strictly_valid_leaf(https_port, ca_dir):
 def test_two_names_get_two_leaves(https_port, ca_dir):
     subjects = set()
     for name in ("docker.io", "europe-west1-docker.pkg.dev"):
-        done = s_client(https_port, "-servername", name, "-CAfile", str(ca_dir / "root.crt"), "-verify_return_error",
-                        "-verify_hostname", name)
+        done = s_client(
+            https_port,
+            "-servername",
+            name,
+            "-CAfile",
+            str(ca_dir / "root.crt"),
+            "-verify_return_error",
+            "-verify_hostname",
+            name,
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         subjects.add(next(line for line in done.stdout.splitlines() if line.startswith("subject=")))
     assert subjects == {"subject=CN = docker.io", "subject=CN = europe-west1-docker.pkg.dev"}
@@ -163,14 +193,18 @@ def test_rotated_ca_files_are_used_without_restart(tmp_path):
     ca_dir = tmp_path / "ca"
     ca.init_directory(ca_dir, PATTERNS)
     with serving(tmp_path, ca_dir) as port:
-        before = s_client(port, "-servername", "quay.io", "-CAfile", str(ca_dir / "root.crt"), "-verify_return_error")
+        before = s_client(
+            port, "-servername", "quay.io", "-CAfile", str(ca_dir / "root.crt"), "-verify_return_error"
+        )
         assert before.returncode == 0, before.stderr
         old_root = (ca_dir / "root.crt").read_bytes()
         ca.init_directory(ca_dir, PATTERNS, force=True)
         assert (ca_dir / "root.crt").read_bytes() != old_root
         deadline = time.monotonic() + 10
         while True:
-            after = s_client(port, "-servername", "quay.io", "-CAfile", str(ca_dir / "root.crt"), "-verify_return_error")
+            after = s_client(
+                port, "-servername", "quay.io", "-CAfile", str(ca_dir / "root.crt"), "-verify_return_error"
+            )
             if after.returncode == 0:
                 break
             assert time.monotonic() < deadline, after.stdout + after.stderr

@@ -51,7 +51,9 @@ def pod_spec() -> dict[str, Any]:
 
 
 def configmap_config() -> dict[str, Any]:
-    return yaml.safe_load(yaml.safe_load((ROOT / "manifests/configmap.yaml").read_text())["data"]["config.yaml"])
+    return yaml.safe_load(
+        yaml.safe_load((ROOT / "manifests/configmap.yaml").read_text())["data"]["config.yaml"]
+    )
 
 
 def capability_flags(container: dict[str, Any]) -> list[str]:
@@ -106,7 +108,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             subprocess.run([sys.executable, "-m", "dnsmirror", "ca", "init", "--dir", str(dnsmirror_ca)],
                            check=True, capture_output=True, timeout=60)
             trust = bundle([ca.cert_path, dnsmirror_ca / "root.crt"], work / "node-trust.pem")
-            with Containerd(node, work / "containerd", ssl_cert_file=trust, runs_containers=True) as containerd:
+            with Containerd(
+                node, work / "containerd", ssl_cert_file=trust, runs_containers=True
+            ) as containerd:
                 pulled = containerd.pull(IMAGE, check=False, timeout=300)
                 assert pulled.returncode == 0, (pulled.stdout + pulled.stderr).decode()
                 yield World(cluster, ca, registry, dns, work, node, dnsmirror_ca, trust, containerd)
@@ -165,9 +169,23 @@ def test_the_image_runs_as_the_daemonset_runs_it(world: World, tmp_path: Path) -
 
     log = tmp_path / "dnsmirror.log"
     name = f"dnsmirror-{secrets.token_hex(3)}"
-    started = containerd.ctr(["run", "--detach", "--log-uri", f"file://{log}", "--net-host", "--read-only",
-                              *capability_flags(container), *mounts, *env, IMAGE, name, *container["command"]],
-                             check=False)
+    started = containerd.ctr(
+        [
+            "run",
+            "--detach",
+            "--log-uri",
+            f"file://{log}",
+            "--net-host",
+            "--read-only",
+            *capability_flags(container),
+            *mounts,
+            *env,
+            IMAGE,
+            name,
+            *container["command"],
+        ],
+        check=False,
+    )
     assert started.returncode == 0, (started.stdout + started.stderr).decode()
     try:
         deadline = time.monotonic() + 60
@@ -222,9 +240,20 @@ def test_the_init_container_adds_the_node_address_or_says_why_not(world: World, 
     (init,) = pod_spec()["initContainers"]
     address = configmap_config()["mirror"]["address"]
     fresh_node = world.cluster.add("fresh-node")
-    done = world.containerd.ctr(["run", "--rm", "--read-only",
-                                f"--with-ns=network:/run/netns/{fresh_node.name}", *capability_flags(init),
-                                IMAGE, f"init-{secrets.token_hex(3)}", *init["command"]], check=False, timeout=60)
+    done = world.containerd.ctr(
+        [
+            "run",
+            "--rm",
+            "--read-only",
+            f"--with-ns=network:/run/netns/{fresh_node.name}",
+            *capability_flags(init),
+            IMAGE,
+            f"init-{secrets.token_hex(3)}",
+            *init["command"],
+        ],
+        check=False,
+        timeout=60,
+    )
     output = (done.stdout + done.stderr).decode()
     assert done.returncode == 0, output
     if dummy_link_type_exists(fresh_node):

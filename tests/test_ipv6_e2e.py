@@ -67,7 +67,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             node.remove_ipv4()
         ca = create_ca(work / "public-ca")
         image = build_image(work / "layout", tag="v1", big_layer_size=512 * 1024)
-        records = {ECR_HOST: [registry_ns.address, registry6], PEERS_NAME: [node.address for node in ipv6_only]}
+        records = {
+            ECR_HOST: [registry_ns.address, registry6],
+            PEERS_NAME: [node.address for node in ipv6_only],
+        }
         # ":443": every address of the namespace, IPv4 and IPv6
         with Registry(registry_ns, ECR_HOST, ca, work / "registry", users={USER: PASSWORD},
                       extra_config={"http": {"addr": ":443"}}) as registry, \
@@ -108,9 +111,25 @@ def test_dual_stack_node_answers_a_and_aaaa_and_serves_over_both(world: World) -
         ctr_pull(node, mirror, world.reference, world.work / "dual-containerd")
         # a client that insists on IPv6 reaches the mirror on its IPv6 address
         layer = world.image.platform("linux/amd64").layers[-1]
-        done = node.run(["curl", "-6", "-sS", "--max-time", "20", "--cacert", str(mirror.trust_bundle()), "-u", CREDS,
-                         "-o", "/dev/null", "-w", "%{http_code} %{remote_ip}",
-                         f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{layer.digest}"], check=False)
+        done = node.run(
+            [
+                "curl",
+                "-6",
+                "-sS",
+                "--max-time",
+                "20",
+                "--cacert",
+                str(mirror.trust_bundle()),
+                "-u",
+                CREDS,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{remote_ip}",
+                f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{layer.digest}",
+            ],
+            check=False,
+        )
         assert done.stdout.decode() == f"200 {node6}", done.stderr.decode()
         assert ("cache", node6) in access_sources(mirror, layer.digest)
 
@@ -121,8 +140,15 @@ def test_ipv6_only_nodes_pull_over_ipv6_from_upstream_and_from_each_other(world:
     secret.write_text(os.urandom(24).hex())
     secret.chmod(0o600)
     # the peers are found as the DaemonSet finds them: AAAA records of the Service name, over IPv6
-    overrides = {"peers": {"listen": f"[::]:{PEER_PORT}", "dns_name": PEERS_NAME,
-                           "resolvers": [endpoint(world.registry6, 53)], "secret_file": str(secret), "timeout": "2s"}}
+    overrides = {
+        "peers": {
+            "listen": f"[::]:{PEER_PORT}",
+            "dns_name": PEERS_NAME,
+            "resolvers": [endpoint(world.registry6, 53)],
+            "secret_file": str(secret),
+            "timeout": "2s",
+        }
+    }
     node_a, node_b = nodes
     amd64 = world.image.platform("linux/amd64")
     with MirrorNode(node_a, world.work / "v6-a", world.registry6, world.ca, overrides) as mirror_a, \
@@ -132,8 +158,15 @@ def test_ipv6_only_nodes_pull_over_ipv6_from_upstream_and_from_each_other(world:
             assert node.call(resolve, node.address, ECR_HOST, "A") == []  # no IPv4 to give
         def blob_gets() -> list[list[str]]:
             """For each amd64 layer, the clients of the registry's blob GETs so far."""
-            return [[entry.client for entry in world.registry.access_log() if entry.method == "GET"
-                     and entry.path == world.registry.blob_path(REPOSITORY, layer.digest)] for layer in amd64.layers]
+            return [
+                [
+                    entry.client
+                    for entry in world.registry.access_log()
+                    if entry.method == "GET"
+                    and entry.path == world.registry.blob_path(REPOSITORY, layer.digest)
+                ]
+                for layer in amd64.layers
+            ]
 
         before = blob_gets()
         ctr_pull(node_a, mirror_a, world.reference, world.work / "containerd-a")
@@ -144,7 +177,9 @@ def test_ipv6_only_nodes_pull_over_ipv6_from_upstream_and_from_each_other(world:
         ctr_pull(node_b, mirror_b, world.reference, world.work / "containerd-b")
         assert blob_gets() == after_a
         for layer in amd64.layers:
-            assert [source for source, _ in access_sources(mirror_b, layer.digest)] == ["peer"], mirror_b.log()
+            assert [source for source, _ in access_sources(mirror_b, layer.digest)] == ["peer"], (
+                mirror_b.log()
+            )
 
 
 def test_ipv4_only_node_gives_no_aaaa_for_a_captured_name(world: World, tmp_path: Path) -> None:
@@ -154,5 +189,11 @@ def test_ipv4_only_node_gives_no_aaaa_for_a_captured_name(world: World, tmp_path
         assert node.call(resolve, world.dns.address, ECR_HOST, "AAAA") == [world.registry6]
         assert node.call(resolve, node.address, ECR_HOST, "AAAA") == []
         assert node.call(resolve, node.address, ECR_HOST, "A") == [node.address]
-        skopeo_copy(node, f"docker://{world.reference}", f"oci:{tmp_path / 'copy'}:v1", ca_file=mirror.trust_bundle(),
-                    src_creds=CREDS, all_platforms=False)
+        skopeo_copy(
+            node,
+            f"docker://{world.reference}",
+            f"oci:{tmp_path / 'copy'}:v1",
+            ca_file=mirror.trust_bundle(),
+            src_creds=CREDS,
+            all_platforms=False,
+        )

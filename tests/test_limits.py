@@ -179,18 +179,39 @@ def test_300_idle_connections_under_ulimit_256_leave_https_and_metrics_to_other_
     ca.init_directory(authority, config.load().capture)
     https_port, metrics_port = _free_port(), _free_port()
     config_path = tmp_path / "dnsmirror.yaml"
-    config_path.write_text(yaml.safe_dump({
-        "dns": {"listen": [f"127.0.0.1:{_free_port()}"], "upstreams": [f"127.0.0.1:{_free_port()}"], "ttl": 1},
-        "https": {"listen": [f"127.0.0.1:{https_port}"]},
-        "tls": {"ca_cert": str(authority / "ca.crt"), "ca_key": str(authority / "ca.key")},
-        "cache": {"dir": str(tmp_path / "cache")},
-        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
-        "log": {"format": "json"},
-    }))
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "dns": {
+                    "listen": [f"127.0.0.1:{_free_port()}"],
+                    "upstreams": [f"127.0.0.1:{_free_port()}"],
+                    "ttl": 1,
+                },
+                "https": {"listen": [f"127.0.0.1:{https_port}"]},
+                "tls": {"ca_cert": str(authority / "ca.crt"), "ca_key": str(authority / "ca.key")},
+                "cache": {"dir": str(tmp_path / "cache")},
+                "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+                "log": {"format": "json"},
+            }
+        )
+    )
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log_file, contextlib.ExitStack() as held:
-        process = subprocess.Popen(["prlimit", "--nofile=256:256", "--", sys.executable, "-m", "dnsmirror", "serve",
-                                    "--config", str(config_path)], stdout=log_file, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [
+                "prlimit",
+                "--nofile=256:256",
+                "--",
+                sys.executable,
+                "-m",
+                "dnsmirror",
+                "serve",
+                "--config",
+                str(config_path),
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
         held.callback(process.wait, 10)
         held.callback(process.send_signal, signal.SIGINT)
         deadline = time.monotonic() + 15
@@ -208,8 +229,12 @@ def test_300_idle_connections_under_ulimit_256_leave_https_and_metrics_to_other_
         assert 250 <= closed <= 300 - 16  # all but the address's cap were closed at accept
 
         context = ssl.create_default_context(cafile=str(authority / "root.crt"))
-        with socket.create_connection(("127.0.0.1", https_port), timeout=10, source_address=("127.0.0.2", 0)) as raw, \
-                context.wrap_socket(raw, server_hostname="ghcr.io") as tls_socket:
+        with (
+            socket.create_connection(
+                ("127.0.0.1", https_port), timeout=10, source_address=("127.0.0.2", 0)
+            ) as raw,
+            context.wrap_socket(raw, server_hostname="ghcr.io") as tls_socket,
+        ):
             tls_socket.sendall(b"GET /v2/ HTTP/1.1\r\nHost: ghcr.io\r\nConnection: close\r\n\r\n")
             response = HTTPResponse(tls_socket)
             response.begin()
@@ -217,7 +242,11 @@ def test_300_idle_connections_under_ulimit_256_leave_https_and_metrics_to_other_
         with socket.create_connection(("127.0.0.1", metrics_port), timeout=10) as raw:
             raw.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             metrics = b"".join(iter(lambda: raw.recv(65536), b""))
-        refused = [line for line in metrics.decode().splitlines() if line.startswith("dnsmirror_https_connections_refused_total ")]
+        refused = [
+            line
+            for line in metrics.decode().splitlines()
+            if line.startswith("dnsmirror_https_connections_refused_total ")
+        ]
         assert refused and float(refused[0].split()[1]) >= 250
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert [r for r in records if r.get("event") == "nofile_limit"][0]["soft"] == 256

@@ -57,7 +57,9 @@ def effective(tmp_path_factory) -> dict:
     """The ConfigMap's config.yaml as ``dnsmirror config check`` prints it (defaults filled in)."""
     path = tmp_path_factory.mktemp("config") / "config.yaml"
     path.write_text(config_text())
-    done = subprocess.run([*DNSMIRROR, "config", "check", str(path)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*DNSMIRROR, "config", "check", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     return yaml.safe_load(done.stdout)
 
@@ -119,10 +121,14 @@ def test_kustomization_lists_every_manifest(directory):
             assert (directory / file).is_file(), file
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed"
+)
 @pytest.mark.parametrize("directory", [MANIFESTS, NODE_SETUP], ids=["manifests", "node-setup"])
 def test_kustomize_builds(directory):
-    done = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     built = [doc for doc in yaml.safe_load_all(done.stdout) if doc]
     (daemonset,) = [doc for doc in built if doc["kind"] == "DaemonSet"]
@@ -153,7 +159,9 @@ def test_config_check_rejects_a_broken_copy(tmp_path):
     """The check above can fail: the same ConfigMap text with one bad address is refused."""
     path = tmp_path / "config.yaml"
     path.write_text(config_text().replace("169.254.20.53:53", "169.254.20.53:notaport", 1))
-    done = subprocess.run([*DNSMIRROR, "config", "check", str(path)], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [*DNSMIRROR, "config", "check", str(path)], capture_output=True, text=True, timeout=60
+    )
     assert done.returncode != 0
     assert "dns.listen[0]" in done.stderr
 
@@ -317,7 +325,9 @@ def test_deployment_doc_names_only_real_commands_and_keys():
 def test_dockerfile_installs_the_package_from_the_build_context():
     dockerfile = (ROOT / "Dockerfile").read_text()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    lines = [line.strip() for line in dockerfile.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    lines = [
+        line.strip() for line in dockerfile.splitlines() if line.strip() and not line.lstrip().startswith("#")
+    ]
     froms = [line for line in lines if line.startswith("FROM ")]
     assert froms == ["FROM ${BASE_IMAGE}"], "the base image comes from a build argument"
     assert any(line.startswith("ARG BASE_IMAGE=") for line in lines)
@@ -391,8 +401,10 @@ def setup_env(root: Path, ca_file: Path, **extra: str) -> dict[str, str]:
                   f" --localcertsdir {root}/usr/local/share/ca-certificates"
                   f" --etccertsdir {root}/etc/ssl/certs --hooksdir {root}/etc/ca-certificates/update.d")
     else:
-        update = (f"find {root}/usr/share/ca-certificates {root}/usr/local/share/ca-certificates -name '*.crt'"
-                  f" -exec cat {{}} + > {root}/etc/ssl/certs/ca-certificates.crt")
+        update = (
+            f"find {root}/usr/share/ca-certificates {root}/usr/local/share/ca-certificates -name '*.crt'"
+            f" -exec cat {{}} + > {root}/etc/ssl/certs/ca-certificates.crt"
+        )
     return clean_env(NODE_ROOT=str(root), DNSMIRROR_CA_FILE=str(ca_file),
                      DNSMIRROR_TRUST_DIR="/usr/local/share/ca-certificates", DNSMIRROR_TRUST_UPDATE=update,
                      DNSMIRROR_RESTART_CMD=f"echo restart >> {root}/containerd-restarts", **extra)
@@ -503,7 +515,10 @@ def test_node_setup_in_a_network_namespace(tmp_path):
         assert nameservers(stub_resolv) == [address, "10.0.0.7"]
         assert "search corp.example" in stub_resolv.read_text()
         node.run(["bash", str(SCRIPT), "uninstall"], env=stub_env)
-        assert stub_resolv.is_symlink() and str(stub_resolv.readlink()) == "../run/systemd/resolve/stub-resolv.conf"
+        assert (
+            stub_resolv.is_symlink()
+            and str(stub_resolv.readlink()) == "../run/systemd/resolve/stub-resolv.conf"
+        )
 
         # uninstall: the resolver comes back first, then the CA goes (and containerd restarts once)
         node.run(["bash", str(SCRIPT), "uninstall"], env=env)
@@ -524,16 +539,24 @@ def test_node_setup_in_a_network_namespace(tmp_path):
         assert (down_root / "usr/local/share/ca-certificates/dnsmirror-root.crt").exists()
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed")
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl (its built-in kustomize) is not installed"
+)
 def test_the_image_is_set_in_one_place_for_the_daemonset_and_the_node_setup(tmp_path):
     copy = tmp_path / "manifests"
     shutil.copytree(MANIFESTS, copy)
     component = copy / "image" / "kustomization.yaml"
     (document,) = documents(component)
-    document["images"] = [{"name": "dnsmirror", "newName": "registry.example.com/ops/dnsmirror", "newTag": "9.9.9"}]
+    document["images"] = [
+        {"name": "dnsmirror", "newName": "registry.example.com/ops/dnsmirror", "newTag": "9.9.9"}
+    ]
     component.write_text(yaml.safe_dump(document))
     for directory in (copy, copy / "node-setup"):
-        built = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+        built = subprocess.run(
+            ["kubectl", "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+        )
         assert built.returncode == 0, built.stderr
-        images = {line.split("image:", 1)[1].strip() for line in built.stdout.splitlines() if "image:" in line}
+        images = {
+            line.split("image:", 1)[1].strip() for line in built.stdout.splitlines() if "image:" in line
+        }
         assert images == {"registry.example.com/ops/dnsmirror:9.9.9"}, (directory, images)

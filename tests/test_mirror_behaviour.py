@@ -111,9 +111,16 @@ class TokenIssuer:
         """A bearer token for ``subject`` allowed ``actions`` (pull) on exactly the repositories ``pulls``."""
         now = int(time.time())
         header = {"typ": "JWT", "alg": "ES256", "x5c": [base64.b64encode(self.leaf_der).decode("ascii")]}
-        claims = {"iss": TOKEN_ISSUER, "sub": subject, "aud": TOKEN_SERVICE, "iat": now, "nbf": now - 60,
-                  "exp": now + 3600, "jti": os.urandom(8).hex(),
-                  "access": [{"type": "repository", "name": name, "actions": list(actions)} for name in pulls]}
+        claims = {
+            "iss": TOKEN_ISSUER,
+            "sub": subject,
+            "aud": TOKEN_SERVICE,
+            "iat": now,
+            "nbf": now - 60,
+            "exp": now + 3600,
+            "jti": os.urandom(8).hex(),
+            "access": [{"type": "repository", "name": name, "actions": list(actions)} for name in pulls],
+        }
         signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
         r, s = decode_dss_signature(self.key.sign(signing_input.encode("ascii"), ec.ECDSA(hashes.SHA256())))
         return f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
@@ -168,7 +175,9 @@ def send(namespace: Namespace, address: str, trust: Path, path: str, *, sni: str
          host: str | None = ECR_HOST, headers: dict[str, str] | None = None,
          method: str = "GET") -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
     """:func:`send_request`, then wait for the response's status and headers (body unread)."""
-    connection = send_request(namespace, address, trust, path, sni=sni, host=host, headers=headers, method=method)
+    connection = send_request(
+        namespace, address, trust, path, sni=sni, host=host, headers=headers, method=method
+    )
     return connection, connection.getresponse()
 
 
@@ -244,7 +253,9 @@ class World:
     def send_to(self, path: str, *, sni: str, host: str,
                 headers: dict[str, str] | None = None) -> http.client.HTTPConnection:
         """:meth:`send` to another captured host."""
-        return send_request(self.node, self.mirror.address, self.trust, path, sni=sni, host=host, headers=headers)
+        return send_request(
+            self.node, self.mirror.address, self.trust, path, sni=sni, host=host, headers=headers
+        )
 
     def cache_file(self, digest: str) -> Path:
         hex_digest = digest.split(":", 1)[1]
@@ -323,8 +334,18 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
             cdn_ns.limit_egress(UPSTREAM_RATE)
             with BlobHost(cdn_ns, BLOB_HOST, ca, private.storage_dir, work / "cdn") as blob_host, \
                     MirrorNode(node, work / "mirror", dns, ca) as mirror:
-                yield World(cluster, ca, public, private, blob_host, mirror, node, tokens, mirror.trust_bundle(),
-                            blobs)
+                yield World(
+                    cluster,
+                    ca,
+                    public,
+                    private,
+                    blob_host,
+                    mirror,
+                    node,
+                    tokens,
+                    mirror.trust_bundle(),
+                    blobs,
+                )
 
 
 # --- the tests ---------------------------------------------------------------------------------------------
@@ -471,8 +492,11 @@ def test_a_client_leaving_mid_fill_does_not_cancel_it_for_others(world: World) -
     again = world.fetch(path)
     assert (again.status, again.body == blob.data) == (200, True)
     assert world.public_gets(blob.digest) == 1
-    failures = [line for line in world.mirror.process.stdout().splitlines() + world.mirror.process.stderr().splitlines()
-                if '"fill_failed"' in line and blob.digest in line]
+    failures = [
+        line
+        for line in world.mirror.process.stdout().splitlines() + world.mirror.process.stderr().splitlines()
+        if '"fill_failed"' in line and blob.digest in line
+    ]
     assert not failures
 
 
@@ -486,7 +510,9 @@ def test_redirected_blob_reaches_the_second_host_without_authorization(world: Wo
     assert [entry.status for entry in world.private.access_log() if entry.path == path] == [307]
     hex_digest = blob.digest.split(":", 1)[1]
     storage_path = f"/docker/registry/v2/blobs/sha256/{hex_digest[:2]}/{hex_digest}/data"
-    at_blob_host = [entry for entry in world.blob_host.requests() if entry["path"].split("?")[0] == storage_path]
+    at_blob_host = [
+        entry for entry in world.blob_host.requests() if entry["path"].split("?")[0] == storage_path
+    ]
     assert [(entry["method"], entry["host"], entry["status"]) for entry in at_blob_host] == [
         ("GET", BLOB_HOST, 200)]
     assert not any(entry["authorization"] for entry in at_blob_host)
@@ -528,7 +554,9 @@ def test_private_blob_is_served_only_to_credentials_upstream_allows(world: World
     assert (bob_response.status, cut) == (200, None)
     carol = world.send_to(path, headers=bearer(world.tokens.token("carol", [PRIVATE_B])), **private_host)
     check_refusals("while bob's fill runs")
-    assert not world.cached(blob.digest), "the fill ended before the refusals were checked; slow the blob host"
+    assert not world.cached(blob.digest), (
+        "the fill ended before the refusals were checked; slow the blob host"
+    )
     rest, cut = read_body(bob_response)
     bob_connection.close()
     assert cut is None and head + rest == blob.data, world.log()
@@ -583,7 +611,9 @@ def test_sni_and_host_must_name_the_same_captured_registry(world: World) -> None
     assert logged() == 1
 
 
-def finish_body_then_get(connection: http.client.HTTPConnection, rest: bytes, host: str) -> http.client.HTTPResponse:
+def finish_body_then_get(
+    connection: http.client.HTTPConnection, rest: bytes, host: str
+) -> http.client.HTTPResponse:
     """Send the rest of an answered request's body, then ``GET /v2/`` on the same connection (body read)."""
     connection.send(rest)
     connection.putrequest("GET", "/v2/", skip_host=True, skip_accept_encoding=True)
@@ -600,10 +630,16 @@ def test_a_refused_push_gets_upstreams_refusal_before_its_body_is_sent(world: Wo
     and the same connection serves its next request."""
     body = os.urandom(2 * 1024 * 1024)
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
-    connection = send_request(world.node, world.mirror.address, world.trust,
-                              f"/v2/{PRIVATE_B}/blobs/uploads/?digest={digest}", sni=ECR_HOST_2, host=ECR_HOST_2,
-                              method="POST", headers={"Content-Length": str(len(body)),
-                                                      "Content-Type": "application/octet-stream"})
+    connection = send_request(
+        world.node,
+        world.mirror.address,
+        world.trust,
+        f"/v2/{PRIVATE_B}/blobs/uploads/?digest={digest}",
+        sni=ECR_HOST_2,
+        host=ECR_HOST_2,
+        method="POST",
+        headers={"Content-Length": str(len(body)), "Content-Type": "application/octet-stream"},
+    )
     try:
         connection.send(body[:65536])
         connection.sock.settimeout(10)
@@ -625,9 +661,16 @@ def test_a_push_to_an_unreachable_registry_gets_a_502_without_sending_its_body(w
     takes it."""
     nowhere = "999999999999.dkr.ecr.us-east-1.amazonaws.com"
     body = os.urandom(4 * 1024 * 1024)
-    connection = send_request(world.node, world.mirror.address, world.trust, "/v2/team/app/blobs/uploads/",
-                              sni=nowhere, host=nowhere, method="POST",
-                              headers={"Content-Length": str(len(body)), "Content-Type": "application/octet-stream"})
+    connection = send_request(
+        world.node,
+        world.mirror.address,
+        world.trust,
+        "/v2/team/app/blobs/uploads/",
+        sni=nowhere,
+        host=nowhere,
+        method="POST",
+        headers={"Content-Length": str(len(body)), "Content-Type": "application/octet-stream"},
+    )
     try:
         connection.send(body[:65536])
         connection.sock.settimeout(10)
@@ -640,7 +683,8 @@ def test_a_push_to_an_unreachable_registry_gets_a_502_without_sending_its_body(w
 
 
 def test_bad_requests_get_clear_errors_and_break_nothing(world: World) -> None:
-    """Huge headers, odd paths and bad digests get 4xx answers; the next request on a fresh connection works."""
+    """Huge headers, odd paths and bad digests get 4xx answers; the next request on a fresh connection
+    works."""
     huge = world.fetch("/v2/", headers={"X-Padding": "x" * 70_000})
     assert 400 <= huge.status < 500
     for path, code in [

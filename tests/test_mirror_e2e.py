@@ -81,11 +81,15 @@ def served_bytes(samples: dict[str, float], source: str) -> float:
 def test_ctr_pull_through_the_mirror_unpacks(setup: Setup, tmp_path: Path) -> None:
     amd64 = setup.image.platform("linux/amd64")
     before = scrape(setup)
-    with Containerd(setup.node, tmp_path / "containerd", ssl_cert_file=setup.mirror.trust_bundle()) as containerd:
+    with Containerd(
+        setup.node, tmp_path / "containerd", ssl_cert_file=setup.mirror.trust_bundle()
+    ) as containerd:
         result = containerd.pull(setup.reference, check=False)
         assert result.returncode == 0, (result.stdout + result.stderr).decode() + setup.mirror.log()
         assert containerd.has_snapshot(amd64.chain_id)
-        assert amd64.files["etc/dnsmirror-test/platform"] in containerd.unpacked_files("etc/dnsmirror-test/platform")
+        assert amd64.files["etc/dnsmirror-test/platform"] in containerd.unpacked_files(
+            "etc/dnsmirror-test/platform"
+        )
     for layer in amd64.layers:
         assert blob_gets(setup, layer.digest) == 1
     # the connection was dnsmirror's: the registry saw the node's mirror as its client
@@ -95,14 +99,20 @@ def test_ctr_pull_through_the_mirror_unpacks(setup: Setup, tmp_path: Path) -> No
     layer_bytes = sum(layer.size for layer in amd64.layers)
     assert served_bytes(after, "upstream") - served_bytes(before, "upstream") >= layer_bytes
     assert served_bytes(after, "cache") - served_bytes(before, "cache") < layer_bytes
-    assert after['dnsmirror_http_requests_total{method="GET",source="upstream",status_class="2xx"}'] >= len(amd64.layers)
+    assert after['dnsmirror_http_requests_total{method="GET",source="upstream",status_class="2xx"}'] >= len(
+        amd64.layers
+    )
 
 
 def test_cri_pull_is_served_from_the_cache(setup: Setup, tmp_path: Path) -> None:
     amd64 = setup.image.platform("linux/amd64")
     before = scrape(setup)
-    with Containerd(setup.node, tmp_path / "containerd", ssl_cert_file=setup.mirror.trust_bundle()) as containerd, \
-            CriImageClient(containerd.socket, timeout=120) as cri:
+    with (
+        Containerd(
+            setup.node, tmp_path / "containerd", ssl_cert_file=setup.mirror.trust_bundle()
+        ) as containerd,
+        CriImageClient(containerd.socket, timeout=120) as cri,
+    ):
         assert cri.pull_image(setup.reference) == amd64.config.digest
         assert containerd.has_snapshot(amd64.chain_id)
     for layer in amd64.layers:
@@ -130,16 +140,24 @@ def test_skopeo_copy_from_and_push_to_the_captured_host(setup: Setup, tmp_path: 
     skopeo_copy(setup.node, f"docker://{setup.reference}", f"oci:{tmp_path / 'copy'}:v1", ca_file=trust)
     pushed = build_image(tmp_path / "pushed", tag="v2", platforms=("linux/amd64",))
     push_image(pushed, setup.node, f"{ECR_HOST}/team/pushed:v2", ca_file=trust)
-    raw = skopeo(setup.node, ["inspect", "--raw", f"docker://{ECR_HOST}/team/pushed:v2"], ca_file=trust).stdout
+    raw = skopeo(
+        setup.node, ["inspect", "--raw", f"docker://{ECR_HOST}/team/pushed:v2"], ca_file=trust
+    ).stdout
     assert raw == pushed.index.read()
     path = setup.registry.manifest_path("team/pushed", "v2")
     assert setup.registry.count_requests("PUT", path, status=201) == 1
     # the push's bodies went upstream as they arrived, not spooled first
     metrics = setup.node.run(["curl", "-sS", "--max-time", "10", "http://127.0.0.1:9090/metrics"]).stdout.decode()
-    streamed = next(line for line in metrics.splitlines() if line.startswith("dnsmirror_streamed_request_bodies_total "))
+    streamed = next(
+        line for line in metrics.splitlines() if line.startswith("dnsmirror_streamed_request_bodies_total ")
+    )
     # layer chunks (PATCH) and manifests (PUT) carry bodies; the PUT that closes a blob upload is empty
-    bodies = [entry for entry in setup.registry.access_log() if entry.path.startswith("/v2/team/pushed/") and (
-        entry.method == "PATCH" or (entry.method == "PUT" and "/manifests/" in entry.path))]
+    bodies = [
+        entry
+        for entry in setup.registry.access_log()
+        if entry.path.startswith("/v2/team/pushed/")
+        and (entry.method == "PATCH" or (entry.method == "PUT" and "/manifests/" in entry.path))
+    ]
     assert bodies and float(streamed.split()[1]) >= len(bodies)
 
 
@@ -156,9 +174,24 @@ def test_pulls_by_digest_and_tag_survive_a_stopped_upstream(setup: Setup, tmp_pa
     # the tag was answered from the last digest upstream gave, not by upstream
     assert '"event": "stale_tag"' in output
     # a credential upstream never allowed gets nothing from the cache while upstream cannot be asked
-    stranger = setup.node.run(["curl", "-sS", "--max-time", "30", "--cacert", str(setup.mirror.trust_bundle()),
-                               "-H", "Authorization: Basic c3RyYW5nZXI6cGFzc3dvcmQ=", "-o", "-", "-w", "\n%{http_code}",
-                               f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{amd64.layers[0].digest}"], check=False)
+    stranger = setup.node.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "30",
+            "--cacert",
+            str(setup.mirror.trust_bundle()),
+            "-H",
+            "Authorization: Basic c3RyYW5nZXI6cGFzc3dvcmQ=",
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{amd64.layers[0].digest}",
+        ],
+        check=False,
+    )
     body, _, status = stranger.stdout.rpartition(b"\n")
     assert status == b"502" and b"UNAVAILABLE" in body and amd64.layers[0].read()[:64] not in body
     # why upstream failed is logged at warning with host, repository and kind, and counted by kind
@@ -174,10 +207,26 @@ def test_pulls_by_digest_and_tag_survive_a_stopped_upstream(setup: Setup, tmp_pa
     assert accesses and all(r["source"] for r in accesses)
 
 
-def fetch_blob(namespace: Namespace, trust: Path, digest: str, repository: str = REPOSITORY) -> tuple[int, bytes]:
+def fetch_blob(
+    namespace: Namespace, trust: Path, digest: str, repository: str = REPOSITORY
+) -> tuple[int, bytes]:
     """GET a blob by digest with curl inside ``namespace`` (DNS sends it to that node's dnsmirror)."""
-    result = namespace.run(["curl", "-sS", "--max-time", "30", "--cacert", str(trust), "-o", "-", "-w",
-                            "\n%{http_code}", f"https://{ECR_HOST}/v2/{repository}/blobs/{digest}"], check=False)
+    result = namespace.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "30",
+            "--cacert",
+            str(trust),
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            f"https://{ECR_HOST}/v2/{repository}/blobs/{digest}",
+        ],
+        check=False,
+    )
     body, _, status = result.stdout.rpartition(b"\n")
     return int(status or 0), body
 
@@ -213,7 +262,8 @@ def test_containerd_content_store_is_a_verified_read_only_source(setup: Setup, t
 
 
 def test_a_large_monolithic_push_streams_through_with_flat_memory(setup: Setup, tmp_path: Path) -> None:
-    """64 MiB PUT through the mirror: the registry stores it intact and dnsmirror's memory does not grow by it."""
+    """64 MiB PUT through the mirror: the registry stores it intact and dnsmirror's memory does not grow by
+    it."""
     import hashlib
     import os
 
@@ -226,8 +276,23 @@ def test_a_large_monolithic_push_streams_through_with_flat_memory(setup: Setup, 
     digest = "sha256:" + hashlib.sha256(blob.read_bytes()).hexdigest()
     trust = str(setup.mirror.trust_bundle())
     base = f"https://{ECR_HOST}/v2/team/big/blobs"
-    started = setup.node.run(["curl", "-sS", "--max-time", "30", "--cacert", trust, "-X", "POST", "-o", "/dev/null",
-                              "-D", "-", f"{base}/uploads/"]).stdout.decode()
+    started = setup.node.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "30",
+            "--cacert",
+            trust,
+            "-X",
+            "POST",
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            f"{base}/uploads/",
+        ]
+    ).stdout.decode()
     location = next(line.split(":", 1)[1].strip() for line in started.splitlines()
                     if line.lower().startswith("location:"))
     url = location if location.startswith("https://") else f"https://{ECR_HOST}{location}"
@@ -235,12 +300,35 @@ def test_a_large_monolithic_push_streams_through_with_flat_memory(setup: Setup, 
     status = Path(f"/proc/{setup.mirror.process.pid}/status")
 
     def high_water_kib() -> int:
-        return next(int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
+        return next(
+            int(line.split()[1]) for line in status.read_text().splitlines() if line.startswith("VmHWM:")
+        )
 
     before = high_water_kib()
-    put = setup.node.run(["curl", "-sS", "--max-time", "120", "--cacert", trust, "-X", "PUT", "-H",
-                          "Content-Type: application/octet-stream", "--data-binary", f"@{blob}", "-o", "/dev/null",
-                          "-w", "%{http_code}", url]).stdout
+    put = setup.node.run(
+        [
+            "curl",
+            "-sS",
+            "--max-time",
+            "120",
+            "--cacert",
+            trust,
+            "-X",
+            "PUT",
+            "-H",
+            "Content-Type: application/octet-stream",
+            "--data-binary",
+            f"@{blob}",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            url,
+        ]
+    ).stdout
     assert put == b"201"
     assert high_water_kib() - before < 32 * 1024  # well under the 64 MiB body
-    assert fetch_blob(setup.node, setup.mirror.trust_bundle(), digest, repository="team/big") == (200, blob.read_bytes())
+    assert fetch_blob(setup.node, setup.mirror.trust_bundle(), digest, repository="team/big") == (
+        200,
+        blob.read_bytes(),
+    )

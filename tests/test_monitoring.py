@@ -32,13 +32,18 @@ def queried_metrics() -> dict[str, set[str]]:
 
 def exposed_names(text: str) -> set[str]:
     """Every sample name /metrics can carry: the samples present, and those each TYPE line implies."""
-    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    names = {
+        line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")
+    }
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split()
             base = name.removesuffix("_total")
-            names |= {"counter": {base + "_total"}, "histogram": {f"{name}_bucket", f"{name}_sum", f"{name}_count"},
-                      "gauge": {name}}.get(kind, {name})
+            names |= {
+                "counter": {base + "_total"},
+                "histogram": {f"{name}_bucket", f"{name}_sum", f"{name}_count"},
+                "gauge": {name},
+            }.get(kind, {name})
     return names
 
 
@@ -46,12 +51,17 @@ def test_the_overlay_lists_its_files_and_builds():
     (kustomization,) = yaml.safe_load_all((MONITORING / "kustomization.yaml").read_text())
     present = {p.name for p in MONITORING.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == present
-    alerts = {entry["alert"] for group in yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())["spec"]
-              ["groups"] for entry in group["rules"]}
+    alerts = {
+        entry["alert"]
+        for group in yaml.safe_load((MONITORING / "prometheusrule.yaml").read_text())["spec"]["groups"]
+        for entry in group["rules"]
+    }
     assert {"DnsmirrorFailingOpen", "DnsmirrorUpstreamErrors", "DnsmirrorCacheNearlyFull",
             "DnsmirrorPeersFailing"} <= alerts
     if shutil.which("kubectl"):
-        built = subprocess.run(["kubectl", "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=60)
+        built = subprocess.run(
+            ["kubectl", "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=60
+        )
         assert built.returncode == 0, built.stderr
         kinds = {doc["kind"] for doc in yaml.safe_load_all(built.stdout)}
         assert kinds == {"ConfigMap", "Service", "ServiceMonitor", "PrometheusRule"}
@@ -82,13 +92,31 @@ def test_every_metric_the_dashboard_and_rules_query_is_served(tmp_path):
 
     with dnsmirror_serve(tmp_path, overrides) as (_, process, log):
         assert wait_until(lambda: "dnsmirror_mirror_healthy 1.0" in scrape(), 10), log.read_text()
-        curl = subprocess.run(["curl", "-sk", "--max-time", "10", "--resolve", f"ghcr.io:{https_port}:127.0.0.1",
-                               "-o", "/dev/null", "-w", "%{http_code}",
-                               f"https://ghcr.io:{https_port}/v2/team/app/blobs/sha256:{'a' * 64}"],
-                              capture_output=True, text=True, timeout=30)
+        curl = subprocess.run(
+            [
+                "curl",
+                "-sk",
+                "--max-time",
+                "10",
+                "--resolve",
+                f"ghcr.io:{https_port}:127.0.0.1",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                f"https://ghcr.io:{https_port}/v2/team/app/blobs/sha256:{'a' * 64}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert curl.stdout == "502", (curl.stdout, curl.stderr, log.read_text())
-        assert wait_until(lambda: 'dnsmirror_http_requests_total{method="GET",source="upstream",status_class="5xx"}'
-                          in scrape(), 5), scrape()
+        assert wait_until(
+            lambda: (
+                'dnsmirror_http_requests_total{method="GET",source="upstream",status_class="5xx"}' in scrape()
+            ),
+            5,
+        ), scrape()
         text = scrape()
         lines = log.read_text()
     names = exposed_names(text)
@@ -104,7 +132,11 @@ def test_every_metric_the_dashboard_and_rules_query_is_served(tmp_path):
     records = [json.loads(line) for line in lines.splitlines() if line.startswith("{")]
     failures = [r for r in records if r.get("event") == "upstream_failure"]
     assert len(failures) == 1 and failures[0]["level"] == "warning", failures
-    assert (failures[0]["host"], failures[0]["repository"], failures[0]["kind"]) == ("ghcr.io", "team/app", "dns")
+    assert (failures[0]["host"], failures[0]["repository"], failures[0]["kind"]) == (
+        "ghcr.io",
+        "team/app",
+        "dns",
+    )
     from dnsmirror import __version__
     assert any(r.get("message") == "dnsmirror started" and r.get("version") == __version__ for r in records)
     access = [r for r in records if r.get("event") == "access"]

@@ -161,8 +161,35 @@ def test_random_byte_paths_raise_only_oci_errors(path):
         pass
 
 
-_ALPHABET = st.sampled_from(["/", "v2", "blobs", "manifests", "uploads", "tags", "list", "referrers", "a", "B", ".",
-                             "..", "-", "_", "__", ":", "sha256", "sha512", HEX, "%2f", "%2e", "%", "?", "\x00", "é"])
+_ALPHABET = st.sampled_from(
+    [
+        "/",
+        "v2",
+        "blobs",
+        "manifests",
+        "uploads",
+        "tags",
+        "list",
+        "referrers",
+        "a",
+        "B",
+        ".",
+        "..",
+        "-",
+        "_",
+        "__",
+        ":",
+        "sha256",
+        "sha512",
+        HEX,
+        "%2f",
+        "%2e",
+        "%",
+        "?",
+        "\x00",
+        "é",
+    ]
+)
 
 
 @given(st.lists(_ALPHABET, max_size=20).map(lambda parts: "/v2/" + "".join(parts)))
@@ -190,7 +217,9 @@ def test_valid_names(name):
     assert oci.validate_name(name) == name
 
 
-@pytest.mark.parametrize("name", ["", "A", "a/", "/a", "a_", "a..b", "a._b", "a___b", "a" * 256, "a\nb", "a\n"])
+@pytest.mark.parametrize(
+    "name", ["", "A", "a/", "/a", "a_", "a..b", "a._b", "a___b", "a" * 256, "a\nb", "a\n"]
+)
 def test_invalid_names(name):
     with pytest.raises(OCIError) as caught:
         oci.validate_name(name)
@@ -296,7 +325,10 @@ def test_manifest_parsing_raises_only_oci_errors(body):
 
 def test_manifest_media_type():
     assert oci.manifest_media_type(b'{"mediaType":"' + oci.OCI_INDEX.encode() + b'"}') == oci.OCI_INDEX
-    assert oci.manifest_media_type(b"{}", "application/vnd.oci.image.manifest.v1+json; charset=x") == oci.OCI_MANIFEST
+    assert (
+        oci.manifest_media_type(b"{}", "application/vnd.oci.image.manifest.v1+json; charset=x")
+        == oci.OCI_MANIFEST
+    )
     assert oci.manifest_media_type(b"{}") is None
     assert oci.OCI_INDEX in oci.INDEX_TYPES and oci.DOCKER_MANIFEST in oci.IMAGE_MANIFEST_TYPES
     assert oci.MANIFEST_TYPES == oci.INDEX_TYPES | oci.IMAGE_MANIFEST_TYPES

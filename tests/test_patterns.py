@@ -60,7 +60,9 @@ def test_default_capture_list_covers_the_common_families():
         assert not matcher.captures(host), host
 
 
-@pytest.mark.parametrize("bad", ["*", "*.io", "io", "", "a..b.com", "*.*", "ex ample.com", "a.b*", "**.a.com", "*.com"])
+@pytest.mark.parametrize(
+    "bad", ["*", "*.io", "io", "", "a..b.com", "*.*", "ex ample.com", "a.b*", "**.a.com", "*.com"]
+)
 def test_bad_patterns_are_rejected_with_a_reason(bad):
     with pytest.raises(PatternError) as info:
         Pattern.parse(bad)
@@ -69,8 +71,13 @@ def test_bad_patterns_are_rejected_with_a_reason(bad):
 
 @pytest.mark.parametrize(
     ("pattern", "suffix"),
-    [("*.dkr.ecr.*.amazonaws.com", "amazonaws.com"), ("*-docker.pkg.dev", "pkg.dev"),
-     ("docker.io", "docker.io"), ("*.azurecr.io", "azurecr.io"), ("*.dkr.ecr.*.amazonaws.com.cn", "amazonaws.com.cn")],
+    [
+        ("*.dkr.ecr.*.amazonaws.com", "amazonaws.com"),
+        ("*-docker.pkg.dev", "pkg.dev"),
+        ("docker.io", "docker.io"),
+        ("*.azurecr.io", "azurecr.io"),
+        ("*.dkr.ecr.*.amazonaws.com.cn", "amazonaws.com.cn"),
+    ],
 )
 def test_literal_suffix(pattern, suffix):
     assert Pattern.parse(pattern).literal_suffix == suffix
@@ -92,8 +99,30 @@ def test_matching_never_raises(host):
         assert is_valid_host(normalize_host(host))
 
 
-@given(st.lists(st.sampled_from(["a", "us-east-1", "dkr", "ecr", "amazonaws", "com", "io", "docker", "pkg", "dev",
-                                    "x-docker", "gcr", "azurecr", "cn"]), min_size=1, max_size=7))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "a",
+                "us-east-1",
+                "dkr",
+                "ecr",
+                "amazonaws",
+                "com",
+                "io",
+                "docker",
+                "pkg",
+                "dev",
+                "x-docker",
+                "gcr",
+                "azurecr",
+                "cn",
+            ]
+        ),
+        min_size=1,
+        max_size=7,
+    )
+)
 def test_a_pattern_only_matches_inside_its_literal_suffix(labels):
     host = ".".join(labels)
     for pattern in DEFAULTS:

@@ -114,8 +114,15 @@ def test_peers_without_a_secret_file_are_a_config_error() -> None:
     with pytest.raises(config.ConfigError) as raised:
         config.parse_document({"peers": {"lookup": 0, "timeout": "soon"}})
     assert sorted(path for path, _ in raised.value.problems) == ["peers.lookup", "peers.timeout"]
-    built = config.parse_document({"peers": {"dns_name": "dnsmirror-peers.kube-system.svc.cluster.local",
-                                             "secret_file": "/etc/dnsmirror/peer-secret", "timeout": "500ms"}})
+    built = config.parse_document(
+        {
+            "peers": {
+                "dns_name": "dnsmirror-peers.kube-system.svc.cluster.local",
+                "secret_file": "/etc/dnsmirror/peer-secret",
+                "timeout": "500ms",
+            }
+        }
+    )
     assert built.peers.enabled and built.peers.timeout == 0.5
     assert not config.parse_document({}).peers.enabled
 
@@ -136,7 +143,11 @@ def test_members_are_static_and_discovered_peers_without_this_node() -> None:
                     resolve=lambda name: answers.pop(0), refresh=30,
                     is_local=lambda host: host == "10.0.0.9")
     peers.start()
-    assert peers.members() == [HostPort("10.0.0.1", 5001), HostPort("10.0.0.2", 5001), HostPort("10.0.0.3", 5001)]
+    assert peers.members() == [
+        HostPort("10.0.0.1", 5001),
+        HostPort("10.0.0.2", 5001),
+        HostPort("10.0.0.3", 5001),
+    ]
     # a failed refresh keeps the peers known so far
     answers.append(defer.fail(OSError("timeout")))
     clock.advance(30)
@@ -231,7 +242,9 @@ def test_the_listener_serves_cached_blobs_to_signed_requests_only(listener) -> N
     body = render(resource, request, disk)
     assert body == data and request.finished
     assert request.responseHeaders.getRawHeaders(b"content-length") == [str(len(data)).encode()]
-    assert request.responseHeaders.getRawHeaders(b"content-type") == [b"application/vnd.oci.image.layer.v1.tar+gzip"]
+    assert request.responseHeaders.getRawHeaders(b"content-type") == [
+        b"application/vnd.oci.image.layer.v1.tar+gzip"
+    ]
     assert stats.served == 1 and store.pinned(digest) == 0
 
     request = PeerRequest(b"HEAD", path, signed("HEAD", digest))
@@ -349,7 +362,9 @@ def test_a_lookup_gives_up_after_twice_the_peer_timeout() -> None:
     clock = task.Clock()
     members = [HostPort(f"10.0.0.{n}", 5001) for n in range(1, 7)]
     peers = PeerSet(clock, members, None, 5001, is_local=lambda host: False)
-    client = PeerClient(clock, peers, Holders(), SECRET, lookup=1, timeout=2, read_timeout=10, stats=PeerStats())
+    client = PeerClient(
+        clock, peers, Holders(), SECRET, lookup=1, timeout=2, read_timeout=10, stats=PeerStats()
+    )
     digest = "sha256:" + "34" * 32
     first, *others = rendezvous(digest, members)
     silent = {str(peer): defer.Deferred() for peer in others}  # connections that never answer
@@ -360,7 +375,9 @@ def test_a_lookup_gives_up_after_twice_the_peer_timeout() -> None:
             self.asked.append(host)
             if host in silent:
                 return silent[host]
-            return defer.succeed(_RawResponse(404, {HOLDERS_HEADER: ", ".join(map(str, others[:4])).encode()}))
+            return defer.succeed(
+                _RawResponse(404, {HOLDERS_HEADER: ", ".join(map(str, others[:4])).encode()})
+            )
 
     client.agent = Agent({})
     found = defer.ensureDeferred(client.fetch(digest))
@@ -377,8 +394,16 @@ def test_an_announced_holder_that_evicted_the_blob_is_forgotten() -> None:
     holders = Holders()
     digest = "sha256:" + "56" * 32
     holders.record(digest, members[1], clock.seconds())
-    client = PeerClient(clock, PeerSet(clock, members, None, 5001, is_local=lambda host: False), holders, SECRET,
-                        lookup=1, timeout=2, read_timeout=10, stats=PeerStats())
+    client = PeerClient(
+        clock,
+        PeerSet(clock, members, None, 5001, is_local=lambda host: False),
+        holders,
+        SECRET,
+        lookup=1,
+        timeout=2,
+        read_timeout=10,
+        stats=PeerStats(),
+    )
     client.agent = ScriptedAgent({str(member): _RawResponse(404) for member in members})
     found = defer.ensureDeferred(client.fetch(digest))
     assert found.called and found.result is None
@@ -392,14 +417,18 @@ def test_grouping_gives_each_digest_to_its_first_peers() -> None:
     grouped = group_by_first_peers(digests, PEERS, 2)
     assert sum(len(held) for held in grouped.values()) == 100
     for digest in digests:
-        assert {peer for peer, held in grouped.items() if digest in held} == set(rendezvous(digest, PEERS)[:2])
+        assert {peer for peer, held in grouped.items() if digest in held} == set(
+            rendezvous(digest, PEERS)[:2]
+        )
 
 
 def test_the_cache_is_announced_once_peers_are_known_then_every_few_hours() -> None:
     from dnsmirror.peers import FIRST_REANNOUNCE, REANNOUNCE_INTERVAL, PeerClient
     clock = task.Clock()
     peers = PeerSet(clock, [], None, 5001, is_local=lambda host: False)
-    client = PeerClient(clock, peers, Holders(), SECRET, lookup=1, timeout=2, read_timeout=10, stats=PeerStats())
+    client = PeerClient(
+        clock, peers, Holders(), SECRET, lookup=1, timeout=2, read_timeout=10, stats=PeerStats()
+    )
     announced: list[dict] = []
     client.send_announcements = lambda per_peer: announced.append(per_peer) or 1
     threaded: list[object] = []

@@ -64,15 +64,35 @@ def write_secret(path: Path, text: str) -> Path:
 
 
 def peer_overrides(node: Namespace, others: list[Namespace], secret: Path, lookup: int = 1) -> dict:
-    return {"peers": {"listen": f"{node.address}:{PEER_PORT}", "static": [f"{o.address}:{PEER_PORT}" for o in others],
-                      "secret_file": str(secret), "lookup": lookup, "timeout": "2s"},
-            "dns": {"ttl": 1}}  # a stopping node drains for ttl + 1 s
+    return {
+        "peers": {
+            "listen": f"{node.address}:{PEER_PORT}",
+            "static": [f"{o.address}:{PEER_PORT}" for o in others],
+            "secret_file": str(secret),
+            "lookup": lookup,
+            "timeout": "2s",
+        },
+        "dns": {"ttl": 1},
+    }  # a stopping node drains for ttl + 1 s
 
 
 def fetch(node: Namespace, mirror: MirrorNode, digest: str, *, login: bool = True) -> tuple[int, bytes]:
     """GET a blob through ``mirror`` with curl in ``node``, trusting that node's CA; (status, body)."""
-    argv = ["curl", "-sS", "--http1.1", "--cacert", str(mirror.trust_bundle()),
-            "--resolve", f"{ECR_HOST}:443:{mirror.address}", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}"]
+    argv = [
+        "curl",
+        "-sS",
+        "--http1.1",
+        "--cacert",
+        str(mirror.trust_bundle()),
+        "--resolve",
+        f"{ECR_HOST}:443:{mirror.address}",
+        "--max-time",
+        "30",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+    ]
     if login:
         argv += ["-u", f"{USER}:{PASSWORD}"]
     done = node.run([*argv, f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], check=False, timeout=60)
@@ -93,12 +113,16 @@ def held_by(client: Namespace, index: HostPort, digest: str, secret: Path) -> Ho
     auth = sign(secret.read_bytes().strip(), "HEAD", digest, time.time()).decode()
     done = client.run(["curl", "-s", "-I", "--max-time", "5", "-H", f"{AUTH_HEADER.decode()}: {auth}",
                        f"http://{index.host}:{index.port}/peer/v1/blobs/{digest}"], check=False, timeout=30)
-    match = re.search(rf"^{HOLDERS_HEADER.decode()}: ([0-9.]+):([0-9]+)", done.stdout.decode(), re.IGNORECASE | re.MULTILINE)
+    match = re.search(
+        rf"^{HOLDERS_HEADER.decode()}: ([0-9.]+):([0-9]+)", done.stdout.decode(), re.IGNORECASE | re.MULTILINE
+    )
     return HostPort(match.group(1), int(match.group(2))) if match else None
 
 
 def metric(node: Namespace, name: str) -> float:
-    done = node.run(["curl", "-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"], check=False, timeout=30)
+    done = node.run(
+        ["curl", "-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"], check=False, timeout=30
+    )
     match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", done.stdout.decode(), re.MULTILINE)
     return float(match.group(1)) if match else 0.0
 
@@ -148,7 +172,8 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
 
             def announced(blob_digest: str) -> bool:
                 """Node A's copy of ``blob_digest`` is known where B will look: A's announcement goes to the
-                digest's first peer among B and C; B asks its own memory, then its first peer among A and C."""
+                digest's first peer among B and C; B asks its own memory, then its first peer among A and
+                C."""
                 index = rendezvous(blob_digest, [peer_address[node_b.name], peer_address[node_c.name]])[0]
                 return held_by(node_b, index, blob_digest, secret) == peer_address[node_a.name]
 
@@ -165,11 +190,18 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 pull(node_b, mirror_b, reference)
 
                 def access_checks(blob) -> int:
-                    """HEADs for ``blob`` by digest from the nodes (the pusher's HEADs looked for blobs to skip)."""
+                    """HEADs for ``blob`` by digest from the nodes (the pusher's HEADs looked for blobs to
+                    skip)."""
                     manifest = blob.media_type.endswith("manifest.v1+json")
-                    path = (registry.manifest_path if manifest else registry.blob_path)(REPOSITORY, blob.digest)
-                    return sum(1 for entry in registry.access_log() if (entry.method, entry.path) == ("HEAD", path)
-                               and entry.client.rsplit(":", 1)[0] in {node.address for node in nodes})
+                    path = (registry.manifest_path if manifest else registry.blob_path)(
+                        REPOSITORY, blob.digest
+                    )
+                    return sum(
+                        1
+                        for entry in registry.access_log()
+                        if (entry.method, entry.path) == ("HEAD", path)
+                        and entry.client.rsplit(":", 1)[0] in {node.address for node in nodes}
+                    )
 
                 for blob in image.blobs():
                     if blob.media_type.endswith(("manifest.v1+json", "index.v1+json")):
@@ -178,17 +210,23 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                         # check each platform manifest before they look for it at peers: A's fill and B's
                         assert access_checks(blob) == (0 if blob is image.index else 2), blob
                         continue
-                    assert registry.count_requests("GET", registry.blob_path(REPOSITORY, blob.digest)) == 1, blob
+                    assert registry.count_requests("GET", registry.blob_path(REPOSITORY, blob.digest)) == 1, (
+                        blob
+                    )
                     assert sources(mirror_b, blob.digest) == ["peer"], blob
                     assert access_checks(blob) == 2, blob  # one by node A before its fill, one by node B
                 # containerd on node C, no registry configuration: its layers come from the peers too
                 amd64 = image.platform("linux/amd64")
-                with Containerd(node_c, tmp_path / "containerd-c", ssl_cert_file=mirror_c.trust_bundle()) as ctr:
+                with Containerd(
+                    node_c, tmp_path / "containerd-c", ssl_cert_file=mirror_c.trust_bundle()
+                ) as ctr:
                     done = ctr.pull(reference, user=f"{USER}:{PASSWORD}", check=False)
                     assert done.returncode == 0, done.stderr[-2000:]
                     assert ctr.has_snapshot(amd64.chain_id)
                 for blob in (amd64.config, *amd64.layers):
-                    assert registry.count_requests("GET", registry.blob_path(REPOSITORY, blob.digest)) == 1, blob
+                    assert registry.count_requests("GET", registry.blob_path(REPOSITORY, blob.digest)) == 1, (
+                        blob
+                    )
                     assert sources(mirror_c, blob.digest) == ["peer"], blob
                 # node C checked the platform manifest, the config and each layer once (the index was granted
                 # by containerd's own HEAD of the tag)
@@ -208,8 +246,12 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert sources(mirror_b, digest) == ["peer"]
                 assert metric(node_a, "dnsmirror_peers_served_total") == served + 1
                 # node B's metrics counted the bytes as the peer's, none as upstream's
-                assert metric(node_b, 'dnsmirror_http_response_bytes_total{source="peer"}') >= peer_bytes + len(data)
-                assert metric(node_b, 'dnsmirror_http_response_bytes_total{source="upstream"}') == upstream_bytes
+                assert metric(
+                    node_b, 'dnsmirror_http_response_bytes_total{source="peer"}'
+                ) >= peer_bytes + len(data)
+                assert (
+                    metric(node_b, 'dnsmirror_http_response_bytes_total{source="upstream"}') == upstream_bytes
+                )
 
                 # no credentials: upstream refuses, and the peers are never asked
                 served_before = metric(node_a, "dnsmirror_peers_served_total")
@@ -237,9 +279,16 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 status, body = fetch(node_b, mirror_b, third_digest)
                 assert (status, body) != (200, third), "a body that failed verification was served"
                 assert fetch(node_b, mirror_b, third_digest) == (200, third)
-                assert registry.count_requests("GET", registry.blob_path(REPOSITORY, third_digest)) == gets_before + 1
-                assert wait_until(lambda: any(r.get("event") == "peer_failure" for r in mirror_b.log_records()), 5)
-                peer_errors = sum(metric(node_b, f'dnsmirror_peer_errors_total{{kind="{kind}"}}') for kind in PEER_KINDS)
+                assert (
+                    registry.count_requests("GET", registry.blob_path(REPOSITORY, third_digest))
+                    == gets_before + 1
+                )
+                assert wait_until(
+                    lambda: any(r.get("event") == "peer_failure" for r in mirror_b.log_records()), 5
+                )
+                peer_errors = sum(
+                    metric(node_b, f'dnsmirror_peer_errors_total{{kind="{kind}"}}') for kind in PEER_KINDS
+                )
                 assert peer_errors >= 1
 
                 # after a restart of every node, A's cache is announced again (in a batch), and found
@@ -262,9 +311,14 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
             outsider_secret = write_secret(tmp_path / "other-secret", os.urandom(24).hex())
             fourth = os.urandom(200_000)
             fourth_digest = registry.place_blob(REPOSITORY, [fourth])[0]
-            with MirrorNode(node_a, tmp_path / "a-again", dns, ca, peer_overrides(node_a, [node_b], secret)) as again_a, \
-                    MirrorNode(node_b, tmp_path / "outsider", dns, ca,
-                               peer_overrides(node_b, [node_a], outsider_secret)) as outsider:
+            with (
+                MirrorNode(
+                    node_a, tmp_path / "a-again", dns, ca, peer_overrides(node_a, [node_b], secret)
+                ) as again_a,
+                MirrorNode(
+                    node_b, tmp_path / "outsider", dns, ca, peer_overrides(node_b, [node_a], outsider_secret)
+                ) as outsider,
+            ):
                 assert fetch(node_a, again_a, fourth_digest) == (200, fourth)
                 assert fetch(node_b, outsider, fourth_digest) == (200, fourth)
                 assert registry.count_requests("GET", registry.blob_path(REPOSITORY, fourth_digest)) == 2
@@ -274,7 +328,9 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
             # a peer that is down: refused connection, then upstream
             fifth = os.urandom(200_000)
             fifth_digest = registry.place_blob(REPOSITORY, [fifth])[0]
-            with MirrorNode(node_b, tmp_path / "alone", dns, ca, peer_overrides(node_b, [node_a], secret)) as alone:
+            with MirrorNode(
+                node_b, tmp_path / "alone", dns, ca, peer_overrides(node_b, [node_a], secret)
+            ) as alone:
                 assert fetch(node_b, alone, fifth_digest) == (200, fifth)
                 assert sources(alone, fifth_digest) == ["upstream"]
                 assert metric(node_b, "dnsmirror_peers_failures_total") == 1
@@ -335,7 +391,9 @@ def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> 
         digest = world.registry.place_blob(REPOSITORY, [data])[0]
         path = world.registry.blob_path(REPOSITORY, digest)
         assert fetch(world.node_a, world.mirror_a, digest) == (200, data)
-        assert wait_until(lambda: metric(world.node_b, "dnsmirror_peers_announcements_received_total") >= 1, 10)
+        assert wait_until(
+            lambda: metric(world.node_b, "dnsmirror_peers_announcements_received_total") >= 1, 10
+        )
 
         out = tmp_path / "slow-download"
         # ~8 s at 4 MB/s: the fill from A goes at this client's pace, so A dies with most of it unsent
@@ -364,7 +422,9 @@ def test_nodes_pulling_a_new_blob_a_moment_apart_share_one_upstream_fetch(tmp_pa
         client_a = start_download(world.node_a, world.mirror_a, digest, out)
         try:
             # A announces its fill when it starts; B asks while it runs
-            assert wait_until(lambda: metric(world.node_b, "dnsmirror_peers_announcements_received_total") >= 1, 20)
+            assert wait_until(
+                lambda: metric(world.node_b, "dnsmirror_peers_announcements_received_total") >= 1, 20
+            )
             assert client_a.alive(), "the fill ended before node B could ask: the registry is too fast"
             assert fetch(world.node_b, world.mirror_b, digest) == (200, data)
             assert client_a.popen.wait(60) == 0, client_a.describe(20)

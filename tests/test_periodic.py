@@ -54,7 +54,9 @@ def test_a_failed_deferred_does_not_stop_the_loop_and_rounds_never_overlap():
 def test_a_round_may_ask_for_a_sooner_next_round():
     clock = task.Clock()
     calls = []
-    loop = Periodic(clock, 100, lambda: calls.append(clock.seconds()) or (1 if len(calls) < 3 else None), "x", first=1)
+    loop = Periodic(
+        clock, 100, lambda: calls.append(clock.seconds()) or (1 if len(calls) < 3 else None), "x", first=1
+    )
     loop.start()
     clock.pump([1] * 10)
     assert calls == [1, 2, 3]
@@ -75,7 +77,9 @@ def test_the_cache_announcement_survives_running_out_of_descriptors():
         return False
 
     peers = PeerSet(clock, [HostPort("10.0.0.2", 5001)], None, 5001, is_local=is_local)
-    client = PeerClient(clock, peers, Holders(), b"s" * 32, lookup=1, timeout=2, read_timeout=10, stats=PeerStats())
+    client = PeerClient(
+        clock, peers, Holders(), b"s" * 32, lookup=1, timeout=2, read_timeout=10, stats=PeerStats()
+    )
     announced = []
     client.send_announcements = lambda per_peer: announced.append(per_peer) or 1
 

@@ -23,10 +23,14 @@ def manifest(*layers: str) -> bytes:
 
 def test_image_blobs_reads_config_and_layers_but_not_an_index():
     assert image_blobs(manifest(LAYER1, LAYER2)) == {CONFIG: 100, LAYER1: 1000, LAYER2: 1000}
-    index = json.dumps({"mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [{"digest": MANIFEST}]})
+    index = json.dumps(
+        {"mediaType": "application/vnd.oci.image.index.v1+json", "manifests": [{"digest": MANIFEST}]}
+    )
     assert image_blobs(index.encode()) is None
     assert image_blobs(b"\xff not json") is None
-    many = json.dumps({"config": {"digest": CONFIG}, "layers": [{"digest": f"sha256:{i:064x}"} for i in range(5000)]})
+    many = json.dumps(
+        {"config": {"digest": CONFIG}, "layers": [{"digest": f"sha256:{i:064x}"} for i in range(5000)]}
+    )
     assert len(image_blobs(many.encode())) == 1000  # bounded
 
 
@@ -42,7 +46,10 @@ def test_helpers():
 
 def test_a_complete_pull_is_reported_once_with_bytes_by_source_and_times():
     tracker = PullTracker()
-    assert tracker.manifest_sent(CLIENT, HOST, REPO, MANIFEST, manifest(LAYER1, LAYER2), started=10.0, now=10.1) == []
+    assert (
+        tracker.manifest_sent(CLIENT, HOST, REPO, MANIFEST, manifest(LAYER1, LAYER2), started=10.0, now=10.1)
+        == []
+    )
     for digest in (CONFIG, LAYER1, LAYER2):
         tracker.blob_started(CLIENT, HOST, REPO, digest, now=10.2)
     assert tracker.blob_ended(CLIENT, HOST, REPO, CONFIG, source="cache", sent=100, complete=True,
@@ -69,7 +76,9 @@ def test_a_complete_pull_is_reported_once_with_bytes_by_source_and_times():
 def test_a_blob_cut_and_resumed_with_a_range_counts_both_parts():
     tracker = PullTracker()
     tracker.manifest_sent(CLIENT, HOST, REPO, MANIFEST, manifest(LAYER1), started=0.0, now=0.0)
-    tracker.blob_ended(CLIENT, HOST, REPO, CONFIG, source="cache", sent=100, complete=True, first_byte_at=0.1, now=0.1)
+    tracker.blob_ended(
+        CLIENT, HOST, REPO, CONFIG, source="cache", sent=100, complete=True, first_byte_at=0.1, now=0.1
+    )
     assert tracker.blob_ended(CLIENT, HOST, REPO, LAYER1, source="upstream", sent=400, complete=False,
                               first_byte_at=0.2, now=1.0) == []
     [report] = tracker.blob_ended(CLIENT, HOST, REPO, LAYER1, source="cache", sent=600, complete=True,
@@ -121,7 +130,9 @@ def test_the_reporter_logs_timeouts_on_its_clock_and_keeps_a_bounded_histogram()
     families = {family.name: family for family in reporter.families()}
     buckets = {(s.labels.get("source_mix"), s.labels.get("le")): s.value
                for s in families["dnsmirror_image_pull_seconds"].samples if s.name.endswith("_bucket")}
-    assert buckets[("none", "30.0")] == 0 and buckets[("none", "60.0")] == 0 and buckets[("none", "120.0")] == 1
+    assert (
+        buckets[("none", "30.0")] == 0 and buckets[("none", "60.0")] == 0 and buckets[("none", "120.0")] == 1
+    )
     outcomes = {s.labels["outcome"]: s.value for s in families["dnsmirror_image_pulls"].samples}
     assert outcomes["timed_out"] == 1 and outcomes["complete"] == 0
     reporter.stop()

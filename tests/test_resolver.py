@@ -65,7 +65,9 @@ class LocalDnsResponder(DatagramProtocol):
         self.transport.write(reply.pack(), addr)
 
 
-def start_dns(test: TestCase, records: dict[str, list[tuple[str, str]]], ttl: int = 60) -> tuple[LocalDnsResponder, HostPort]:
+def start_dns(
+    test: TestCase, records: dict[str, list[tuple[str, str]]], ttl: int = 60
+) -> tuple[LocalDnsResponder, HostPort]:
     """Listen on a free loopback UDP port for the duration of ``test``."""
     responder = LocalDnsResponder(records, ttl)
     port = reactor.listenUDP(0, responder, interface="127.0.0.1")
@@ -100,7 +102,9 @@ class PolicyTests(SynchronousTestCase):
         self.assertIsNone(AddressPolicy(allow_internal=True).refusal("127.0.0.1", 443))
 
     def test_own_listener_is_refused_even_when_internal_allowed(self):
-        policy = AddressPolicy.guarding(True, [HostPort("0.0.0.0", 443), HostPort("127.0.0.1", 8443)], ["10.0.0.9", None])
+        policy = AddressPolicy.guarding(
+            True, [HostPort("0.0.0.0", 443), HostPort("127.0.0.1", 8443)], ["10.0.0.9", None]
+        )
         self.assertIn("loop", policy.refusal("10.0.0.9", 443))
         self.assertIn("loop", policy.refusal("127.0.0.1", 8443))
         self.assertIsNone(policy.refusal("10.0.0.9", 5000))
@@ -172,11 +176,15 @@ class ResolverTests(TestCase):
     def make(self, records, ttl=60, **kwargs) -> tuple[UpstreamResolver, LocalDnsResponder]:
         responder, server = start_dns(self, records, ttl)
         kwargs.setdefault("policy", AddressPolicy(allow_internal=True))
-        return UpstreamResolver([server], reactor=reactor, timeout=kwargs.pop("timeout", 1.0), **kwargs), responder
+        return UpstreamResolver(
+            [server], reactor=reactor, timeout=kwargs.pop("timeout", 1.0), **kwargs
+        ), responder
 
     @defer.inlineCallbacks
     def test_a_and_aaaa_ipv4_first(self):
-        resolver, responder = self.make({"registry.test": [("AAAA", "fd00::7"), ("A", "10.0.0.7"), ("A", "10.0.0.8")]})
+        resolver, responder = self.make(
+            {"registry.test": [("AAAA", "fd00::7"), ("A", "10.0.0.7"), ("A", "10.0.0.8")]}
+        )
         addresses = yield resolver.resolve("Registry.Test")
         self.assertEqual(addresses, ["10.0.0.7", "10.0.0.8", "fd00::7"])
         self.assertEqual(sorted(responder.queries), [("registry.test", "A"), ("registry.test", "AAAA")])
@@ -194,7 +202,9 @@ class ResolverTests(TestCase):
     @defer.inlineCallbacks
     def test_answers_are_cached_for_their_ttl_and_lookups_merged(self):
         resolver, responder = self.make({"registry.test": [("A", "10.0.0.7")]}, ttl=1)
-        first, second = yield defer.gatherResults([resolver.resolve("registry.test"), resolver.resolve("registry.test")])
+        first, second = yield defer.gatherResults(
+            [resolver.resolve("registry.test"), resolver.resolve("registry.test")]
+        )
         self.assertEqual(first, second)
         yield resolver.resolve("registry.test")
         self.assertEqual(len(responder.queries), 2)  # one A + one AAAA for three resolves
@@ -232,14 +242,18 @@ class ResolverTests(TestCase):
 
     @defer.inlineCallbacks
     def test_loopback_answer_refused_by_default(self):
-        resolver, _ = self.make({"sneaky.test": [("A", "127.0.0.1"), ("A", "169.254.169.254")]}, policy=AddressPolicy())
+        resolver, _ = self.make(
+            {"sneaky.test": [("A", "127.0.0.1"), ("A", "169.254.169.254")]}, policy=AddressPolicy()
+        )
         error = yield self.assertFailure(resolver.resolve("sneaky.test", 443), AddressRefused)
         self.assertIn("loopback", str(error))
         self.assertIn("link-local", str(error))
 
     @defer.inlineCallbacks
     def test_refused_addresses_are_filtered_out(self):
-        resolver, _ = self.make({"mixed.test": [("A", "127.0.0.1"), ("A", "10.0.0.3")]}, policy=AddressPolicy())
+        resolver, _ = self.make(
+            {"mixed.test": [("A", "127.0.0.1"), ("A", "10.0.0.3")]}, policy=AddressPolicy()
+        )
         self.assertEqual((yield resolver.resolve("mixed.test")), ["10.0.0.3"])
 
     @defer.inlineCallbacks

@@ -116,8 +116,9 @@ def assert_pulled_twice(world: World, pull: Callable[[], None], reset: Callable[
     while not all(layer_sources(world, mark).values()) and time.monotonic() < deadline:
         time.sleep(0.1)
     sources = layer_sources(world, mark)
-    assert all(sources.values()) and all(source == "cache" for found in sources.values() for source in found), \
-        sources
+    assert all(sources.values()) and all(
+        source == "cache" for found in sources.values() for source in found
+    ), sources
     assert upstream_blob_gets(world) == gets_before
 
 
@@ -164,9 +165,18 @@ def test_skopeo(world: World, tmp_path: Path) -> None:
                     ca_file=world.trust(), src_creds=CREDS, all_platforms=False)
 
     assert_pulled_twice(world, pull, lambda: None)
-    assert_refused_alike(*(skopeo_copy(namespace, f"docker://{world.reference}", f"oci:{tmp_path / 'anonymous'}:v1",
-                                       ca_file=trust, check=False)
-                           for namespace, trust in ((world.node, world.trust()), (world.plain, world.ca.cert_path))))
+    assert_refused_alike(
+        *(
+            skopeo_copy(
+                namespace,
+                f"docker://{world.reference}",
+                f"oci:{tmp_path / 'anonymous'}:v1",
+                ca_file=trust,
+                check=False,
+            )
+            for namespace, trust in ((world.node, world.trust()), (world.plain, world.ca.cert_path))
+        )
+    )
 
 
 def test_ctr_and_cri(world: World, tmp_path: Path) -> None:
@@ -186,7 +196,9 @@ def test_ctr_and_cri(world: World, tmp_path: Path) -> None:
         assert_pulled_twice(world, ctr_pull, forget)
 
         def cri_pull() -> None:
-            assert cri.pull_image(world.reference, username=USER, password=PASSWORD) == world.amd64.config.digest
+            assert (
+                cri.pull_image(world.reference, username=USER, password=PASSWORD) == world.amd64.config.digest
+            )
 
         assert_pulled_twice(world, cri_pull, forget)
         with pytest.raises(CriError) as refused:
@@ -221,7 +233,9 @@ def test_podman(world: World, tmp_path: Path) -> None:
         def pull() -> None:
             done = podman.pull(world.reference, creds=CREDS)
             assert done.returncode == 0, (done.stdout + done.stderr).decode()
-            image_id = podman.run(["image", "inspect", "--format", "{{.Id}}", world.reference]).stdout.decode()
+            image_id = podman.run(
+                ["image", "inspect", "--format", "{{.Id}}", world.reference]
+            ).stdout.decode()
             assert f"sha256:{image_id.strip()}" == world.amd64.config.digest
 
         assert_pulled_twice(world, pull, podman.reset_storage)
@@ -238,10 +252,15 @@ def test_buildah_from_a_captured_image(world: World, tmp_path: Path) -> None:
         def build() -> None:
             done = buildah.build_from(world.reference, creds=CREDS)
             assert done.returncode == 0, (done.stdout + done.stderr).decode()
-            inspected = json.loads(buildah.run(["inspect", "--type", "image", "localhost/dnsmirror-built:1"]).stdout)
+            inspected = json.loads(
+                buildah.run(["inspect", "--type", "image", "localhost/dnsmirror-built:1"]).stdout
+            )
             diff_ids = inspected["OCIv1"]["rootfs"]["diff_ids"]
             # the captured image's layers, then the one COPY added
-            assert tuple(diff_ids[:-1]) == world.amd64.diff_ids and len(diff_ids) == len(world.amd64.diff_ids) + 1
+            assert (
+                tuple(diff_ids[:-1]) == world.amd64.diff_ids
+                and len(diff_ids) == len(world.amd64.diff_ids) + 1
+            )
 
         assert_pulled_twice(world, build, buildah.reset_storage)
     refusals = []

@@ -194,7 +194,10 @@ def test_content_type_is_sanitised(root):
     with open_store(root) as store:
         info = put(store, b"a", content_type="text/plain\r\nSet-Cookie: x")
         assert info.content_type is None
-        assert put(store, b"b", content_type="application/octet-stream").content_type == "application/octet-stream"
+        assert (
+            put(store, b"b", content_type="application/octet-stream").content_type
+            == "application/octet-stream"
+        )
 
 
 # --- crash recovery ----------------------------------------------------------------------------
@@ -457,7 +460,9 @@ def test_make_room_compares_free_space_and_evicts_only_if_that_is_enough(root, m
         assert store.blob_count == 1 and store.stat(sha(blob(0))) is None
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs"
+)
 def test_enospc_on_a_real_full_tmpfs(tmp_path):
     # a 1 MiB tmpfs in a private mount namespace: it vanishes with the child process
     mountpoint = tmp_path / f"full-{uuid.uuid4().hex[:8]}"
@@ -486,8 +491,18 @@ def test_enospc_on_a_real_full_tmpfs(tmp_path):
         print(json.dumps(result))
         """
     )
-    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-               'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" -c "$2"', str(mountpoint), sys.executable, script]
+    command = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" -c "$2"',
+        str(mountpoint),
+        sys.executable,
+        script,
+    ]
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=60,
                                    cwd=Path(__file__).resolve().parent.parent)
@@ -590,7 +605,9 @@ def test_temp_file_readable_while_filling_and_after_commit(root):
 
 
 @pytest.mark.parametrize("direct", [True, False])
-@pytest.mark.parametrize("sizes", [[1], [4095, 1], [STAGE_SIZE], [STAGE_SIZE - 1, 2, 4096], [3 * STAGE_SIZE + 17]])
+@pytest.mark.parametrize(
+    "sizes", [[1], [4095, 1], [STAGE_SIZE], [STAGE_SIZE - 1, 2, 4096], [3 * STAGE_SIZE + 17]]
+)
 def test_direct_and_buffered_writes_keep_every_byte(root, direct, sizes):
     pieces = [os.urandom(size) for size in sizes]
     data = b"".join(pieces)
@@ -734,7 +751,9 @@ def test_a_damaged_manifest_read_whole_is_dropped(root):
         assert sha(data) not in store
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs"
+)
 def test_a_cache_on_a_read_only_filesystem_opens_and_serves_what_it_holds(tmp_path):
     mountpoint = tmp_path / f"ro-{uuid.uuid4().hex[:8]}"
     mountpoint.mkdir()
@@ -763,8 +782,18 @@ def test_a_cache_on_a_read_only_filesystem_opens_and_serves_what_it_holds(tmp_pa
         print(json.dumps(result))
         """
     )
-    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-               'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" -c "$2"', str(mountpoint), sys.executable, script]
+    command = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" -c "$2"',
+        str(mountpoint),
+        sys.executable,
+        script,
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=60,
                                cwd=Path(__file__).resolve().parent.parent)
     if completed.returncode != 0 and "mount" in completed.stderr and "dnsmirror" not in completed.stderr:

@@ -97,7 +97,9 @@ def store(tmp_path, request):
 def start_fill(store, data: bytes, digest: str | None = None):
     digest = digest or sha(data)
     disk = InlineDisk(store)
-    fill = Fill(disk, store.writer(digest, expected_size=len(data)), digest, len(data), "application/octet-stream")
+    fill = Fill(
+        disk, store.writer(digest, expected_size=len(data)), digest, len(data), "application/octet-stream"
+    )
     protocol = fill.body_protocol()
     transport = FakeTransport()
     protocol.makeConnection(transport)
@@ -400,7 +402,9 @@ def test_a_client_gone_before_its_stream_starts_releases_the_descriptor(store):
     request.channel = None  # twisted.web drops the channel when the connection is lost
     closed = []
     fd = os.open(fill.temp_path, os.O_RDONLY)
-    streamer = BlobStreamer(disk, request, fd, 0, None, fill=fill, on_close=lambda: closed.append(os.close(fd)))
+    streamer = BlobStreamer(
+        disk, request, fd, 0, None, fill=fill, on_close=lambda: closed.append(os.close(fd))
+    )
     done = streamer.start()
     assert done.called and done.result is False
     assert closed and request.written == [] and request.producer is None

@@ -45,7 +45,8 @@ def coordinator_of(nodes: list[swarm.SwarmNode]) -> swarm.SwarmNode:
 
 
 def reply(coordinator: swarm.SwarmNode, sender: swarm.SwarmNode, message, now: float = 0.0):
-    """Deliver ``message`` from ``sender`` to ``coordinator``; return the one answer addressed to ``sender``."""
+    """Deliver ``message`` from ``sender`` to ``coordinator``; return the one answer addressed to
+    ``sender``."""
     answers = sends(coordinator.handle(swarm.MessageReceived(sender.me, message), now))
     assert [a.to for a in answers] == [sender.me] * len(answers)
     return answers[0].message if answers else None
@@ -96,7 +97,9 @@ def test_first_asker_gets_the_lease_later_ones_wait_then_are_offered_the_filling
     ask = sends(ask_granted(first), swarm.Ask)[0]
     assert ask.to == coordinator.me
     assert reply(coordinator, first, ask.message) == swarm.Lease(D, 0)
-    assert first.handle(swarm.MessageReceived(coordinator.me, swarm.Lease(D, 0)), 0.0) == [swarm.FetchUpstream(D, 0)]
+    assert first.handle(swarm.MessageReceived(coordinator.me, swarm.Lease(D, 0)), 0.0) == [
+        swarm.FetchUpstream(D, 0)
+    ]
     # the lease holder has no byte yet: the second asker waits (and is not given a second lease)
     assert isinstance(reply(coordinator, second, swarm.Ask(D)), swarm.Wait)
     assert coordinator.lease_holder(D) == first.me
@@ -123,7 +126,9 @@ def test_a_holder_is_offered_to_at_most_max_uploads_askers_and_receivers_become_
     coordinator.handle(swarm.MessageReceived(askers[1].me, swarm.Release(D, askers[1].me, lease_holder.me,
                                                                          swarm.Outcome.DONE)), 1.0)
     later = [reply(coordinator, a, swarm.Ask(D), 1.0) for a in askers[K + 1:K + 5]]
-    assert sorted(o.holder.host for o in later) == sorted([askers[0].me.host] * (K - 1) + [lease_holder.me.host])
+    assert sorted(o.holder.host for o in later) == sorted(
+        [askers[0].me.host] * (K - 1) + [lease_holder.me.host]
+    )
 
 
 def test_complete_holders_are_preferred_and_no_lease_is_given_while_one_exists():
@@ -153,7 +158,9 @@ def test_a_dead_lease_holder_hands_the_lease_to_the_next_asker_with_its_offset()
     reply(coordinator, holder, swarm.Register(D, None, 10, False))
     ask = sends(ask_granted(child), swarm.Ask)[0]
     offer = reply(coordinator, child, ask.message)
-    assert child.handle(swarm.MessageReceived(coordinator.me, offer), 0.0)[0] == swarm.FetchPeer(D, holder.me, 0)
+    assert child.handle(swarm.MessageReceived(coordinator.me, offer), 0.0)[0] == swarm.FetchPeer(
+        D, holder.me, 0
+    )
     child.handle(swarm.BytesReceived(D, 500), 0.1)
     actions = child.handle(swarm.SourceFailed(D, 500, swarm.Outcome.DIED), 0.2)
     release, again = sends(actions)
@@ -186,7 +193,9 @@ def test_an_orphan_is_never_offered_its_own_descendant():
     reply(coordinator, leaf, swarm.Ask(D))
     reply(coordinator, leaf, swarm.Register(D, mid.me, 2, False))
     # root dies; mid reports it and asks again: leaf (fed by mid) has free slots but would wait for mid itself
-    coordinator.handle(swarm.MessageReceived(mid.me, swarm.Release(D, mid.me, root.me, swarm.Outcome.DIED)), 1.0)
+    coordinator.handle(
+        swarm.MessageReceived(mid.me, swarm.Release(D, mid.me, root.me, swarm.Outcome.DIED)), 1.0
+    )
     assert reply(coordinator, mid, swarm.Ask(D, 5), 1.0) == swarm.Lease(D, 5)
 
 
@@ -197,7 +206,9 @@ def test_a_stalled_source_is_aborted_and_the_next_one_asked():
     ask_granted(node)
     node.handle(swarm.MessageReceived(coordinator, swarm.Offer(D, addr(3))), 0.0)
     node.handle(swarm.BytesReceived(D, 100), 1.0)
-    assert node.handle(swarm.TimerFired(D, swarm.TimerKind.STALL), 2.0) == [swarm.SetTimer(D, swarm.TimerKind.STALL, 3.0)]
+    assert node.handle(swarm.TimerFired(D, swarm.TimerKind.STALL), 2.0) == [
+        swarm.SetTimer(D, swarm.TimerKind.STALL, 3.0)
+    ]
     actions = node.handle(swarm.TimerFired(D, swarm.TimerKind.STALL), 3.0)
     assert actions[0] == swarm.Abort(D)
     assert [s.message for s in sends(actions)] == [swarm.Release(D, node.me, addr(3), swarm.Outcome.STALLED),
@@ -335,7 +346,9 @@ class Cluster:
                 case swarm.CheckAccess():
                     self.work.append(("access", me))
                 case swarm.Send(to, message):
-                    assert me in self.allowed or not isinstance(message, swarm.Ask), "asked before its access check"
+                    assert me in self.allowed or not isinstance(message, swarm.Ask), (
+                        "asked before its access check"
+                    )
                     self.inbox.append((to, me, message))
                 case swarm.SetTimer(digest, kind, at):
                     self.timers.append((at, me, swarm.TimerFired(digest, kind)))
@@ -472,7 +485,9 @@ def test_a_refusing_holder_is_not_offered_again_until_it_registers():
     reply(coordinator, holder, swarm.Register(D, None, 10, False))
     assert reply(coordinator, a, swarm.Ask(D)) == swarm.Offer(D, holder.me)
     # the holder is full of askers another coordinator sent it
-    coordinator.handle(swarm.MessageReceived(a.me, swarm.Release(D, a.me, holder.me, swarm.Outcome.REFUSED)), 0.1)
+    coordinator.handle(
+        swarm.MessageReceived(a.me, swarm.Release(D, a.me, holder.me, swarm.Outcome.REFUSED)), 0.1
+    )
     assert isinstance(reply(coordinator, b, swarm.Ask(D), 0.1), swarm.Wait)
     reply(coordinator, holder, swarm.Register(D, None, 20, False, uploads=K), 0.2)
     assert isinstance(reply(coordinator, b, swarm.Ask(D), 0.2), swarm.Wait)  # it says it is full
@@ -487,7 +502,9 @@ def test_a_receiver_whose_uploader_saw_it_die_is_not_offered():
     reply(coordinator, root, swarm.Ask(D))
     reply(coordinator, root, swarm.Register(D, None, 10, False, uploads=K))  # root is busy
     reply(coordinator, dead, swarm.Register(D, root.me, 5, False))
-    coordinator.handle(swarm.MessageReceived(root.me, swarm.Release(D, dead.me, root.me, swarm.Outcome.DIED)), 0.5)
+    coordinator.handle(
+        swarm.MessageReceived(root.me, swarm.Release(D, dead.me, root.me, swarm.Outcome.DIED)), 0.5
+    )
     assert isinstance(reply(coordinator, asker, swarm.Ask(D), 0.5), swarm.Wait)
 
 
@@ -498,8 +515,9 @@ def test_a_stalled_source_that_still_registers_is_kept_but_not_offered_to_the_sa
     reply(coordinator, root, swarm.Ask(D))
     reply(coordinator, root, swarm.Register(D, None, 10, False, uploads=K))
     reply(coordinator, starved, swarm.Register(D, root.me, 5, False), 1.0)
-    coordinator.handle(swarm.MessageReceived(child.me, swarm.Release(D, child.me, starved.me, swarm.Outcome.STALLED)),
-                       1.5)
+    coordinator.handle(
+        swarm.MessageReceived(child.me, swarm.Release(D, child.me, starved.me, swarm.Outcome.STALLED)), 1.5
+    )
     assert isinstance(reply(coordinator, child, swarm.Ask(D, 3), 1.5), swarm.Wait)
     assert reply(coordinator, other, swarm.Ask(D), 1.5) == swarm.Offer(D, starved.me)
 

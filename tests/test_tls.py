@@ -68,7 +68,10 @@ def test_leaf_names_exactly_the_host(authority):
     assert san.get_values_for_type(x509.IPAddress) == []
     assert leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)[0].value == ECR_HOST
     assert leaf.issuer == authority.cert.subject
-    assert isinstance(leaf.public_key(), ec.EllipticCurvePublicKey) and leaf.public_key().curve.name == "secp256r1"
+    assert (
+        isinstance(leaf.public_key(), ec.EllipticCurvePublicKey)
+        and leaf.public_key().curve.name == "secp256r1"
+    )
     assert not leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
     leaf.verify_directly_issued_by(authority.cert)
 
@@ -111,11 +114,16 @@ def test_captured_names_get_their_own_cached_context(authority):
 
 def test_all_leaves_share_the_pregenerated_key(authority):
     server = sni_server(authority)
-    keys = {leaf_of(server.context_for(h)).public_key().public_numbers() for h in ("docker.io", "quay.io", ECR_HOST)}
+    keys = {
+        leaf_of(server.context_for(h)).public_key().public_numbers()
+        for h in ("docker.io", "quay.io", ECR_HOST)
+    }
     assert keys == {server.signing.leaf_key.public_key().public_numbers()}
 
 
-@pytest.mark.parametrize("name", ["example.com", "amazonaws.com", "10.0.0.1", "", "bad..name", "quay.io.evil.com"])
+@pytest.mark.parametrize(
+    "name", ["example.com", "amazonaws.com", "10.0.0.1", "", "bad..name", "quay.io.evil.com"]
+)
 def test_names_not_captured_get_no_context(authority, name):
     server = sni_server(authority)
     assert server.context_for(name) is None
@@ -205,7 +213,9 @@ def test_memory_handshake_gets_the_leaf_and_http11(authority):
     assert client.get_protocol_version_name() == "TLSv1.3"
 
 
-@pytest.mark.parametrize("server_name, counter", [(None, "refused_no_sni"), (b"example.com", "refused_not_captured")])
+@pytest.mark.parametrize(
+    "server_name, counter", [(None, "refused_no_sni"), (b"example.com", "refused_not_captured")]
+)
 def test_no_sni_and_unknown_names_end_in_an_alert_and_are_counted(authority, server_name, counter):
     server = sni_server(authority)
     with pytest.raises(SSL.Error, match="handshake failure"):
@@ -245,7 +255,8 @@ class Recorder(protocol.Protocol):
 
 class TwistedSniPinTests(SynchronousTestCase):
     """Twisted and pyOpenSSL versions in use switch contexts from the SNI callback correctly (known traps:
-    a Context cannot be changed once a Connection was made from it; ALPN and verification live per context)."""
+    a Context cannot be changed once a Connection was made from it; ALPN and verification live per
+    context)."""
 
     def setUp(self) -> None:
         directory = Path(tempfile.mkdtemp(prefix="dnsmirror-tls-pin-"))
@@ -337,11 +348,23 @@ def test_watcher_swaps_a_rotated_ca_and_keeps_the_old_one_on_a_broken_swap(tmp_p
 
 def test_tls_config_defaults_and_limits():
     defaults = config.load().tls
-    assert (defaults.leaf_validity, defaults.leaf_cache_size, defaults.reload_interval) == (7 * 86400.0, 1024, 10.0)
-    custom = config.parse_document({"tls": {"leaf_validity": "24h", "leaf_cache_size": 10, "reload_interval": "1s"}})
-    assert (custom.tls.leaf_validity, custom.tls.leaf_cache_size, custom.tls.reload_interval) == (86400.0, 10, 1.0)
+    assert (defaults.leaf_validity, defaults.leaf_cache_size, defaults.reload_interval) == (
+        7 * 86400.0,
+        1024,
+        10.0,
+    )
+    custom = config.parse_document(
+        {"tls": {"leaf_validity": "24h", "leaf_cache_size": 10, "reload_interval": "1s"}}
+    )
+    assert (custom.tls.leaf_validity, custom.tls.leaf_cache_size, custom.tls.reload_interval) == (
+        86400.0,
+        10,
+        1.0,
+    )
     with pytest.raises(config.ConfigError) as caught:
-        config.parse_document({"tls": {"leaf_validity": "169h", "leaf_cache_size": 0, "reload_interval": "0s"}})
+        config.parse_document(
+            {"tls": {"leaf_validity": "169h", "leaf_cache_size": 0, "reload_interval": "0s"}}
+        )
     paths = {path for path, _ in caught.value.problems}
     assert paths == {"tls.leaf_validity", "tls.leaf_cache_size", "tls.reload_interval"}
     assert "at most 168h" in caught.value.describe()

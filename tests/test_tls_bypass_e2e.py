@@ -41,7 +41,9 @@ def test_a_registry_whose_certificate_the_mirror_cannot_verify_is_left_uncapture
                            {"metrics": {"listen": f"{node.address}:9090"}}) as mirror:
             image = build_image(tmp_path / "image", platforms=("linux/amd64",))
             push_image(image, pusher, REFERENCE, ca_file=private_ca.cert_path)
-            node_trust = bundle([private_ca.cert_path, mirror.ca_dir / "root.crt"], tmp_path / "node-trust.pem")
+            node_trust = bundle(
+                [private_ca.cert_path, mirror.ca_dir / "root.crt"], tmp_path / "node-trust.pem"
+            )
             assert node.call(resolve, mirror.address, ECR_HOST) == [mirror.address]
             logged_by_push = len(registry.access_log())
 
@@ -51,7 +53,9 @@ def test_a_registry_whose_certificate_the_mirror_cannot_verify_is_left_uncapture
             assert refused.returncode != 0
             assert b"502" in refused.stderr or b"Bad Gateway" in refused.stderr, refused.stderr
             # no registry API request reached it (skopeo's last resort, a /v1/_ping, goes around the mirror)
-            reached = [entry for entry in registry.access_log()[logged_by_push:] if entry.path.startswith("/v2/")]
+            reached = [
+                entry for entry in registry.access_log()[logged_by_push:] if entry.path.startswith("/v2/")
+            ]
             assert reached == []
             bypasses = [record["host"] for record in mirror.log_records()
                         if record.get("event") == "upstream_tls_bypass"]

@@ -1,4 +1,5 @@
-"""Request bodies streamed upstream: the body pipe between the client's connection and the upstream request."""
+"""Request bodies streamed upstream: the body pipe between the client's connection and the upstream
+request."""
 
 from __future__ import annotations
 

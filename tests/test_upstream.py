@@ -53,11 +53,21 @@ MiB = 1024 * 1024
 
 class HeaderTests(SynchronousTestCase):
     def test_hop_by_hop_and_connection_named_headers_removed(self):
-        headers = end_to_end_headers([
-            ("Connection", "close, X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "5"), ("TE", "trailers"),
-            ("Transfer-Encoding", "chunked"), ("Upgrade", "h2c"), ("Proxy-Authorization", "Basic x"),
-            ("Trailer", "X"), ("Proxy-Connection", "keep-alive"), ("Authorization", "Bearer t"), ("X-Other", "y"),
-        ])
+        headers = end_to_end_headers(
+            [
+                ("Connection", "close, X-Hop"),
+                ("X-Hop", "1"),
+                ("Keep-Alive", "5"),
+                ("TE", "trailers"),
+                ("Transfer-Encoding", "chunked"),
+                ("Upgrade", "h2c"),
+                ("Proxy-Authorization", "Basic x"),
+                ("Trailer", "X"),
+                ("Proxy-Connection", "keep-alive"),
+                ("Authorization", "Bearer t"),
+                ("X-Other", "y"),
+            ]
+        )
         self.assertEqual(header_pairs(headers), [(b"authorization", b"Bearer t"), (b"x-other", b"y")])
 
     def test_repeated_headers_stay_separate_values(self):
@@ -66,8 +76,12 @@ class HeaderTests(SynchronousTestCase):
 
     def test_accepts_headers_and_mappings(self):
         twisted_headers = Headers({b"Accept": [b"a", b"b"]})
-        self.assertEqual(header_pairs(end_to_end_headers(twisted_headers)), [(b"accept", b"a"), (b"accept", b"b")])
-        self.assertEqual(header_pairs({"X-A": ["1", "2"], "X-B": "3"}), [(b"x-a", b"1"), (b"x-a", b"2"), (b"x-b", b"3")])
+        self.assertEqual(
+            header_pairs(end_to_end_headers(twisted_headers)), [(b"accept", b"a"), (b"accept", b"b")]
+        )
+        self.assertEqual(
+            header_pairs({"X-A": ["1", "2"], "X-B": "3"}), [(b"x-a", b"1"), (b"x-a", b"2"), (b"x-b", b"3")]
+        )
 
 
 class RedirectTargetTests(SynchronousTestCase):
@@ -92,15 +106,26 @@ class RedirectTargetTests(SynchronousTestCase):
         self.assertIsNone(redirect_target(200, [("Location", "https://x.test/")], self.base))
         self.assertIsNone(redirect_target(304, [("Location", "https://x.test/")], self.base))
         self.assertIsNone(redirect_target(302, [], self.base))
-        self.assertIsNone(redirect_target(302, [("Location", "https://a.test/"), ("Location", "https://b.test/")], self.base))
+        self.assertIsNone(
+            redirect_target(
+                302, [("Location", "https://a.test/"), ("Location", "https://b.test/")], self.base
+            )
+        )
 
 
 class ConfigTests(SynchronousTestCase):
     def test_upstream_keys_parse(self):
-        parsed = config.parse_document({"upstream": {
-            "first_byte_timeout": "5s", "read_timeout": "500ms", "pool_per_host": 4, "pool_idle_timeout": "20s",
-            "allow_internal": True,
-        }})
+        parsed = config.parse_document(
+            {
+                "upstream": {
+                    "first_byte_timeout": "5s",
+                    "read_timeout": "500ms",
+                    "pool_per_host": 4,
+                    "pool_idle_timeout": "20s",
+                    "allow_internal": True,
+                }
+            }
+        )
         settings = UpstreamSettings.from_config(parsed)
         self.assertEqual((settings.first_byte_timeout, settings.read_timeout, settings.pool_per_host,
                           settings.pool_idle_timeout), (5.0, 0.5, 4, 20.0))
@@ -115,14 +140,18 @@ class ConfigTests(SynchronousTestCase):
         self.assertIn("upstream.first_byte_timeout", paths)
 
     def test_from_config_uses_upstream_resolvers_and_reads_the_bundle(self):
-        parsed = config.parse_document({"upstream": {"resolvers": ["127.0.0.1:5399"], "ca_bundle": str(pki().ca_path)}})
+        parsed = config.parse_document(
+            {"upstream": {"resolvers": ["127.0.0.1:5399"], "ca_bundle": str(pki().ca_path)}}
+        )
         client = UpstreamClient.from_config(parsed, reactor)
         self.assertEqual([str(s) for s in client.resolver.servers], ["127.0.0.1:5399"])
         self.assertEqual(len(client.tls_policy.trust.extra), 1)
         self.assertIsNotNone(client.resolver.policy.refusal("127.0.0.1", 8443))  # dnsmirror's own listener
 
     def test_missing_bundle_is_a_config_error(self):
-        parsed = config.parse_document({"upstream": {"resolvers": ["127.0.0.1:5399"], "ca_bundle": "/nonexistent/ca.pem"}})
+        parsed = config.parse_document(
+            {"upstream": {"resolvers": ["127.0.0.1:5399"], "ca_bundle": "/nonexistent/ca.pem"}}
+        )
         with self.assertRaises(ConfigError) as caught:
             UpstreamClient.from_config(parsed, reactor)
         self.assertEqual(caught.exception.problems[0][0], "upstream.ca_bundle")
@@ -137,11 +166,17 @@ class _Pki:
         self.ca_key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dnsmirror test public CA")])
         self.ca_cert = (
-            x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(self.ca_key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(self.ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(days=2))
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+            )
             .sign(self.ca_key, hashes.SHA256())
         )
         self.ca_path = directory / "ca.pem"
@@ -153,9 +188,12 @@ class _Pki:
             now = datetime.datetime.now(datetime.UTC)
             key = ec.generate_private_key(ec.SECP256R1())
             cert = (
-                x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-                .issuer_name(self.ca_cert.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                x509.CertificateBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
+                .issuer_name(self.ca_cert.subject)
+                .public_key(key.public_key())
+                .serial_number(x509.random_serial_number())
+                .not_valid_before(now - datetime.timedelta(hours=1))
                 .not_valid_after(now + datetime.timedelta(days=1))
                 .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
                 .sign(self.ca_key, hashes.SHA256())
@@ -229,10 +267,16 @@ class _Recorder(resource.Resource):
 
     def render(self, request):
         path = request.uri.decode()
-        lines = [(n.decode().lower(), v.decode()) for n, vs in request.requestHeaders.getAllRawHeaders() for v in vs]
+        lines = [
+            (n.decode().lower(), v.decode())
+            for n, vs in request.requestHeaders.getAllRawHeaders()
+            for v in vs
+        ]
         body = request.content.read()
         self.servers.connections.add(request.transport)
-        self.servers.log.append((self.name, request.method.decode(), path, lines, request.getClientAddress().port, len(body)))
+        self.servers.log.append(
+            (self.name, request.method.decode(), path, lines, request.getClientAddress().port, len(body))
+        )
         route = path.split("?")[0]
         if route == "/echo":
             request.setHeader(b"content-type", b"application/json")
@@ -313,11 +357,15 @@ class UpstreamClientTests(TestCase):
             name: [("A", "127.0.0.1")] for name in ("registry.test", "cdn.test", "wrong.test")
         })
 
-    def client(self, *, bundle: bool = True, policy: AddressPolicy | None = None, **settings) -> UpstreamClient:
+    def client(
+        self, *, bundle: bool = True, policy: AddressPolicy | None = None, **settings
+    ) -> UpstreamClient:
         resolver = UpstreamResolver([self.dns_server], reactor=reactor, timeout=1.0,
                                     policy=policy or AddressPolicy(allow_internal=True))
         tls = UpstreamTLSPolicy.from_bundle(pki().ca_path if bundle else None)
-        client = UpstreamClient(resolver, reactor=reactor, tls_policy=tls, settings=UpstreamSettings(**settings))
+        client = UpstreamClient(
+            resolver, reactor=reactor, tls_policy=tls, settings=UpstreamSettings(**settings)
+        )
         self.addCleanup(client.close)
         return client
 
@@ -413,7 +461,9 @@ class UpstreamClientTests(TestCase):
 
     @defer.inlineCallbacks
     def test_internal_address_refused_by_default(self):
-        yield self.assertFailure(self.client(policy=AddressPolicy()).request("GET", self.url("/blob")), AddressRefused)
+        yield self.assertFailure(
+            self.client(policy=AddressPolicy()).request("GET", self.url("/blob")), AddressRefused
+        )
         self.assertEqual(self.servers.log, [])
 
     # headers
@@ -422,9 +472,15 @@ class UpstreamClientTests(TestCase):
     def test_headers_pass_through_with_repeats_and_without_hop_by_hop(self):
         accepts = [f"application/vnd.type{n}+json" for n in range(6)]
         headers = [("Accept", a) for a in accepts] + [
-            ("Authorization", "Bearer team-a"), ("Connection", "close, X-Hop"), ("X-Hop", "1"),
-            ("Keep-Alive", "timeout=5"), ("TE", "trailers"), ("Upgrade", "h2c"), ("Proxy-Authorization", "Basic p"),
-            ("Host", "evil.test"), ("User-Agent", "skopeo/1.9"),
+            ("Authorization", "Bearer team-a"),
+            ("Connection", "close, X-Hop"),
+            ("X-Hop", "1"),
+            ("Keep-Alive", "timeout=5"),
+            ("TE", "trailers"),
+            ("Upgrade", "h2c"),
+            ("Proxy-Authorization", "Basic p"),
+            ("Host", "evil.test"),
+            ("User-Agent", "skopeo/1.9"),
         ]
         response = yield self.client().request("GET", self.url("/echo"), headers)
         received = [tuple(line) for line in json.loads((yield response.read_body(MiB)))["headers"]]
@@ -435,7 +491,9 @@ class UpstreamClientTests(TestCase):
         self.assertNotIn("close", [v for n, v in received if n == "connection"])
         self.assertIn(("authorization", "Bearer team-a"), received)
         self.assertIn(("user-agent", "skopeo/1.9"), received)
-        self.assertEqual([v for n, v in received if n == "host"], [f"registry.test:{self.servers.ports['registry.test']}"])
+        self.assertEqual(
+            [v for n, v in received if n == "host"], [f"registry.test:{self.servers.ports['registry.test']}"]
+        )
         self.assertEqual(response.headers.getRawHeaders(b"content-type"), [b"application/json"])
 
     @defer.inlineCallbacks
@@ -454,7 +512,9 @@ class UpstreamClientTests(TestCase):
         self.assertEqual([v for n, v in echoed["headers"] if n == "content-length"], ["5000"])
         chunked = FileBodyProducer(BytesIO(b"q" * 7000))
         chunked.length = UNKNOWN_LENGTH
-        response = yield client.request("PATCH", self.url("/echo"), [("Transfer-Encoding", "chunked")], chunked)
+        response = yield client.request(
+            "PATCH", self.url("/echo"), [("Transfer-Encoding", "chunked")], chunked
+        )
         echoed = json.loads((yield response.read_body(MiB)))
         self.assertEqual(echoed["body_length"], 7000)
         self.assertEqual([v for n, v in echoed["headers"] if n == "transfer-encoding"], ["chunked"])
@@ -465,7 +525,9 @@ class UpstreamClientTests(TestCase):
     def test_redirect_to_another_host_drops_authorization_and_cookie(self):
         target = "https://cdn.test:PORT_CDN/blob?sig=abc"
         headers = [("Authorization", "Bearer secret"), ("Cookie", "session=1"), ("Accept", "*/*")]
-        response = yield self.client().request("GET", self.url(f"/redirect/307/{target}"), headers, follow_redirects=True)
+        response = yield self.client().request(
+            "GET", self.url(f"/redirect/307/{target}"), headers, follow_redirects=True
+        )
         self.assertEqual((yield response.read_body(MiB)), b"blob-bytes")
         self.assertEqual(response.url, self.servers.url("cdn.test", "/blob?sig=abc"))
         self.assertEqual(len(response.redirects), 1)
@@ -479,8 +541,9 @@ class UpstreamClientTests(TestCase):
 
     @defer.inlineCallbacks
     def test_same_origin_relative_redirect_keeps_authorization(self):
-        response = yield self.client().request("GET", self.url("/redirect/302//blob"), [("Authorization", "Bearer a")],
-                                               follow_redirects=True)
+        response = yield self.client().request(
+            "GET", self.url("/redirect/302//blob"), [("Authorization", "Bearer a")], follow_redirects=True
+        )
         yield response.discard()
         self.assertEqual(response.code, 200)
         self.assertEqual([("authorization", "Bearer a") in e[3] for e in self.servers.log], [True, True])
@@ -496,7 +559,9 @@ class UpstreamClientTests(TestCase):
 
     @defer.inlineCallbacks
     def test_redirect_to_a_refused_address_is_not_followed(self):
-        policy = AddressPolicy(allow_internal=True, refused_endpoints=frozenset({("127.0.0.1", self.servers.ports["cdn.test"])}))
+        policy = AddressPolicy(
+            allow_internal=True, refused_endpoints=frozenset({("127.0.0.1", self.servers.ports["cdn.test"])})
+        )
         request = self.client(policy=policy).request("GET", self.url("/redirect/302/https://cdn.test:PORT_CDN/blob"),
                                                      follow_redirects=True)
         yield self.assertFailure(request, AddressRefused)
@@ -504,8 +569,10 @@ class UpstreamClientTests(TestCase):
 
     @defer.inlineCallbacks
     def test_redirect_count_is_bounded(self):
-        yield self.assertFailure(self.client(max_redirects=3).request("GET", self.url("/loop"), follow_redirects=True),
-                                 TooManyRedirects)
+        yield self.assertFailure(
+            self.client(max_redirects=3).request("GET", self.url("/loop"), follow_redirects=True),
+            TooManyRedirects,
+        )
         self.assertEqual(len(self.servers.log), 4)
 
     @defer.inlineCallbacks
@@ -519,7 +586,9 @@ class UpstreamClientTests(TestCase):
     @defer.inlineCallbacks
     def test_first_byte_timeout(self):
         started = reactor.seconds()
-        error = yield self.assertFailure(self.client(first_byte_timeout=0.5).request("GET", self.url("/hang")), UpstreamTimeout)
+        error = yield self.assertFailure(
+            self.client(first_byte_timeout=0.5).request("GET", self.url("/hang")), UpstreamTimeout
+        )
         elapsed = reactor.seconds() - started
         self.assertTrue(0.45 <= elapsed < 3, elapsed)
         self.assertIn("no response headers", str(error))
@@ -549,7 +618,9 @@ class UpstreamClientTests(TestCase):
         response = yield self.client().request("GET", self.url("/big?size=100000"))
         yield self.assertFailure(response.read_body(1000), BodyTooLarge)
         # the mirror stopped reading: not upstream's failure
-        self.assertEqual(sum(failures.failures.count("upstream", kind) for kind in failures.UPSTREAM_KINDS), cuts)
+        self.assertEqual(
+            sum(failures.failures.count("upstream", kind) for kind in failures.UPSTREAM_KINDS), cuts
+        )
 
     @defer.inlineCallbacks
     def test_an_upstream_5xx_is_counted(self):

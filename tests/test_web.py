@@ -36,7 +36,9 @@ class Channel:
 
 
 class Request:
-    def __init__(self, uri: bytes, sni: str | None, hosts: list[bytes] | None, method=b"GET", authorization=None):
+    def __init__(
+        self, uri: bytes, sni: str | None, hosts: list[bytes] | None, method=b"GET", authorization=None
+    ):
         self.uri = uri
         self.method = method
         self.channel = Channel(sni)
@@ -49,7 +51,9 @@ class Request:
 
 @pytest.fixture
 def front():
-    return RegistryResource(HostMatcher(["*.dkr.ecr.*.amazonaws.com", "docker.io"]), content=None, passthrough=None)
+    return RegistryResource(
+        HostMatcher(["*.dkr.ecr.*.amazonaws.com", "docker.io"]), content=None, passthrough=None
+    )
 
 
 def test_a_digest_read_is_resolved_to_its_upstream_target(front):

@@ -122,7 +122,9 @@ class Forwarder:
                 log.debug("upstream %s failed: %s", upstream, exc)
                 continue
             return with_id(answer, client_id)
-        raise AllUpstreamsFailed(", ".join(str(u) for u in self.upstreams) or "no upstream resolvers configured")
+        raise AllUpstreamsFailed(
+            ", ".join(str(u) for u in self.upstreams) or "no upstream resolvers configured"
+        )
 
     def _udp(self, packet: bytes, upstream: HostPort) -> defer.Deferred:
         finished: defer.Deferred = defer.Deferred()
@@ -134,8 +136,9 @@ class Forwarder:
     def _tcp(self, packet: bytes, upstream: HostPort) -> defer.Deferred:
         finished: defer.Deferred = defer.Deferred()
         factory = protocol.Factory.forProtocol(lambda: _TcpAttempt(packet, finished))
-        connector = self.reactor.connectTCP(upstream.host, upstream.port, _OneShotClientFactory(factory, finished),
-                                            timeout=self.timeout)
+        connector = self.reactor.connectTCP(
+            upstream.host, upstream.port, _OneShotClientFactory(factory, finished), timeout=self.timeout
+        )
         return self._bounded(finished, connector.disconnect, upstream)
 
     def _bounded(self, finished: defer.Deferred, cleanup, upstream: HostPort) -> defer.Deferred:

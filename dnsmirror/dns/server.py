@@ -93,7 +93,9 @@ class DnsController:
             if not failure.check(AllUpstreamsFailed):
                 log.error("forwarding %s failed unexpectedly: %s", qname, failure.getTraceback())
             else:
-                log.warning("all upstream resolvers failed", extra=fields(qname=qname, upstreams=str(failure.value)))
+                log.warning(
+                    "all upstream resolvers failed", extra=fields(qname=qname, upstreams=str(failure.value))
+                )
             servfail = error_reply(packet, RCODE.SERVFAIL)
             if servfail is not None:
                 reply(servfail)

@@ -51,9 +51,16 @@ def _mounts_under(directory: Path) -> list[str]:
 class Containerd:
     """A containerd daemon in ``namespace`` rooted at ``workdir``; ``socket`` is its gRPC address."""
 
-    def __init__(self, namespace: Namespace, workdir: str | os.PathLike[str], *,
-                 ssl_cert_file: str | os.PathLike[str] | None = None,
-                 env: Mapping[str, str] | None = None, log_level: str = "info", runs_containers: bool = False) -> None:
+    def __init__(
+        self,
+        namespace: Namespace,
+        workdir: str | os.PathLike[str],
+        *,
+        ssl_cert_file: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        log_level: str = "info",
+        runs_containers: bool = False,
+    ) -> None:
         self.namespace = namespace
         self.workdir = Path(workdir)
         self.root = self.workdir / "root"

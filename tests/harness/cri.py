@@ -127,7 +127,8 @@ def parse_image(data: bytes) -> ImageStatus:
 
 
 class CriImageClient:
-    """``runtime.v1[alpha2].ImageService`` over a containerd socket; ``api_version`` says which one answered."""
+    """``runtime.v1[alpha2].ImageService`` over a containerd socket; ``api_version`` says which one
+    answered."""
 
     def __init__(self, socket_path: str | os.PathLike[str], *, timeout: float = 120) -> None:
         self.timeout = timeout
@@ -157,10 +158,13 @@ class CriImageClient:
                 raise CriError(path, code, error.details()) from None  # type: ignore[attr-defined]
             self.api_version = version
             return response
-        raise CriError(method, grpc.StatusCode.UNIMPLEMENTED, f"no ImageService among {', '.join(API_VERSIONS)}")
+        raise CriError(
+            method, grpc.StatusCode.UNIMPLEMENTED, f"no ImageService among {', '.join(API_VERSIONS)}"
+        )
 
     def pull_image(self, image: str, *, username: str | None = None, password: str | None = None) -> str:
-        """Pull ``image`` (``host/repo:tag`` or ``@digest``) as kubelet would; return the image ref (its ID)."""
+        """Pull ``image`` (``host/repo:tag`` or ``@digest``) as kubelet would; return the image ref (its
+        ID)."""
         response = decode_message(self._call("PullImage", pull_image_request(image, username, password)))
         return _strings(response.get(1, [b""]))[0]
 

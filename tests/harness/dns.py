@@ -25,14 +25,17 @@ _QUERY_LINE = re.compile(r" info: \S+ (?P<name>\S+)\. (?P<type>\S+) IN$")
 
 
 class StaticDNS:
-    """unbound on ``namespace.address:port`` (UDP and TCP) serving ``records`` (name -> IPv4 and IPv6 addresses,
+    """unbound on ``namespace.address:port`` (UDP and TCP) serving ``records`` (name -> IPv4 and IPv6
+    addresses,
     as A and AAAA records)."""
 
     def __init__(self, namespace: Namespace, records: Mapping[str, str | Iterable[str]],
                  workdir: str | os.PathLike[str], *, port: int = 53, address: str | None = None,
                  ttl: int = 30, extra_addresses: Iterable[str] = ()) -> None:
         self.namespace = namespace
-        self.records = {name: [value] if isinstance(value, str) else list(value) for name, value in records.items()}
+        self.records = {
+            name: [value] if isinstance(value, str) else list(value) for name, value in records.items()
+        }
         self.workdir = Path(workdir)
         self.port = port
         self.address = address or namespace.address

@@ -112,7 +112,9 @@ def _serve(address: str, port: int, root: str, cert: str | None, key: str | None
             blob = Path(root, hex_digest)
             if "/blobs/" not in path or len(hex_digest) != 64 or not blob.is_file():
                 print(json.dumps({"method": "GET", "path": path, "mode": None}), flush=True)
-                self._reply(404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"unknown"}]}', "application/json")
+                self._reply(
+                    404, b'{"errors":[{"code":"BLOB_UNKNOWN","message":"unknown"}]}', "application/json"
+                )
                 return
             mode = mode_of(hex_digest)
             print(json.dumps({"method": "GET", "path": path, "mode": mode}), flush=True)
@@ -121,7 +123,9 @@ def _serve(address: str, port: int, root: str, cert: str | None, key: str | None
                 time.sleep(STALL_LIMIT)
                 return
             if mode == "error":
-                self._reply(503, b'{"errors":[{"code":"UNAVAILABLE","message":"try later"}]}', "application/json")
+                self._reply(
+                    503, b'{"errors":[{"code":"UNAVAILABLE","message":"try later"}]}', "application/json"
+                )
                 return
             if mode == "corrupt":
                 middle = len(data) // 2
@@ -172,4 +176,6 @@ def _serve(address: str, port: int, root: str, cert: str | None, key: str | None
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1], int(sys.argv[2]), sys.argv[3], *(sys.argv[4:6] if len(sys.argv) > 5 else (None, None)))
+    _serve(
+        sys.argv[1], int(sys.argv[2]), sys.argv[3], *(sys.argv[4:6] if len(sys.argv) > 5 else (None, None))
+    )

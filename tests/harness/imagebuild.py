@@ -36,7 +36,9 @@ def _key(text: bytes) -> str:
 
 def image_inputs() -> tuple[Path, Path] | str:
     """``(rootfs tar, wheel directory)`` made by scripts/setup.sh, or the reason they are missing."""
-    rootfs = CACHE_DIR / f"debian-rootfs-{_key(f'bookworm essential merged-usr {BASE_PACKAGES}'.encode())}.tar"
+    rootfs = (
+        CACHE_DIR / f"debian-rootfs-{_key(f'bookworm essential merged-usr {BASE_PACKAGES}'.encode())}.tar"
+    )
     wheels = CACHE_DIR / f"wheels-{_key((ROOT / 'pyproject.toml').read_bytes())}"
     absent = [str(path) for path in (rootfs, wheels) if not path.exists()]
     if absent:
@@ -49,7 +51,11 @@ def base_image(buildah: Buildah, rootfs: Path, wheels: Path) -> str:
     name = "localhost/dnsmirror-test-base:" + _key(f"{rootfs.name} {wheels.name}".encode())
     archive = CACHE_DIR / f"base-{name.rsplit(':', 1)[1]}.oci.tar"
     if archive.exists():
-        image_id = buildah.run(["pull", "--quiet", f"oci-archive:{archive}"], timeout=300).stdout.decode().split()[-1]
+        image_id = (
+            buildah.run(["pull", "--quiet", f"oci-archive:{archive}"], timeout=300)
+            .stdout.decode()
+            .split()[-1]
+        )
         buildah.run(["tag", image_id, name])
         return name
     container = buildah.run(["from", "--quiet", "scratch"]).stdout.decode().strip()
@@ -78,8 +84,23 @@ def build_dnsmirror_image(builder: Namespace, workdir: Path, *, ssl_cert_file: s
     buildah = Buildah(builder, workdir, ssl_cert_file=ssl_cert_file, driver="overlay")
     try:
         base = base_image(buildah, *inputs)
-        buildah.run(["build", "--quiet", "--isolation", "chroot", "--pull-never", "--build-arg", f"BASE_IMAGE={base}",
-                     "--tag", tag, "--file", str(ROOT / "Dockerfile"), str(ROOT)], timeout=600)
+        buildah.run(
+            [
+                "build",
+                "--quiet",
+                "--isolation",
+                "chroot",
+                "--pull-never",
+                "--build-arg",
+                f"BASE_IMAGE={base}",
+                "--tag",
+                tag,
+                "--file",
+                str(ROOT / "Dockerfile"),
+                str(ROOT),
+            ],
+            timeout=600,
+        )
     except BaseException:
         buildah.close()
         raise

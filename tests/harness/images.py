@@ -7,7 +7,8 @@ given size for big-blob tests. :func:`push_image` copies it to a registry with
 ``skopeo copy --all --preserve-digests``, run inside a namespace with a chosen trust file.
 
     image = build_image(tmp / "layout", tag="v1", big_layer_size=64 << 20)
-    push_image(image, node_ns, "123456789012.dkr.ecr.us-east-1.amazonaws.com/team/app:v1", ca_file=ca.cert_path)
+    push_image(image, node_ns, "123456789012.dkr.ecr.us-east-1.amazonaws.com/team/app:v1",
+    ca_file=ca.cert_path)
     image.index.digest, image.platform("linux/amd64").layers[0].digest, image.blobs()
 """
 
@@ -207,12 +208,20 @@ def build_image(layout_dir: str | os.PathLike[str], *, tag: str = "v1",
         layer = _write_blob(layout_dir, gzip.compress(tar, mtime=0), LAYER_GZIP_MEDIA_TYPE)
         layers = ((big_layer,) if big_layer else ()) + (layer,)
         diff_ids = ((big_layer.digest,) if big_layer else ()) + ("sha256:" + hashlib.sha256(tar).hexdigest(),)
-        config = _write_json_blob(layout_dir, {
-            "architecture": architecture,
-            "os": os_name,
-            "config": {"Env": ["PATH=/usr/bin:/bin"], "Cmd": ["/bin/true"], "Labels": {"dnsmirror.test.nonce": nonce}},
-            "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
-        }, CONFIG_MEDIA_TYPE)
+        config = _write_json_blob(
+            layout_dir,
+            {
+                "architecture": architecture,
+                "os": os_name,
+                "config": {
+                    "Env": ["PATH=/usr/bin:/bin"],
+                    "Cmd": ["/bin/true"],
+                    "Labels": {"dnsmirror.test.nonce": nonce},
+                },
+                "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
+            },
+            CONFIG_MEDIA_TYPE,
+        )
         manifest = _write_json_blob(layout_dir, {
             "schemaVersion": 2,
             "mediaType": MANIFEST_MEDIA_TYPE,
@@ -259,7 +268,8 @@ def skopeo_copy(namespace: Namespace, source: str, destination: str, *, ca_file:
                 src_creds: str | None = None, dest_creds: str | None = None, all_platforms: bool = True,
                 extra_args: Sequence[str] = (), timeout: float = 120,
                 check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    """``skopeo copy [--all] --preserve-digests SOURCE DESTINATION`` in ``namespace``; creds are ``user:pass``."""
+    """``skopeo copy [--all] --preserve-digests SOURCE DESTINATION`` in ``namespace``; creds are
+    ``user:pass``."""
     args = ["copy", "--preserve-digests"]
     if all_platforms:
         args.append("--all")

@@ -138,7 +138,9 @@ def cleanup_stale() -> list[str]:
     if NETNS_ETC_DIR.is_dir():
         names.update(entry.name for entry in NETNS_ETC_DIR.iterdir())
     stale = sorted(
-        name for name in names if (pid := _owner_pid(name)) is not None and pid != os.getpid() and not _pid_alive(pid)
+        name
+        for name in names
+        if (pid := _owner_pid(name)) is not None and pid != os.getpid() and not _pid_alive(pid)
     )
     for name in stale:
         delete_namespace(name)
@@ -355,9 +357,19 @@ class Namespace:
         self.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10, check=False)
 
     def add_address6(self) -> str:
-        """Give ``eth0`` a fresh address of the cluster's IPv6 ULA subnet (usable at once: no DAD); return it."""
+        """Give ``eth0`` a fresh address of the cluster's IPv6 ULA subnet (usable at once: no DAD); return
+        it."""
         address = self.cluster.allocate_address6()
-        ip("-n", self.name, "addr", "add", f"{address}/{self.cluster.network6.prefixlen}", "dev", "eth0", "nodad")
+        ip(
+            "-n",
+            self.name,
+            "addr",
+            "add",
+            f"{address}/{self.cluster.network6.prefixlen}",
+            "dev",
+            "eth0",
+            "nodad",
+        )
         self.addresses.append(address)
         return address
 
@@ -390,14 +402,17 @@ class Cluster:
         next(self._hosts)  # .1 stays free, the usual gateway address, in case a test wants one
         # a ULA /64 (inside fd00::/8, which dnsmirror's dns.allow admits) for members that want IPv6
         self.network6 = ipaddress.ip_network(
-            f"fd{random.randint(0, 255):02x}:{random.randint(0, 0xffff):x}:{random.randint(0, 0xffff):x}::/64")
+            f"fd{random.randint(0, 255):02x}:{random.randint(0, 0xFFFF):x}:{random.randint(0, 0xFFFF):x}::/64"
+        )
         self._hosts6 = iter(self.network6.hosts())
         next(self._hosts6)
         self.switch = f"{self.run_id}-sw"
         self.members: list[Namespace] = []
         self.processes: list[Process] = []
         self._owns_workdir = workdir is None
-        self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"{self.run_id}-"))
+        self.workdir = (
+            Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix=f"{self.run_id}-"))
+        )
         self.keep_workdir = keep_workdir
         self._created: list[str] = []
         self._ports = 0

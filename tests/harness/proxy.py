@@ -65,4 +65,6 @@ class EgressProxyServer:
         """The ``host:port`` of every CONNECT request so far, oldest first."""
         if self.process is None:
             return []
-        return [match["target"] for match in _CONNECT_LINE.finditer(self.process.stdout() + self.process.stderr())]
+        return [
+            match["target"] for match in _CONNECT_LINE.finditer(self.process.stdout() + self.process.stderr())
+        ]

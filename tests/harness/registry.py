@@ -33,8 +33,10 @@ from .netns import HarnessError, Namespace, Process, clean_env
 from .pki import ServerCert, TestCA
 
 # combined log format: addr - user [time] "METHOD PATH PROTO" status size "referer" "agent"
-_ACCESS_LINE = re.compile(r'^(?P<client>\S+) \S+ (?P<user>\S+) \[[^\]]*\] "(?P<method>\S+) (?P<path>\S+) \S+" '
-                          r'(?P<status>\d{3}) (?P<size>\S+)')
+_ACCESS_LINE = re.compile(
+    r'^(?P<client>\S+) \S+ (?P<user>\S+) \[[^\]]*\] "(?P<method>\S+) (?P<path>\S+) \S+" '
+    r"(?P<status>\d{3}) (?P<size>\S+)"
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ def htpasswd_file(users: Mapping[str, str], path: str | os.PathLike[str]) -> Pat
     path = Path(path)
     lines = []
     for user, password in users.items():
-        done = subprocess.run(["htpasswd", "-Bbn", user, password], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            ["htpasswd", "-Bbn", user, password], capture_output=True, text=True, timeout=30
+        )
         if done.returncode != 0:
             raise HarnessError(f"htpasswd: {done.stderr.strip()}")
         lines.append(done.stdout.strip())
@@ -121,15 +125,20 @@ class Registry:
         if self.redirect_base_url:
             # blob GETs answer 307 to BASE/docker/registry/v2/blobs/sha256/xx/<hex>/data (see
             # harness.blobhost)
-            config["middleware"] = {"storage": [{"name": "redirect", "options": {"baseurl": self.redirect_base_url}}]}
+            config["middleware"] = {
+                "storage": [{"name": "redirect", "options": {"baseurl": self.redirect_base_url}}]
+            }
         return _merge(config, self.extra_config)
 
     def start(self, timeout: float = 15) -> Registry:
         """Write the config, start the registry in its namespace and wait until it listens."""
         self.storage_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config(), indent=2))
-        self.process = self.namespace.start(["docker-registry", "serve", str(self.config_path)], "docker-registry",
-                                            env=clean_env(ssl_cert_file=self.trust_file))
+        self.process = self.namespace.start(
+            ["docker-registry", "serve", str(self.config_path)],
+            "docker-registry",
+            env=clean_env(ssl_cert_file=self.trust_file),
+        )
         self.process.wait_listening(self.port, timeout)
         return self
 
@@ -158,13 +167,18 @@ class Registry:
 
     def count_requests(self, method: str, path: str, status: int | None = None) -> int:
         """How many ``METHOD path`` requests (with that status, if given) the registry has logged."""
-        return sum(1 for entry in self.access_log()
-                   if entry.method == method and entry.path == path and (status is None or entry.status == status))
+        return sum(
+            1
+            for entry in self.access_log()
+            if entry.method == method and entry.path == path and (status is None or entry.status == status)
+        )
 
     def blob_file(self, digest: str) -> Path:
         """Where the filesystem driver keeps a blob's bytes (served as they are, never re-verified)."""
         algorithm, hex_digest = digest.split(":", 1)
-        return self.storage_dir / "docker/registry/v2/blobs" / algorithm / hex_digest[:2] / hex_digest / "data"
+        return (
+            self.storage_dir / "docker/registry/v2/blobs" / algorithm / hex_digest[:2] / hex_digest / "data"
+        )
 
     def place_blob(self, repository: str, chunks: Iterable[bytes]) -> tuple[str, Path]:
         """Write the bytes of ``chunks`` into the storage as a layer of ``repository``; return its digest

@@ -68,10 +68,23 @@ class Dockerd:
         self._made_run_docker = not RUN_DOCKER.exists()
         for name in ("data", "exec", "client"):
             (self.workdir / name).mkdir(parents=True, exist_ok=True)
-        daemon = ["dockerd", "--data-root", str(self.workdir / "data"), "--exec-root", str(self.workdir / "exec"),
-                  "--pidfile", str(self.workdir / "docker.pid"), "--host", f"unix://{self.socket}",
-                  "--iptables=false", "--ip6tables=false", "--bridge=none", "--storage-driver=vfs",
-                  "--config-file", str(self._daemon_json())]
+        daemon = [
+            "dockerd",
+            "--data-root",
+            str(self.workdir / "data"),
+            "--exec-root",
+            str(self.workdir / "exec"),
+            "--pidfile",
+            str(self.workdir / "docker.pid"),
+            "--host",
+            f"unix://{self.socket}",
+            "--iptables=false",
+            "--ip6tables=false",
+            "--bridge=none",
+            "--storage-driver=vfs",
+            "--config-file",
+            str(self._daemon_json()),
+        ]
         self.process = self.namespace.start(self.namespace.nsenter_argv(daemon), "dockerd", env=self.env,
                                             exec_prefix=())
         self.process.wait_until(self._answers, "serving its API", timeout)
@@ -95,7 +108,9 @@ class Dockerd:
                input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
         """Run the ``docker`` client against this daemon (its own client config, so no stored login leaks)."""
         env = clean_env(DOCKER_HOST=f"unix://{self.socket}", DOCKER_CONFIG=str(self.client_config))
-        done = subprocess.run([DOCKER_CLIENT, *args], capture_output=True, timeout=timeout, env=env, input=input)
+        done = subprocess.run(
+            [DOCKER_CLIENT, *args], capture_output=True, timeout=timeout, env=env, input=input
+        )
         if check and done.returncode != 0:
             output = (done.stdout + done.stderr).decode(errors="replace")
             raise HarnessError(f"docker {' '.join(args)} exited {done.returncode}\n{output}\n{self.log()}")
@@ -160,7 +175,9 @@ class ContainersTool:
         (work / "auth.json").write_text(json.dumps({"auths": {}}))
         (work / "policy.json").write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
         (work / "storage.conf").write_text(
-            f'[storage]\ndriver = "{self.driver}"\ngraphroot = "{work / "storage"}"\nrunroot = "{self.runroot}"\n')
+            f'[storage]\ndriver = "{self.driver}"\ngraphroot = "{work / "storage"}"\nrunroot = '
+            f'"{self.runroot}"\n'
+        )
         (work / "containers.conf").write_text(
             "[engine]\n"
             'lock_type = "file"\n'  # the default shm lock is /dev/shm/libpod_lock, shared by every podman
@@ -179,7 +196,9 @@ class ContainersTool:
                          REGISTRY_AUTH_FILE=str(work / "auth.json"), XDG_RUNTIME_DIR=str(self.runroot),
                          XDG_CACHE_HOME=str(work / "cache"), TMPDIR=str(work / "tmp"))
 
-    def run(self, args: Sequence[str], *, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    def run(
+        self, args: Sequence[str], *, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
         """Run the tool in the namespace."""
         work = self.workdir
         argv = [self.program, "--root", str(work / "storage"), "--runroot", str(self.runroot),
@@ -210,7 +229,9 @@ class Podman(ContainersTool):
 
     program = "podman"
 
-    def run(self, args: Sequence[str], *, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    def run(
+        self, args: Sequence[str], *, timeout: float = 120, check: bool = True
+    ) -> subprocess.CompletedProcess[bytes]:
         return super().run(["--log-level", "error", *args],
                            timeout=timeout, check=check)
 
@@ -223,12 +244,19 @@ class Podman(ContainersTool):
 
 
 class Buildah(ContainersTool):
-    """``buildah build`` of a Containerfile whose ``FROM`` is a captured image (no ``RUN``: no runtime needed)."""
+    """``buildah build`` of a Containerfile whose ``FROM`` is a captured image (no ``RUN``: no runtime
+    needed)."""
 
     program = "buildah"
 
-    def build_from(self, reference: str, *, creds: str | None = None, tag: str = "localhost/dnsmirror-built:1",
-                   check: bool = False) -> subprocess.CompletedProcess[bytes]:
+    def build_from(
+        self,
+        reference: str,
+        *,
+        creds: str | None = None,
+        tag: str = "localhost/dnsmirror-built:1",
+        check: bool = False,
+    ) -> subprocess.CompletedProcess[bytes]:
         context = self.workdir / "context"
         context.mkdir(exist_ok=True)
         (context / "added.txt").write_text("added by buildah\n")
