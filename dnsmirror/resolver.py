@@ -36,7 +36,7 @@ from zope.interface import implementer
 from dnsmirror.config import HostPort
 from dnsmirror.logs import fields
 
-log = logging.getLogger("dnsmirror.upstream")
+log = logging.getLogger("dnsmirror.resolver")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
