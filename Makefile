@@ -15,10 +15,12 @@ run: setup
 test:
 	@scripts/setup.sh test
 	$(BIN)/ruff check dnsmirror tests sim bench
+	$(BIN)/mypy
 	$(BIN)/pytest -q
 
 lint: setup
 	$(BIN)/ruff check dnsmirror tests sim bench
+	$(BIN)/mypy
 
 bench: setup
 	@scripts/setup.sh bench

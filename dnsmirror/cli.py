@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -40,7 +41,7 @@ def _cmd_config_check(args: argparse.Namespace) -> int:
         "1000, KiB/MiB/GiB/TiB in powers of 1024"
     )
     print(yaml.safe_dump(configmod.to_document(config), sort_keys=False), end="")
-    for warning in configmod.placeholder_warnings(configmod.read_text(configmod.Path(args.file)), config):
+    for warning in configmod.placeholder_warnings(configmod.read_text(Path(args.file)), config):
         print(f"warning: {args.file}: {warning}", file=sys.stderr)
     return 0
 

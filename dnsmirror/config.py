@@ -11,11 +11,11 @@ import ipaddress
 import os
 import re
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -330,7 +330,8 @@ def _int_range(low: int, high: int) -> Callable[[Any], int]:
             raise ValueError(f"expected an integer, got {_show(value)}")
         if not low <= value <= high:
             raise ValueError(f"must be between {low} and {high}, got {value}")
-        return value
+        number: int = value  # an int by the check above
+        return number
 
     return parse
 
@@ -454,7 +455,7 @@ def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return parse_optional
 
 
-def _list_of(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+def _list_of(parse: Callable[[Any], Any]) -> _ListParser:
     parse_list = _ListParser(parse)
     return parse_list
 
@@ -565,7 +566,8 @@ def default_text() -> str:
 
 def default_document() -> dict[str, Any]:
     """The embedded default configuration as a plain YAML document."""
-    return yaml.safe_load(default_text())
+    document: dict[str, Any] = yaml.safe_load(default_text())
+    return document
 
 
 _PLACEHOLDER_ACCOUNT = "000000000000."
@@ -756,11 +758,17 @@ def read_text(path: Path) -> str:
                               "save it as UTF-8") from exc
 
 
-class _NoDuplicateKeys:
+if TYPE_CHECKING:
+    _Constructor = yaml.constructor.SafeConstructor
+else:  # a mix-in: the loader it is mixed into brings the constructor
+    _Constructor = object
+
+
+class _NoDuplicateKeys(_Constructor):
     """A constructor mix-in refusing a key that appears twice in one mapping (YAML keeps the last
     silently)."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
@@ -781,18 +789,18 @@ class _StrictLoader(_NoDuplicateKeys, yaml.SafeLoader):
     depth = 0
 
     # the scanner looks ahead over every open flow collection: refuse deep nesting as it is scanned
-    def fetch_flow_collection_start(self, token_class):
+    def fetch_flow_collection_start(self, token_class: type[yaml.Token]) -> None:
         if self.flow_level >= MAX_NESTING:
             raise _Refused(f"nested deeper than {MAX_NESTING} levels", self.get_mark())
         super().fetch_flow_collection_start(token_class)
 
-    def add_indent(self, column):
+    def add_indent(self, column: int) -> bool:
         if len(self.indents) >= MAX_NESTING:
             raise _Refused(f"nested deeper than {MAX_NESTING} levels", self.get_mark())
         return super().add_indent(column)
 
-    def compose_node(self, parent, index):
-        event = self.peek_event()
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise _Refused("YAML anchors and aliases (&name, *name) are not accepted: write each value out",
                            event.start_mark)
@@ -806,9 +814,9 @@ class _StrictLoader(_NoDuplicateKeys, yaml.SafeLoader):
 
 
 # libyaml parses a large file ten times faster; its events are checked before it builds anything
-_CLoader = getattr(yaml, "CSafeLoader", None)
+_CLoader: Any = getattr(yaml, "CSafeLoader", None)
 if _CLoader is not None:
-    class _FastStrictLoader(_NoDuplicateKeys, _CLoader):
+    class _FastStrictLoader(_NoDuplicateKeys, yaml.CSafeLoader):
         """libyaml's SafeLoader refusing duplicated keys (anchors, aliases and depth: see
         :func:`_check_events`)."""
 
@@ -829,7 +837,7 @@ def _check_events(text: str) -> None:
 
 
 class _Refused(yaml.YAMLError):
-    def __init__(self, problem: str, mark) -> None:
+    def __init__(self, problem: str, mark: object) -> None:
         super().__init__(problem)
         self.problem = problem
         self.problem_mark = mark
@@ -840,7 +848,7 @@ def parse_yaml(text: str, source: str = "<document>") -> Any:
     try:
         if _CLoader is not None:
             _check_events(text)
-            loader = _FastStrictLoader(text)
+            loader: _FastStrictLoader | _StrictLoader = _FastStrictLoader(text)
         else:
             loader = _StrictLoader(text)
         try:
@@ -878,7 +886,7 @@ def to_document(config: Config) -> dict[str, Any]:
             return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
         return value
 
-    document = plain(config)
+    document: dict[str, Any] = plain(config)
     document.pop("source", None)
     for section, (_, keys) in _SCHEMA.items():
         for key, parse in keys.items():

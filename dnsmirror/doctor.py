@@ -258,6 +258,7 @@ class Doctor:
         return Result("containerd", "ok", f"containerd's content store {store} is readable")
 
     def check_image(self) -> Result:
+        assert self.image is not None  # run() checks an image only when one was given
         host, repository, reference = self.image
         path = f"/v2/{repository}/manifests/{reference}"
         headers = {"Accept": MANIFEST_ACCEPT}
@@ -342,7 +343,7 @@ def query_a(server: str, port: int, name: str, timeout: float = TIMEOUT) -> list
     return [str(record.rdata) for record in reply.rr if record.rtype == QTYPE.A]
 
 
-def https_get(address: str, port: int, name: str, path: str, *, verify: bool,
+def https_get(address: str | None, port: int, name: str, path: str, *, verify: bool,
               headers: dict[str, str] | None = None, limit: int = 4 * 1024 * 1024) -> Reply:
     """GET ``path`` from ``address:port`` with TLS server name and Host ``name``."""
     context = ssl.create_default_context()

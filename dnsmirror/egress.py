@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IStreamClientEndpoint, ITCPTransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
@@ -88,6 +88,8 @@ def redacted_url(url: str) -> str:
 class _TunnelProtocol(Protocol):
     """Asks the proxy for a tunnel; once it is open, hands the connection to the real protocol."""
 
+    transport: ITCPTransport  # a TCP connection to the proxy, from makeConnection on
+
     def __init__(self, proxy: EgressProxy, target: str, inner_factory, opened: defer.Deferred, clock,
                  timeout: float) -> None:
         self.proxy = proxy
@@ -137,7 +139,7 @@ class _TunnelProtocol(Protocol):
         if rest:
             self.inner.dataReceived(rest)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._cancel_timer()
         if self.inner is not None:
             self.inner.connectionLost(reason)

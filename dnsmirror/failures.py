@@ -73,8 +73,8 @@ class FailureLog:
         if len(self._last_logged) >= _MAX_TRACKED:
             self._forget_older_than(now - REPEAT_INTERVAL)
         self._last_logged[key] = now
-        values = {"event": f"{component}_failure", "component": component, "kind": kind, "host": host,
-                  "repository": repository}
+        values: dict[str, object] = {"event": f"{component}_failure", "component": component, "kind": kind,
+                                     "host": host, "repository": repository}
         if digest is not None:
             values["digest"] = digest
         values["reason"] = reason if len(reason) <= _MAX_REASON else reason[:_MAX_REASON] + "..."
@@ -110,7 +110,8 @@ def report_fill_failure(source: str, cause: BaseException | None, reason: str, *
     cut upstream is reported by the upstream client, a peer's failure by the peer client)."""
     found = fill_failure_kind(source, cause)
     if found is not None:
-        failures.report(*found, reason, **where)
+        component, kind = found
+        failures.report(component, kind, reason, **where)
 
 
 def fill_failure_kind(source: str, cause: BaseException | None) -> tuple[str, str] | None:

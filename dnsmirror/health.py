@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
@@ -107,4 +108,9 @@ class ListenerProbe:
         endpoint_type = TCP6ClientEndpoint if ":" in target.host else TCP4ClientEndpoint
         endpoint = endpoint_type(self.reactor, target.host, target.port, timeout=self.timeout)
         connecting = endpoint.connect(protocol.Factory.forProtocol(protocol.Protocol))
-        return connecting.addCallback(lambda proto: proto.transport.abortConnection())
+        return connecting.addCallback(_hang_up)
+
+
+def _hang_up(connected: Any) -> None:
+    """Close a probe's connection as soon as it is made: reaching the listener is all it checks."""
+    connected.transport.abortConnection()

@@ -24,9 +24,12 @@ import os
 import resource
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, cast
 
 from twisted.internet import address as tw_address
+from twisted.internet.interfaces import IAddress, IProtocolFactory, IReactorTime, ITCPTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 
 from dnsmirror.logs import fields
 
@@ -196,7 +199,7 @@ class ConnectionTable:
             del self.by_client[client]
 
 
-def client_address(addr) -> str:
+def client_address(addr: object) -> str:
     """The client's IP address (one key per address, whatever the port); a UNIX socket is one client."""
     if isinstance(addr, tw_address.IPv4Address | tw_address.IPv6Address):
         return addr.host
@@ -215,13 +218,13 @@ class LimiterStats:
     evicted: int = 0
 
 
-class ConnectionLimiter(WrappingFactory):
+class ConnectionLimiter(WrappingFactory[_Limited]):
     """Wraps a listener's factory and enforces its :class:`ListenerCaps` at accept time."""
 
     protocol = _Limited
 
-    def __init__(self, wrapped, caps: ListenerCaps, name: str, clock) -> None:
-        super().__init__(wrapped)
+    def __init__(self, wrapped: IProtocolFactory, caps: ListenerCaps, name: str, clock: IReactorTime) -> None:
+        super().__init__(wrapped)  # type: ignore[no-untyped-call]
         self.table = ConnectionTable(caps)
         self.name = name
         self.clock = clock
@@ -229,29 +232,31 @@ class ConnectionLimiter(WrappingFactory):
         self._unlogged = 0
         self._logged_at: float | None = None
 
-    def buildProtocol(self, addr):
+    # None refuses the connection, as IProtocolFactory allows
+    def buildProtocol(self, addr: IAddress | None) -> _Limited | None:  # type: ignore[override]
         client = client_address(addr)
         admitted, victim = self.table.admit(client)
+        evicted = cast(_Limited | None, victim)
         if not admitted:
             self.stats.refused += 1
             self._refused(client)
             return None  # twisted closes the accepted socket at once
-        if victim is not None:
+        if evicted is not None:
             self.stats.evicted += 1
-            victim.transport.abortConnection()
-            self.table.remove(victim.client, victim)  # at once: connectionLost comes later
+            cast(ITCPTransport, evicted.transport).abortConnection()
+            self.table.remove(evicted.client, evicted)  # at once: connectionLost comes later
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:
             return None
-        connection = self.protocol(self, wrapped)
+        connection = _Limited(self, wrapped)
         connection.client = client
         self.table.add(client, connection)
         return connection
 
-    def registerProtocol(self, p) -> None:
+    def registerProtocol(self, p: _Limited) -> None:
         """Counted in :meth:`buildProtocol` already."""
 
-    def unregisterProtocol(self, p) -> None:
+    def unregisterProtocol(self, p: _Limited) -> None:
         self.table.remove(p.client, p)
 
     def _refused(self, client: str) -> None:
@@ -270,11 +275,11 @@ class ConnectionLimiter(WrappingFactory):
         self._logged_at = now
 
 
-def with_header_deadline(channel_type: type, deadline: float = HEADER_DEADLINE) -> type:
+def with_header_deadline(channel_type: type[Any], deadline: float = HEADER_DEADLINE) -> type[Any]:
     """A subclass of the twisted.web ``HTTPChannel`` type ``channel_type`` that closes the connection when
     a request's header has not arrived whole ``deadline`` seconds after its first byte."""
 
-    class HeaderDeadlineChannel(channel_type):
+    class HeaderDeadlineChannel(channel_type):  # type: ignore[misc]  # any HTTPChannel subclass
         header_deadline = deadline
         _header_timer = None
         _awaiting_header = True
@@ -289,11 +294,11 @@ def with_header_deadline(channel_type: type, deadline: float = HEADER_DEADLINE) 
             self._cancel_header_timer()
             super().allHeadersReceived()
 
-        def requestDone(self, request) -> None:
+        def requestDone(self, request: Any) -> None:
             self._awaiting_header = True  # before the channel replays the next request's buffered bytes
             super().requestDone(request)
 
-        def connectionLost(self, reason) -> None:
+        def connectionLost(self, reason: Failure) -> None:
             self._cancel_header_timer()
             super().connectionLost(reason)
 

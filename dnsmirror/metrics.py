@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import bisect
 import platform
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import fields, is_dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -42,7 +43,7 @@ class Histogram:
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.buckets = buckets
         self.counts: dict[str, list[int]] = {}
-        self.sums: Counter[str] = Counter()
+        self.sums: dict[str, float] = defaultdict(float)
 
     def observe(self, label: str, value: float) -> None:
         counts = self.counts.setdefault(label, [0] * (len(self.buckets) + 1))
@@ -126,7 +127,7 @@ class StatsCollector:
     in ``_max``. DNS outcomes become one counter with an ``outcome`` label.
     """
 
-    def __init__(self, dns_stats: Callable[[], object], sources: dict[str, Callable[[], object]],
+    def __init__(self, dns_stats: Callable[[], Any], sources: dict[str, Callable[[], object]],
                  gauges: dict[str, tuple[str, Callable[[], float]]], health: HealthState,
                  counters: dict[str, tuple[str, Callable[[], float]]] | None = None,
                  http: Callable[[], HttpMetrics | None] | None = None,

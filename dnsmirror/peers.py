@@ -30,7 +30,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 from twisted.internet import defer
 from twisted.web import resource, server
@@ -41,6 +43,7 @@ from dnsmirror import failures
 from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields
 from dnsmirror.periodic import Periodic
+from dnsmirror.store import Store
 from dnsmirror.streaming import BlobStreamer, DiskIO, Fill
 from dnsmirror.upstream import UpstreamResponse
 
@@ -237,7 +240,8 @@ class PeerSet:
                 extra=fields(event="peer_discovery_failed", name=self.dns_name),
             )
 
-        return self.resolve(self.dns_name).addCallbacks(found, failed)
+        # only called when peers.dns_name is set, and with it the resolver
+        return self.resolve(self.dns_name).addCallbacks(found, failed)  # type: ignore[arg-type, misc]
 
     def _is_self(self, peer: HostPort) -> bool:
         if peer.port != self.port:
@@ -369,8 +373,7 @@ class PeerClient:
             sent = self.agent.request(b"POST", url.encode("ascii"), self._headers("POST", digest))
             sent.addTimeout(self.timeout, self.reactor)
             sent.addCallback(self._discard, url, "POST")
-            sent.addErrback(lambda failure, peer=peer: log.debug("announcement to %s failed: %s", peer,
-                                                                 failure.getErrorMessage()))
+            sent.addErrback(partial(_announcement_failed, logging.DEBUG, peer))
             self.stats.announcements_sent += 1
 
 
@@ -388,8 +391,7 @@ class PeerClient:
                 )
                 request.addTimeout(max(self.timeout, 10.0), self.reactor)
                 request.addCallback(self._discard, url, "POST")
-                request.addErrback(lambda failure, peer=peer: log.info(
-                    "announcing this node's cache to %s failed: %s", peer, failure.getErrorMessage()))
+                request.addErrback(partial(_announcement_failed, logging.INFO, peer))
                 sent += 1
         self.stats.announcements_sent += sent
         return sent
@@ -444,12 +446,20 @@ def _parse_holders(values: list[bytes]) -> list[HostPort]:
     return holders[:MAX_HOLDERS_PER_DIGEST]
 
 
+def _announcement_failed(level: int, peer: HostPort, failure: Any) -> None:
+    """Announcements are best effort: a failed one is logged, never retried."""
+    if level == logging.DEBUG:
+        log.debug("announcement to %s failed: %s", peer, failure.getErrorMessage())
+    else:
+        log.info("announcing this node's cache to %s failed: %s", peer, failure.getErrorMessage())
+
+
 class PeerRequest(server.Request):
     """A request on the peer listener. No more of a body than a batch announcement is kept (a longer one
     then fails its signature check), so no client can make a node store more than :data:`MAX_BODY`."""
 
     def handleContentChunk(self, data: bytes) -> None:
-        kept = self.content.tell()
+        kept = cast(BinaryIO, self.content).tell()
         if kept < MAX_BODY:
             super().handleContentChunk(data[:MAX_BODY - kept])
 
@@ -521,11 +531,15 @@ class PeerResource(resource.Resource):
         )
         return _plain(request, 204, "")
 
+    def _close_later(self, close: Callable[..., object], *args: object) -> None:
+        """Close a served file on the disk pool once its streamer is done with it."""
+        self.disk.run(close, *args)
+
     async def _send(self, request, digest: str) -> None:
         fill = self.running_fill(digest)
         if fill is not None and await self._send_fill(request, digest, fill):
             return
-        store = self.disk.store
+        store = cast(Store, self.disk.store)
         reader = await self.disk.run(store.open_blob, digest) if digest in store else None
         if reader is None:
             holders = self.holders.lookup(digest, self.reactor.seconds())
@@ -546,7 +560,7 @@ class PeerResource(resource.Resource):
             return
         self.stats.served += 1
         streamer = BlobStreamer(self.disk, request, reader.file.fileno(), 0, info.size,
-                                on_close=lambda: self.disk.run(reader.close))
+                                on_close=partial(self._close_later, reader.close))
         await streamer.start()
 
     async def _send_fill(self, request, digest: str, fill: Fill) -> bool:
@@ -567,7 +581,7 @@ class PeerResource(resource.Resource):
         self.stats.served += 1
         self.stats.served_while_filling += 1
         streamer = BlobStreamer(self.disk, request, fd, 0, fill.total, fill=fill,
-                                on_close=lambda: self.disk.run(os.close, fd))
+                                on_close=partial(self._close_later, os.close, fd))
         await streamer.start()
         return True
 

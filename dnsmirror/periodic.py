@@ -14,6 +14,8 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.python.failure import Failure
 
 from dnsmirror.logs import fields
 
@@ -28,9 +30,8 @@ class Periodic:
     ``first`` is the delay before the first round (0: at once, within :meth:`start`).
     """
 
-    def __init__(
-        self, clock, interval: float, work: Callable[[], Any], name: str, first: float | None = None
-    ) -> None:
+    def __init__(self, clock: IReactorTime, interval: float, work: Callable[[], Any], name: str,
+                 first: float | None = None) -> None:
         self.clock = clock
         self.interval = interval
         self.work = work
@@ -38,8 +39,8 @@ class Periodic:
         self.first = interval if first is None else first
         self.rounds = 0
         self.errors = 0
-        self._call = None
-        self._running: defer.Deferred | None = None
+        self._call: IDelayedCall | None = None
+        self._running: defer.Deferred[Any] | None = None
         self._stopped = True
 
     @property
@@ -88,10 +89,10 @@ class Periodic:
         elif isinstance(outcome, int | float) and not isinstance(outcome, bool) and not self._stopped:
             self._schedule(float(outcome))
 
-    def _round_done(self, _result) -> None:
+    def _round_done(self, _result: object) -> None:
         self._running = None
 
-    def _failed_round(self, failure) -> None:
+    def _failed_round(self, failure: Failure | None) -> None:
         self.errors += 1
         if failure is None:
             log.exception("%s failed; next round in %.0f s", self.name, self.interval,
@@ -102,6 +103,6 @@ class Periodic:
                 self.name,
                 self.interval,
                 failure.getErrorMessage(),
-                exc_info=(failure.type, failure.value, failure.getTracebackObject()),
+                exc_info=(failure.type, failure.value, failure.getTracebackObject()),  # type: ignore[no-untyped-call]
                 extra=fields(event="periodic_failed", loop=self.name),
             )

@@ -24,9 +24,16 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dnsmirror.logs import fields
+
+if TYPE_CHECKING:  # the module itself runs without Twisted and Prometheus imported
+    from prometheus_client.metrics_core import Metric
+    from twisted.internet.interfaces import IReactorTime
+    from twisted.internet.task import LoopingCall
+
+    from dnsmirror.target import Target
 
 log = logging.getLogger("dnsmirror.pulls")
 
@@ -82,7 +89,7 @@ def index_manifests(body: bytes) -> list[str]:
     ]
 
 
-def source_mix(bytes_by_category: Counter) -> str:
+def source_mix(bytes_by_category: Counter[str]) -> str:
     """``cache``, ``peer+upstream``, ...: the categories that sent bytes, or ``none``."""
     return "+".join(c for c in CATEGORIES if bytes_by_category[c] > 0) or "none"
 
@@ -114,7 +121,7 @@ class Pull:
     last_activity: float
     in_flight: int = 0
     first_byte: float | None = None
-    bytes: Counter = field(default_factory=Counter)
+    bytes: Counter[str] = field(default_factory=Counter)
     requests: int = 0
 
     def report(self, outcome: str, now: float) -> dict[str, Any]:
@@ -218,7 +225,7 @@ class PullTracker:
 class PullReporter:
     """Feeds a :class:`PullTracker` from the request path, logs its reports and keeps the metrics."""
 
-    def __init__(self, clock, tracker: PullTracker | None = None, interval: float = 5.0,
+    def __init__(self, clock: IReactorTime, tracker: PullTracker | None = None, interval: float = 5.0,
                  emit: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.clock = clock
         self.tracker = tracker or PullTracker()
@@ -227,7 +234,7 @@ class PullReporter:
         self.seconds: dict[str, list[int]] = {}
         self.seconds_sum: Counter[str] = Counter()
         self.outcomes: Counter[str] = Counter()
-        self._loop = None
+        self._loop: LoopingCall | None = None
 
     def start(self) -> None:
         from twisted.internet import task
@@ -248,7 +255,7 @@ class PullReporter:
         except Exception:  # a bad report must not stop the timer
             log.exception("pull report failed")
 
-    def request_started(self, request, target) -> None:
+    def request_started(self, request: Any, target: Target) -> None:
         """Called as a request to the registry front begins (``target``: its
         :class:`~dnsmirror.target.Target`)."""
         if target.method != "GET":
@@ -261,7 +268,7 @@ class PullReporter:
         self.tracker.blob_started(_client(request), target.upstream_host, target.repository, target.digest,
                                   self.clock.seconds())
 
-    def request_ended(self, request, values: dict[str, Any]) -> None:
+    def request_ended(self, request: Any, values: dict[str, Any]) -> None:
         """Called with each finished response and its access-log fields."""
         target = getattr(request, "target", None)
         if target is None or target.method != "GET":
@@ -314,7 +321,7 @@ class PullReporter:
             )
         )
 
-    def _since(self, request, now: float, moment: float | None = None) -> float:
+    def _since(self, request: Any, now: float, moment: float | None = None) -> float:
         """A monotonic instant of the request (its start by default) on this reporter's clock."""
         import time
 
@@ -333,7 +340,7 @@ class PullReporter:
             self.seconds_sum[mix] += values["seconds"]
             self.emit(values)
 
-    def families(self) -> Iterable:
+    def families(self) -> Iterable[Metric]:
         """``dnsmirror_image_pull_seconds{source_mix}`` and ``dnsmirror_image_pulls_total{outcome}``."""
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
@@ -357,5 +364,5 @@ class PullReporter:
         yield pulls
 
 
-def _client(request) -> str:
+def _client(request: Any) -> str:
     return getattr(request.getClientAddress(), "host", None) or ""

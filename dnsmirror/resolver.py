@@ -201,12 +201,14 @@ def follow_chain(
         matching = [record for record in here if record.type == record_type]
         if matching:
             ttl = min([record.ttl for record in matching] + ([ttl] if ttl is not None else []))
-            return [str(ipaddress.ip_address(record.payload.address)) for record in matching], current, ttl
+            # A and AAAA payloads carry an address, CNAME payloads a name
+            addresses = [str(ipaddress.ip_address(record.payload.address)) for record in matching]  # type: ignore[union-attr]
+            return addresses, current, ttl
         cnames = [record for record in here if record.type == dns.CNAME]
         if not cnames:
             return [], current, ttl
         ttl = cnames[0].ttl if ttl is None else min(ttl, cnames[0].ttl)
-        current = normalize_name(cnames[0].payload.name.name)
+        current = normalize_name(cnames[0].payload.name.name)  # type: ignore[union-attr]
     return [], current, ttl
 
 
@@ -293,7 +295,7 @@ class UpstreamResolver:
             for address in addresses:
                 family = IPv6Address if ":" in address else IPv4Address
                 if family in wanted:
-                    resolutionReceiver.addressResolved(family(kind, address, portNumber))
+                    resolutionReceiver.addressResolved(family(kind, address, portNumber))  # type: ignore[arg-type]
 
         def report(failure: Failure) -> None:
             log.warning("upstream name resolution failed: %s", failure.getErrorMessage(),
@@ -356,7 +358,7 @@ class UpstreamResolver:
             consumeErrors=True,
         )
         addresses: list[str] = []
-        ttls: list[int] = []
+        ttls: list[float] = []
         errors: list[Failure] = []
         for ok, value in outcomes:
             if ok:
@@ -365,12 +367,13 @@ class UpstreamResolver:
                 if found and ttl is not None:
                     ttls.append(ttl)
             else:
-                errors.append(value)
+                errors.append(value)  # type: ignore[arg-type]  # DeferredList: a Failure when not ok
         if not addresses:
             raise self._explain(name, errors)
-        ttl = min(max(min(ttls, default=self.min_ttl), self.min_ttl), self.max_ttl)
-        log.debug("resolved upstream host", extra=fields(host=name, addresses=",".join(addresses), ttl=ttl))
-        return Resolution(name, tuple(addresses), self._reactor.seconds() + ttl)
+        ttl_seconds = min(max(min(ttls, default=self.min_ttl), self.min_ttl), self.max_ttl)
+        log.debug("resolved upstream host",
+                  extra=fields(host=name, addresses=",".join(addresses), ttl=ttl_seconds))
+        return Resolution(name, tuple(addresses), self._reactor.seconds() + ttl_seconds)
 
     async def _query(self, name: str, record_type: int) -> tuple[list[str], int | None]:
         queried = name

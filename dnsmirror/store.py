@@ -48,7 +48,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger("dnsmirror.store")
 
@@ -750,7 +750,7 @@ class Writer:
                 raise SizeMismatch(self.digest, self.expected_size, new_size)
             if new_size > self._store.max_size and self.failure is None:
                 if self._staged:  # staged bytes are hashed when they go to the file: they never will now
-                    with memoryview(self._stage) as whole, whole[:self._staged] as staged:
+                    with memoryview(cast(mmap.mmap, self._stage)) as whole, whole[:self._staged] as staged:
                         self._hasher.update(staged)
                 self._give_up(StoreFull(f"blob is larger than the cache ({self._store.max_size} bytes)"))
             if self.failure is not None:
@@ -781,7 +781,7 @@ class Writer:
 
     def _write_stage(self) -> None:
         failure: OSError | None = None
-        with memoryview(self._stage) as whole, whole[:self._staged] as staged:
+        with memoryview(cast(mmap.mmap, self._stage)) as whole, whole[:self._staged] as staged:
             self._hasher.update(staged)
             if self.direct and self._staged % DIRECT_ALIGNMENT:
                 self._buffered("an unaligned last block")
@@ -816,7 +816,7 @@ class Writer:
         done = 0
         while done < len(view):
             try:
-                written = os.write(self._fd, view[done:])
+                written = os.write(cast(int, self._fd), view[done:])
             except OSError as error:
                 if not (self.direct and error.errno == errno.EINVAL):
                     raise
@@ -829,7 +829,7 @@ class Writer:
 
     def _buffered(self, why: str) -> None:
         self.direct = False
-        _set_direct(self._fd, False)
+        _set_direct(cast(int, self._fd), False)
         log.debug("cache writes without O_DIRECT: %s", why)
 
     def verify(self) -> None:
@@ -860,7 +860,7 @@ class Writer:
             self.abort()
             raise failure
         try:
-            os.fsync(self._fd)
+            os.fsync(cast(int, self._fd))
             self._close_file()
             actual = self._hasher.hexdigest()
             if actual != self._hex:

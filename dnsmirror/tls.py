@@ -109,7 +109,7 @@ def mint_leaf(authority: camod.CertificateAuthority, leaf_key: ec.EllipticCurveP
     return builder.sign(authority.key, hashes.SHA256())
 
 
-def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes | object:
+def _select_alpn(connection: SSL.Connection, offered: list[bytes]) -> bytes | SSL._NoOverlappingProtocols:
     if ALPN_HTTP11 in offered:
         return ALPN_HTTP11
     # a client offering only h2 carries on without ALPN, i.e. HTTP/1.1
@@ -263,7 +263,7 @@ class CaWatcher:
 
     def _signature(self) -> tuple:
         """What identifies the files' content cheaply (Kubernetes swaps a symlink: stat follows it)."""
-        result = []
+        result: list[tuple[int, int, int, int] | None] = []
         for path in (self.cert_path, self.key_path):
             try:
                 st = os.stat(path)

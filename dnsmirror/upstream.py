@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urljoin, urlsplit
 
 from OpenSSL import SSL, crypto
@@ -45,7 +45,7 @@ from twisted.internet.interfaces import (
     IReactorTCP,
     IReactorTime,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
@@ -425,6 +425,9 @@ class _IdleWatch(Protocol):
     """Passes a response body to ``inner``; ends it with :class:`UpstreamTimeout` after ``timeout``
     seconds without bytes while the reader is not paused."""
 
+    # a response body's transport: an ITransport that is also an IPushProducer
+    transport: Any
+
     def __init__(self, inner: IProtocol, clock, timeout: float, description: str, url: str = "") -> None:
         self.inner = inner
         self.url = url
@@ -442,20 +445,21 @@ class _IdleWatch(Protocol):
         self.watched = _WatchedTransport(transport, self)
         self.transport = self.watched
         self.resume()
-        self.inner.makeConnection(self.watched)
+        self.inner.makeConnection(self.watched)  # type: ignore[arg-type]  # it stands in for the transport
 
     def dataReceived(self, data: bytes) -> None:
         # a timestamp per chunk; the timer is rescheduled only when it fires (cheap on hot paths)
         self._last = self.clock.seconds()
         self.inner.dataReceived(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._done = True
         self.suspend()
         if self._timed_out:
             reason = Failure(UpstreamTimeout(f"{self.description}: no body bytes for {self.timeout:g}s"))
         if not self.stopped_here and not reason.check(ResponseDone, PotentialDataLoss):
-            cut = _body_outcome(reason, self.description, 0, None)
+            # not ResponseDone: a Failure
+            cut = cast(Failure, _body_outcome(reason, self.description, 0, None))
             failures.report("upstream", failures.upstream_kind(cut.value), str(cut.value),
                             host=origin(self.url)[1], repository=failures.repository_of(self.url))
         self.inner.connectionLost(reason)
@@ -480,7 +484,7 @@ class _IdleWatch(Protocol):
             return
         self._timed_out = True
         log.warning("upstream body stalled", extra=fields(exchange=self.description, timeout=self.timeout))
-        self.watched.stopProducing()
+        cast(_WatchedTransport, self.watched).stopProducing()
 
 
 def _body_outcome(reason: Failure, description: str, received: int, expected: int | None) -> Failure | None:
@@ -501,6 +505,9 @@ def _body_outcome(reason: Failure, description: str, received: int, expected: in
 class _ConsumerStream(Protocol):
     """Writes a response body into an :class:`IConsumer`, registered as its streaming producer."""
 
+    # a response body's transport: an ITransport that is also an IPushProducer
+    transport: Any
+
     def __init__(
         self, consumer: IConsumer, done: defer.Deferred, description: str, expected: int | None
     ) -> None:
@@ -517,7 +524,7 @@ class _ConsumerStream(Protocol):
         self.received += len(data)
         self.consumer.write(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.consumer.unregisterProducer()
         failure = _body_outcome(reason, self.description, self.received, self.expected)
         if failure is None:
@@ -538,6 +545,9 @@ class _ConsumerStream(Protocol):
 
 class _Collector(Protocol):
     """Collects a body up to ``limit`` bytes; beyond that, stops reading and fails (or just drops)."""
+
+    # a response body's transport: an ITransport that is also an IPushProducer
+    transport: Any
 
     def __init__(
         self, done: defer.Deferred, limit: int, description: str, expected: int | None, keep: bool
@@ -563,7 +573,7 @@ class _Collector(Protocol):
         if self.keep:
             self.chunks.append(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.too_large:
             self.done.errback(BodyTooLarge(f"{self.description}: body larger than {self.limit} bytes"))
             return
@@ -693,7 +703,8 @@ class UpstreamClient:
             )
         self.pool = HTTPConnectionPool(self._reactor, persistent=True)
         self.pool.maxPersistentPerHost = self.settings.pool_per_host
-        self.pool.cachedConnectionTimeout = self.settings.pool_idle_timeout
+        # Twisted declares an int; any number of seconds works
+        self.pool.cachedConnectionTimeout = self.settings.pool_idle_timeout  # type: ignore[assignment]
         self.pool.retryAutomatically = True
         # told (host, reason) when the certificate of the host a request named (or of a redirect's hop)
         # is refused; a handshake merely cut short is not reported
