@@ -79,8 +79,8 @@ def mirror(node: Namespace, workdir: Path, dns: str, public_ca: TestCA, cache: P
 
 
 def start_nginx(namespace: Namespace, workdir: Path, http_block: str, port: int, cpus: str | None):
-    """nginx (one worker, pinned to ``cpus`` if given) in ``namespace`` with ``http_block`` inside ``http
-    {}``."""
+    """nginx (one worker, pinned to ``cpus`` if given) in ``namespace`` with ``http_block`` inside
+    ``http {}``."""
     temp = workdir / "temp"
     temp.mkdir(parents=True)
     # as root, nginx's workers would drop to an account that cannot enter the private temp directory
