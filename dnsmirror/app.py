@@ -276,6 +276,7 @@ class Services:
         for port in self.ports:
             port.stopListening()
         self.ports = []
+        self.forwarder.stop()
 
 
 def _reason(exc: error.CannotListenError) -> str:

@@ -516,10 +516,31 @@ def _parse_list(path: str, value: Any, item: Callable[[Any], Any], problems: lis
     return out
 
 
+MAX_DNS_UPSTREAMS = 6
+
+
+def upstream_problems(upstreams: tuple[HostPort, ...]) -> list[tuple[str, str]]:
+    """What is wrong with ``dns.upstreams``: a resolver named twice, or more than the forwarder tries."""
+    problems = []
+    if len(upstreams) > MAX_DNS_UPSTREAMS:
+        problems.append(("dns.upstreams", f"lists {len(upstreams)} resolvers; at most {MAX_DNS_UPSTREAMS} "
+                                          "(each dead one may cost a query one timeout)"))
+    seen: dict[tuple[str, int], int] = {}
+    for index, upstream in enumerate(upstreams):
+        key = (ipaddress.ip_address(upstream.host).compressed, upstream.port)
+        if key in seen:
+            problems.append((f"dns.upstreams[{index}]", f"{upstream} is already dns.upstreams[{seen[key]}]"))
+        else:
+            seen[key] = index
+    return problems
+
+
 def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> None:
     dns = built.get("dns")
     if dns is not None and not dns.listen:
         problems.append(("dns.listen", "needs at least one address"))
+    if dns is not None:
+        problems.extend(upstream_problems(dns.upstreams))
     https = built.get("https")
     health = built.get("health")
     if https is not None and health is not None and not https.listen and not health.targets:

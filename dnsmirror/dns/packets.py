@@ -83,6 +83,25 @@ def error_reply(query: bytes, rcode: int) -> bytes | None:
     return header + question
 
 
+def plain_name(packet: bytes) -> bytes | None:
+    """The wire-format name of a standard one-question query, lower-cased; ``None`` for anything else.
+
+    Cheap enough for every packet: the key of :meth:`Responder.known_forwarded`.
+    """
+    if len(packet) < HEADER_SIZE or packet[2] & 0xF8 or packet[4:6] != b"\x00\x01":
+        return None
+    offset, size = HEADER_SIZE, len(packet)
+    while offset < size:
+        length = packet[offset]
+        if length == 0:
+            # a name without compression pointers: its bytes alone say which name it is
+            return packet[HEADER_SIZE:offset + 1].lower() if offset + 5 <= size else None
+        if length & 0xC0:
+            return None
+        offset += 1 + length
+    return None
+
+
 def with_id(packet: bytes, qid: bytes) -> bytes:
     """``packet`` with its 2-byte ID replaced."""
     return qid + packet[2:]
@@ -112,6 +131,8 @@ class Responder:
         self.ttl = ttl
         self.cache_size = cache_size
         self._answers: OrderedDict[bytes, bytes] = OrderedDict()
+        # names the capture patterns do not match, so their queries skip the full parse
+        self._forwarded_names: set[bytes] = set()
         self._capture_enabled = False
 
     @property
@@ -135,6 +156,11 @@ class Responder:
             return None
         return packet[:2] + cached
 
+    def known_forwarded(self, packet: bytes) -> bool:
+        """True for a standard query about a name seen before that no capture pattern matches."""
+        name = plain_name(packet)
+        return name is not None and name in self._forwarded_names
+
     def decide(self, packet: bytes) -> Decision:
         """Parse ``packet`` and decide; never raises."""
         packet = bytes(packet)
@@ -153,6 +179,11 @@ class Responder:
         qname = str(question.qname)
         qtype = question.qtype
         if not self.matcher.captures(qname):
+            name = plain_name(packet)
+            if name is not None:
+                if len(self._forwarded_names) >= self.cache_size:
+                    self._forwarded_names.clear()
+                self._forwarded_names.add(name)
             return Decision(Action.FORWARD, qname=qname, qtype=qtype)
         if not self._capture_enabled or (self.bypassed is not None and self.bypassed(qname)):
             return Decision(Action.FORWARD, qname=qname, qtype=qtype, fail_open=True, captured=True)

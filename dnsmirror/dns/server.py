@@ -12,12 +12,11 @@ import logging
 import struct
 from collections.abc import Callable, Sequence
 
-from dnslib import RCODE
+from dnslib import RCODE, DNSRecord
 from twisted.internet import protocol
-from twisted.protocols.policies import TimeoutMixin
 
 from dnsmirror.config import IPNetwork
-from dnsmirror.dns.forwarder import MAX_TCP_MESSAGE, AllUpstreamsFailed, Forwarder
+from dnsmirror.dns.forwarder import MAX_TCP_MESSAGE, AllUpstreamsFailed, Forwarder, Overloaded
 from dnsmirror.dns.packets import HEADER_SIZE, Action, Responder, error_reply
 from dnsmirror.dns.stats import DnsStats
 from dnsmirror.logs import fields
@@ -63,6 +62,9 @@ class DnsController:
             if refusal is not None and not packet[2] & 0x80:
                 reply(refusal)
             return
+        if self.responder.known_forwarded(packet):
+            self._forward(packet, reply, tcp, "")
+            return
         cached = self.responder.cached_answer(packet)
         if cached is not None:
             self.stats.captured += 1
@@ -90,10 +92,13 @@ class DnsController:
 
         def failed(failure) -> None:
             self.stats.servfail += 1
-            if not failure.check(AllUpstreamsFailed):
+            if failure.check(Overloaded):
+                self.stats.overloaded += 1
+            elif not failure.check(AllUpstreamsFailed):
                 log.error("forwarding %s failed unexpectedly: %s", qname, failure.getTraceback())
             else:
-                log.warning("all upstream resolvers failed", extra=fields(qname=qname, upstreams=str(failure.value)))
+                log.warning("all upstream resolvers failed",
+                            extra=fields(qname=qname or _name_of(packet), upstreams=str(failure.value)))
             servfail = error_reply(packet, RCODE.SERVFAIL)
             if servfail is not None:
                 reply(servfail)
@@ -101,6 +106,13 @@ class DnsController:
         self.forwarder.forward(packet, tcp=tcp).addCallbacks(answered, failed).addErrback(
             lambda f: log.error("replying failed: %s", f.getErrorMessage())
         )
+
+
+def _name_of(packet: bytes) -> str:
+    try:
+        return str(DNSRecord.parse(packet).q.qname)
+    except Exception:  # noqa: BLE001 - only for a log line
+        return "?"
 
 
 class DnsDatagramProtocol(protocol.DatagramProtocol):
@@ -118,61 +130,168 @@ class DnsDatagramProtocol(protocol.DatagramProtocol):
             log.exception("query from %s could not be handled", addr[0])
 
 
-class DnsStreamProtocol(protocol.Protocol, TimeoutMixin):
-    """TCP listener: length-prefixed queries, answered in any order; idle connections are closed."""
+# TCP clients: at most this many connections in all and from one address; a connection may have this
+# many queries waiting for an answer before it is read no further (RFC 7766 pipelining stays bounded)
+MAX_TCP_CONNECTIONS = 256
+MAX_TCP_CONNECTIONS_PER_CLIENT = 32
+MAX_TCP_QUERIES_PENDING = 64
 
-    idle_timeout = 30
 
-    def __init__(self, controller: DnsController) -> None:
+class DnsStreamProtocol(protocol.Protocol):
+    """TCP listener: length-prefixed queries, answered in any order.
+
+    A connection is closed when it stays idle for ``idle_timeout`` between messages, or when a message
+    that has started does not arrive whole within ``message_timeout``: a client trickling bytes cannot
+    hold it open. At most ``MAX_TCP_QUERIES_PENDING`` queries are worked on at once per connection.
+    """
+
+    idle_timeout = 30.0
+    message_timeout = 10.0
+
+    def __init__(self, controller: DnsController, factory: DnsStreamFactory | None = None, clock=None) -> None:
         self.controller = controller
+        self.factory = factory
+        self.clock = clock
         self.buffer = b""
         self.open = True
+        self.pending = 0
+        self.paused = False
+        self._timer = None
+        self._timer_kind = ""
 
     def connectionMade(self) -> None:
-        self.setTimeout(self.idle_timeout)
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            self.clock = reactor
+        self._arm()
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
         self.buffer += data
-        while len(self.buffer) >= 2:
+        self._parse()
+
+    def _parse(self) -> None:
+        while self.open and len(self.buffer) >= 2 and self.pending < MAX_TCP_QUERIES_PENDING:
             (length,) = struct.unpack_from("!H", self.buffer)
             if len(self.buffer) < 2 + length:
-                return
-            packet, self.buffer = self.buffer[2 : 2 + length], self.buffer[2 + length :]
+                break
+            packet, self.buffer = self.buffer[2: 2 + length], self.buffer[2 + length:]
             if length < HEADER_SIZE:
                 self.controller.stats.malformed += 1
                 continue
+            self.pending += 1
             try:
-                self.controller.handle(packet, self.transport.getPeer().host, self._write, tcp=True)
+                self.controller.handle(packet, self.transport.getPeer().host, self._answer_once(), tcp=True)
             except Exception:  # noqa: BLE001 - a bug must cost one query, not the listener
+                self.pending -= 1
                 self.controller.stats.malformed += 1
                 log.exception("TCP query could not be handled")
+        full = self.pending >= MAX_TCP_QUERIES_PENDING
+        if full != self.paused and self.open:
+            self.paused = full
+            (self.transport.pauseProducing if full else self.transport.resumeProducing)()
+        self._arm()
+
+    def _answer_once(self) -> Reply:
+        answered = False
+
+        def reply(answer: bytes) -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            self.pending -= 1
+            self._write(answer)
+            if self.open and (self.paused or self.buffer):
+                self._parse()
+            elif self.open:
+                self._arm()
+
+        return reply
+
+    def _arm(self) -> None:
+        """The one timer of this connection: a message under way must finish, an idle one is closed."""
+        if not self.open:
+            return
+        if self.buffer and not self.paused:
+            kind, seconds = "message", self.message_timeout
+        elif not self.pending and not self.buffer:
+            kind, seconds = "idle", self.idle_timeout
+        else:
+            kind, seconds = "", 0.0  # answers are under way: the forwarder bounds how long they take
+        if kind == self._timer_kind and (not kind or self._timer.active()):
+            # an idle timer restarts only after a whole message; a message timer never restarts
+            if kind == "idle":
+                self._timer.reset(seconds)
+            return
+        self._cancel_timer()
+        self._timer_kind = kind
+        if kind:
+            self._timer = self.clock.callLater(seconds, self._expired, kind)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer, self._timer_kind = None, ""
+
+    def _expired(self, kind: str) -> None:
+        self._timer, self._timer_kind = None, ""
+        if kind == "message":
+            self.controller.stats.tcp_timeouts += 1
+        self.transport.loseConnection()
 
     def _write(self, answer: bytes) -> None:
         if self.open and len(answer) <= MAX_TCP_MESSAGE:
             self.transport.write(struct.pack("!H", len(answer)) + answer)
 
-    def timeoutConnection(self) -> None:
-        self.transport.loseConnection()
-
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self.open = False
-        self.setTimeout(None)
+        self._cancel_timer()
+        if self.factory is not None:
+            self.factory.closed(self)
 
 
 class DnsStreamFactory(protocol.Factory):
-    def __init__(self, controller: DnsController) -> None:
+    """Builds the TCP protocol; refuses connections beyond the caps, in total and per client address."""
+
+    def __init__(self, controller: DnsController, clock=None, max_connections: int = MAX_TCP_CONNECTIONS,
+                 max_per_client: int = MAX_TCP_CONNECTIONS_PER_CLIENT) -> None:
         self.controller = controller
+        self.clock = clock
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.connections = 0
+        self.per_client: dict[str, int] = {}
 
     def buildProtocol(self, addr):
-        return DnsStreamProtocol(self.controller)
+        host = getattr(addr, "host", "")
+        if self.connections >= self.max_connections or self.per_client.get(host, 0) >= self.max_per_client:
+            self.controller.stats.tcp_refused += 1
+            return None  # the connection is closed at once
+        self.connections += 1
+        self.per_client[host] = self.per_client.get(host, 0) + 1
+        proto = DnsStreamProtocol(self.controller, self, self.clock)
+        proto.client_host = host
+        return proto
+
+    def closed(self, proto: DnsStreamProtocol) -> None:
+        host = getattr(proto, "client_host", None)
+        if host is None:
+            return
+        proto.client_host = None
+        self.connections -= 1
+        left = self.per_client.get(host, 1) - 1
+        if left > 0:
+            self.per_client[host] = left
+        else:
+            self.per_client.pop(host, None)
 
 
 def listen(reactor, controller: DnsController, host: str, port: int) -> list:
     """Bind UDP and TCP on ``host:port``; returns the listening ports (raises CannotListenError)."""
     udp = reactor.listenUDP(port, DnsDatagramProtocol(controller), interface=host)
     try:
-        tcp = reactor.listenTCP(port, DnsStreamFactory(controller), interface=host)
+        tcp = reactor.listenTCP(port, DnsStreamFactory(controller, reactor), interface=host)
     except Exception:
         udp.stopListening()
         raise
