@@ -158,6 +158,11 @@ def main() -> int:
         upstream = unbound_command(work, upstream_port, [f"{n}. 300 IN A 192.0.2.10" for n in forwarded],
                                    "example.test")
         mirror = [sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)]
+        dnsmasq_port = free_port()
+        dnsmasq = [shutil.which("dnsmasq") or "/usr/sbin/dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts",
+                   "--no-poll", "--user=root", f"--pid-file={work}/dnsmasq.pid", "--listen-address=127.0.0.1",
+                   "--bind-interfaces", f"--port={dnsmasq_port}", "--cache-size=0", "--dns-forward-max=1000",
+                   f"--server=127.0.0.1#{upstream_port}"]
         rows = {}
         with process(["taskset", "-c", SERVER_CORE, *peer], peer_port, work / "peer.log") as proc:
             rows["unbound, captured names (local zone)"] = peak(peer_port, captured_queries, args.seconds, proc.pid)
@@ -167,6 +172,9 @@ def main() -> int:
             rows["dnsmirror, captured names"] = peak(mirror_port, captured_queries, args.seconds, proc.pid)
             rows["dnsmirror, forwarded names (-> unbound)"] = peak(mirror_port, forwarded_queries, args.seconds,
                                                                   proc.pid)
+            with process(["taskset", "-c", SERVER_CORE, *dnsmasq], dnsmasq_port, work / "dnsmasq.log") as masq:
+                rows["dnsmasq cache-size=0, forwarded names (-> unbound)"] = peak(
+                    dnsmasq_port, forwarded_queries, args.seconds, masq.pid)
             rate = max(100, int(rows["dnsmirror, captured names"]["qps"] * 0.5))
             lat = latency(mirror_port, captured_queries, min(args.seconds, 5), rate)
         health.close()

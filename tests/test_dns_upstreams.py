@@ -70,7 +70,19 @@ def test_identical_questions_in_flight_become_one_upstream_query(tmp_path):
 
 
 def descriptors(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open descriptors of ``pid`` and all its descendants (dnsmirror answers DNS in a child process)."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            total += len(os.listdir(f"/proc/{current}/fd"))
+            for task_dir in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task_dir}/children") as children:
+                    pending += [int(child) for child in children.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return total
 
 
 def test_two_thousand_pipelined_tcp_queries_with_descriptors_bounded(tmp_path):
