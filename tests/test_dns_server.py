@@ -254,3 +254,19 @@ class StreamLimitTests(SynchronousTestCase):
         first.connectionLost(None)
         self.assertIsNotNone(tcp_client(controller, None, "127.0.0.1", factory)[0])
         self.assertEqual(controller.stats.tcp_refused, 2)
+
+
+class FastPathTests(SynchronousTestCase):
+    def test_repeated_forwarded_queries_skip_the_parse_and_captured_ones_never_do(self):
+        controller, forwarder = make_controller()
+        responder = controller.responder
+        for qid in (1, 2):
+            self.assertEqual(ControllerTests.handle(self, controller, query("www.example.com", qid=qid)), [])
+        self.assertEqual([p[:2] for p, _, _ in forwarder.pending], [b"\x00\x01", b"\x00\x02"])
+        self.assertTrue(responder.known_forwarded(query("www.example.com", qid=9)))
+        self.assertFalse(responder.known_forwarded(query(ECR, qid=9)))
+        self.assertFalse(responder.known_forwarded(query("WWW.example.com", qid=9)))  # other bytes: parsed again
+        # a response or another opcode with the same question is not a plain query
+        response = bytearray(query("www.example.com", qid=9))
+        response[2] |= 0x80
+        self.assertFalse(responder.known_forwarded(bytes(response)))

@@ -28,11 +28,10 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import secrets
 import socket
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReadDescriptor
@@ -79,17 +78,39 @@ class UpstreamTimeout(Exception):
     """One upstream did not answer within the timeout."""
 
 
+class _RandomIds:
+    """16-bit IDs from the system's CSPRNG, read a few thousand at a time (one syscall per 2,048 IDs)."""
+
+    def __init__(self) -> None:
+        self._values: list[int] = []
+
+    def next(self) -> int:
+        if not self._values:
+            block = os.urandom(4096)
+            self._values = [int.from_bytes(block[i:i + 2], "big") for i in range(0, len(block), 2)]
+        return self._values.pop()
+
+
+_random_ids = _RandomIds()
+
+
 def _question(packet: bytes) -> bytes | None:
     end = question_end(packet)
     return packet[HEADER_SIZE:end].lower() if end is not None else None
 
 
 def matches(query: bytes, question: bytes | None, answer: bytes) -> bool:
-    """True when ``answer`` answers ``query``: a response, same ID, and the same question (when it has one)."""
+    """True when ``answer`` answers ``query``: a response, same ID, and the same question (when it has one).
+
+    ``question`` is the query's question section, lower-cased (``None`` when it has none).
+    """
     if len(answer) < HEADER_SIZE or answer[:2] != query[:2] or not answer[2] & 0x80:
         return False
-    # an answer without a question section (some FORMERR replies) cannot be checked further
-    return not struct.unpack_from("!H", answer, 4)[0] or _question(answer) == question
+    if answer[4:6] == b"\x00\x00":
+        # an answer without a question section (some FORMERR replies) cannot be checked further
+        return True
+    # byte-equal (ignoring case) to the asked question: the same name, type and class, parsed alike
+    return question is not None and answer[HEADER_SIZE:HEADER_SIZE + len(question)].lower() == question
 
 
 class _Forward:
@@ -102,7 +123,7 @@ class _Forward:
         self.tcp = tcp
         self.key = key
         self.question = _question(packet)
-        self.waiters: list[tuple[bytes, defer.Deferred]] = []
+        self.waiters: list[tuple[bytes, Callable[[bytes], None], Callable[[Exception], None]]] = []
         self.order = order
         self.position = 0
         self.errors: list[str] = []
@@ -160,7 +181,7 @@ class _UdpChannel:
     def send(self, attempt: _Attempt) -> str | None:
         """Send ``attempt`` with a random ID unused on this socket; the error text when it could not be sent."""
         for _ in range(16):
-            qid = secrets.randbits(16)
+            qid = _random_ids.next()
             if qid not in self.pending:
                 break
         else:
@@ -240,7 +261,7 @@ class _UdpPool:
             channel = _UdpChannel(self.forwarder, self.index, self.upstream, now)
             self.channels.append(channel)
         else:
-            channel = self.channels[secrets.randbelow(len(self.channels))]
+            channel = self.channels[_random_ids.next() % len(self.channels)]
         if channel.uses + 1 >= ROTATE_AFTER_QUERIES or now - channel.created > ROTATE_AFTER_SECONDS:
             self.retire(channel)
         return channel
@@ -343,22 +364,28 @@ class Forwarder:
     def forward(self, packet: bytes, tcp: bool = False) -> defer.Deferred:
         """Deferred firing with the upstream's answer carrying the client's ID."""
         waiting: defer.Deferred = defer.Deferred()
+        self.send(packet, tcp, waiting.callback, waiting.errback)
+        return waiting
+
+    def send(self, packet: bytes, tcp: bool, answered: Callable[[bytes], None],
+             failed: Callable[[Exception], None]) -> None:
+        """Forward ``packet``; exactly one of ``answered(answer with the client's ID)`` or
+        ``failed(AllUpstreamsFailed | Overloaded)`` is called, now or later. (The hot path: no Deferred.)"""
         key = (tcp, packet[2:])
         running = self._in_flight.get(key)
         if running is not None:
-            running.waiters.append((packet[:2], waiting))
-            return waiting
+            running.waiters.append((packet[:2], answered, failed))
+            return
         if not self.upstreams:
-            waiting.errback(AllUpstreamsFailed("no upstream resolvers configured"))
-            return waiting
+            failed(AllUpstreamsFailed("no upstream resolvers configured"))
+            return
         if len(self._in_flight) >= self.max_in_flight or self._stopped:
-            waiting.errback(Overloaded(f"{len(self._in_flight)} forwards in flight"))
-            return waiting
+            failed(Overloaded(f"{len(self._in_flight)} forwards in flight"))
+            return
         forward = _Forward(packet, tcp, key, self.table.order())
-        forward.waiters.append((packet[:2], waiting))
+        forward.waiters.append((packet[:2], answered, failed))
         self._in_flight[key] = forward
         self._next(forward)
-        return waiting
 
     def stop(self) -> None:
         """Close every socket; forwards in flight fail."""
@@ -408,7 +435,7 @@ class Forwarder:
         def connect(_):
             upstream = self.upstreams[index]
             now = self.reactor.seconds()
-            packet = with_id(forward.packet, secrets.token_bytes(2))
+            packet = with_id(forward.packet, _random_ids.next().to_bytes(2, "big"))
             attempt = _Attempt(forward, index, packet, forward.question, now, self.timeout)
             if self._stopped:
                 self._tcp_slots.release()
@@ -474,11 +501,14 @@ class Forwarder:
     def _finish(self, forward: _Forward, answer: bytes | None) -> None:
         if self._in_flight.get(forward.key) is forward:
             del self._in_flight[forward.key]
-        for client_id, waiting in forward.waiters:
-            if answer is None:
-                waiting.errback(AllUpstreamsFailed("; ".join(forward.errors) or "no upstream tried"))
-            else:
-                waiting.callback(with_id(answer, client_id))
+        for client_id, answered, failed in forward.waiters:
+            try:
+                if answer is None:
+                    failed(AllUpstreamsFailed("; ".join(forward.errors) or "no upstream tried"))
+                else:
+                    answered(client_id + answer[2:])
+            except Exception:  # noqa: BLE001 - one client's reply must not cost the others theirs
+                log.exception("replying to a forwarded query failed")
 
     def _channel_broken(self, channel: _UdpChannel) -> None:
         self._pools[channel.index].retire(channel)

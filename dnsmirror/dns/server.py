@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 
 from dnslib import RCODE, DNSRecord
 from twisted.internet import protocol
+from twisted.python.failure import Failure
 
 from dnsmirror.config import IPNetwork
 from dnsmirror.dns.forwarder import MAX_TCP_MESSAGE, AllUpstreamsFailed, Forwarder, Overloaded
@@ -103,6 +104,10 @@ class DnsController:
             if servfail is not None:
                 reply(servfail)
 
+        send = getattr(self.forwarder, "send", None)
+        if send is not None:
+            send(packet, tcp, answered, lambda exc: failed(Failure(exc)))
+            return
         self.forwarder.forward(packet, tcp=tcp).addCallbacks(answered, failed).addErrback(
             lambda f: log.error("replying failed: %s", f.getErrorMessage())
         )

@@ -40,14 +40,18 @@ class UpstreamTable:
     def __init__(self, count: int, rng: random.Random | None = None) -> None:
         self.states = [UpstreamState() for _ in range(count)]
         self._rng = rng or random.Random()
+        self._queries = 0
 
     def order(self) -> list[int]:
         """Upstreams to try for one query, in order: the working ones, fastest first (unmeasured ones
         after the measured, in config order), then the down ones as a last resort, in config order."""
+        if len(self.states) == 1:
+            return [0]
         working = [i for i, state in enumerate(self.states) if state.up]
         down = [i for i, state in enumerate(self.states) if not state.up]
         working.sort(key=lambda i: (not self.states[i].measured, self.states[i].srtt))
-        if len(working) > 1 and self._rng.randrange(EXPLORE_ONE_IN) == 0:
+        self._queries += 1
+        if len(working) > 1 and self._queries % EXPLORE_ONE_IN == 0:
             working.insert(0, working.pop(self._rng.randrange(1, len(working))))
         return working + down
 
