@@ -127,9 +127,21 @@ class DnsDatagramProtocol(protocol.DatagramProtocol):
         self.controller = controller
 
     def datagramReceived(self, data: bytes, addr) -> None:
-        transport = self.transport
+        sock = getattr(self.transport, "socket", None)
+        if sock is not None:
+            # straight to the socket: the transport would check the address again on every answer
+            def reply(answer: bytes) -> None:
+                try:
+                    sock.sendto(answer, addr)
+                except OSError as exc:  # a full send buffer or a vanished client costs this answer only
+                    log.debug("answer to %s not sent: %s", addr[0], exc)
+        else:
+            transport = self.transport
+
+            def reply(answer: bytes) -> None:
+                transport.write(answer, addr)
         try:
-            self.controller.handle(data, addr[0], lambda answer: transport.write(answer, addr))
+            self.controller.handle(data, addr[0], reply)
         except Exception:  # noqa: BLE001 - a bug must cost one query, not the listener
             self.controller.stats.malformed += 1
             log.exception("query from %s could not be handled", addr[0])
