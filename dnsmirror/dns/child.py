@@ -13,8 +13,9 @@ child's stdin and stdout, one JSON object per line:
 The fail-open rule is the parent's :class:`~dnsmirror.health.HealthState`, unchanged: the child
 captures only while the last word from the parent said healthy and that word is fresh. When the
 parent stops speaking (its reactor is stuck, or it died) the child fails open after ``stale_after``
-seconds, and it exits when its stdin closes. When the child dies the parent starts a new one on the
-same sockets.
+seconds, and it exits when its stdin closes (it ignores SIGINT and SIGTERM, which may reach the whole
+process group before the mirror process has drained). When the child dies the parent starts a new one
+on the same sockets.
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ class DnsProcess:
             self._spawn()
 
     def stop(self) -> None:
-        """Stop the child (its stdin closes and it gets SIGTERM) and close the sockets."""
+        """Stop the child (its stdin closes and it gets SIGKILL) and close the sockets."""
         self._stopping = True
         if self._loop.running:
             self._loop.stop()
@@ -202,7 +203,8 @@ class DnsProcess:
             transport = self.child.transport
             transport.closeStdin()
             try:
-                transport.signalProcess("TERM")
+                # the drain is over (captured names failed open meanwhile): answers in flight may go
+                transport.signalProcess("KILL")
             except Exception:  # noqa: BLE001 - already gone
                 pass
         for sock in self.sockets:
@@ -335,9 +337,10 @@ def main(argv: list[str]) -> int:
     logs.setup(settings.log_format, settings.log_level)
     from twisted.internet import reactor
 
-    # Ctrl-C reaches the whole process group; the parent decides when DNS stops (after its drain)
+    # Ctrl-C or a SIGTERM to the whole process group (a service manager) must not end the node's DNS
+    # before the mirror process drained: the child ends when its stdin closes, or by SIGKILL
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: reactor.callFromThread(_stop, reactor))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     child = _Child(reactor, settings)
     failed = []
 
