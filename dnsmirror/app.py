@@ -204,6 +204,8 @@ class Services:
                                  "verification", lambda: self.tls_bypass.started),
                 "tls_bypassed_registries": ("Registries not captured now because their certificate failed "
                                             "verification", lambda: self.tls_bypass.active),
+                "dns_upstreams_down": ("Upstream resolvers skipped now (timed out or refused; probed until they "
+                                       "answer)", self._upstreams_down),
             },
             self.health,
         )
@@ -215,6 +217,11 @@ class Services:
                                                      interface=address.host))
         except error.CannotListenError as exc:
             raise ListenError(f"metrics.listen: cannot listen on {address}: {_reason(exc)}") from exc
+
+    def _upstreams_down(self) -> int:
+        if self.dns_process is not None:
+            return self.dns_process.upstreams_down
+        return len(self.forwarder.table.down())
 
     def _on_health(self, healthy: bool) -> None:
         self.responder.capture_enabled = healthy

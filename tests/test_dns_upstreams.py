@@ -9,8 +9,10 @@ import socket
 import struct
 import threading
 import time
+import urllib.request
 
 import pytest
+import yaml
 from dns_support import (
     FakeUpstream,
     dig_answers,
@@ -41,12 +43,22 @@ def test_an_upstream_that_recovers_is_used_again_without_a_timeout(tmp_path, tra
     with silent_udp_server() as dead, dnsmirror_serve(
         tmp_path, {"dns": {"upstreams": [f"127.0.0.1:{dead}", f"127.0.0.1:{recovering}"], "timeout": "1s"}}
     ) as (port, _, log):
+        metrics = yaml.safe_load((tmp_path / f"dnsmirror-{port}.yaml").read_text())["metrics"]["listen"]
+
+        def upstreams_down() -> float:
+            with urllib.request.urlopen(f"http://{metrics}/metrics", timeout=5) as response:
+                text = response.read().decode()
+            return next(float(line.split()[-1]) for line in text.splitlines()
+                        if line.startswith("dnsmirror_dns_upstreams_down "))
+
         # both down: nothing can answer
         _, result = timed_dig(port, NAME, *options, timeout=4)
         assert dig_status(result.stdout) == "SERVFAIL", result.stdout
+        assert wait_until(lambda: upstreams_down() == 2, 5)
         with dnsmasq(tmp_path, {NAME: "192.0.2.20"}, recovering):
             # a probe finds it; from then on it goes first, before the dead one listed ahead of it
             assert wait_until(lambda: "dns_upstream_up" in log.read_text(), 15), log.read_text()
+            assert wait_until(lambda: upstreams_down() == 1, 5)
             for _ in range(3):
                 elapsed, result = timed_dig(port, NAME, *options)
                 assert dig_answers(result.stdout) == [(f"{NAME}.", 0, "A", "192.0.2.20")], result.stdout

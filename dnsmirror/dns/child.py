@@ -8,7 +8,8 @@ child's stdin and stdout, one JSON object per line:
 - parent -> child: ``{"healthy": bool, "reason": str, "bypass": {host: seconds left}}``, on every
   change of :class:`~dnsmirror.health.HealthState` or of the TLS bypass, and every
   ``health.interval`` as a heartbeat;
-- child -> parent: ``{"stats": {...}}`` every ``STATS_INTERVAL``, the child's DNS counters since it started.
+- child -> parent: ``{"stats": {...}, "upstreams_down": n}`` every ``STATS_INTERVAL``: the child's DNS
+  counters since it started, and how many upstream resolvers it skips now.
 
 The fail-open rule is the parent's :class:`~dnsmirror.health.HealthState`, unchanged: the child
 captures only while the last word from the parent said healthy and that word is fresh. When the
@@ -125,6 +126,7 @@ class DnsProcess:
         self.heartbeat = heartbeat
         self.child: _ChildProtocol | None = None
         self.restarts = 0
+        self.upstreams_down = 0  # as the child last reported
         self._stopping = False
         self._base = {name: 0 for name in _CHILD_COUNTERS}
         self._last = dict(self._base)
@@ -168,9 +170,11 @@ class DnsProcess:
 
     def _report(self, line: bytes) -> None:
         try:
-            counters = json.loads(line)["stats"]
+            message = json.loads(line)
+            counters = message["stats"]
             for name in _CHILD_COUNTERS:
                 self._last[name] = int(counters.get(name, 0))
+            self.upstreams_down = int(message.get("upstreams_down", 0))
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("unreadable report from the DNS process: %r", line[:200])
             return
@@ -318,7 +322,8 @@ class _Child:
 
     def report(self) -> None:
         counters = {name: getattr(self.stats, name) for name in _CHILD_COUNTERS}
-        self.channel.write(json.dumps({"stats": counters}).encode() + b"\n")
+        message = {"stats": counters, "upstreams_down": len(self.forwarder.table.down())}
+        self.channel.write(json.dumps(message).encode() + b"\n")
 
     def parent_gone(self) -> None:
         _stop(self.reactor)
