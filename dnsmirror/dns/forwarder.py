@@ -236,6 +236,7 @@ class _UdpChannel:
             self.forwarder.reactor.removeReader(self)
             self.closed = True
             self.sock.close()
+            self.forwarder._pools[self.index].draining.discard(self)
 
 
 def _refusal_text(code: int | None) -> str:
@@ -271,11 +272,10 @@ class _UdpPool:
         if channel in self.channels:
             self.channels.remove(channel)
         channel.retired = True
-        if channel.pending or not channel.closed:
+        if not channel.closed:
             self.draining.add(channel)
 
     def descriptors(self) -> int:
-        self.draining = {c for c in self.draining if not c.closed}
         return len(self.channels) + len(self.draining)
 
     def close(self) -> None:
@@ -364,7 +364,7 @@ class Forwarder:
     def forward(self, packet: bytes, tcp: bool = False) -> defer.Deferred:
         """Deferred firing with the upstream's answer carrying the client's ID."""
         waiting: defer.Deferred = defer.Deferred()
-        self.send(packet, tcp, waiting.callback, waiting.errback)
+        self.send(bytes(packet), tcp, waiting.callback, waiting.errback)
         return waiting
 
     def send(self, packet: bytes, tcp: bool, answered: Callable[[bytes], None],
