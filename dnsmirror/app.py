@@ -79,6 +79,8 @@ class Services:
         self.dns = dnsserver.DnsController(self.responder, self.forwarder, config.dns.allow, self.dns_stats)
         # serve runs the DNS in a process of its own (dnsmirror.dns.child); tests may keep it in-process
         self.dns_process: DnsProcess | None = None
+        # what /readyz and dnsmirror_mirror_healthy follow: captured names resolve to the mirror
+        self.ready = self.health
         self._dns_in_child = dns_process
         self.probe = ListenerProbe(reactor, self.health, config.health.targets or config.https.listen,
                                    config.health.interval,
@@ -207,13 +209,13 @@ class Services:
                 "dns_upstreams_down": ("Upstream resolvers skipped now (timed out or refused; probed until they "
                                        "answer)", self._upstreams_down),
             },
-            self.health,
+            self.ready,
         )
         address = self.config.metrics.listen
         if address is None:
             return
         try:
-            self.ports.append(self.reactor.listenTCP(address.port, metrics_site(collector, self.health),
+            self.ports.append(self.reactor.listenTCP(address.port, metrics_site(collector, self.ready),
                                                      interface=address.host))
         except error.CannotListenError as exc:
             raise ListenError(f"metrics.listen: cannot listen on {address}: {_reason(exc)}") from exc
@@ -236,6 +238,7 @@ class Services:
             if self._dns_in_child:
                 self.dns_process = start_dns_process(self.reactor, self.config, self.upstreams, self.dns_stats,
                                                      self.health, self.tls_bypass, self.responder)
+                self.ready = self.dns_process.readiness
             for index, address in enumerate(() if self._dns_in_child else self.config.dns.listen):
                 try:
                     self.ports += dnsserver.listen(self.reactor, self.dns, address.host, address.port)

@@ -175,13 +175,31 @@ def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True, nofile: int |
 @contextlib.contextmanager
 def tcp_listener(port: int):
     """A plain TCP listener on 127.0.0.1:port: the stand-in for the HTTPS listener's health."""
+    import threading
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(16)
+    sock.settimeout(0.2)
+    stopping = threading.Event()
+
+    def accept() -> None:
+        # accepted and closed, so a long test's probes never fill the backlog
+        while not stopping.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            conn.close()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
     try:
         yield sock
     finally:
+        stopping.set()
+        acceptor.join(5)
         sock.close()
 
 

@@ -41,6 +41,7 @@ log = logging.getLogger("dnsmirror.dns")
 FIRST_CHILD_FD = 3
 STATS_INTERVAL = 0.5
 RESTART_DELAY = 1.0
+NICE_BOOST = -5
 _MAX_LINE = 1 << 20
 
 
@@ -112,6 +113,28 @@ class _ChildProtocol(protocol.ProcessProtocol):
         self.owner._ended(self, reason)
 
 
+class Readiness:
+    """What ``/readyz`` follows with DNS in a child: captured names resolve to the mirror only once the
+    child says it captures (it heard the mirror is healthy), not as soon as the mirror process knows."""
+
+    def __init__(self, health) -> None:
+        self.health = health
+        self.capturing = False
+        self.running = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.running and self.capturing and self.health.healthy
+
+    @property
+    def reason(self) -> str:
+        if not self.health.healthy:
+            return self.health.reason
+        if not self.running:
+            return "the DNS process is not running"
+        return "the DNS process has not heard yet that the mirror is healthy"
+
+
 class DnsProcess:
     """The parent's handle on the DNS child: starts it, tells it the health, restarts it when it dies."""
 
@@ -127,6 +150,7 @@ class DnsProcess:
         self.child: _ChildProtocol | None = None
         self.restarts = 0
         self.upstreams_down = 0  # as the child last reported
+        self.readiness = Readiness(health)
         self._stopping = False
         self._base = {name: 0 for name in _CHILD_COUNTERS}
         self._last = dict(self._base)
@@ -175,6 +199,8 @@ class DnsProcess:
             for name in _CHILD_COUNTERS:
                 self._last[name] = int(counters.get(name, 0))
             self.upstreams_down = int(message.get("upstreams_down", 0))
+            self.readiness.capturing = bool(message.get("capturing", False))
+            self.readiness.running = True
         except (ValueError, KeyError, TypeError, AttributeError):
             log.warning("unreadable report from the DNS process: %r", line[:200])
             return
@@ -187,6 +213,7 @@ class DnsProcess:
         for name in _CHILD_COUNTERS:
             self._base[name] += self._last[name]
         self.child = None
+        self.readiness.running = self.readiness.capturing = False
         if self._stopping:
             return
         self.restarts += 1
@@ -281,6 +308,7 @@ class _Child:
                                         self.stats)
         self.last_heard = reactor.seconds()
         self.channel = None
+        self.reported = False
         self.ports: list = []
 
     def run(self) -> None:
@@ -311,18 +339,28 @@ class _Child:
         self.last_heard = self.reactor.seconds()
         if new_bypass:
             self.responder.forget_answers()
-        self.responder.capture_enabled = healthy
+        self._capture(healthy)
+
+    def _capture(self, enabled: bool) -> None:
+        changed = enabled != self.responder.capture_enabled
+        self.responder.capture_enabled = enabled
+        if changed or not self.reported:
+            self.report()  # at once: the mirror process's readiness follows what this process does
 
     def watch(self) -> None:
         silent = self.reactor.seconds() - self.last_heard
         if silent > self.settings.stale_after and self.responder.capture_enabled:
             log.warning("no word from the mirror process for %.1fs: failing open", silent,
                         extra=log_fields(event="dns_parent_silent", seconds=round(silent, 1)))
-            self.responder.capture_enabled = False
+            self._capture(False)
 
     def report(self) -> None:
+        if self.channel is None:
+            return
+        self.reported = True
         counters = {name: getattr(self.stats, name) for name in _CHILD_COUNTERS}
-        message = {"stats": counters, "upstreams_down": len(self.forwarder.table.down())}
+        message = {"stats": counters, "upstreams_down": len(self.forwarder.table.down()),
+                   "capturing": self.responder.capture_enabled}
         self.channel.write(json.dumps(message).encode() + b"\n")
 
     def parent_gone(self) -> None:
@@ -346,6 +384,11 @@ def main(argv: list[str]) -> int:
     # before the mirror process drained: the child ends when its stdin closes, or by SIGKILL
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        # the node's resolver goes before blob work when the cores are busy (needs CAP_SYS_NICE or root)
+        os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0) + NICE_BOOST, -20))
+    except OSError as exc:
+        log.debug("DNS process keeps its CPU priority: %s", exc)
     child = _Child(reactor, settings)
     failed = []
 
