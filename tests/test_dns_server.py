@@ -270,3 +270,21 @@ class FastPathTests(SynchronousTestCase):
         response = bytearray(query("www.example.com", qid=9))
         response[2] |= 0x80
         self.assertFalse(responder.known_forwarded(bytes(response)))
+
+
+class ClientShareTests(SynchronousTestCase):
+    def test_one_clients_flood_leaves_forwards_for_the_others(self):
+        controller, forwarder = make_controller()
+        controller.max_forwards_per_client = 3
+        replies = []
+        for i in range(5):
+            controller.handle(query(f"h{i}.example.com", qid=i), "127.0.0.7", replies.append)
+        self.assertEqual(len(forwarder.pending), 3)
+        self.assertEqual([DNSRecord.parse(r).header.rcode for r in replies], [RCODE.SERVFAIL] * 2)
+        self.assertEqual(controller.stats.overloaded, 2)
+        controller.handle(query("other.example.com", qid=9), "127.0.0.8", replies.append)
+        self.assertEqual(len(forwarder.pending), 4)  # another client still gets its forward
+        packet, _, d = forwarder.pending[0]
+        d.callback(bytes(DNSRecord.parse(packet).reply().pack()))
+        controller.handle(query("h9.example.com", qid=10), "127.0.0.7", replies.append)
+        self.assertEqual(len(forwarder.pending), 5)  # an answered forward frees the client's slot

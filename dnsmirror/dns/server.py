@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
+import time
 from collections.abc import Callable, Sequence
 
 from dnslib import RCODE, DNSRecord
@@ -25,6 +26,8 @@ from dnsmirror.logs import fields
 log = logging.getLogger("dnsmirror.dns")
 
 Reply = Callable[[bytes], None]
+# forwards waiting for an upstream answer from one client address (the forwarder's own cap is 4,096)
+MAX_FORWARDS_PER_CLIENT = 1024
 _ALLOW_CACHE_LIMIT = 4096
 
 
@@ -38,6 +41,10 @@ class DnsController:
         self.allow = tuple(allow)
         self.stats = stats or DnsStats()
         self._allowed: dict[str, bool] = {}
+        self.max_forwards_per_client = MAX_FORWARDS_PER_CLIENT
+        self._forwards_of: dict[str, int] = {}
+        self._last_failure_log = -1e9
+        self._failures_not_logged = 0
 
     def is_allowed(self, host: str) -> bool:
         """True when a client at ``host`` may use this resolver (``dns.allow``)."""
@@ -64,7 +71,7 @@ class DnsController:
                 reply(refusal)
             return
         if self.responder.known_forwarded(packet):
-            self._forward(packet, reply, tcp, "")
+            self._forward(packet, reply, tcp, "", client_host)
             return
         cached = self.responder.cached_answer(packet)
         if cached is not None:
@@ -84,22 +91,41 @@ class DnsController:
             return
         if decision.fail_open:
             self.stats.fail_open += 1
-        self._forward(packet, reply, tcp, decision.qname)
+        self._forward(packet, reply, tcp, decision.qname, client_host)
 
-    def _forward(self, packet: bytes, reply: Reply, tcp: bool, qname: str) -> None:
+    def _forward(self, packet: bytes, reply: Reply, tcp: bool, qname: str, client: str) -> None:
+        waiting = self._forwards_of.get(client, 0)
+        if waiting >= self.max_forwards_per_client:
+            # one client's flood must not take every forward slot from the others
+            self.stats.servfail += 1
+            self.stats.overloaded += 1
+            servfail = error_reply(packet, RCODE.SERVFAIL)
+            if servfail is not None:
+                reply(servfail)
+            return
+        self._forwards_of[client] = waiting + 1
+
+        def release() -> None:
+            left = self._forwards_of.get(client, 1) - 1
+            if left > 0:
+                self._forwards_of[client] = left
+            else:
+                self._forwards_of.pop(client, None)
+
         def answered(answer: bytes) -> None:
+            release()
             self.stats.forwarded += 1
             reply(answer)
 
         def failed(failure) -> None:
+            release()
             self.stats.servfail += 1
             if failure.check(Overloaded):
                 self.stats.overloaded += 1
             elif not failure.check(AllUpstreamsFailed):
                 log.error("forwarding %s failed unexpectedly: %s", qname, failure.getTraceback())
             else:
-                log.warning("all upstream resolvers failed",
-                            extra=fields(qname=qname or _name_of(packet), upstreams=str(failure.value)))
+                self._log_all_failed(qname or _name_of(packet), str(failure.value))
             servfail = error_reply(packet, RCODE.SERVFAIL)
             if servfail is not None:
                 reply(servfail)
@@ -111,6 +137,16 @@ class DnsController:
         self.forwarder.forward(packet, tcp=tcp).addCallbacks(answered, failed).addErrback(
             lambda f: log.error("replying failed: %s", f.getErrorMessage())
         )
+
+    def _log_all_failed(self, qname: str, upstreams: str) -> None:
+        """One warning per second at most: an outage must not flood the log with one line per query."""
+        now = time.monotonic()
+        if now - self._last_failure_log < 1.0:
+            self._failures_not_logged += 1
+            return
+        log.warning("all upstream resolvers failed", extra=fields(
+            qname=qname, upstreams=upstreams, more_since_last_warning=self._failures_not_logged))
+        self._last_failure_log, self._failures_not_logged = now, 0
 
 
 def _name_of(packet: bytes) -> str:
