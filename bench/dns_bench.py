@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -238,6 +239,8 @@ def main() -> int:
     parser.add_argument("--blobs-per-client", type=int, default=3, help="cold blobs each of the two clients pulls")
     parser.add_argument("--skip-streaming", action="store_true", help="no latency-while-streaming run (no netns)")
     args = parser.parse_args()
+    # a SIGTERM (make bench's timeout) unwinds the context managers: namespaces and processes are removed
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for tool in ("dnsperf", "unbound", "taskset"):
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is missing: run scripts/setup.sh bench", file=sys.stderr)

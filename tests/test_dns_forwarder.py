@@ -84,3 +84,21 @@ class ForwarderTests(TestCase):
         self.assertIn("refused", str(caught.exception))
         self.assertLess(reactor.seconds() - started, 1.0)
         self.assertEqual(forwarder.table.down(), [0])
+
+    @defer.inlineCallbacks
+    def test_a_silent_upstream_times_out_and_the_next_one_answers(self):
+        silent = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        answering = reactor.listenUDP(0, Upstream(), interface="127.0.0.1")
+        self.addCleanup(answering.stopListening)
+        forwarder = Forwarder(reactor, [HostPort("127.0.0.1", silent.getHost().port),
+                                        HostPort("127.0.0.1", answering.getHost().port)], timeout=0.3)
+        self.addCleanup(forwarder.stop)
+        started = reactor.seconds()
+        answer = yield forwarder.forward(DNSRecord.question("www.example.test").pack())
+        self.assertEqual(str(DNSRecord.parse(answer).a.rdata), "192.0.2.1")
+        self.assertGreaterEqual(reactor.seconds() - started, 0.3)
+        self.assertEqual(forwarder.table.down(), [0])
+        started = reactor.seconds()
+        yield forwarder.forward(DNSRecord.question("www2.example.test").pack())
+        self.assertLess(reactor.seconds() - started, 0.2)  # the silent one is skipped now

@@ -346,7 +346,8 @@ class Forwarder:
         self.table = UpstreamTable(len(self.upstreams))
         self._pools = [_UdpPool(self, i, u, sockets_per_upstream) for i, u in enumerate(self.upstreams)]
         self._in_flight: dict[tuple[bool, bytes], _Forward] = {}
-        self._deadlines: deque[_Attempt] = deque()
+        # TCP attempts by deadline; UDP attempts wait in their socket's pending dict, in the order sent
+        self._tcp_attempts: deque[_Attempt] = deque()
         self._sweeper = None
         self._prober = None
         self._tcp_slots = defer.DeferredSemaphore(max_tcp)
@@ -394,10 +395,10 @@ class Forwarder:
             if call is not None and call.active():
                 call.cancel()
         self._sweeper = self._prober = None
-        for attempt in list(self._deadlines):
+        for attempt in [*self._tcp_attempts, *self._udp_attempts()]:
             if not attempt.done:
                 self._failed(attempt, "forwarder stopped", mark_down=False)
-        self._deadlines.clear()
+        self._tcp_attempts.clear()
         for pool in self._pools:
             pool.close()
 
@@ -427,8 +428,8 @@ class Forwarder:
         except OSError as exc:
             return _refusal_text(exc.errno)
         error = channel.send(attempt)
-        if error is None:
-            self._track(attempt)
+        if error is None and self._sweeper is None:
+            self._sweeper = self.reactor.callLater(_SWEEP_INTERVAL, self._sweep)
         return error
 
     def _start_tcp(self, forward: _Forward, index: int) -> None:
@@ -444,25 +445,38 @@ class Forwarder:
             attempt.connector = _HOLDS_TCP_SLOT  # released once, by _complete, even if connecting fails at once
             attempt.connector = self.reactor.connectTCP(upstream.host, upstream.port,
                                                         _TcpAttemptFactory(self, attempt), timeout=self.timeout)
-            self._track(attempt)
+            self._tcp_attempts.append(attempt)
+            if self._sweeper is None:
+                self._sweeper = self.reactor.callLater(_SWEEP_INTERVAL, self._sweep)
 
         self._tcp_slots.acquire().addCallback(connect).addErrback(
             lambda failure: log.error("TCP forward failed: %s", failure.getTraceback()))
 
-    def _track(self, attempt: _Attempt) -> None:
-        self._deadlines.append(attempt)
-        if self._sweeper is None:
-            self._sweeper = self.reactor.callLater(_SWEEP_INTERVAL, self._sweep)
+    def _udp_attempts(self) -> list[_Attempt]:
+        return [attempt for pool in self._pools for channel in [*pool.channels, *pool.draining]
+                for attempt in channel.pending.values()]
 
     def _sweep(self) -> None:
+        """Fail the attempts whose time is up; runs every ``_SWEEP_INTERVAL`` while any is waiting."""
         self._sweeper = None
         now = self.reactor.seconds()
-        deadlines = self._deadlines
-        while deadlines and (deadlines[0].done or deadlines[0].deadline <= now):
-            attempt = deadlines.popleft()
+        expired = []
+        waiting = False
+        for pool in self._pools:
+            for channel in [*pool.channels, *pool.draining]:
+                # one timeout for all: each socket's pending dict is in deadline order
+                for attempt in channel.pending.values():
+                    if attempt.deadline > now:
+                        waiting = True
+                        break
+                    expired.append(attempt)
+        attempts = self._tcp_attempts
+        while attempts and (attempts[0].done or attempts[0].deadline <= now):
+            expired.append(attempts.popleft())
+        for attempt in expired:
             if not attempt.done:
                 self._failed(attempt, f"no answer in {self.timeout:g}s")
-        if deadlines and not self._stopped:
+        if (waiting or attempts) and not self._stopped and self._sweeper is None:
             self._sweeper = self.reactor.callLater(_SWEEP_INTERVAL, self._sweep)
 
     def _complete(self, attempt: _Attempt) -> None:
@@ -528,7 +542,8 @@ class Forwarder:
             except OSError as exc:
                 error = _refusal_text(exc.errno)
             if error is None:
-                self._track(attempt)
+                if self._sweeper is None:
+                    self._sweeper = self.reactor.callLater(_SWEEP_INTERVAL, self._sweep)
             else:
                 self.table.failed(index, now, error)
         if self.table.down():
