@@ -345,7 +345,7 @@ def serve(config: Config) -> int:
     from twisted.internet import reactor
 
     logs.setup(config.log.format, config.log.level)
-    services = Services(config, reactor, dns_process=True)
+    services = Services(config, reactor, dns_process=config.dns.own_process)
     try:
         services.start()
     except camod.CaError as exc:

@@ -65,6 +65,7 @@ class DnsConfig:
     timeout: float
     allow: tuple[IPNetwork, ...]
     answer_cache_size: int
+    own_process: bool = True
 
 
 @dataclass(frozen=True)
@@ -379,6 +380,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
         "timeout": parse_duration,
         "allow": _list_of(_network),
         "answer_cache_size": _int_range(1, 10_000_000),
+        "own_process": _boolean,
     }),
     "health": (HealthConfig, {
         "interval": parse_duration,

@@ -86,3 +86,11 @@ def test_the_dns_process_ends_with_the_mirror_process(mirror):
         time.sleep(0.05)
     else:
         assert not os.path.exists(f"/proc/{child}"), "the DNS process outlived its parent"
+
+
+def test_dns_own_process_false_answers_from_the_mirror_process(tmp_path):
+    with unbound(tmp_path, [f"{ECR}. 300 IN A {REAL}"]) as upstream, dnsmirror_serve(
+        tmp_path, {"dns": {"upstreams": [f"127.0.0.1:{upstream}"], "own_process": False}}
+    ) as (port, process, _):
+        assert answer(port) == REAL  # not healthy: fails open
+        assert children(process.pid) == []
