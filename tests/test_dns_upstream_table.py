@@ -41,7 +41,7 @@ def test_probes_back_off_while_an_upstream_stays_down():
         gaps.append(due - now)
         now = due
         assert upstreams.due_probes(now) == [0]
-        upstreams.failed(0, now=now, reason="refused")
+        upstreams.failed(0, now=now, reason="refused", probe=True)
     assert gaps[0] == PROBE_BACKOFF_START
     assert gaps == sorted(gaps) and max(gaps) == PROBE_BACKOFF_MAX
 
@@ -51,3 +51,11 @@ def test_every_upstream_is_tried_when_all_are_down():
     for index in range(3):
         upstreams.failed(index, now=0.0, reason="no answer")
     assert upstreams.order() == [0, 1, 2]
+
+
+def test_queries_failing_on_a_down_upstream_do_not_push_its_probe_back():
+    upstreams = table(2)
+    upstreams.failed(0, now=10.0, reason="refused")
+    for _ in range(100):  # the queries that were under way when it died
+        upstreams.failed(0, now=10.0, reason="refused")
+    assert upstreams.due_probes(10.0 + PROBE_BACKOFF_START) == [0]

@@ -498,14 +498,14 @@ class Forwarder:
     def _failed(self, attempt: _Attempt, reason: str, mark_down: bool = True) -> None:
         self._complete(attempt)
         if mark_down:
-            self._mark_down(attempt.index, reason)
+            self._mark_down(attempt.index, reason, probe=attempt.forward is None)
         forward = attempt.forward
         if forward is not None:
             forward.errors.append(f"{self.upstreams[attempt.index]}: {reason}")
             self._next(forward)
 
-    def _mark_down(self, index: int, reason: str) -> None:
-        if self.table.failed(index, self.reactor.seconds(), reason):
+    def _mark_down(self, index: int, reason: str, probe: bool = False) -> None:
+        if self.table.failed(index, self.reactor.seconds(), reason, probe):
             log.warning("upstream resolver skipped until it answers again",
                         extra=fields(event="dns_upstream_down", upstream=str(self.upstreams[index]), reason=reason,
                                      upstreams=describe(self.upstreams, self.table)))
@@ -545,6 +545,6 @@ class Forwarder:
                 if self._sweeper is None:
                     self._sweeper = self.reactor.callLater(_SWEEP_INTERVAL, self._sweep)
             else:
-                self.table.failed(index, now, error)
+                self.table.failed(index, now, error, probe=True)
         if self.table.down():
             self._prober = self.reactor.callLater(_PROBE_TICK, self._probe_down)

@@ -66,10 +66,11 @@ class UpstreamTable:
         state.up, state.failures, state.backoff, state.last_error = True, 0, PROBE_BACKOFF_START, ""
         return recovered
 
-    def failed(self, index: int, now: float, reason: str) -> bool:
-        """A query timed out or was refused; the upstream is down until a probe says otherwise.
+    def failed(self, index: int, now: float, reason: str, probe: bool = False) -> bool:
+        """A query (or a ``probe``) timed out or was refused; the upstream is down until a probe says otherwise.
 
-        True when this took it down. A failed probe of a down upstream backs its next probe off.
+        True when this took it down. Only a failed probe backs the next probe off: the queries that were
+        under way when an upstream died fail too, and must not push its recovery further away.
         """
         state = self.states[index]
         state.failures += 1
@@ -79,8 +80,9 @@ class UpstreamTable:
             state.backoff = PROBE_BACKOFF_START
             state.next_probe = now + state.backoff
             return True
-        state.backoff = min(state.backoff * 2, PROBE_BACKOFF_MAX)
-        state.next_probe = now + state.backoff
+        if probe:
+            state.backoff = min(state.backoff * 2, PROBE_BACKOFF_MAX)
+            state.next_probe = now + state.backoff
         return False
 
     def due_probes(self, now: float) -> list[int]:
