@@ -10,7 +10,9 @@ as clients. Three nodes with static peers:
   also when B's first choice of peer is node C, which only knows that A holds it;
 - a request upstream refuses (no credentials) gets upstream's 401 and never reaches a peer;
 - a peer without the shared secret is refused, and its client is served from upstream;
-- bytes from a peer that fail verification cut the stream; the retry is served from upstream;
+- a cached file damaged on its holder is found before it is sent (a clean miss, served from upstream)
+  and dropped there; bytes from a peer that fail verification cut the stream, the retry is served from
+  upstream;
 - a peer that is down costs a refused connection, then upstream serves;
 - after every node restarts, the cache each one announces again is found.
 
@@ -28,6 +30,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +58,24 @@ pytestmark = [
 REPOSITORY = "team/app"
 USER, PASSWORD = "team", "s3cret-team-password"
 PEER_PORT = 5001
+
+
+# a peer that answers every blob request with 500,000 random bytes: right length, wrong content
+LYING_PEER = """
+import os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Liar(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "500000")
+        self.end_headers()
+        self.wfile.write(os.urandom(500000))
+    def log_message(self, *args):
+        pass
+server = HTTPServer((sys.argv[1], int(sys.argv[2])), Liar)
+print("listening", flush=True)
+server.serve_forever()
+"""
 
 
 def write_secret(path: Path, text: str) -> Path:
@@ -116,7 +137,7 @@ def sources(mirror: MirrorNode, digest: str) -> list[str]:
 
 def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> None:
     require_netns()
-    with Cluster() as cluster:
+    with Cluster(tmp_path / "cluster") as cluster:
         registry_ns = cluster.add("registry")
         pusher = cluster.add("pusher", hosts={ECR_HOST: registry_ns.address})
         nodes = [cluster.add(name) for name in ("node-a", "node-b", "node-c")]
@@ -224,7 +245,8 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert metric(node_a, "dnsmirror_peers_served_total") == served_before
                 assert metric(node_b, "dnsmirror_peers_lookups_total") == lookups_before
 
-                # bytes from a peer that do not match the digest: the stream is cut, the retry goes upstream
+                # a cached file damaged on its holder: the holder checks it before sending, drops it and
+                # answers 404, so node B's client is served from upstream without a break
                 third = os.urandom(500_000)
                 third_digest = registry.place_blob(REPOSITORY, [third])[0]
                 assert fetch(node_a, mirror_a, third_digest) == (200, third)
@@ -233,13 +255,15 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 cached = tmp_path / node_a.name / "cache" / "blobs" / "sha256" / hex_digest[:2] / hex_digest
                 cached.write_bytes(bytes(byte ^ 0xFF for byte in cached.read_bytes()))
                 gets_before = registry.count_requests("GET", registry.blob_path(REPOSITORY, third_digest))
-                status, body = fetch(node_b, mirror_b, third_digest)
-                assert (status, body) != (200, third), "a body that failed verification was served"
+                served_before = metric(node_a, "dnsmirror_peers_served_total")
                 assert fetch(node_b, mirror_b, third_digest) == (200, third)
                 assert registry.count_requests("GET", registry.blob_path(REPOSITORY, third_digest)) == gets_before + 1
-                assert wait_until(lambda: any(r.get("event") == "peer_failure" for r in mirror_b.log_records()), 5)
-                peer_errors = sum(metric(node_b, f'dnsmirror_peer_errors_total{{kind="{kind}"}}') for kind in PEER_KINDS)
-                assert peer_errors >= 1
+                assert sources(mirror_b, third_digest) == ["upstream"]
+                assert not cached.exists(), "the holder kept a file that failed its digest"
+                assert metric(node_a, "dnsmirror_peers_damaged_total") == 1
+                assert metric(node_a, "dnsmirror_peers_served_total") == served_before
+                assert wait_until(lambda: any(r.get("event") == "cache_failure" and r.get("kind") == "damaged"
+                                              for r in mirror_a.log_records()), 5)
 
                 # after a restart of every node, A's cache is announced again (in a batch), and found
                 sixth, sixth_digest = indexed_at_c(400_000)
@@ -269,6 +293,21 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert registry.count_requests("GET", registry.blob_path(REPOSITORY, fourth_digest)) == 2
                 assert metric(node_a, "dnsmirror_peers_refused_total") >= 1
                 assert sources(outsider, fourth_digest) == ["upstream"]
+
+            # bytes from a peer that do not match the digest (a peer that lies): the stream is cut, the
+            # retry goes upstream
+            third_again = os.urandom(500_000)
+            third_again_digest = registry.place_blob(REPOSITORY, [third_again])[0]
+            liar = node_a.start([sys.executable, "-c", LYING_PEER, node_a.address, str(PEER_PORT)], "lying-peer")
+            liar.wait_until(lambda: "listening" in liar.stdout(), "the lying peer listening", timeout=20)
+            with MirrorNode(node_b, tmp_path / "lied-to", dns, ca, peer_overrides(node_b, [node_a], secret)) as lied_to:
+                status, body = fetch(node_b, lied_to, third_again_digest)
+                assert (status, body) != (200, third_again), "a body that failed verification was served"
+                assert fetch(node_b, lied_to, third_again_digest) == (200, third_again)
+                assert wait_until(lambda: any(r.get("event") == "peer_failure" for r in lied_to.log_records()), 5)
+                peer_errors = sum(metric(node_b, f'dnsmirror_peer_errors_total{{kind="{kind}"}}') for kind in PEER_KINDS)
+                assert peer_errors >= 1
+            liar.stop(timeout=10)
 
             # a peer that is down: refused connection, then upstream
             fifth = os.urandom(200_000)
