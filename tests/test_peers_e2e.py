@@ -14,7 +14,8 @@ as clients. Three nodes with static peers:
   and dropped there; bytes from a peer that fail verification cut the stream, the retry is served from
   upstream;
 - a peer that is down costs a refused connection, then upstream serves;
-- after every node restarts, the cache each one announces again is found.
+- after every node restarts, the cache each one announces again is found, also when a node announces
+  before its peers are up (the refused announcement is sent again).
 
 Two nodes that find each other through ``peers.dns_name``:
 
@@ -271,9 +272,14 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert fetch(node_a, mirror_a, sixth_digest) == (200, sixth)
                 for mirror in mirrors:
                     mirror.stop()
-                for mirror in mirrors:
+                # node A comes back first and announces before its peers are up (as in a rolling restart):
+                # that announcement is refused, and sent again once they listen
+                mirror_a.start()
+                assert wait_until(lambda: any(r.get("event") == "announcement_failed" and r.get("retry")
+                                              for r in mirror_a.log_records()), 30)
+                for mirror in (mirror_b, mirror_c):
                     mirror.start()
-                assert wait_until(lambda: announced(sixth_digest), 20)
+                assert wait_until(lambda: announced(sixth_digest), 60)
                 assert fetch(node_b, mirror_b, sixth_digest) == (200, sixth)
                 assert registry.count_requests("GET", registry.blob_path(REPOSITORY, sixth_digest)) == 1
                 assert sources(mirror_b, sixth_digest) == ["peer"]
