@@ -523,20 +523,21 @@ def test_a_batch_announcement_a_starting_peer_missed_is_sent_again_a_bounded_num
     client.start_announcing(lambda: [DIGEST], lambda function, *args: defer.maybeDeferred(function, *args))
     clock.advance(FIRST_REANNOUNCE)
     assert [peer for peer, *_ in received] == [up]
-    clock.advance(5 + 10)  # two retries, still refused
+    clock.pump([1] * (5 + 10))  # two retries, still refused
+    assert client.stats.announcements_sent == 4
     listening.add(starting)
-    clock.advance(20)
+    clock.pump([1] * 20)
     assert [peer for peer, *_ in received] == [up, starting]
     peer, body, stamp = received[-1]
     assert body == DIGEST.encode() and stamp == int(clock.seconds())  # signed when sent, not when first tried
-    clock.advance(3600)
+    clock.pump([10] * 360)
     assert len(received) == 2  # answered: not sent again before the next round
 
     # a peer that never comes up is tried ANNOUNCE_ATTEMPTS times, then left to the next round
     listening.clear()
     attempts = client.stats.announcements_sent
     client.send_announcements({up: [DIGEST]})
-    clock.advance(3600)
+    clock.pump([1] * 3600)
     assert client.stats.announcements_sent - attempts == ANNOUNCE_ATTEMPTS
     client.stop_announcing()
     client.send_announcements({up: [DIGEST]})
