@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +22,7 @@ from dnsmirror.bypass import TlsBypass
 from dnsmirror.config import Config
 from dnsmirror.content import ContentChain, ContentStats
 from dnsmirror.dns import server as dnsserver
+from dnsmirror.dns.child import ChildSettings, DnsProcess, Readiness, bind_sockets
 from dnsmirror.dns.forwarder import Forwarder
 from dnsmirror.dns.packets import Responder
 from dnsmirror.dns.resolvconf import default_upstreams
@@ -103,7 +105,7 @@ class Services(service.MultiService):
     pull reporter, disk pool). ``start`` binds everything or raises :class:`ListenError`; ``stopService``
     fails open at once and drains (its Deferred fires when everything is closed); ``stop`` closes at once."""
 
-    def __init__(self, config: Config, reactor=None, web_site=None) -> None:
+    def __init__(self, config: Config, reactor=None, web_site=None, dns_process: bool = False) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -123,6 +125,12 @@ class Services(service.MultiService):
         self.responder.bypassed = self.tls_bypass.bypassed
         self.forwarder = Forwarder(reactor, self.upstreams, config.dns.timeout)
         self.dns = dnsserver.DnsController(self.responder, self.forwarder, config.dns.allow, self.dns_stats)
+        # serve runs the DNS in a process of its own (dnsmirror.dns.child); tests may keep it in-process
+        self.dns_process: DnsProcess | None = None
+        # what /readyz and dnsmirror_mirror_healthy follow: captured names resolve to the mirror
+        # what /readyz and mirror_healthy follow: the health state, or the DNS process's word on it
+        self.ready: HealthState | Readiness = self.health
+        self._dns_in_child = dns_process
         self.probe = ListenerProbe(reactor, self.health, config.health.targets or config.https.listen,
                                    config.health.interval,
                                    config.health.timeout, config.health.failures)
@@ -337,8 +345,12 @@ class Services(service.MultiService):
                     "Registries not captured now because their certificate failed verification",
                     lambda: self.tls_bypass.active,
                 ),
+                "dns_upstreams_down": (
+                    "Upstream resolvers skipped now (timed out or refused; probed until they answer)",
+                    self._upstreams_down,
+                ),
             },
-            self.health,
+            self.ready,
             counters={
                 "cache_evictions": (
                     "Blobs evicted since start",
@@ -378,16 +390,21 @@ class Services(service.MultiService):
         address = self.config.metrics.listen
         if address is None:
             return
-        site = metrics_site(collector, self.health)
+        site = metrics_site(collector, self.ready)
         # twisted.web declares Site.protocol as a function; any channel type is meant
         site.protocol = with_header_deadline(http.HTTPChannel)  # type: ignore[method-assign]
-        # Site's idle timeout is timeOut: this sets nothing (kept as it was until a change that means to)
-        site.timeout = HTTP_IDLE_TIMEOUT  # type: ignore[attr-defined]
+        # idle scrape connections are closed like the mirror's (twisted.web's attribute is timeOut)
+        site.timeOut = HTTP_IDLE_TIMEOUT
         self._listen_tcp("metrics", "metrics.listen", address, site)
 
     def _limiter_stat(self, name: str, stat: str) -> int:
         limiter = self.limiters.get(name)
         return getattr(limiter.stats, stat) if limiter is not None else 0
+
+    def _upstreams_down(self) -> int:
+        if self.dns_process is not None:
+            return self.dns_process.upstreams_down
+        return len(self.forwarder.table.down())
 
     def _on_health(self, healthy: bool) -> None:
         if self._health_heard:  # subscribe calls this once with the current state, which is not a change
@@ -396,6 +413,19 @@ class Services(service.MultiService):
         self.responder.capture_enabled = healthy
 
     def _listen_dns(self) -> None:
+        if self._dns_in_child:
+            def start_child() -> None:
+                self.dns_process = start_dns_process(self.reactor, self.config, self.upstreams, self.dns_stats,
+                                                     self.health, self.tls_bypass, self.responder)
+                self.ready = self.dns_process.readiness
+
+            def stop_child() -> None:
+                if self.dns_process is not None:
+                    self.dns_process.stop()
+
+            self._run("dns process", start_child, stop_child)
+            return
+        self._run("dns forwarder", lambda: None, self.forwarder.stop)
         for index, address in enumerate(self.config.dns.listen):
             ports: list = []
 
@@ -482,6 +512,44 @@ class Front:
     pulls: PullReporter
 
 
+def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, health: HealthState,
+                      tls_bypass: TlsBypass, responder: Responder) -> DnsProcess:
+    """Bind ``dns.listen`` here (errors name the key) and start the DNS process on those sockets."""
+    sockets: list[socket.socket] = []
+    try:
+        for index, address in enumerate(config.dns.listen):
+            try:
+                sockets += bind_sockets(address.host, address.port)
+            except OSError as exc:
+                text = exc.strerror or str(exc)
+                if exc.errno == 13:
+                    text += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+                raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): {text}") from exc
+    except ListenError:
+        for sock in sockets:
+            sock.close()
+        raise
+    health_cfg = config.health
+    settings = ChildSettings(
+        listen=[(a.host, a.port) for a in config.dns.listen], upstreams=[(u.host, u.port) for u in upstreams],
+        timeout=config.dns.timeout, allow=[str(n) for n in config.dns.allow], ttl=config.dns.ttl,
+        answer_cache_size=config.dns.answer_cache_size, address=config.mirror.address,
+        address6=config.mirror.address6, capture=list(config.capture), skip=list(config.skip),
+        log_format=config.log.format, log_level=config.log.level,
+        # the parent's word is stale after the probe could have declared the mirror down, and then some
+        stale_after=max(3 * health_cfg.interval, health_cfg.interval * health_cfg.failures + health_cfg.timeout) + 1,
+    )
+    process = DnsProcess(reactor, settings, sockets, stats, health, tls_bypass, health_cfg.interval)
+
+    def bypass_started() -> None:
+        responder.forget_answers()
+        process.tell()
+
+    tls_bypass.on_start = bypass_started
+    process.start()
+    return process
+
+
 def _reason(exc: error.CannotListenError) -> str:
     reason = exc.socketError
     text = getattr(reason, "strerror", None) or str(reason)
@@ -496,7 +564,7 @@ def serve(config: Config) -> int:
 
     logs.setup(config.log.format, config.log.level)
     raise_descriptor_limit()
-    services = Services(config, reactor)
+    services = Services(config, reactor, dns_process=config.dns.own_process)
     try:
         services.start()
     except camod.CaError as exc:

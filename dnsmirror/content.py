@@ -295,7 +295,8 @@ class ContentChain:
         failures.report("cache", "damaged", "cached file does not match its digest; dropped", host=target.upstream_host,
                         repository=target.repository, digest=target.digest)
 
-    async def _serve_stored(self, request, target: Target) -> bool:
+    async def _serve_stored(self, request, target: Target, source: str = "cache") -> bool:
+        """Serve a committed blob; ``source`` is where its bytes came from for this request (the access log's)."""
         reader = await self.disk.run(self.store.open_blob, target.digest)
         if reader is None:
             return False
@@ -310,8 +311,8 @@ class ContentChain:
             if manifest is None:
                 self._damaged(target)
                 return False
-            self.stats.cache_hits += 1
-            request.source = "cache"
+            self.stats.cache_hits += source == "cache"
+            request.source = source
             self._headers(request, target, info.content_type)
             self._range(request, target, len(manifest))
             if target.method == "GET":
@@ -326,8 +327,8 @@ class ContentChain:
                 self.disk.run(reader.close)
                 self._damaged(target)
                 return False
-        self.stats.cache_hits += 1
-        request.source = "cache"
+        self.stats.cache_hits += source == "cache"
+        request.source = source
         self._headers(request, target, info.content_type)
         span = self._range(request, target, info.size)
         if span is None or target.method == "HEAD":
@@ -388,7 +389,8 @@ class ContentChain:
             # the fill ended (renamed into the cache, or removed) before the open: a small blob's commit
             # can win that race, and its outcome reaches the reactor only after the rename
             await fill.settled()
-            if fill.info is not None and await self._serve_stored(request, target):
+            # still this fill's bytes (from upstream, a peer, containerd): not a cache hit
+            if fill.info is not None and await self._serve_stored(request, target, getattr(request, "source", "cache")):
                 return True
             log.info("blob gone before its reader opened it; looking again",
                      extra=fields(event="fill_gone", digest=target.digest, host=target.upstream_host))

@@ -12,7 +12,7 @@ import platform
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import fields, is_dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -21,9 +21,18 @@ from twisted.web import resource, server
 
 from dnsmirror import __version__
 from dnsmirror.failures import KINDS, FailureLog
-from dnsmirror.health import HealthState
 
 DNS_OUTCOMES = ("captured", "forwarded", "fail_open", "refused", "malformed", "servfail", "rejected")
+
+
+class Readiness(Protocol):
+    """What ``/readyz`` and ``dnsmirror_mirror_healthy`` read: the health state, or the DNS process's view."""
+
+    @property
+    def healthy(self) -> bool: ...
+
+    @property
+    def reason(self) -> str: ...
 
 
 METHODS = ("GET", "HEAD", "PUT", "POST", "PATCH", "DELETE")
@@ -119,6 +128,14 @@ def build_info() -> GaugeMetricFamily:
     return info
 
 
+# the DNS server's bounds at work (already counted in an outcome above, e.g. servfail)
+DNS_LIMIT_COUNTERS = {
+    "overloaded": "Forwarded queries answered SERVFAIL without asking upstream: too many forwards in flight",
+    "tcp_refused": "TCP DNS connections closed at once: too many in all or from one client address",
+    "tcp_timeouts": "TCP DNS connections closed because a query did not arrive whole in time",
+}
+
+
 class StatsCollector:
     """Turns the services' counter dataclasses into metric families at scrape time.
 
@@ -128,7 +145,7 @@ class StatsCollector:
     """
 
     def __init__(self, dns_stats: Callable[[], Any], sources: dict[str, Callable[[], object]],
-                 gauges: dict[str, tuple[str, Callable[[], float]]], health: HealthState,
+                 gauges: dict[str, tuple[str, Callable[[], float]]], health: Readiness,
                  counters: dict[str, tuple[str, Callable[[], float]]] | None = None,
                  http: Callable[[], HttpMetrics | None] | None = None,
                  failure_log: FailureLog | None = None, extra: Iterable[Callable[[], Iterable]] = ()) -> None:
@@ -157,6 +174,8 @@ class StatsCollector:
         for outcome in DNS_OUTCOMES:
             queries.add_metric([outcome], getattr(dns, outcome))
         yield queries
+        for name, description in DNS_LIMIT_COUNTERS.items():
+            yield CounterMetricFamily(f"dnsmirror_dns_{name}", description, value=getattr(dns, name, 0))
         yield CounterMetricFamily("dnsmirror_health_changes", "Changes between capturing and failing open",
                                   value=dns.health_changes)
         yield GaugeMetricFamily("dnsmirror_mirror_healthy", "1 while captured names resolve to this mirror",
@@ -191,7 +210,7 @@ class _Metrics(resource.Resource):
 class _Health(resource.Resource):
     isLeaf = True
 
-    def __init__(self, health: HealthState | None) -> None:
+    def __init__(self, health: Readiness | None) -> None:
         super().__init__()
         self.health = health
 
@@ -203,7 +222,7 @@ class _Health(resource.Resource):
         return f"not ready: {self.health.reason}\n".encode()
 
 
-def metrics_site(collector: StatsCollector, health: HealthState) -> server.Site:
+def metrics_site(collector: StatsCollector, health: Readiness) -> server.Site:
     """The twisted.web site of the metrics listener."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)

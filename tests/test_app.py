@@ -61,7 +61,8 @@ def test_every_listener_and_task_is_a_child_service(ca_dir):
     services = _services(ca_dir, Reactor(), metrics={"listen": "127.0.0.1:9100"})
     services.start()
     names = [child.name for child in services]
-    assert names == ["dns listener 0", "https listener", "CA watcher", "metrics listener", "health probe"]
+    assert names == ["dns forwarder", "dns listener 0", "https listener", "CA watcher", "metrics listener",
+                     "health probe"]
     assert all(child.running for child in services)
     services.stop()
     assert not any(child.running for child in services)
