@@ -15,7 +15,8 @@ import json
 import os
 
 import pytest
-from test_content import BlobRequest, ManualDisk, OneBlobUpstream, _Response
+from fakes import BlobResponse as _Response
+from fakes import FakeRequest, ManualDisk, OneBlobUpstream
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
 
@@ -132,14 +133,6 @@ class RecordingPassThrough:
         request.finish()
 
 
-class Request(BlobRequest):
-    method = b"GET"
-
-    @property
-    def startedWriting(self):  # noqa: N802 - twisted.web's name
-        return bool(self.written)
-
-
 class WholePeer:
     """A peer node that holds ``body`` and sends it whole; counts the lookups."""
 
@@ -188,8 +181,8 @@ def chain_with(store: Store, upstream, passthrough=None, peers=None) -> tuple[Co
     return chain, disk, grants
 
 
-def serve(chain: ContentChain, disk: ManualDisk, request_target: Target) -> tuple[Request, defer.Deferred]:
-    request = Request()
+def serve(chain: ContentChain, disk: ManualDisk, request_target: Target) -> tuple[FakeRequest, defer.Deferred]:
+    request = FakeRequest()
     served = defer.ensureDeferred(chain.serve(request, request_target))
     disk.drain()
     return request, served
@@ -351,18 +344,6 @@ class TagUpstream:
         return defer.succeed(_TagResponse(self.body))
 
 
-class TagRequest(Request):
-    content = None
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.responseHeaders = Headers()  # noqa: N815 - twisted.web's name
-
-    @property
-    def requestHeaders(self):  # noqa: N802
-        return Headers({b"accept": [oci.OCI_MANIFEST.encode(), oci.OCI_INDEX.encode()]})
-
-
 @pytest.mark.parametrize("field", REFERENCE_FIELDS)
 def test_a_manifest_by_tag_grants_its_own_digest_and_nothing_it_names(store, field):
     manifest = naming(field)
@@ -372,7 +353,7 @@ def test_a_manifest_by_tag_grants_its_own_digest_and_nothing_it_names(store, fie
     uri = f"/v2/{REPO_B}/manifests/v1".encode()
     tag_target = Target(host=HOST, upstream_host=HOST, uri=uri, method="GET", path=oci.parse_path(uri),
                         credential=TEAM_B, authorization=[b"Bearer x"])
-    request = TagRequest()
+    request = FakeRequest({b"accept": [oci.OCI_MANIFEST.encode(), oci.OCI_INDEX.encode()]})
     defer.ensureDeferred(passthrough.forward(request, tag_target))
     disk.drain()
     assert request.finished and request.body == manifest

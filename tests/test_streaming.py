@@ -6,81 +6,13 @@ import hashlib
 import os
 
 import pytest
-from twisted.internet import defer, task
+from fakes import FakeRequest, FakeTransport, InlineDisk
+from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from dnsmirror.store import DigestMismatch, Store
-from dnsmirror.streaming import READER_LAG_HIGH, READER_STALL, BlobStreamer, DiskIO, Fill, VerifiedRelay
-
-
-class InlineDisk(DiskIO):
-    """Runs disk calls at once on the calling thread, so tests need no reactor."""
-
-    def __init__(self, store):
-        self.store = store
-        self.reactor = task.Clock()  # the fill's pacing timers; advanced by hand
-
-    def run(self, function, *args, **kwargs):
-        return defer.maybeDeferred(function, *args, **kwargs)
-
-
-class FakeTransport:
-    def __init__(self):
-        self.aborted = False
-        self.paused = 0
-        self.resumed = 0
-        self.stopped = False
-
-    def abortConnection(self):
-        self.aborted = True
-
-    def pauseProducing(self):
-        self.paused += 1
-
-    def resumeProducing(self):
-        self.resumed += 1
-
-    def stopProducing(self):
-        self.stopped = True
-
-
-class FakeChannel:
-    def __init__(self):
-        self.transport = FakeTransport()
-
-
-class FakeRequest:
-    """Enough of twisted.web's Request for a push producer: writes, finish, producer, channel."""
-
-    def __init__(self):
-        self.written: list[bytes] = []
-        self.finished = False
-        self.producer = None
-        self.channel = FakeChannel()
-        self.transport = self.channel.transport
-        self._finish = defer.Deferred()
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.written)
-
-    def write(self, data):
-        assert not self.finished
-        self.written.append(data)
-
-    def finish(self):
-        self.finished = True
-
-    def registerProducer(self, producer, streaming):
-        assert streaming
-        self.producer = producer
-
-    def unregisterProducer(self):
-        self.producer = None
-
-    def notifyFinish(self):
-        return self._finish
+from dnsmirror.streaming import READER_LAG_HIGH, READER_STALL, BlobStreamer, Fill, VerifiedRelay
 
 
 def sha(data: bytes) -> str:
