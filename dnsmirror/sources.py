@@ -164,7 +164,7 @@ class ContainerdSource:
             chain.close_slot(slot, None)
             chain.disk.run(reader.close)
             return NotHere("the cache cannot take it")
-        fill = Fill(chain.disk, writer, target.digest, reader.size, "application/octet-stream")
+        fill = Fill(chain.disk, writer, target.digest, reader.size, "application/octet-stream", clock=chain.reactor)
         chain.close_slot(slot, fill)
         chain.stats.containerd_hits += 1
         chain.fill_started(target, slot, fill)
@@ -215,7 +215,8 @@ class PeerSource:
         chain.stats.peer_fills += 1
         slot = chain.slots[target.digest]
         slot.source, slot.peer = self.name, peer
-        fill = Fill(chain.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
+        fill = Fill(chain.disk, writer, target.digest, response.length, content_type.decode("latin-1"),
+                    clock=chain.reactor)
         headers = upstream_headers(request, target)
 
         def broke(reason: str) -> None:
@@ -311,7 +312,8 @@ class UpstreamSource:
                 await response.discard(0)
                 return PassOn()
             return Uncached(response, content_type.decode("latin-1"))
-        fill = Fill(chain.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
+        fill = Fill(chain.disk, writer, target.digest, response.length, content_type.decode("latin-1"),
+                    clock=chain.reactor)
         response.deliver_body(fill.body_protocol())
         return FromFill(fill, chain.slots[target.digest].source)
 

@@ -67,8 +67,19 @@ class ManualDisk(DiskIO):
         raise AssertionError("disk calls did not settle")
 
 
+class _TLSHandle:
+    def __init__(self, sni: str | None) -> None:
+        self.sni = sni
+
+    def get_servername(self):
+        return self.sni.encode() if self.sni else None
+
+
 class FakeTransport:
-    def __init__(self):
+    """A connection's transport: records aborts and producer calls; ``sni`` is its TLS server name."""
+
+    def __init__(self, sni: str | None = None):
+        self.handle = _TLSHandle(sni)
         self.aborted = False
         self.paused = 0
         self.resumed = 0
@@ -86,27 +97,32 @@ class FakeTransport:
     def stopProducing(self):
         self.stopped = True
 
+    def getHandle(self):
+        return self.handle
+
 
 class FakeChannel:
-    def __init__(self):
-        self.transport = FakeTransport()
+    def __init__(self, sni: str | None = None):
+        self.transport = FakeTransport(sni)
 
 
 class FakeRequest:
     """Enough of twisted.web's Request for the content path: status, headers, writes, finish, a producer,
     a channel; ``headers`` are the request's own (a Range, an Accept)."""
 
-    method = b"GET"
     content = None
     # the fields dnsmirror's own request type (uploads.StreamingRequest) declares
     early_answer = None
     early_response = None
 
-    def __init__(self, headers: dict[bytes, bytes | list[bytes]] | None = None) -> None:
+    def __init__(self, headers: dict[bytes, bytes | list[bytes]] | None = None, *, uri: bytes = b"/",
+                 method: bytes = b"GET", sni: str | None = None) -> None:
+        self.uri = uri
+        self.method = method
         self.written: list[bytes] = []
         self.finished = False
         self.producer = None
-        self.channel = FakeChannel()
+        self.channel = FakeChannel(sni)
         self.transport = self.channel.transport
         self._finish = defer.Deferred()
         self.requestHeaders = Headers({name: value if isinstance(value, list) else [value]

@@ -6,11 +6,12 @@ import hashlib
 import os
 
 import pytest
-from fakes import FakeRequest, ManualDisk, OneBlobUpstream
+from fakes import BlobResponse, FakeRequest, ManualDisk, OneBlobUpstream
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 
 from dnsmirror import oci
 from dnsmirror.authz import ANONYMOUS, Grants
@@ -175,3 +176,110 @@ def test_the_cache_source_answers_an_outcome_and_writes_nothing(store):
     defer.ensureDeferred(chain.cache.resolve(missing, target_of(sha(b"absent")))).addCallback(found.append)
     disk.drain()
     assert isinstance(found[2], NotHere) and missing.written == []
+
+
+# --- the chain's promises, in-process ------------------------------------------------------------------
+
+
+def pump(disk: ManualDisk, requests: list[FakeRequest], served: list[defer.Deferred], rounds: int = 50) -> None:
+    """Run queued disk calls and let paused streamers go on until every request was served."""
+    for _ in range(rounds):
+        disk.drain()
+        for request in requests:
+            if request.producer is not None:
+                request.producer.resumeProducing()
+        if all(d.called for d in served):
+            return
+
+
+class SplitResponse(BlobResponse):
+    """Upstream's 200 whose body arrives in two parts: all but the last ``tail`` bytes, then the rest on ``finish()``."""
+
+    def __init__(self, body: bytes, tail: int) -> None:
+        super().__init__(body)
+        self.tail, self.protocol = tail, None
+
+    def deliver_body(self, protocol) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(None)
+        protocol.dataReceived(self.body[:-self.tail])
+
+    def finish(self) -> None:
+        self.protocol.dataReceived(self.body[-self.tail:])
+        self.protocol.connectionLost(Failure(ResponseDone()))
+
+
+class SplitUpstream(CountingUpstream):
+    def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
+        self.gets += method == "GET"
+        self.response = SplitResponse(self.body, 1000)
+        return defer.succeed(self.response)
+
+
+def test_wrong_bytes_from_upstream_cut_every_reader_before_its_last_byte_and_nothing_is_cached(store):
+    data = os.urandom(200_000)
+    claimed = sha(b"what the client asked for")
+    disk = ManualDisk(store)
+    upstream = SplitUpstream(data)
+    grants = Grants(300, 86400)
+    grants.grant(ANONYMOUS, HOST, "team/app", [claimed], disk.reactor.seconds())
+    chain = ContentChain(disk.reactor, disk, upstream, grants, RecordingPassThrough())
+    requests = [FakeRequest() for _ in range(2)]
+    served = [defer.ensureDeferred(chain.serve(request, target_of(claimed))) for request in requests]
+    pump(disk, requests, served, rounds=5)
+    assert all(request.producer is not None for request in requests)  # both stream the growing fill
+    upstream.response.finish()
+    pump(disk, requests, served)
+    assert all(d.called for d in served)
+    assert upstream.gets == 1 and chain.stats.digest_mismatches == 1 and claimed not in store
+    assert all(request.channel.transport.aborted and 0 < len(request.body) < len(data) for request in requests)
+
+
+def test_a_range_joining_a_running_fill_gets_its_bytes_from_the_growing_file(store):
+    data = os.urandom(300_000)
+    chain, disk, upstream = chain_of(store, data)
+    whole, ranged = FakeRequest(), FakeRequest({b"range": b"bytes=1000-1999"})
+    served = [defer.ensureDeferred(chain.serve(whole, target_of(sha(data))))]
+    disk.step("writer")  # the cache file is created as upstream answers: the fill runs, not yet committed
+    assert sha(data) in chain.slots
+    served.append(defer.ensureDeferred(chain.serve(ranged, target_of(sha(data)))))
+    pump(disk, [whole, ranged], served)
+    assert upstream.gets == 1 and chain.stats.fills_joined == 1
+    assert ranged.code == 206 and ranged.body == data[1000:2000]
+    assert ranged.headers[b"content-range"] == f"bytes 1000-1999/{len(data)}".encode()
+    assert whole.body == data and sha(data) in store
+
+
+class RefusingUpstream(CountingUpstream):
+    """Answers HEAD (an access check) with ``status``; GETs with the blob."""
+
+    def __init__(self, body: bytes, status: int) -> None:
+        super().__init__(body)
+        self.status, self.heads = status, 0
+
+    def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
+        if method == "HEAD":
+            self.heads += 1
+            response = BlobResponse(b"")
+            response.code = self.status
+            return defer.succeed(response)
+        return super().request(method, url, headers, body_producer, follow_redirects=follow_redirects)
+
+
+@pytest.mark.parametrize(("status", "answer"), [(403, 403), (401, 403), (404, 403), (503, 502)])
+def test_cached_bytes_reach_only_a_credential_upstream_allows(store, status, answer):
+    data = os.urandom(5000)
+    writer = store.writer(sha(data))
+    writer.write(data)
+    writer.commit()
+    disk = ManualDisk(store)
+    upstream = RefusingUpstream(data, status)
+    chain = ContentChain(disk.reactor, disk, upstream, Grants(300, 86400), RecordingPassThrough())
+    request = FakeRequest()
+    other_team = Target(host=HOST, upstream_host=HOST, uri=target_of(sha(data)).uri, method="GET",
+                        path=target_of(sha(data)).path, credential="sha256:team-b", authorization=[b"Bearer b"])
+    served = defer.ensureDeferred(chain.serve(request, other_team))
+    pump(disk, [request], [served])
+    assert served.called and upstream.heads == 1 and upstream.gets == 0
+    assert request.code == answer and data not in request.body  # refused (passed on) or unavailable: never the bytes
+    assert bool(chain.passthrough.forwarded) == (answer == 403)

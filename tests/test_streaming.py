@@ -7,7 +7,7 @@ import os
 
 import pytest
 from fakes import FakeRequest, FakeTransport, InlineDisk
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
@@ -480,3 +480,20 @@ def test_a_whole_cached_blob_is_hashed_as_it_streams_and_its_last_bytes_wait_for
             assert outcome == ["ok"] and request.finished and request.body == data and done.result is True
     with pytest.raises(ValueError):
         BlobStreamer(InlineDisk(store), FakeRequest(), 0, 10, len(data), verify="00")
+
+
+def test_a_fill_paces_on_the_clock_it_is_given_not_the_disk_pools(store):
+    data = os.urandom(8 * 1024 * 1024)
+    disk, clock = InlineDisk(store), task.Clock()
+    fill = Fill(disk, store.writer(sha(data), expected_size=len(data)), sha(data), len(data), None, clock=clock)
+    protocol = fill.body_protocol()
+    upstream = FakeTransport()
+    protocol.makeConnection(upstream)
+    streamer, _ = stream(disk, FakeRequest(), fill, len(data))
+    streamer.pauseProducing()
+    feed(protocol, data, 0, READER_LAG_HIGH)
+    assert upstream.paused == 1
+    disk.reactor.advance(READER_STALL)
+    assert upstream.resumed == 0  # the disk pool's clock is not the fill's
+    clock.advance(READER_STALL)
+    assert upstream.resumed == 1
