@@ -168,11 +168,7 @@ class Responder:
             return True
         streamer = BlobStreamer(self.disk, request, fd, span[0], span[1], fill=fill,
                                 on_close=lambda: self.disk.run(os.close, fd))
-        fill.waiters += 1
-        try:
-            sent = await streamer.start()
-        finally:
-            fill.waiters -= 1
+        sent = await streamer.start()
         if sent and span[1] is not None:
             self.stats.bytes_served += span[1] - span[0]
         return True

@@ -124,12 +124,16 @@ class Fill:
         self._stall_timer = None
         self._waiters: list[defer.Deferred] = []
         self.info: BlobInfo | None = None
-        self.waiters = 0
         #: The disk failed under this fill: it streams on from memory and will not be cached.
         self.uncached = False
         self._streams: set[BlobStreamer] = set()  # every reader (ranges too): what memory must keep
         self._memory_paused = False
         self._memory_timer = None
+
+    @property
+    def upstream_paused(self) -> bool:
+        """Whether upstream's body is paused now (a second source of the same body starts paused too)."""
+        return self._upstream_paused
 
     @property
     def finished(self) -> bool:
@@ -517,7 +521,7 @@ class _Continuation:
 
     def makeConnection(self, transport) -> None:
         self.inner.makeConnection(transport)
-        if self.fill._upstream_paused:
+        if self.fill.upstream_paused:
             transport.pauseProducing()
 
     def dataReceived(self, data: bytes) -> None:
