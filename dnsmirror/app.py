@@ -17,6 +17,7 @@ from dnsmirror.bypass import TlsBypass
 from dnsmirror.config import Config
 from dnsmirror.content import ContentChain, ContentStats
 from dnsmirror.dns import server as dnsserver
+from dnsmirror.dns.child import ChildSettings, DnsProcess, bind_sockets
 from dnsmirror.dns.forwarder import Forwarder
 from dnsmirror.dns.packets import Responder
 from dnsmirror.dns.resolvconf import default_upstreams
@@ -68,7 +69,7 @@ class ListenError(Exception):
 class Services:
     """All listeners of one dnsmirror process. ``start`` binds everything or raises :class:`ListenError`."""
 
-    def __init__(self, config: Config, reactor=None, web_site=None) -> None:
+    def __init__(self, config: Config, reactor=None, web_site=None, dns_process: bool = False) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
@@ -85,6 +86,11 @@ class Services:
         self.responder.bypassed = self.tls_bypass.bypassed
         self.forwarder = Forwarder(reactor, self.upstreams, config.dns.timeout)
         self.dns = dnsserver.DnsController(self.responder, self.forwarder, config.dns.allow, self.dns_stats)
+        # serve runs the DNS in a process of its own (dnsmirror.dns.child); tests may keep it in-process
+        self.dns_process: DnsProcess | None = None
+        # what /readyz and dnsmirror_mirror_healthy follow: captured names resolve to the mirror
+        self.ready = self.health
+        self._dns_in_child = dns_process
         self.probe = ListenerProbe(reactor, self.health, config.health.targets or config.https.listen,
                                    config.health.interval,
                                    config.health.timeout, config.health.failures)
@@ -223,8 +229,10 @@ class Services:
                 "cache_blobs": ("Blobs in the cache", lambda: self.store.blob_count if self.store else 0),
                 "tls_bypassed_registries": ("Registries not captured now because their certificate failed "
                                             "verification", lambda: self.tls_bypass.active),
+                "dns_upstreams_down": ("Upstream resolvers skipped now (timed out or refused; probed until they "
+                                       "answer)", self._upstreams_down),
             },
-            self.health,
+            self.ready,
             counters={
                 "cache_evictions": ("Blobs evicted since start", lambda: self.store.evictions if self.store else 0),
                 "stale_tag_answers": ("Tags answered from the last known digest while upstream was unreachable",
@@ -248,7 +256,7 @@ class Services:
         address = self.config.metrics.listen
         if address is None:
             return
-        site = metrics_site(collector, self.health)
+        site = metrics_site(collector, self.ready)
         site.protocol = with_header_deadline(http.HTTPChannel)
         site.timeout = HTTP_IDLE_TIMEOUT
         try:
@@ -260,6 +268,11 @@ class Services:
     def _limiter_stat(self, name: str, stat: str) -> int:
         limiter = self.limiters.get(name)
         return getattr(limiter.stats, stat) if limiter is not None else 0
+
+    def _upstreams_down(self) -> int:
+        if self.dns_process is not None:
+            return self.dns_process.upstreams_down
+        return len(self.forwarder.table.down())
 
     def _on_health(self, healthy: bool) -> None:
         if self._health_heard:  # subscribe calls this once with the current state, which is not a change
@@ -273,7 +286,11 @@ class Services:
         # DNS-only mode (https.listen: []) serves no TLS, so it needs no CA
         signing = self._load_ca() if self.config.https.listen else None
         try:
-            for index, address in enumerate(self.config.dns.listen):
+            if self._dns_in_child:
+                self.dns_process = start_dns_process(self.reactor, self.config, self.upstreams, self.dns_stats,
+                                                     self.health, self.tls_bypass, self.responder)
+                self.ready = self.dns_process.readiness
+            for index, address in enumerate(() if self._dns_in_child else self.config.dns.listen):
                 try:
                     self.ports += dnsserver.listen(self.reactor, self.dns, address.host, address.port)
                 except error.CannotListenError as exc:
@@ -332,6 +349,43 @@ class Services:
         for port in self.ports:
             port.stopListening()
         self.ports = []
+        self.forwarder.stop()
+        if self.dns_process is not None:
+            self.dns_process.stop()
+            self.dns_process = None
+
+
+def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, health: HealthState,
+                      tls_bypass: TlsBypass, responder: Responder) -> DnsProcess:
+    """Bind ``dns.listen`` here (errors name the key) and start the DNS process on those sockets."""
+    sockets = []
+    try:
+        for index, address in enumerate(config.dns.listen):
+            try:
+                sockets += bind_sockets(address.host, address.port)
+            except OSError as exc:
+                text = exc.strerror or str(exc)
+                if exc.errno == 13:
+                    text += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+                raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): {text}") from exc
+    except ListenError:
+        for sock in sockets:
+            sock.close()
+        raise
+    health_cfg = config.health
+    settings = ChildSettings(
+        listen=[(a.host, a.port) for a in config.dns.listen], upstreams=[(u.host, u.port) for u in upstreams],
+        timeout=config.dns.timeout, allow=[str(n) for n in config.dns.allow], ttl=config.dns.ttl,
+        answer_cache_size=config.dns.answer_cache_size, address=config.mirror.address,
+        address6=config.mirror.address6, capture=list(config.capture), skip=list(config.skip),
+        log_format=config.log.format, log_level=config.log.level,
+        # the parent's word is stale after the probe could have declared the mirror down, and then some
+        stale_after=max(3 * health_cfg.interval, health_cfg.interval * health_cfg.failures + health_cfg.timeout) + 1,
+    )
+    process = DnsProcess(reactor, settings, sockets, stats, health, tls_bypass, health_cfg.interval)
+    tls_bypass.on_start = lambda: (responder.forget_answers(), process.tell())
+    process.start()
+    return process
 
 
 def _reason(exc: error.CannotListenError) -> str:
@@ -348,7 +402,7 @@ def serve(config: Config) -> int:
 
     logs.setup(config.log.format, config.log.level)
     raise_descriptor_limit()
-    services = Services(config, reactor)
+    services = Services(config, reactor, dns_process=config.dns.own_process)
     try:
         services.start()
     except camod.CaError as exc:

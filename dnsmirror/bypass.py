@@ -66,6 +66,11 @@ class TlsBypass:
         until = self._until.get(oci.upstream_host(name))
         return until is not None and until > self.clock.seconds()
 
+    def remaining(self) -> dict[str, float]:
+        """Seconds left of each bypass in force (for the DNS process, which keeps its own clock)."""
+        now = self.clock.seconds()
+        return {host: until - now for host, until in self._until.items() if until > now}
+
     @property
     def active(self) -> int:
         """How many registries are bypassed now."""

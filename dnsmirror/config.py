@@ -76,6 +76,7 @@ class DnsConfig:
     timeout: float
     allow: tuple[IPNetwork, ...]
     answer_cache_size: int
+    own_process: bool = True
 
 
 @dataclass(frozen=True)
@@ -473,6 +474,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
         "timeout": parse_duration,
         "allow": _list_of(_network),
         "answer_cache_size": _int_range(1, 10_000_000),
+        "own_process": _boolean,
     }),
     "health": (HealthConfig, {
         "interval": parse_duration,
@@ -626,6 +628,25 @@ def _parse_list(path: str, value: Any, item: Callable[[Any], Any], problems: lis
     return out
 
 
+MAX_DNS_UPSTREAMS = 6
+
+
+def upstream_problems(upstreams: tuple[HostPort, ...]) -> list[tuple[str, str]]:
+    """What is wrong with ``dns.upstreams``: a resolver named twice, or more than the forwarder tries."""
+    problems = []
+    if len(upstreams) > MAX_DNS_UPSTREAMS:
+        problems.append(("dns.upstreams", f"lists {len(upstreams)} resolvers; at most {MAX_DNS_UPSTREAMS} "
+                                          "(each dead one may cost a query one timeout)"))
+    seen: dict[tuple[str, int], int] = {}
+    for index, upstream in enumerate(upstreams):
+        key = (ipaddress.ip_address(upstream.host).compressed, upstream.port)
+        if key in seen:
+            problems.append((f"dns.upstreams[{index}]", f"{upstream} is already dns.upstreams[{seen[key]}]"))
+        else:
+            seen[key] = index
+    return problems
+
+
 def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> None:
     def reported(prefix: str) -> bool:
         return any(path == prefix or path.startswith(prefix + "[") for path, _ in problems)
@@ -636,6 +657,8 @@ def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> 
     dns = built.get("dns")
     if dns is not None and not dns.listen and not reported("dns.listen"):
         problems.append(("dns.listen", "needs at least one address"))
+    if dns is not None:
+        problems.extend(upstream_problems(dns.upstreams))
     https = built.get("https")
     health = built.get("health")
     if (https is not None and health is not None and not https.listen and not health.targets

@@ -114,6 +114,14 @@ def build_info() -> GaugeMetricFamily:
     return info
 
 
+# the DNS server's bounds at work (already counted in an outcome above, e.g. servfail)
+DNS_LIMIT_COUNTERS = {
+    "overloaded": "Forwarded queries answered SERVFAIL without asking upstream: too many forwards in flight",
+    "tcp_refused": "TCP DNS connections closed at once: too many in all or from one client address",
+    "tcp_timeouts": "TCP DNS connections closed because a query did not arrive whole in time",
+}
+
+
 class StatsCollector:
     """Turns the services' counter dataclasses into metric families at scrape time.
 
@@ -152,6 +160,8 @@ class StatsCollector:
         for outcome in DNS_OUTCOMES:
             queries.add_metric([outcome], getattr(dns, outcome))
         yield queries
+        for name, description in DNS_LIMIT_COUNTERS.items():
+            yield CounterMetricFamily(f"dnsmirror_dns_{name}", description, value=getattr(dns, name, 0))
         yield CounterMetricFamily("dnsmirror_health_changes", "Changes between capturing and failing open",
                                   value=dns.health_changes)
         yield GaugeMetricFamily("dnsmirror_mirror_healthy", "1 while captured names resolve to this mirror",

@@ -41,6 +41,7 @@ from dnsmirror import failures
 from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields
 from dnsmirror.periodic import Periodic
+from dnsmirror.store import digest_hex
 from dnsmirror.streaming import BlobStreamer, DiskIO, Fill
 from dnsmirror.upstream import UpstreamResponse
 
@@ -67,6 +68,13 @@ MAX_BODY = MAX_BATCH * 72  # bytes of a batch announcement's body (71-character 
 # outlive HOLDERS_TTL and restarts of the nodes that keep them
 REANNOUNCE_INTERVAL = HOLDERS_TTL / 2
 FIRST_REANNOUNCE = 5.0
+# a batch announcement that got no answer (peers starting together, one restarting) is sent again after
+# 5, 10, 20 and 40 s: a peer that comes up within a minute or so still learns this node's cache
+ANNOUNCE_RETRY = 5.0
+ANNOUNCE_ATTEMPTS = 5
+# a cached blob up to this size that this process has not verified yet is hashed whole before it is sent to
+# a peer (as for local clients); a larger one is hashed as it streams, its last bytes held back
+VERIFY_BEFORE_SENDING = 16 * 1024 * 1024
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -188,6 +196,7 @@ class PeerStats:
     served: int = 0             # blobs this node sent to peers
     served_while_filling: int = 0  # of those, sent from a fill still under way
     refused: int = 0            # peer requests without a valid signature
+    damaged: int = 0            # cached files found damaged when a peer asked for them (dropped, not sent)
     announcements_sent: int = 0
     announcements_received: int = 0
 
@@ -277,6 +286,7 @@ class PeerClient:
         self.pool.cachedConnectionTimeout = 30
         self.agent = Agent(reactor, connectTimeout=timeout, pool=self.pool)
         self._announcing: Periodic | None = None
+        self._retries: set = set()  # delayed calls sending a failed batch announcement again
 
     def close(self) -> defer.Deferred:
         return self.pool.closeCachedConnections()
@@ -365,21 +375,40 @@ class PeerClient:
 
     def send_announcements(self, per_peer: dict[HostPort, list[str]]) -> int:
         """Tell each peer the digests it is a first peer of (:func:`group_by_first_peers`), one request
-        per :data:`MAX_BATCH` digests; returns how many requests were sent."""
+        per :data:`MAX_BATCH` digests; returns how many requests were sent. A request that gets no answer
+        (the peer is starting too, or restarting) is sent again later, :data:`ANNOUNCE_ATTEMPTS` times at most."""
         sent = 0
         for peer, held in per_peer.items():
             for start in range(0, len(held), MAX_BATCH):
-                body = "\n".join(held[start:start + MAX_BATCH]).encode()
-                url = f"http://{peer}{BATCH_PATH}"
-                headers = self._headers("POST", _body_digest(body))
-                request = self.agent.request(b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(body)))
-                request.addTimeout(max(self.timeout, 10.0), self.reactor)
-                request.addCallback(self._discard, url, "POST")
-                request.addErrback(lambda failure, peer=peer: log.info(
-                    "announcing this node's cache to %s failed: %s", peer, failure.getErrorMessage()))
+                self._send_batch(peer, "\n".join(held[start:start + MAX_BATCH]).encode(), 1)
                 sent += 1
-        self.stats.announcements_sent += sent
         return sent
+
+    def _send_batch(self, peer: HostPort, body: bytes, attempt: int) -> None:
+        url = f"http://{peer}{BATCH_PATH}"
+        headers = self._headers("POST", _body_digest(body))  # signed anew: a retry carries a fresh time
+        request = self.agent.request(b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(body)))
+        request.addTimeout(max(self.timeout, 10.0), self.reactor)
+        request.addCallback(self._discard, url, "POST")
+        request.addErrback(self._batch_failed, peer, body, attempt)
+        self.stats.announcements_sent += 1
+
+    def _batch_failed(self, failure, peer: HostPort, body: bytes, attempt: int) -> None:
+        retry = attempt < ANNOUNCE_ATTEMPTS and self._announcing is not None and peer in self.peers.members()
+        log.info("announcing this node's cache to %s failed (attempt %d)%s: %s", peer, attempt,
+                 "; trying again" if retry else "", failure.getErrorMessage(),
+                 extra=fields(event="announcement_failed", host=str(peer), attempt=attempt, retry=retry))
+        if not retry:
+            return
+        delay = ANNOUNCE_RETRY * 2 ** (attempt - 1)
+
+        def again() -> None:
+            self._retries.discard(call)
+            if self._announcing is not None:
+                self._send_batch(peer, body, attempt + 1)
+
+        call = self.reactor.callLater(delay, again)
+        self._retries.add(call)
 
     def start_announcing(self, cached: Callable[[], Sequence[str]],
                          in_thread: Callable[..., defer.Deferred]) -> None:
@@ -404,6 +433,11 @@ class PeerClient:
     def stop_announcing(self) -> None:
         if self._announcing is not None:
             self._announcing.stop()
+            self._announcing = None
+        for call in self._retries:
+            if call.active():
+                call.cancel()
+        self._retries.clear()
 
 
 def group_by_first_peers(digests: Iterable[str], members: Sequence[HostPort],
@@ -518,6 +552,14 @@ class PeerResource(resource.Resource):
             request.finish()
             return
         info = reader.info
+        if request.method == b"GET" and not reader.verified and info.size <= VERIFY_BEFORE_SENDING:
+            # small: hashed whole before a byte is sent, so a damaged copy is a clean miss for the asker
+            if not await self.disk.run(store.verify_reader, reader):
+                self.disk.run(reader.close)
+                self._damaged(digest)
+                request.write(_plain(request, 404, "not cached here"))
+                request.finish()
+                return
         request.setHeader(b"content-length", str(info.size).encode())
         request.setHeader(b"content-type", (info.content_type or "application/octet-stream").encode("latin-1"))
         request.setHeader(b"docker-content-digest", digest.encode())
@@ -526,9 +568,26 @@ class PeerResource(resource.Resource):
             request.finish()
             return
         self.stats.served += 1
-        streamer = BlobStreamer(self.disk, request, reader.file.fileno(), 0, info.size,
-                                on_close=lambda: self.disk.run(reader.close))
+        outcome: list[bool] = []  # set when a streamed check ends: intact or damaged
+
+        def damaged() -> None:
+            self._damaged(digest)
+            outcome.append(False)
+
+        def close() -> None:
+            self.disk.run(_close_checked, store, reader, outcome[0] if outcome else None)
+
+        # large and not yet verified in this process: hashed as it streams, its last bytes wait for the digest
+        check = None if reader.verified else digest_hex(digest)
+        streamer = BlobStreamer(self.disk, request, reader.file.fileno(), 0, info.size, on_close=close,
+                                verify=check, on_damaged=damaged, on_intact=lambda: outcome.append(True))
         await streamer.start()
+
+    def _damaged(self, digest: str) -> None:
+        """A cached file failed its digest while a peer asked for it: dropped, never sent as a success."""
+        self.stats.damaged += 1
+        failures.report("cache", "damaged", "cached file does not match its digest; dropped, not sent to a peer",
+                        digest=digest)
 
     async def _send_fill(self, request, digest: str, fill: Fill) -> bool:
         """Stream a fill under way (False when it ended before its file could be opened)."""
@@ -555,6 +614,17 @@ class PeerResource(resource.Resource):
         if not request.startedWriting:
             request.write(_plain(request, 500, "internal error"))
             request.finish()
+
+
+def _close_checked(store, reader, intact: bool | None) -> None:
+    """Close a cached blob's reader after a streamed check (disk pool): remember or drop the file first."""
+    try:
+        if intact:
+            store.mark_verified(reader)
+        elif intact is False:
+            store.drop_damaged(reader, "blob content does not match its digest")
+    finally:
+        reader.close()
 
 
 def _plain(request, code: int, message: str) -> bytes:

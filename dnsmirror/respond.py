@@ -67,7 +67,7 @@ class Responder:
 
     def __init__(self, disk: DiskIO, passthrough: PassThrough, stats,
                  fetch_uncached: Callable[[object, Target], Awaitable[None]],
-                 reopen: Callable[[object, Target], Awaitable[Outcome]]) -> None:
+                 reopen: Callable[[object, Target, str], Awaitable[Outcome]]) -> None:
         self.disk = disk
         self.passthrough = passthrough
         self.stats = stats
@@ -152,7 +152,9 @@ class Responder:
             # the fill ended (renamed into the cache, or removed) before the open: a small blob's commit
             # can win that race, and its outcome reaches the reactor only after the rename
             await fill.settled()
-            if fill.info is not None and await self.render(request, target, await self.reopen(request, target)):
+            # still this fill's bytes (from upstream, a peer, containerd): not a cache hit
+            if fill.info is not None and await self.render(
+                    request, target, await self.reopen(request, target, getattr(request, "source", None) or "cache")):
                 return True
             log.info("blob gone before its reader opened it; looking again",
                      extra=fields(event="fill_gone", digest=target.digest, host=target.upstream_host))

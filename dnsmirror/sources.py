@@ -91,8 +91,9 @@ class CacheSource:
             return refusal
         return await self.open(request, target)
 
-    async def open(self, request, target: Target) -> Outcome:
-        """The cached blob, ready to stream (access already granted), or NotHere once evicted or damaged."""
+    async def open(self, request, target: Target, source: str = "cache") -> Outcome:
+        """The cached blob, ready to stream (access already granted), or NotHere once evicted or damaged;
+        ``source`` is where its bytes came from for this request (a fill just committed: not a cache hit)."""
         reader = await self.disk.run(self.store.open_blob, target.digest)
         if reader is None:
             return NotHere("evicted meanwhile")
@@ -107,8 +108,8 @@ class CacheSource:
             if manifest is None:
                 self.chain.damaged(target)
                 return NotHere("damaged")
-            self.chain.stats.cache_hits += 1
-            return Manifest(manifest, info.content_type)
+            self.chain.stats.cache_hits += source == "cache"
+            return Manifest(manifest, info.content_type, source)
         ranged = target.method == "GET" and wants_range(request, target)
         small = target.method == "GET" and info.size <= VERIFY_BEFORE_SERVING
         if (ranged or small) and not reader.verified:
@@ -117,9 +118,9 @@ class CacheSource:
                 self.disk.run(reader.close)
                 self.chain.damaged(target)
                 return NotHere("damaged")
-        self.chain.stats.cache_hits += 1
+        self.chain.stats.cache_hits += source == "cache"
         return FromCache(reader, check_digest=not reader.verified, damaged=lambda: self.chain.damaged(target),
-                         finished=lambda intact: self.disk.run(self._close_checked, reader, intact))
+                         finished=lambda intact: self.disk.run(self._close_checked, reader, intact), source=source)
 
     def _close_checked(self, reader, intact: bool | None) -> None:
         """Close a cached blob's reader after a streamed check (disk pool): remember or drop the file first."""

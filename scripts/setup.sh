@@ -22,6 +22,7 @@ declare -A TOOLS=(
   [htpasswd]=apache2-utils
   [curl]=curl
   [tinyproxy]=tinyproxy
+  [dnsmasq]=dnsmasq-base
   # the runtime tests: every engine a node may pull with, and a base image built from packages
   [dockerd]=docker.io
   [podman]=podman

@@ -131,8 +131,11 @@ def silent_udp_server():
 
 
 @contextlib.contextmanager
-def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True):
-    """``dnsmirror serve`` with the embedded default plus ``overrides``; yields (port, process, logfile)."""
+def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True, nofile: int | None = None):
+    """``dnsmirror serve`` with the embedded default plus ``overrides``; yields (port, process, logfile).
+
+    ``nofile``: the process's descriptor limit (soft and hard), as ``ulimit -n`` would set it.
+    """
     port = free_port()
     # DNS only: no HTTPS listener (so no CA); health follows a stand-in listener the test controls
     document = {
@@ -152,8 +155,14 @@ def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True):
     log_path = tmp / f"dnsmirror-{port}.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    def limit_descriptors() -> None:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     process = subprocess.Popen([sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
+                               stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env,
+                               preexec_fn=limit_descriptors if nofile else None)
     try:
         if wait:
             wait_for_dns(port)
@@ -166,13 +175,31 @@ def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True):
 @contextlib.contextmanager
 def tcp_listener(port: int):
     """A plain TCP listener on 127.0.0.1:port: the stand-in for the HTTPS listener's health."""
+    import threading
+
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(16)
+    sock.settimeout(0.2)
+    stopping = threading.Event()
+
+    def accept() -> None:
+        # accepted and closed, so a long test's probes never fill the backlog
+        while not stopping.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            conn.close()
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
     try:
         yield sock
     finally:
+        stopping.set()
+        acceptor.join(5)
         sock.close()
 
 
@@ -221,3 +248,114 @@ def wait_until(predicate, seconds: float, step: float = 0.1) -> bool:
     return predicate()
 
 
+
+
+def refusing_port() -> int:
+    """A loopback port with nothing listening: UDP queries get ICMP port unreachable, TCP gets a reset."""
+    return free_port()
+
+
+@contextlib.contextmanager
+def dnsmasq(tmp: Path, host_records: dict[str, str], port: int | None = None, *options: str):
+    """dnsmasq on 127.0.0.1:port answering ``host_records`` (name -> IPv4) itself; no other server."""
+    port = port or free_port()
+    binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+    command = [binary, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--user=root",
+               f"--pid-file={tmp}/dnsmasq-{port}.pid", "--listen-address=127.0.0.1", "--bind-interfaces",
+               f"--port={port}", "--cache-size=0", *[f"--host-record={n},{a}" for n, a in host_records.items()],
+               *options]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_dns(port)
+        yield port
+    finally:
+        stop(process)
+
+
+class FakeUpstream:
+    """A hostile or slow upstream on 127.0.0.1 (UDP and TCP on one port), run in a thread of the test.
+
+    ``spoof``: every answer carries the query's ID but another question (``evil.example A 6.6.6.6``).
+    Otherwise it answers ``address`` for any A question after ``delay`` seconds. ``queries`` counts
+    what it received. Stops by itself when the context ends.
+    """
+
+    def __init__(self, spoof: bool = False, address: str = "192.0.2.77", delay: float = 0.0) -> None:
+        import threading
+
+        self.spoof = spoof
+        self.address = address
+        self.delay = delay
+        self.queries = 0
+        self.port = free_port()
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", self.port))
+        self.tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.tcp.bind(("127.0.0.1", self.port))
+        self.tcp.listen(64)
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._serve_udp, daemon=True),
+                        threading.Thread(target=self._serve_tcp, daemon=True)]
+
+    def answer(self, query: bytes) -> bytes:
+        from dnslib import RR, A
+
+        request = DNSRecord.parse(query)
+        if self.spoof:
+            forged = DNSRecord.question("evil.example")
+            forged.header.id = request.header.id
+            reply = forged.reply()
+            reply.add_answer(RR("evil.example", rdata=A("6.6.6.6"), ttl=300))
+            return reply.pack()
+        reply = request.reply()
+        reply.add_answer(RR(request.q.qname, rdata=A(self.address), ttl=300))
+        return reply.pack()
+
+    def _serve_udp(self) -> None:
+        self.udp.settimeout(0.2)
+        while not self.stopping.is_set():
+            try:
+                data, addr = self.udp.recvfrom(4096)
+            except OSError:
+                continue
+            self.queries += 1
+            if self.delay:
+                time.sleep(self.delay)
+            with contextlib.suppress(Exception):
+                self.udp.sendto(self.answer(data), addr)
+
+    def _serve_tcp(self) -> None:
+        self.tcp.settimeout(0.2)
+        while not self.stopping.is_set():
+            try:
+                conn, _ = self.tcp.accept()
+            except OSError:
+                continue
+            with conn, contextlib.suppress(Exception):
+                conn.settimeout(2)
+                length = int.from_bytes(conn.recv(2), "big")
+                data = b""
+                while len(data) < length:
+                    data += conn.recv(length - len(data))
+                self.queries += 1
+                answer = self.answer(data)
+                conn.sendall(len(answer).to_bytes(2, "big") + answer)
+
+    def __enter__(self) -> FakeUpstream:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(5)
+        self.udp.close()
+        self.tcp.close()
+
+
+def timed_dig(port: int, name: str, *options: str, timeout: int = 3) -> tuple[float, subprocess.CompletedProcess]:
+    started = time.monotonic()
+    result = dig(port, name, "A", *options, timeout=timeout)
+    return time.monotonic() - started, result

@@ -162,3 +162,18 @@ def test_dns_only_mode_needs_a_health_target():
     assert "health.targets" in found["https.listen"]
     cfg = config.parse_document({"https": {"listen": []}, "health": {"targets": ["10.96.0.53:443"]}})
     assert cfg.https.listen == () and cfg.health.targets == (HostPort("10.96.0.53", 443),)
+
+
+def test_dns_upstreams_named_twice_or_more_than_six_are_errors():
+    found = problems_of({"dns": {"upstreams": ["10.0.0.2", "10.0.0.3:53", "10.0.0.2:53"]}})
+    assert "dns.upstreams[2]" in found and "dns.upstreams[0]" in found["dns.upstreams[2]"]
+    found = problems_of({"dns": {"upstreams": [f"10.0.0.{i}" for i in range(1, 8)]}})
+    assert "at most 6" in found["dns.upstreams"]
+    # the same address on another port is another resolver; IPv6 spellings are compared as addresses
+    assert "dns.upstreams[1]" in problems_of({"dns": {"upstreams": ["[fd00::53]:53", "[fd00:0::53]:53"]}})
+    config.parse_document({"dns": {"upstreams": ["10.0.0.2", "10.0.0.2:5353"]}})
+
+
+def test_config_check_names_a_duplicate_upstream(tmp_path):
+    result = config_check(tmp_path, "dup.yaml", "dns:\n  upstreams: ['10.0.0.2', '10.0.0.2']\n")
+    assert result.returncode != 0 and "dns.upstreams[1]" in result.stderr, result.stderr

@@ -10,13 +10,19 @@ from dnslib import QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from dnsmirror.config import HostPort
-from dnsmirror.dns.forwarder import AllUpstreamsFailed, _UdpAttempt
+from dnsmirror.dns.forwarder import AllUpstreamsFailed, matches
 from dnsmirror.dns.packets import Responder, with_id
-from dnsmirror.dns.server import DnsController, DnsDatagramProtocol, DnsStreamProtocol
+from dnsmirror.dns.server import (
+    MAX_TCP_QUERIES_PENDING,
+    DnsController,
+    DnsDatagramProtocol,
+    DnsStreamFactory,
+    DnsStreamProtocol,
+)
 from dnsmirror.patterns import HostMatcher
 
 ECR = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
@@ -122,7 +128,7 @@ class ProtocolTests(SynchronousTestCase):
 
     def test_tcp_framing_split_and_pipelined(self):
         controller, _ = make_controller()
-        proto = DnsStreamProtocol(controller)
+        proto = DnsStreamProtocol(controller, clock=Clock())
         transport = StringTransport(peerAddress=type("A", (), {"host": "127.0.0.1"})())
         proto.makeConnection(transport)
         one, two = query(ECR, qid=1), query(ECR, qid=2)
@@ -152,7 +158,7 @@ class ProtocolTests(SynchronousTestCase):
             udp = DnsDatagramProtocol(controller)
             udp.transport = type("T", (), {"write": lambda self, data, addr: None})()
             udp.datagramReceived(data, ("127.0.0.1", 1))
-            tcp = DnsStreamProtocol(controller)
+            tcp = DnsStreamProtocol(controller, clock=Clock())
             tcp.makeConnection(StringTransport(peerAddress=type("A", (), {"host": "127.0.0.1"})()))
             tcp.dataReceived(data)
             tcp.connectionLost(None)
@@ -164,16 +170,121 @@ class ProtocolTests(SynchronousTestCase):
         assert stats.captured + stats.malformed + stats.rejected + len(forwarder.pending) >= 1
 
 
-class UdpAttemptTests(SynchronousTestCase):
+class AnswerMatchTests(SynchronousTestCase):
     def test_only_the_matching_answer_is_accepted(self):
         packet = query("example.com", qid=0x0A0B)
-        finished = defer.Deferred()
-        attempt = _UdpAttempt(packet, HostPort("127.0.0.1", 53), finished)
+        question = packet[12:]
         answer = bytes(DNSRecord.parse(packet).reply().pack())
-        attempt.datagramReceived(with_id(answer, b"\x00\x01"), ("127.0.0.1", 53))  # wrong ID
+        self.assertFalse(matches(packet, question, with_id(answer, b"\x00\x01")))  # wrong ID
         other = bytes(DNSRecord.parse(query("evil.com", qid=0x0A0B)).reply().pack())
-        attempt.datagramReceived(other, ("127.0.0.1", 53))  # wrong question
-        attempt.datagramReceived(packet, ("127.0.0.1", 53))  # a query, not an answer
-        self.assertNoResult(finished)
-        attempt.datagramReceived(answer, ("127.0.0.1", 53))
-        self.assertEqual(self.successResultOf(finished), answer)
+        self.assertFalse(matches(packet, question, other))  # right ID, wrong question
+        self.assertFalse(matches(packet, question, packet))  # a query, not an answer
+        self.assertTrue(matches(packet, question, answer))
+
+
+def tcp_client(controller, clock, host="127.0.0.1", factory=None):
+    proto = factory.buildProtocol(type("A", (), {"host": host})()) if factory else DnsStreamProtocol(
+        controller, clock=clock)
+    if proto is None:
+        return None, None
+    transport = StringTransport(peerAddress=type("A", (), {"host": host})())
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def framed(packet: bytes) -> bytes:
+    return struct.pack("!H", len(packet)) + packet
+
+
+class StreamLimitTests(SynchronousTestCase):
+    def test_a_trickling_client_is_closed_at_the_message_deadline(self):
+        controller, _ = make_controller()
+        clock = Clock()
+        proto, transport = tcp_client(controller, clock)
+        message = framed(query(ECR))
+        for byte in message[:4]:
+            proto.dataReceived(bytes([byte]))
+            clock.advance(2)  # one byte every 2 s: the old idle timer would never fire
+        self.assertFalse(transport.disconnecting)
+        clock.advance(DnsStreamProtocol.message_timeout)
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(controller.stats.tcp_timeouts, 1)
+
+    def test_idle_timer_restarts_only_after_a_whole_message(self):
+        controller, _ = make_controller()
+        clock = Clock()
+        proto, transport = tcp_client(controller, clock)
+        clock.advance(DnsStreamProtocol.idle_timeout - 1)
+        proto.dataReceived(framed(query(ECR)))  # answered at once (captured)
+        clock.advance(DnsStreamProtocol.idle_timeout - 1)
+        self.assertFalse(transport.disconnecting)
+        clock.advance(2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_pipelined_queries_beyond_the_cap_wait_and_are_all_answered(self):
+        controller, forwarder = make_controller()
+        clock = Clock()
+        proto, transport = tcp_client(controller, clock)
+        count = MAX_TCP_QUERIES_PENDING * 3
+        proto.dataReceived(b"".join(framed(query(f"host{i}.example.com", qid=i)) for i in range(count)))
+        self.assertEqual(len(forwarder.pending), MAX_TCP_QUERIES_PENDING)
+        self.assertEqual(transport.producerState, "paused")
+        answered = 0
+        while answered < len(forwarder.pending):
+            packet, _, d = forwarder.pending[answered]
+            d.callback(bytes(DNSRecord.parse(packet).reply().pack()))
+            answered += 1
+        self.assertEqual(answered, count)
+        self.assertEqual(transport.producerState, "producing")
+        data, ids = transport.value(), []
+        while data:
+            (length,) = struct.unpack_from("!H", data)
+            ids.append(DNSRecord.parse(data[2:2 + length]).header.id)
+            data = data[2 + length:]
+        self.assertEqual(sorted(ids), list(range(count)))
+
+    def test_connections_are_capped_in_total_and_per_client(self):
+        controller, _ = make_controller()
+        factory = DnsStreamFactory(controller, Clock(), max_connections=3, max_per_client=2)
+        first, _ = tcp_client(controller, None, "127.0.0.1", factory)
+        tcp_client(controller, None, "127.0.0.1", factory)
+        self.assertIsNone(tcp_client(controller, None, "127.0.0.1", factory)[0])
+        self.assertIsNotNone(tcp_client(controller, None, "127.0.0.2", factory)[0])
+        self.assertIsNone(tcp_client(controller, None, "127.0.0.3", factory)[0])
+        first.connectionLost(None)
+        self.assertIsNotNone(tcp_client(controller, None, "127.0.0.1", factory)[0])
+        self.assertEqual(controller.stats.tcp_refused, 2)
+
+
+class FastPathTests(SynchronousTestCase):
+    def test_repeated_forwarded_queries_skip_the_parse_and_captured_ones_never_do(self):
+        controller, forwarder = make_controller()
+        responder = controller.responder
+        for qid in (1, 2):
+            self.assertEqual(ControllerTests.handle(self, controller, query("www.example.com", qid=qid)), [])
+        self.assertEqual([p[:2] for p, _, _ in forwarder.pending], [b"\x00\x01", b"\x00\x02"])
+        self.assertTrue(responder.known_forwarded(query("www.example.com", qid=9)))
+        self.assertFalse(responder.known_forwarded(query(ECR, qid=9)))
+        self.assertFalse(responder.known_forwarded(query("WWW.example.com", qid=9)))  # other bytes: parsed again
+        # a response or another opcode with the same question is not a plain query
+        response = bytearray(query("www.example.com", qid=9))
+        response[2] |= 0x80
+        self.assertFalse(responder.known_forwarded(bytes(response)))
+
+
+class ClientShareTests(SynchronousTestCase):
+    def test_one_clients_flood_leaves_forwards_for_the_others(self):
+        controller, forwarder = make_controller()
+        controller.max_forwards_per_client = 3
+        replies = []
+        for i in range(5):
+            controller.handle(query(f"h{i}.example.com", qid=i), "127.0.0.7", replies.append)
+        self.assertEqual(len(forwarder.pending), 3)
+        self.assertEqual([DNSRecord.parse(r).header.rcode for r in replies], [RCODE.SERVFAIL] * 2)
+        self.assertEqual(controller.stats.overloaded, 2)
+        controller.handle(query("other.example.com", qid=9), "127.0.0.8", replies.append)
+        self.assertEqual(len(forwarder.pending), 4)  # another client still gets its forward
+        packet, _, d = forwarder.pending[0]
+        d.callback(bytes(DNSRecord.parse(packet).reply().pack()))
+        controller.handle(query("h9.example.com", qid=10), "127.0.0.7", replies.append)
+        self.assertEqual(len(forwarder.pending), 5)  # an answered forward frees the client's slot

@@ -137,3 +137,13 @@ def test_metrics_follow_the_conventions():
     from dnsmirror import __version__
     assert any(name == "dnsmirror_build_info" and dict(labels)["version"] == __version__ and value == 1
                for (name, labels), value in samples.items())
+
+
+def test_the_dns_servers_bounds_are_counted_on_metrics():
+    from dnsmirror.dns.stats import DnsStats
+    stats = DnsStats(overloaded=4, tcp_refused=2, tcp_timeouts=1)
+    samples, text = scrape(StatsCollector(lambda: stats, {}, {}, HealthState()))
+    assert samples[("dnsmirror_dns_overloaded_total", ())] == 4
+    assert samples[("dnsmirror_dns_tcp_refused_total", ())] == 2
+    assert samples[("dnsmirror_dns_tcp_timeouts_total", ())] == 1
+    assert "# TYPE dnsmirror_dns_tcp_refused_total counter" in text

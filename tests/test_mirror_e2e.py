@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from dns_support import wait_until
 from harness import ECR_HOST, require_netns
 from harness.containerd import Containerd
 from harness.cri import CriImageClient
@@ -204,11 +205,14 @@ def test_containerd_content_store_is_a_verified_read_only_source(setup: Setup, t
     with MirrorNode(node2, tmp_path / "mirror2", setup.mirror.upstream_dns, setup.ca, overrides) as mirror2:
         trust = mirror2.trust_bundle()
         assert fetch_blob(node2, trust, good.digest) == (200, good.read())
-        # only the access check (a HEAD with the client's credentials) went upstream
+        # only the access check (a HEAD with the client's credentials) went upstream; the registry logs a
+        # request once it has answered it, so its line can come a moment after the client is done
+        wait_until(lambda: good_heads() > heads_before, 10)
         assert (blob_gets(setup, good.digest), good_heads()) == (gets_before, heads_before + 1)
         status, body = fetch_blob(node2, trust, damaged.digest)
         assert body != damaged.read()  # cut before the end: the damaged copy never reaches a client whole
         assert fetch_blob(node2, trust, damaged.digest) == (200, damaged.read())
+        wait_until(lambda: blob_gets(setup, damaged.digest) > damaged_before, 10)
         assert blob_gets(setup, damaged.digest) == damaged_before + 1
 
 

@@ -16,7 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.web import server
 from twisted.web.test.requesthelper import DummyRequest
 
-from dnsmirror import config
+from dnsmirror import config, failures, peers
 from dnsmirror.config import HostPort
 from dnsmirror.peers import (
     AUTH_HEADER,
@@ -238,6 +238,71 @@ def test_the_listener_serves_cached_blobs_to_signed_requests_only(listener) -> N
     assert render(resource, request, disk) == b"" and request.finished and stats.served == 1
 
 
+class _Connection:
+    aborted = False
+
+    def abortConnection(self) -> None:  # noqa: N802 - twisted's name
+        self.aborted = True
+
+
+def _cached_then_damaged(store: Store, size: int) -> tuple[bytes, str]:
+    """A blob committed to ``store``, then one byte of its file flipped (as a failing disk would)."""
+    data = os.urandom(size)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    with store.writer(digest) as writer:
+        writer.write(data)
+        writer.commit()
+    with open(store.blob_path(digest), "r+b") as file:
+        file.seek(size // 2)
+        file.write(bytes([data[size // 2] ^ 0x01]))
+    return data, digest
+
+
+def test_the_listener_drops_a_damaged_small_blob_and_sends_none_of_it(listener) -> None:
+    resource, disk, store, stats, _ = listener
+    failures_before = failures.failures.count("cache", "damaged")
+    _, digest = _cached_then_damaged(store, 200_000)
+    request = PeerRequest(b"GET", f"/peer/v1/blobs/{digest}".encode(), signed("GET", digest))
+    body = render(resource, request, disk)
+    # a clean miss: the asker goes on to other holders or upstream, and nothing of the file was sent
+    assert request.responseCode == 404 and b"not cached" in body
+    assert digest not in store and not store.blob_path(digest).exists()
+    assert stats.damaged == 1 and stats.served == 0 and store.pinned(digest) == 0
+    assert failures.failures.count("cache", "damaged") == failures_before + 1
+
+
+def test_the_listener_verifies_a_large_blob_while_sending_it(listener, monkeypatch) -> None:
+    resource, disk, store, stats, _ = listener
+    monkeypatch.setattr(peers, "VERIFY_BEFORE_SENDING", 100_000)
+    failures_before = failures.failures.count("cache", "damaged")
+    data, digest = _cached_then_damaged(store, 3 * 2**20)
+    request = PeerRequest(b"GET", f"/peer/v1/blobs/{digest}".encode(), signed("GET", digest))
+    request.transport = _Connection()
+    body = render(resource, request, disk)
+    # the connection is cut before the last bytes: the asker's own check sees a short body, never a success
+    assert request.transport.aborted and len(body) < len(data) and not request.finished
+    assert digest not in store and not store.blob_path(digest).exists() and store.pinned(digest) == 0
+    assert stats.damaged == 1
+    assert failures.failures.count("cache", "damaged") == failures_before + 1
+
+    # an intact large blob is sent whole and remembered as verified: the next asker is not hashed again
+    intact = os.urandom(3 * 2**20)
+    intact_digest = "sha256:" + hashlib.sha256(intact).hexdigest()
+    with store.writer(intact_digest) as writer:
+        writer.write(intact)
+        writer.commit()
+    path = store.blob_path(intact_digest)
+    os.utime(path)  # touched by something else: unverified again, like a file found at start
+    with open(path, "r+b") as file:
+        file.write(intact[:1])  # the same byte: a write, so the verified mark no longer holds
+    for _ in range(2):
+        request = PeerRequest(b"GET", f"/peer/v1/blobs/{intact_digest}".encode(), signed("GET", intact_digest))
+        assert render(resource, request, disk) == intact and request.finished
+    with store.open_blob(intact_digest) as reader:
+        assert reader.verified
+    assert stats.damaged == 1 and stats.served == 3
+
+
 def test_the_listener_names_holders_of_what_it_does_not_have(listener) -> None:
     resource, disk, _, stats, holders = listener
     path = f"/peer/v1/blobs/{DIGEST}".encode()
@@ -430,3 +495,50 @@ def test_the_peer_listener_keeps_no_more_of_a_body_than_a_batch_announcement() -
     for _ in range(3):
         request.handleContentChunk(b"x" * (MAX_BODY // 2 + 1000))
     assert request.content.tell() == MAX_BODY
+
+
+def test_a_batch_announcement_a_starting_peer_missed_is_sent_again_a_bounded_number_of_times() -> None:
+    from twisted.internet.error import ConnectionRefusedError
+
+    from dnsmirror.peers import ANNOUNCE_ATTEMPTS, FIRST_REANNOUNCE, PeerClient
+    clock = task.Clock()
+    up, starting = HostPort("10.0.0.2", 5001), HostPort("10.0.0.3", 5001)
+    peers = PeerSet(clock, [up, starting], None, 5001, is_local=lambda host: False)
+    client = PeerClient(clock, peers, Holders(), SECRET, lookup=2, timeout=2, read_timeout=10, stats=PeerStats(),
+                        wall_clock=clock.seconds)
+    listening = {up}
+    received: list[tuple[HostPort, bytes, int]] = []
+
+    class Agent:
+        def request(self, method, url, headers=None, body=None):
+            peer = HostPort(url.decode().split("/")[2].split(":")[0], 5001)
+            if peer not in listening:
+                return defer.fail(ConnectionRefusedError())
+            stamp = int(headers.getRawHeaders(AUTH_HEADER)[0].split(b" ")[0])
+            received.append((peer, body._inputFile.getvalue(), stamp))
+            return defer.succeed(_RawResponse(204))
+
+    client.agent = Agent()
+    clock.advance(1000)
+    client.start_announcing(lambda: [DIGEST], lambda function, *args: defer.maybeDeferred(function, *args))
+    clock.advance(FIRST_REANNOUNCE)
+    assert [peer for peer, *_ in received] == [up]
+    clock.pump([1] * (5 + 10))  # two retries, still refused
+    assert client.stats.announcements_sent == 4
+    listening.add(starting)
+    clock.pump([1] * 20)
+    assert [peer for peer, *_ in received] == [up, starting]
+    peer, body, stamp = received[-1]
+    assert body == DIGEST.encode() and stamp == int(clock.seconds())  # signed when sent, not when first tried
+    clock.pump([10] * 360)
+    assert len(received) == 2  # answered: not sent again before the next round
+
+    # a peer that never comes up is tried ANNOUNCE_ATTEMPTS times, then left to the next round
+    listening.clear()
+    attempts = client.stats.announcements_sent
+    client.send_announcements({up: [DIGEST]})
+    clock.pump([1] * 3600)
+    assert client.stats.announcements_sent - attempts == ANNOUNCE_ATTEMPTS
+    client.stop_announcing()
+    client.send_announcements({up: [DIGEST]})
+    assert not [call for call in clock.getDelayedCalls() if call.active()]  # stopped: nothing retried later

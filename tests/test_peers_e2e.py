@@ -10,9 +10,12 @@ as clients. Three nodes with static peers:
   also when B's first choice of peer is node C, which only knows that A holds it;
 - a request upstream refuses (no credentials) gets upstream's 401 and never reaches a peer;
 - a peer without the shared secret is refused, and its client is served from upstream;
-- bytes from a peer that fail verification cut the stream; the retry is served from upstream;
+- a cached file damaged on its holder is found before it is sent (a clean miss, served from upstream)
+  and dropped there; bytes from a peer that fail verification cut the stream, the retry is served from
+  upstream;
 - a peer that is down costs a refused connection, then upstream serves;
-- after every node restarts, the cache each one announces again is found.
+- after every node restarts, the cache each one announces again is found, also when a node announces
+  before its peers are up (the refused announcement is sent again).
 
 Two nodes that find each other through ``peers.dns_name``:
 
@@ -28,6 +31,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -55,6 +59,24 @@ pytestmark = [
 REPOSITORY = "team/app"
 USER, PASSWORD = "team", "s3cret-team-password"
 PEER_PORT = 5001
+
+
+# a peer that answers every blob request with 500,000 random bytes: right length, wrong content
+LYING_PEER = """
+import os, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+class Liar(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("content-length", "500000")
+        self.end_headers()
+        self.wfile.write(os.urandom(500000))
+    def log_message(self, *args):
+        pass
+server = HTTPServer((sys.argv[1], int(sys.argv[2])), Liar)
+print("listening", flush=True)
+server.serve_forever()
+"""
 
 
 def write_secret(path: Path, text: str) -> Path:
@@ -97,6 +119,16 @@ def held_by(client: Namespace, index: HostPort, digest: str, secret: Path) -> Ho
     return HostPort(match.group(1), int(match.group(2))) if match else None
 
 
+def logged_gets(registry: Registry, digest: str, expected: int) -> int:
+    """GETs of ``digest`` the registry logged, once it logged ``expected`` (or after 10 s): it logs a request
+    after answering it, so its line can come a moment after the client is done."""
+    def count() -> int:
+        return registry.count_requests("GET", registry.blob_path(REPOSITORY, digest))
+
+    wait_until(lambda: count() >= expected, 10)
+    return count()
+
+
 def metric(node: Namespace, name: str) -> float:
     done = node.run(["curl", "-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"], check=False, timeout=30)
     match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", done.stdout.decode(), re.MULTILINE)
@@ -116,7 +148,7 @@ def sources(mirror: MirrorNode, digest: str) -> list[str]:
 
 def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> None:
     require_netns()
-    with Cluster() as cluster:
+    with Cluster(tmp_path / "cluster") as cluster:
         registry_ns = cluster.add("registry")
         pusher = cluster.add("pusher", hosts={ECR_HOST: registry_ns.address})
         nodes = [cluster.add(name) for name in ("node-a", "node-b", "node-c")]
@@ -199,7 +231,7 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 peer_bytes = metric(node_b, 'dnsmirror_http_response_bytes_total{source="peer"}')
                 upstream_bytes = metric(node_b, 'dnsmirror_http_response_bytes_total{source="upstream"}')
                 assert fetch(node_a, mirror_a, digest) == (200, data)
-                assert registry.count_requests("GET", blob_path) == 1
+                assert logged_gets(registry, digest, 1) == 1
                 # A announces its copy to the digest's first peer (C); B asks C, is told A has it, asks A
                 assert wait_until(lambda: announced(digest), 10)
                 assert fetch(node_b, mirror_b, digest) == (200, data)
@@ -224,7 +256,8 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert metric(node_a, "dnsmirror_peers_served_total") == served_before
                 assert metric(node_b, "dnsmirror_peers_lookups_total") == lookups_before
 
-                # bytes from a peer that do not match the digest: the stream is cut, the retry goes upstream
+                # a cached file damaged on its holder: the holder checks it before sending, drops it and
+                # answers 404, so node B's client is served from upstream without a break
                 third = os.urandom(500_000)
                 third_digest = registry.place_blob(REPOSITORY, [third])[0]
                 assert fetch(node_a, mirror_a, third_digest) == (200, third)
@@ -232,14 +265,16 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 hex_digest = third_digest.split(":", 1)[1]
                 cached = tmp_path / node_a.name / "cache" / "blobs" / "sha256" / hex_digest[:2] / hex_digest
                 cached.write_bytes(bytes(byte ^ 0xFF for byte in cached.read_bytes()))
-                gets_before = registry.count_requests("GET", registry.blob_path(REPOSITORY, third_digest))
-                status, body = fetch(node_b, mirror_b, third_digest)
-                assert (status, body) != (200, third), "a body that failed verification was served"
+                gets_before = logged_gets(registry, third_digest, 1)
+                served_before = metric(node_a, "dnsmirror_peers_served_total")
                 assert fetch(node_b, mirror_b, third_digest) == (200, third)
-                assert registry.count_requests("GET", registry.blob_path(REPOSITORY, third_digest)) == gets_before + 1
-                assert wait_until(lambda: any(r.get("event") == "peer_failure" for r in mirror_b.log_records()), 5)
-                peer_errors = sum(metric(node_b, f'dnsmirror_peer_errors_total{{kind="{kind}"}}') for kind in PEER_KINDS)
-                assert peer_errors >= 1
+                assert logged_gets(registry, third_digest, gets_before + 1) == gets_before + 1
+                assert sources(mirror_b, third_digest) == ["upstream"]
+                assert not cached.exists(), "the holder kept a file that failed its digest"
+                assert metric(node_a, "dnsmirror_peers_damaged_total") == 1
+                assert metric(node_a, "dnsmirror_peers_served_total") == served_before
+                assert wait_until(lambda: any(r.get("event") == "cache_failure" and r.get("kind") == "damaged"
+                                              for r in mirror_a.log_records()), 5)
 
                 # after a restart of every node, A's cache is announced again (in a batch), and found
                 sixth, sixth_digest = indexed_at_c(400_000)
@@ -247,9 +282,14 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert fetch(node_a, mirror_a, sixth_digest) == (200, sixth)
                 for mirror in mirrors:
                     mirror.stop()
-                for mirror in mirrors:
+                # node A comes back first and announces before its peers are up (as in a rolling restart):
+                # that announcement is refused, and sent again once they listen
+                mirror_a.start()
+                assert wait_until(lambda: any(r.get("event") == "announcement_failed" and r.get("retry")
+                                              for r in mirror_a.log_records()), 30)
+                for mirror in (mirror_b, mirror_c):
                     mirror.start()
-                assert wait_until(lambda: announced(sixth_digest), 20)
+                assert wait_until(lambda: announced(sixth_digest), 60)
                 assert fetch(node_b, mirror_b, sixth_digest) == (200, sixth)
                 assert registry.count_requests("GET", registry.blob_path(REPOSITORY, sixth_digest)) == 1
                 assert sources(mirror_b, sixth_digest) == ["peer"]
@@ -266,9 +306,24 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                                peer_overrides(node_b, [node_a], outsider_secret)) as outsider:
                 assert fetch(node_a, again_a, fourth_digest) == (200, fourth)
                 assert fetch(node_b, outsider, fourth_digest) == (200, fourth)
-                assert registry.count_requests("GET", registry.blob_path(REPOSITORY, fourth_digest)) == 2
+                assert logged_gets(registry, fourth_digest, 2) == 2
                 assert metric(node_a, "dnsmirror_peers_refused_total") >= 1
                 assert sources(outsider, fourth_digest) == ["upstream"]
+
+            # bytes from a peer that do not match the digest (a peer that lies): the stream is cut, the
+            # retry goes upstream
+            third_again = os.urandom(500_000)
+            third_again_digest = registry.place_blob(REPOSITORY, [third_again])[0]
+            liar = node_a.start([sys.executable, "-c", LYING_PEER, node_a.address, str(PEER_PORT)], "lying-peer")
+            liar.wait_until(lambda: "listening" in liar.stdout(), "the lying peer listening", timeout=20)
+            with MirrorNode(node_b, tmp_path / "lied-to", dns, ca, peer_overrides(node_b, [node_a], secret)) as lied_to:
+                status, body = fetch(node_b, lied_to, third_again_digest)
+                assert (status, body) != (200, third_again), "a body that failed verification was served"
+                assert fetch(node_b, lied_to, third_again_digest) == (200, third_again)
+                assert wait_until(lambda: any(r.get("event") == "peer_failure" for r in lied_to.log_records()), 5)
+                peer_errors = sum(metric(node_b, f'dnsmirror_peer_errors_total{{kind="{kind}"}}') for kind in PEER_KINDS)
+                assert peer_errors >= 1
+            liar.stop(timeout=10)
 
             # a peer that is down: refused connection, then upstream
             fifth = os.urandom(200_000)
@@ -346,6 +401,7 @@ def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> 
         finally:
             client.stop()
         assert out.read_bytes() == data
+        wait_until(lambda: world.registry.count_requests("GET", path, status=206) >= 1, 10)  # logged once answered
         assert world.registry.count_requests("GET", path, status=200) == 1  # node A's fill
         assert world.registry.count_requests("GET", path, status=206) == 1  # the rest, for node B
         assert sources(world.mirror_b, digest) == ["peer"]

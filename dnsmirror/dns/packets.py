@@ -83,6 +83,23 @@ def error_reply(query: bytes, rcode: int) -> bytes | None:
     return header + question
 
 
+def plain_name(packet: bytes) -> bytes | None:
+    """The wire-format name of a standard one-question query, lower-cased; ``None`` for anything else,
+    and for a name with a compression pointer (whose bytes alone do not say which name it is)."""
+    if len(packet) < HEADER_SIZE or packet[2] & 0xF8 or packet[4:6] != b"\x00\x01":
+        return None
+    offset, size = HEADER_SIZE, len(packet)
+    while offset < size:
+        length = packet[offset]
+        if length == 0:
+            # a name without compression pointers: its bytes alone say which name it is
+            return packet[HEADER_SIZE:offset + 1].lower() if offset + 5 <= size else None
+        if length & 0xC0:
+            return None
+        offset += 1 + length
+    return None
+
+
 def with_id(packet: bytes, qid: bytes) -> bytes:
     """``packet`` with its 2-byte ID replaced."""
     return qid + packet[2:]
@@ -112,6 +129,8 @@ class Responder:
         self.ttl = ttl
         self.cache_size = cache_size
         self._answers: OrderedDict[bytes, bytes] = OrderedDict()
+        # queries (past the header) about names no capture pattern matches: they skip the full parse
+        self._forwarded_queries: set[bytes] = set()
         self._capture_enabled = False
 
     @property
@@ -135,6 +154,12 @@ class Responder:
             return None
         return packet[:2] + cached
 
+    def known_forwarded(self, packet: bytes) -> bool:
+        """True for a standard query whose bytes past the header were seen before, naming (without
+        compression) a name that no capture pattern matches."""
+        return (len(packet) > HEADER_SIZE and not packet[2] & 0xF8 and packet[4:6] == b"\x00\x01"
+                and packet[HEADER_SIZE:] in self._forwarded_queries)
+
     def decide(self, packet: bytes) -> Decision:
         """Parse ``packet`` and decide; never raises."""
         packet = bytes(packet)
@@ -153,6 +178,10 @@ class Responder:
         qname = str(question.qname)
         qtype = question.qtype
         if not self.matcher.captures(qname):
+            if plain_name(packet) is not None:
+                if len(self._forwarded_queries) >= self.cache_size:
+                    self._forwarded_queries.clear()
+                self._forwarded_queries.add(packet[HEADER_SIZE:])
             return Decision(Action.FORWARD, qname=qname, qtype=qtype)
         if not self._capture_enabled or (self.bypassed is not None and self.bypassed(qname)):
             return Decision(Action.FORWARD, qname=qname, qtype=qtype, fail_open=True, captured=True)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
+import time
 from collections.abc import Callable, Sequence
 
-from dnslib import RCODE
+from dnslib import RCODE, DNSRecord
 from twisted.internet import protocol
-from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 
 from dnsmirror.config import IPNetwork
-from dnsmirror.dns.forwarder import MAX_TCP_MESSAGE, AllUpstreamsFailed, Forwarder
+from dnsmirror.dns.forwarder import MAX_TCP_MESSAGE, AllUpstreamsFailed, Forwarder, Overloaded
 from dnsmirror.dns.packets import HEADER_SIZE, Action, Responder, error_reply
 from dnsmirror.dns.stats import DnsStats
 from dnsmirror.logs import fields
@@ -25,6 +26,8 @@ from dnsmirror.logs import fields
 log = logging.getLogger("dnsmirror.dns")
 
 Reply = Callable[[bytes], None]
+# forwards waiting for an upstream answer from one client address (the forwarder's own cap is 4,096)
+MAX_FORWARDS_PER_CLIENT = 1024
 _ALLOW_CACHE_LIMIT = 4096
 
 
@@ -38,6 +41,10 @@ class DnsController:
         self.allow = tuple(allow)
         self.stats = stats or DnsStats()
         self._allowed: dict[str, bool] = {}
+        self.max_forwards_per_client = MAX_FORWARDS_PER_CLIENT
+        self._forwards_of: dict[str, int] = {}
+        self._last_failure_log = -1e9
+        self._failures_not_logged = 0
 
     def is_allowed(self, host: str) -> bool:
         """True when a client at ``host`` may use this resolver (``dns.allow``)."""
@@ -63,6 +70,9 @@ class DnsController:
             if refusal is not None and not packet[2] & 0x80:
                 reply(refusal)
             return
+        if self.responder.known_forwarded(packet):
+            self._forward(packet, reply, tcp, "", client_host)
+            return
         cached = self.responder.cached_answer(packet)
         if cached is not None:
             self.stats.captured += 1
@@ -81,26 +91,69 @@ class DnsController:
             return
         if decision.fail_open:
             self.stats.fail_open += 1
-        self._forward(packet, reply, tcp, decision.qname)
+        self._forward(packet, reply, tcp, decision.qname, client_host)
 
-    def _forward(self, packet: bytes, reply: Reply, tcp: bool, qname: str) -> None:
+    def _forward(self, packet: bytes, reply: Reply, tcp: bool, qname: str, client: str) -> None:
+        waiting = self._forwards_of.get(client, 0)
+        if waiting >= self.max_forwards_per_client:
+            # one client's flood must not take every forward slot from the others
+            self.stats.servfail += 1
+            self.stats.overloaded += 1
+            servfail = error_reply(packet, RCODE.SERVFAIL)
+            if servfail is not None:
+                reply(servfail)
+            return
+        self._forwards_of[client] = waiting + 1
+
+        def release() -> None:
+            left = self._forwards_of.get(client, 1) - 1
+            if left > 0:
+                self._forwards_of[client] = left
+            else:
+                self._forwards_of.pop(client, None)
+
         def answered(answer: bytes) -> None:
+            release()
             self.stats.forwarded += 1
             reply(answer)
 
         def failed(failure) -> None:
+            release()
             self.stats.servfail += 1
-            if not failure.check(AllUpstreamsFailed):
+            if failure.check(Overloaded):
+                self.stats.overloaded += 1
+            elif not failure.check(AllUpstreamsFailed):
                 log.error("forwarding %s failed unexpectedly: %s", qname, failure.getTraceback())
             else:
-                log.warning("all upstream resolvers failed", extra=fields(qname=qname, upstreams=str(failure.value)))
+                self._log_all_failed(qname or _name_of(packet), str(failure.value))
             servfail = error_reply(packet, RCODE.SERVFAIL)
             if servfail is not None:
                 reply(servfail)
 
+        send = getattr(self.forwarder, "send", None)
+        if send is not None:
+            send(packet, tcp, answered, lambda exc: failed(Failure(exc)))
+            return
         self.forwarder.forward(packet, tcp=tcp).addCallbacks(answered, failed).addErrback(
             lambda f: log.error("replying failed: %s", f.getErrorMessage())
         )
+
+    def _log_all_failed(self, qname: str, upstreams: str) -> None:
+        """One warning per second at most: an outage must not flood the log with one line per query."""
+        now = time.monotonic()
+        if now - self._last_failure_log < 1.0:
+            self._failures_not_logged += 1
+            return
+        log.warning("all upstream resolvers failed", extra=fields(
+            qname=qname, upstreams=upstreams, more_since_last_warning=self._failures_not_logged))
+        self._last_failure_log, self._failures_not_logged = now, 0
+
+
+def _name_of(packet: bytes) -> str:
+    try:
+        return str(DNSRecord.parse(packet).q.qname)
+    except Exception:  # noqa: BLE001 - only for a log line
+        return "?"
 
 
 class DnsDatagramProtocol(protocol.DatagramProtocol):
@@ -110,69 +163,188 @@ class DnsDatagramProtocol(protocol.DatagramProtocol):
         self.controller = controller
 
     def datagramReceived(self, data: bytes, addr) -> None:
-        transport = self.transport
+        sock = getattr(self.transport, "socket", None)
+        if sock is not None:
+            # straight to the socket: the transport would check the address again on every answer
+            def reply(answer: bytes) -> None:
+                try:
+                    sock.sendto(answer, addr)
+                except OSError as exc:  # a full send buffer or a vanished client costs this answer only
+                    log.debug("answer to %s not sent: %s", addr[0], exc)
+        else:
+            transport = self.transport
+
+            def reply(answer: bytes) -> None:
+                transport.write(answer, addr)
         try:
-            self.controller.handle(data, addr[0], lambda answer: transport.write(answer, addr))
+            self.controller.handle(data, addr[0], reply)
         except Exception:  # noqa: BLE001 - a bug must cost one query, not the listener
             self.controller.stats.malformed += 1
             log.exception("query from %s could not be handled", addr[0])
 
 
-class DnsStreamProtocol(protocol.Protocol, TimeoutMixin):
-    """TCP listener: length-prefixed queries, answered in any order; idle connections are closed."""
+# TCP clients: at most this many connections in all and from one address; a connection may have this
+# many queries waiting for an answer before it is read no further (RFC 7766 pipelining stays bounded)
+MAX_TCP_CONNECTIONS = 256
+MAX_TCP_CONNECTIONS_PER_CLIENT = 32
+MAX_TCP_QUERIES_PENDING = 64
 
-    idle_timeout = 30
 
-    def __init__(self, controller: DnsController) -> None:
+class DnsStreamProtocol(protocol.Protocol):
+    """TCP listener: length-prefixed queries, answered in any order.
+
+    A connection is closed when it stays idle for ``idle_timeout`` between messages, or when a message
+    that has started does not arrive whole within ``message_timeout``: a client trickling bytes cannot
+    hold it open. At most ``MAX_TCP_QUERIES_PENDING`` queries are worked on at once per connection.
+    """
+
+    idle_timeout = 30.0
+    message_timeout = 10.0
+
+    def __init__(self, controller: DnsController, factory: DnsStreamFactory | None = None, clock=None) -> None:
         self.controller = controller
+        self.factory = factory
+        self.clock = clock
         self.buffer = b""
         self.open = True
+        self.pending = 0
+        self.paused = False
+        self._timer = None
+        self._timer_kind = ""
 
     def connectionMade(self) -> None:
-        self.setTimeout(self.idle_timeout)
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            self.clock = reactor
+        self._arm()
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
         self.buffer += data
-        while len(self.buffer) >= 2:
+        self._parse()
+
+    def _parse(self) -> None:
+        while self.open and len(self.buffer) >= 2 and self.pending < MAX_TCP_QUERIES_PENDING:
             (length,) = struct.unpack_from("!H", self.buffer)
             if len(self.buffer) < 2 + length:
-                return
-            packet, self.buffer = self.buffer[2 : 2 + length], self.buffer[2 + length :]
+                break
+            packet, self.buffer = self.buffer[2: 2 + length], self.buffer[2 + length:]
             if length < HEADER_SIZE:
                 self.controller.stats.malformed += 1
                 continue
+            self.pending += 1
             try:
-                self.controller.handle(packet, self.transport.getPeer().host, self._write, tcp=True)
+                self.controller.handle(packet, self.transport.getPeer().host, self._answer_once(), tcp=True)
             except Exception:  # noqa: BLE001 - a bug must cost one query, not the listener
+                self.pending -= 1
                 self.controller.stats.malformed += 1
                 log.exception("TCP query could not be handled")
+        full = self.pending >= MAX_TCP_QUERIES_PENDING
+        if full != self.paused and self.open:
+            self.paused = full
+            (self.transport.pauseProducing if full else self.transport.resumeProducing)()
+        self._arm()
+
+    def _answer_once(self) -> Reply:
+        answered = False
+
+        def reply(answer: bytes) -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            self.pending -= 1
+            self._write(answer)
+            if self.open and (self.paused or self.buffer):
+                self._parse()
+            elif self.open:
+                self._arm()
+
+        return reply
+
+    def _arm(self) -> None:
+        """The one timer of this connection: a message under way must finish, an idle one is closed."""
+        if not self.open:
+            return
+        if self.buffer and not self.paused:
+            kind, seconds = "message", self.message_timeout
+        elif not self.pending and not self.buffer:
+            kind, seconds = "idle", self.idle_timeout
+        else:
+            kind, seconds = "", 0.0  # answers are under way: the forwarder bounds how long they take
+        if kind == self._timer_kind and (not kind or self._timer.active()):
+            # an idle timer restarts only after a whole message; a message timer never restarts
+            if kind == "idle":
+                self._timer.reset(seconds)
+            return
+        self._cancel_timer()
+        self._timer_kind = kind
+        if kind:
+            self._timer = self.clock.callLater(seconds, self._expired, kind)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer, self._timer_kind = None, ""
+
+    def _expired(self, kind: str) -> None:
+        self._timer, self._timer_kind = None, ""
+        if kind == "message":
+            self.controller.stats.tcp_timeouts += 1
+        self.transport.loseConnection()
 
     def _write(self, answer: bytes) -> None:
         if self.open and len(answer) <= MAX_TCP_MESSAGE:
             self.transport.write(struct.pack("!H", len(answer)) + answer)
 
-    def timeoutConnection(self) -> None:
-        self.transport.loseConnection()
-
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self.open = False
-        self.setTimeout(None)
+        self._cancel_timer()
+        if self.factory is not None:
+            self.factory.closed(self)
 
 
 class DnsStreamFactory(protocol.Factory):
-    def __init__(self, controller: DnsController) -> None:
+    """Builds the TCP protocol; refuses connections beyond the caps, in total and per client address."""
+
+    def __init__(self, controller: DnsController, clock=None, max_connections: int = MAX_TCP_CONNECTIONS,
+                 max_per_client: int = MAX_TCP_CONNECTIONS_PER_CLIENT) -> None:
         self.controller = controller
+        self.clock = clock
+        self.max_connections = max_connections
+        self.max_per_client = max_per_client
+        self.connections = 0
+        self.per_client: dict[str, int] = {}
 
     def buildProtocol(self, addr):
-        return DnsStreamProtocol(self.controller)
+        host = getattr(addr, "host", "")
+        if self.connections >= self.max_connections or self.per_client.get(host, 0) >= self.max_per_client:
+            self.controller.stats.tcp_refused += 1
+            return None  # the connection is closed at once
+        self.connections += 1
+        self.per_client[host] = self.per_client.get(host, 0) + 1
+        proto = DnsStreamProtocol(self.controller, self, self.clock)
+        proto.client_host = host
+        return proto
+
+    def closed(self, proto: DnsStreamProtocol) -> None:
+        host = getattr(proto, "client_host", None)
+        if host is None:
+            return
+        proto.client_host = None
+        self.connections -= 1
+        left = self.per_client.get(host, 1) - 1
+        if left > 0:
+            self.per_client[host] = left
+        else:
+            self.per_client.pop(host, None)
 
 
 def listen(reactor, controller: DnsController, host: str, port: int) -> list:
     """Bind UDP and TCP on ``host:port``; returns the listening ports (raises CannotListenError)."""
     udp = reactor.listenUDP(port, DnsDatagramProtocol(controller), interface=host)
     try:
-        tcp = reactor.listenTCP(port, DnsStreamFactory(controller), interface=host)
+        tcp = reactor.listenTCP(port, DnsStreamFactory(controller, reactor), interface=host)
     except Exception:
         udp.stopListening()
         raise

@@ -14,7 +14,10 @@ class DnsStats:
     fail_open: int = 0      # captured name forwarded: the mirror was not healthy, or the registry is bypassed
     refused: int = 0        # client outside dns.allow
     malformed: int = 0      # unparseable packet, dropped
-    servfail: int = 0       # every upstream failed
+    servfail: int = 0       # every upstream failed, or too many forwards in flight
+    overloaded: int = 0     # of those: not sent upstream, too many forwards in flight
+    tcp_refused: int = 0    # TCP connections closed at once: too many in total or from one address
+    tcp_timeouts: int = 0   # TCP connections closed because a query did not arrive whole in time
     rejected: int = 0       # FORMERR / NOTIMP answered locally
     health_changes: int = 0
 

@@ -1,0 +1,410 @@
+"""The DNS server in a process of its own, so no work of the mirror can delay or stop an answer.
+
+``serve`` binds the DNS sockets itself (so a bind error still names ``dns.listen[i]``), then starts
+``python -m dnsmirror.dns.child SETTINGS`` with those sockets as descriptors 3, 4, ...; the child
+runs the listeners, the capture decision and the forwarder on its own reactor. The two talk over the
+child's stdin and stdout, one JSON object per line:
+
+- parent -> child: ``{"healthy": bool, "reason": str, "bypass": {host: seconds left}}``, on every
+  change of :class:`~dnsmirror.health.HealthState` or of the TLS bypass, and every
+  ``health.interval`` as a heartbeat;
+- child -> parent: ``{"stats": {...}, "upstreams_down": n}`` every ``STATS_INTERVAL``: the child's DNS
+  counters since it started, and how many upstream resolvers it skips now.
+
+The fail-open rule is the parent's :class:`~dnsmirror.health.HealthState`, unchanged: the child
+captures only while the last word from the parent said healthy and that word is fresh. When the
+parent stops speaking (its reactor is stuck, or it died) the child fails open after ``stale_after``
+seconds, and it exits when its stdin closes (it ignores SIGINT and SIGTERM, which may reach the whole
+process group before the mirror process has drained). When the child dies the parent starts a new one
+on the same sockets.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass, fields
+
+from twisted.internet import protocol, task
+
+from dnsmirror import oci
+from dnsmirror.dns.stats import DnsStats
+from dnsmirror.logs import fields as log_fields
+
+log = logging.getLogger("dnsmirror.dns")
+
+FIRST_CHILD_FD = 3
+STATS_INTERVAL = 0.5
+RESTART_DELAY = 1.0
+NICE_BOOST = -5
+_MAX_LINE = 1 << 20
+
+
+@dataclass(frozen=True)
+class ChildSettings:
+    """Everything the child needs, passed on its command line as JSON."""
+
+    listen: list[tuple[str, int]]   # (host, port) of each dns.listen address, UDP fd then TCP fd each
+    upstreams: list[tuple[str, int]]
+    timeout: float
+    allow: list[str]
+    ttl: int
+    answer_cache_size: int
+    address: str
+    address6: str | None
+    capture: list[str]
+    skip: list[str]
+    log_format: str
+    log_level: str
+    stale_after: float
+
+    def to_json(self) -> str:
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> ChildSettings:
+        return cls(**json.loads(text))
+
+
+def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP sockets bound to ``host:port`` (TCP listening); raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        for sock in (udp, tcp):
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        udp.bind((host, port))
+        tcp.bind((host, udp.getsockname()[1] if port == 0 else port))
+        tcp.listen(128)
+        for sock in (udp, tcp):
+            sock.setblocking(False)
+    except OSError:
+        udp.close()
+        tcp.close()
+        raise
+    return udp, tcp
+
+
+# -- parent side
+
+
+class _ChildProtocol(protocol.ProcessProtocol):
+    def __init__(self, owner: DnsProcess) -> None:
+        self.owner = owner
+        self.buffer = b""
+
+    def outReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            self.owner._report(line)
+        if len(self.buffer) > _MAX_LINE:
+            self.buffer = b""
+
+    def processEnded(self, reason) -> None:
+        self.owner._ended(self, reason)
+
+
+class Readiness:
+    """What ``/readyz`` follows with DNS in a child: captured names resolve to the mirror only once the
+    child says it captures (it heard the mirror is healthy), not as soon as the mirror process knows."""
+
+    def __init__(self, health) -> None:
+        self.health = health
+        self.capturing = False
+        self.running = False
+
+    @property
+    def healthy(self) -> bool:
+        return self.running and self.capturing and self.health.healthy
+
+    @property
+    def reason(self) -> str:
+        if not self.health.healthy:
+            return self.health.reason
+        if not self.running:
+            return "the DNS process is not running"
+        return "the DNS process has not heard yet that the mirror is healthy"
+
+
+class DnsProcess:
+    """The parent's handle on the DNS child: starts it, tells it the health, restarts it when it dies."""
+
+    def __init__(self, reactor, settings: ChildSettings, sockets: list[socket.socket], stats: DnsStats,
+                 health, bypass, heartbeat: float) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.sockets = sockets
+        self.stats = stats
+        self.health = health
+        self.bypass = bypass
+        self.heartbeat = heartbeat
+        self.child: _ChildProtocol | None = None
+        self.restarts = 0
+        self.upstreams_down = 0  # as the child last reported
+        self.readiness = Readiness(health)
+        self._stopping = False
+        self._base = {name: 0 for name in _CHILD_COUNTERS}
+        self._last = dict(self._base)
+        self._loop = task.LoopingCall(self.tell)
+        self._loop.clock = reactor
+
+    def start(self) -> None:
+        """Start the child and the heartbeat; health changes are told at once."""
+        self._spawn()
+        self.health.subscribe(lambda healthy: self.tell())
+        self._loop.start(self.heartbeat, now=False).addErrback(
+            lambda f: log.error("DNS heartbeat stopped: %s", f.getTraceback()))
+
+    def _spawn(self) -> None:
+        fds = {0: "w", 1: "r", 2: 2}
+        for offset, sock in enumerate(self.sockets):
+            fds[FIRST_CHILD_FD + offset] = sock.fileno()
+        self.child = _ChildProtocol(self)
+        self.reactor.spawnProcess(self.child, sys.executable,
+                                  [sys.executable, "-m", "dnsmirror.dns.child", self.settings.to_json()],
+                                  env=dict(os.environ), childFDs=fds)
+        self._last = {name: 0 for name in _CHILD_COUNTERS}
+        self.tell()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process ID while it runs."""
+        transport = self.child.transport if self.child else None
+        return getattr(transport, "pid", None)
+
+    def tell(self) -> None:
+        """Send the current health and bypass to the child."""
+        if self.child is None or self.child.transport is None:
+            return
+        message = {"healthy": self.health.healthy, "reason": self.health.reason,
+                   "bypass": self.bypass.remaining() if self.bypass is not None else {}}
+        try:
+            self.child.transport.write(json.dumps(message).encode() + b"\n")
+        except Exception as exc:  # noqa: BLE001 - a dying child is restarted by processEnded
+            log.debug("telling the DNS process failed: %s", exc)
+
+    def _report(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+            counters = message["stats"]
+            for name in _CHILD_COUNTERS:
+                self._last[name] = int(counters.get(name, 0))
+            self.upstreams_down = int(message.get("upstreams_down", 0))
+            self.readiness.capturing = bool(message.get("capturing", False))
+            self.readiness.running = True
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("unreadable report from the DNS process: %r", line[:200])
+            return
+        for name in _CHILD_COUNTERS:
+            setattr(self.stats, name, self._base[name] + self._last[name])
+
+    def _ended(self, child: _ChildProtocol, reason) -> None:
+        if child is not self.child:
+            return
+        for name in _CHILD_COUNTERS:
+            self._base[name] += self._last[name]
+        self.child = None
+        self.readiness.running = self.readiness.capturing = False
+        if self._stopping:
+            return
+        self.restarts += 1
+        log.error("the DNS process ended (%s); starting a new one in %gs", reason.getErrorMessage(), RESTART_DELAY,
+                  extra=log_fields(event="dns_process_restart", restarts=self.restarts))
+        self.reactor.callLater(RESTART_DELAY, self._restart)
+
+    def _restart(self) -> None:
+        if not self._stopping and self.child is None:
+            self._spawn()
+
+    def stop(self) -> None:
+        """Stop the child (its stdin closes and it gets SIGKILL) and close the sockets."""
+        self._stopping = True
+        if self._loop.running:
+            self._loop.stop()
+        if self.child is not None and self.child.transport is not None:
+            transport = self.child.transport
+            transport.closeStdin()
+            try:
+                # the drain is over (captured names failed open meanwhile): answers in flight may go
+                transport.signalProcess("KILL")
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+
+_CHILD_COUNTERS = [f.name for f in fields(DnsStats) if f.name != "health_changes"]
+
+
+# -- child side
+
+
+class _Bypass:
+    """The parent's TLS bypass as last told: registry host -> when (on the child's clock) it ends."""
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.until: dict[str, float] = {}
+
+    def update(self, remaining: dict[str, float]) -> bool:
+        now = self.clock.seconds()
+        before = set(self.until)
+        self.until = {host: now + float(seconds) for host, seconds in remaining.items()}
+        return bool(set(self.until) - before)
+
+    def bypassed(self, name: str) -> bool:
+        if not self.until:
+            return False
+        until = self.until.get(oci.upstream_host(name))
+        return until is not None and until > self.clock.seconds()
+
+
+class _ParentChannel(protocol.Protocol):
+    """The child's stdin/stdout: health from the parent in, counters out."""
+
+    def __init__(self, child: _Child) -> None:
+        self.child = child
+        self.buffer = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buffer += data
+        while b"\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\n", 1)
+            self.child.heard(line)
+        if len(self.buffer) > _MAX_LINE:
+            self.buffer = b""
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.child.parent_gone()
+
+
+class _Child:
+    def __init__(self, reactor, settings: ChildSettings) -> None:
+        from dnsmirror.config import HostPort
+        from dnsmirror.dns.forwarder import Forwarder
+        from dnsmirror.dns.packets import Responder
+        from dnsmirror.dns.server import DnsController
+        from dnsmirror.patterns import HostMatcher
+
+        self.reactor = reactor
+        self.settings = settings
+        self.stats = DnsStats()
+        self.bypass = _Bypass(reactor)
+        self.responder = Responder(HostMatcher(settings.capture, settings.skip), settings.address,
+                                   settings.address6, settings.ttl, settings.answer_cache_size,
+                                   bypassed=self.bypass.bypassed)
+        self.forwarder = Forwarder(reactor, [HostPort(h, p) for h, p in settings.upstreams], settings.timeout)
+        self.controller = DnsController(self.responder, self.forwarder, [ipaddress.ip_network(n, strict=False) for n in settings.allow],
+                                        self.stats)
+        self.last_heard = reactor.seconds()
+        self.channel = None
+        self.reported = False
+        self.ports: list = []
+
+    def run(self) -> None:
+        from twisted.internet import stdio
+
+        from dnsmirror.dns.server import DnsDatagramProtocol, DnsStreamFactory
+
+        for index, (host, _port) in enumerate(self.settings.listen):
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            udp_fd, tcp_fd = FIRST_CHILD_FD + 2 * index, FIRST_CHILD_FD + 2 * index + 1
+            self.ports.append(self.reactor.adoptDatagramPort(udp_fd, family, DnsDatagramProtocol(self.controller)))
+            self.ports.append(self.reactor.adoptStreamPort(tcp_fd, family,
+                                                           DnsStreamFactory(self.controller, self.reactor)))
+            os.close(udp_fd)  # adopted ports hold their own duplicates
+            os.close(tcp_fd)
+        self.channel = stdio.StandardIO(_ParentChannel(self), reactor=self.reactor)
+        task.LoopingCall(self.report).start(STATS_INTERVAL, now=False)
+        task.LoopingCall(self.watch).start(min(1.0, self.settings.stale_after / 4), now=False)
+
+    def heard(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+            healthy = bool(message["healthy"])
+            new_bypass = self.bypass.update(message.get("bypass") or {})
+        except (ValueError, KeyError, TypeError, AttributeError):
+            log.warning("unreadable message from the mirror process: %r", line[:200])
+            return
+        self.last_heard = self.reactor.seconds()
+        if new_bypass:
+            self.responder.forget_answers()
+        self._capture(healthy)
+
+    def _capture(self, enabled: bool) -> None:
+        changed = enabled != self.responder.capture_enabled
+        self.responder.capture_enabled = enabled
+        if changed or not self.reported:
+            self.report()  # at once: the mirror process's readiness follows what this process does
+
+    def watch(self) -> None:
+        silent = self.reactor.seconds() - self.last_heard
+        if silent > self.settings.stale_after and self.responder.capture_enabled:
+            log.warning("no word from the mirror process for %.1fs: failing open", silent,
+                        extra=log_fields(event="dns_parent_silent", seconds=round(silent, 1)))
+            self._capture(False)
+
+    def report(self) -> None:
+        if self.channel is None:
+            return
+        self.reported = True
+        counters = {name: getattr(self.stats, name) for name in _CHILD_COUNTERS}
+        message = {"stats": counters, "upstreams_down": len(self.forwarder.table.down()),
+                   "capturing": self.responder.capture_enabled}
+        self.channel.write(json.dumps(message).encode() + b"\n")
+
+    def parent_gone(self) -> None:
+        _stop(self.reactor)
+
+
+def _stop(reactor) -> None:
+    if reactor.running:
+        reactor.stop()
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of the DNS child process."""
+    from dnsmirror import logs
+
+    settings = ChildSettings.from_json(argv[1])
+    logs.setup(settings.log_format, settings.log_level)
+    from twisted.internet import reactor
+
+    # Ctrl-C or a SIGTERM to the whole process group (a service manager) must not end the node's DNS
+    # before the mirror process drained: the child ends when its stdin closes, or by SIGKILL
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        # the node's resolver goes before blob work when the cores are busy (needs CAP_SYS_NICE or root)
+        os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0) + NICE_BOOST, -20))
+    except OSError as exc:
+        log.debug("DNS process keeps its CPU priority: %s", exc)
+    child = _Child(reactor, settings)
+    failed = []
+
+    def run() -> None:
+        try:
+            child.run()
+        except Exception:  # noqa: BLE001 - reported, and the parent starts a new process
+            log.exception("the DNS process could not start")
+            failed.append(True)
+            reactor.stop()
+
+    reactor.callWhenRunning(run)
+    reactor.run(installSignalHandlers=False)
+    child.forwarder.stop()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv))
