@@ -21,9 +21,7 @@ is passed through to upstream.
 
 from __future__ import annotations
 
-import errno
 import logging
-import os
 import time
 from dataclasses import dataclass
 
@@ -32,25 +30,29 @@ from twisted.python.failure import Failure
 
 from dnsmirror import failures, oci
 from dnsmirror.authz import Access, Grants, access_from_answer
+from dnsmirror.flight import Flight
 from dnsmirror.logs import fields
+from dnsmirror.outcomes import Failed, FromFill, NotHere, Outcome, PassOn, Refusal, UncachedWanted
 from dnsmirror.peers import PeerClient
-from dnsmirror.proxy import PassThrough, relay, unavailable, write_error
-from dnsmirror.store import BlobInfo, ContainerdContentSource, DigestMismatch, StoreFull
-from dnsmirror.store import digest_hex as oci_hex
-from dnsmirror.streaming import BlobStreamer, DiskIO, FileFeed, Fill, ResumableBody, VerifiedRelay
+from dnsmirror.proxy import PassThrough, unavailable
+from dnsmirror.respond import Responder
+from dnsmirror.sources import (
+    UNCACHED_BACKOFF,
+    CacheSource,
+    ContainerdSource,
+    PeerSource,
+    Source,
+    UpstreamSource,
+    wants_range,
+)
+from dnsmirror.store import ContainerdContentSource, DigestMismatch, StoreFull
+from dnsmirror.streaming import DiskIO, Fill
 from dnsmirror.target import Target
 from dnsmirror.upstream import UPSTREAM_FAILURES, UpstreamClient
 
 log = logging.getLogger("dnsmirror.content")
 
 _ATTEMPTS = 3
-# after the disk filled up mid-fill, blobs are streamed uncached for this long before trying again
-UNCACHED_BACKOFF = 60.0
-# an unverified cached blob up to this size is hashed whole before a byte is sent (a damaged one is then
-# replaced at once); a bigger one is hashed as it streams, its last bytes held back until the digest matches
-VERIFY_BEFORE_SERVING = 16 * 1024 * 1024
-# errors creating a cache file that say the disk itself cannot take files now
-_DISK_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
 @dataclass
@@ -80,59 +82,28 @@ def _owner(target: Target) -> tuple[str, str, str]:
     return target.credential, target.upstream_host, target.repository
 
 
-class _SharedCheck:
-    """One authorisation HEAD under way; every request that needs the same answer waits for it."""
-
-    def __init__(self, answer: defer.Deferred) -> None:
-        self._waiters: list[defer.Deferred] = []
-        self._result = None
-        self.settled = False
-        answer.addBoth(self._settle)
-
-    def _settle(self, result) -> None:
-        self._result, self.settled = result, True
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            if not d.called:  # a waiter whose client left was cancelled
-                d.callback(result)
-
-    def wait(self) -> defer.Deferred:
-        if self.settled:
-            return defer.succeed(self._result) if not isinstance(self._result, Failure) else defer.fail(self._result)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append(d)
-        return d
-
-
-class _Slot:
+class _Slot(Flight):
     """A fill being started: waiters learn the Fill, or None if the starter got no 200 upstream."""
 
     def __init__(self, target: Target, source: str = "upstream") -> None:
+        super().__init__()
         # a joiner with the starter's credential, host and repository needs no access check of its own
         self.owner = _owner(target)
+        self.digest = target.digest
         self.source = source
         self.peer = None  # the peer node a fill streams from, if any
-        self.fill: Fill | None = None
-        self.settled = False
-        self._waiters: list[defer.Deferred] = []
 
-    def wait(self) -> defer.Deferred:
-        if self.settled:
-            return defer.succeed(self.fill)
-        d: defer.Deferred = defer.Deferred()
-        self._waiters.append(d)
-        return d
-
-    def settle(self, fill: Fill | None) -> None:
-        self.fill = fill
-        self.settled = True
-        waiters, self._waiters = self._waiters, []
-        for d in waiters:
-            d.callback(fill)
+    @property
+    def fill(self) -> Fill | None:
+        return self.result
 
 
 class ContentChain:
-    """Serves reads by digest from the cache or a single upstream fill."""
+    """Serves reads by digest: tries its sources in order, one fill per digest at a time.
+
+    The sources (:mod:`dnsmirror.sources`) decide, :class:`~dnsmirror.respond.Responder` answers; the chain
+    owns what they share: the single-flight table of fills, the authorisation checks and the backoff
+    of a failing cache disk."""
 
     def __init__(self, reactor, disk: DiskIO, upstream: UpstreamClient, grants: Grants, passthrough: PassThrough,
                  stats: ContentStats | None = None, containerd: ContainerdContentSource | None = None,
@@ -146,48 +117,111 @@ class ContentChain:
         self.stats = stats or ContentStats()
         self.slots: dict[str, _Slot] = {}
         # authorisation HEADs under way, by (credential, host, repository, digest, manifest?)
-        self.checks: dict[tuple[str, str, str, str, bool], _SharedCheck] = {}
+        self.checks: dict[tuple[str, str, str, str, bool], Flight] = {}
         self.uncached_until = 0.0
-        self.containerd = containerd
         self.peers = peers
-        # digests whose copy in containerd's store failed verification: fetched upstream instead
-        self.containerd_rejected: set[str] = set()
+        self.cache = CacheSource(self)
+        self.containerd = ContainerdSource(self, containerd) if containerd is not None else None
+        self.peer_source = PeerSource(self, peers) if peers is not None else None
+        self.upstream_source = UpstreamSource(self)
+        # tried in order while no fill of the digest runs; the filling ones under one single-flight slot
+        self.local_sources: list[Source] = [self.cache] + ([self.containerd] if self.containerd else [])
+        self.fill_sources: list[Source] = ([self.peer_source] if self.peer_source else []) + [self.upstream_source]
+        self.respond = Responder(disk, passthrough, self.stats, self._fetch_uncached, self.cache.open)
 
     async def serve(self, request, target: Target) -> None:
         """Answer one GET/HEAD by digest."""
         for _ in range(_ATTEMPTS):
-            slot = self.slots.get(target.digest)
-            if slot is not None:
-                fill = await slot.wait()
-                if fill is None or fill.failure is not None:
-                    continue
-                if not await self._may_read(request, target, granted_by_fill=slot.owner == _owner(target)):
+            outcome, held = await self._resolve(request, target)
+            try:
+                if await self.respond.render(request, target, outcome):
                     return
-                if fill.uncached:  # its disk failed: it keeps only what its own readers still need
-                    await self._fetch_uncached(request, target)
-                    return
-                self.stats.fills_joined += 1
-                request.source = "fill"
-                if await self._serve_fill(request, target, fill):
-                    return
-                continue
-            # the index is in memory: only a hit needs the disk thread (its sidecar may be read)
-            info = await self.disk.run(self.store.stat, target.digest) if target.digest in self.store else None
-            if info is not None:
-                if not await self._may_read(request, target):
-                    return
-                if await self._serve_stored(request, target):
-                    return
-                continue  # evicted meanwhile
+            finally:
+                if held is not None:
+                    self.close_slot(held, None)
+        await self.respond.render(request, target, Failed(unavailable("content could not be fetched")))
+
+    async def _resolve(self, request, target: Target) -> tuple[Outcome, _Slot | None]:
+        """One look through the sources: the outcome, and a slot the chain holds until it is answered."""
+        slot = self.slots.get(target.digest)
+        if slot is not None:
+            return await self._join(target, slot), None
+        for source in self.local_sources:
+            outcome = await source.resolve(request, target)
+            if not isinstance(outcome, NotHere):
+                return outcome, None
             if target.digest in self.slots:
-                continue
-            if await self._from_containerd(request, target):
-                return
-            if target.digest in self.slots:
-                continue
-            if await self._fetch(request, target):
-                return
-        write_error(request, unavailable("content could not be fetched"))
+                return NotHere("a fill started meanwhile"), None
+        if target.method == "HEAD":
+            return PassOn(), None
+        if wants_range(request, target) and self.reactor.seconds() < self.uncached_until:
+            # the cache disk failed recently: upstream answers the range itself, with the client's credentials
+            self.stats.uncached_streams += 1
+            return PassOn(), None
+        self.stats.cache_misses += 1
+        slot = self.open_slot(target)
+        outcome = NotHere("no source")
+        try:
+            for source in self.fill_sources:
+                outcome = await source.resolve(request, target)
+                if not isinstance(outcome, NotHere):
+                    break
+        except BaseException:
+            self.close_slot(slot, None)
+            raise
+        if not isinstance(outcome, FromFill):
+            return outcome, slot  # joiners wait until it is answered, as they would for a fill
+        self.close_slot(slot, outcome.fill)
+        self.stats.fills_started += 1
+        self.fill_started(target, slot, outcome.fill)
+        if self.peers is not None and outcome.fill.total is not None:
+            self.peers.announce(target.digest)  # other nodes may stream this fill while it runs
+        return outcome, None
+
+    async def _join(self, target: Target, slot: _Slot) -> Outcome:
+        """A fill of the digest is being started or running: stream from it."""
+        fill = await slot.wait()
+        if fill is None or fill.failure is not None:
+            return NotHere("the fill failed")
+        refusal = await self.may_read(target, granted_by_fill=slot.owner == _owner(target))
+        if refusal is not None:
+            return refusal
+        if fill.uncached:  # its disk failed: it keeps only what its own readers still need
+            return UncachedWanted()
+        self.stats.fills_joined += 1
+        return FromFill(fill, "fill")
+
+    async def _fetch_uncached(self, request, target: Target) -> None:
+        """Answer from upstream without the cache: a whole body verified as it streams, a range passed through."""
+        if target.method == "HEAD" or wants_range(request, target):
+            outcome: Outcome = PassOn()
+        else:
+            outcome = await self.upstream_source.resolve(request, target, cache=False)
+        await self.respond.render(request, target, outcome)
+
+    # --- the single-flight table ---------------------------------------------------------------------
+
+    def open_slot(self, target: Target, source: str = "upstream") -> _Slot:
+        """Claim the fill of ``target.digest``: requests for it meanwhile wait for its outcome."""
+        slot = _Slot(target, source)
+        self.slots[target.digest] = slot
+        return slot
+
+    def close_slot(self, slot: _Slot, fill: Fill | None) -> None:
+        """Tell the slot's waiters the fill (or None: none started, and the slot is let go)."""
+        slot.settle(fill)
+        if fill is None and self.slots.get(slot.digest) is slot:
+            del self.slots[slot.digest]
+
+    def fill_started(self, target: Target, slot: _Slot, fill: Fill) -> None:
+        """A fill runs: its end (committed or failed) is the chain's to record."""
+        fill.done.addBoth(self._fill_finished, target, slot, fill)
+
+    def damaged(self, target: Target) -> None:
+        """A cached file did not match its digest: it is dropped, and the request looks again."""
+        self.stats.damaged_entries += 1
+        failures.report("cache", "damaged", "cached file does not match its digest; dropped", host=target.upstream_host,
+                        repository=target.repository, digest=target.digest)
 
     def running_fill(self, digest: str) -> Fill | None:
         """The fill of ``digest`` under way on this node, if its length is known (peers may stream it)."""
@@ -199,17 +233,15 @@ class ContentChain:
 
     # --- authorisation -------------------------------------------------------------------------------
 
-    async def _may_read(self, request, target: Target, granted_by_fill: bool = False) -> bool:
-        """True when the request may read cached content; otherwise the request has been answered."""
+    async def may_read(self, target: Target, granted_by_fill: bool = False) -> Refusal | None:
+        """None when the request may read cached content; otherwise what it gets instead."""
         access = Access.ALLOWED if granted_by_fill else await self.check_access(target)
         if access is Access.ALLOWED:
-            return True
+            return None
         if access is Access.DENIED:
             self.stats.access_denied += 1
-            await self.passthrough.forward(request, target)
-        else:
-            write_error(request, unavailable("cannot confirm access to cached content"))
-        return False
+            return PassOn()  # upstream's own refusal, to the client's own request
+        return Failed(unavailable("cannot confirm access to cached content"))
 
     async def check_access(self, target: Target) -> Access:
         """Would upstream serve this digest to this request's credentials, in this repository?
@@ -223,7 +255,8 @@ class ContentChain:
         key = (target.credential, target.upstream_host, target.repository, target.digest, target.is_manifest)
         check = self.checks.get(key)
         if check is None:
-            check = _SharedCheck(defer.ensureDeferred(self._ask_upstream(target, now)))
+            check = Flight()
+            defer.ensureDeferred(self._ask_upstream(target, now)).addBoth(check.settle)
             if not check.settled:
                 self.checks[key] = check
                 check.wait().addBoth(lambda _: self.checks.pop(key, None))
@@ -261,387 +294,6 @@ class ContentChain:
             return Access.ALLOWED
         return Access.UNREACHABLE
 
-    # --- serving -------------------------------------------------------------------------------------
-
-    def _headers(self, request, target: Target, content_type: str | None) -> None:
-        request.setHeader(b"docker-content-digest", target.digest.encode())
-        request.setHeader(b"etag", f'"{target.digest}"'.encode())
-        request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
-        request.setHeader(b"content-type", (content_type or "application/octet-stream").encode("latin-1"))
-        if not target.is_manifest:
-            request.setHeader(b"accept-ranges", b"bytes")
-
-    def _range(self, request, target: Target, total: int | None) -> tuple[int, int | None] | None:
-        """Set status and length headers; returns [start, end) or None when answered (416)."""
-        header = None if target.is_manifest or total is None else request.getHeader(b"range")
-        try:
-            byte_range = oci.parse_range(header, total) if header is not None else None
-        except oci.RangeNotSatisfiable as exc:
-            write_error(request, exc, {b"content-range": exc.content_range.encode()})
-            return None
-        if byte_range is not None:
-            request.setResponseCode(206)
-            request.setHeader(b"content-range", byte_range.content_range.encode())
-            request.setHeader(b"content-length", str(byte_range.length).encode())
-            return byte_range.start, byte_range.end + 1
-        request.setResponseCode(200)
-        if total is not None:
-            request.setHeader(b"content-length", str(total).encode())
-        return 0, total
-
-    def _damaged(self, target: Target) -> None:
-        """A cached file did not match its digest: it is dropped, and the request looks again."""
-        self.stats.damaged_entries += 1
-        failures.report("cache", "damaged", "cached file does not match its digest; dropped", host=target.upstream_host,
-                        repository=target.repository, digest=target.digest)
-
-    async def _serve_stored(self, request, target: Target, source: str = "cache") -> bool:
-        """Serve a committed blob; ``source`` is where its bytes came from for this request (the access log's)."""
-        reader = await self.disk.run(self.store.open_blob, target.digest)
-        if reader is None:
-            return False
-        info: BlobInfo = reader.info
-        # manifests are answered whole (never in ranges); an oversized one streams like a blob
-        if target.is_manifest and info.size <= oci.MANIFEST_MAX_SIZE:
-            try:
-                # small: hashed whole before a byte is sent, so a damaged copy is replaced, not served
-                manifest = await self.disk.run(self.store.read_verified, reader, oci.MANIFEST_MAX_SIZE)
-            finally:
-                self.disk.run(reader.close)
-            if manifest is None:
-                self._damaged(target)
-                return False
-            self.stats.cache_hits += source == "cache"
-            request.source = source
-            self._headers(request, target, info.content_type)
-            self._range(request, target, len(manifest))
-            if target.method == "GET":
-                request.write(manifest)
-            request.finish()
-            return True
-        ranged = target.method == "GET" and not target.is_manifest and request.getHeader(b"range") is not None
-        small = target.method == "GET" and info.size <= VERIFY_BEFORE_SERVING
-        if (ranged or small) and not reader.verified:
-            # a range cannot be checked on its own: the whole file is, once, before any range is served
-            if not await self.disk.run(self.store.verify_reader, reader):
-                self.disk.run(reader.close)
-                self._damaged(target)
-                return False
-        self.stats.cache_hits += source == "cache"
-        request.source = source
-        self._headers(request, target, info.content_type)
-        span = self._range(request, target, info.size)
-        if span is None or target.method == "HEAD":
-            self.disk.run(reader.close)
-            if span is not None:
-                request.finish()
-            return True
-        check = None
-        if not reader.verified and span == (0, info.size):
-            check = oci_hex(target.digest)  # hashed as it streams; its last bytes wait for the digest
-
-        outcome: list[bool] = []  # set when a streamed check ends: intact or damaged
-
-        def close() -> None:
-            # one trip to the disk pool, in order: remember (or drop) the file, then close it
-            self.disk.run(self._close_checked, reader, outcome[0] if outcome else None)
-
-        def damaged() -> None:
-            self._damaged(target)
-            outcome.append(False)
-
-        streamer = BlobStreamer(self.disk, request, reader.file.fileno(), span[0], span[1], on_close=close,
-                                verify=check, on_damaged=damaged, on_intact=lambda: outcome.append(True))
-        sent = await streamer.start()
-        if sent:
-            self.stats.bytes_served += span[1] - span[0]
-        return True
-
-    def _close_checked(self, reader, intact: bool | None) -> None:
-        """Close a cached blob's reader after a streamed check (disk pool): remember or drop the file first."""
-        try:
-            if intact:
-                self.store.mark_verified(reader)
-            elif intact is False:
-                self.store.drop_damaged(reader, "blob content does not match its digest")
-        finally:
-            reader.close()
-
-    async def _serve_fill(self, request, target: Target, fill: Fill) -> bool:
-        """Stream a fill (or, once it has ended, the blob it committed) to the request.
-
-        False when nothing was sent because the blob is gone: the fill failed, or its committed blob was
-        evicted before this reader could open it. The caller then looks for the content again."""
-        if target.method == "HEAD":
-            self._headers(request, target, fill.content_type)
-            if self._range(request, target, fill.total) is not None:
-                request.finish()
-            return True
-        if fill.uncached:
-            await self._fetch_uncached(request, target)
-            return True
-        try:
-            fd = await self.disk.run(os.open, fill.temp_path, os.O_RDONLY)
-        except FileNotFoundError:
-            if fill.uncached or fill.writer.failure is not None:  # its disk failed and its file is gone
-                await self._fetch_uncached(request, target)
-                return True
-            # the fill ended (renamed into the cache, or removed) before the open: a small blob's commit
-            # can win that race, and its outcome reaches the reactor only after the rename
-            await fill.settled()
-            # still this fill's bytes (from upstream, a peer, containerd): not a cache hit
-            if fill.info is not None and await self._serve_stored(request, target, getattr(request, "source", "cache")):
-                return True
-            log.info("blob gone before its reader opened it; looking again",
-                     extra=fields(event="fill_gone", digest=target.digest, host=target.upstream_host))
-            return False
-        if not fill.can_serve(0):
-            self.disk.run(os.close, fd)
-            await self._fetch_uncached(request, target)
-            return True
-        self._headers(request, target, fill.content_type)
-        span = self._range(request, target, fill.total)
-        if span is None:
-            self.disk.run(os.close, fd)
-            return True
-        streamer = BlobStreamer(self.disk, request, fd, span[0], span[1], fill=fill,
-                                on_close=lambda: self.disk.run(os.close, fd))
-        fill.waiters += 1
-        try:
-            sent = await streamer.start()
-        finally:
-            fill.waiters -= 1
-        if sent and span[1] is not None:
-            self.stats.bytes_served += span[1] - span[0]
-        return True
-
-    # --- filling -------------------------------------------------------------------------------------
-
-    async def _from_containerd(self, request, target: Target) -> bool:
-        """Serve a blob found in containerd's content store (copied into the cache, verified).
-
-        True when the request was answered. Manifests are skipped: containerd does not keep their
-        media type, which clients need."""
-        if self.containerd is None or target.is_manifest or target.method != "GET" \
-                or target.digest in self.containerd_rejected:
-            return False
-        reader = await self.disk.run(self.containerd.open_blob, target.digest)
-        if reader is None:
-            return False
-        # containerd's store holds every team's content: the same access check as the cache
-        allowed = await self._may_read(request, target)
-        if not allowed or target.digest in self.slots:
-            self.disk.run(reader.close)
-            return not allowed  # denied: answered; a fill started meanwhile: join it
-        slot = _Slot(target, source="containerd")
-        self.slots[target.digest] = slot
-        try:
-            writer = await self.disk.run(self.store.writer, target.digest, expected_size=reader.size)
-        except Exception:
-            slot.settle(None)
-            del self.slots[target.digest]
-            self.disk.run(reader.close)
-            return False
-        fill = Fill(self.disk, writer, target.digest, reader.size, "application/octet-stream")
-        slot.settle(fill)
-        self.stats.containerd_hits += 1
-        request.source = "containerd"
-        fill.done.addBoth(self._fill_finished, target, slot, fill)
-        FileFeed(self.disk, reader, fill).start()
-        return await self._serve_fill(request, target, fill)
-
-    async def _fetch_uncached(self, request, target: Target) -> None:
-        """Answer from upstream without the cache: a whole body verified as it streams, a range passed through."""
-        if target.method == "HEAD" or self._wants_range(request, target):
-            await self.passthrough.forward(request, target)
-            return
-        await self._start_fill(request, target, cache=False)
-
-    @staticmethod
-    def _wants_range(request, target: Target) -> bool:
-        return not target.is_manifest and request.getHeader(b"range") is not None
-
-    async def _fetch(self, request, target: Target) -> bool:
-        """Fill from upstream and serve the fill; False when its blob was gone before it could be read."""
-        if target.method == "HEAD":
-            await self.passthrough.forward(request, target)
-            return True
-        if self._wants_range(request, target) and self.reactor.seconds() < self.uncached_until:
-            # the cache disk failed recently: upstream answers the range itself, with the client's credentials
-            self.stats.uncached_streams += 1
-            await self.passthrough.forward(request, target)
-            return True
-        self.stats.cache_misses += 1
-        request.source = "upstream"  # until a peer or the cache disk says otherwise (also for upstream's refusals)
-        slot = _Slot(target)
-        self.slots[target.digest] = slot
-        fill = None
-        try:
-            answered = False
-            # a cache disk that was full recently: upstream's answer is streamed uncached instead
-            if self.peers is not None and self.peers.available() and self.reactor.seconds() >= self.uncached_until:
-                fill, answered = await self._start_peer_fill(request, target, slot)
-            if fill is None and not answered:
-                fill = await self._start_fill(request, target)
-        finally:
-            slot.settle(fill)
-            if fill is None and self.slots.get(target.digest) is slot:
-                del self.slots[target.digest]
-        if fill is None:
-            return True
-        self.stats.fills_started += 1
-        request.source = slot.source
-        fill.done.addBoth(self._fill_finished, target, slot, fill)
-        if self.peers is not None and fill.total is not None:
-            self.peers.announce(target.digest)  # other nodes may stream this fill while it runs
-        return await self._serve_fill(request, target, fill)
-
-    async def _start_peer_fill(self, request, target: Target, slot: _Slot) -> tuple[Fill | None, bool]:
-        """(a fill from a peer node that holds the digest, answered): the fill starts once upstream
-        confirmed (or recently granted) that this request may read it. A refusal from upstream is passed
-        to the client, which is then answered; otherwise, without a fill, upstream is asked next."""
-        access = await self.check_access(target)
-        if access is Access.DENIED:
-            self.stats.access_denied += 1
-            await self.passthrough.forward(request, target)
-            return None, True
-        if access is not Access.ALLOWED:
-            return None, False  # upstream is asked next, and says why
-        found = await self.peers.fetch(target.digest)
-        if found is None:
-            return None, False
-        peer, response = found
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
-        if target.is_manifest and response.length > oci.MANIFEST_MAX_SIZE:
-            await response.discard(0)
-            self.peers.failed(peer, target.digest, f"manifest of {response.length} bytes")
-            return None, False
-        try:
-            writer = await self.disk.run(self.store.writer, target.digest,
-                                         content_type=content_type.decode("latin-1"), expected_size=response.length)
-        except (StoreFull, OSError):
-            await response.discard(0)
-            return None, False  # upstream's answer is streamed without caching
-        self.stats.peer_fills += 1
-        slot.source, slot.peer = "peer", peer
-        fill = Fill(self.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
-        headers = self._upstream_headers(request, target)
-
-        def broke(reason: str) -> None:
-            self.peers.failed(peer, target.digest, f"body broke off at byte {fill.received}: {reason}")
-            self.stats.peer_resumes += 1
-            slot.peer = None  # reported: the fill's outcome is upstream's from here
-
-        # a peer that goes away mid-blob costs its clients nothing: upstream sends the rest
-        response.deliver_body(ResumableBody(fill, lambda offset: defer.ensureDeferred(
-            self._upstream_rest(target, headers, offset, fill.total)), broke))
-        return fill, False
-
-    async def _upstream_rest(self, target: Target, headers: dict, offset: int, total: int):
-        """Upstream's answer for bytes ``offset``- of the blob (206 with the matching range), or None."""
-        ranged = {**headers, b"range": [f"bytes={offset}-".encode()]}
-        try:
-            response = await self.upstream.request("GET", target.url, ranged, follow_redirects=True)
-        except UPSTREAM_FAILURES as exc:
-            log.warning("cannot resume a broken peer transfer upstream", extra=fields(
-                event="peer_resume_failed", digest=target.digest, reason=str(exc)))
-            return None
-        answered = (response.headers.getRawHeaders(b"content-range") or [b""])[0].decode("latin-1")
-        if response.code != 206 or answered != f"bytes {offset}-{total - 1}/{total}":
-            await response.discard(0)
-            log.warning("cannot resume a broken peer transfer upstream", extra=fields(
-                event="peer_resume_failed", digest=target.digest,
-                reason=f"upstream answered {response.code} {answered!r} to a range from byte {offset}"))
-            return None
-        return response
-
-    def _upstream_headers(self, request, target: Target) -> dict:
-        """What an upstream GET on the client's behalf carries: its credentials, Accept and User-Agent."""
-        headers = target.auth_headers()
-        for name in (b"accept", b"user-agent"):
-            values = request.requestHeaders.getRawHeaders(name)
-            if values:
-                headers[name] = values
-        return headers
-
-    async def _start_fill(self, request, target: Target, cache: bool = True) -> Fill | None:
-        """Ask upstream; returns a running Fill, or None once the request has been answered otherwise
-        (always so without ``cache``: the body is then relayed, verified, without the cache)."""
-        headers = self._upstream_headers(request, target)
-        # the cache file is created while upstream answers, off the response's critical path
-        early_writer = None
-        if cache and self.reactor.seconds() >= self.uncached_until:
-            early_writer = self.disk.run(self.store.writer, target.digest)
-        try:
-            response = await self.upstream.request("GET", target.url, headers, follow_redirects=True)
-        except UPSTREAM_FAILURES as exc:
-            self._drop_writer(early_writer)
-            write_error(request, unavailable(str(exc)))
-            return None
-        except BaseException:
-            self._drop_writer(early_writer)
-            raise
-        if response.code != 200:
-            self._drop_writer(early_writer)
-            await relay(request, response)
-            return None
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
-        if target.is_manifest and response.length is not None and response.length > oci.MANIFEST_MAX_SIZE:
-            self._drop_writer(early_writer)
-            await response.discard(0)
-            write_error(request, oci.OCIError("MANIFEST_INVALID", "manifest larger than 4 MiB", status=502))
-            return None
-        self.grants.grant(target.credential, target.upstream_host, target.repository, [target.digest],
-                          self.reactor.seconds())
-        try:
-            if early_writer is None:
-                raise StoreFull("the cache disk failed recently" if cache else "the fill under way is not cached")
-            if response.length is not None and response.length > self.store.max_size:
-                self._drop_writer(early_writer)
-                raise StoreFull(f"blob of {response.length} bytes is larger than the cache ({self.store.max_size} bytes)")
-            try:
-                writer = await early_writer
-            except OSError as exc:  # no room for even a new file (inodes), or no access: serve uncached
-                if exc.errno in _DISK_FAULTS:  # the disk, not a passing mishap: leave it alone a while
-                    self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
-                raise StoreFull(f"cannot create a cache file: {exc.strerror or exc}") from exc
-            if response.length is not None and writer.room is not None and response.length > writer.room:
-                self.disk.run(writer.abort)
-                # evicting old blobs may let the next request for it be cached
-                self.disk.run(self.store.make_room, response.length)
-                raise StoreFull(f"no room for {response.length} bytes on the cache's filesystem")
-            writer.describe(content_type.decode("latin-1"), response.length)
-        except StoreFull as exc:
-            if cache:
-                failures.report("cache", "full", f"{exc}; streaming without caching", host=target.upstream_host,
-                                repository=target.repository, digest=target.digest)
-            self.stats.uncached_streams += 1
-            request.source = "relay"
-            if self._wants_range(request, target):
-                await response.discard(0)
-                await self.passthrough.forward(request, target)
-                return None
-            await self._stream_uncached(request, target, response, content_type.decode("latin-1"))
-            return None
-        fill = Fill(self.disk, writer, target.digest, response.length, content_type.decode("latin-1"))
-        response.deliver_body(fill.body_protocol())
-        return fill
-
-    def _drop_writer(self, pending: defer.Deferred | None) -> None:
-        """Abort a cache writer created ahead of an answer that will not fill the cache."""
-        if pending is not None:
-            pending.addCallback(lambda writer: self.disk.run(writer.abort))
-            pending.addErrback(lambda _: None)
-
-    async def _stream_uncached(self, request, target: Target, response, content_type: str) -> None:
-        self._headers(request, target, content_type)
-        request.setResponseCode(200)
-        if response.length is not None:
-            request.setHeader(b"content-length", str(response.length).encode())
-        relay = VerifiedRelay(request, target.digest)
-        response.deliver_body(relay)
-        await relay.done
-
     def _fill_finished(self, result, target: Target, slot: _Slot, fill: Fill):
         if self.slots.get(target.digest) is slot:
             del self.slots[target.digest]
@@ -655,8 +307,8 @@ class ContentChain:
                 fill.verified and isinstance(cause, OSError))
             if disk_fault:
                 self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
-            elif slot.source == "containerd" and len(self.containerd_rejected) < 100_000:
-                self.containerd_rejected.add(target.digest)
+            elif slot.source == "containerd" and self.containerd is not None:
+                self.containerd.failed(target.digest)
             # info: the failure itself is reported (once, at warning) where it happened
             log.info("fill failed; nothing cached", extra=fields(event="fill_failed", digest=target.digest,
                                                                 host=target.upstream_host, source=slot.source,

@@ -6,7 +6,6 @@ The web layer is injected (a :class:`~twisted.web.resource.Resource` or a whole
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 
@@ -14,6 +13,7 @@ from twisted.internet import error
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
+from dnsmirror import oci
 from dnsmirror.config import HostPort
 from dnsmirror.limits import ConnectionLimiter, ListenerCaps
 from dnsmirror.logs import fields
@@ -29,13 +29,13 @@ class UnavailableResource(resource.Resource):
 
     def __init__(self, message: str = "dnsmirror's registry front is not available yet") -> None:
         super().__init__()
-        self.body = json.dumps({"errors": [{"code": "UNAVAILABLE", "message": message}]}).encode()
+        self.error = oci.OCIError("UNAVAILABLE", message, status=503)
 
     def render(self, request) -> bytes:
-        request.setResponseCode(503)
-        request.setHeader(b"content-type", b"application/json")
+        request.setResponseCode(self.error.status)
+        request.setHeader(b"content-type", oci.ERROR_CONTENT_TYPE.encode())
         request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
-        return self.body
+        return self.error.body()
 
 
 class HttpsBindError(Exception):

@@ -131,13 +131,13 @@ class PassThrough:
     async def forward(self, request, target: Target) -> None:
         """Send ``request`` upstream and its answer back; tag fallback when upstream is unreachable."""
         request.source = "passthrough"
-        answered = getattr(request, "early_answer", None)
+        answered = request.early_answer  # declared on StreamingRequest, as every field of dnsmirror's own
         if answered is not None:
             await answered
             if not request.finished and request.channel is not None:
                 request.finish()
             return
-        early = getattr(request, "early_response", None)
+        early = request.early_response
         if early is not None:
             request.early_response = None
             outcome, value = await early

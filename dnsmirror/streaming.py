@@ -33,6 +33,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
+from dnsmirror.flow import Upstream, readable, upstream_action
 from dnsmirror.store import BlobInfo, Store, Writer
 
 log = logging.getLogger("dnsmirror.content")
@@ -88,8 +89,11 @@ class Fill:
     ``done`` fires with the committed :class:`BlobInfo`, or fails with :class:`FillFailed`.
     """
 
-    def __init__(self, disk: DiskIO, writer: Writer, digest: str, total: int | None, content_type: str | None) -> None:
+    def __init__(self, disk: DiskIO, writer: Writer, digest: str, total: int | None, content_type: str | None,
+                 clock=None) -> None:
         self.disk = disk
+        # the pacing and stall timers' clock (an IReactorTime); the disk pool's reactor unless given
+        self._clock = clock if clock is not None else disk.reactor
         self.writer = writer
         self.digest = digest
         self.total = total
@@ -120,7 +124,6 @@ class Fill:
         self._stall_timer = None
         self._waiters: list[defer.Deferred] = []
         self.info: BlobInfo | None = None
-        self.waiters = 0
         #: The disk failed under this fill: it streams on from memory and will not be cached.
         self.uncached = False
         self._streams: set[BlobStreamer] = set()  # every reader (ranges too): what memory must keep
@@ -128,12 +131,17 @@ class Fill:
         self._memory_timer = None
 
     @property
+    def upstream_paused(self) -> bool:
+        """Whether upstream's body is paused now (a second source of the same body starts paused too)."""
+        return self._upstream_paused
+
+    @property
     def finished(self) -> bool:
         return self.verified or self.failure is not None
 
     def readable(self) -> int:
         """Bytes a waiter may send now: all of them once verified, else all received but the last."""
-        return self.received if self.verified else max(0, self.received - 1)
+        return readable(self.received, self.verified)
 
     def can_serve(self, offset: int) -> bool:
         """Whether a new reader from ``offset`` finds every byte it needs (on disk, in memory or to come)."""
@@ -349,10 +357,6 @@ class Fill:
             self._memory_timer.cancel()
         self._memory_timer = None
 
-    @property
-    def _clock(self):
-        return self.disk.reactor
-
     def _pause_for_readers(self) -> None:
         self._reader_paused = True
         self._progress_at = self._clock.seconds()
@@ -382,13 +386,12 @@ class Fill:
     def _flow(self) -> None:
         if self._upstream is None or self._body_finished or self.failure is not None:
             return  # the body is over: nothing left to pause or resume
-        paused = self._disk_paused or self._reader_paused or self._memory_paused
-        if paused == self._upstream_paused:
-            return
-        self._upstream_paused = paused
-        if paused:
+        action = upstream_action(self._disk_paused, self._reader_paused, self._memory_paused, self._upstream_paused)
+        if action is Upstream.PAUSE:
+            self._upstream_paused = True
             self._upstream.pauseProducing()
-        else:
+        elif action is Upstream.RESUME:
+            self._upstream_paused = False
             self._upstream.resumeProducing()
 
     def _body_done(self, reason: Failure) -> None:
@@ -518,7 +521,7 @@ class _Continuation:
 
     def makeConnection(self, transport) -> None:
         self.inner.makeConnection(transport)
-        if self.fill._upstream_paused:
+        if self.fill.upstream_paused:
             transport.pauseProducing()
 
     def dataReceived(self, data: bytes) -> None:

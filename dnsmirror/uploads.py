@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from io import BytesIO
 
 from twisted.internet import defer
@@ -134,6 +135,15 @@ class BodyPipe:
             self._resume_client()
 
 
+@dataclass(frozen=True)
+class RequestLine:
+    """A request's first line: what the connection read, before the body is in."""
+
+    method: bytes
+    path: bytes
+    version: bytes
+
+
 class StreamingRequest(server.Request):
     """A twisted.web request whose body may be streamed to an exchange started at header time.
 
@@ -149,6 +159,9 @@ class StreamingRequest(server.Request):
     source: str | None = None
     #: The request's :class:`~dnsmirror.target.Target`, once the registry front resolved it.
     target = None
+    #: The request line as the connection read it, known before twisted.web sets ``method`` and ``uri``
+    #: (once the body is in); set by :class:`dnsmirror.web.RegistryChannel`. Without it, no body streams.
+    request_line: RequestLine | None = None
     #: When the first body byte was written (monotonic), for the pull report.
     first_byte_at: float | None = None
     #: The body sent so far, kept (up to ``pulls.MAX_MANIFEST_BYTES``) when set to a bytearray: manifests.
@@ -170,13 +183,13 @@ class StreamingRequest(server.Request):
 
     def gotLength(self, length: int | None) -> None:  # noqa: N802 - twisted.web's name
         channel = self.channel
-        command = getattr(channel, "_command", b"")
         start = getattr(getattr(channel.site, "resource", None), "start_streaming", None)
-        if start is None or command.upper() not in STREAMED_METHODS or length == 0:
+        line = self.request_line
+        if start is None or line is None or line.method.upper() not in STREAMED_METHODS or length == 0:
             super().gotLength(length)
             return
         # what requestReceived will set, needed now to route the request
-        self.method, self.uri = command, channel._path
+        self.method, self.uri = line.method, line.path
         transport = channel.transport
         pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
         early = start(self, pipe)
@@ -187,7 +200,7 @@ class StreamingRequest(server.Request):
         self.body_pipe = pipe
         self.early_response = early
         # what requestReceived would set: needed to answer while the body is still arriving
-        self.clientproto = getattr(channel, "_version", self.clientproto)
+        self.clientproto = line.version
         answer_early = getattr(channel.site.resource, "answer_early", None)
         if answer_early is not None:
             early.addCallback(self._upstream_answered, answer_early)

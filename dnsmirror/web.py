@@ -19,6 +19,7 @@ from dnsmirror.content import ContentChain
 from dnsmirror.patterns import HostMatcher, normalize_host
 from dnsmirror.proxy import PassThrough, write_error
 from dnsmirror.target import Target
+from dnsmirror.uploads import RequestLine, StreamingRequest
 
 log = logging.getLogger("dnsmirror.web")
 
@@ -55,6 +56,16 @@ class RegistryChannel(http.HTTPChannel):
     def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 - Twisted's name
         # twisted.web only closes, which over TLS can leave a client waiting for an answer
         self._respondToBadRequestAndDisconnect()
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802 - Twisted's name
+        known = len(self.requests)
+        super().lineReceived(line)
+        if len(self.requests) > known:
+            # a request line: twisted.web keeps it private until the body is in; an upload is routed at header time
+            parts = line.split()
+            request = self.requests[-1]
+            if len(parts) == 3 and isinstance(request, StreamingRequest):
+                request.request_line = RequestLine(*parts)
 
 
 class RegistryResource(resource.Resource):

@@ -5,135 +5,49 @@ from __future__ import annotations
 import hashlib
 import os
 
-from test_streaming import FakeRequest
-from twisted.internet import defer, task
+from fakes import BlobResponse as _Response
+from fakes import FakeRequest, ManualDisk, OneBlobUpstream, range_request
+from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
-from twisted.web.http_headers import Headers
 
-from dnsmirror import content, oci
+from dnsmirror import oci, sources
 from dnsmirror.authz import ANONYMOUS, Grants
 from dnsmirror.content import ContentChain
 from dnsmirror.store import Store
-from dnsmirror.streaming import DiskIO
 from dnsmirror.target import Target
 
 ECR = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
 
 
-class ManualDisk(DiskIO):
-    """Queues every disk call; the test runs them one by one, and may run one now and report it later."""
-
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.reactor = task.Clock()
-        self.queue: list[tuple[object, tuple, dict, defer.Deferred]] = []
-
-    def run(self, function, *args, **kwargs) -> defer.Deferred:
-        d: defer.Deferred = defer.Deferred()
-        self.queue.append((function, args, kwargs, d))
-        return d
-
-    def _take(self, name: str):
-        for index, (function, args, kwargs, d) in enumerate(self.queue):
-            if getattr(function, "__name__", "") == name:
-                del self.queue[index]
-                return function, args, kwargs, d
-        raise AssertionError(
-            f"no queued {name} call in {[getattr(f, '__name__', f) for f, *_ in self.queue]}"
-        )
-
-    def step(self, name: str) -> None:
-        """Run the queued call of ``name`` and report its outcome at once."""
-        function, args, kwargs, d = self._take(name)
-        defer.maybeDeferred(function, *args, **kwargs).chainDeferred(d)
-
-    def run_quietly(self, name: str) -> defer.Deferred:
-        """Run the queued call of ``name`` now; its outcome reaches the caller when the result is fired."""
-        function, args, kwargs, d = self._take(name)
-        outcome = defer.maybeDeferred(function, *args, **kwargs)
-        held: defer.Deferred = defer.Deferred()
-        held.addCallback(lambda _: outcome.chainDeferred(d))
-        return held
-
-    def drain(self, limit: int = 100) -> None:
-        for _ in range(limit):
-            if not self.queue:
-                return
-            function, args, kwargs, d = self.queue.pop(0)
-            defer.maybeDeferred(function, *args, **kwargs).chainDeferred(d)
-        raise AssertionError("disk calls did not settle")
-
-
-class OneBlobUpstream:
-    """Answers every GET with ``body``, delivered as soon as a body protocol is attached."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-
-    def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
-        return defer.succeed(_Response(self.body))
-
-
-class _Response:
-    code = 200
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-        self.headers = Headers({b"content-type": [b"application/octet-stream"]})
-
-    def deliver_body(self, protocol) -> None:
-        protocol.makeConnection(None)
-        protocol.dataReceived(self.body)
-        protocol.connectionLost(Failure(ResponseDone()))
-
-    def discard(self, *args) -> defer.Deferred:
-        return defer.succeed(None)
-
-
-class BlobRequest(FakeRequest):
-    def __init__(self) -> None:
-        super().__init__()
-        self.headers: dict[bytes, bytes] = {}
-        self.code = 200
-        self.source = None
-
-    def setHeader(self, name, value):
-        self.headers[name.lower()] = value
-
-    def getHeader(self, name):
-        return None
-
-    def setResponseCode(self, code, message=None):
-        self.code = code
-
-    @property
-    def requestHeaders(self):
-        return Headers()
-
-
 def blob_target(digest: str) -> Target:
     uri = f"/v2/team/app/blobs/{digest}".encode()
-    return Target(host=ECR, upstream_host=ECR, uri=uri, method="GET", path=oci.parse_path(uri),
-                  credential=ANONYMOUS, authorization=[])
+    return Target(
+        host=ECR,
+        upstream_host=ECR,
+        uri=uri,
+        method="GET",
+        path=oci.parse_path(uri),
+        credential=ANONYMOUS,
+        authorization=[],
+    )
 
 
-def read_after_commit(store: Store, data: bytes) -> tuple[ManualDisk, BlobRequest, defer.Deferred]:
+def read_after_commit(store: Store, data: bytes) -> tuple[ManualDisk, FakeRequest, defer.Deferred]:
     """A GET of a small cold blob whose reader opens the fill's temp file just after the commit renamed it:
     the reader's open and the commit's rename race in two threads, the rename wins, and its outcome
     reaches the reactor only after the open has failed. Returns with the commit reported."""
     disk = ManualDisk(store)
     chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), Grants(300, 86400), passthrough=None)
-    request = BlobRequest()
+    request = FakeRequest()
     served = defer.ensureDeferred(
         chain.serve(request, blob_target("sha256:" + hashlib.sha256(data).hexdigest()))
     )
-    disk.step("writer")               # the cache file, created while upstream answers
-    disk.step("_write_and_verify")    # the whole body arrived at once: written and verified
+    disk.step("writer")  # the cache file, created while upstream answers
+    disk.step("_write_and_verify")  # the whole body arrived at once: written and verified
     commit_reported = disk.run_quietly("commit")
-    disk.step("open")                 # too late: the temp file has been renamed into the cache
+    disk.step("open")  # too late: the temp file has been renamed into the cache
     assert not request.channel.transport.aborted
     commit_reported.callback(None)
     return disk, request, served
@@ -174,7 +88,7 @@ class _CutResponse(_Response):
 
     def deliver_body(self, protocol) -> None:
         protocol.makeConnection(None)
-        protocol.dataReceived(self.body[:self.cut])
+        protocol.dataReceived(self.body[: self.cut])
         protocol.connectionLost(Failure(ConnectionLost("the peer went away")))
 
 
@@ -237,7 +151,7 @@ def test_a_peer_that_breaks_off_mid_blob_is_finished_from_upstream(tmp_path):
         chain = ContentChain(
             disk.reactor, disk, upstream, granted(digest, disk), passthrough=None, peers=peer
         )
-        request = BlobRequest()
+        request = FakeRequest()
         served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
         disk.drain()
 
@@ -259,7 +173,7 @@ def test_peers_are_not_asked_while_the_cache_disk_was_full_recently(tmp_path):
             disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None, peers=peer
         )
         chain.uncached_until = disk.reactor.seconds() + 60
-        request = BlobRequest()
+        request = FakeRequest()
         served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
         disk.drain()
 
@@ -269,21 +183,6 @@ def test_peers_are_not_asked_while_the_cache_disk_was_full_recently(tmp_path):
 
 
 # --- a damaged cache, a failing disk -------------------------------------------------------------------
-
-
-class RangeRequest(BlobRequest):
-    """A GET with a Range header."""
-
-    def __init__(self, first: int, last: int) -> None:
-        super().__init__()
-        self.range = f"bytes={first}-{last}".encode()
-
-    def getHeader(self, name):
-        return self.range if name.lower() == b"range" else None
-
-    @property
-    def requestHeaders(self):
-        return Headers({b"range": [self.range]})
 
 
 class RecordingPassThrough:
@@ -297,7 +196,7 @@ class RecordingPassThrough:
         self.forwarded.append(request.getHeader(b"range"))
         first, last = map(int, request.getHeader(b"range").decode().removeprefix("bytes=").split("-"))
         request.setResponseCode(206)
-        request.write(self.body[first:last + 1])
+        request.write(self.body[first : last + 1])
         request.finish()
 
 
@@ -324,7 +223,7 @@ def serve(chain: ContentChain, disk: ManualDisk, request, target: Target) -> Non
 
 
 def test_a_damaged_cached_blob_is_cut_before_its_last_bytes_dropped_and_fetched_again(tmp_path, monkeypatch):
-    monkeypatch.setattr(content, "VERIFY_BEFORE_SERVING", 2**20)  # a big blob: hashed as it streams
+    monkeypatch.setattr(sources, "VERIFY_BEFORE_SERVING", 2**20)  # a big blob: hashed as it streams
     data = os.urandom(3 * 2**20 + 5)
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
         digest = cached(store, data)
@@ -333,12 +232,12 @@ def test_a_damaged_cached_blob_is_cut_before_its_last_bytes_dropped_and_fetched_
         chain = ContentChain(
             disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None
         )
-        first = BlobRequest()
+        first = FakeRequest()
         serve(chain, disk, first, blob_target(digest))
         assert first.channel.transport.aborted and not first.finished
         assert len(first.body) < len(data) and digest not in store and chain.stats.damaged_entries == 1
 
-        again = BlobRequest()
+        again = FakeRequest()
         serve(chain, disk, again, blob_target(digest))
         assert again.finished and again.body == data and again.source == "upstream"
         assert store.open_blob(digest).verified  # the new copy was hashed as it was written
@@ -353,7 +252,7 @@ def test_a_small_damaged_cached_blob_is_replaced_before_a_byte_is_sent(tmp_path)
         chain = ContentChain(
             disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None
         )
-        request = BlobRequest()
+        request = FakeRequest()
         serve(chain, disk, request, blob_target(digest))
         assert request.finished and request.body == data and request.source == "upstream"
         assert not request.channel.transport.aborted and chain.stats.damaged_entries == 1
@@ -368,7 +267,7 @@ def test_a_range_of_a_damaged_cached_blob_is_answered_with_the_right_bytes(tmp_p
         chain = ContentChain(
             disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None
         )
-        request = RangeRequest(900, 1100)
+        request = range_request(900, 1100)
         serve(chain, disk, request, blob_target(digest))
         # the whole copy is checked before any range of it is served: the range comes from a new fill
         assert request.code == 206 and request.finished and request.body == data[900:1101]
@@ -377,7 +276,7 @@ def test_a_range_of_a_damaged_cached_blob_is_answered_with_the_right_bytes(tmp_p
 
 
 def test_a_cached_blob_found_at_start_is_hashed_once_and_then_served_without_hashing(tmp_path, monkeypatch):
-    monkeypatch.setattr(content, "VERIFY_BEFORE_SERVING", 2**20)
+    monkeypatch.setattr(sources, "VERIFY_BEFORE_SERVING", 2**20)
     data = os.urandom(2**20 + 7)
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
         digest = cached(store, data)
@@ -395,12 +294,12 @@ def test_a_cached_blob_found_at_start_is_hashed_once_and_then_served_without_has
             calls.append(getattr(function, "__name__", "")) or run(function, *a, **k)
         )
         for _ in range(2):
-            request = BlobRequest()
+            request = FakeRequest()
             serve(chain, disk, request, blob_target(digest))
             assert request.finished and request.body == data and request.source == "cache"
-        first, second = calls[:len(calls) // 2], calls[len(calls) // 2:]
+        first, second = calls[: len(calls) // 2], calls[len(calls) // 2 :]
         assert "_read_hashed" in first and "_read_hashed" not in second
-        request = RangeRequest(5, 10)
+        request = range_request(5, 10)
         serve(chain, disk, request, blob_target(digest))
         assert request.body == data[5:11] and "verify_reader" not in calls  # remembered as intact
 
@@ -417,9 +316,16 @@ def test_a_damaged_cached_manifest_is_fetched_again_before_a_byte_is_sent(tmp_pa
             disk.reactor, disk, OneBlobUpstream(manifest), granted(digest, disk), passthrough=None
         )
         uri = f"/v2/team/app/manifests/{digest}".encode()
-        target = Target(host=ECR, upstream_host=ECR, uri=uri, method="GET", path=oci.parse_path(uri),
-                        credential=ANONYMOUS, authorization=[])
-        request = BlobRequest()
+        target = Target(
+            host=ECR,
+            upstream_host=ECR,
+            uri=uri,
+            method="GET",
+            path=oci.parse_path(uri),
+            credential=ANONYMOUS,
+            authorization=[],
+        )
+        request = FakeRequest()
         serve(chain, disk, request, target)
         assert request.finished and request.body == manifest and request.source == "upstream"
         assert not request.channel.transport.aborted and chain.stats.damaged_entries == 1
@@ -445,16 +351,21 @@ def test_a_disk_failing_mid_fill_does_not_cut_the_client_and_later_fills_stay_of
         with Store.open(tmp_path / f"cache-{errno_}", 64 * 2**20) as store:
             failing_disk(monkeypatch, errno_)
             disk = ManualDisk(store)
-            chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk),
-                                 passthrough=RecordingPassThrough(data))
-            request = BlobRequest()
+            chain = ContentChain(
+                disk.reactor,
+                disk,
+                OneBlobUpstream(data),
+                granted(digest, disk),
+                passthrough=RecordingPassThrough(data),
+            )
+            request = FakeRequest()
             serve(chain, disk, request, blob_target(digest))
             assert not request.channel.transport.aborted
             assert request.finished and request.body == data and digest not in store
             assert os.listdir(tmp_path / f"cache-{errno_}" / "tmp") == []
             assert chain.uncached_until > disk.reactor.seconds()  # later fills know
             # while it stays off the disk, a range is answered by upstream itself, not ignored
-            ranged = RangeRequest(10, 20)
+            ranged = range_request(10, 20)
             serve(chain, disk, ranged, blob_target(digest))
             assert ranged.code == 206 and ranged.body == data[10:21]
             assert chain.passthrough.forwarded == [b"bytes=10-20"]
@@ -469,12 +380,17 @@ def test_a_blob_larger_than_the_free_space_streams_uncached_and_a_range_of_it_go
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
         monkeypatch.setattr(store, "free_space", lambda: 100_000)
         disk = ManualDisk(store)
-        chain = ContentChain(disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk),
-                             passthrough=RecordingPassThrough(data))
-        request = BlobRequest()
+        chain = ContentChain(
+            disk.reactor,
+            disk,
+            OneBlobUpstream(data),
+            granted(digest, disk),
+            passthrough=RecordingPassThrough(data),
+        )
+        request = FakeRequest()
         serve(chain, disk, request, blob_target(digest))
         assert request.finished and request.body == data and request.source == "relay" and digest not in store
-        ranged = RangeRequest(0, 99)
+        ranged = range_request(0, 99)
         serve(chain, disk, ranged, blob_target(digest))
         assert (
             ranged.code == 206
@@ -516,22 +432,22 @@ def test_a_reader_joining_just_as_the_disk_fails_under_the_fill_is_served_from_u
         disk = ManualDisk(store)
         upstream = StagedThenWholeUpstream(data)
         chain = ContentChain(disk.reactor, disk, upstream, granted(digest, disk), passthrough=None)
-        first = BlobRequest()
+        first = FakeRequest()
         first_served = defer.ensureDeferred(chain.serve(first, blob_target(digest)))
         disk.step("writer")
         disk.step("open")
         body = upstream.first.protocol
-        body.dataReceived(data[:2**20])
+        body.dataReceived(data[: 2**20])
         failing_disk(monkeypatch, errno.ENOSPC)
         wrote = disk.run_quietly("_write_chunks")  # the disk fails in the thread; the reactor hears later
         assert chain.slots[digest].fill.writer.failure is not None and not chain.slots[digest].fill.uncached
-        joiner = BlobRequest()
+        joiner = FakeRequest()
         joined = defer.ensureDeferred(chain.serve(joiner, blob_target(digest)))
         disk.step("open")  # the temp file is gone already
         disk.drain()
         assert joined.called and joiner.finished and joiner.body == data and joiner.source == "relay"
         wrote.callback(None)
-        body.dataReceived(data[2**20:])
+        body.dataReceived(data[2**20 :])
         body.connectionLost(Failure(ResponseDone()))
         disk.drain()
         assert first_served.called and first.finished and first.body == data

@@ -15,7 +15,8 @@ import json
 import os
 
 import pytest
-from test_content import BlobRequest, ManualDisk, OneBlobUpstream, _Response
+from fakes import BlobResponse as _Response
+from fakes import FakeRequest, ManualDisk, OneBlobUpstream
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
 
@@ -132,14 +133,6 @@ class RecordingPassThrough:
         request.finish()
 
 
-class Request(BlobRequest):
-    method = b"GET"
-
-    @property
-    def startedWriting(self):
-        return bool(self.written)
-
-
 class WholePeer:
     """A peer node that holds ``body`` and sends it whole; counts the lookups."""
 
@@ -165,8 +158,15 @@ def target(
     credential: str, repository: str, digest: str, *, manifest: bool = False, method: str = "GET"
 ) -> Target:
     uri = f"/v2/{repository}/{'manifests' if manifest else 'blobs'}/{digest}".encode()
-    return Target(host=HOST, upstream_host=HOST, uri=uri, method=method, path=oci.parse_path(uri),
-                  credential=credential, authorization=[b"Bearer x"])
+    return Target(
+        host=HOST,
+        upstream_host=HOST,
+        uri=uri,
+        method=method,
+        path=oci.parse_path(uri),
+        credential=credential,
+        authorization=[b"Bearer x"],
+    )
 
 
 def put(store: Store, data: bytes, content_type: str = "application/octet-stream") -> str:
@@ -194,8 +194,10 @@ def chain_with(
     return chain, disk, grants
 
 
-def serve(chain: ContentChain, disk: ManualDisk, request_target: Target) -> tuple[Request, defer.Deferred]:
-    request = Request()
+def serve(
+    chain: ContentChain, disk: ManualDisk, request_target: Target
+) -> tuple[FakeRequest, defer.Deferred]:
+    request = FakeRequest()
     served = defer.ensureDeferred(chain.serve(request, request_target))
     disk.drain()
     return request, served
@@ -259,8 +261,11 @@ def test_concurrent_reads_of_one_credential_share_one_authorisation_head(store):
     chain, disk, grants = chain_with(store, upstream)
     first = [serve(chain, disk, target(TEAM_B, REPO_B, D)) for _ in range(3)]
     others = [serve(chain, disk, target(TEAM_A, REPO_B, D)), serve(chain, disk, target(TEAM_B, REPO_A, D))]
-    assert upstream.heads() == [f"https://{HOST}/v2/{REPO_B}/blobs/{D}", f"https://{HOST}/v2/{REPO_B}/blobs/{D}",
-                                f"https://{HOST}/v2/{REPO_A}/blobs/{D}"]
+    assert upstream.heads() == [
+        f"https://{HOST}/v2/{REPO_B}/blobs/{D}",
+        f"https://{HOST}/v2/{REPO_B}/blobs/{D}",
+        f"https://{HOST}/v2/{REPO_A}/blobs/{D}",
+    ]
     assert chain.stats.access_checks == 3 and chain.stats.access_checks_merged == 2
     upstream.answer(200)
     disk.drain()
@@ -343,8 +348,12 @@ class _TagResponse:
     def __init__(self, body: bytes) -> None:
         self.body = body
         self.length = len(body)
-        self.headers = Headers({b"content-type": [oci.OCI_MANIFEST.encode()],
-                                b"docker-content-digest": [digest_of(body).encode()]})
+        self.headers = Headers(
+            {
+                b"content-type": [oci.OCI_MANIFEST.encode()],
+                b"docker-content-digest": [digest_of(body).encode()],
+            }
+        )
 
     def read_body(self, limit):
         return defer.succeed(self.body)
@@ -358,18 +367,6 @@ class TagUpstream:
         return defer.succeed(_TagResponse(self.body))
 
 
-class TagRequest(Request):
-    content = None
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.responseHeaders = Headers()
-
-    @property
-    def requestHeaders(self):
-        return Headers({b"accept": [oci.OCI_MANIFEST.encode(), oci.OCI_INDEX.encode()]})
-
-
 @pytest.mark.parametrize("field", REFERENCE_FIELDS)
 def test_a_manifest_by_tag_grants_its_own_digest_and_nothing_it_names(store, field):
     manifest = naming(field)
@@ -377,9 +374,16 @@ def test_a_manifest_by_tag_grants_its_own_digest_and_nothing_it_names(store, fie
     grants = Grants(300, 86400)
     passthrough = PassThrough(disk.reactor, TagUpstream(manifest), disk, grants, TagMemory(), stale_tags=True)
     uri = f"/v2/{REPO_B}/manifests/v1".encode()
-    tag_target = Target(host=HOST, upstream_host=HOST, uri=uri, method="GET", path=oci.parse_path(uri),
-                        credential=TEAM_B, authorization=[b"Bearer x"])
-    request = TagRequest()
+    tag_target = Target(
+        host=HOST,
+        upstream_host=HOST,
+        uri=uri,
+        method="GET",
+        path=oci.parse_path(uri),
+        credential=TEAM_B,
+        authorization=[b"Bearer x"],
+    )
+    request = FakeRequest({b"accept": [oci.OCI_MANIFEST.encode(), oci.OCI_INDEX.encode()]})
     defer.ensureDeferred(passthrough.forward(request, tag_target))
     disk.drain()
     assert request.finished and request.body == manifest

@@ -8,9 +8,9 @@ import io
 import os
 
 import pytest
+from fakes import ManualDisk
 from hypothesis import given
 from hypothesis import strategies as st
-from test_content import ManualDisk
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
 from twisted.web import server

@@ -6,81 +6,13 @@ import hashlib
 import os
 
 import pytest
+from fakes import FakeRequest, FakeTransport, InlineDisk
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from dnsmirror.store import DigestMismatch, Store
-from dnsmirror.streaming import READER_LAG_HIGH, READER_STALL, BlobStreamer, DiskIO, Fill, VerifiedRelay
-
-
-class InlineDisk(DiskIO):
-    """Runs disk calls at once on the calling thread, so tests need no reactor."""
-
-    def __init__(self, store):
-        self.store = store
-        self.reactor = task.Clock()  # the fill's pacing timers; advanced by hand
-
-    def run(self, function, *args, **kwargs):
-        return defer.maybeDeferred(function, *args, **kwargs)
-
-
-class FakeTransport:
-    def __init__(self):
-        self.aborted = False
-        self.paused = 0
-        self.resumed = 0
-        self.stopped = False
-
-    def abortConnection(self):
-        self.aborted = True
-
-    def pauseProducing(self):
-        self.paused += 1
-
-    def resumeProducing(self):
-        self.resumed += 1
-
-    def stopProducing(self):
-        self.stopped = True
-
-
-class FakeChannel:
-    def __init__(self):
-        self.transport = FakeTransport()
-
-
-class FakeRequest:
-    """Enough of twisted.web's Request for a push producer: writes, finish, producer, channel."""
-
-    def __init__(self):
-        self.written: list[bytes] = []
-        self.finished = False
-        self.producer = None
-        self.channel = FakeChannel()
-        self.transport = self.channel.transport
-        self._finish = defer.Deferred()
-
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.written)
-
-    def write(self, data):
-        assert not self.finished
-        self.written.append(data)
-
-    def finish(self):
-        self.finished = True
-
-    def registerProducer(self, producer, streaming):
-        assert streaming
-        self.producer = producer
-
-    def unregisterProducer(self):
-        self.producer = None
-
-    def notifyFinish(self):
-        return self._finish
+from dnsmirror.streaming import READER_LAG_HIGH, READER_STALL, BlobStreamer, Fill, VerifiedRelay
 
 
 def sha(data: bytes) -> str:
@@ -553,3 +485,21 @@ def test_a_whole_cached_blob_is_hashed_as_it_streams_and_its_last_bytes_wait_for
             assert outcome == ["ok"] and request.finished and request.body == data and done.result is True
     with pytest.raises(ValueError):
         BlobStreamer(InlineDisk(store), FakeRequest(), 0, 10, len(data), verify="00")
+
+
+def test_a_fill_paces_on_the_clock_it_is_given_not_the_disk_pools(store):
+    data = os.urandom(8 * 1024 * 1024)
+    disk, clock = InlineDisk(store), task.Clock()
+    writer = store.writer(sha(data), expected_size=len(data))
+    fill = Fill(disk, writer, sha(data), len(data), None, clock=clock)
+    protocol = fill.body_protocol()
+    upstream = FakeTransport()
+    protocol.makeConnection(upstream)
+    streamer, _ = stream(disk, FakeRequest(), fill, len(data))
+    streamer.pauseProducing()
+    feed(protocol, data, 0, READER_LAG_HIGH)
+    assert upstream.paused == 1
+    disk.reactor.advance(READER_STALL)
+    assert upstream.resumed == 0  # the disk pool's clock is not the fill's
+    clock.advance(READER_STALL)
+    assert upstream.resumed == 1

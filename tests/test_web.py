@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from twisted.web.http_headers import Headers
+from fakes import FakeRequest
 
 from dnsmirror import oci
 from dnsmirror.authz import ANONYMOUS
@@ -14,39 +14,16 @@ ECR = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
 DIGEST = "sha256:" + "ab" * 32
 
 
-class Handle:
-    def __init__(self, name):
-        self.name = name
-
-    def get_servername(self):
-        return self.name.encode() if self.name else None
-
-
-class Transport:
-    def __init__(self, sni):
-        self.handle = Handle(sni)
-
-    def getHandle(self):
-        return self.handle
-
-
-class Channel:
-    def __init__(self, sni):
-        self.transport = Transport(sni)
-
-
-class Request:
-    def __init__(
-        self, uri: bytes, sni: str | None, hosts: list[bytes] | None, method=b"GET", authorization=None
-    ):
-        self.uri = uri
-        self.method = method
-        self.channel = Channel(sni)
-        self.requestHeaders = Headers()
-        if hosts is not None:
-            self.requestHeaders.setRawHeaders(b"host", hosts)
-        if authorization:
-            self.requestHeaders.setRawHeaders(b"authorization", [authorization])
+def web_request(
+    uri: bytes, sni: str | None, hosts: list[bytes] | None, method=b"GET", authorization=None
+) -> FakeRequest:
+    """A request for ``uri`` on a TLS connection named ``sni``, with these Host headers."""
+    headers: dict[bytes, bytes | list[bytes]] = {}
+    if hosts is not None:
+        headers[b"host"] = hosts
+    if authorization:
+        headers[b"authorization"] = authorization
+    return FakeRequest(headers, uri=uri, method=method, sni=sni)
 
 
 @pytest.fixture
@@ -57,7 +34,9 @@ def front():
 
 
 def test_a_digest_read_is_resolved_to_its_upstream_target(front):
-    target = front.target_of(Request(f"/v2/team/app/blobs/{DIGEST}".encode(), ECR, [f"{ECR}:443".encode()]))
+    target = front.target_of(
+        web_request(f"/v2/team/app/blobs/{DIGEST}".encode(), ECR, [f"{ECR}:443".encode()])
+    )
     assert not isinstance(target, oci.OCIError)
     assert target.upstream_host == ECR and target.url == f"https://{ECR}/v2/team/app/blobs/{DIGEST}"
     assert target.path.by_digest and target.repository == "team/app" and target.digest == DIGEST
@@ -65,8 +44,14 @@ def test_a_digest_read_is_resolved_to_its_upstream_target(front):
 
 
 def test_docker_io_goes_to_its_registry_host_and_credentials_are_hashed(front):
-    target = front.target_of(Request(b"/v2/library/alpine/manifests/3", "docker.io", [b"DOCKER.IO"],
-                                     authorization=b"Bearer secret-token"))
+    target = front.target_of(
+        web_request(
+            b"/v2/library/alpine/manifests/3",
+            "docker.io",
+            [b"DOCKER.IO"],
+            authorization=b"Bearer secret-token",
+        )
+    )
     assert target.upstream_host == "registry-1.docker.io"
     assert target.credential.startswith("sha256:") and "secret" not in target.credential
     assert target.auth_headers() == {b"authorization": [b"Bearer secret-token"]}
@@ -77,10 +62,10 @@ def test_docker_io_goes_to_its_registry_host_and_credentials_are_hashed(front):
     ("sni", "hosts", "uri", "status"),
     [
         (ECR, [b"other.dkr.ecr.us-east-1.amazonaws.com"], b"/v2/", 421),  # Host is not the TLS name
-        (None, [ECR.encode()], b"/v2/", 421),                             # no SNI at all
-        (ECR, None, b"/v2/", 400),                                        # no Host
-        (ECR, [ECR.encode(), ECR.encode()], b"/v2/", 400),                # two Host headers
-        ("example.com", [b"example.com"], b"/v2/", 421),                  # not captured
+        (None, [ECR.encode()], b"/v2/", 421),  # no SNI at all
+        (ECR, None, b"/v2/", 400),  # no Host
+        (ECR, [ECR.encode(), ECR.encode()], b"/v2/", 400),  # two Host headers
+        ("example.com", [b"example.com"], b"/v2/", 421),  # not captured
         (ECR, [ECR.encode()], b"/v2/team/../etc/blobs/" + DIGEST.encode(), 400),
         (ECR, [ECR.encode()], b"/v2/team/app/blobs/sha256:xyz", 400),
         (ECR, [ECR.encode()], b"/v2/Team/app/manifests/v1", 400),
@@ -89,12 +74,12 @@ def test_docker_io_goes_to_its_registry_host_and_credentials_are_hashed(front):
     ],
 )
 def test_requests_that_are_refused(front, sni, hosts, uri, status):
-    error = front.target_of(Request(uri, sni, hosts))
+    error = front.target_of(web_request(uri, sni, hosts))
     assert isinstance(error, oci.OCIError) and error.status == status
     assert error.body().startswith(b'{"errors":[{"code":')
 
 
 def test_helpers_tolerate_odd_input():
-    assert request_host(Request(b"/", None, [b"[::1]:443"])) is None
-    assert request_host(Request(b"/", None, [b"Quay.IO."])) == "quay.io"
+    assert request_host(web_request(b"/", None, [b"[::1]:443"])) is None
+    assert request_host(web_request(b"/", None, [b"Quay.IO."])) == "quay.io"
     assert server_name(type("R", (), {"channel": None})()) is None
