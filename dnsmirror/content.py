@@ -37,7 +37,6 @@ from dnsmirror.peers import PeerClient
 from dnsmirror.proxy import PassThrough, unavailable
 from dnsmirror.respond import Responder
 from dnsmirror.sources import (
-    UNCACHED_BACKOFF,
     CacheSource,
     ContainerdSource,
     PeerSource,
@@ -53,6 +52,8 @@ from dnsmirror.upstream import UPSTREAM_FAILURES, UpstreamClient
 log = logging.getLogger("dnsmirror.content")
 
 _ATTEMPTS = 3
+# after the cache disk failed (full, read-only, failing), blobs are streamed uncached for this long before trying again
+UNCACHED_BACKOFF = 60.0
 
 
 @dataclass
@@ -154,7 +155,7 @@ class ContentChain:
                 return NotHere("a fill started meanwhile"), None
         if target.method == "HEAD":
             return PassOn(), None
-        if wants_range(request, target) and self.reactor.seconds() < self.uncached_until:
+        if wants_range(request, target) and self.caching_paused():
             # the cache disk failed recently: upstream answers the range itself, with the client's credentials
             self.stats.uncached_streams += 1
             return PassOn(), None
@@ -216,6 +217,20 @@ class ContentChain:
     def fill_started(self, target: Target, slot: _Slot, fill: Fill) -> None:
         """A fill runs: its end (committed or failed) is the chain's to record."""
         fill.done.addBoth(self._fill_finished, target, slot, fill)
+
+    def new_fill(self, writer, target: Target, total: int | None, content_type: str) -> Fill:
+        """A fill of ``target.digest`` into ``writer``, paced on the chain's clock."""
+        return Fill(self.disk, writer, target.digest, total, content_type, clock=self.reactor)
+
+    # --- the failing-disk backoff ------------------------------------------------------------------
+
+    def caching_paused(self) -> bool:
+        """Whether the cache disk failed recently: content is streamed uncached, ranges passed through."""
+        return self.reactor.seconds() < self.uncached_until
+
+    def pause_caching(self) -> None:
+        """The cache disk failed (full, read-only, failing): leave it alone for :data:`UNCACHED_BACKOFF`."""
+        self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
 
     def damaged(self, target: Target) -> None:
         """A cached file did not match its digest: it is dropped, and the request looks again."""
@@ -306,7 +321,7 @@ class ContentChain:
             disk_fault = isinstance(cause, StoreFull) or (cause is not None and cause is fill.writer.failure) or (
                 fill.verified and isinstance(cause, OSError))
             if disk_fault:
-                self.uncached_until = self.reactor.seconds() + UNCACHED_BACKOFF
+                self.pause_caching()
             elif slot.source == "containerd" and self.containerd is not None:
                 self.containerd.failed(target.digest)
             # info: the failure itself is reported (once, at warning) where it happened

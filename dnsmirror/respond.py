@@ -167,9 +167,7 @@ class Responder:
             await fill.settled()
             # still this fill's bytes (from upstream, a peer, containerd): not a cache hit
             if fill.info is not None and await self.render(
-                request,
-                target,
-                await self.reopen(request, target, getattr(request, "source", None) or "cache"),
+                request, target, await self.reopen(request, target, outcome.source)
             ):
                 return True
             log.info(

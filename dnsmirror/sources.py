@@ -29,7 +29,7 @@ from dnsmirror.outcomes import (
 )
 from dnsmirror.proxy import unavailable
 from dnsmirror.store import StoreFull
-from dnsmirror.streaming import FileFeed, Fill, ResumableBody
+from dnsmirror.streaming import FileFeed, ResumableBody
 from dnsmirror.target import Target
 from dnsmirror.upstream import UPSTREAM_FAILURES
 
@@ -43,8 +43,6 @@ log = logging.getLogger("dnsmirror.sources")
 VERIFY_BEFORE_SERVING = 16 * 1024 * 1024
 # errors creating a cache file that say the disk itself cannot take files now
 _DISK_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
-# after the disk filled up mid-fill, blobs are streamed uncached for this long before trying again
-UNCACHED_BACKOFF = 60.0
 
 
 class Source(Protocol):
@@ -171,9 +169,7 @@ class ContainerdSource:
             chain.close_slot(slot, None)
             chain.disk.run(reader.close)
             return NotHere("the cache cannot take it")
-        fill = Fill(
-            chain.disk, writer, target.digest, reader.size, "application/octet-stream", clock=chain.reactor
-        )
+        fill = chain.new_fill(writer, target, reader.size, "application/octet-stream")
         chain.close_slot(slot, fill)
         chain.stats.containerd_hits += 1
         chain.fill_started(target, slot, fill)
@@ -199,7 +195,7 @@ class PeerSource:
     async def resolve(self, request, target: Target) -> Outcome:
         chain = self.chain
         # a cache disk that was full recently: upstream's answer is streamed uncached instead
-        if not self.peers.available() or chain.reactor.seconds() < chain.uncached_until:
+        if not self.peers.available() or chain.caching_paused():
             return NotHere("no peers")
         refusal = await chain.may_read(target)
         if isinstance(refusal, PassOn):
@@ -228,14 +224,7 @@ class PeerSource:
         chain.stats.peer_fills += 1
         slot = chain.slots[target.digest]
         slot.source, slot.peer = self.name, peer
-        fill = Fill(
-            chain.disk,
-            writer,
-            target.digest,
-            response.length,
-            content_type.decode("latin-1"),
-            clock=chain.reactor,
-        )
+        fill = chain.new_fill(writer, target, response.length, content_type.decode("latin-1"))
         headers = upstream_headers(request, target)
 
         def broke(reason: str) -> None:
@@ -296,7 +285,7 @@ class UpstreamSource:
         source = self.name if cache else None
         # the cache file is created while upstream answers, off the response's critical path
         early_writer = None
-        if cache and chain.reactor.seconds() >= chain.uncached_until:
+        if cache and not chain.caching_paused():
             early_writer = chain.disk.run(store.writer, target.digest)
         try:
             response = await chain.upstream.request("GET", target.url, headers, follow_redirects=True)
@@ -335,7 +324,7 @@ class UpstreamSource:
                 writer = await early_writer
             except OSError as exc:  # no room for even a new file (inodes), or no access: serve uncached
                 if exc.errno in _DISK_FAULTS:  # the disk, not a passing mishap: leave it alone a while
-                    chain.uncached_until = chain.reactor.seconds() + UNCACHED_BACKOFF
+                    chain.pause_caching()
                 raise StoreFull(f"cannot create a cache file: {exc.strerror or exc}") from exc
             if response.length is not None and writer.room is not None and response.length > writer.room:
                 chain.disk.run(writer.abort)
@@ -358,16 +347,9 @@ class UpstreamSource:
                 await response.discard(0)
                 return PassOn()
             return Uncached(response, content_type.decode("latin-1"))
-        fill = Fill(
-            chain.disk,
-            writer,
-            target.digest,
-            response.length,
-            content_type.decode("latin-1"),
-            clock=chain.reactor,
-        )
+        fill = chain.new_fill(writer, target, response.length, content_type.decode("latin-1"))
         response.deliver_body(fill.body_protocol())
-        return FromFill(fill, chain.slots[target.digest].source)
+        return FromFill(fill, self.name)
 
     def _drop_writer(self, pending: defer.Deferred | None) -> None:
         """Abort a cache writer created ahead of an answer that will not fill the cache."""

@@ -172,7 +172,7 @@ def test_peers_are_not_asked_while_the_cache_disk_was_full_recently(tmp_path):
         chain = ContentChain(
             disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None, peers=peer
         )
-        chain.uncached_until = disk.reactor.seconds() + 60
+        chain.pause_caching()  # the cache disk failed a moment ago
         request = FakeRequest()
         served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
         disk.drain()
@@ -363,7 +363,7 @@ def test_a_disk_failing_mid_fill_does_not_cut_the_client_and_later_fills_stay_of
             assert not request.channel.transport.aborted
             assert request.finished and request.body == data and digest not in store
             assert os.listdir(tmp_path / f"cache-{errno_}" / "tmp") == []
-            assert chain.uncached_until > disk.reactor.seconds()  # later fills know
+            assert chain.caching_paused()  # later fills know
             # while it stays off the disk, a range is answered by upstream itself, not ignored
             ranged = range_request(10, 20)
             serve(chain, disk, ranged, blob_target(digest))
