@@ -10,8 +10,32 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
+from dnsmirror import oci
+from dnsmirror.authz import ANONYMOUS
 from dnsmirror.store import Store
 from dnsmirror.streaming import DiskIO
+from dnsmirror.target import Target
+
+
+def registry_target(
+    path: str,
+    *,
+    host: str,
+    method: str = "GET",
+    credential: str = ANONYMOUS,
+    authorization: list[bytes] | None = None,
+) -> Target:
+    """The Target of a request for ``path`` at registry ``host`` (its own upstream), with ``credential``."""
+    uri = path.encode()
+    return Target(
+        host=host,
+        upstream_host=host,
+        uri=uri,
+        method=method,
+        path=oci.parse_path(uri),
+        credential=credential,
+        authorization=authorization or [],
+    )
 
 
 class InlineDisk(DiskIO):

@@ -6,13 +6,13 @@ import hashlib
 import os
 
 from fakes import BlobResponse as _Response
-from fakes import FakeRequest, ManualDisk, OneBlobUpstream, range_request
+from fakes import FakeRequest, ManualDisk, OneBlobUpstream, range_request, registry_target
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
-from dnsmirror import oci, sources
+from dnsmirror import sources
 from dnsmirror.authz import ANONYMOUS, Grants
 from dnsmirror.content import ContentChain
 from dnsmirror.store import Store
@@ -22,16 +22,7 @@ ECR = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
 
 
 def blob_target(digest: str) -> Target:
-    uri = f"/v2/team/app/blobs/{digest}".encode()
-    return Target(
-        host=ECR,
-        upstream_host=ECR,
-        uri=uri,
-        method="GET",
-        path=oci.parse_path(uri),
-        credential=ANONYMOUS,
-        authorization=[],
-    )
+    return registry_target(f"/v2/team/app/blobs/{digest}", host=ECR)
 
 
 def read_after_commit(store: Store, data: bytes) -> tuple[ManualDisk, FakeRequest, defer.Deferred]:
@@ -135,11 +126,11 @@ class BreakingPeer:
         pass
 
 
-def granted(digest: str, disk: ManualDisk) -> Grants:
-    """Grants in which the anonymous client was just allowed ``digest`` (so no access check goes upstream)."""
+def granted_chain(disk: ManualDisk, upstream, digest: str, passthrough=None, peers=None) -> ContentChain:
+    """A chain whose anonymous client was just allowed ``digest`` (so no access check goes upstream)."""
     grants = Grants(300, 86400)
     grants.grant(ANONYMOUS, ECR, "team/app", [digest], disk.reactor.seconds())
-    return grants
+    return ContentChain(disk.reactor, disk, upstream, grants, passthrough, peers=peers)
 
 
 def test_a_peer_that_breaks_off_mid_blob_is_finished_from_upstream(tmp_path):
@@ -148,9 +139,7 @@ def test_a_peer_that_breaks_off_mid_blob_is_finished_from_upstream(tmp_path):
     with Store.open(tmp_path / "cache", 10 * 2**20) as store:
         disk = ManualDisk(store)
         upstream, peer = RangeUpstream(data), BreakingPeer(data, cut=123_456)
-        chain = ContentChain(
-            disk.reactor, disk, upstream, granted(digest, disk), passthrough=None, peers=peer
-        )
+        chain = granted_chain(disk, upstream, digest, peers=peer)
         request = FakeRequest()
         served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
         disk.drain()
@@ -169,9 +158,7 @@ def test_peers_are_not_asked_while_the_cache_disk_was_full_recently(tmp_path):
     with Store.open(tmp_path / "cache", 10 * 2**20) as store:
         disk = ManualDisk(store)
         peer = BreakingPeer(data, cut=100)
-        chain = ContentChain(
-            disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None, peers=peer
-        )
+        chain = granted_chain(disk, OneBlobUpstream(data), digest, peers=peer)
         chain.pause_caching()  # the cache disk failed a moment ago
         request = FakeRequest()
         served = defer.ensureDeferred(chain.serve(request, blob_target(digest)))
@@ -229,9 +216,7 @@ def test_a_damaged_cached_blob_is_cut_before_its_last_bytes_dropped_and_fetched_
         digest = cached(store, data)
         damage(store, digest, len(data) - 2)  # in the last bytes: everything before them is sent
         disk = ManualDisk(store)
-        chain = ContentChain(
-            disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None
-        )
+        chain = granted_chain(disk, OneBlobUpstream(data), digest)
         first = FakeRequest()
         serve(chain, disk, first, blob_target(digest))
         assert first.channel.transport.aborted and not first.finished
@@ -249,9 +234,7 @@ def test_a_small_damaged_cached_blob_is_replaced_before_a_byte_is_sent(tmp_path)
         digest = cached(store, data)
         damage(store, digest, 5)
         disk = ManualDisk(store)
-        chain = ContentChain(
-            disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None
-        )
+        chain = granted_chain(disk, OneBlobUpstream(data), digest)
         request = FakeRequest()
         serve(chain, disk, request, blob_target(digest))
         assert request.finished and request.body == data and request.source == "upstream"
@@ -264,9 +247,7 @@ def test_a_range_of_a_damaged_cached_blob_is_answered_with_the_right_bytes(tmp_p
         digest = cached(store, data)
         damage(store, digest, 1000)
         disk = ManualDisk(store)
-        chain = ContentChain(
-            disk.reactor, disk, OneBlobUpstream(data), granted(digest, disk), passthrough=None
-        )
+        chain = granted_chain(disk, OneBlobUpstream(data), digest)
         request = range_request(900, 1100)
         serve(chain, disk, request, blob_target(digest))
         # the whole copy is checked before any range of it is served: the range comes from a new fill
@@ -285,9 +266,7 @@ def test_a_cached_blob_found_at_start_is_hashed_once_and_then_served_without_has
         reader.close()
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
         disk = ManualDisk(store)
-        chain = ContentChain(
-            disk.reactor, disk, OneBlobUpstream(b"unused"), granted(digest, disk), passthrough=None
-        )
+        chain = granted_chain(disk, OneBlobUpstream(b"unused"), digest)
         calls: list[str] = []
         run = disk.run
         disk.run = lambda function, *a, **k: (
@@ -312,19 +291,8 @@ def test_a_damaged_cached_manifest_is_fetched_again_before_a_byte_is_sent(tmp_pa
         digest = cached(store, manifest)
         damage(store, digest, 10)
         disk = ManualDisk(store)
-        chain = ContentChain(
-            disk.reactor, disk, OneBlobUpstream(manifest), granted(digest, disk), passthrough=None
-        )
-        uri = f"/v2/team/app/manifests/{digest}".encode()
-        target = Target(
-            host=ECR,
-            upstream_host=ECR,
-            uri=uri,
-            method="GET",
-            path=oci.parse_path(uri),
-            credential=ANONYMOUS,
-            authorization=[],
-        )
+        chain = granted_chain(disk, OneBlobUpstream(manifest), digest)
+        target = registry_target(f"/v2/team/app/manifests/{digest}", host=ECR)
         request = FakeRequest()
         serve(chain, disk, request, target)
         assert request.finished and request.body == manifest and request.source == "upstream"
@@ -351,13 +319,7 @@ def test_a_disk_failing_mid_fill_does_not_cut_the_client_and_later_fills_stay_of
         with Store.open(tmp_path / f"cache-{errno_}", 64 * 2**20) as store:
             failing_disk(monkeypatch, errno_)
             disk = ManualDisk(store)
-            chain = ContentChain(
-                disk.reactor,
-                disk,
-                OneBlobUpstream(data),
-                granted(digest, disk),
-                passthrough=RecordingPassThrough(data),
-            )
+            chain = granted_chain(disk, OneBlobUpstream(data), digest, passthrough=RecordingPassThrough(data))
             request = FakeRequest()
             serve(chain, disk, request, blob_target(digest))
             assert not request.channel.transport.aborted
@@ -380,13 +342,7 @@ def test_a_blob_larger_than_the_free_space_streams_uncached_and_a_range_of_it_go
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
         monkeypatch.setattr(store, "free_space", lambda: 100_000)
         disk = ManualDisk(store)
-        chain = ContentChain(
-            disk.reactor,
-            disk,
-            OneBlobUpstream(data),
-            granted(digest, disk),
-            passthrough=RecordingPassThrough(data),
-        )
+        chain = granted_chain(disk, OneBlobUpstream(data), digest, passthrough=RecordingPassThrough(data))
         request = FakeRequest()
         serve(chain, disk, request, blob_target(digest))
         assert request.finished and request.body == data and request.source == "relay" and digest not in store
@@ -431,7 +387,7 @@ def test_a_reader_joining_just_as_the_disk_fails_under_the_fill_is_served_from_u
     with Store.open(tmp_path / "cache", 64 * 2**20) as store:
         disk = ManualDisk(store)
         upstream = StagedThenWholeUpstream(data)
-        chain = ContentChain(disk.reactor, disk, upstream, granted(digest, disk), passthrough=None)
+        chain = granted_chain(disk, upstream, digest)
         first = FakeRequest()
         first_served = defer.ensureDeferred(chain.serve(first, blob_target(digest)))
         disk.step("writer")

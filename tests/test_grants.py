@@ -16,7 +16,7 @@ import os
 
 import pytest
 from fakes import BlobResponse as _Response
-from fakes import FakeRequest, ManualDisk, OneBlobUpstream
+from fakes import FakeRequest, ManualDisk, OneBlobUpstream, registry_target
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
 
@@ -157,13 +157,10 @@ class WholePeer:
 def target(
     credential: str, repository: str, digest: str, *, manifest: bool = False, method: str = "GET"
 ) -> Target:
-    uri = f"/v2/{repository}/{'manifests' if manifest else 'blobs'}/{digest}".encode()
-    return Target(
+    return registry_target(
+        f"/v2/{repository}/{'manifests' if manifest else 'blobs'}/{digest}",
         host=HOST,
-        upstream_host=HOST,
-        uri=uri,
         method=method,
-        path=oci.parse_path(uri),
         credential=credential,
         authorization=[b"Bearer x"],
     )
@@ -373,15 +370,8 @@ def test_a_manifest_by_tag_grants_its_own_digest_and_nothing_it_names(store, fie
     disk = ManualDisk(store)
     grants = Grants(300, 86400)
     passthrough = PassThrough(disk.reactor, TagUpstream(manifest), disk, grants, TagMemory(), stale_tags=True)
-    uri = f"/v2/{REPO_B}/manifests/v1".encode()
-    tag_target = Target(
-        host=HOST,
-        upstream_host=HOST,
-        uri=uri,
-        method="GET",
-        path=oci.parse_path(uri),
-        credential=TEAM_B,
-        authorization=[b"Bearer x"],
+    tag_target = registry_target(
+        f"/v2/{REPO_B}/manifests/v1", host=HOST, credential=TEAM_B, authorization=[b"Bearer x"]
     )
     request = FakeRequest({b"accept": [oci.OCI_MANIFEST.encode(), oci.OCI_INDEX.encode()]})
     defer.ensureDeferred(passthrough.forward(request, tag_target))

@@ -7,7 +7,7 @@ import hashlib
 import os
 
 import pytest
-from fakes import BlobResponse, FakeRequest, ManualDisk, OneBlobUpstream
+from fakes import BlobResponse, FakeRequest, ManualDisk, OneBlobUpstream, registry_target
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
@@ -26,16 +26,7 @@ HOST = "registry.example"
 
 
 def target_of(digest: str, kind: str = "blobs", method: str = "GET") -> Target:
-    uri = f"/v2/team/app/{kind}/{digest}".encode()
-    return Target(
-        host=HOST,
-        upstream_host=HOST,
-        uri=uri,
-        method=method,
-        path=oci.parse_path(uri),
-        credential=ANONYMOUS,
-        authorization=[],
-    )
+    return registry_target(f"/v2/team/app/{kind}/{digest}", host=HOST, method=method)
 
 
 def sha(data: bytes) -> str:
@@ -297,14 +288,8 @@ def test_cached_bytes_reach_only_a_credential_upstream_allows(store, status, ans
     upstream = RefusingUpstream(data, status)
     chain = ContentChain(disk.reactor, disk, upstream, Grants(300, 86400), RecordingPassThrough())
     request = FakeRequest()
-    other_team = Target(
-        host=HOST,
-        upstream_host=HOST,
-        uri=target_of(sha(data)).uri,
-        method="GET",
-        path=target_of(sha(data)).path,
-        credential="sha256:team-b",
-        authorization=[b"Bearer b"],
+    other_team = registry_target(
+        f"/v2/team/app/blobs/{sha(data)}", host=HOST, credential="sha256:team-b", authorization=[b"Bearer b"]
     )
     served = defer.ensureDeferred(chain.serve(request, other_team))
     pump(disk, [request], [served])
