@@ -282,7 +282,6 @@ class UpstreamSource:
         verified; a range passed through)."""
         chain, store = self.chain, self.chain.store
         headers = upstream_headers(request, target)
-        source = self.name if cache else None
         # the cache file is created while upstream answers, off the response's critical path
         early_writer = None
         if cache and not chain.caching_paused():
@@ -291,18 +290,20 @@ class UpstreamSource:
             response = await chain.upstream.request("GET", target.url, headers, follow_redirects=True)
         except UPSTREAM_FAILURES as exc:
             self._drop_writer(early_writer)
-            return Failed(unavailable(str(exc)), source)
+            return Failed(unavailable(str(exc)), self.name)
         except BaseException:
             self._drop_writer(early_writer)
             raise
         if response.code != 200:
             self._drop_writer(early_writer)
-            return Relayed(response, source)
+            return Relayed(response, self.name)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
         if target.is_manifest and response.length is not None and response.length > oci.MANIFEST_MAX_SIZE:
             self._drop_writer(early_writer)
             await response.discard(0)
-            return Failed(oci.OCIError("MANIFEST_INVALID", "manifest larger than 4 MiB", status=502), source)
+            return Failed(
+                oci.OCIError("MANIFEST_INVALID", "manifest larger than 4 MiB", status=502), self.name
+            )
         chain.grants.grant(
             target.credential,
             target.upstream_host,

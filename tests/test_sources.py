@@ -13,12 +13,13 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
 
 from dnsmirror import oci
 from dnsmirror.authz import ANONYMOUS, Grants
 from dnsmirror.content import ContentChain
 from dnsmirror.flight import Flight
-from dnsmirror.outcomes import Failed, FromCache, Manifest, NotHere, PassOn
+from dnsmirror.outcomes import Failed, FromCache, Manifest, NotHere, PassOn, UncachedWanted
 from dnsmirror.store import Store
 from dnsmirror.target import Target
 
@@ -298,3 +299,36 @@ def test_cached_bytes_reach_only_a_credential_upstream_allows(store, status, ans
         request.code == answer and data not in request.body
     )  # refused (passed on) or unavailable: never the bytes
     assert bool(chain.passthrough.forwarded) == (answer == 403)
+
+
+class RefusedResponse(BlobResponse):
+    """Upstream's 404 for a blob, with its own error body and header."""
+
+    code, phrase = 404, b"Not Found"
+
+    def __init__(self) -> None:
+        super().__init__(b'{"errors":[{"code":"BLOB_UNKNOWN"}]}')
+        self.headers = Headers({b"x-upstream": [b"refused"]})
+
+    async def stream_to(self, request) -> None:
+        request.write(self.body)
+
+
+class RefusingGets:
+    """Answers every GET with a 404."""
+
+    def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
+        return defer.succeed(RefusedResponse())
+
+
+def test_a_refusal_of_an_uncached_fetch_reaches_the_client_as_sent_and_is_logged_as_upstreams(store):
+    # a joiner of a fill whose disk failed asks upstream itself; upstream refuses it
+    chain, disk, _ = chain_of(store)
+    chain.upstream = RefusingGets()
+    request = FakeRequest()
+    served = defer.ensureDeferred(chain.respond.render(request, target_of(sha(b"gone")), UncachedWanted()))
+    pump(disk, [request], [served])
+    assert served.called and request.finished and request.code == 404
+    assert request.body == RefusedResponse().body
+    assert request.responseHeaders.getRawHeaders(b"x-upstream") == [b"refused"]
+    assert request.source == "upstream" and sha(b"gone") not in store
