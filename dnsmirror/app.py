@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import signal
@@ -117,20 +118,22 @@ class Services(service.MultiService):
         self.health = HealthState()
         self.dns_stats = DnsStats()
         self.upstreams = config.dns.upstreams or tuple(default_upstreams(config.dns.listen))
-        self.responder = Responder(self.matcher, config.mirror.address, config.mirror.address6,
-                                   config.dns.ttl, config.dns.answer_cache_size)
-        self.tls_bypass = TlsBypass(
-            reactor, config.upstream.tls_failure_bypass, self.responder.forget_answers
-        )
-        self.responder.bypassed = self.tls_bypass.bypassed
-        self.forwarder = Forwarder(reactor, self.upstreams, config.dns.timeout)
-        self.dns = dnsserver.DnsController(self.responder, self.forwarder, config.dns.allow, self.dns_stats)
-        # serve runs the DNS in a process of its own (dnsmirror.dns.child); tests may keep it in-process
+        self.tls_bypass = TlsBypass(reactor, config.upstream.tls_failure_bypass)
+        # serve runs the DNS in a process of its own (dnsmirror.dns.child), which has its own responder
+        # and forwarder; tests may keep the DNS in this process, answered by these
+        self.responder: Responder | None = None
+        self.dns: dnsserver.DnsController | None = None
+        if not dns_process:
+            self.responder = Responder(self.matcher, config.mirror.address, config.mirror.address6,
+                                       config.dns.ttl, config.dns.answer_cache_size)
+            self.tls_bypass.on_start = self.responder.forget_answers
+            self.responder.bypassed = self.tls_bypass.bypassed
+            forwarder = Forwarder(reactor, self.upstreams, config.dns.timeout)
+            self.dns = dnsserver.DnsController(self.responder, forwarder, config.dns.allow, self.dns_stats)
         self.dns_process: DnsProcess | None = None
-        # what /readyz and dnsmirror_mirror_healthy follow: captured names resolve to the mirror
-        # what /readyz and mirror_healthy follow: the health state, or the DNS process's word on it
+        # what /readyz and dnsmirror_mirror_healthy follow (captured names resolve to the mirror): the
+        # health state, or the DNS process's word on it
         self.ready: HealthState | Readiness = self.health
-        self._dns_in_child = dns_process
         self.probe = ListenerProbe(reactor, self.health, config.health.targets or config.https.listen,
                                    config.health.interval,
                                    config.health.timeout, config.health.failures)
@@ -404,19 +407,21 @@ class Services(service.MultiService):
     def _upstreams_down(self) -> int:
         if self.dns_process is not None:
             return self.dns_process.upstreams_down
-        return len(self.forwarder.table.down())
+        return len(self.dns.forwarder.table.down()) if self.dns is not None else 0
 
     def _on_health(self, healthy: bool) -> None:
         if self._health_heard:  # subscribe calls this once with the current state, which is not a change
             self.dns_stats.health_changes += 1
         self._health_heard = True
-        self.responder.capture_enabled = healthy
+        if self.responder is not None:  # the DNS process hears of it through DnsProcess
+            self.responder.capture_enabled = healthy
 
     def _listen_dns(self) -> None:
-        if self._dns_in_child:
+        dns = self.dns
+        if dns is None:
             def start_child() -> None:
                 self.dns_process = start_dns_process(self.reactor, self.config, self.upstreams, self.dns_stats,
-                                                     self.health, self.tls_bypass, self.responder)
+                                                     self.health, self.tls_bypass)
                 self.ready = self.dns_process.readiness
 
             def stop_child() -> None:
@@ -425,13 +430,13 @@ class Services(service.MultiService):
 
             self._run("dns process", start_child, stop_child)
             return
-        self._run("dns forwarder", lambda: None, self.forwarder.stop)
+        self._run("dns forwarder", lambda: None, dns.forwarder.stop)
         for index, address in enumerate(self.config.dns.listen):
             ports: list = []
 
             def bind(address=address, index=index, ports=ports) -> None:
                 try:
-                    ports.extend(dnsserver.listen(self.reactor, self.dns, address.host, address.port))
+                    ports.extend(dnsserver.listen(self.reactor, dns, address.host, address.port))
                 except error.CannotListenError as exc:
                     raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): "
                                       f"{_reason(exc)}") from exc
@@ -479,7 +484,6 @@ class Services(service.MultiService):
         if self._closed:
             return
         self._closed = True
-        self.probe.stop()
         service.MultiService.stopService(self)
 
     def stopService(self) -> defer.Deferred:
@@ -513,7 +517,7 @@ class Front:
 
 
 def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, health: HealthState,
-                      tls_bypass: TlsBypass, responder: Responder) -> DnsProcess:
+                      tls_bypass: TlsBypass) -> DnsProcess:
     """Bind ``dns.listen`` here (errors name the key) and start the DNS process on those sockets."""
     sockets: list[socket.socket] = []
     try:
@@ -521,10 +525,8 @@ def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, healt
             try:
                 sockets += bind_sockets(address.host, address.port)
             except OSError as exc:
-                text = exc.strerror or str(exc)
-                if exc.errno == 13:
-                    text += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
-                raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): {text}") from exc
+                raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): "
+                                  f"{_describe(exc)}") from exc
     except ListenError:
         for sock in sockets:
             sock.close()
@@ -540,20 +542,20 @@ def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, healt
         stale_after=max(3 * health_cfg.interval, health_cfg.interval * health_cfg.failures + health_cfg.timeout) + 1,
     )
     process = DnsProcess(reactor, settings, sockets, stats, health, tls_bypass, health_cfg.interval)
-
-    def bypass_started() -> None:
-        responder.forget_answers()
-        process.tell()
-
-    tls_bypass.on_start = bypass_started
+    # the DNS process forgets its captured answers for a bypassed registry when told of the bypass
+    tls_bypass.on_start = process.tell
     process.start()
     return process
 
 
 def _reason(exc: error.CannotListenError) -> str:
-    reason = exc.socketError
+    return _describe(exc.socketError)
+
+
+def _describe(reason: BaseException) -> str:
+    """Why a bind failed, with the way out when a low port needs privileges."""
     text = getattr(reason, "strerror", None) or str(reason)
-    if getattr(reason, "errno", None) == 13:
+    if getattr(reason, "errno", None) == errno.EACCES:
         text += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
     return text
 

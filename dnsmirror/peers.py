@@ -43,6 +43,7 @@ from dnsmirror import failures
 from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields
 from dnsmirror.periodic import Periodic
+from dnsmirror.sources import VERIFY_BEFORE_SERVING
 from dnsmirror.store import Store, digest_hex
 from dnsmirror.streaming import BlobStreamer, DiskIO, Fill
 from dnsmirror.upstream import UpstreamResponse
@@ -75,8 +76,8 @@ FIRST_REANNOUNCE = 5.0
 ANNOUNCE_RETRY = 5.0
 ANNOUNCE_ATTEMPTS = 5
 # a cached blob up to this size that this process has not verified yet is hashed whole before it is sent to
-# a peer (as for local clients); a larger one is hashed as it streams, its last bytes held back
-VERIFY_BEFORE_SENDING = 16 * 1024 * 1024
+# a peer, as for local clients; a larger one is hashed as it streams, its last bytes held back
+VERIFY_BEFORE_SENDING = VERIFY_BEFORE_SERVING
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -382,9 +383,8 @@ class PeerClient:
             sent = self.agent.request(b"POST", url.encode("ascii"), self._headers("POST", digest))
             sent.addTimeout(self.timeout, self.reactor)
             sent.addCallback(self._discard, url, "POST")
-            sent.addErrback(partial(_announcement_failed, logging.DEBUG, peer))
+            sent.addErrback(partial(_announcement_failed, peer))
             self.stats.announcements_sent += 1
-
 
     def send_announcements(self, per_peer: dict[HostPort, list[str]]) -> int:
         """Tell each peer the digests it is a first peer of (:func:`group_by_first_peers`), one request
@@ -478,12 +478,10 @@ def _parse_holders(values: list[bytes]) -> list[HostPort]:
     return holders[:MAX_HOLDERS_PER_DIGEST]
 
 
-def _announcement_failed(level: int, peer: HostPort, failure: Any) -> None:
-    """Announcements are best effort: a failed one is logged, never retried."""
-    if level == logging.DEBUG:
-        log.debug("announcement to %s failed: %s", peer, failure.getErrorMessage())
-    else:
-        log.info("announcing this node's cache to %s failed: %s", peer, failure.getErrorMessage())
+def _announcement_failed(peer: HostPort, failure: Any) -> None:
+    """A single digest's announcement is best effort: a failed one is logged, not retried (the next
+    batch announcement carries the digest again)."""
+    log.debug("announcement to %s failed: %s", peer, failure.getErrorMessage())
 
 
 class PeerRequest(server.Request):

@@ -428,9 +428,12 @@ class _IdleWatch(Protocol):
     # a response body's transport: an ITransport that is also an IPushProducer
     transport: Any
 
-    def __init__(self, inner: IProtocol, clock, timeout: float, description: str, url: str = "") -> None:
+    def __init__(self, inner: IProtocol, clock, timeout: float, description: str, url: str = "",
+                 expected: int | None = None) -> None:
         self.inner = inner
         self.url = url
+        self.expected = expected
+        self.received = 0  # for the failure log: how far a cut body got
         self.clock = clock
         self.timeout = timeout
         self.description = description
@@ -450,6 +453,7 @@ class _IdleWatch(Protocol):
     def dataReceived(self, data: bytes) -> None:
         # a timestamp per chunk; the timer is rescheduled only when it fires (cheap on hot paths)
         self._last = self.clock.seconds()
+        self.received += len(data)
         self.inner.dataReceived(data)
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
@@ -459,9 +463,8 @@ class _IdleWatch(Protocol):
             reason = Failure(UpstreamTimeout(f"{self.description}: no body bytes for {self.timeout:g}s"))
         if not self.stopped_here and not reason.check(ResponseDone, PotentialDataLoss):
             # not ResponseDone: a Failure
-            cut = cast(Failure, _body_outcome(reason, self.description, 0, None))
-            failures.report("upstream", failures.upstream_kind(cut.value), str(cut.value),
-                            host=origin(self.url)[1], repository=failures.repository_of(self.url))
+            cut = cast(Failure, _body_outcome(reason, self.description, self.received, self.expected))
+            _report(failures.upstream_kind(cut.value), str(cut.value), self.url)
         self.inner.connectionLost(reason)
 
     def suspend(self) -> None:
@@ -626,7 +629,8 @@ class UpstreamResponse:
         if self._consumed:
             raise RuntimeError(f"{self.description}: body already consumed")
         self._consumed = True
-        self.watch = _IdleWatch(protocol, self._clock, self._read_timeout, self.description, self.url)
+        self.watch = _IdleWatch(protocol, self._clock, self._read_timeout, self.description, self.url,
+                                self.length)
         self._response.deliverBody(self.watch)
 
     def stream_to(self, consumer: IConsumer) -> defer.Deferred:
@@ -853,18 +857,21 @@ class UpstreamClient:
         return UpstreamUnavailable(f"{description}: {_describe_exception(exc)}")
 
 
+def _report(kind: str, reason: str, url: str) -> None:
+    """Report a failure of the upstream exchange with ``url`` (:mod:`dnsmirror.failures`)."""
+    failures.report("upstream", kind, reason, host=origin(url)[1], repository=failures.repository_of(url))
+
+
 def _report_status(response: UpstreamResponse) -> UpstreamResponse:
     if response.code >= 500 or response.code == 429:
-        failures.report("upstream", "status_429" if response.code == 429 else "status_5xx",
-                        f"{response.description}: upstream answered {response.code}",
-                        host=origin(response.url)[1], repository=failures.repository_of(response.url))
+        _report("status_429" if response.code == 429 else "status_5xx",
+                f"{response.description}: upstream answered {response.code}", response.url)
     return response
 
 
 def _report_failure(failure: Failure, url: str) -> Failure:
     if failure.check(*UPSTREAM_FAILURES):
-        failures.report("upstream", failures.upstream_kind(failure.value), str(failure.value),
-                        host=origin(url)[1], repository=failures.repository_of(url))
+        _report(failures.upstream_kind(failure.value), str(failure.value), url)
     return failure
 
 

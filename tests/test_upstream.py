@@ -41,6 +41,7 @@ from dnsmirror.upstream import (
     UpstreamTimeout,
     UpstreamTLSError,
     UpstreamTLSPolicy,
+    UpstreamUnavailable,
     end_to_end_headers,
     header_pairs,
     redirect_target,
@@ -611,6 +612,21 @@ class UpstreamClientTests(TestCase):
         self.assertIn("no body bytes", str(error))
         # reported once, by the upstream client, for the operator
         self.assertEqual(failures.failures.count("upstream", "read_timeout"), stalls + 1)
+
+    @defer.inlineCallbacks
+    def test_a_cut_body_is_reported_with_how_far_it_got(self):
+        reported = []
+        self.patch(failures, "report", lambda _, kind, reason, **_where: reported.append((kind, reason)))
+        response = yield self.client(read_timeout=10).request("GET", self.url("/stall"))
+        reading = response.read_body(MiB)
+        yield task.deferLater(reactor, 0.2, lambda: None)
+        self.servers.hanging[0].transport.abortConnection()
+        error = yield self.assertFailure(reading, UpstreamUnavailable)
+        self.assertIn("body cut after 10 of 1000 bytes", str(error))
+        # the operator's log says the same, once
+        [(kind, reason)] = reported
+        self.assertEqual(kind, "body_cut")
+        self.assertIn("body cut after 10 of 1000 bytes", reason)
 
     @defer.inlineCallbacks
     def test_read_body_limit(self):
