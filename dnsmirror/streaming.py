@@ -330,6 +330,10 @@ class Fill:
             stream.keep_tail()
         log.warning("cache disk failed mid-fill; streaming on without caching", extra={"fields": {
             "digest": self.digest, "reason": str(self.writer.failure), "cached_bytes": self.written}})
+        if not self._streams and not self._body_finished:
+            # nobody to stream to and nothing to cache: the rest of upstream's body is not needed
+            self._fail(Failure(self.writer.failure))
+            return
         self._trim()
         if not self._memory_paused and self._unsent() >= UNCACHED_HIGH_WATER:
             self._pause_for_memory()

@@ -486,6 +486,16 @@ def test_a_fill_whose_disk_failed_stops_when_its_last_reader_leaves(store, monke
     fill.done.addErrback(lambda _: None)
 
 
+def test_a_fill_whose_disk_fails_with_no_reader_stops_at_once(store, monkeypatch):
+    disk_fails_after(monkeypatch, blocks=1)
+    data = os.urandom(4 * 1024 * 1024)
+    disk, fill, protocol, upstream = start_fill(store, data)  # its client left before the disk failed
+    feed(protocol, data, 0, 3 * 1024 * 1024)
+    assert fill.uncached and fill.failure is not None and upstream.stopped
+    assert fill._recent_bytes == 0 and os.listdir(store.root / "tmp") == []
+    fill.done.addErrback(lambda _: None)
+
+
 def test_a_whole_cached_blob_is_hashed_as_it_streams_and_its_last_bytes_wait_for_the_digest(store):
     data = os.urandom(3 * 1024 * 1024 + 3)
     digest = sha(data)
