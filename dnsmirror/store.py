@@ -422,7 +422,7 @@ class Store:
         if size != entry.size:
             file.close()
             self._unpin(hex_)
-            self._forget(hex_, "blob file has the wrong size", remove=True)
+            self._forget(hex_, "blob file has the wrong size", remove=True, inode=mark[0])
             return None
         verified = entry.verified_mark == mark
         if now - entry.last_touch >= self._touch_interval:
@@ -832,12 +832,18 @@ class Writer:
         waiting for :meth:`commit`'s fsync.
         """
         self.flush()
+        try:
+            self._check()
+        except DigestMismatch:
+            self.abort()
+            raise
+
+    def _check(self) -> None:
+        """Raise :class:`DigestMismatch` / :class:`SizeMismatch` unless the accepted bytes are the blob."""
         actual = self._hasher.hexdigest()
         if actual != self._hex:
-            self.abort()
             raise DigestMismatch(self.digest, f"sha256:{actual}", self.bytes_written)
         if self.expected_size is not None and self.bytes_written != self.expected_size:
-            self.abort()
             raise SizeMismatch(self.digest, self.expected_size, self.bytes_written)
 
     def commit(self) -> BlobInfo:
@@ -854,11 +860,7 @@ class Writer:
         try:
             os.fsync(cast(int, self._fd))
             self._close_file()
-            actual = self._hasher.hexdigest()
-            if actual != self._hex:
-                raise DigestMismatch(self.digest, f"sha256:{actual}", self.bytes_written)
-            if self.expected_size is not None and self.bytes_written != self.expected_size:
-                raise SizeMismatch(self.digest, self.expected_size, self.bytes_written)
+            self._check()
             info = self._store._commit(self._hex, self.temp_path, self.bytes_written, self.content_type)
         except OSError as error:
             self.abort()
