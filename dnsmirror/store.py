@@ -422,7 +422,7 @@ class Store:
         if size != entry.size:
             file.close()
             self._unpin(hex_)
-            self._forget(hex_, "blob file has the wrong size", remove=True)
+            self._forget(hex_, "blob file has the wrong size", remove=True, inode=mark[0])
             return None
         verified = entry.verified_mark == mark
         if now - entry.last_touch >= self._touch_interval:
@@ -479,6 +479,8 @@ class Store:
     def read_verified(self, reader: BlobReader, limit: int) -> bytes | None:
         """The whole content of a reader of at most ``limit`` bytes, hashed; None if it is damaged
         (then dropped) or longer than ``limit`` (for small documents such as manifests)."""
+        if reader.size > limit:
+            return None
         data = bytearray()
         fd = reader.file.fileno()
         while len(data) <= limit and (chunk := os.pread(fd, VERIFY_CHUNK, len(data))):
@@ -509,18 +511,9 @@ class Store:
 
     def drop_damaged(self, reader: BlobReader, reason: str) -> bool:
         """Remove the reader's blob from the cache, unless the cache has a new file for it meanwhile."""
-        hex_ = digest_hex(reader.info.digest)
         inode = reader.mark[0] if reader.mark is not None else os.fstat(reader.file.fileno()).st_ino
         reader.verified = False
-        with self._lock:
-            if not self._holds_locked(hex_, inode):
-                return False
-            entry = self._index.pop(hex_, None)
-            if entry is not None:
-                self._total -= entry.size
-            self._unlink_locked(hex_)
-        log.warning("cache entry dropped", extra={"fields": {"digest": reader.info.digest, "reason": reason}})
-        return entry is not None
+        return self._forget(digest_hex(reader.info.digest), reason, remove=True, inode=inode)
 
     def _holds_locked(self, hex_: str, inode: int) -> bool:
         try:
@@ -534,8 +527,11 @@ class Store:
         """Remove a blob (for example one found corrupt); ``False`` if it was not there."""
         return self._forget(digest_hex(digest), "deleted", remove=True)
 
-    def _forget(self, hex_: str, reason: str, remove: bool = False) -> bool:
+    def _forget(self, hex_: str, reason: str, remove: bool = False, inode: int | None = None) -> bool:
+        """Drop an entry (and with ``remove`` its files); with ``inode``, only if that is still its file."""
         with self._lock:
+            if inode is not None and not self._holds_locked(hex_, inode):
+                return False
             entry = self._index.pop(hex_, None)
             if entry is not None:
                 self._total -= entry.size
@@ -563,11 +559,19 @@ class Store:
             return self._evict_locked(self.max_size if target is None else target)
 
     def _evict_locked(self, target: int) -> list[str]:
+        evicted = self._evict_until_locked(lambda: self._total <= target)
+        if evicted:
+            log.info(
+                "cache evicted blobs",
+                extra={"fields": {"count": len(evicted), "bytes": self._total, "max_bytes": self.max_size}},
+            )
+        return evicted
+
+    def _evict_until_locked(self, enough: Callable[[], bool]) -> list[str]:
+        """Remove least recently used, unpinned blobs until ``enough()``; returns their digests."""
         evicted: list[str] = []
-        if self._total <= target:
-            return evicted
         for hex_ in list(self._index):
-            if self._total <= target:
+            if enough():
                 break
             if self._pins.get(hex_):
                 continue  # open for reading or being written: never pulled out from under a client
@@ -576,11 +580,6 @@ class Store:
             self._unlink_locked(hex_)
             evicted.append(f"sha256:{hex_}")
         self.evictions += len(evicted)
-        if evicted:
-            log.info(
-                "cache evicted blobs",
-                extra={"fields": {"count": len(evicted), "bytes": self._total, "max_bytes": self.max_size}},
-            )
         return evicted
 
     # -- room --------------------------------------------------------------------------------
@@ -604,17 +603,10 @@ class Store:
             reclaimable = sum(entry.size for hex_, entry in self._index.items() if not self._pins.get(hex_))
             if free + reclaimable < needed:
                 return False
-            for hex_ in list(self._index):
-                if free >= needed:
-                    break
-                if self._pins.get(hex_):
-                    continue
-                entry = self._index.pop(hex_)
-                self._total -= entry.size
-                self._unlink_locked(hex_)
-                self.evictions += 1
-                free = self.free_space()
-        log.info("cache evicted blobs to make room", extra={"fields": {"needed": needed, "free": free}})
+            evicted = self._evict_until_locked(lambda: self.free_space() >= needed)
+            free = self.free_space()
+        log.info("cache evicted blobs to make room",
+                 extra={"fields": {"count": len(evicted), "needed": needed, "free": free}})
         return free >= needed
 
     # -- writes ------------------------------------------------------------------------------
@@ -840,12 +832,18 @@ class Writer:
         waiting for :meth:`commit`'s fsync.
         """
         self.flush()
+        try:
+            self._check()
+        except DigestMismatch:
+            self.abort()
+            raise
+
+    def _check(self) -> None:
+        """Raise :class:`DigestMismatch` / :class:`SizeMismatch` unless the accepted bytes are the blob."""
         actual = self._hasher.hexdigest()
         if actual != self._hex:
-            self.abort()
             raise DigestMismatch(self.digest, f"sha256:{actual}", self.bytes_written)
         if self.expected_size is not None and self.bytes_written != self.expected_size:
-            self.abort()
             raise SizeMismatch(self.digest, self.expected_size, self.bytes_written)
 
     def commit(self) -> BlobInfo:
@@ -862,11 +860,7 @@ class Writer:
         try:
             os.fsync(cast(int, self._fd))
             self._close_file()
-            actual = self._hasher.hexdigest()
-            if actual != self._hex:
-                raise DigestMismatch(self.digest, f"sha256:{actual}", self.bytes_written)
-            if self.expected_size is not None and self.bytes_written != self.expected_size:
-                raise SizeMismatch(self.digest, self.expected_size, self.bytes_written)
+            self._check()
             info = self._store._commit(self._hex, self.temp_path, self.bytes_written, self.content_type)
         except OSError as error:
             self.abort()

@@ -36,7 +36,7 @@ from zope.interface import implementer
 from dnsmirror.flow import Upstream, readable, upstream_action
 from dnsmirror.store import BlobInfo, Store, Writer
 
-log = logging.getLogger("dnsmirror.content")
+log = logging.getLogger("dnsmirror.streaming")
 
 READ_CHUNK = 1024 * 1024
 # the newest bytes of a fill stay in memory this long, so readers keeping up never touch the disk
@@ -330,6 +330,10 @@ class Fill:
             stream.keep_tail()
         log.warning("cache disk failed mid-fill; streaming on without caching", extra={"fields": {
             "digest": self.digest, "reason": str(self.writer.failure), "cached_bytes": self.written}})
+        if not self._streams and not self._body_finished:
+            # nobody to stream to and nothing to cache: the rest of upstream's body is not needed
+            self._fail(Failure(self.writer.failure))
+            return
         self._trim()
         if not self._memory_paused and self._unsent() >= UNCACHED_HIGH_WATER:
             self._pause_for_memory()
@@ -349,8 +353,12 @@ class Fill:
             return
         # a reader that took nothing for this long would hold every other reader (and upstream) back
         for stream in [stream for stream in self._streams if stream.offset == slowest]:
-            stream._abort("stalled while the fill could not be cached")
+            stream.abort("stalled while the fill could not be cached")
         self._trim()
+        if self._memory_paused and self.failure is None:
+            # the next slowest reader holds memory now: it gets the same time, not for ever
+            self._memory_progress = self._slowest()
+            self._memory_timer = self._clock.callLater(READER_STALL, self._check_memory_stall)
 
     def _cancel_memory_timer(self) -> None:
         if self._memory_timer is not None and self._memory_timer.active():
@@ -619,7 +627,7 @@ class BlobStreamer:
                 self._close(True)
                 return
             if self.fill is not None and self.fill.failure is not None:
-                self._abort(f"fill failed: {self.fill.failure}")
+                self.abort(f"fill failed: {self.fill.failure}")
                 return
             if self._tail is not None and self.fill.verified:
                 tail, self._tail = self._tail, None
@@ -643,7 +651,7 @@ class BlobStreamer:
                     continue
                 size = min(size, self.fill.written - self.offset)
                 if size <= 0 and self.fill.uncached:
-                    self._abort("bytes neither in memory nor on disk")  # cannot happen: memory keeps them
+                    self.abort("bytes neither in memory nor on disk")  # cannot happen: memory keeps them
                     return
                 if size <= 0:  # neither in memory nor on disk yet: wait for the writer
                     self.busy = True
@@ -667,7 +675,7 @@ class BlobStreamer:
             self._release()
             return
         if not data:
-            self._abort("file ended early")
+            self.abort("file ended early")
             return
         self.offset += len(data)
         self.request.write(data)
@@ -682,7 +690,7 @@ class BlobStreamer:
                 self.on_damaged()
             if not self.stopped:
                 self.busy = self.reading = False
-                self._abort(f"cached blob sha256:{self.verify} does not match its digest")
+                self.abort(f"cached blob sha256:{self.verify} does not match its digest")
                 return
         elif intact and self.on_intact is not None:
             self.on_intact()
@@ -693,9 +701,10 @@ class BlobStreamer:
         if self.stopped:
             self._release()
             return
-        self._abort(f"read failed: {reason.getErrorMessage()}")
+        self.abort(f"read failed: {reason.getErrorMessage()}")
 
-    def _abort(self, why: str) -> None:
+    def abort(self, why: str) -> None:
+        """Cut the client's connection: it must not take what was sent as a whole body."""
         log.warning("aborting a blob response: %s", why)
         transport = getattr(self.request, "transport", None) or getattr(self.request.channel, "transport", None)
         self._close(False)

@@ -460,6 +460,34 @@ def test_make_room_compares_free_space_and_evicts_only_if_that_is_enough(root, m
         assert store.blob_count == 1 and store.stat(sha(blob(0))) is None
 
 
+def run_on_a_small_tmpfs(mountpoint: Path, script: str) -> dict:
+    """Run ``script`` (Python printing one JSON object) with a 1 MiB tmpfs on ``mountpoint``, mounted in a
+    private mount namespace that vanishes with the child; skips where mounting is not permitted."""
+    command = [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" -c "$2"',
+        str(mountpoint),
+        sys.executable,
+        script,
+    ]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                   cwd=Path(__file__).resolve().parent.parent)
+    except OSError as error:  # pragma: no cover
+        pytest.skip(f"cannot run unshare: {error}")
+    if completed.returncode != 0 and "mount" in completed.stderr and "dnsmirror" not in completed.stderr:
+        pytest.skip(f"tmpfs mount not permitted here: {completed.stderr.strip()}")
+    assert completed.returncode == 0, completed.stderr
+    # the tmpfs lived only in the child's namespace
+    assert os.listdir(mountpoint) == []
+    return json.loads(completed.stdout)
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare"), reason="needs root and unshare for a tmpfs"
 )
@@ -491,29 +519,7 @@ def test_enospc_on_a_real_full_tmpfs(tmp_path):
         print(json.dumps(result))
         """
     )
-    command = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" -c "$2"',
-        str(mountpoint),
-        sys.executable,
-        script,
-    ]
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=60,
-                                   cwd=Path(__file__).resolve().parent.parent)
-    except OSError as error:  # pragma: no cover
-        pytest.skip(f"cannot run unshare: {error}")
-    if completed.returncode != 0 and "mount" in completed.stderr and "dnsmirror" not in completed.stderr:
-        pytest.skip(f"tmpfs mount not permitted here: {completed.stderr.strip()}")
-    assert completed.returncode == 0, completed.stderr
-    assert json.loads(completed.stdout) == {"full": True, "tmp": [], "small": 4}
-    # the tmpfs lived only in the child's namespace
-    assert os.listdir(mountpoint) == []
+    assert run_on_a_small_tmpfs(mountpoint, script) == {"full": True, "tmp": [], "small": 4}
 
 
 # --- path safety -------------------------------------------------------------------------------
@@ -725,6 +731,7 @@ def test_a_committed_file_is_verified_until_it_changes_or_the_cache_reopens(root
     with open_store(root) as store:
         with store.open_blob(sha(data)) as reader:
             assert not reader.verified  # found on disk: not known to be intact
+            assert store.read_verified(reader, len(data) - 1) is None  # too long to read whole: left alone
             assert store.read_verified(reader, 10_000) == data
         with store.open_blob(sha(data)) as reader:
             assert reader.verified
@@ -782,22 +789,5 @@ def test_a_cache_on_a_read_only_filesystem_opens_and_serves_what_it_holds(tmp_pa
         print(json.dumps(result))
         """
     )
-    command = [
-        "unshare",
-        "--mount",
-        "--propagation",
-        "private",
-        "sh",
-        "-c",
-        'mount -t tmpfs -o size=1m tmpfs "$0" && exec "$1" -c "$2"',
-        str(mountpoint),
-        sys.executable,
-        script,
-    ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=60,
-                               cwd=Path(__file__).resolve().parent.parent)
-    if completed.returncode != 0 and "mount" in completed.stderr and "dnsmirror" not in completed.stderr:
-        pytest.skip(f"tmpfs mount not permitted here: {completed.stderr.strip()}")
-    assert completed.returncode == 0, completed.stderr
-    assert json.loads(completed.stdout) == {"count": 1, "data": "cached before the disk went read-only",
-                                            "write": errno.EROFS}
+    assert run_on_a_small_tmpfs(mountpoint, script) == {
+        "count": 1, "data": "cached before the disk went read-only", "write": errno.EROFS}

@@ -444,6 +444,34 @@ def test_a_reader_that_stalls_a_fill_without_a_disk_is_cut_and_the_others_go_on(
     fill.done.addErrback(lambda _: None)
 
 
+def test_each_reader_that_stalls_a_fill_without_a_disk_is_cut_in_turn(roomy, monkeypatch):
+    store = roomy
+    disk_fails_after(monkeypatch, blocks=0)
+    data = os.urandom(30 * 1024 * 1024)
+    disk, fill, protocol, upstream, _ = paced_fill(store, data)
+    fast, first, second = FakeRequest(), FakeRequest(), FakeRequest()
+    stream(disk, fast, fill, len(data))
+    first_streamer, first_done = stream(disk, first, fill, len(data))
+    second_streamer, second_done = stream(disk, second, fill, len(data))
+    first_streamer.pauseProducing()
+    feed(protocol, data, 0, 4 * 1024 * 1024)
+    second_streamer.pauseProducing()  # stalls too, 4 MiB further on
+    disk.reactor.advance(READER_STALL)
+    stopped = feed_while_flowing(protocol, upstream, data, 4 * 1024 * 1024, len(data))
+    assert stopped < len(data) and upstream.paused > upstream.resumed
+    disk.reactor.advance(READER_STALL)
+    assert first.transport.aborted and first_done.result is False
+    # what the second one has not taken still fills memory: upstream waits for it, but not for ever
+    assert upstream.paused > upstream.resumed and not second.transport.aborted
+    disk.reactor.advance(READER_STALL)
+    assert second.transport.aborted and second_done.result is False
+    assert upstream.paused == upstream.resumed
+    feed(protocol, data, stopped, len(data))
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fast.finished and fast.body == data
+    fill.done.addErrback(lambda _: None)
+
+
 def test_a_fill_whose_disk_failed_stops_when_its_last_reader_leaves(store, monkeypatch):
     disk_fails_after(monkeypatch, blocks=0)
     data = os.urandom(3 * 1024 * 1024)
@@ -455,6 +483,16 @@ def test_a_fill_whose_disk_failed_stops_when_its_last_reader_leaves(store, monke
     request._finish.errback(Failure(ConnectionError("client went away")))
     assert done.result is False and fill.failure is not None and upstream.stopped
     assert fill._recent_bytes == 0
+    fill.done.addErrback(lambda _: None)
+
+
+def test_a_fill_whose_disk_fails_with_no_reader_stops_at_once(store, monkeypatch):
+    disk_fails_after(monkeypatch, blocks=1)
+    data = os.urandom(4 * 1024 * 1024)
+    disk, fill, protocol, upstream = start_fill(store, data)  # its client left before the disk failed
+    feed(protocol, data, 0, 3 * 1024 * 1024)
+    assert fill.uncached and fill.failure is not None and upstream.stopped
+    assert fill._recent_bytes == 0 and os.listdir(store.root / "tmp") == []
     fill.done.addErrback(lambda _: None)
 
 
