@@ -27,6 +27,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT / "tests"))
+from dns_support import free_port, stop, unbound_server_lines, wait_for_dns  # noqa: E402
 from procstat import cpu_seconds, process_tree  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
@@ -41,28 +43,6 @@ CLIENT_NICE = -10
 LATENCY_ROUNDS = 3
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-        udp.bind(("127.0.0.1", 0))
-        return udp.getsockname()[1]
-
-
-def wait_for_dns(port: int, seconds: float = 15) -> None:
-    deadline = time.monotonic() + seconds
-    # STATUS opcode: answered at once (NOTIMP) by both servers
-    probe = b"\x12\x34\x10\x00\x00\x01\x00\x00\x00\x00\x00\x00\x05probe\x07invalid\x00\x00\x01\x00\x01"
-    while time.monotonic() < deadline:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.settimeout(0.3)
-            try:
-                sock.sendto(probe, ("127.0.0.1", port))
-                sock.recvfrom(512)
-                return
-            except OSError:
-                time.sleep(0.1)
-    raise TimeoutError(f"no DNS server on 127.0.0.1:{port}")
-
-
 @contextlib.contextmanager
 def process(command: list[str], port: int, log: Path):
     with open(log, "wb") as out:
@@ -71,34 +51,13 @@ def process(command: list[str], port: int, log: Path):
             wait_for_dns(port)
             yield proc
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, 10)
 
 
 def unbound_command(workdir: Path, port: int, records: list[str], zone: str) -> list[str]:
     conf = workdir / f"unbound-{port}.conf"
     lines = [
-        "server:",
-        f"  interface: 127.0.0.1@{port}",
-        f"  port: {port}",
-        "  do-daemonize: no",
-        '  username: ""',
-        '  chroot: ""',
-        f'  directory: "{workdir}"',
-        "  use-syslog: no",
-        '  logfile: ""',
-        "  verbosity: 0",
-        "  num-threads: 1",
-        "  access-control: 127.0.0.0/8 allow",
-        '  module-config: "iterator"',
-        "  do-ip6: no",
-        "  do-not-query-address: 0.0.0.0/0",
-        "  do-not-query-address: ::0/0",
-        '  local-zone: "test." nodefault',
+        *unbound_server_lines(workdir, port),
         '  local-zone: "." static',
         f'  local-zone: "{zone}." static',
         *[f"  local-data: '{r}'" for r in records],

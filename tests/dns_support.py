@@ -66,6 +66,31 @@ def stop(process: subprocess.Popen, seconds: float = 10.0) -> None:
             process.wait(seconds)
 
 
+def unbound_server_lines(workdir: Path, port: int) -> list[str]:
+    """The ``server:`` block of an unbound on 127.0.0.1:port in the foreground that queries no address
+    at all; the caller adds the zones it answers from (and ``remote-control:``)."""
+    return [
+        "server:",
+        f"  interface: 127.0.0.1@{port}",
+        f"  port: {port}",
+        "  do-daemonize: no",
+        '  username: ""',
+        '  chroot: ""',
+        f'  directory: "{workdir}"',
+        f'  pidfile: "{workdir}/unbound-{port}.pid"',
+        "  use-syslog: no",
+        '  logfile: ""',
+        "  verbosity: 0",
+        "  access-control: 127.0.0.0/8 allow",
+        '  module-config: "iterator"',
+        "  do-ip6: no",
+        "  num-threads: 1",
+        "  do-not-query-address: 0.0.0.0/0",
+        "  do-not-query-address: ::0/0",
+        '  local-zone: "test." nodefault',
+    ]
+
+
 @contextlib.contextmanager
 def unbound(tmp: Path, records: list[str], port: int | None = None):
     """unbound on 127.0.0.1:port, authoritative for the zones of ``records`` (zone = last two labels).
@@ -80,26 +105,7 @@ def unbound(tmp: Path, records: list[str], port: int | None = None):
     for record in records:
         owner = record.split()[0].rstrip(".")
         zones.setdefault(".".join(owner.split(".")[-2:]), []).append(record)
-    lines = [
-        "server:",
-        f"  interface: 127.0.0.1@{port}",
-        f"  port: {port}",
-        "  do-daemonize: no",
-        '  username: ""',
-        '  chroot: ""',
-        f'  directory: "{workdir}"',
-        f'  pidfile: "{workdir}/unbound.pid"',
-        "  use-syslog: no",
-        '  logfile: ""',
-        "  verbosity: 0",
-        "  access-control: 127.0.0.0/8 allow",
-        '  module-config: "iterator"',
-        "  do-ip6: no",
-        "  num-threads: 1",
-        "  do-not-query-address: 0.0.0.0/0",
-        "  do-not-query-address: ::0/0",
-        '  local-zone: "test." nodefault',
-    ]
+    lines = unbound_server_lines(workdir, port)
     for zone, zone_records in zones.items():
         zonefile = workdir / f"{zone}.zone"
         zonefile.write_text("\n".join([
@@ -172,6 +178,30 @@ def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True, nofile: int |
     finally:
         stop(process)
         log.close()
+
+
+@contextlib.contextmanager
+def capturing_mirror(tmp: Path, upstream: int, captured: str, address: str, address6: str | None = None):
+    """``dnsmirror serve`` forwarding to 127.0.0.1:``upstream`` whose HTTPS stand-in listener is up, once
+    it answers ``captured`` with ``address``; yields (port, process, logfile).
+
+    Health is checked every 200 ms and one failure fails open, so the DNS process fails open about
+    1.6 s after the last word from the mirror part.
+    """
+    https_port = free_port()
+    overrides = {
+        "dns": {"upstreams": [f"127.0.0.1:{upstream}"]},
+        "mirror": {"address": address, **({"address6": address6} if address6 else {})},
+        "health": {"interval": "200ms", "timeout": "100ms", "failures": 1, "targets": [f"127.0.0.1:{https_port}"]},
+    }
+
+    def captures(port: int) -> bool:
+        answers = dig_answers(dig(port, captured, timeout=1).stdout)
+        return bool(answers) and answers[0][3] == address
+
+    with tcp_listener(https_port), dnsmirror_serve(tmp, overrides) as (port, process, log):
+        assert wait_until(lambda: captures(port), 10), log.read_text()
+        yield port, process, log
 
 
 @contextlib.contextmanager

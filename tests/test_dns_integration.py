@@ -7,6 +7,7 @@ import time
 
 import pytest
 from dns_support import (
+    capturing_mirror,
     dig,
     dig_answers,
     dig_flags,
@@ -45,20 +46,7 @@ def upstream(tmp_path):
 @pytest.fixture
 def healthy_mirror(tmp_path, upstream):
     """dnsmirror whose HTTPS stand-in listener is up, forwarding to unbound."""
-    https_port = free_port()
-    overrides = {
-        "dns": {"upstreams": [f"127.0.0.1:{upstream}"]},
-        "mirror": {"address": "10.96.0.53", "address6": "fd00::53"},
-        "health": {
-            "interval": "200ms",
-            "timeout": "100ms",
-            "failures": 1,
-            "targets": [f"127.0.0.1:{https_port}"],
-        },
-    }
-    with tcp_listener(https_port), dnsmirror_serve(tmp_path, overrides) as (port, process, log):
-        assert wait_until(lambda: dig_answers(dig(port, ECR).stdout)[:1] and
-                          dig_answers(dig(port, ECR).stdout)[0][3] == "10.96.0.53", 10), log.read_text()
+    with capturing_mirror(tmp_path, upstream, ECR, "10.96.0.53", "fd00::53") as (port, _, _):
         yield port
 
 

@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from dns_support import dig, dig_answers, dnsmirror_serve, free_port, tcp_listener, unbound, wait_until
+from dns_support import capturing_mirror, dig, dig_answers, dnsmirror_serve, unbound, wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -37,22 +37,11 @@ def answer(port: int, name: str = ECR) -> str | None:
 @pytest.fixture
 def mirror(tmp_path):
     """A healthy DNS-only dnsmirror forwarding to unbound; yields (port, parent process, log path)."""
-    https_port = free_port()
-    with unbound(tmp_path, [f"{ECR}. 300 IN A {REAL}", "www.example.test. 300 IN A 192.0.2.10"]) as upstream:
-        overrides = {
-            "dns": {"upstreams": [f"127.0.0.1:{upstream}"]},
-            "mirror": {"address": MIRROR},
-            # the DNS process fails open 1.6 s after the last word from the mirror part
-            "health": {
-                "interval": "200ms",
-                "timeout": "100ms",
-                "failures": 1,
-                "targets": [f"127.0.0.1:{https_port}"],
-            },
-        }
-        with tcp_listener(https_port), dnsmirror_serve(tmp_path, overrides) as (port, process, log):
-            assert wait_until(lambda: answer(port) == MIRROR, 10), log.read_text()
-            yield port, process, log
+    with (
+        unbound(tmp_path, [f"{ECR}. 300 IN A {REAL}", "www.example.test. 300 IN A 192.0.2.10"]) as upstream,
+        capturing_mirror(tmp_path, upstream, ECR, MIRROR) as running,
+    ):
+        yield running
 
 
 def test_dns_answers_while_the_mirror_process_is_stopped_and_fails_open(mirror):

@@ -6,7 +6,7 @@ import ipaddress
 import logging
 import struct
 
-from dnslib import QTYPE, RCODE, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import defer
@@ -14,7 +14,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from dnsmirror.dns.forwarder import AllUpstreamsFailed, matches
+from dnsmirror.dns.forwarder import AllUpstreamsFailed, _question, matches
 from dnsmirror.dns.packets import Responder, with_id
 from dnsmirror.dns.server import (
     MAX_TCP_QUERIES_PENDING,
@@ -180,6 +180,27 @@ class AnswerMatchTests(SynchronousTestCase):
         self.assertFalse(matches(packet, question, other))  # right ID, wrong question
         self.assertFalse(matches(packet, question, packet))  # a query, not an answer
         self.assertTrue(matches(packet, question, answer))
+        shouted = bytes(DNSRecord.parse(query("EXAMPLE.com", qid=0x0A0B)).reply().pack())
+        self.assertTrue(matches(packet, question, shouted))  # names compare without case
+
+    def test_the_type_is_compared_exactly(self):
+        https = query("example.com", qid=7, qtype=65)  # HTTPS is 0x41, "A" in ASCII
+        question = _question(https)
+        other_type = bytes(DNSRecord.parse(query("example.com", qid=7, qtype=97)).reply().pack())
+        self.assertFalse(matches(https, question, other_type))
+        self.assertTrue(matches(https, question, bytes(DNSRecord.parse(https).reply().pack())))
+
+    def test_an_answer_without_question_is_taken_only_as_a_bare_error(self):
+        packet = query("example.com", qid=0x0A0B)
+        question = _question(packet)
+        formerr = bytes(DNSRecord(DNSHeader(id=0x0A0B, qr=1, rcode=RCODE.FORMERR)).pack())
+        self.assertTrue(matches(packet, question, formerr))
+        forged = DNSRecord(DNSHeader(id=0x0A0B, qr=1))
+        forged.add_answer(RR("example.com", rdata=A("6.6.6.6")))
+        self.assertFalse(matches(packet, question, bytes(forged.pack())))  # records, no question
+        forged_error = DNSRecord(DNSHeader(id=0x0A0B, qr=1, rcode=RCODE.SERVFAIL))
+        forged_error.add_answer(RR("example.com", rdata=A("6.6.6.6")))
+        self.assertFalse(matches(packet, question, bytes(forged_error.pack())))
 
 
 def tcp_client(controller, clock, host="127.0.0.1", factory=None):

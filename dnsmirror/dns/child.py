@@ -15,8 +15,10 @@ The fail-open rule is the parent's :class:`~dnsmirror.health.HealthState`, uncha
 captures only while the last word from the parent said healthy and that word is fresh. When the
 parent stops speaking (its reactor is stuck, or it died) the child fails open after ``stale_after``
 seconds, and it exits when its stdin closes (it ignores SIGINT and SIGTERM, which may reach the whole
-process group before the mirror process has drained). When the child dies the parent starts a new one
-on the same sockets.
+process group before the mirror process has drained). When the child dies, or sends no report for
+``SILENT_CHILD_AFTER`` seconds (it is stuck and killed), the parent starts a new one on the same
+sockets. A line either side cannot read (not JSON, wrong types, counters going back) is logged and
+changes nothing: a garbled word from the parent is no word, so the last one still goes stale.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 from twisted.internet import protocol, task
+from twisted.python.failure import Failure
 
 from dnsmirror import oci
 from dnsmirror.dns.stats import DnsStats
@@ -41,6 +45,9 @@ log = logging.getLogger("dnsmirror.dns")
 FIRST_CHILD_FD = 3
 STATS_INTERVAL = 0.5
 RESTART_DELAY = 1.0
+# a child that sends no report for this long is stuck (it reports every STATS_INTERVAL): it is killed
+# and replaced, as if it had died
+SILENT_CHILD_AFTER = 10.0
 NICE_BOOST = -5
 _MAX_LINE = 1 << 20
 
@@ -96,20 +103,36 @@ def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
 # -- parent side
 
 
-class _ChildProtocol(protocol.ProcessProtocol):
-    def __init__(self, owner: DnsProcess) -> None:
-        self.owner = owner
-        self.buffer = b""
+class _Lines:
+    """Splits a byte stream into lines; a line longer than ``_MAX_LINE`` is dropped whole, up to its end."""
 
-    def outReceived(self, data: bytes) -> None:
+    def __init__(self, on_line: Callable[[bytes], None]) -> None:
+        self.on_line = on_line
+        self.buffer = b""
+        self.skipping = False  # inside an overlong line: drop bytes until its newline
+
+    def feed(self, data: bytes) -> None:
         self.buffer += data
         while b"\n" in self.buffer:
             line, self.buffer = self.buffer.split(b"\n", 1)
-            self.owner._report(line)
+            if self.skipping:
+                self.skipping = False
+            else:
+                self.on_line(line)
         if len(self.buffer) > _MAX_LINE:
-            self.buffer = b""
+            log.warning("dropping a line of more than %d bytes from the other DNS process", _MAX_LINE)
+            self.buffer, self.skipping = b"", True
 
-    def processEnded(self, reason) -> None:
+
+class _ChildProtocol(protocol.ProcessProtocol):
+    def __init__(self, owner: DnsProcess) -> None:
+        self.owner = owner
+        self.lines = _Lines(owner._report)
+
+    def outReceived(self, data: bytes) -> None:
+        self.lines.feed(data)
+
+    def processEnded(self, reason: Failure) -> None:
         self.owner._ended(self, reason)
 
 
@@ -160,8 +183,8 @@ class DnsProcess:
         self.upstreams_down = 0  # as the child last reported
         self.readiness = Readiness(health)
         self._stopping = False
-        self._base = {name: 0 for name in _CHILD_COUNTERS}
-        self._last = dict(self._base)
+        self._last = {name: 0 for name in _CHILD_COUNTERS}  # the running child's counters as last reported
+        self._last_report = self._last_tell = reactor.seconds()
         self._loop = task.LoopingCall(self.tell)
         self._loop.clock = reactor
 
@@ -186,6 +209,7 @@ class DnsProcess:
             childFDs=fds,
         )
         self._last = {name: 0 for name in _CHILD_COUNTERS}
+        self._last_report = self.reactor.seconds()
         self.tell()
 
     @property
@@ -195,8 +219,17 @@ class DnsProcess:
         return getattr(transport, "pid", None)
 
     def tell(self) -> None:
-        """Send the current health and bypass to the child."""
+        """Send the current health and bypass to the child; kill it when it stopped reporting."""
         if self.child is None or self.child.transport is None:
+            return
+        now = self.reactor.seconds()
+        if now - self._last_tell > SILENT_CHILD_AFTER / 2:
+            # this process was stuck itself: the child's reports may wait unread in the pipe
+            self._last_report = now
+        self._last_tell = now
+        silent = now - self._last_report
+        if silent > SILENT_CHILD_AFTER:
+            self._kill_silent(silent)
             return
         message = {
             "healthy": self.health.healthy,
@@ -208,26 +241,41 @@ class DnsProcess:
         except Exception as exc:  # noqa: BLE001 - a dying child is restarted by processEnded
             log.debug("telling the DNS process failed: %s", exc)
 
-    def _report(self, line: bytes) -> None:
+    def _kill_silent(self, silent: float) -> None:
+        # a stuck child answers no query; its replacement takes over the same sockets
+        log.error(
+            "the DNS process sent nothing for %.1fs: killing it",
+            silent,
+            extra=log_fields(event="dns_process_silent", seconds=round(silent, 1)),
+        )
+        self.readiness.running = self.readiness.capturing = False
+        self._last_report = self.reactor.seconds()  # one kill; processEnded replaces the child
         try:
-            message = json.loads(line)
-            counters = message["stats"]
-            for name in _CHILD_COUNTERS:
-                self._last[name] = int(counters.get(name, 0))
-            self.upstreams_down = int(message.get("upstreams_down", 0))
-            self.readiness.capturing = bool(message.get("capturing", False))
-            self.readiness.running = True
-        except (ValueError, KeyError, TypeError, AttributeError):
+            self.child.transport.signalProcess("KILL")  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - already gone: processEnded follows
+            log.debug("killing the DNS process failed: %s", exc)
+
+    def _report(self, line: bytes) -> None:
+        report = parse_report(line)
+        if report is None:
             log.warning("unreadable report from the DNS process: %r", line[:200])
             return
+        counters, upstreams_down, capturing = report
+        if any(counters[name] < self._last[name] for name in _CHILD_COUNTERS):
+            log.warning("report from the DNS process with counters going back: %r", line[:200])
+            return
+        self._last_report = self.reactor.seconds()
+        # added, not assigned: counters the parent keeps itself (health_changes) stay its own
         for name in _CHILD_COUNTERS:
-            setattr(self.stats, name, self._base[name] + self._last[name])
+            setattr(self.stats, name, getattr(self.stats, name) + counters[name] - self._last[name])
+        self._last = counters
+        self.upstreams_down = upstreams_down
+        self.readiness.capturing = capturing
+        self.readiness.running = True
 
     def _ended(self, child: _ChildProtocol, reason) -> None:
         if child is not self.child:
             return
-        for name in _CHILD_COUNTERS:
-            self._base[name] += self._last[name]
         self.child = None
         self.readiness.running = self.readiness.capturing = False
         if self._stopping:
@@ -266,6 +314,43 @@ class DnsProcess:
 _CHILD_COUNTERS = [f.name for f in fields(DnsStats) if f.name != "health_changes"]
 
 
+def parse_report(line: bytes) -> tuple[dict[str, int], int, bool] | None:
+    """(counters, upstreams down, capturing) from one report line of the child; ``None`` when malformed."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or not isinstance(message.get("stats"), dict):
+        return None
+    values = [message["stats"].get(name, 0) for name in _CHILD_COUNTERS]
+    down = message.get("upstreams_down", 0)
+    if not all(_is_count(value) for value in [*values, down]):
+        return None
+    # anything but an explicit true is "not capturing": readiness never claims more than the child does
+    return dict(zip(_CHILD_COUNTERS, values, strict=True)), down, message.get("capturing") is True
+
+
+def parse_health(line: bytes) -> tuple[bool, dict[str, float]] | None:
+    """(healthy, bypass: host -> seconds left) from one message of the parent; ``None`` when malformed."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or not isinstance(message.get("healthy"), bool):
+        return None
+    bypass = message.get("bypass") or {}
+    if not isinstance(bypass, dict) or not all(
+        isinstance(host, str) and isinstance(seconds, int | float) and not isinstance(seconds, bool)
+        for host, seconds in bypass.items()
+    ):
+        return None
+    return message["healthy"], {host: float(seconds) for host, seconds in bypass.items()}
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 # -- child side
 
 
@@ -294,17 +379,12 @@ class _ParentChannel(protocol.Protocol):
 
     def __init__(self, child: _Child) -> None:
         self.child = child
-        self.buffer = b""
+        self.lines = _Lines(child.heard)
 
     def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        while b"\n" in self.buffer:
-            line, self.buffer = self.buffer.split(b"\n", 1)
-            self.child.heard(line)
-        if len(self.buffer) > _MAX_LINE:
-            self.buffer = b""
+        self.lines.feed(data)
 
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.child.parent_gone()
 
 
@@ -361,15 +441,14 @@ class _Child:
         task.LoopingCall(self.watch).start(min(1.0, self.settings.stale_after / 4), now=False)
 
     def heard(self, line: bytes) -> None:
-        try:
-            message = json.loads(line)
-            healthy = bool(message["healthy"])
-            new_bypass = self.bypass.update(message.get("bypass") or {})
-        except (ValueError, KeyError, TypeError, AttributeError):
+        word = parse_health(line)
+        if word is None:
+            # not a word from the parent: it does not refresh the last one, which goes stale as usual
             log.warning("unreadable message from the mirror process: %r", line[:200])
             return
+        healthy, bypass = word
         self.last_heard = self.reactor.seconds()
-        if new_bypass:
+        if self.bypass.update(bypass):
             self.responder.forget_answers()
         self._capture(healthy)
 

@@ -96,21 +96,31 @@ _random_ids = _RandomIds()
 
 def _question(packet: bytes) -> bytes | None:
     end = question_end(packet)
-    return packet[HEADER_SIZE:end].lower() if end is not None else None
+    return _normal_question(packet[HEADER_SIZE:end]) if end is not None else None
+
+
+def _normal_question(section: bytes) -> bytes:
+    # names compare without case (RFC 4343); the type and class bytes exactly (0x41 is not 0x61)
+    return section[:-4].lower() + section[-4:]
 
 
 def matches(query: bytes, question: bytes | None, answer: bytes) -> bool:
-    """True when ``answer`` answers ``query``: a response, same ID, and the same question (when it has one).
+    """True when ``answer`` answers ``query``: a response, same ID, and the same question.
 
-    ``question`` is the query's question section, lower-cased (``None`` when it has none).
+    ``question`` is the query's question section as :func:`_question` gives it (``None`` when it has
+    none). An answer without a question section is taken only as a bare error (some FORMERR replies):
+    no records, so nothing in it can be a forged address.
     """
     if len(answer) < HEADER_SIZE or answer[:2] != query[:2] or not answer[2] & 0x80:
         return False
     if answer[4:6] == b"\x00\x00":
-        # an answer without a question section (some FORMERR replies) cannot be checked further
-        return True
-    # byte-equal (ignoring case) to the asked question: the same name, type and class, parsed alike
-    return question is not None and answer[HEADER_SIZE : HEADER_SIZE + len(question)].lower() == question
+        return answer[3] & 0x0F != 0 and answer[6:10] == b"\x00\x00\x00\x00"
+    # byte-equal (the name ignoring case) to the asked question: the same name, type and class
+    return (
+        question is not None
+        and len(answer) >= HEADER_SIZE + len(question)
+        and _normal_question(answer[HEADER_SIZE : HEADER_SIZE + len(question)]) == question
+    )
 
 
 class _Forward:
@@ -459,17 +469,15 @@ class Forwarder:
 
     def _start_tcp(self, forward: _Forward, index: int) -> None:
         def connect(_):
-            upstream = self.upstreams[index]
-            now = self.reactor.seconds()
-            packet = with_id(forward.packet, _random_ids.next().to_bytes(2, "big"))
-            attempt = _Attempt(forward, index, packet, forward.question, now, self.timeout)
             if self._stopped:
                 self._tcp_slots.release()
                 self._finish(forward, None)
                 return
-            attempt.connector = (
-                _HOLDS_TCP_SLOT  # released once, by _complete, even if connecting fails at once
-            )
+            upstream = self.upstreams[index]
+            packet = with_id(forward.packet, _random_ids.next().to_bytes(2, "big"))
+            attempt = _Attempt(forward, index, packet, forward.question, self.reactor.seconds(), self.timeout)
+            # the slot is released once, by _complete, even if connecting fails before connectTCP returns
+            attempt.connector = _HOLDS_TCP_SLOT
             attempt.connector = self.reactor.connectTCP(
                 upstream.host, upstream.port, _TcpAttemptFactory(self, attempt), timeout=self.timeout
             )
