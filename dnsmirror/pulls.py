@@ -9,7 +9,8 @@ collects the client's blob responses for those digests in that repository. It en
 - ``complete``: every blob of the image was sent to the client in full;
 - ``partial``: no blob request of the pull in flight for :attr:`PullTracker.settle` seconds while some
   blobs were never asked for (the client had them already, e.g. in containerd's content store);
-- ``timed_out``: a blob request still in flight after :attr:`PullTracker.timeout` seconds without progress;
+- ``timed_out``: a blob request in flight, and none began or ended, for :attr:`PullTracker.timeout` seconds
+  (a single blob streaming for longer ends its pull's report so);
 - ``evicted``: more than :attr:`PullTracker.max_pulls` pulls open at once, the oldest is reported early.
 
 :class:`PullTracker` is pure (events in, report dicts out, time passed in); :class:`PullReporter` feeds it
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,8 +33,8 @@ from dnsmirror.logs import fields
 if TYPE_CHECKING:  # the module itself runs without Twisted and Prometheus imported
     from prometheus_client.metrics_core import Metric
     from twisted.internet.interfaces import IReactorTime
-    from twisted.internet.task import LoopingCall
 
+    from dnsmirror.periodic import Periodic
     from dnsmirror.target import Target
 
 log = logging.getLogger("dnsmirror.pulls")
@@ -234,26 +236,21 @@ class PullReporter:
         self.seconds: dict[str, list[int]] = {}
         self.seconds_sum: Counter[str] = Counter()
         self.outcomes: Counter[str] = Counter()
-        self._loop: LoopingCall | None = None
+        self._loop: Periodic | None = None
 
     def start(self) -> None:
-        from twisted.internet import task
+        from dnsmirror.periodic import Periodic  # Twisted is imported only by a reporter that runs
 
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False).addErrback(lambda failure: log.error(
-            "pull report timer stopped: %s", failure.getTraceback()))
+        self._loop = Periodic(self.clock, self.interval, self._tick, "pull report")
+        self._loop.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
+        if self._loop is not None:
             self._loop.stop()
         self._loop = None
 
     def _tick(self) -> None:
-        try:
-            self._publish(self.tracker.tick(self.clock.seconds()))
-        except Exception:  # a bad report must not stop the timer
-            log.exception("pull report failed")
+        self._publish(self.tracker.tick(self.clock.seconds()))
 
     def request_started(self, request: Any, target: Target) -> None:
         """Called as a request to the registry front begins (``target``: its
@@ -323,8 +320,6 @@ class PullReporter:
 
     def _since(self, request: Any, now: float, moment: float | None = None) -> float:
         """A monotonic instant of the request (its start by default) on this reporter's clock."""
-        import time
-
         moment = getattr(request, "started_at", None) if moment is None else moment
         return now if moment is None else now - (time.monotonic() - moment)
 
