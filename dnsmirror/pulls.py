@@ -233,8 +233,9 @@ class PullReporter:
         self.tracker = tracker or PullTracker()
         self.interval = interval
         self.emit = emit or (lambda values: log.info("image pull", extra=fields(**values)))
-        self.seconds: dict[str, list[int]] = {}
-        self.seconds_sum: Counter[str] = Counter()
+        from dnsmirror.metrics import Histogram  # a reporter runs with Prometheus imported
+
+        self.seconds = Histogram(PULL_BUCKETS)  # by source mix
         self.outcomes: Counter[str] = Counter()
         self._loop: Periodic | None = None
 
@@ -326,32 +327,19 @@ class PullReporter:
     def _publish(self, reports: Iterable[dict[str, Any]]) -> None:
         for values in reports:
             self.outcomes[values["outcome"]] += 1
-            mix = values["source_mix"]
-            counts = self.seconds.setdefault(mix, [0] * (len(PULL_BUCKETS) + 1))
-            index = next(
-                (i for i, bound in enumerate(PULL_BUCKETS) if values["seconds"] <= bound), len(PULL_BUCKETS)
-            )
-            counts[index] += 1
-            self.seconds_sum[mix] += values["seconds"]
+            self.seconds.observe(values["source_mix"], values["seconds"])
             self.emit(values)
 
     def families(self) -> Iterable[Metric]:
         """``dnsmirror_image_pull_seconds{source_mix}`` and ``dnsmirror_image_pulls_total{outcome}``."""
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import CounterMetricFamily
 
-        histogram = HistogramMetricFamily(
+        yield self.seconds.family(
             "dnsmirror_image_pull_seconds",
-            "Image pulls by the sources that sent "
-            "their bytes: time from the index (or image manifest) request to the pull's end",
-            labels=["source_mix"],
+            "Image pulls by the sources that sent their bytes: time from the index (or image manifest) "
+            "request to the pull's end",
+            "source_mix",
         )
-        for mix, counts in sorted(self.seconds.items()):
-            running, buckets = 0, []
-            for bound, count in zip((*map(str, PULL_BUCKETS), "+Inf"), counts, strict=True):
-                running += count
-                buckets.append((bound, running))
-            histogram.add_metric([mix], buckets, self.seconds_sum[mix])
-        yield histogram
         pulls = CounterMetricFamily("dnsmirror_image_pulls", "Image pulls reported, by how they ended",
                                     labels=["outcome"])
         for outcome in ("complete", "partial", "timed_out", "evicted"):
