@@ -18,11 +18,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         config = configmod.load(args.config)
+        # serving the example's values (another cloud's resolvers, a made-up registry) is never wanted
+        marks = configmod.placeholder_marks(configmod.read_text(Path(args.config))) if args.config else []
     except configmod.ConfigError as exc:
         print(
             f"dnsmirror: invalid configuration ({args.config or 'embedded default'}):\n{exc.describe()}",
             file=sys.stderr,
         )
+        return 2
+    if marks:
+        print(f"dnsmirror: {args.config} still holds the example's PLACEHOLDER marks; not serving:",
+              file=sys.stderr)
+        for mark in marks:
+            print(f"  {mark}", file=sys.stderr)
         return 2
     return app.serve(config)
 

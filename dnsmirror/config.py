@@ -575,13 +575,18 @@ def default_document() -> dict[str, Any]:
 _PLACEHOLDER_ACCOUNT = "000000000000."
 
 
-def placeholder_warnings(text: str, config: Config) -> list[str]:
-    """Values an example file (the ConfigMap) marks as to be replaced, still in ``text``."""
-    warnings = [
+def placeholder_marks(text: str) -> list[str]:
+    """The PLACEHOLDER marks of an example file (the ConfigMap) still in ``text``, one line each."""
+    return [
         f"line {number}: marked PLACEHOLDER: replace the value it describes with yours, then remove the mark"
         for number, line in enumerate(text.splitlines(), 1)
         if "PLACEHOLDER" in line
     ]
+
+
+def placeholder_warnings(text: str, config: Config) -> list[str]:
+    """Values an example file (the ConfigMap) marks as to be replaced, still in ``text``."""
+    warnings = placeholder_marks(text)
     warnings += [
         f"skip: {entry} is the example's placeholder account: give the registry of your dnsmirror image"
         for entry in config.skip

@@ -15,6 +15,8 @@ is 0 when no check failed, 1 otherwise. The checks, in order:
 - ``image``: with IMAGE, its manifest comes through the mirror.
 
 The captured name checked is IMAGE's registry, or else the first capture pattern without a wildcard.
+The mirror address is ``mirror.address`` (an A answer), or ``mirror.address6`` (AAAA) on an IPv6-only
+node.
 Every connection goes to the mirror address (the registry's name is only sent as TLS server name), so
 the checks never depend on the node resolver they examine.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import ipaddress
 import json
 import os
 import shutil
@@ -39,7 +42,7 @@ from pathlib import Path
 from dnslib import QTYPE, DNSRecord
 
 from dnsmirror import config as configmod
-from dnsmirror.config import Config
+from dnsmirror.config import Config, HostPort
 from dnsmirror.dns.resolvconf import nameservers
 from dnsmirror.patterns import HostMatcher
 
@@ -81,15 +84,24 @@ class Doctor:
     """Runs the checks against ``config``; ``resolv_conf`` is the node resolver's configuration."""
 
     def __init__(
-        self, config: Config, image: str | None = None, resolv_conf: Path = Path("/etc/resolv.conf")
+        self, config: Config, image: str | None = None, resolv_conf: Path = Path("/etc/resolv.conf"),
+        *, dns_port: int = 53,
     ) -> None:
         self.config = config
+        self.dns_port = dns_port  # the port of resolv.conf's nameservers (always 53 on a node)
         self.image = parse_reference(image) if image else None
         self.resolv_conf = resolv_conf
         self.matcher = HostMatcher(config.capture, config.skip)
         self.name = self.image[0] if self.image else example_name(config.capture, self.matcher)
         listen = config.https.listen[0] if config.https.listen else None
         self.port = listen.port if listen else 443
+        # an IPv6-only node has no mirror.address: its captured names resolve (AAAA) to mirror.address6
+        mirror = config.mirror.address or config.mirror.address6
+        if mirror is None:
+            raise ValueError("mirror.address or mirror.address6 is required")  # the config ensures one
+        self.mirror = mirror
+        self.qtype = "A" if config.mirror.address else "AAAA"
+        self.endpoint = str(HostPort(mirror, self.port))
         self.v2: Reply | OSError | None = None
 
     def run(self) -> Iterator[Result]:
@@ -127,7 +139,7 @@ class Doctor:
         return Result("ca", "ok", detail)
 
     def check_resolver(self) -> Result:
-        mirror = self.config.mirror.address
+        mirror = self.mirror
         try:
             servers = nameservers(self.resolv_conf.read_text(encoding="utf-8", errors="replace"))
         except OSError as exc:
@@ -142,7 +154,7 @@ class Doctor:
             )
         first = servers[0]
         try:
-            answers = query_a(first, 53, self.name)
+            answers = query_addresses(first, self.dns_port, self.name, self.qtype)
         except OSError as exc:
             return Result("resolver", "FAIL", f"the node resolver {first} did not answer {self.name}: {exc}",
                           f"make dnsmirror ({mirror}) the first nameserver of {self.resolv_conf}")
@@ -169,19 +181,18 @@ class Doctor:
         )
 
     def check_mirror(self) -> Result:
-        mirror = self.config.mirror.address
         try:
-            self.v2 = https_get(mirror, self.port, self.name, "/v2/", verify=False)
+            self.v2 = https_get(self.mirror, self.port, self.name, "/v2/", verify=False)
         except OSError as exc:
             self.v2 = exc
             return Result(
                 "mirror",
                 "FAIL",
-                f"no HTTPS answer from the mirror at {mirror}:{self.port} for {self.name}: {describe(exc)}",
+                f"no HTTPS answer from the mirror at {self.endpoint} for {self.name}: {describe(exc)}",
                 "check that dnsmirror runs on this node (kubectl -n dnsmirror get pods -o wide) and "
                 "its log; https.listen must include the mirror address",
             )
-        return Result("mirror", "ok", f"the mirror at {mirror}:{self.port} answers GET /v2/ for {self.name} "
+        return Result("mirror", "ok", f"the mirror at {self.endpoint} answers GET /v2/ for {self.name} "
                       f"({self.v2.status})")
 
     def check_upstream(self) -> Result:
@@ -199,9 +210,8 @@ class Doctor:
         return Result("upstream", "ok", f"{self.name} answered the mirror's GET /v2/ ({self.v2.status})")
 
     def check_trust(self) -> Result:
-        mirror = self.config.mirror.address
         try:
-            https_get(mirror, self.port, self.name, "/v2/", verify=True)
+            https_get(self.mirror, self.port, self.name, "/v2/", verify=True)
         except ssl.SSLCertVerificationError as exc:
             return Result(
                 "trust",
@@ -264,12 +274,12 @@ class Doctor:
         headers = {"Accept": MANIFEST_ACCEPT}
         try:
             reply = https_get(
-                self.config.mirror.address, self.port, host, path, verify=False, headers=headers
+                self.mirror, self.port, host, path, verify=False, headers=headers
             )
             if reply.status == 401:
                 token = anonymous_token(reply.headers.get("www-authenticate", ""), self._fetch_via_mirror)
                 if token:
-                    reply = https_get(self.config.mirror.address, self.port, host, path, verify=False,
+                    reply = https_get(self.mirror, self.port, host, path, verify=False,
                                       headers={**headers, "Authorization": f"Bearer {token}"})
         except OSError as exc:
             return Result("image", "FAIL", f"{host}/{repository}:{reference}: {describe(exc)}",
@@ -297,7 +307,7 @@ class Doctor:
         target = f"{parts.path}?{parts.query}" if parts.query else parts.path
         host = parts.hostname or ""
         if self.matcher.captures(host):
-            return https_get(self.config.mirror.address, self.port, host, target, verify=False)
+            return https_get(self.mirror, self.port, host, target, verify=False)
         return https_get(host, parts.port or 443, host, target, verify=True)
 
     def _dns_addresses(self) -> set[str]:
@@ -333,17 +343,20 @@ def example_name(capture: tuple[str, ...], matcher: HostMatcher) -> str:
     return filled
 
 
-def query_a(server: str, port: int, name: str, timeout: float = TIMEOUT) -> list[str]:
-    """The A records ``server`` answers for ``name`` (one UDP query)."""
+def query_addresses(
+    server: str, port: int, name: str, qtype: str = "A", timeout: float = TIMEOUT
+) -> list[str]:
+    """The addresses (``qtype`` A or AAAA records) ``server`` answers for ``name`` (one UDP query)."""
     family = socket.AF_INET6 if ":" in server else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.settimeout(timeout)
-        sock.sendto(DNSRecord.question(name).pack(), (server, port))
+        sock.sendto(DNSRecord.question(name, qtype).pack(), (server, port))
         reply = DNSRecord.parse(sock.recvfrom(4096)[0])
-    return [str(record.rdata) for record in reply.rr if record.rtype == QTYPE.A]
+    wanted = getattr(QTYPE, qtype)
+    return [str(ipaddress.ip_address(str(record.rdata))) for record in reply.rr if record.rtype == wanted]
 
 
-def https_get(address: str | None, port: int, name: str, path: str, *, verify: bool,
+def https_get(address: str, port: int, name: str, path: str, *, verify: bool,
               headers: dict[str, str] | None = None, limit: int = 4 * 1024 * 1024) -> Reply:
     """GET ``path`` from ``address:port`` with TLS server name and Host ``name``."""
     context = ssl.create_default_context()
@@ -418,9 +431,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     except configmod.ConfigError as exc:
         print(f"FAIL config     {args.config or 'embedded default'}: {exc.describe()}", file=sys.stdout)
         return 1
-    print(f"dnsmirror doctor: config {config.source}, mirror {config.mirror.address}")
+    checks = Doctor(config, args.image, Path(args.resolv_conf))
+    print(f"dnsmirror doctor: config {config.source}, mirror {checks.mirror}")
     failed = False
-    for result in Doctor(config, args.image, Path(args.resolv_conf)).run():
+    for result in checks.run():
         for line in result.lines():
             print(line, flush=True)
         failed = failed or result.status == "FAIL"

@@ -21,6 +21,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from dnsmirror.logs import fields
+from dnsmirror.resolver import ResolutionError
+from dnsmirror.store import DigestMismatch, StoreFull
 
 log = logging.getLogger("dnsmirror.failures")
 
@@ -116,8 +118,6 @@ def report_fill_failure(source: str, cause: BaseException | None, reason: str, *
 
 def fill_failure_kind(source: str, cause: BaseException | None) -> tuple[str, str] | None:
     """(component, kind) of a failed fill's cause, or None when its own reporter already counted it."""
-    from dnsmirror.store import DigestMismatch, StoreFull
-
     if isinstance(cause, StoreFull):
         return "cache", "full"
     if isinstance(cause, DigestMismatch):
@@ -145,8 +145,7 @@ def repository_of(url: str) -> str | None:
 def upstream_kind(exc: BaseException) -> str:
     """The :data:`UPSTREAM_KINDS` word for an upstream exception (of
     :data:`~dnsmirror.upstream.UPSTREAM_FAILURES`)."""
-    from dnsmirror import upstream
-    from dnsmirror.resolver import ResolutionError
+    from dnsmirror import upstream  # upstream reports through this module: imported when first used
 
     text = str(exc)
     if isinstance(exc, ResolutionError):

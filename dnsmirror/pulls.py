@@ -9,7 +9,8 @@ collects the client's blob responses for those digests in that repository. It en
 - ``complete``: every blob of the image was sent to the client in full;
 - ``partial``: no blob request of the pull in flight for :attr:`PullTracker.settle` seconds while some
   blobs were never asked for (the client had them already, e.g. in containerd's content store);
-- ``timed_out``: a blob request still in flight after :attr:`PullTracker.timeout` seconds without progress;
+- ``timed_out``: a blob request in flight, and none began or ended, for :attr:`PullTracker.timeout` seconds
+  (a single blob streaming for longer ends its pull's report so);
 - ``evicted``: more than :attr:`PullTracker.max_pulls` pulls open at once, the oldest is reported early.
 
 :class:`PullTracker` is pure (events in, report dicts out, time passed in); :class:`PullReporter` feeds it
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -31,8 +33,8 @@ from dnsmirror.logs import fields
 if TYPE_CHECKING:  # the module itself runs without Twisted and Prometheus imported
     from prometheus_client.metrics_core import Metric
     from twisted.internet.interfaces import IReactorTime
-    from twisted.internet.task import LoopingCall
 
+    from dnsmirror.periodic import Periodic
     from dnsmirror.target import Target
 
 log = logging.getLogger("dnsmirror.pulls")
@@ -231,29 +233,25 @@ class PullReporter:
         self.tracker = tracker or PullTracker()
         self.interval = interval
         self.emit = emit or (lambda values: log.info("image pull", extra=fields(**values)))
-        self.seconds: dict[str, list[int]] = {}
-        self.seconds_sum: Counter[str] = Counter()
+        from dnsmirror.metrics import Histogram  # a reporter runs with Prometheus imported
+
+        self.seconds = Histogram(PULL_BUCKETS)  # by source mix
         self.outcomes: Counter[str] = Counter()
-        self._loop: LoopingCall | None = None
+        self._loop: Periodic | None = None
 
     def start(self) -> None:
-        from twisted.internet import task
+        from dnsmirror.periodic import Periodic  # Twisted is imported only by a reporter that runs
 
-        self._loop = task.LoopingCall(self._tick)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False).addErrback(lambda failure: log.error(
-            "pull report timer stopped: %s", failure.getTraceback()))
+        self._loop = Periodic(self.clock, self.interval, self._tick, "pull report")
+        self._loop.start()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.running:
+        if self._loop is not None:
             self._loop.stop()
         self._loop = None
 
     def _tick(self) -> None:
-        try:
-            self._publish(self.tracker.tick(self.clock.seconds()))
-        except Exception:  # a bad report must not stop the timer
-            log.exception("pull report failed")
+        self._publish(self.tracker.tick(self.clock.seconds()))
 
     def request_started(self, request: Any, target: Target) -> None:
         """Called as a request to the registry front begins (``target``: its
@@ -323,40 +321,25 @@ class PullReporter:
 
     def _since(self, request: Any, now: float, moment: float | None = None) -> float:
         """A monotonic instant of the request (its start by default) on this reporter's clock."""
-        import time
-
         moment = getattr(request, "started_at", None) if moment is None else moment
         return now if moment is None else now - (time.monotonic() - moment)
 
     def _publish(self, reports: Iterable[dict[str, Any]]) -> None:
         for values in reports:
             self.outcomes[values["outcome"]] += 1
-            mix = values["source_mix"]
-            counts = self.seconds.setdefault(mix, [0] * (len(PULL_BUCKETS) + 1))
-            index = next(
-                (i for i, bound in enumerate(PULL_BUCKETS) if values["seconds"] <= bound), len(PULL_BUCKETS)
-            )
-            counts[index] += 1
-            self.seconds_sum[mix] += values["seconds"]
+            self.seconds.observe(values["source_mix"], values["seconds"])
             self.emit(values)
 
     def families(self) -> Iterable[Metric]:
         """``dnsmirror_image_pull_seconds{source_mix}`` and ``dnsmirror_image_pulls_total{outcome}``."""
-        from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+        from prometheus_client.core import CounterMetricFamily
 
-        histogram = HistogramMetricFamily(
+        yield self.seconds.family(
             "dnsmirror_image_pull_seconds",
-            "Image pulls by the sources that sent "
-            "their bytes: time from the index (or image manifest) request to the pull's end",
-            labels=["source_mix"],
+            "Image pulls by the sources that sent their bytes: time from the index (or image manifest) "
+            "request to the pull's end",
+            "source_mix",
         )
-        for mix, counts in sorted(self.seconds.items()):
-            running, buckets = 0, []
-            for bound, count in zip((*map(str, PULL_BUCKETS), "+Inf"), counts, strict=True):
-                running += count
-                buckets.append((bound, running))
-            histogram.add_metric([mix], buckets, self.seconds_sum[mix])
-        yield histogram
         pulls = CounterMetricFamily("dnsmirror_image_pulls", "Image pulls reported, by how they ended",
                                     labels=["outcome"])
         for outcome in ("complete", "partial", "timed_out", "evicted"):

@@ -66,6 +66,20 @@ class TlsStats:
     ca_reload_errors: int = 0
 
 
+# An ECDSA server leaf only signs the handshake: no key encipherment, no certificate signing.
+SERVER_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
 def mint_leaf(authority: camod.CertificateAuthority, leaf_key: ec.EllipticCurvePrivateKey, host: str,
               validity: float, now: float) -> x509.Certificate:
     """A leaf for exactly ``host`` (SAN dNSName, no wildcard), signed by ``authority``.
@@ -86,20 +100,7 @@ def mint_leaf(authority: camod.CertificateAuthority, leaf_key: ec.EllipticCurveP
         .not_valid_after(end)
         .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=not len(subject))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(SERVER_KEY_USAGE, critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(authority.ski), critical=False

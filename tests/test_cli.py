@@ -116,3 +116,19 @@ def test_license_is_the_apache_license():
     text = (root / "LICENSE").read_text()
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert 'license = "Apache-2.0"' in (root / "pyproject.toml").read_text()
+
+
+def test_serve_refuses_a_config_still_marked_placeholder(tmp_path):
+    """The ConfigMap's example values are never what an operator wants: serve names each mark and stops
+    before listening (config check only warns about them)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        f"cache:\n  dir: {tmp_path}/cache\n"
+        "dns:\n  # PLACEHOLDER: your resolvers\n  upstreams: ['169.254.169.253:53']\n"
+    )
+    stderr = refused(run("serve", "--config", config, timeout=60))
+    assert "PLACEHOLDER" in stderr and "line 4: marked PLACEHOLDER" in stderr, stderr
+    assert "not serving" in stderr
+    assert not (tmp_path / "cache").exists()  # stopped before anything was set up
+    checked = run("config", "check", config)
+    assert checked.returncode == 0 and "line 4: marked PLACEHOLDER" in checked.stderr

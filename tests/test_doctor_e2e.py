@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sys
+import threading
 from pathlib import Path
 
 import pytest
+from dnslib import AAAA, QTYPE, RR, DNSRecord
 from harness import ECR_HOST, require_netns
 from harness.images import build_image, push_image
 from harness.netns import Cluster, clean_env
@@ -14,7 +18,8 @@ from harness.pki import bundle, create_ca
 from harness.registry import Registry
 from mirror_support import MirrorNode, upstream_dns
 
-from dnsmirror.doctor import example_name, parse_reference
+from dnsmirror import config as configmod
+from dnsmirror.doctor import Doctor, example_name, parse_reference
 from dnsmirror.patterns import HostMatcher
 
 pytestmark = pytest.mark.integration
@@ -117,3 +122,43 @@ def test_doctor_finds_what_is_broken(tmp_path: Path) -> None:
                     and "kubectl -n dnsmirror get pods" in checks["mirror"]
                 )
                 assert checks["resolver"].startswith("FAIL") and checks["upstream"].startswith("skip"), output
+
+
+def test_doctor_on_an_ipv6_only_node_checks_aaaa_and_mirror_address6(tmp_path: Path) -> None:
+    """With ``mirror.address`` null, the resolver check asks AAAA and the mirror checks connect to
+    ``mirror.address6`` (a real UDP responder on ::1; nothing listens on the HTTPS port)."""
+    responder = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    responder.bind(("::1", 0))
+    responder.settimeout(10)
+    asked: list[str] = []
+
+    def answer_one() -> None:
+        with contextlib.suppress(OSError):
+            data, client = responder.recvfrom(4096)
+            query = DNSRecord.parse(data)
+            asked.append(QTYPE[query.q.qtype])
+            reply = query.reply()
+            reply.add_answer(RR(query.q.qname, QTYPE.AAAA, rdata=AAAA("0:0::1"), ttl=30))
+            responder.sendto(reply.pack(), client)
+
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as unused:
+        unused.bind(("::1", 0))
+        closed_port = unused.getsockname()[1]  # bound, never listening: connections are refused
+        config = configmod.parse_document({
+            "mirror": {"address": None, "address6": "::1"},
+            "https": {"listen": [f"[::1]:{closed_port}"]},
+            "cache": {"dir": str(tmp_path / "cache")},
+        })
+        resolv_conf = tmp_path / "resolv.conf"
+        resolv_conf.write_text("nameserver ::1\n")
+        checks = Doctor(config, resolv_conf=resolv_conf, dns_port=responder.getsockname()[1])
+        thread = threading.Thread(target=answer_one, daemon=True)
+        thread.start()
+        resolver = checks.check_resolver()
+        thread.join(timeout=15)
+        mirror = checks.check_mirror()
+    responder.close()
+    assert asked == ["AAAA"]
+    assert resolver.status == "ok" and "with the mirror ::1" in resolver.detail, resolver
+    assert mirror.status == "FAIL" and f"[::1]:{closed_port}" in mirror.detail, mirror
+    assert "connection refused" in mirror.detail

@@ -156,3 +156,23 @@ def test_a_pull_through_an_index_counts_from_the_index_request():
     for n in range(10):
         small.index_sent(f"10.0.0.{n}", HOST, REPO, index, started=n)
     assert len(small.indexes) <= 3
+
+
+def test_a_failing_report_does_not_stop_the_reporter():
+    clock = task.Clock()
+    lines = []
+
+    def emit(values):
+        if not lines:
+            lines.append(None)
+            raise RuntimeError("a log handler failed")
+        lines.append(values["outcome"])
+
+    reporter = PullReporter(clock, PullTracker(settle=10.0), interval=5.0, emit=emit)
+    reporter.start()
+    for client in ("10.0.0.1", "10.0.0.2"):
+        reporter.tracker.manifest_sent(client, HOST, REPO, MANIFEST, manifest(LAYER1), started=0.0, now=0.0)
+        clock.advance(15)  # the first pull's report raises; the timer carries on to the second's
+    assert lines == [None, "partial"]
+    reporter.stop()
+    assert clock.getDelayedCalls() == []

@@ -1,8 +1,8 @@
 """A test "public" CA, standing in for the web PKI that real registries use.
 
-Deliberately independent of dnsmirror's own CA code: the end-to-end tests use it for the upstream
-registry's certificate, which clients (and dnsmirror's upstream client) must verify as they would a
-public one.
+Independent of dnsmirror's own CA code (it shares only the fixed key usage of a server leaf): the
+end-to-end tests use it for the upstream registry's certificate, which clients (and dnsmirror's
+upstream client) must verify as they would a public one.
 
     ca = create_ca(tmp / "public-ca")
     cert = ca.issue_server(["123456789012.dkr.ecr.us-east-1.amazonaws.com"], tmp / "registry-tls")
@@ -22,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from dnsmirror.tls import SERVER_KEY_USAGE
 
 _VALIDITY = datetime.timedelta(days=2)
 _BACKDATE = datetime.timedelta(hours=1)
@@ -77,20 +79,7 @@ class TestCA:
             .not_valid_after(now + _VALIDITY)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
+            .add_extension(SERVER_KEY_USAGE, critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False
