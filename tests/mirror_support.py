@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,9 +21,11 @@ from typing import Any
 
 import yaml
 from dnslib import DNSRecord
+from harness import ECR_HOST
 from harness.dns import StaticDNS
-from harness.netns import Namespace, Process
-from harness.pki import TestCA, bundle
+from harness.netns import Cluster, Namespace, Process
+from harness.pki import TestCA, bundle, create_ca
+from harness.registry import Registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,6 +38,32 @@ def upstream_dns(
     on ``namespace.address:53``; yields that address, as dnsmirror's upstream resolver."""
     with StaticDNS(namespace, names, workdir):
         yield namespace.address
+
+
+@dataclass
+class Upstream:
+    """The upstream side of a test world: Debian's docker-registry serving :data:`harness.ECR_HOST` over TLS
+    (a certificate from ``ca``, the web PKI stand-in), the DNS that names it (``dns``, an address for
+    :class:`MirrorNode`), and ``pusher``, a namespace that reaches the registry without dnsmirror."""
+
+    registry: Registry
+    ca: TestCA
+    dns: str
+    pusher: Namespace
+
+
+@contextlib.contextmanager
+def registry_upstream(cluster: Cluster, workdir: Path, *, users: Mapping[str, str] | None = None,
+                      names: Mapping[str, str | Iterable[str]] | None = None) -> Iterator[Upstream]:
+    """:class:`Upstream` in new ``registry`` and ``pusher`` namespaces of ``cluster``; with ``users`` the
+    registry requires a login (htpasswd); the DNS also answers ``names``. Stopped on exit."""
+    registry_ns = cluster.add("registry")
+    pusher = cluster.add("pusher", hosts={ECR_HOST: registry_ns.address})
+    ca = create_ca(workdir / "public-ca")
+    records = {ECR_HOST: registry_ns.address, **(names or {})}
+    with Registry(registry_ns, ECR_HOST, ca, workdir / "registry", users=users) as registry, \
+            upstream_dns(registry_ns, workdir / "dns", records) as dns:
+        yield Upstream(registry, ca, dns, pusher)
 
 
 def resolve(address: str, name: str, qtype: str = "A") -> list[str]:
@@ -52,6 +81,29 @@ def resolve(address: str, name: str, qtype: str = "A") -> list[str]:
 def endpoint(address: str, port: int) -> str:
     """``address:port``, the IPv6 address in brackets."""
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def curl_argv(host: str, address: str, path: str, trust: str | os.PathLike[str], *options: str,
+             max_time: float = 60) -> list[str]:
+    """curl's argv for an HTTP/1.1 request for ``https://host{path}`` sent to ``address`` (dnsmirror's, or the
+    registry's own for the request without dnsmirror), trusting only ``trust``; ``options`` come before
+    the URL (``-o``, ``-w``, ``-H``, ``-u``, ...). Run it in a namespace with ``run`` or ``start``."""
+    resolved = f"[{address}]" if ":" in address else address
+    return ["curl", "-sS", "--http1.1", "--cacert", str(trust), "--resolve", f"{host}:443:{resolved}",
+            "--max-time", f"{max_time:g}", *options, f"https://{host}{path}"]
+
+
+def scrape_metrics(namespace: Namespace, address: str = "127.0.0.1", port: int = 9090) -> dict[str, float]:
+    """dnsmirror's ``/metrics`` at ``address:port``, scraped from inside ``namespace``, as {sample with its
+    labels: value}; empty when nothing answers."""
+    done = namespace.run(["curl", "-sS", "--max-time", "10", f"http://{endpoint(address, port)}/metrics"],
+                         check=False, timeout=30)
+    samples = {}
+    for line in done.stdout.decode(errors="replace").splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
 
 
 @dataclass

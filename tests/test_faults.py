@@ -17,6 +17,7 @@ docs/reliability.md lists the whole table.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import sys
@@ -31,9 +32,8 @@ from harness import ECR_HOST, ECR_HOST_2, require_netns
 from harness.faulty import FaultyServer
 from harness.images import build_image, push_image, skopeo_copy
 from harness.netns import Cluster, Namespace
-from harness.pki import create_ca
 from harness.registry import Registry
-from mirror_support import MirrorNode, upstream_dns
+from mirror_support import MirrorNode, curl_argv, registry_upstream, scrape_metrics
 
 from dnsmirror.config import HostPort
 from dnsmirror.peers import rendezvous
@@ -168,12 +168,10 @@ def world(tmp_path_factory) -> Iterator[World]:
     require_netns()
     tmp = tmp_path_factory.mktemp("faults")
     with Cluster() as cluster:
-        registry_ns = cluster.add("registry")
         faulty_ns = cluster.add("faulty")
         peers_ns = cluster.add("peers")
         node = cluster.add("node")
         attacker = cluster.add("attacker")
-        pusher = cluster.add("pusher", hosts={ECR_HOST: registry_ns.address})
         peer_addresses = {PEER_MODES[0]: HostPort(peers_ns.address, PEER_PORT)}
         for mode in PEER_MODES[1:]:
             peer_addresses[mode] = HostPort(peers_ns.add_address(), PEER_PORT)
@@ -181,11 +179,10 @@ def world(tmp_path_factory) -> Iterator[World]:
         peer_addresses["gone"] = HostPort(cluster.allocate_address(), PEER_PORT)
         for _ in range(FLOOD_ADDRESSES - 1):
             attacker.add_address()
-        ca = create_ca(tmp / "public-ca")
         secret = tmp / "peer-secret"
         secret.write_text(os.urandom(24).hex())
         secret.chmod(0o600)
-        names = {ECR_HOST: registry_ns.address, FAULTY_HOST: faulty_ns.address, PLAIN_NAME: PLAIN_ADDRESS}
+        names = {FAULTY_HOST: faulty_ns.address, PLAIN_NAME: PLAIN_ADDRESS}
         overrides = {
             "upstream": {"first_byte_timeout": "3s", "read_timeout": "3s"},
             "peers": {"listen": f"{node.address}:{PEER_PORT}", "secret_file": str(secret), "lookup": 1,
@@ -193,17 +190,17 @@ def world(tmp_path_factory) -> Iterator[World]:
             "dns": {"ttl": 1},
             "metrics": {"listen": f"{node.address}:9090"},
         }
-        with Registry(registry_ns, ECR_HOST, ca, tmp / "registry") as registry, \
-                upstream_dns(registry_ns, tmp / "dns", names) as dns, \
-                FaultyServer(faulty_ns, tmp / "faulty", ca=ca, hostname=FAULTY_HOST) as faulty, \
+        with registry_upstream(cluster, tmp, names=names) as upstream, \
+                FaultyServer(faulty_ns, tmp / "faulty", ca=upstream.ca, hostname=FAULTY_HOST) as faulty, \
                 FaultyServer(peers_ns, tmp / "peers", port=PEER_PORT, address="0.0.0.0") as peers:
             image = build_image(tmp / "image", tag="v1", big_layer_size=2_000_000)
             reference = f"{ECR_HOST}/{REPOSITORY}:v1"
-            push_image(image, pusher, reference, ca_file=ca.cert_path)
-            mirror = MirrorNode(node, tmp / "mirror", dns, ca, overrides, nofile=NOFILE)
+            push_image(image, upstream.pusher, reference, ca_file=upstream.ca.cert_path)
+            mirror = MirrorNode(node, tmp / "mirror", upstream.dns, upstream.ca, overrides, nofile=NOFILE)
             with mirror:
-                yield World(cluster, node, attacker, pusher, registry, faulty, peers, peer_addresses,
-                            list(peer_addresses.values()), mirror, dns, reference, tmp)
+                yield World(cluster, node, attacker, upstream.pusher, upstream.registry, faulty, peers,
+                            peer_addresses, list(peer_addresses.values()), mirror, upstream.dns, reference,
+                            tmp)
 
 
 # --- clients and outcomes ------------------------------------------------------------------------------
@@ -212,26 +209,8 @@ def world(tmp_path_factory) -> Iterator[World]:
 def curl_get(namespace: Namespace, host: str, address: str, path: str, trust: Path, out: Path,
              max_time: float) -> tuple[int, int, bytes]:
     """(curl exit status, HTTP status, body) of one GET of ``https://host{path}`` sent to ``address``."""
-    done = namespace.run(
-        [
-            "curl",
-            "-sS",
-            "--http1.1",
-            "--cacert",
-            str(trust),
-            "--resolve",
-            f"{host}:443:{address}",
-            "--max-time",
-            str(max_time),
-            "-o",
-            str(out),
-            "-w",
-            "%{http_code}",
-            f"https://{host}{path}",
-        ],
-        check=False,
-        timeout=max_time + 30,
-    )
+    done = namespace.run(curl_argv(host, address, path, trust, "-o", str(out), "-w", "%{http_code}",
+                                   max_time=max_time), check=False, timeout=max_time + 30)
     body = out.read_bytes() if out.exists() else b""
     out.unlink(missing_ok=True)
     return done.returncode, int(done.stdout or 0), body
@@ -267,7 +246,6 @@ def fetch(world: World, host: str, address: str, digest: str, expected: bytes, o
 
 def blob_for_peer(world: World, peer: HostPort, size: int) -> bytes:
     """Random bytes whose digest's first peer in rendezvous order is ``peer`` (so that this peer is asked)."""
-    import hashlib
     for _ in range(200):
         data = os.urandom(size)
         if rendezvous("sha256:" + hashlib.sha256(data).hexdigest(), world.all_peers)[0] == peer:
@@ -393,13 +371,9 @@ def run_flood_row(world: World, row: Row) -> tuple[str, str, str]:
 
 
 def metric(namespace: Namespace, address: str, name: str) -> float:
-    done = namespace.run(
-        ["curl", "-s", "--max-time", "5", f"http://{address}:9090/metrics"], check=False, timeout=30
-    )
-    for line in done.stdout.decode().splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in the metrics: {done.stdout[-300:]!r}")
+    samples = scrape_metrics(namespace, address)
+    assert name in samples, f"{name} not in the metrics: {sorted(samples)[:20]}"
+    return samples[name]
 
 
 def dns_answers(namespace: Namespace, server: str) -> list[str]:

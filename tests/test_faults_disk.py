@@ -36,7 +36,7 @@ from harness import ECR_HOST, require_netns
 from harness.netns import Cluster, Namespace
 from harness.pki import create_ca
 from harness.registry import Registry
-from mirror_support import MirrorNode, upstream_dns
+from mirror_support import MirrorNode, curl_argv, upstream_dns
 
 pytestmark = [
     pytest.mark.integration,
@@ -116,26 +116,11 @@ def curl(world: World, mirror: MirrorNode, path: str, *headers: str, max_time: f
          rate: str | None = None) -> tuple[int, str, bytes]:
     """(curl's exit code, HTTP status, body) of a GET through dnsmirror, from the node."""
     body = world.workdir / f"body-{uuid.uuid4().hex[:8]}"
-    argv = [
-        "curl",
-        "-sS",
-        "--http1.1",
-        "--cacert",
-        str(mirror.trust_bundle()),
-        "--resolve",
-        f"{ECR_HOST}:443:{mirror.address}",
-        "--max-time",
-        str(max_time),
-        "-o",
-        str(body),
-        "-w",
-        "%{http_code}",
-    ]
-    if rate:
-        argv += ["--limit-rate", rate]
+    options = ["-o", str(body), "-w", "%{http_code}", *(["--limit-rate", rate] if rate else [])]
     for header in headers:
-        argv += ["-H", header]
-    done = world.node.run([*argv, f"https://{ECR_HOST}{path}"], check=False, timeout=max_time + 30)
+        options += ["-H", header]
+    argv = curl_argv(ECR_HOST, mirror.address, path, mirror.trust_bundle(), *options, max_time=max_time)
+    done = world.node.run(argv, check=False, timeout=max_time + 30)
     try:
         data = body.read_bytes()
     except FileNotFoundError:
@@ -359,22 +344,8 @@ def test_a_mirror_killed_mid_fill_cleans_up_and_serves_the_blob_after_a_restart(
     try:
         # a slow client: the fill goes at its pace, so it is still under way when the process dies
         slow = world.node.start(
-            [
-                "curl",
-                "-sS",
-                "--http1.1",
-                "--cacert",
-                str(mirror.trust_bundle()),
-                "--resolve",
-                f"{ECR_HOST}:443:{mirror.address}",
-                "--limit-rate",
-                "2M",
-                "--max-time",
-                "60",
-                "-o",
-                "/dev/null",
-                f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}",
-            ],
+            curl_argv(ECR_HOST, mirror.address, f"/v2/{REPOSITORY}/blobs/{digest}", mirror.trust_bundle(),
+                      "--limit-rate", "2M", "-o", "/dev/null"),
             "slow-curl",
         )
 

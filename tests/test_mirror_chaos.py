@@ -20,9 +20,7 @@ from dns_support import wait_until
 from harness import ECR_HOST, require_netns
 from harness.images import build_image, push_image, skopeo_copy
 from harness.netns import Cluster, Namespace
-from harness.pki import create_ca
-from harness.registry import Registry
-from mirror_support import MirrorNode, upstream_dns
+from mirror_support import MirrorNode, curl_argv, registry_upstream
 
 pytestmark = [
     pytest.mark.integration,
@@ -44,47 +42,43 @@ def open_files(pid: int) -> list[str]:
 def test_concurrent_pulls_ranges_and_clients_leaving_break_nothing(tmp_path: Path) -> None:
     require_netns()
     rng = random.Random(20261126)
-    with Cluster() as cluster:
-        registry_ns = cluster.add("registry")
+    with Cluster() as cluster, registry_upstream(cluster, tmp_path) as upstream:
         node = cluster.add("node")
-        pusher = cluster.add("pusher", hosts={ECR_HOST: registry_ns.address})
-        ca = create_ca(tmp_path / "public-ca")
-        with Registry(registry_ns, ECR_HOST, ca, tmp_path / "registry") as registry, \
-                upstream_dns(registry_ns, tmp_path / "dns", {ECR_HOST: registry_ns.address}) as dns:
-            blobs = {}
-            for size in BLOB_SIZES:
-                data = rng.randbytes(size)
-                blobs[registry.place_blob("chaos/blobs", [data])[0]] = data
-            references = []
-            for index in range(3):
-                reference = f"{ECR_HOST}/chaos/app:v{index}"
-                image = build_image(tmp_path / f"image-{index}", tag=f"v{index}", big_layer_size=1_500_000)
-                push_image(image, pusher, reference, ca_file=ca.cert_path)
-                references.append(reference)
-            overrides = {"cache": {"max_size": "24MiB"}}
-            with MirrorNode(node, tmp_path / "mirror", dns, ca, overrides) as mirror:
-                trust = mirror.trust_bundle()
-                files_before = open_files(mirror.process.pid)
-                jobs = [(index, rng.choice(["pull", "get", "range", "head", "cut"]), rng.choice(list(blobs)),
-                         rng.random(), rng.random()) for index in range(JOBS)]
+        registry, ca, dns, pusher = upstream.registry, upstream.ca, upstream.dns, upstream.pusher
+        blobs = {}
+        for size in BLOB_SIZES:
+            data = rng.randbytes(size)
+            blobs[registry.place_blob("chaos/blobs", [data])[0]] = data
+        references = []
+        for index in range(3):
+            reference = f"{ECR_HOST}/chaos/app:v{index}"
+            image = build_image(tmp_path / f"image-{index}", tag=f"v{index}", big_layer_size=1_500_000)
+            push_image(image, pusher, reference, ca_file=ca.cert_path)
+            references.append(reference)
+        overrides = {"cache": {"max_size": "24MiB"}}
+        with MirrorNode(node, tmp_path / "mirror", dns, ca, overrides) as mirror:
+            trust = mirror.trust_bundle()
+            files_before = open_files(mirror.process.pid)
+            jobs = [(index, rng.choice(["pull", "get", "range", "head", "cut"]), rng.choice(list(blobs)),
+                     rng.random(), rng.random()) for index in range(JOBS)]
 
-                def run(job) -> str | None:
-                    return run_job(job, node, mirror.address, trust, tmp_path, blobs, references)
+            def run(job) -> str | None:
+                return run_job(job, node, mirror.address, trust, tmp_path, blobs, references)
 
-                with ThreadPoolExecutor(WORKERS) as workers:
-                    problems = [problem for problem in workers.map(run, jobs) if problem]
-                # a fill whose client left (a cut job) goes on to its commit on its own; under load it can
-                # outlast the jobs by seconds: its cache file must be closed once it ends, not at once
-                files_settled = wait_until(lambda: open_files(mirror.process.pid) == files_before, 60)
-                records = mirror.log_records()
-                warnings = [record for record in records if record["level"] not in ("debug", "info")]
-                assert problems == [], warnings[-10:]
+            with ThreadPoolExecutor(WORKERS) as workers:
+                problems = [problem for problem in workers.map(run, jobs) if problem]
+            # a fill whose client left (a cut job) goes on to its commit on its own; under load it can
+            # outlast the jobs by seconds: its cache file must be closed once it ends, not at once
+            files_settled = wait_until(lambda: open_files(mirror.process.pid) == files_before, 60)
+            records = mirror.log_records()
+            warnings = [record for record in records if record["level"] not in ("debug", "info")]
+            assert problems == [], warnings[-10:]
 
-                errors = [record for record in records if record["level"] in ("error", "critical")]
-                assert errors == [], errors[:5]
-                assert files_settled, open_files(mirror.process.pid)
-                served = [record for record in records if record.get("event") == "access"]
-                assert len(served) >= JOBS
+            errors = [record for record in records if record["level"] in ("error", "critical")]
+            assert errors == [], errors[:5]
+            assert files_settled, open_files(mirror.process.pid)
+            served = [record for record in records if record.get("event") == "access"]
+            assert len(served) >= JOBS
 
 
 def run_job(job, node: Namespace, address: str, trust: Path, workdir: Path, blobs: dict[str, bytes],
@@ -99,23 +93,25 @@ def run_job(job, node: Namespace, address: str, trust: Path, workdir: Path, blob
         shutil.rmtree(target, ignore_errors=True)
         return None if done.returncode == 0 else f"pull {reference}: {done.stderr[-300:]!r}"
     data = blobs[digest]
-    curl = ["curl", "-sS", "--http1.1", "--cacert", str(trust), "--resolve", f"{ECR_HOST}:443:{address}",
-            "--max-time", "60"]
-    url = f"https://{ECR_HOST}/v2/chaos/blobs/blobs/{digest}"
+    path = f"/v2/chaos/blobs/blobs/{digest}"
+
+    def curl(*options: str, max_time: float = 60) -> list[str]:
+        return curl_argv(ECR_HOST, address, path, trust, *options, max_time=max_time)
+
     if kind == "cut":
-        node.run([*curl, "--max-time", "0.05", "-o", "/dev/null", url], check=False, timeout=90)
+        node.run(curl("-o", "/dev/null", max_time=0.05), check=False, timeout=90)
         return None
     if kind == "head":
-        done = node.run([*curl, "-I", "-o", "/dev/null", "-w", "%{http_code}", url], check=False, timeout=90)
+        done = node.run(curl("-I", "-o", "/dev/null", "-w", "%{http_code}"), check=False, timeout=90)
         return None if done.stdout == b"200" else f"HEAD {len(data)}: {done.stdout!r} {done.stderr!r}"
     if kind == "range":
         start = int(first * len(data))
         end = start + int(second * (len(data) - start))
-        done = node.run([*curl, "-H", f"Range: bytes={start}-{end}", "-o", "-", url], check=False, timeout=90)
+        done = node.run(curl("-H", f"Range: bytes={start}-{end}", "-o", "-"), check=False, timeout=90)
         if done.returncode == 0 and done.stdout == data[start:end + 1]:
             return None
         return f"range {start}-{end} of {len(data)}: {len(done.stdout)} bytes, {done.stderr[-200:]!r}"
-    done = node.run([*curl, "-o", "-", url], check=False, timeout=90)
+    done = node.run(curl("-o", "-"), check=False, timeout=90)
     if done.returncode == 0 and done.stdout == data:
         return None
     return f"GET {len(data)}: {len(done.stdout)} bytes, {done.stderr[-200:]!r}"

@@ -19,9 +19,9 @@ from harness.containerd import Containerd
 from harness.cri import CriImageClient
 from harness.images import BuiltImage, build_image, push_image, skopeo, skopeo_copy
 from harness.netns import Cluster, Namespace
-from harness.pki import TestCA, create_ca
+from harness.pki import TestCA
 from harness.registry import Registry
-from mirror_support import MirrorNode, upstream_dns
+from mirror_support import MirrorNode, registry_upstream, scrape_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -47,17 +47,12 @@ class Setup:
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     require_netns()
     work = tmp_path_factory.mktemp("mirror-e2e")
-    with Cluster() as cluster:
-        registry_ns = cluster.add("registry")
-        pusher = cluster.add("pusher", hosts={ECR_HOST: registry_ns.address})
+    with Cluster() as cluster, registry_upstream(cluster, work) as upstream:
         node = cluster.add("node")
-        ca = create_ca(work / "public-ca")
         image = build_image(work / "layout", tag="v1", big_layer_size=3 * 1024 * 1024)
-        with Registry(registry_ns, ECR_HOST, ca, work / "registry") as registry, \
-                upstream_dns(registry_ns, work / "dns", {ECR_HOST: registry_ns.address}) as dns:
-            push_image(image, pusher, f"{ECR_HOST}/{REPOSITORY}:v1", ca_file=ca.cert_path)
-            with MirrorNode(node, work / "mirror", dns, ca) as mirror:
-                yield Setup(cluster, ca, registry, mirror, node, image, work)
+        push_image(image, upstream.pusher, f"{ECR_HOST}/{REPOSITORY}:v1", ca_file=upstream.ca.cert_path)
+        with MirrorNode(node, work / "mirror", upstream.dns, upstream.ca) as mirror:
+            yield Setup(cluster, upstream.ca, upstream.registry, mirror, node, image, work)
 
 
 def blob_gets(setup: Setup, digest: str) -> int:
@@ -66,12 +61,8 @@ def blob_gets(setup: Setup, digest: str) -> int:
 
 def scrape(setup: Setup) -> dict[str, float]:
     """The node's dnsmirror /metrics as {sample with labels: value}."""
-    text = setup.node.run(["curl", "-sS", "--max-time", "10", "http://127.0.0.1:9090/metrics"]).stdout.decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
+    samples = scrape_metrics(setup.node)
+    assert samples, "nothing answered on the node's metrics listener"
     return samples
 
 
@@ -148,10 +139,7 @@ def test_skopeo_copy_from_and_push_to_the_captured_host(setup: Setup, tmp_path: 
     path = setup.registry.manifest_path("team/pushed", "v2")
     assert setup.registry.count_requests("PUT", path, status=201) == 1
     # the push's bodies went upstream as they arrived, not spooled first
-    metrics = setup.node.run(["curl", "-sS", "--max-time", "10", "http://127.0.0.1:9090/metrics"]).stdout.decode()
-    streamed = next(
-        line for line in metrics.splitlines() if line.startswith("dnsmirror_streamed_request_bodies_total ")
-    )
+    streamed = scrape(setup)["dnsmirror_streamed_request_bodies_total"]
     # layer chunks (PATCH) and manifests (PUT) carry bodies; the PUT that closes a blob upload is empty
     bodies = [
         entry
@@ -159,7 +147,7 @@ def test_skopeo_copy_from_and_push_to_the_captured_host(setup: Setup, tmp_path: 
         if entry.path.startswith("/v2/team/pushed/")
         and (entry.method == "PATCH" or (entry.method == "PUT" and "/manifests/" in entry.path))
     ]
-    assert bodies and float(streamed.split()[1]) >= len(bodies)
+    assert bodies and streamed >= len(bodies)
 
 
 def test_pulls_by_digest_and_tag_survive_a_stopped_upstream(setup: Setup, tmp_path: Path) -> None:

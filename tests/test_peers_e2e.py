@@ -45,7 +45,7 @@ from harness.images import build_image, push_image, skopeo_copy
 from harness.netns import Cluster, Namespace, Process
 from harness.pki import create_ca
 from harness.registry import Registry
-from mirror_support import MirrorNode, upstream_dns
+from mirror_support import MirrorNode, curl_argv, scrape_metrics, upstream_dns
 
 from dnsmirror.config import HostPort
 from dnsmirror.failures import PEER_KINDS
@@ -100,24 +100,10 @@ def peer_overrides(node: Namespace, others: list[Namespace], secret: Path, looku
 
 def fetch(node: Namespace, mirror: MirrorNode, digest: str, *, login: bool = True) -> tuple[int, bytes]:
     """GET a blob through ``mirror`` with curl in ``node``, trusting that node's CA; (status, body)."""
-    argv = [
-        "curl",
-        "-sS",
-        "--http1.1",
-        "--cacert",
-        str(mirror.trust_bundle()),
-        "--resolve",
-        f"{ECR_HOST}:443:{mirror.address}",
-        "--max-time",
-        "30",
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-    ]
-    if login:
-        argv += ["-u", f"{USER}:{PASSWORD}"]
-    done = node.run([*argv, f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], check=False, timeout=60)
+    options = ["-o", "-", "-w", "\n%{http_code}", *(["-u", f"{USER}:{PASSWORD}"] if login else [])]
+    path = f"/v2/{REPOSITORY}/blobs/{digest}"
+    argv = curl_argv(ECR_HOST, mirror.address, path, mirror.trust_bundle(), *options, max_time=30)
+    done = node.run(argv, check=False, timeout=60)
     body, _, status = done.stdout.rpartition(b"\n")
     return int(status or 0), body
 
@@ -152,11 +138,10 @@ def logged_gets(registry: Registry, digest: str, expected: int) -> int:
 
 
 def metric(node: Namespace, name: str) -> float:
-    done = node.run(
-        ["curl", "-s", "--max-time", "5", "http://127.0.0.1:9090/metrics"], check=False, timeout=30
-    )
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", done.stdout.decode(), re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    """One sample of the node's dnsmirror metrics; 0 when it has none yet (a label not seen so far)."""
+    samples = scrape_metrics(node)
+    assert samples, "nothing answered on the node's metrics listener"
+    return samples.get(name, 0.0)
 
 
 def sources(mirror: MirrorNode, digest: str) -> list[str]:
@@ -425,10 +410,10 @@ def two_nodes(tmp_path: Path) -> Iterator[Pair]:
 
 def start_download(node: Namespace, mirror: MirrorNode, digest: str, out: Path, *options: str) -> Process:
     """curl fetching a blob through ``mirror`` into ``out``, in the background."""
-    return node.start(["curl", "-sS", "--http1.1", "--cacert", str(mirror.trust_bundle()),
-                       "--resolve", f"{ECR_HOST}:443:{mirror.address}", "--max-time", "60", *options,
-                       "-u", f"{USER}:{PASSWORD}", "-o", str(out),
-                       f"https://{ECR_HOST}/v2/{REPOSITORY}/blobs/{digest}"], f"download-{out.name}")
+    path = f"/v2/{REPOSITORY}/blobs/{digest}"
+    argv = curl_argv(ECR_HOST, mirror.address, path, mirror.trust_bundle(), *options, "-u", f"{USER}:{PASSWORD}",
+                     "-o", str(out))
+    return node.start(argv, f"download-{out.name}")
 
 
 def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> None:

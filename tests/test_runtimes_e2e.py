@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from harness import ECR_HOST, require_netns
@@ -26,10 +27,10 @@ from harness.containerd import Containerd
 from harness.cri import CriError, CriImageClient
 from harness.images import BuiltImage, PlatformImage, build_image, push_image, skopeo_copy
 from harness.netns import Cluster, Namespace
-from harness.pki import TestCA, create_ca
+from harness.pki import TestCA
 from harness.registry import Registry
-from harness.runtimes import DOCKER_CLIENT, Buildah, Dockerd, Podman, missing
-from mirror_support import MirrorNode, upstream_dns
+from harness.runtimes import DOCKER_CLIENT, Buildah, ContainersTool, Dockerd, Podman, missing
+from mirror_support import MirrorNode, registry_upstream
 
 pytestmark = pytest.mark.integration
 
@@ -38,6 +39,7 @@ USER, PASSWORD = "alice", "alice-secret"
 CREDS = f"{USER}:{PASSWORD}"
 # how each client words a 401 from the registry
 REFUSALS = (b"unauthorized", b"authentication required", b"no basic auth credentials", b"401")
+Tool = TypeVar("Tool", bound=ContainersTool)
 
 
 @dataclass
@@ -62,23 +64,23 @@ class World:
     def trust(self) -> Path:
         return self.mirror.trust_bundle()
 
+    def both_nodes(self) -> tuple[tuple[Namespace, Path], tuple[Namespace, Path]]:
+        """(node, what its clients trust): the node behind dnsmirror, then the plain node."""
+        return (self.node, self.trust()), (self.plain, self.ca.cert_path)
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     require_netns()
     work = tmp_path_factory.mktemp("runtimes-e2e")
-    with Cluster() as cluster:
-        registry_ns = cluster.add("registry")
-        pusher = cluster.add("pusher", hosts={ECR_HOST: registry_ns.address})
+    with Cluster() as cluster, registry_upstream(cluster, work, users={USER: PASSWORD}) as upstream:
         node = cluster.add("node")
-        ca = create_ca(work / "public-ca")
+        plain = cluster.add("plain", nameservers=[upstream.dns])
         image = build_image(work / "layout", tag="v1")
-        with Registry(registry_ns, ECR_HOST, ca, work / "registry", users={USER: PASSWORD}) as registry, \
-                upstream_dns(registry_ns, work / "dns", {ECR_HOST: registry_ns.address}) as dns:
-            plain = cluster.add("plain", nameservers=[dns])
-            push_image(image, pusher, f"{ECR_HOST}/{REPOSITORY}:v1", ca_file=ca.cert_path, creds=CREDS)
-            with MirrorNode(node, work / "mirror", dns, ca) as mirror:
-                yield World(cluster, ca, registry, mirror, node, plain, image, work)
+        push_image(image, upstream.pusher, f"{ECR_HOST}/{REPOSITORY}:v1", ca_file=upstream.ca.cert_path,
+                   creds=CREDS)
+        with MirrorNode(node, work / "mirror", upstream.dns, upstream.ca) as mirror:
+            yield World(cluster, upstream.ca, upstream.registry, mirror, node, plain, image, work)
 
 
 def skip_unless_installed(*programs: str) -> None:
@@ -135,6 +137,20 @@ def assert_refused_alike(mirrored: subprocess.CompletedProcess[bytes],
     assert refusal(mirrored, "through dnsmirror") == refusal(direct, "without dnsmirror")
 
 
+def assert_anonymous_tool_refused_alike(
+    world: World,
+    workdir: Path,
+    tool: type[Tool],
+    attempt: Callable[[Tool], subprocess.CompletedProcess[bytes]],
+) -> None:
+    """``attempt`` with a fresh ``tool`` and no credentials fails alike on both nodes."""
+    refusals = []
+    for namespace, trust in world.both_nodes():
+        with tool(namespace, workdir / f"anonymous-{namespace.role}", ssl_cert_file=trust) as anonymous:
+            refusals.append(attempt(anonymous))
+    assert_refused_alike(*refusals)
+
+
 def test_anonymous_requests_get_the_registrys_own_refusal(world: World) -> None:
     """Status, challenge and body of an anonymous manifest and (cached) blob request are upstream's."""
     skopeo_copy(world.node, f"docker://{world.reference}", f"oci:{world.work / 'warm'}:v1",
@@ -174,7 +190,7 @@ def test_skopeo(world: World, tmp_path: Path) -> None:
                 ca_file=trust,
                 check=False,
             )
-            for namespace, trust in ((world.node, world.trust()), (world.plain, world.ca.cert_path))
+            for namespace, trust in world.both_nodes()
         )
     )
 
@@ -239,11 +255,8 @@ def test_podman(world: World, tmp_path: Path) -> None:
             assert f"sha256:{image_id.strip()}" == world.amd64.config.digest
 
         assert_pulled_twice(world, pull, podman.reset_storage)
-    refusals = []
-    for namespace, trust in ((world.node, world.trust()), (world.plain, world.ca.cert_path)):
-        with Podman(namespace, tmp_path / f"anonymous-{namespace.role}", ssl_cert_file=trust) as anonymous:
-            refusals.append(anonymous.pull(world.reference))
-    assert_refused_alike(*refusals)
+    assert_anonymous_tool_refused_alike(world, tmp_path, Podman,
+                                        lambda podman: podman.pull(world.reference))
 
 
 def test_buildah_from_a_captured_image(world: World, tmp_path: Path) -> None:
@@ -263,8 +276,5 @@ def test_buildah_from_a_captured_image(world: World, tmp_path: Path) -> None:
             )
 
         assert_pulled_twice(world, build, buildah.reset_storage)
-    refusals = []
-    for namespace, trust in ((world.node, world.trust()), (world.plain, world.ca.cert_path)):
-        with Buildah(namespace, tmp_path / f"anonymous-{namespace.role}", ssl_cert_file=trust) as anonymous:
-            refusals.append(anonymous.build_from(world.reference))
-    assert_refused_alike(*refusals)
+    assert_anonymous_tool_refused_alike(world, tmp_path, Buildah,
+                                        lambda buildah: buildah.build_from(world.reference))

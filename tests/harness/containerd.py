@@ -133,7 +133,11 @@ class Containerd:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Containerd:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # __exit__ does not run when __enter__ raises
+            raise
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()

@@ -25,9 +25,8 @@ _QUERY_LINE = re.compile(r" info: \S+ (?P<name>\S+)\. (?P<type>\S+) IN$")
 
 
 class StaticDNS:
-    """unbound on ``namespace.address:port`` (UDP and TCP) serving ``records`` (name -> IPv4 and IPv6
-    addresses,
-    as A and AAAA records)."""
+    """unbound on ``namespace.address:port`` and any ``extra_addresses`` (UDP and TCP) serving ``records``
+    (name -> IPv4 and IPv6 addresses, as A and AAAA records)."""
 
     def __init__(self, namespace: Namespace, records: Mapping[str, str | Iterable[str]],
                  workdir: str | os.PathLike[str], *, port: int = 53, address: str | None = None,

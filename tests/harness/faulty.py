@@ -164,8 +164,7 @@ def _serve(address: str, port: int, root: str, cert: str | None, key: str | None
             pass  # the JSON line above is the log
 
     class Server(socketserver.ForkingMixIn, http.server.HTTPServer):
-        daemon_threads = True
-        block_on_close = False
+        block_on_close = False  # a stalled child must not hold up the server's own exit
 
     server = Server((address, port), Handler)
     if cert and key:

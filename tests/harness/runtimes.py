@@ -146,7 +146,11 @@ class Dockerd:
                     directory.rmdir()  # only when empty: never what another daemon keeps there
 
     def __enter__(self) -> Dockerd:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # __exit__ does not run when __enter__ raises
+            raise
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
