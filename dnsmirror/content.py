@@ -24,30 +24,27 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any, cast
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
 
 from dnsmirror import failures, oci
 from dnsmirror.authz import Access, Grants, access_from_answer
+from dnsmirror.config import HostPort
+from dnsmirror.contracts import BlobStore, BlobWriter, Source, Upstream
 from dnsmirror.flight import Flight
 from dnsmirror.logs import fields
 from dnsmirror.outcomes import Failed, FromFill, NotHere, Outcome, PassOn, Refusal, UncachedWanted
 from dnsmirror.peers import PeerClient
 from dnsmirror.proxy import PassThrough, unavailable
 from dnsmirror.respond import Responder
-from dnsmirror.sources import (
-    CacheSource,
-    ContainerdSource,
-    PeerSource,
-    Source,
-    UpstreamSource,
-    wants_range,
-)
-from dnsmirror.store import ContainerdContentSource, DigestMismatch, StoreFull
+from dnsmirror.sources import CacheSource, ContainerdSource, PeerSource, UpstreamSource, wants_range
+from dnsmirror.store import ContainerdContentSource, DigestMismatch, StoreFull, Writer
 from dnsmirror.streaming import DiskIO, Fill
 from dnsmirror.target import Target
-from dnsmirror.upstream import UPSTREAM_FAILURES, UpstreamClient
+from dnsmirror.uploads import StreamingRequest
+from dnsmirror.upstream import UPSTREAM_FAILURES
 
 log = logging.getLogger("dnsmirror.content")
 
@@ -83,7 +80,7 @@ def _owner(target: Target) -> tuple[str, str, str]:
     return target.credential, target.upstream_host, target.repository
 
 
-class _Slot(Flight):
+class _Slot(Flight[Fill | None]):
     """A fill being started: waiters learn the Fill, or None if the starter got no 200 upstream."""
 
     def __init__(self, target: Target, source: str = "upstream") -> None:
@@ -92,7 +89,7 @@ class _Slot(Flight):
         self.owner = _owner(target)
         self.digest = target.digest
         self.source = source
-        self.peer = None  # the peer node a fill streams from, if any
+        self.peer: HostPort | None = None  # the peer node a fill streams from, if any
 
     @property
     def fill(self) -> Fill | None:
@@ -106,19 +103,29 @@ class ContentChain:
     owns what they share: the single-flight table of fills, the authorisation checks and the backoff
     of a failing cache disk."""
 
-    def __init__(self, reactor, disk: DiskIO, upstream: UpstreamClient, grants: Grants, passthrough: PassThrough,
-                 stats: ContentStats | None = None, containerd: ContainerdContentSource | None = None,
-                 peers: PeerClient | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        disk: DiskIO,
+        upstream: Upstream,
+        grants: Grants,
+        passthrough: PassThrough,
+        stats: ContentStats | None = None,
+        containerd: ContainerdContentSource | None = None,
+        peers: PeerClient | None = None,
+    ) -> None:
+        if disk.store is None:
+            raise ValueError("the content chain needs a cache store")
         self.reactor = reactor
         self.disk = disk
-        self.store = disk.store
+        self.store: BlobStore = disk.store
         self.upstream = upstream
         self.grants = grants
         self.passthrough = passthrough
         self.stats = stats or ContentStats()
         self.slots: dict[str, _Slot] = {}
         # authorisation HEADs under way, by (credential, host, repository, digest, manifest?)
-        self.checks: dict[tuple[str, str, str, str, bool], Flight] = {}
+        self.checks: dict[tuple[str, str, str, str, bool], Flight[Access]] = {}
         self.uncached_until = 0.0
         self.peers = peers
         self.cache = CacheSource(self)
@@ -126,11 +133,15 @@ class ContentChain:
         self.peer_source = PeerSource(self, peers) if peers is not None else None
         self.upstream_source = UpstreamSource(self)
         # tried in order while no fill of the digest runs; the filling ones under one single-flight slot
-        self.local_sources: list[Source] = [self.cache] + ([self.containerd] if self.containerd else [])
-        self.fill_sources: list[Source] = ([self.peer_source] if self.peer_source else []) + [self.upstream_source]
+        self.local_sources: list[Source] = [self.cache]
+        if self.containerd is not None:
+            self.local_sources.append(self.containerd)
+        self.fill_sources: list[Source] = [self.upstream_source]
+        if self.peer_source is not None:
+            self.fill_sources.insert(0, self.peer_source)
         self.respond = Responder(disk, passthrough, self.stats, self._fetch_uncached, self.cache.open)
 
-    async def serve(self, request, target: Target) -> None:
+    async def serve(self, request: StreamingRequest, target: Target) -> None:
         """Answer one GET/HEAD by digest."""
         for _ in range(_ATTEMPTS):
             outcome, held = await self._resolve(request, target)
@@ -142,7 +153,7 @@ class ContentChain:
                     self.close_slot(held, None)
         await self.respond.render(request, target, Failed(unavailable("content could not be fetched")))
 
-    async def _resolve(self, request, target: Target) -> tuple[Outcome, _Slot | None]:
+    async def _resolve(self, request: StreamingRequest, target: Target) -> tuple[Outcome, _Slot | None]:
         """One look through the sources: the outcome, and a slot the chain holds until it is answered."""
         slot = self.slots.get(target.digest)
         if slot is not None:
@@ -192,8 +203,9 @@ class ContentChain:
         self.stats.fills_joined += 1
         return FromFill(fill, "fill")
 
-    async def _fetch_uncached(self, request, target: Target) -> None:
-        """Answer from upstream without the cache: a whole body verified as it streams, a range passed through."""
+    async def _fetch_uncached(self, request: StreamingRequest, target: Target) -> None:
+        """Answer from upstream without the cache: a whole body verified as it streams, a range passed
+        through."""
         if target.method == "HEAD" or wants_range(request, target):
             outcome: Outcome = PassOn()
         else:
@@ -218,9 +230,10 @@ class ContentChain:
         """A fill runs: its end (committed or failed) is the chain's to record."""
         fill.done.addBoth(self._fill_finished, target, slot, fill)
 
-    def new_fill(self, writer, target: Target, total: int | None, content_type: str) -> Fill:
+    def new_fill(self, writer: BlobWriter, target: Target, total: int | None, content_type: str) -> Fill:
         """A fill of ``target.digest`` into ``writer``, paced on the chain's clock."""
-        return Fill(self.disk, writer, target.digest, total, content_type, clock=self.reactor)
+        # Fill is annotated with the store's Writer; it uses only what BlobWriter declares
+        return Fill(self.disk, cast(Writer, writer), target.digest, total, content_type, clock=self.reactor)
 
     # --- the failing-disk backoff ------------------------------------------------------------------
 
@@ -270,7 +283,7 @@ class ContentChain:
         key = (target.credential, target.upstream_host, target.repository, target.digest, target.is_manifest)
         check = self.checks.get(key)
         if check is None:
-            check = Flight()
+            check = Flight[Access]()
             defer.ensureDeferred(self._ask_upstream(target, now)).addBoth(check.settle)
             if not check.settled:
                 self.checks[key] = check
@@ -330,7 +343,7 @@ class ContentChain:
                                                                 reason=str(result.value)))
             failures.report_fill_failure(slot.source, cause, str(result.value), host=target.upstream_host,
                                          repository=target.repository, digest=target.digest)
-            if slot.peer is not None and not disk_fault:
+            if slot.peer is not None and not disk_fault and self.peers is not None:
                 self.peers.failed(slot.peer, target.digest, str(result.value))
             return None
         log.info("cached", extra=fields(event="fill_done", digest=target.digest, host=target.upstream_host,

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from dnsmirror import oci
+from dnsmirror.contracts import UpstreamAnswer
+from dnsmirror.store import BlobReader
 from dnsmirror.streaming import Fill
 
 
@@ -34,12 +35,11 @@ class FromFill:
 class FromCache:
     """A cached blob, open and (when the request needs it) verified; ``finished(intact)`` closes it."""
 
-    reader: Any
-    check_digest: (
-        bool  # not yet known intact: hashed as it streams, its last bytes held until the digest matches
-    )
+    reader: BlobReader
+    # not yet known intact: hashed as it streams, its last bytes held until the digest matches
+    check_digest: bool
     damaged: Callable[[], None]
-    finished: Callable[[bool | None], None]
+    finished: Callable[[bool | None], object]
     source: str = "cache"
 
 
@@ -56,7 +56,7 @@ class Manifest:
 class Uncached:
     """Upstream's 200 streamed without the cache, verified as it streams."""
 
-    response: Any
+    response: UpstreamAnswer
     content_type: str
     source: str = "relay"
 
@@ -76,7 +76,7 @@ class PassOn:
 class Relayed:
     """Upstream's own answer (a refusal, an error), relayed as sent."""
 
-    response: Any
+    response: UpstreamAnswer
     source: str | None = "upstream"
 
 

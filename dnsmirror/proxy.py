@@ -19,6 +19,7 @@ from twisted.web.http_headers import Headers
 
 from dnsmirror import oci
 from dnsmirror.authz import Grants, granted_by_answer
+from dnsmirror.contracts import UpstreamAnswer
 from dnsmirror.logs import fields
 from dnsmirror.streaming import DiskIO
 from dnsmirror.tags import TagAnswer, TagMemory, accepted_types
@@ -63,7 +64,7 @@ def copy_headers(request, headers: Headers) -> None:
         request.responseHeaders.setRawHeaders(name, list(values))
 
 
-async def relay(request, response: UpstreamResponse) -> None:
+async def relay(request, response: UpstreamAnswer) -> None:
     """Send an upstream response to the client as it is: status, headers, streamed body."""
     request.setResponseCode(response.code, response.phrase)
     copy_headers(request, response.headers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from dnsmirror import oci
 from dnsmirror.logs import fields
@@ -28,11 +29,15 @@ from dnsmirror.proxy import PassThrough, relay, write_error
 from dnsmirror.store import digest_hex as oci_hex
 from dnsmirror.streaming import BlobStreamer, DiskIO, VerifiedRelay
 from dnsmirror.target import Target
+from dnsmirror.uploads import StreamingRequest
+
+if TYPE_CHECKING:
+    from dnsmirror.content import ContentStats
 
 log = logging.getLogger("dnsmirror.respond")
 
 
-def set_headers(request, target: Target, content_type: str | None) -> None:
+def set_headers(request: StreamingRequest, target: Target, content_type: str | None) -> None:
     """The headers of an answer by digest."""
     request.setHeader(b"docker-content-digest", target.digest.encode())
     request.setHeader(b"etag", f'"{target.digest}"'.encode())
@@ -42,11 +47,11 @@ def set_headers(request, target: Target, content_type: str | None) -> None:
         request.setHeader(b"accept-ranges", b"bytes")
 
 
-def set_range(request, target: Target, total: int | None) -> tuple[int, int | None] | None:
+def set_range(request: StreamingRequest, target: Target, total: int | None) -> tuple[int, int | None] | None:
     """Set status and length headers; returns [start, end) or None when answered (416)."""
     header = None if target.is_manifest or total is None else request.getHeader(b"range")
     try:
-        byte_range = oci.parse_range(header, total) if header is not None else None
+        byte_range = oci.parse_range(header, total) if header is not None and total is not None else None
     except oci.RangeNotSatisfiable as exc:
         write_error(request, exc, {b"content-range": exc.content_range.encode()})
         return None
@@ -69,9 +74,9 @@ class Responder:
         self,
         disk: DiskIO,
         passthrough: PassThrough,
-        stats,
-        fetch_uncached: Callable[[object, Target], Awaitable[None]],
-        reopen: Callable[[object, Target, str], Awaitable[Outcome]],
+        stats: ContentStats,
+        fetch_uncached: Callable[[StreamingRequest, Target], Awaitable[None]],
+        reopen: Callable[[StreamingRequest, Target, str], Awaitable[Outcome]],
     ) -> None:
         self.disk = disk
         self.passthrough = passthrough
@@ -79,7 +84,7 @@ class Responder:
         self.fetch_uncached = fetch_uncached
         self.reopen = reopen
 
-    async def render(self, request, target: Target, outcome: Outcome) -> bool:
+    async def render(self, request: StreamingRequest, target: Target, outcome: Outcome) -> bool:
         """Answer ``request`` with ``outcome``. False when nothing was sent because the body was gone
         before it could be read (the chain then looks again)."""
         source = getattr(outcome, "source", None)
@@ -109,7 +114,7 @@ class Responder:
             write_error(request, outcome.error, outcome.headers)
         return True
 
-    async def _stored(self, request, target: Target, outcome: FromCache) -> None:
+    async def _stored(self, request: StreamingRequest, target: Target, outcome: FromCache) -> None:
         reader = outcome.reader
         info = reader.info
         set_headers(request, target, info.content_type)
@@ -129,22 +134,25 @@ class Responder:
             outcome.damaged()
             result.append(False)
 
+        def closed() -> None:
+            outcome.finished(result[0] if result else None)
+
         streamer = BlobStreamer(
             self.disk,
             request,
             reader.file.fileno(),
             span[0],
             span[1],
-            on_close=lambda: outcome.finished(result[0] if result else None),
+            on_close=closed,
             verify=check,
             on_damaged=damaged,
             on_intact=lambda: result.append(True),
         )
         sent = await streamer.start()
-        if sent:
+        if sent and span[1] is not None:
             self.stats.bytes_served += span[1] - span[0]
 
-    async def _fill(self, request, target: Target, outcome: FromFill) -> bool:
+    async def _fill(self, request: StreamingRequest, target: Target, outcome: FromFill) -> bool:
         """Stream a fill to the request; False when its blob is gone (the fill failed, or its committed blob
         was evicted before this reader could open it)."""
         fill = outcome.fill
@@ -184,15 +192,17 @@ class Responder:
         if span is None:
             self.disk.run(os.close, fd)
             return True
-        streamer = BlobStreamer(
-            self.disk, request, fd, span[0], span[1], fill=fill, on_close=lambda: self.disk.run(os.close, fd)
-        )
+
+        def close() -> None:
+            self.disk.run(os.close, fd)
+
+        streamer = BlobStreamer(self.disk, request, fd, span[0], span[1], fill=fill, on_close=close)
         sent = await streamer.start()
         if sent and span[1] is not None:
             self.stats.bytes_served += span[1] - span[0]
         return True
 
-    async def _uncached(self, request, target: Target, outcome: Uncached) -> None:
+    async def _uncached(self, request: StreamingRequest, target: Target, outcome: Uncached) -> None:
         set_headers(request, target, outcome.content_type)
         request.setResponseCode(200)
         response = outcome.response

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
 
 from dnsmirror import failures, oci
+from dnsmirror.contracts import BlobWriter
+from dnsmirror.contracts import Source as Source  # where the chain's sources are declared
 from dnsmirror.logs import fields
 from dnsmirror.outcomes import (
     Failed,
@@ -28,9 +30,10 @@ from dnsmirror.outcomes import (
     Uncached,
 )
 from dnsmirror.proxy import unavailable
-from dnsmirror.store import StoreFull
+from dnsmirror.store import BlobReader, ContainerdContentSource, StoreFull
 from dnsmirror.streaming import FileFeed, ResumableBody
 from dnsmirror.target import Target
+from dnsmirror.uploads import StreamingRequest
 from dnsmirror.upstream import UPSTREAM_FAILURES
 
 if TYPE_CHECKING:
@@ -45,28 +48,18 @@ VERIFY_BEFORE_SERVING = 16 * 1024 * 1024
 _DISK_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
 
 
-class Source(Protocol):
-    """Somewhere content by digest may come from."""
-
-    name: str
-
-    async def resolve(self, request, target: Target) -> Outcome:
-        """What this source answers for ``request`` (never written to here)."""
-        ...
-
-
-def wants_range(request, target: Target) -> bool:
+def wants_range(request: StreamingRequest, target: Target) -> bool:
     """Whether the request asks for part of a blob."""
     return not target.is_manifest and request.getHeader(b"range") is not None
 
 
-def upstream_headers(request, target: Target) -> dict:
+def upstream_headers(request: StreamingRequest, target: Target) -> dict[bytes, list[bytes]]:
     """What an upstream GET on the client's behalf carries: its credentials, Accept and User-Agent."""
     headers = target.auth_headers()
     for name in (b"accept", b"user-agent"):
         values = request.requestHeaders.getRawHeaders(name)
         if values:
-            headers[name] = values
+            headers[name] = list(values)
     return headers
 
 
@@ -80,7 +73,7 @@ class CacheSource:
         self.disk = chain.disk
         self.store = chain.store
 
-    async def resolve(self, request, target: Target) -> Outcome:
+    async def resolve(self, request: StreamingRequest, target: Target) -> Outcome:
         # the index is in memory: only a hit needs the disk thread (its sidecar may be read)
         if target.digest not in self.store or await self.disk.run(self.store.stat, target.digest) is None:
             return NotHere("not cached")
@@ -89,10 +82,10 @@ class CacheSource:
             return refusal
         return await self.open(request, target)
 
-    async def open(self, request, target: Target, source: str = "cache") -> Outcome:
+    async def open(self, request: StreamingRequest, target: Target, source: str = "cache") -> Outcome:
         """The cached blob, ready to stream (access already granted), or NotHere once evicted or damaged;
         ``source`` is where its bytes came from for this request (a fill just committed: not a cache hit)."""
-        reader = await self.disk.run(self.store.open_blob, target.digest)
+        reader: BlobReader | None = await self.disk.run(self.store.open_blob, target.digest)
         if reader is None:
             return NotHere("evicted meanwhile")
         info = reader.info
@@ -100,7 +93,9 @@ class CacheSource:
         if target.is_manifest and info.size <= oci.MANIFEST_MAX_SIZE:
             try:
                 # small: hashed whole before a byte is sent, so a damaged copy is replaced, not served
-                manifest = await self.disk.run(self.store.read_verified, reader, oci.MANIFEST_MAX_SIZE)
+                manifest: bytes | None = await self.disk.run(
+                    self.store.read_verified, reader, oci.MANIFEST_MAX_SIZE
+                )
             finally:
                 self.disk.run(reader.close)
             if manifest is None:
@@ -125,7 +120,7 @@ class CacheSource:
             source=source,
         )
 
-    def _close_checked(self, reader, intact: bool | None) -> None:
+    def _close_checked(self, reader: BlobReader, intact: bool | None) -> None:
         """Close a cached blob's reader after a streamed check (disk pool): remember or drop the file
         first."""
         try:
@@ -144,17 +139,17 @@ class ContainerdSource:
 
     name = "containerd"
 
-    def __init__(self, chain: ContentChain, containerd) -> None:
+    def __init__(self, chain: ContentChain, containerd: ContainerdContentSource) -> None:
         self.chain = chain
         self.containerd = containerd
         # digests whose copy in containerd's store failed verification: fetched upstream instead
         self.rejected: set[str] = set()
 
-    async def resolve(self, request, target: Target) -> Outcome:
+    async def resolve(self, request: StreamingRequest, target: Target) -> Outcome:
         chain = self.chain
         if target.is_manifest or target.method != "GET" or target.digest in self.rejected:
             return NotHere("not asked of containerd")
-        reader = await chain.disk.run(self.containerd.open_blob, target.digest)
+        reader: BlobReader | None = await chain.disk.run(self.containerd.open_blob, target.digest)
         if reader is None:
             return NotHere("not in containerd's store")
         # containerd's store holds every team's content: the same access check as the cache
@@ -164,7 +159,9 @@ class ContainerdSource:
             return refusal or NotHere("a fill started meanwhile")
         slot = chain.open_slot(target, source=self.name)
         try:
-            writer = await chain.disk.run(chain.store.writer, target.digest, expected_size=reader.size)
+            writer: BlobWriter = await chain.disk.run(
+                chain.store.writer, target.digest, expected_size=reader.size
+            )
         except Exception:  # noqa: BLE001 - any failure to create the file: containerd's copy is simply not used
             chain.close_slot(slot, None)
             chain.disk.run(reader.close)
@@ -277,13 +274,13 @@ class UpstreamSource:
     def __init__(self, chain: ContentChain) -> None:
         self.chain = chain
 
-    async def resolve(self, request, target: Target, cache: bool = True) -> Outcome:
+    async def resolve(self, request: StreamingRequest, target: Target, cache: bool = True) -> Outcome:
         """Ask upstream. Without ``cache`` the answer never fills the cache (a whole body is relayed,
         verified; a range passed through)."""
         chain, store = self.chain, self.chain.store
         headers = upstream_headers(request, target)
         # the cache file is created while upstream answers, off the response's critical path
-        early_writer = None
+        early_writer: defer.Deferred[Any] | None = None
         if cache and not chain.caching_paused():
             early_writer = chain.disk.run(store.writer, target.digest)
         try:
@@ -322,7 +319,7 @@ class UpstreamSource:
                     f"blob of {response.length} bytes is larger than the cache ({store.max_size} bytes)"
                 )
             try:
-                writer = await early_writer
+                writer: BlobWriter = await early_writer
             except OSError as exc:  # no room for even a new file (inodes), or no access: serve uncached
                 if exc.errno in _DISK_FAULTS:  # the disk, not a passing mishap: leave it alone a while
                     chain.pause_caching()
@@ -352,7 +349,7 @@ class UpstreamSource:
         response.deliver_body(fill.body_protocol())
         return FromFill(fill, self.name)
 
-    def _drop_writer(self, pending: defer.Deferred | None) -> None:
+    def _drop_writer(self, pending: defer.Deferred[Any] | None) -> None:
         """Abort a cache writer created ahead of an answer that will not fill the cache."""
         if pending is not None:
             pending.addCallback(lambda writer: self.chain.disk.run(writer.abort))
