@@ -182,3 +182,14 @@ class Source(Protocol):
     async def resolve(self, request: Any, target: Target) -> Outcome:
         """What this source answers for ``request`` (never written to here)."""
         ...
+
+
+if TYPE_CHECKING:
+    from dnsmirror.store import Store
+    from dnsmirror.upstream import UpstreamClient, UpstreamResponse
+
+    def _real_ones_conform(
+        client: UpstreamClient, answer: UpstreamResponse, store: Store
+    ) -> tuple[Upstream, UpstreamAnswer, BlobStore]:
+        """Checked by mypy only: the real implementations satisfy these contracts."""
+        return client, answer, store

@@ -5,6 +5,11 @@ Test modules take their fakes from here, never from one another.
 
 from __future__ import annotations
 
+import hashlib
+import os
+from collections import OrderedDict
+from pathlib import Path
+
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -12,9 +17,19 @@ from twisted.web.http_headers import Headers
 
 from dnsmirror import oci
 from dnsmirror.authz import ANONYMOUS
-from dnsmirror.store import Store
+from dnsmirror.store import (
+    BlobInfo,
+    BlobReader,
+    DigestMismatch,
+    SizeMismatch,
+    Store,
+    StoreError,
+    StoreFull,
+    digest_hex,
+)
 from dnsmirror.streaming import DiskIO
 from dnsmirror.target import Target
+from dnsmirror.upstream import AGENT_MANAGED, BodyTooLarge, UpstreamUnavailable, end_to_end_headers, origin
 
 
 def registry_target(
@@ -206,23 +221,158 @@ def range_request(first: int, last: int) -> FakeRequest:
     return FakeRequest({b"range": f"bytes={first}-{last}".encode()})
 
 
-class BlobResponse:
-    """Upstream's 200 with ``body``, delivered whole as soon as a body protocol is attached."""
+class _BodyTransport:
+    """What a fake answer's body protocol gets as its transport: pausing it holds the next chunk back."""
 
-    code = 200
+    def __init__(self, answer: MemoryAnswer) -> None:
+        self.answer = answer
+        self.paused = False
+        self.stopped = False
 
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-        self.headers = Headers({b"content-type": [b"application/octet-stream"]})
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.answer._pump()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.answer._pump()
+
+
+class MemoryAnswer:
+    """The in-memory fake of contracts.UpstreamAnswer: a status, headers and a body held in memory,
+    delivered in ``chunk``-byte pieces that wait while the receiver pauses (whole at once by default).
+    ``tests/test_contracts.py`` runs the same checks against it and the real UpstreamResponse."""
+
+    phrase = b""
+
+    def __init__(
+        self,
+        code: int,
+        body: bytes = b"",
+        headers: dict[bytes, list[bytes]] | None = None,
+        *,
+        method: str = "GET",
+        url: str = "https://registry.example/",
+        chunk: int | None = None,
+    ) -> None:
+        self.code = code
+        self.body = body if method != "HEAD" else b""
+        self.method = method
+        self.url = url
+        self.chunk = chunk or max(1, len(body))
+        self.headers = Headers({name: list(values) for name, values in (headers or {}).items()})
+        self.length: int | None = len(body)
+        if method != "HEAD" and code not in (204, 304):
+            self.headers.setRawHeaders(b"content-length", [str(len(body)).encode()])
+        self._consumed = False
+        self._protocol = None
+        self._transport: _BodyTransport | None = None
+        self._sent = 0
+
+    @property
+    def description(self) -> str:
+        return f"{self.method} {self.url.split('?')[0]}"
 
     def deliver_body(self, protocol) -> None:
-        protocol.makeConnection(None)
-        protocol.dataReceived(self.body)
-        protocol.connectionLost(Failure(ResponseDone()))
+        if self._consumed:
+            raise RuntimeError(f"{self.description}: body already consumed")
+        self._consumed = True
+        self._protocol = protocol
+        self._transport = _BodyTransport(self)
+        protocol.makeConnection(self._transport)
+        self._pump()
+
+    def _pump(self) -> None:
+        transport, protocol = self._transport, self._protocol
+        if protocol is None or transport is None:
+            return
+        while not transport.paused and not transport.stopped and self._sent < len(self.body):
+            piece = self.body[self._sent:self._sent + self.chunk]
+            self._sent += len(piece)
+            protocol.dataReceived(piece)
+        if transport.stopped or self._sent >= len(self.body):
+            self._protocol = None
+            done = ResponseDone() if self._sent >= len(self.body) else UpstreamUnavailable(
+                f"{self.description}: body cut after {self._sent} bytes: stopped")
+            protocol.connectionLost(Failure(done))
+
+    def stream_to(self, consumer) -> defer.Deferred:
+        done: defer.Deferred = defer.Deferred()
+
+        class Stream:
+            transport = None
+
+            def makeConnection(self, transport) -> None:
+                self.transport = transport
+                consumer.registerProducer(transport, True)
+
+            def dataReceived(self, data: bytes) -> None:
+                consumer.write(data)
+
+            def connectionLost(self, reason: Failure) -> None:
+                consumer.unregisterProducer()
+                if reason.check(ResponseDone):
+                    done.callback(len(answer.body))
+                else:
+                    done.errback(reason)
+
+        answer = self
+        self.deliver_body(Stream())
+        return done
+
+    def read_body(self, limit: int) -> defer.Deferred:
+        if self.length is not None and self.length > limit:
+            self._consumed = True
+            too_large = BodyTooLarge(f"{self.description}: body of {self.length} bytes exceeds {limit}")
+            return defer.fail(too_large)
+        self._consumed_check()
+        return defer.succeed(self.body)
+
+    def discard(self, limit: int = 0) -> defer.Deferred:
+        self._consumed_check()
+        return defer.succeed(None)
+
+    def _consumed_check(self) -> None:
+        if self._consumed:
+            raise RuntimeError(f"{self.description}: body already consumed")
+        self._consumed = True
+
+
+class BlobResponse(MemoryAnswer):
+    """Upstream's 200 with ``body``, delivered whole as soon as a body protocol is attached."""
+
+    code = 200  # subclasses answer another status by overriding it
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__(self.code, body, {b"content-type": [b"application/octet-stream"]})
 
     def discard(self, *args) -> defer.Deferred:
-        return defer.succeed(None)
+        return defer.succeed(None)  # tests discard an answer they also read: no single-use check
+
+
+class MemoryUpstream:
+    """The in-memory fake of contracts.Upstream: answers from ``routes`` (URL without query ->
+    ``(code, body, headers)``), 404 for other URLs of a known host, no answer for unknown hosts;
+    ``received`` records each request as (method, URL, end-to-end headers)."""
+
+    def __init__(self, routes: dict[str, tuple[int, bytes, dict[bytes, list[bytes]]]] | None = None) -> None:
+        self.routes = dict(routes or {})
+        self.received: list[tuple[str, str, Headers]] = []
+
+    def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
+        method = method.decode("ascii") if isinstance(method, bytes) else method
+        url = url.decode("ascii") if isinstance(url, bytes) else url
+        if origin(url)[0] != "https":
+            return defer.fail(ValueError(f"upstream URLs must be https: {url!r}"))
+        host = origin(url)[1]
+        if not any(origin(known)[1] == host for known in self.routes):
+            return defer.fail(UpstreamUnavailable(f"cannot connect to {host}: no such host"))
+        self.received.append((method.upper(), url, end_to_end_headers(headers, drop=AGENT_MANAGED)))
+        code, body, answer_headers = self.routes.get(url.split("?")[0], (404, b"not found", {}))
+        return defer.succeed(MemoryAnswer(code, body, answer_headers, method=method.upper(), url=url))
 
 
 class OneBlobUpstream:
@@ -233,3 +383,190 @@ class OneBlobUpstream:
 
     def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
         return defer.succeed(BlobResponse(self.body))
+
+
+# --- the disk -----------------------------------------------------------------------------------------
+
+
+def _memory_file(data: bytes = b""):
+    """An unbuffered binary file held in memory, with a real descriptor (streamers pread from it)."""
+    fd = os.memfd_create("dnsmirror-test-blob", os.MFD_CLOEXEC)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.fdopen(fd, "r+b", buffering=0)
+
+
+class MemoryWriter:
+    """The in-memory fake of contracts.BlobWriter: bytes go to a memory file named by ``temp_path``
+    (readable while written, gone once committed or aborted), hashed as they come."""
+
+    def __init__(self, store: MemoryStore, digest: str, content_type: str | None, expected_size: int | None):
+        self.store = store
+        self.digest = digest
+        self.content_type = content_type
+        self.expected_size = expected_size
+        self.bytes_written = 0
+        self.bytes_in_file = 0
+        self.failure: BaseException | None = None
+        self.room: int | None = store.capacity - store.total_size
+        self._hasher = hashlib.sha256()
+        self._file = _memory_file()
+        self.temp_path = Path(f"/proc/self/fd/{self._file.fileno()}")
+        self._done = False
+
+    def describe(self, content_type: str | None, expected_size: int | None) -> None:
+        self.content_type, self.expected_size = content_type, expected_size
+
+    def write(self, data) -> None:
+        if self._done:
+            raise StoreError("writer already committed or aborted")
+        data = bytes(data)
+        size = self.bytes_written + len(data)
+        if self.expected_size is not None and size > self.expected_size:
+            self.abort()
+            raise SizeMismatch(self.digest, self.expected_size, size)
+        self._hasher.update(data)
+        self.bytes_written = size
+        if size > self.store.max_size and self.failure is None:
+            self.failure = StoreFull(f"blob is larger than the cache ({self.store.max_size} bytes)")
+            self._close()
+        if self.failure is None:
+            self._file.write(data)
+            self.bytes_in_file = size
+
+    def verify(self) -> None:
+        if self._done:
+            raise StoreError("writer already committed or aborted")
+        try:
+            self._check()
+        except DigestMismatch:
+            self.abort()
+            raise
+
+    def _check(self) -> None:
+        actual = "sha256:" + self._hasher.hexdigest()
+        if actual != self.digest:
+            raise DigestMismatch(self.digest, actual, self.bytes_written)
+        if self.expected_size is not None and self.bytes_written != self.expected_size:
+            raise SizeMismatch(self.digest, self.expected_size, self.bytes_written)
+
+    def commit(self) -> BlobInfo:
+        if self.failure is not None:
+            failure = self.failure
+            self.abort()
+            raise failure
+        try:
+            self._check()
+        except BaseException:
+            self.abort()
+            raise
+        self._file.seek(0)
+        data = self._file.read()
+        self.abort()
+        return self.store._commit(self.digest, data, self.content_type)
+
+    def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            self._close()
+
+    def _close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> MemoryWriter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.abort()
+
+
+class MemoryStore:
+    """The in-memory fake of contracts.BlobStore: committed blobs are bytes in a dict (oldest read
+    first evicted past ``max_size``), readers memory files; ``capacity`` is the disk's size.
+    ``damage(digest)`` changes a stored blob's bytes, as a failing disk would."""
+
+    def __init__(self, max_size: int, capacity: int | None = None) -> None:
+        self.max_size = max_size
+        self.capacity = capacity if capacity is not None else 4 * max_size
+        self.blobs: OrderedDict[str, tuple[bytes, str | None]] = OrderedDict()
+        self.verified: set[str] = set()
+
+    @property
+    def total_size(self) -> int:
+        return sum(len(data) for data, _ in self.blobs.values())
+
+    def __contains__(self, digest: object) -> bool:
+        return str(digest) in self.blobs
+
+    def _info(self, digest: str) -> BlobInfo:
+        data, content_type = self.blobs[digest]
+        return BlobInfo(digest, len(data), content_type, 0.0)
+
+    def stat(self, digest: object) -> BlobInfo | None:
+        digest_hex(digest)
+        return self._info(str(digest)) if str(digest) in self.blobs else None
+
+    def open_blob(self, digest: object) -> BlobReader | None:
+        digest_hex(digest)
+        if str(digest) not in self.blobs:
+            return None
+        self.blobs.move_to_end(str(digest))
+        data, _ = self.blobs[str(digest)]
+        return BlobReader(_memory_file(data), self._info(str(digest)), verified=str(digest) in self.verified)
+
+    def _content(self, reader: BlobReader) -> bytes:
+        return os.pread(reader.file.fileno(), reader.size + 1, 0)
+
+    def verify_reader(self, reader: BlobReader) -> bool:
+        data = self._content(reader)
+        if "sha256:" + hashlib.sha256(data).hexdigest() == reader.info.digest and len(data) == reader.size:
+            self.mark_verified(reader)
+            return True
+        self.drop_damaged(reader, "blob content does not match its digest")
+        return False
+
+    def read_verified(self, reader: BlobReader, limit: int) -> bytes | None:
+        if reader.size > limit:
+            return None
+        return self._content(reader) if self.verify_reader(reader) else None
+
+    def mark_verified(self, reader: BlobReader) -> None:
+        if reader.info.digest in self.blobs:
+            self.verified.add(reader.info.digest)
+        reader.verified = True
+
+    def drop_damaged(self, reader: BlobReader, reason: str) -> bool:
+        reader.verified = False
+        self.verified.discard(reader.info.digest)
+        return self.blobs.pop(reader.info.digest, None) is not None
+
+    def make_room(self, size: int) -> bool:
+        if self.capacity < size:
+            return False  # not even an empty disk would hold it: nothing is evicted for it
+        while self.blobs and self.capacity - self.total_size < size:
+            self.blobs.popitem(last=False)
+        return self.capacity - self.total_size >= size
+
+    def writer(self, digest: object, *, content_type: str | None = None, expected_size: int | None = None):
+        digest_hex(digest)
+        if expected_size is not None and expected_size > self.max_size:
+            raise StoreFull(f"blob of {expected_size} bytes is larger than the cache ({self.max_size} bytes)")
+        if expected_size is not None and not self.make_room(expected_size):
+            raise StoreFull(f"no room for a blob of {expected_size} bytes on the cache's filesystem")
+        return MemoryWriter(self, str(digest), content_type, expected_size)
+
+    def _commit(self, digest: str, data: bytes, content_type: str | None) -> BlobInfo:
+        self.blobs.pop(digest, None)
+        self.blobs[digest] = (data, content_type)
+        self.verified.add(digest)
+        while self.total_size > self.max_size:
+            oldest = next(iter(self.blobs))
+            del self.blobs[oldest]
+            self.verified.discard(oldest)
+        return self._info(digest)
+
+    def damage(self, digest: str) -> None:
+        data, content_type = self.blobs[digest]
+        self.blobs[digest] = (bytes([data[0] ^ 1]) + data[1:], content_type)
+        self.verified.discard(digest)

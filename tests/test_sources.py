@@ -7,7 +7,15 @@ import hashlib
 import os
 
 import pytest
-from fakes import BlobResponse, FakeRequest, ManualDisk, OneBlobUpstream, registry_target
+from fakes import (
+    BlobResponse,
+    FakeRequest,
+    ManualDisk,
+    MemoryStore,
+    MemoryUpstream,
+    OneBlobUpstream,
+    registry_target,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet import defer
@@ -156,6 +164,26 @@ def test_when_no_source_has_it_upstream_fills_and_joiners_share_that_one_fill(st
     assert all(request.body == data and request.code == 200 for request in requests)
     assert [request.source for request in requests] == ["upstream", "fill", "fill"]
     assert sha(data) in store and not chain.slots
+
+
+def test_on_the_in_memory_store_and_upstream_a_cold_read_fills_and_the_next_is_a_cache_hit():
+    data = os.urandom(50_000)
+    store = MemoryStore(10 * 2**20)
+    disk = ManualDisk(store)
+    url = f"https://{HOST}/v2/team/app/blobs/{sha(data)}"
+    upstream = MemoryUpstream({url: (200, data, {b"content-type": [b"application/octet-stream"]})})
+    grants = Grants(300, 86400)
+    grants.grant(ANONYMOUS, HOST, "team/app", [sha(data)], disk.reactor.seconds())
+    chain = ContentChain(disk.reactor, disk, upstream, grants, RecordingPassThrough())
+    cold, warm = FakeRequest(), FakeRequest()
+    served = [defer.ensureDeferred(chain.serve(cold, target_of(sha(data))))]
+    pump(disk, [cold], served)
+    served.append(defer.ensureDeferred(chain.serve(warm, target_of(sha(data)))))
+    pump(disk, [warm], served)
+    assert all(d.called for d in served)
+    assert (cold.body, cold.source, warm.body, warm.source) == (data, "upstream", data, "cache")
+    assert [(method, sent) for method, sent, _ in upstream.received] == [("GET", url)]
+    assert sha(data) in store and chain.stats.cache_hits == 1
 
 
 # --- sources decide, they never write -----------------------------------------------------------------
