@@ -37,8 +37,8 @@ from dnsmirror.flight import Flight
 from dnsmirror.logs import fields
 from dnsmirror.outcomes import Failed, FromFill, NotHere, Outcome, PassOn, Refusal, UncachedWanted
 from dnsmirror.peers import PeerClient
-from dnsmirror.proxy import PassThrough, unavailable
-from dnsmirror.respond import Responder
+from dnsmirror.proxy import PassThrough
+from dnsmirror.respond import Responder, unavailable
 from dnsmirror.sources import CacheSource, ContainerdSource, PeerSource, UpstreamSource, wants_range
 from dnsmirror.store import ContainerdContentSource, DigestMismatch, StoreFull, Writer
 from dnsmirror.streaming import DiskIO, Fill
@@ -49,7 +49,8 @@ from dnsmirror.upstream import UPSTREAM_FAILURES
 log = logging.getLogger("dnsmirror.content")
 
 _ATTEMPTS = 3
-# after the cache disk failed (full, read-only, failing), blobs are streamed uncached for this long before trying again
+# after the cache disk failed (full, read-only, failing), blobs are streamed uncached this long before trying
+# again
 UNCACHED_BACKOFF = 60.0
 
 
@@ -248,8 +249,14 @@ class ContentChain:
     def damaged(self, target: Target) -> None:
         """A cached file did not match its digest: it is dropped, and the request looks again."""
         self.stats.damaged_entries += 1
-        failures.report("cache", "damaged", "cached file does not match its digest; dropped", host=target.upstream_host,
-                        repository=target.repository, digest=target.digest)
+        failures.report(
+            "cache",
+            "damaged",
+            "cached file does not match its digest; dropped",
+            host=target.upstream_host,
+            repository=target.repository,
+            digest=target.digest,
+        )
 
     def running_fill(self, digest: str) -> Fill | None:
         """The fill of ``digest`` under way on this node, if its length is known (peers may stream it)."""
@@ -278,7 +285,8 @@ class ContentChain:
         shared by every request of the same credential for the same digest and repository meanwhile (a
         pull's parallel reads, a client's retries)."""
         now = self.reactor.seconds()
-        if self.grants.is_fresh(target.credential, target.upstream_host, target.repository, target.digest, now):
+        credential, host, repository = _owner(target)
+        if self.grants.is_fresh(credential, host, repository, target.digest, now):
             return Access.ALLOWED
         key = (target.credential, target.upstream_host, target.repository, target.digest, target.is_manifest)
         check = self.checks.get(key)
@@ -295,7 +303,8 @@ class ContentChain:
     async def _ask_upstream(self, target: Target, now: float) -> Access:
         """One authorisation ``HEAD`` upstream; its 200 grants exactly this digest in this repository."""
         self.stats.access_checks += 1
-        url = f"https://{target.upstream_host}/v2/{target.repository}/{'manifests' if target.is_manifest else 'blobs'}/{target.digest}"
+        kind = "manifests" if target.is_manifest else "blobs"
+        url = f"https://{target.upstream_host}/v2/{target.repository}/{kind}/{target.digest}"
         headers = target.auth_headers()
         if target.is_manifest:
             headers[b"accept"] = [", ".join(sorted(oci.MANIFEST_TYPES)).encode()]
@@ -305,16 +314,18 @@ class ContentChain:
         except UPSTREAM_FAILURES as exc:
             return self._offline(target, now, str(exc))
         access = access_from_answer(response.code)
+        credential, host, repository = _owner(target)
         if access is Access.ALLOWED:
-            self.grants.grant(target.credential, target.upstream_host, target.repository, [target.digest], now)
+            self.grants.grant(credential, host, repository, [target.digest], now)
         elif access is Access.DENIED:
-            self.grants.revoke(target.credential, target.upstream_host, target.repository, target.digest)
+            self.grants.revoke(credential, host, repository, target.digest)
         else:
             return self._offline(target, now, f"upstream answered {response.code}")
         return access
 
     def _offline(self, target: Target, now: float, reason: str) -> Access:
-        if self.grants.allows_offline(target.credential, target.upstream_host, target.repository, target.digest, now):
+        credential, host, repository = _owner(target)
+        if self.grants.allows_offline(credential, host, repository, target.digest, now):
             self.stats.offline_served += 1
             log.warning("upstream unreachable; serving cached content to a recently granted credential",
                         extra=fields(event="offline_serve", host=target.upstream_host,
@@ -331,8 +342,11 @@ class ContentChain:
             if isinstance(cause, DigestMismatch):
                 self.stats.digest_mismatches += 1
             # a full, read-only or failing disk (the fill's own writes, or its commit): leave it alone a while
-            disk_fault = isinstance(cause, StoreFull) or (cause is not None and cause is fill.writer.failure) or (
-                fill.verified and isinstance(cause, OSError))
+            disk_fault = (
+                isinstance(cause, StoreFull)
+                or (cause is not None and cause is fill.writer.failure)
+                or (fill.verified and isinstance(cause, OSError))
+            )
             if disk_fault:
                 self.pause_caching()
             elif slot.source == "containerd" and self.containerd is not None:

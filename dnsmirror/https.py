@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from twisted.internet import error
+from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
@@ -17,6 +19,7 @@ from dnsmirror import oci
 from dnsmirror.config import HostPort
 from dnsmirror.limits import ConnectionLimiter, ListenerCaps
 from dnsmirror.logs import fields
+from dnsmirror.respond import write_error
 from dnsmirror.tls import SniServer
 
 log = logging.getLogger("dnsmirror.https")
@@ -31,11 +34,9 @@ class UnavailableResource(resource.Resource):
         super().__init__()
         self.error = oci.OCIError("UNAVAILABLE", message, status=503)
 
-    def render(self, request) -> bytes:
-        request.setResponseCode(self.error.status)
-        request.setHeader(b"content-type", oci.ERROR_CONTENT_TYPE.encode())
-        request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
-        return self.error.body()
+    def render(self, request: server.Request) -> int:
+        write_error(request, self.error)
+        return server.NOT_DONE_YET
 
 
 class HttpsBindError(Exception):
@@ -52,8 +53,14 @@ class HttpsListener:
     """Binds every ``https.listen`` address with the SNI connection creator in front of ``site``; with
     ``caps``, the connections all addresses hold together are bounded by them (:mod:`dnsmirror.limits`)."""
 
-    def __init__(self, reactor, addresses: Sequence[HostPort], sni: SniServer,
-                 site: server.Site | resource.Resource | None = None, caps: ListenerCaps | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        addresses: Sequence[HostPort],
+        sni: SniServer,
+        site: server.Site | resource.Resource | None = None,
+        caps: ListenerCaps | None = None,
+    ) -> None:
         self.reactor = reactor
         self.addresses = tuple(addresses)
         self.sni = sni
@@ -64,11 +71,11 @@ class HttpsListener:
         self.site = site
         self.caps = caps
         self.limiter: ConnectionLimiter | None = None
-        self.ports: list = []
+        self.ports: list[IListeningPort] = []
 
     def start(self) -> None:
         """Bind all addresses or none: raises :class:`HttpsBindError` after closing what was bound."""
-        factory = TLSMemoryBIOFactory(self.sni, False, self.site)
+        factory: IProtocolFactory = TLSMemoryBIOFactory(self.sni, False, self.site)
         if self.caps is not None:
             # counted before TLS: a connection that never finishes its handshake holds a descriptor too
             factory = self.limiter = ConnectionLimiter(factory, self.caps, "https", self.reactor)
@@ -83,9 +90,12 @@ class HttpsListener:
 
     def bound_addresses(self) -> list[HostPort]:
         """The addresses actually bound (port 0 in the config becomes the real port)."""
-        return [HostPort(a.host, p.getHost().port) for a, p in zip(self.addresses, self.ports, strict=False)]
+        return [
+            HostPort(a.host, p.getHost().port)  # type: ignore[attr-defined]  # an IPv4Address or IPv6Address
+            for a, p in zip(self.addresses, self.ports, strict=False)
+        ]
 
-    def stop(self):
+    def stop(self) -> None:
         """Close every listening port (open connections finish on their own)."""
         ports, self.ports = self.ports, []
         for port in ports:

@@ -1,8 +1,11 @@
-"""Outcomes of the content chain rendered as responses: headers, ranges, OCI errors, streamed bodies.
+"""Responses: outcomes of the content chain, upstream's answers passed through, OCI errors.
 
-The one place of the content path that writes to the request (:mod:`dnsmirror.outcomes` says what
-each outcome means). A body streams from disk with back-pressure (:class:`~dnsmirror.streaming.BlobStreamer`)
-or, uncached, from upstream verified as it streams (:class:`~dnsmirror.streaming.VerifiedRelay`).
+The one module that writes to a request: the content chain's :class:`Responder` renders outcomes
+(:mod:`dnsmirror.outcomes` says what each means) with headers, ranges and streamed bodies, and the
+pass-through (:mod:`dnsmirror.proxy`), the registry front (:mod:`dnsmirror.web`) and the listener
+(:mod:`dnsmirror.https`) answer through the functions here. A body streams from disk with back-pressure
+(:class:`~dnsmirror.streaming.BlobStreamer`) or, uncached, from upstream verified as it streams
+(:class:`~dnsmirror.streaming.VerifiedRelay`).
 """
 
 from __future__ import annotations
@@ -25,16 +28,114 @@ from dnsmirror.outcomes import (
     Uncached,
     UncachedWanted,
 )
-from dnsmirror.proxy import PassThrough, relay, write_error
 from dnsmirror.store import digest_hex as oci_hex
 from dnsmirror.streaming import BlobStreamer, DiskIO, VerifiedRelay
 from dnsmirror.target import Target
 from dnsmirror.uploads import StreamingRequest
 
 if TYPE_CHECKING:
+    from twisted.web.http_headers import Headers
+    from twisted.web.server import Request
+
     from dnsmirror.content import ContentStats
+    from dnsmirror.contracts import UpstreamAnswer
+    from dnsmirror.proxy import PassThrough
 
 log = logging.getLogger("dnsmirror.respond")
+
+
+# --- answers of dnsmirror's own, and upstream's passed on -----------------------------------------------
+
+
+def unavailable(reason: str) -> oci.OCIError:
+    """The error a client gets when upstream gave no answer."""
+    return oci.OCIError("UNAVAILABLE", f"upstream registry unreachable: {reason}", status=502)
+
+
+def write_error(request: Request, error: oci.OCIError, headers: dict[bytes, bytes] | None = None) -> None:
+    """Answer ``request`` with an OCI error body (unless the response already started)."""
+    if request.startedWriting or request.finished:
+        return
+    send_error(request, error, headers)
+    request.finish()
+
+
+def send_error(request: Request, error: oci.OCIError, headers: dict[bytes, bytes] | None = None) -> None:
+    """Write an OCI error response, status to body, without finishing the request."""
+    request.setResponseCode(error.status)
+    request.setHeader(b"content-type", oci.ERROR_CONTENT_TYPE.encode())
+    request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
+    for name, value in (headers or {}).items():
+        request.setHeader(name, value)
+    body = error.body()
+    request.setHeader(b"content-length", str(len(body)).encode())
+    if request.method != b"HEAD":
+        request.write(body)
+
+
+def copy_headers(request: Request, headers: Headers) -> None:
+    """Set every end-to-end response header on ``request``, repeated ones as separate lines."""
+    for name, values in headers.getAllRawHeaders():
+        request.responseHeaders.setRawHeaders(name, list(values))
+
+
+def finish(request: Request) -> None:
+    """Finish the response unless it is finished already or its connection is gone."""
+    if not request.finished and request.channel is not None:
+        request.finish()
+
+
+def abort(request: Request) -> None:
+    """Cut the connection: after the status line, the only way to tell a client its body is incomplete."""
+    transport = getattr(request.channel, "transport", None)
+    if transport is not None:
+        transport.abortConnection()
+
+
+async def relay(request: Request, response: UpstreamAnswer) -> None:
+    """Send an upstream response to the client as it is: status, headers, streamed body."""
+    request.setResponseCode(response.code, response.phrase)
+    copy_headers(request, response.headers)
+    if request.method == b"HEAD" or response.code in (204, 304):
+        await response.discard()
+        request.finish()
+        return
+    try:
+        await response.stream_to(request)
+    except Exception as exc:  # noqa: BLE001 - the client cannot be told more than a cut stream
+        log.info("relay of %s ended early: %s", response.description, exc)
+        abort(request)
+        return
+    finish(request)
+
+
+def send_read_answer(request: Request, response: UpstreamAnswer, body: bytes, *, last: bool = True) -> None:
+    """Send upstream's answer whose body was read whole: its status and headers, the body with its
+    length; ``last=False`` leaves the request open (the rest of a client's body is still arriving)."""
+    request.setResponseCode(response.code, response.phrase)
+    copy_headers(request, response.headers)
+    request.responseHeaders.removeHeader(b"transfer-encoding")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    request.write(body)
+    if last:
+        request.finish()
+
+
+def send_manifest(request: Request, digest: str, media_type: str, body: bytes, *, head: bool) -> None:
+    """Answer with a manifest dnsmirror holds (a tag's last known one), with its digest."""
+    request.setResponseCode(200)
+    request.setHeader(b"content-type", media_type.encode())
+    request.setHeader(b"docker-content-digest", digest.encode())
+    request.setHeader(b"etag", f'"{digest}"'.encode())
+    request.setHeader(b"docker-distribution-api-version", b"registry/2.0")
+    request.setHeader(b"content-length", str(len(body)).encode())
+    if not head:
+        request.write(body)
+    request.finish()
+
+
+# --- reads by digest --------------------------------------------------------------------------------------
+
 
 
 def set_headers(request: StreamingRequest, target: Target, content_type: str | None) -> None:

@@ -29,7 +29,7 @@ from dnsmirror.outcomes import (
     Relayed,
     Uncached,
 )
-from dnsmirror.proxy import unavailable
+from dnsmirror.respond import unavailable
 from dnsmirror.store import BlobReader, ContainerdContentSource, StoreFull
 from dnsmirror.streaming import FileFeed, ResumableBody
 from dnsmirror.target import Target

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -20,7 +21,7 @@ class TagAnswer:
     seen: float
 
 
-def accepted_types(accept_values: list[bytes] | None) -> frozenset[str]:
+def accepted_types(accept_values: Sequence[bytes] | None) -> frozenset[str]:
     """The media types named by (possibly repeated) Accept headers, parameters dropped."""
     types = set()
     for value in accept_values or []:

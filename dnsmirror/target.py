@@ -33,6 +33,11 @@ class Target:
         return str(self.path.digest) if self.path is not None and self.path.digest is not None else ""
 
     @property
+    def tag(self) -> str | None:
+        """The tag a manifest request names (None when it names a digest, or is not a manifest's)."""
+        return self.path.tag if self.path is not None else None
+
+    @property
     def is_manifest(self) -> bool:
         return self.path is not None and self.path.endpoint is Endpoint.MANIFEST
 

@@ -19,8 +19,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import BytesIO
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.python.failure import Failure
 from twisted.web import server
 from twisted.web.http import Request
@@ -28,6 +30,9 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IBodyProducer
 from zope.interface import implementer
 
 from dnsmirror.pulls import MAX_MANIFEST_BYTES
+
+if TYPE_CHECKING:
+    from dnsmirror.target import Target
 
 log = logging.getLogger("dnsmirror.uploads")
 
@@ -44,11 +49,13 @@ class ClientGone(Exception):
 class BodyPipe:
     """An ``IBodyProducer`` fed with the client's body chunks as they arrive."""
 
-    def __init__(self, length: int | None, pause_client: Callable[[], None], resume_client: Callable[[], None]) -> None:
+    def __init__(
+        self, length: int | None, pause_client: Callable[[], None], resume_client: Callable[[], None]
+    ) -> None:
         self.length = UNKNOWN_LENGTH if length is None else length
         self._pause_client = pause_client
         self._resume_client = resume_client
-        self._consumer = None
+        self._consumer: IConsumer | None = None
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._client_paused = False
@@ -56,7 +63,7 @@ class BodyPipe:
         self._stopped = False
         self._finished = False
         self._failure: Failure | None = None
-        self._done: defer.Deferred | None = None
+        self._done: defer.Deferred[None] | None = None
 
     # --- fed by the request ---------------------------------------------------------------------------
 
@@ -90,9 +97,12 @@ class BodyPipe:
         self._settle()
 
     def _flush(self) -> None:
+        consumer = self._consumer
+        if consumer is None:
+            return
         buffered, self._buffer, self._buffered = self._buffer, [], 0
         for chunk in buffered:
-            self._consumer.write(chunk)
+            consumer.write(chunk)
         if self._client_paused:
             self._client_paused = False
             self._resume_client()
@@ -107,7 +117,7 @@ class BodyPipe:
 
     # --- IBodyProducer, driven by the upstream request ------------------------------------------------
 
-    def startProducing(self, consumer) -> defer.Deferred:  # noqa: N802 - Twisted's interface
+    def startProducing(self, consumer: IConsumer) -> defer.Deferred[None]:
         self._consumer = consumer
         self._done = defer.Deferred()
         if not self._upstream_paused:
@@ -115,19 +125,19 @@ class BodyPipe:
         self._settle()
         return self._done
 
-    def pauseProducing(self) -> None:  # noqa: N802 - Twisted's interface
+    def pauseProducing(self) -> None:
         self._upstream_paused = True
         if not self._client_paused:
             self._client_paused = True
             self._pause_client()
 
-    def resumeProducing(self) -> None:  # noqa: N802 - Twisted's interface
+    def resumeProducing(self) -> None:
         self._upstream_paused = False
         if self._consumer is not None:
             self._flush()
             self._settle()
 
-    def stopProducing(self) -> None:  # noqa: N802 - Twisted's interface
+    def stopProducing(self) -> None:
         self._stopped = True
         self._buffer, self._buffered = [], 0
         if self._client_paused:
@@ -151,14 +161,14 @@ class StreamingRequest(server.Request):
     the upstream response (kept as :attr:`early_response`) or ``None`` to receive the body as usual.
     """
 
-    early_response: defer.Deferred | None = None
+    early_response: defer.Deferred[Any] | None = None
     body_pipe: BodyPipe | None = None
     #: Fires once upstream's answer has been sent before the body was all in (see the module docstring).
-    early_answer: defer.Deferred | None = None
+    early_answer: defer.Deferred[None] | None = None
     #: Where the response came from, for the access log (set by the content chain / pass-through).
     source: str | None = None
     #: The request's :class:`~dnsmirror.target.Target`, once the registry front resolved it.
-    target = None
+    target: Target | None = None
     #: The request line as the connection read it, known before twisted.web sets ``method`` and ``uri``
     #: (once the body is in); set by :class:`dnsmirror.web.RegistryChannel`. Without it, no body streams.
     request_line: RequestLine | None = None
@@ -167,7 +177,10 @@ class StreamingRequest(server.Request):
     #: The body sent so far, kept (up to ``pulls.MAX_MANIFEST_BYTES``) when set to a bytearray: manifests.
     kept_body: bytearray | None = None
 
-    def __init__(self, *args, **kwargs) -> None:
+    #: The request body's file (twisted.web's own field, which its stubs declare as only None).
+    content: IO[bytes] | None = None  # type: ignore[assignment]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.started_at = time.monotonic()
 
@@ -181,16 +194,17 @@ class StreamingRequest(server.Request):
                 self.kept_body = None
         super().write(data)
 
-    def gotLength(self, length: int | None) -> None:  # noqa: N802 - twisted.web's name
+    def gotLength(self, length: int | None) -> None:
         channel = self.channel
-        start = getattr(getattr(channel.site, "resource", None), "start_streaming", None)
+        resource = getattr(getattr(channel, "site", None), "resource", None)
+        start = getattr(resource, "start_streaming", None)
         line = self.request_line
         if start is None or line is None or line.method.upper() not in STREAMED_METHODS or length == 0:
             super().gotLength(length)
             return
         # what requestReceived will set, needed now to route the request
         self.method, self.uri = line.method, line.path
-        transport = channel.transport
+        transport = cast(IPushProducer, channel.transport)  # a TCP or TLS connection: a push producer
         pipe = BodyPipe(length, transport.pauseProducing, transport.resumeProducing)
         early = start(self, pipe)
         if early is None:
@@ -201,17 +215,18 @@ class StreamingRequest(server.Request):
         self.early_response = early
         # what requestReceived would set: needed to answer while the body is still arriving
         self.clientproto = line.version
-        answer_early = getattr(channel.site.resource, "answer_early", None)
+        answer_early = getattr(resource, "answer_early", None)
         if answer_early is not None:
             early.addCallback(self._upstream_answered, answer_early)
 
-    def _upstream_answered(self, outcome, answer_early):
-        if self.body_pipe.complete or self._disconnected or self.early_response is None:
+    def _upstream_answered(self, outcome: tuple[str, Any], answer_early: Callable[..., Any]) -> Any:
+        pipe = self.body_pipe
+        if pipe is None or pipe.complete or self._disconnected or self.early_response is None:
             return outcome  # the usual render sends it
         # upstream has its answer and takes no more of the body: drop the rest, answer the client now
         self.early_response = None
-        self.body_pipe.stopProducing()
-        answered: defer.Deferred = defer.Deferred()
+        pipe.stopProducing()
+        answered: defer.Deferred[None] = defer.Deferred()
         self.early_answer = answered
 
         def answer() -> None:
@@ -224,13 +239,13 @@ class StreamingRequest(server.Request):
         self.channel.callLater(0, answer)  # the channel's clock, as twisted.web's own timers use
         return None
 
-    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - twisted.web's name
+    def handleContentChunk(self, data: bytes) -> None:
         if self.body_pipe is not None:
             self.body_pipe.write(data)
         else:
             super().handleContentChunk(data)
 
-    def requestReceived(self, command, path, version) -> None:  # noqa: N802 - twisted.web's name
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self.body_pipe is not None:
             self.body_pipe.finish()
         super().requestReceived(command, path, version)
@@ -242,7 +257,7 @@ class StreamingRequest(server.Request):
             return
         super().finish()
 
-    def connectionLost(self, reason) -> None:  # noqa: N802 - twisted.web's name
+    def connectionLost(self, reason: Failure) -> None:
         if self.body_pipe is not None:
             self.body_pipe.fail(Failure(ClientGone("client closed the connection mid-body")))
         if self.early_response is not None:
@@ -255,7 +270,7 @@ class StreamingRequest(server.Request):
         super().connectionLost(reason)
 
 
-def _discard(outcome) -> None:
+def _discard(outcome: tuple[str, Any]) -> None:
     kind, value = outcome
     if kind == "ok":
         value.discard()

@@ -9,15 +9,20 @@ ever proxied to a host the client did not connect to. Reads by digest go to
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 from twisted.web import http, resource, server
+from twisted.web.iweb import IBodyProducer
 
 from dnsmirror import oci
 from dnsmirror.authz import credential_key
 from dnsmirror.content import ContentChain
 from dnsmirror.patterns import HostMatcher, normalize_host
-from dnsmirror.proxy import PassThrough, write_error
+from dnsmirror.proxy import PassThrough
+from dnsmirror.pulls import PullReporter
+from dnsmirror.respond import abort, write_error
 from dnsmirror.target import Target
 from dnsmirror.uploads import RequestLine, StreamingRequest
 
@@ -26,7 +31,7 @@ log = logging.getLogger("dnsmirror.web")
 MAX_URI = 8192
 
 
-def server_name(request) -> str | None:
+def server_name(request: server.Request) -> str | None:
     """The TLS SNI name of the connection ``request`` arrived on, or None (plain TCP, no SNI)."""
     transport = getattr(request.channel, "transport", None)
     get_handle = getattr(transport, "getHandle", None)
@@ -39,7 +44,7 @@ def server_name(request) -> str | None:
     return name.decode("ascii", "replace") if name else None
 
 
-def request_host(request) -> str | None:
+def request_host(request: server.Request) -> str | None:
     """The Host header without port, normalised; None when absent or unusable."""
     values = request.requestHeaders.getRawHeaders(b"host") or []
     if len(values) != 1:
@@ -53,15 +58,16 @@ def request_host(request) -> str | None:
 class RegistryChannel(http.HTTPChannel):
     """twisted.web's HTTP connection, answering an overlong request or header line with 400 too."""
 
-    def lineLengthExceeded(self, line: bytes) -> None:  # noqa: N802 - Twisted's name
+    def lineLengthExceeded(self, line: bytes) -> None:
         # twisted.web only closes, which over TLS can leave a client waiting for an answer
         self._respondToBadRequestAndDisconnect()
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802 - Twisted's name
+    def lineReceived(self, line: bytes) -> None:
         known = len(self.requests)
         super().lineReceived(line)
         if len(self.requests) > known:
-            # a request line: twisted.web keeps it private until the body is in; an upload is routed at header time
+            # a request line: twisted.web keeps it private until the body is in; an upload is routed at
+            # header time
             parts = line.split()
             request = self.requests[-1]
             if len(parts) == 3 and isinstance(request, StreamingRequest):
@@ -73,14 +79,20 @@ class RegistryResource(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, matcher: HostMatcher, content: ContentChain, passthrough: PassThrough, pulls=None) -> None:
+    def __init__(
+        self,
+        matcher: HostMatcher,
+        content: ContentChain,
+        passthrough: PassThrough,
+        pulls: PullReporter | None = None,
+    ) -> None:
         super().__init__()
         self.matcher = matcher
         self.content = content
         self.passthrough = passthrough
         self.pulls = pulls  # a PullReporter told of each request as it begins, or None
 
-    def start_streaming(self, request, body):
+    def start_streaming(self, request: StreamingRequest, body: IBodyProducer) -> defer.Deferred[Any] | None:
         """Start the upstream exchange of a body-carrying request at header time (pushes), with
         ``body`` producing the client's bytes as they arrive; None to receive the body first (a request
         that will be refused)."""
@@ -89,27 +101,24 @@ class RegistryResource(resource.Resource):
             return None
         return self.passthrough.start(target, request.requestHeaders, body)
 
-    def answer_early(self, request, outcome) -> defer.Deferred:
+    def answer_early(self, request: StreamingRequest, outcome: tuple[str, Any]) -> defer.Deferred[None]:
         """Send upstream's answer to a push whose body is still arriving (see :mod:`dnsmirror.uploads`)."""
         return defer.ensureDeferred(self.passthrough.answer_early(request, outcome))
 
-    def render(self, request) -> int:
+    def render(self, request: StreamingRequest) -> int:
         done = defer.ensureDeferred(self._handle(request))
         done.addErrback(self._failed, request)
         return server.NOT_DONE_YET
 
-    def _failed(self, failure, request) -> None:
+    def _failed(self, failure: Failure, request: StreamingRequest) -> None:
         log.error("request %s %s failed: %s", request.method.decode("ascii", "replace"),
                   request.uri[:200].decode("ascii", "replace"), failure.getTraceback())
         if request.startedWriting and not request.finished:
-            # the status line is gone: only a cut connection tells the client the body is incomplete
-            transport = getattr(request.channel, "transport", None)
-            if transport is not None:
-                transport.abortConnection()
+            abort(request)  # the status line is gone: only a cut connection says the body is incomplete
             return
         write_error(request, oci.OCIError("UNKNOWN", "internal error", status=500))
 
-    def target_of(self, request) -> Target | oci.OCIError:
+    def target_of(self, request: server.Request) -> Target | oci.OCIError:
         """Resolve a request to its upstream target, or the error to answer it with."""
         sni = server_name(request)
         host = request_host(request)
@@ -128,7 +137,7 @@ class RegistryResource(resource.Resource):
             path = oci.parse_path(raw_path)
         except oci.OCIError as exc:
             return exc
-        authorization = request.requestHeaders.getRawHeaders(b"authorization") or []
+        authorization = list(request.requestHeaders.getRawHeaders(b"authorization") or [])
         return Target(
             host=host,
             upstream_host=oci.upstream_host(host),
@@ -139,7 +148,7 @@ class RegistryResource(resource.Resource):
             authorization=authorization,
         )
 
-    async def _handle(self, request) -> None:
+    async def _handle(self, request: StreamingRequest) -> None:
         target = self.target_of(request)
         if isinstance(target, oci.OCIError):
             write_error(request, target)
