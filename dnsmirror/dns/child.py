@@ -32,6 +32,7 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import protocol, task
 from twisted.python.failure import Failure
@@ -39,6 +40,9 @@ from twisted.python.failure import Failure
 from dnsmirror import oci
 from dnsmirror.dns.stats import DnsStats
 from dnsmirror.logs import fields as log_fields
+
+if TYPE_CHECKING:
+    from twisted.internet import stdio
 
 log = logging.getLogger("dnsmirror.dns")
 
@@ -416,7 +420,7 @@ class _Child:
             self.stats,
         )
         self.last_heard = reactor.seconds()
-        self.channel = None
+        self.channel: stdio.StandardIO | None = None
         self.reported = False
         self.ports: list = []
 
@@ -495,8 +499,9 @@ def main(argv: list[str]) -> int:
 
     settings = ChildSettings.from_json(argv[1])
     logs.setup(settings.log_format, settings.log_level)
-    from twisted.internet import reactor
+    from twisted.internet import reactor as installed
 
+    reactor: Any = installed  # the platform's reactor: run() takes installSignalHandlers too
     # Ctrl-C or a SIGTERM to the whole process group (a service manager) must not end the node's DNS
     # before the mirror process drained: the child ends when its stdin closes, or by SIGKILL
     signal.signal(signal.SIGINT, signal.SIG_IGN)

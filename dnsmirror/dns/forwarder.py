@@ -32,6 +32,7 @@ import socket
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IReadDescriptor
@@ -313,6 +314,8 @@ class _UdpPool:
 
 class _TcpAttemptProtocol(protocol.Protocol):
     """One query to one upstream over TCP (RFC 1035 two-byte length framing)."""
+
+    transport: Any  # a TCP connection, once made
 
     def __init__(self, forwarder: Forwarder, attempt: _Attempt) -> None:
         self.forwarder = forwarder

@@ -12,6 +12,7 @@ import logging
 import struct
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from dnslib import RCODE, DNSRecord
 from twisted.internet import protocol
@@ -166,6 +167,8 @@ def _name_of(packet: bytes) -> str:
 class DnsDatagramProtocol(protocol.DatagramProtocol):
     """UDP listener: one datagram is one query."""
 
+    transport: Any  # the UDP port, once listening
+
     def __init__(self, controller: DnsController) -> None:
         self.controller = controller
 
@@ -208,6 +211,8 @@ class DnsStreamProtocol(protocol.Protocol):
 
     idle_timeout = 30.0
     message_timeout = 10.0
+    transport: Any  # a TCP connection: an ITransport that is also an IPushProducer
+    client_host: str | None  # set by the factory that counts this client's connections
 
     def __init__(
         self, controller: DnsController, factory: DnsStreamFactory | None = None, clock=None
@@ -219,7 +224,7 @@ class DnsStreamProtocol(protocol.Protocol):
         self.open = True
         self.pending = 0
         self.paused = False
-        self._timer = None
+        self._timer: Any = None  # the IDelayedCall of the connection's one timer, while it runs
         self._timer_kind = ""
 
     def connectionMade(self) -> None:
