@@ -420,8 +420,9 @@ class Services(service.MultiService):
         dns = self.dns
         if dns is None:
             def start_child() -> None:
-                self.dns_process = start_dns_process(self.reactor, self.config, self.upstreams, self.dns_stats,
-                                                     self.health, self.tls_bypass)
+                self.dns_process = start_dns_process(
+                    self.reactor, self.config, self.upstreams, self.dns_stats, self.health, self.tls_bypass
+                )
                 self.ready = self.dns_process.readiness
 
             def stop_child() -> None:
@@ -539,7 +540,9 @@ def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, healt
         address6=config.mirror.address6, capture=list(config.capture), skip=list(config.skip),
         log_format=config.log.format, log_level=config.log.level,
         # the parent's word is stale after the probe could have declared the mirror down, and then some
-        stale_after=max(3 * health_cfg.interval, health_cfg.interval * health_cfg.failures + health_cfg.timeout) + 1,
+        stale_after=max(
+            3 * health_cfg.interval, health_cfg.interval * health_cfg.failures + health_cfg.timeout
+        ) + 1,
     )
     process = DnsProcess(reactor, settings, sockets, stats, health, tls_bypass, health_cfg.interval)
     # the DNS process forgets its captured answers for a bypassed registry when told of the bypass

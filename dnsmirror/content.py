@@ -333,7 +333,7 @@ class ContentChain:
             return Access.ALLOWED
         return Access.UNREACHABLE
 
-    def _fill_finished(self, result, target: Target, slot: _Slot, fill: Fill):
+    def _fill_finished(self, result: object, target: Target, slot: _Slot, fill: Fill) -> None:
         if self.slots.get(target.digest) is slot:
             del self.slots[target.digest]
         if isinstance(result, Failure):
