@@ -12,8 +12,6 @@ from collections.abc import Iterator
 
 import pytest
 from fakes import MemoryStore, MemoryUpstream
-from test_resolver import start_dns
-from test_upstream import pki
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -21,6 +19,7 @@ from twisted.trial.unittest import TestCase
 from twisted.web import resource, server
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
+from upstream_support import pki, start_dns
 
 from dnsmirror.contracts import BlobStore, Upstream
 from dnsmirror.resolver import AddressPolicy, UpstreamResolver

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from test_resolver import start_dns
-from test_upstream import LocalServers, pki
+from test_upstream import LocalServers
 from twisted.internet import defer, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
+from upstream_support import pki, start_dns
 
 from dnsmirror.egress import EgressProxy, TunnelEndpoint
 from dnsmirror.resolver import AddressPolicy, UpstreamResolver

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import ipaddress
 
-from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, A, DNSRecord
 from twisted.internet import defer, reactor, task
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.protocol import DatagramProtocol
 from twisted.names import dns
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from upstream_support import LocalDnsResponder, start_dns
 
 from dnsmirror.config import HostPort
 from dnsmirror.resolver import (
@@ -25,55 +24,6 @@ from dnsmirror.resolver import (
     internal_reason,
     normalize_name,
 )
-
-# --- a loopback DNS responder the tests control --------------------------------------------------------
-
-
-class LocalDnsResponder(DatagramProtocol):
-    """Authoritative answers from a dict: ``records[name] = [("A", "1.2.3.4"), ("CNAME", "x.test"), ...]``.
-
-    Unknown names get NXDOMAIN; names in ``silent`` get no answer; names in ``servfail`` get SERVFAIL.
-    ``queries`` records every (name, type) asked.
-    """
-
-    def __init__(self, records: dict[str, list[tuple[str, str]]], ttl: int = 60) -> None:
-        self.records = records
-        self.ttl = ttl
-        self.silent: set[str] = set()
-        self.servfail: set[str] = set()
-        self.queries: list[tuple[str, str]] = []
-
-    def datagramReceived(self, data: bytes, addr) -> None:
-        request = DNSRecord.parse(data)
-        name = str(request.q.qname).rstrip(".").lower()
-        qtype = QTYPE[request.q.qtype]
-        self.queries.append((name, qtype))
-        if name in self.silent:
-            return
-        reply = request.reply()
-        if name in self.servfail:
-            reply.header.rcode = RCODE.SERVFAIL
-        elif name not in self.records:
-            reply.header.rcode = RCODE.NXDOMAIN
-        else:
-            for kind, value in self.records[name]:
-                if kind == "CNAME":
-                    reply.add_answer(RR(name, QTYPE.CNAME, rdata=CNAME(value), ttl=self.ttl))
-                elif kind == qtype:
-                    rdata = A(value) if kind == "A" else AAAA(value)
-                    reply.add_answer(RR(name, getattr(QTYPE, kind), rdata=rdata, ttl=self.ttl))
-        self.transport.write(reply.pack(), addr)
-
-
-def start_dns(
-    test: TestCase, records: dict[str, list[tuple[str, str]]], ttl: int = 60
-) -> tuple[LocalDnsResponder, HostPort]:
-    """Listen on a free loopback UDP port for the duration of ``test``."""
-    responder = LocalDnsResponder(records, ttl)
-    port = reactor.listenUDP(0, responder, interface="127.0.0.1")
-    test.addCleanup(port.stopListening)
-    return responder, HostPort("127.0.0.1", port.getHost().port)
-
 
 # --- pure parts ---------------------------------------------------------------------------------------
 

@@ -7,19 +7,11 @@ every connection goes name -> configured resolver -> address -> verified TLS, as
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-from functools import cache
 from io import BytesIO
-from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-from test_resolver import start_dns
-from twisted.internet import defer, reactor, ssl, task
+from twisted.internet import defer, reactor, task
 from twisted.internet.interfaces import IConsumer, IPushProducer
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -27,6 +19,7 @@ from twisted.web import resource, server
 from twisted.web.client import FileBodyProducer
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
+from upstream_support import pki, start_dns
 from zope.interface import implementer
 
 from dnsmirror import config, failures
@@ -156,65 +149,6 @@ class ConfigTests(SynchronousTestCase):
         with self.assertRaises(ConfigError) as caught:
             UpstreamClient.from_config(parsed, reactor)
         self.assertEqual(caught.exception.problems[0][0], "upstream.ca_bundle")
-
-
-# --- a test PKI -----------------------------------------------------------------------------------------
-
-
-class _Pki:
-    def __init__(self, directory: Path) -> None:
-        now = datetime.datetime.now(datetime.UTC)
-        self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dnsmirror test public CA")])
-        self.ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
-            .sign(self.ca_key, hashes.SHA256())
-        )
-        self.ca_path = directory / "ca.pem"
-        self.ca_path.write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
-        self.servers: dict[str, ssl.CertificateOptions] = {}
-
-    def server_options(self, host: str) -> ssl.CertificateOptions:
-        if host not in self.servers:
-            now = datetime.datetime.now(datetime.UTC)
-            key = ec.generate_private_key(ec.SECP256R1())
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-                .issuer_name(self.ca_cert.subject)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(hours=1))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-                .sign(self.ca_key, hashes.SHA256())
-            )
-            pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-            self.servers[host] = ssl.PrivateCertificate.loadPEM(pem).options()
-        return self.servers[host]
-
-
-@cache
-def pki() -> _Pki:
-    import atexit
-    import shutil
-    import tempfile
-
-    # one CA per test process, removed when the process ends
-    directory = Path(tempfile.mkdtemp(prefix="dnsmirror-upstream-pki-"))
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    return _Pki(directory)
 
 
 # --- local HTTPS servers ------------------------------------------------------------------------------------
