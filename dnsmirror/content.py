@@ -285,8 +285,9 @@ class ContentChain:
         shared by every request of the same credential for the same digest and repository meanwhile (a
         pull's parallel reads, a client's retries)."""
         now = self.reactor.seconds()
-        credential, host, repository = _owner(target)
-        if self.grants.is_fresh(credential, host, repository, target.digest, now):
+        if self.grants.is_fresh(
+            target.credential, target.upstream_host, target.repository, target.digest, now
+        ):
             return Access.ALLOWED
         key = (target.credential, target.upstream_host, target.repository, target.digest, target.is_manifest)
         check = self.checks.get(key)
@@ -314,18 +315,20 @@ class ContentChain:
         except UPSTREAM_FAILURES as exc:
             return self._offline(target, now, str(exc))
         access = access_from_answer(response.code)
-        credential, host, repository = _owner(target)
         if access is Access.ALLOWED:
-            self.grants.grant(credential, host, repository, [target.digest], now)
+            self.grants.grant(
+                target.credential, target.upstream_host, target.repository, [target.digest], now
+            )
         elif access is Access.DENIED:
-            self.grants.revoke(credential, host, repository, target.digest)
+            self.grants.revoke(target.credential, target.upstream_host, target.repository, target.digest)
         else:
             return self._offline(target, now, f"upstream answered {response.code}")
         return access
 
     def _offline(self, target: Target, now: float, reason: str) -> Access:
-        credential, host, repository = _owner(target)
-        if self.grants.allows_offline(credential, host, repository, target.digest, now):
+        if self.grants.allows_offline(
+            target.credential, target.upstream_host, target.repository, target.digest, now
+        ):
             self.stats.offline_served += 1
             log.warning("upstream unreachable; serving cached content to a recently granted credential",
                         extra=fields(event="offline_serve", host=target.upstream_host,

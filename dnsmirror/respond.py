@@ -137,7 +137,6 @@ def send_manifest(request: Request, digest: str, media_type: str, body: bytes, *
 # --- reads by digest --------------------------------------------------------------------------------------
 
 
-
 def set_headers(request: StreamingRequest, target: Target, content_type: str | None) -> None:
     """The headers of an answer by digest."""
     request.setHeader(b"docker-content-digest", target.digest.encode())

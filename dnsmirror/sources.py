@@ -16,7 +16,7 @@ from twisted.internet import defer
 
 from dnsmirror import failures, oci
 from dnsmirror.contracts import BlobWriter
-from dnsmirror.contracts import Source as Source  # where the chain's sources are declared
+from dnsmirror.contracts import Source as Source  # declared in contracts.py; still importable from here
 from dnsmirror.logs import fields
 from dnsmirror.outcomes import (
     Failed,
