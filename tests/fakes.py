@@ -1,4 +1,6 @@
-"""In-memory stand-ins shared by the in-process tests: one request, one channel, disks, an upstream.
+"""In-memory stand-ins shared by the in-process tests: one request, one channel, disks, an upstream, and
+one fake per contract of dnsmirror/contracts.py: MemoryUpstream and MemoryAnswer, MemoryStore and
+MemoryWriter (held to the real implementations by tests/test_contracts.py), and ScriptedSource.
 
 Test modules take their fakes from here, never from one another.
 """
@@ -383,6 +385,17 @@ class OneBlobUpstream:
 
     def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
         return defer.succeed(BlobResponse(self.body))
+
+
+class ScriptedSource:
+    """The fake of contracts.Source: answers ``outcome`` and records in ``asked`` that it was asked."""
+
+    def __init__(self, name: str, outcome, asked: list[str]) -> None:
+        self.name, self.outcome, self.asked = name, outcome, asked
+
+    async def resolve(self, request, target):
+        self.asked.append(self.name)
+        return self.outcome
 
 
 # --- the disk -----------------------------------------------------------------------------------------

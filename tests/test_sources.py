@@ -14,6 +14,7 @@ from fakes import (
     MemoryStore,
     MemoryUpstream,
     OneBlobUpstream,
+    ScriptedSource,
     registry_target,
 )
 from hypothesis import given
@@ -60,17 +61,6 @@ class RecordingPassThrough:
         self.forwarded.append(target)
         request.setResponseCode(403)
         request.finish()
-
-
-class ScriptedSource:
-    """A source that answers ``outcome`` and records that it was asked."""
-
-    def __init__(self, name: str, outcome, asked: list[str]) -> None:
-        self.name, self.outcome, self.asked = name, outcome, asked
-
-    async def resolve(self, request, target):
-        self.asked.append(self.name)
-        return self.outcome
 
 
 @pytest.fixture
