@@ -259,12 +259,14 @@ class MemoryAnswer:
         method: str = "GET",
         url: str = "https://registry.example/",
         chunk: int | None = None,
+        cut: int | None = None,
     ) -> None:
         self.code = code
         self.body = body if method != "HEAD" else b""
         self.method = method
         self.url = url
         self.chunk = chunk or max(1, len(body))
+        self.cut = cut  # the body breaks off after this many bytes (its connection lost)
         self.headers = Headers({name: list(values) for name, values in (headers or {}).items()})
         self.length: int | None = len(body)
         if method != "HEAD" and code not in (204, 304):
@@ -291,15 +293,20 @@ class MemoryAnswer:
         transport, protocol = self._transport, self._protocol
         if protocol is None or transport is None:
             return
-        while not transport.paused and not transport.stopped and self._sent < len(self.body):
-            piece = self.body[self._sent:self._sent + self.chunk]
+        end = len(self.body) if self.cut is None else min(self.cut, len(self.body))
+        while not transport.paused and not transport.stopped and self._sent < end:
+            piece = self.body[self._sent:min(end, self._sent + self.chunk)]
             self._sent += len(piece)
             protocol.dataReceived(piece)
-        if transport.stopped or self._sent >= len(self.body):
+        if transport.stopped or self._sent >= end:
             self._protocol = None
-            done = ResponseDone() if self._sent >= len(self.body) else UpstreamUnavailable(
-                f"{self.description}: body cut after {self._sent} bytes: stopped")
+            done = ResponseDone() if self._sent >= len(self.body) else self._cut_error()
             protocol.connectionLost(Failure(done))
+
+    def _cut_error(self) -> UpstreamUnavailable:
+        return UpstreamUnavailable(
+            f"{self.description}: body cut after {self._sent} of {len(self.body)} bytes: connection lost"
+        )
 
     def stream_to(self, consumer) -> defer.Deferred:
         done: defer.Deferred = defer.Deferred()
@@ -331,6 +338,9 @@ class MemoryAnswer:
             too_large = BodyTooLarge(f"{self.description}: body of {self.length} bytes exceeds {limit}")
             return defer.fail(too_large)
         self._consumed_check()
+        if self.cut is not None and self.cut < len(self.body):
+            self._sent = self.cut
+            return defer.fail(self._cut_error())
         return defer.succeed(self.body)
 
     def discard(self, limit: int = 0) -> defer.Deferred:
@@ -362,6 +372,7 @@ class MemoryUpstream:
 
     def __init__(self, routes: dict[str, tuple[int, bytes, dict[bytes, list[bytes]]]] | None = None) -> None:
         self.routes = dict(routes or {})
+        self.cuts: dict[str, int] = {}  # URL -> bytes of its body sent before the connection is lost
         self.received: list[tuple[str, str, Headers]] = []
 
     def request(self, method, url, headers=None, body_producer=None, *, follow_redirects=False):
@@ -374,7 +385,9 @@ class MemoryUpstream:
             return defer.fail(UpstreamUnavailable(f"cannot connect to {host}: no such host"))
         self.received.append((method.upper(), url, end_to_end_headers(headers, drop=AGENT_MANAGED)))
         code, body, answer_headers = self.routes.get(url.split("?")[0], (404, b"not found", {}))
-        return defer.succeed(MemoryAnswer(code, body, answer_headers, method=method.upper(), url=url))
+        cut = self.cuts.get(url.split("?")[0])
+        answer = MemoryAnswer(code, body, answer_headers, method=method.upper(), url=url, cut=cut)
+        return defer.succeed(answer)
 
 
 class OneBlobUpstream:

@@ -215,8 +215,10 @@ def test_a_name_that_is_not_a_digest_is_refused(subject):
 
 REGISTRY = "registry.test"
 BLOB = b"0123456789" * 30
+CUT = 100  # the bytes of BLOB "/v2/team/app/blobs/cut" sends before its connection closes
 ROUTES: dict[str, tuple[int, bytes, dict[bytes, list[bytes]]]] = {
     "/v2/team/app/blobs/ok": (200, BLOB, {b"content-type": [b"application/octet-stream"]}),
+    "/v2/team/app/blobs/cut": (200, BLOB, {b"content-type": [b"application/octet-stream"]}),
     "/v2/team/app/blobs/private": (
         401,
         b'{"errors":[{"code":"UNAUTHORIZED"}]}',
@@ -240,10 +242,16 @@ class _Site(resource.Resource):
     def render(self, request):
         path = request.uri.decode()
         self.received.append((request.method.decode(), path, request.requestHeaders.copy()))
-        code, body, headers = ROUTES.get(path.split("?")[0], (404, b"not found", {}))
+        route = path.split("?")[0]
+        code, body, headers = ROUTES.get(route, (404, b"not found", {}))
         request.setResponseCode(code)
         for name, values in headers.items():
             request.responseHeaders.setRawHeaders(name, values)
+        if route.endswith("/cut"):
+            request.setHeader(b"content-length", str(len(body)).encode())
+            request.write(body[:CUT])
+            request.channel.loseConnection()  # the rest never comes
+            return server.NOT_DONE_YET
         return body
 
 
@@ -317,6 +325,20 @@ class UpstreamContract:
         self.assertEqual(b"".join(body.chunks), BLOB)
         for call in ("pauseProducing", "resumeProducing", "stopProducing"):
             self.assertTrue(callable(getattr(body.transport, call)))
+
+    @defer.inlineCallbacks
+    def test_a_body_cut_short_ends_in_a_failure_and_reads_of_it_fail_as_upstream_failures(self):
+        answer = yield self.client.request("GET", self.url("/v2/team/app/blobs/cut"))
+        self.assertEqual((answer.code, answer.length), (200, len(BLOB)))
+        body = _Collect()
+        answer.deliver_body(body)
+        [reason] = yield body.ended
+        self.assertFalse(reason.check(ResponseDone))
+        self.assertEqual(b"".join(body.chunks), BLOB[:CUT])
+        for read in (lambda again: again.read_body(4096), lambda again: again.stream_to(_Consumer())):
+            again = yield self.client.request("GET", self.url("/v2/team/app/blobs/cut"))
+            failure = yield self.assertFailure(read(again), *UPSTREAM_FAILURES)
+            self.assertIn(f"body cut after {CUT} of {len(BLOB)} bytes", str(failure))
 
     @defer.inlineCallbacks
     def test_a_body_streams_into_a_consumer_registered_as_its_producer(self):
@@ -395,6 +417,7 @@ class FakeUpstreamTests(UpstreamContract, TestCase):
     def setUp(self) -> None:
         self.url_base = f"https://{REGISTRY}"
         self.fake = MemoryUpstream({self.url_base + path: answer for path, answer in ROUTES.items()})
+        self.fake.cuts[self.url_base + "/v2/team/app/blobs/cut"] = CUT
         self.client = self.fake
 
     def received(self) -> list[tuple[str, str, Headers]]:
