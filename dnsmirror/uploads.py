@@ -155,7 +155,8 @@ class RequestLine:
 
 
 class StreamingRequest(server.Request):
-    """A twisted.web request whose body may be streamed to an exchange started at header time.
+    """dnsmirror's request type: a twisted.web request whose body may be streamed to an exchange started
+    at header time, and the one place that declares every field dnsmirror keeps on a request.
 
     The site's resource decides: ``resource.start_streaming(request, pipe)`` returns a Deferred of
     the upstream response (kept as :attr:`early_response`) or ``None`` to receive the body as usual.
