@@ -210,7 +210,7 @@ class PeerSource:
             return NotHere("access unconfirmed")  # upstream is asked next, and says why
         found = await self.peers.fetch(target.digest)
         if found is None:
-            if self.swarm is not None and not target.is_manifest:
+            if self.swarm is not None:
                 return await self._coordinated(request, target)
             return NotHere("no peer has it")
         peer, response = found
@@ -274,6 +274,11 @@ class PeerSource:
         chain = self.chain
         swarm = cast("SwarmDriver", self.swarm)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
+        if target.is_manifest and response.length > oci.MANIFEST_MAX_SIZE:
+            await response.discard(0)
+            swarm.abandon(target.digest)
+            self.peers.failed(holder, target.digest, f"manifest of {response.length} bytes")
+            return NotHere("oversized manifest")
         try:
             writer = await chain.disk.run(chain.store.writer, target.digest,
                                           content_type=content_type.decode("latin-1"),

@@ -21,8 +21,9 @@ import socket
 import tempfile
 from pathlib import Path
 
-from fakes import FakeRequest, registry_target
+from fakes import FakeRequest, ManualDisk, registry_target
 from twisted.internet import defer, reactor, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError, ConnectionLost
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
@@ -30,12 +31,23 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import server
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
 
 from dnsmirror import swarm
 from dnsmirror.authz import Grants
 from dnsmirror.config import HostPort
 from dnsmirror.content import ContentChain
-from dnsmirror.peers import Holders, PeerClient, PeerRequest, PeerResource, PeerSet, PeerStats, UploadSlots
+from dnsmirror.peers import (
+    AUTH_HEADER,
+    Holders,
+    PeerClient,
+    PeerRequest,
+    PeerResource,
+    PeerSet,
+    PeerStats,
+    UploadSlots,
+    sign,
+)
 from dnsmirror.store import Store
 from dnsmirror.streaming import DiskIO
 from dnsmirror.swarm_node import SwarmDriver, decode_message, encode_message
@@ -461,3 +473,66 @@ class MessageTests(SynchronousTestCase):
                      "outcome": "token"}):
             with self.assertRaises(ValueError):
                 decode_message(bad)
+
+
+class ListenerRequest(DummyRequest):
+    """A request on the peer listener from 10.0.0.7, with a push-producer-friendly registerProducer."""
+
+    def __init__(self, path: bytes, headers: dict[bytes, bytes]) -> None:
+        super().__init__(path.lstrip(b"/").split(b"/"))
+        self.method = b"GET"
+        self.path = self.uri = path
+        self.client = IPv4Address("TCP", "10.0.0.7", 40000)
+        for name, value in headers.items():
+            self.requestHeaders.setRawHeaders(name, [value])
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+class ListenerTests(SynchronousTestCase):
+    def test_the_listener_sends_at_most_max_uploads_streams_of_a_blob_and_resumes_from_a_byte(self):
+        data = os.urandom(200_000)
+        digest = sha(data)
+        now = 1_800_000_000.0
+        root = Path(tempfile.mkdtemp(prefix="dnsmirror-listener-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        with Store.open(root, 10 * 2**20) as store:
+            with store.writer(digest) as writer:
+                writer.write(data)
+                writer.commit()
+            disk = ManualDisk(store)
+            stats = PeerStats()
+            resource = PeerResource(disk.reactor, disk, SECRET, Holders(), stats, 5001,
+                                    wall_clock=lambda: now, uploads=UploadSlots(stats, 2))
+            started = []
+            resource.uploads.on_start = lambda d, receiver: started.append(receiver)
+            path = f"/peer/v1/blobs/{digest}".encode()
+
+            def get(extra: dict[bytes, bytes] | None = None) -> ListenerRequest:
+                signed = {AUTH_HEADER: sign(SECRET, "GET", digest, now)}
+                request = ListenerRequest(path, {**signed, **(extra or {})})
+                assert resource.render(request) == server.NOT_DONE_YET
+                disk.step("open_blob")
+                if "verify_reader" in [getattr(f, "__name__", "") for f, *_ in disk.queue]:
+                    disk.step("verify_reader")
+                return request
+
+            streaming = [get(), get()]  # both hold a slot: their reads are still queued
+            refused = get()
+            assert refused.responseCode == 503 and refused.finished
+            assert stats.uploads_refused == 1 and stats.uploads_per_blob_max == 2
+            assert resource.uploads.busiest == 2 and started == [HostPort("10.0.0.7", 5001)] * 2
+            disk.drain()
+            assert all(b"".join(r.written) == data and r.finished for r in streaming)
+            assert resource.uploads.total == 0
+
+            ranged = get({b"range": b"bytes=150000-"})
+            disk.drain()
+            assert ranged.responseCode == 206 and b"".join(ranged.written) == data[150_000:]
+            assert ranged.responseHeaders.getRawHeaders(b"content-range") == [
+                f"bytes 150000-{len(data) - 1}/{len(data)}".encode()]
+            assert stats.uploads_per_blob_max == 2
