@@ -400,28 +400,32 @@ class BurstTests(TestCase):
         assert first.peer_stats.served == served_before
         assert len(registry.gets(ranged=False)) == 1
 
-    @defer.inlineCallbacks
-    def test_bytes_from_a_lying_holder_are_never_served_as_a_success(self):
-        cluster_registry = Registry(b"")
-        cluster = Cluster(self, cluster_registry, 3)
-        liar, coordinator, asker = None, None, None
-        # a blob whose coordinator is neither the liar nor the asker, and that the asker's lookup (its first
-        # peer) does not find at the liar: only coordination can send the asker there
-        for _ in range(1000):
-            data = os.urandom(500_000)
-            digest = sha(data)
+    async def one_holder(self, registry: Registry, size: int) -> tuple[Node, Node, Node]:
+        """Three nodes and a blob that only ``holder`` has (pulled, complete, known to the coordinator),
+        which ``asker``'s lookup cannot find: only coordination can send the asker to it."""
+        cluster = Cluster(self, registry, 3)
+        while True:  # the coordinator is neither of them; the asker's first lookup peer is not the holder
+            registry.data = os.urandom(size)
+            digest = sha(registry.data)
             coordinator = cluster.coordinator(digest)
-            liar, asker = [n for n in cluster.nodes if n is not coordinator]
-            if swarm.Membership([liar.address, coordinator.address]).order(digest)[0] == coordinator.address:
+            holder, asker = [n for n in cluster.nodes if n is not coordinator]
+            lookup = swarm.Membership([holder.address, coordinator.address]).order(digest)[0]
+            if lookup == coordinator.address:
                 break
-        cluster_registry.data = data
-        request, served = liar.fetch(digest)
-        yield served
-        assert received(request, data)
-        assert (yield defer.ensureDeferred(wait_for(
-            lambda: any(h.complete for h in coordinator.driver.node.coordinated[digest].holders.values()))))
+        request, served = holder.fetch(digest)
+        await served
+        assert received(request, registry.data)
+        assert await wait_for(
+            lambda: any(h.complete for h in coordinator.driver.node.coordinated[digest].holders.values()))
         for node in cluster.nodes:
             node.holders = node.client.holders = node.resource.holders = Holders()  # no announcement helps
+        return holder, coordinator, asker
+
+    @defer.inlineCallbacks
+    def test_bytes_from_a_lying_holder_are_never_served_as_a_success(self):
+        registry = Registry(b"")
+        liar, coordinator, asker = yield defer.ensureDeferred(self.one_holder(registry, 500_000))
+        data, digest = registry.data, sha(registry.data)
 
         async def lie(request, digest):
             request.setHeader(b"content-length", str(len(data)).encode())
@@ -441,15 +445,40 @@ class BurstTests(TestCase):
         assert liar.address not in coordinator.driver.node.coordinated[digest].holders
 
     @defer.inlineCallbacks
-    def test_with_peers_down_or_speaking_the_old_protocol_upstream_serves_as_without_peers(self):
-        data = os.urandom(400_000)
-        registry = Registry(data)
-        # node1 runs the old peer protocol (no coordination endpoint); node2 is down
-        cluster = Cluster(self, registry, 3, old=frozenset({1}), listening=frozenset({0, 1}))
-        request, served = cluster.nodes[0].fetch(sha(data))
+    def test_a_holder_that_stalls_costs_a_short_timeout_then_the_rest_comes_from_upstream(self):
+        registry = Registry(b"")
+        staller, coordinator, asker = yield defer.ensureDeferred(self.one_holder(registry, 500_000))
+        data, digest = registry.data, sha(registry.data)
+
+        async def stall(request, digest):
+            request.setHeader(b"content-length", str(len(data)).encode())
+            request.write(data[:100_000])  # and nothing more, the connection left open
+
+        staller.resource._send = stall
+        started = reactor.seconds()
+        request, served = asker.fetch(digest)
         yield served
         assert received(request, data)
+        assert reactor.seconds() - started < swarm.SwarmSettings().stall_timeout + 3
+        assert registry.gets(ranged=True) == [(asker.name, "GET", b"bytes=100000-")]
+        assert staller.address not in coordinator.driver.node.coordinated[digest].holders
+
+    @defer.inlineCallbacks
+    def test_with_peers_down_or_speaking_the_old_protocol_upstream_serves_as_without_peers(self):
+        registry = Registry(b"")
+        # node1 runs the old peer protocol (no coordination endpoint); node2 is down
+        cluster = Cluster(self, registry, 3, old=frozenset({1}), listening=frozenset({0, 1}))
+        node = cluster.nodes[0]
+        while True:  # a blob whose first two coordinators are those two: both are skipped
+            registry.data = os.urandom(400_000)
+            if cluster.coordinator(sha(registry.data)) is not node and swarm.Membership(
+                    n.address for n in cluster.nodes).order(sha(registry.data))[-1] == node.address:
+                break
+        request, served = node.fetch(sha(registry.data))
+        yield served
+        assert received(request, registry.data)
         assert len(registry.gets(ranged=False)) == 1
+        assert node.driver.stats.messages_failed == 2 and node.driver.stats.leases == 1
 
 
 class MessageTests(SynchronousTestCase):
