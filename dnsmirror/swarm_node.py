@@ -119,6 +119,7 @@ class SwarmStats:
     offers: int = 0            # askers this node sent to a holder as coordinator
     waits: int = 0             # askers this node told to ask again (every holder busy)
     upstream_fetches: int = 0  # coordinated pulls fetched from upstream here (lease, fallback or the rest)
+    leases_taken: int = 0      # of those, under a fill lease (this node was the one sent upstream)
     peer_fetches: int = 0      # transfers from a holder this node started
     fallbacks: int = 0         # holders that died, stalled, lied or refused: the next source was asked
     messages_failed: int = 0   # coordination messages that could not be delivered
@@ -412,6 +413,13 @@ class SwarmDriver:
             return
         if isinstance(action, swarm.FetchUpstream):
             self.stats.upstream_fetches += 1
+            pull = self.node.pulls.get(action.digest)
+            lease = pull is not None and pull.lease
+            self.stats.leases_taken += lease
+            log.info("fetching from upstream from byte %d (%s)", action.offset,
+                     "the fill lease" if lease else "no holder could send it",
+                     extra=log_fields(event="swarm_upstream", digest=action.digest, offset=action.offset,
+                                      lease=lease))
         if session.transfer is not None:
             session.transfer.continue_from(action)
         elif session.fill is None:

@@ -340,6 +340,7 @@ class BurstTests(TestCase):
         assert max(uploads) <= 2, uploads
         assert sum(1 for count in uploads if count > 0) >= 2, uploads
         assert sum(node.driver.stats.leases for node in cluster.nodes) == 1
+        assert sum(node.driver.stats.leases_taken for node in cluster.nodes) == 1
         cached = defer.ensureDeferred(wait_for(lambda: all(sha(data) in n.store for n in cluster.nodes)))
         assert (yield cached)
 
