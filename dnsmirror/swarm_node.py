@@ -68,6 +68,15 @@ MAINTENANCE_INTERVAL = 1.0  # s: throttled transfers reported alive; idle coordi
 FORGET_EVERY = 30  # maintenance rounds between two calls of SwarmNode.forget_idle
 
 
+def node_settings(max_uploads: int) -> swarm.SwarmSettings:
+    """The decisions' limits on a real network (the simulation keeps :class:`~dnsmirror.swarm.SwarmSettings`'
+    defaults): in a burst a node's cores are busy unpacking and hashing, and an answer a little late must
+    not make the asker skip its coordinator (whose replacement, knowing nothing yet, may lease a second
+    fill). A coordinator that is gone refuses the connection, which is skipped at once anyway."""
+    return swarm.SwarmSettings(max_uploads=max_uploads, ask_timeout=1.0, heartbeat=1.5, stall_timeout=5.0,
+                               patience=30.0)
+
+
 def encode_message(message: swarm.Message) -> dict[str, Any]:
     """A message as a JSON object: its type and fields (addresses as ``host:port``, outcomes by value)."""
     encoded: dict[str, Any] = {"type": type(message).__name__}
