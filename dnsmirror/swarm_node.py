@@ -32,6 +32,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
@@ -80,7 +81,7 @@ def node_settings(max_uploads: int) -> swarm.SwarmSettings:
 def encode_message(message: swarm.Message) -> dict[str, Any]:
     """A message as a JSON object: its type and fields (addresses as ``host:port``, outcomes by value)."""
     encoded: dict[str, Any] = {"type": type(message).__name__}
-    for f in fields(message):  # type: ignore[arg-type]
+    for f in fields(message):
         value = getattr(message, f.name)
         encoded[f.name] = str(value) if isinstance(value, HostPort) else (
             value.value if isinstance(value, swarm.Outcome) else value)
@@ -492,9 +493,9 @@ class SwarmDriver:
             self._refresh_membership()
         for session in list(self.sessions.values()):
             fill = session.fill
-            # a transfer paused because the local client reads slowly is not a stalled holder
-            paused = fill is not None and fill.upstream_paused and not fill.finished
-            if session.transfer is not None and paused:
+            if session.transfer is None or fill is None or fill.finished:
+                continue
+            if fill.upstream_paused:  # paused for a slow local client: not a stalled holder
                 self._handle(swarm.BytesReceived(session.digest, fill.received))
 
     # --- building transfers -------------------------------------------------------------------------------
@@ -606,7 +607,7 @@ class _Transfer:
         self.driver._handle(swarm.SourceFailed(self.digest, fill.received, swarm.Outcome.DIED))
 
 
-class _Part:
+class _Part(Protocol):
     """The body protocol of one source of a :class:`_Transfer`."""
 
     def __init__(self, transfer: _Transfer, generation: int) -> None:
@@ -619,5 +620,5 @@ class _Part:
     def dataReceived(self, data: bytes) -> None:
         self.transfer.part_data(self.generation, data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.transfer.part_lost(self.generation, reason)
