@@ -42,6 +42,7 @@ from dnsmirror.respond import Responder, unavailable
 from dnsmirror.sources import CacheSource, ContainerdSource, PeerSource, UpstreamSource, wants_range
 from dnsmirror.store import ContainerdContentSource, DigestMismatch, StoreFull, Writer
 from dnsmirror.streaming import DiskIO, Fill
+from dnsmirror.swarm_node import SwarmDriver
 from dnsmirror.target import Target
 from dnsmirror.uploads import StreamingRequest
 from dnsmirror.upstream import UPSTREAM_FAILURES
@@ -114,6 +115,7 @@ class ContentChain:
         stats: ContentStats | None = None,
         containerd: ContainerdContentSource | None = None,
         peers: PeerClient | None = None,
+        swarm: SwarmDriver | None = None,
     ) -> None:
         if disk.store is None:
             raise ValueError("the content chain needs a cache store")
@@ -131,7 +133,7 @@ class ContentChain:
         self.peers = peers
         self.cache = CacheSource(self)
         self.containerd = ContainerdSource(self, containerd) if containerd is not None else None
-        self.peer_source = PeerSource(self, peers) if peers is not None else None
+        self.peer_source = PeerSource(self, peers, swarm) if peers is not None else None
         self.upstream_source = UpstreamSource(self)
         # tried in order while no fill of the digest runs; the filling ones under one single-flight slot
         self.local_sources: list[Source] = [self.cache]
