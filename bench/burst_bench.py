@@ -2,7 +2,9 @@
 
 Everything runs in network namespaces this script creates (the end-to-end harness of ``tests/``):
 Debian's docker-registry with TLS (the upstream of ``123456789012.dkr.ecr.us-east-1.amazonaws.com``) whose
-egress is limited by tc (a token bucket on the registry's side only: node-to-node traffic is not limited),
+egress is limited by tc (htb, one class per node sharing it fairly, as on a real link: an access check's
+short answer does not wait behind another node's blob; on the registry's side only: node-to-node traffic is
+not limited),
 and ``--nodes`` node namespaces, each with its own dnsmirror (``peers.static``: every node, one shared
 secret). Each run, in turns that rotate:
 
@@ -197,7 +199,8 @@ def report(args: argparse.Namespace, rows: dict[str, list[Run]], size: int, max_
         "",
         f"Command: `.venv/bin/python bench/burst_bench.py --nodes {args.nodes} --blob-mib {args.blob_mib} "
         f"--rate-mbit {args.rate_mbit} --runs {args.runs}` ({args.nodes} node namespaces each with its own "
-        f"dnsmirror, {caps}; the registry's egress limited by tc tbf to {args.rate_mbit} Mbit/s, "
+        f"dnsmirror, {caps}; the registry's egress limited by tc htb (a fair share per node) to "
+        f"{args.rate_mbit} Mbit/s, "
         f"node-to-node traffic unlimited; a new {size // MiB} MiB blob per way and run, curl over TLS, all "
         f"clients released at once; medians of {args.runs} runs, each way first in turn; nothing pinned).",
         f"Measured: {machine()}.",
@@ -245,7 +248,7 @@ def report(args: argparse.Namespace, rows: dict[str, list[Run]], size: int, max_
     lines += [
         "",
         f"Margin for times: +-{TIME_MARGIN:.0%} of the simulated figure. The simulation is a flow model: it "
-        "moves payload bytes at the link's rate, while tc's token bucket counts every byte on the wire "
+        "moves payload bytes at the link's rate, while tc's htb counts every byte on the wire "
         "(TCP/IP and TLS framing add about 4%); it leaves out TCP slow start and the time to start curl "
         "and open TLS connections (tens of ms each), and it gives each node its own 370 MB/s process budget, "
         f"where here {args.nodes} dnsmirror processes, the registry and {args.nodes} curls share two cores. "
@@ -295,7 +298,7 @@ def main() -> int:
         with Registry(registry_ns, ECR_HOST, ca, work / "registry") as registry, \
                 StaticDNS(registry_ns, {ECR_HOST: registry_ns.address}, work / "dns") as dns, \
                 burst_nodes(work, nodes, dns.address, ca, max_uploads) as mirrors:
-            registry_ns.limit_egress(f"{args.rate_mbit}mbit", burst="256kb")
+            registry_ns.limit_egress_fairly(args.rate_mbit, [node.address for node in nodes])
             rows = measure(registry, nodes, mirrors, ca, args.runs, size)
     body = report(args, rows, size, max_uploads, simulated(args, size, max_uploads))
     print(body)

@@ -3,8 +3,8 @@
 Five node namespaces, each with its own dnsmirror (``peers.static``: every node, one shared secret,
 ``peers.max_uploads: 2`` so that the cap matters among five) and its own containerd with no registry
 configuration; a sixth dnsmirror node (the outsider) that is a member but pulls nothing in the bursts.
-Debian's docker-registry requires a login (htpasswd) and sits behind a tc-limited link (a token bucket
-on the registry's side only: node-to-node traffic is not limited).
+Debian's docker-registry requires a login (htpasswd) and sits behind a tc-limited link (on the registry's
+side only, a fair share per node: node-to-node traffic is not limited).
 
 - All five nodes pull a new three-layer image (~20 MiB) through the CRI at the same instant: every pull
   succeeds, the registry's access log shows exactly one GET per blob, and no node's ``/metrics`` ever
@@ -54,10 +54,10 @@ PEER_PORT = 5001
 MAX_UPLOADS = 2
 MiB = 1 << 20
 # the registry's link: the whole image takes ~1.1 s to one node alone, ~5.6 s to five nodes each
-REGISTRY_RATE = "150mbit"
+REGISTRY_RATE = 150  # Mbit/s
 BIG_LAYERS = (12 * MiB, 8 * MiB)  # plus each platform's small gzip layer: three layers
 # the kill scenario's link is slower, so that the victim is caught mid-transfer
-KILL_RATE = "60mbit"
+KILL_RATE = 60
 KILL_LAYERS = (16 * MiB, 2 * MiB)
 # the metrics of concurrent uploads per blob (a gauge per digest) that the sampler watches
 UPLOADS_METRIC = "dnsmirror_peers_uploads"
@@ -116,6 +116,13 @@ def peer_overrides(node: Namespace, members: list[Namespace], secret: Path) -> d
     return {"peers": peers, "dns": {"ttl": 1}, "cache": {"max_size": "1GiB"}}
 
 
+def limit_registry(registry: Registry, clients: list[str], rate_mbit: float) -> None:
+    """The registry's link: ``rate_mbit`` shared fairly among the nodes (a short answer to one node does not
+    wait behind another node's blob, as on a real link)."""
+    registry.namespace.unlimit_egress()
+    registry.namespace.limit_egress_fairly(rate_mbit, clients)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     require_netns()
@@ -137,7 +144,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 Containerd(member, work / f"containerd-{member.role}", ssl_cert_file=mirror.trust_bundle())
             )
             nodes.append(Node(member, mirror, containerd))
-        upstream.registry.namespace.limit_egress(REGISTRY_RATE)
+        limit_registry(upstream.registry, [member.address for member in members], REGISTRY_RATE)
         yield World(cluster, upstream.ca, upstream.registry, upstream.pusher, plain, nodes,
                     Node(members[-1], mirrors[-1], None), work)
 
@@ -327,7 +334,8 @@ def registry_sending(world: World) -> dict[str, int]:
 
 
 def test_the_fill_holder_killed_mid_transfer_leaves_every_other_pull_succeeding(world: World) -> None:
-    world.registry.namespace.limit_egress(KILL_RATE)
+    clients = [node.namespace.address for node in world.nodes] + [world.outsider.namespace.address]
+    limit_registry(world.registry, clients, KILL_RATE)
     try:
         image = world.push("kill", KILL_LAYERS)
         amd64 = amd64_blobs(image)
@@ -361,7 +369,7 @@ def test_the_fill_holder_killed_mid_transfer_leaves_every_other_pull_succeeding(
         outcomes = burst(world.nodes, world.reference(image), started=started)
         killer.join(5)
     finally:
-        world.registry.namespace.limit_egress(REGISTRY_RATE)
+        limit_registry(world.registry, clients, REGISTRY_RATE)
     assert "node" in victim, "no node was seen filling from the registry"
     assert victim["sent"] < sum(layer.size for layer in amd64.layers), "killed after its fill was complete"
     survivors = [outcome for outcome in outcomes if outcome.node is not victim["node"]]
