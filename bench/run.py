@@ -21,7 +21,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "tls": ["tls_handshake.py", "--seconds", "5"],
     "mirror": ["mirror_bench.py"],
     "peers": ["peer_bench.py", "--runs", "5", "--blob-mib", "256"],
-    "burst": ["burst_bench.py", "--nodes", "5", "--blob-mib", "64", "--rate-mbit", "200", "--runs", "3"],
+    "burst": ["burst_bench.py", "--nodes", "5", "--blob-mib", "64", "--rate-mbit", "200", "--runs", "5"],
 }
 # generous upper bounds: a hung benchmark must not hang `make bench`
 TIMEOUT_SECONDS = {"dns": 900, "tls": 300, "mirror": 900, "peers": 600, "burst": 600}
