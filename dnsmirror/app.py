@@ -50,6 +50,7 @@ from dnsmirror.peers import (
     PeerSecretError,
     PeerSet,
     PeerStats,
+    UploadSlots,
     load_secret,
 )
 from dnsmirror.proxy import PassThrough
@@ -57,6 +58,8 @@ from dnsmirror.pulls import PullReporter
 from dnsmirror.resolver import AddressPolicy, UpstreamResolver
 from dnsmirror.store import ContainerdContentSource, Store, StoreError
 from dnsmirror.streaming import DiskIO
+from dnsmirror.swarm import SwarmSettings
+from dnsmirror.swarm_node import SwarmDriver, SwarmStats
 from dnsmirror.tags import TagMemory
 from dnsmirror.tls import CaWatcher, SniServer, TlsStats, prepare_signing
 from dnsmirror.uploads import StreamingRequest
@@ -141,6 +144,8 @@ class Services(service.MultiService):
         self.web_site = web_site  # the twisted.web Site/Resource behind HTTPS; None = 503 placeholder
         self.content_stats = ContentStats()
         self.peer_stats = PeerStats()
+        self.swarm_stats = SwarmStats()
+        self.upload_slots: UploadSlots | None = None
         listeners = tuple(
             name
             for name, used in (
@@ -200,8 +205,9 @@ class Services(service.MultiService):
         grants = Grants(cache.grant_ttl, cache.offline_grant_ttl)
         passthrough = PassThrough(self.reactor, upstream, disk, grants, TagMemory(), cache.stale_tags)
         containerd = ContainerdContentSource(cache.containerd_content) if cache.containerd_content else None
+        peer_client, swarm_driver = self._start_peers(store, disk)
         content = ContentChain(self.reactor, disk, upstream, grants, passthrough,
-                               self.content_stats, containerd, self._start_peers(store, disk))
+                               self.content_stats, containerd, peer_client, swarm_driver)
         pulls = PullReporter(self.reactor)
         self._run("pull reporter", pulls.start, pulls.stop)
         self.front = Front(store, upstream, passthrough, content, pulls)
@@ -217,12 +223,12 @@ class Services(service.MultiService):
         site.displayTracebacks = False
         return site
 
-    def _start_peers(self, store: Store, disk: DiskIO) -> PeerClient | None:
-        """The peer listener, membership and client, when peers are configured; raises
+    def _start_peers(self, store: Store, disk: DiskIO) -> tuple[PeerClient | None, SwarmDriver | None]:
+        """The peer listener, membership, client and burst coordination, when peers are configured; raises
         :class:`ListenError`."""
         peers = self.config.peers
         if not peers.enabled:
-            return None
+            return None, None
         try:
             secret = load_secret(peers.secret_file)  # type: ignore[arg-type]  # set whenever peers are enabled
         except PeerSecretError as exc:
@@ -244,6 +250,7 @@ class Services(service.MultiService):
         peer_set = PeerSet(self.reactor, peers.static, peers.dns_name, peers.listen.port, resolve,
                            peers.refresh)
         holders = Holders()
+        self.upload_slots = UploadSlots(self.peer_stats, peers.max_uploads)
         listener = PeerResource(
             self.reactor,
             disk,
@@ -254,6 +261,7 @@ class Services(service.MultiService):
             running_fill=lambda digest: (
                 self.front.content.running_fill(digest) if self.front is not None else None
             ),
+            uploads=self.upload_slots,
         )
         site = server.Site(listener, requestFactory=PeerRequest, timeout=HTTP_IDLE_TIMEOUT)
         # twisted.web declares Site.protocol as a function; any channel type is meant
@@ -268,6 +276,14 @@ class Services(service.MultiService):
         read_timeout = min(max(5 * peers.timeout, 5.0), self.config.upstream.read_timeout)
         peer_client = PeerClient(self.reactor, peer_set, holders, secret, peers.lookup, peers.timeout,
                                  read_timeout, self.peer_stats)
+        # this node's address as its peers list it: peers.listen, unless that is a wildcard
+        me = None if ipaddress.ip_address(peers.listen.host).is_unspecified else peers.listen
+        swarm_driver = SwarmDriver(self.reactor, me, peer_set, secret, SwarmSettings(max_uploads=peers.max_uploads),
+                                   peers.timeout, read_timeout, self.swarm_stats)
+        listener.on_message = swarm_driver.receive
+        self.upload_slots.on_start = swarm_driver.upload_started
+        self.upload_slots.on_end = swarm_driver.upload_ended
+        self._run("burst coordination", swarm_driver.start, swarm_driver.stop)
 
         def stop_announcing() -> None:
             peer_client.stop_announcing()
@@ -281,7 +297,7 @@ class Services(service.MultiService):
                 peers=str(peers.listen), static=[str(p) for p in peers.static], dns_name=peers.dns_name
             ),
         )
-        return peer_client
+        return peer_client, swarm_driver
 
     def _load_ca(self):
         """Load and check the CA files (raises :class:`~dnsmirror.ca.CaError`) and pre-generate the leaf
@@ -330,6 +346,7 @@ class Services(service.MultiService):
                 "tls": lambda: self.tls_stats,
                 "content": lambda: self.content_stats,
                 "peers": lambda: self.peer_stats,
+                "swarm": lambda: self.swarm_stats,
             },
             {
                 "cache_bytes": (
@@ -347,6 +364,15 @@ class Services(service.MultiService):
                 "tls_bypassed_registries": (
                     "Registries not captured now because their certificate failed verification",
                     lambda: self.tls_bypass.active,
+                ),
+                "peers_uploads": (
+                    "Blob streams this node sends to peers now",
+                    lambda: self.upload_slots.total if self.upload_slots is not None else 0,
+                ),
+                "peers_uploads_per_blob": (
+                    "The most concurrent streams of one blob this node sends to peers now (at most "
+                    "peers.max_uploads)",
+                    lambda: self.upload_slots.busiest if self.upload_slots is not None else 0,
                 ),
                 "dns_upstreams_down": (
                     "Upstream resolvers skipped now (timed out or refused; probed until they answer)",

@@ -139,6 +139,7 @@ class PeersConfig:
     timeout: float = 2.0
     refresh: float = 30.0
     resolvers: tuple[HostPort, ...] = ()
+    max_uploads: int = 4
 
     @property
     def enabled(self) -> bool:
@@ -546,6 +547,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
             "timeout": parse_duration,
             "refresh": parse_duration,
             "resolvers": _list_of(_upstream_server),
+            "max_uploads": _int_range(1, 64),
         },
     ),
     "metrics": (MetricsConfig, {"listen": _optional(host_port)}),

@@ -46,6 +46,7 @@ from dnsmirror.sources import (
 )
 from dnsmirror.store import ContainerdContentSource, DigestMismatch, StoreFull
 from dnsmirror.streaming import DiskIO, Fill
+from dnsmirror.swarm_node import SwarmDriver
 from dnsmirror.target import Target
 from dnsmirror.upstream import UPSTREAM_FAILURES, UpstreamClient
 
@@ -108,7 +109,7 @@ class ContentChain:
 
     def __init__(self, reactor, disk: DiskIO, upstream: UpstreamClient, grants: Grants, passthrough: PassThrough,
                  stats: ContentStats | None = None, containerd: ContainerdContentSource | None = None,
-                 peers: PeerClient | None = None) -> None:
+                 peers: PeerClient | None = None, swarm: SwarmDriver | None = None) -> None:
         self.reactor = reactor
         self.disk = disk
         self.store = disk.store
@@ -123,7 +124,7 @@ class ContentChain:
         self.peers = peers
         self.cache = CacheSource(self)
         self.containerd = ContainerdSource(self, containerd) if containerd is not None else None
-        self.peer_source = PeerSource(self, peers) if peers is not None else None
+        self.peer_source = PeerSource(self, peers, swarm) if peers is not None else None
         self.upstream_source = UpstreamSource(self)
         # tried in order while no fill of the digest runs; the filling ones under one single-flight slot
         self.local_sources: list[Source] = [self.cache] + ([self.containerd] if self.containerd else [])

@@ -53,11 +53,14 @@ log = logging.getLogger("dnsmirror.peers")
 BLOB_PATH = "/peer/v1/blobs/"
 HOLDER_PATH = "/peer/v1/holders/"
 BATCH_PATH = "/peer/v1/holders"  # POST: a newline-separated list of digests this node holds
+SWARM_PATH = "/peer/v1/swarm"  # POST: one burst-coordination message (dnsmirror.swarm_node)
 AUTH_HEADER = b"x-dnsmirror-peer-auth"
 HOLDERS_HEADER = b"x-dnsmirror-holders"
 # a signature is accepted this long around its timestamp (node clocks are NTP-synchronised)
 CLOCK_SKEW = 60.0
 MIN_SECRET_BYTES = 16
+# concurrent streams of one blob this node sends to peers, unless peers.max_uploads says otherwise
+MAX_UPLOADS = 4
 # a peer that failed (refused, timed out, sent a wrong body) is skipped this long
 PEER_BACKOFF = 30.0
 # an announced copy is remembered this long (a node announces when a fill starts and when it commits);
@@ -205,6 +208,50 @@ class PeerStats:
     damaged: int = 0            # cached files found damaged when a peer asked for them (dropped, not sent)
     announcements_sent: int = 0
     announcements_received: int = 0
+    uploads_refused: int = 0    # blob requests refused with 503: peers.max_uploads streams of it already
+    uploads_per_blob_max: int = 0  # the most concurrent streams of one blob to peers since start (a gauge)
+
+
+class UploadSlots:
+    """At most ``limit`` concurrent streams of one blob to peers: beyond that a peer is refused (503) and
+    goes elsewhere, so no node becomes the bottleneck of a hot blob. ``on_start``/``on_end`` hear of each
+    stream (the burst coordinator counts them in its registrations)."""
+
+    def __init__(self, stats: PeerStats, limit: int = MAX_UPLOADS) -> None:
+        self.stats = stats
+        self.limit = limit
+        self.active: dict[str, int] = {}
+        self.on_start: Callable[[str, HostPort], None] = lambda digest, receiver: None
+        self.on_end: Callable[[str, HostPort, bool], None] = lambda digest, receiver, complete: None
+
+    def acquire(self, digest: str, receiver: HostPort) -> bool:
+        """Take a slot for a stream of ``digest`` to ``receiver``; False when all ``limit`` are taken."""
+        count = self.active.get(digest, 0)
+        if count >= self.limit:
+            self.stats.uploads_refused += 1
+            return False
+        self.active[digest] = count + 1
+        self.stats.uploads_per_blob_max = max(self.stats.uploads_per_blob_max, count + 1)
+        self.on_start(digest, receiver)
+        return True
+
+    def release(self, digest: str, receiver: HostPort, complete: bool) -> None:
+        count = self.active.get(digest, 0) - 1
+        if count > 0:
+            self.active[digest] = count
+        else:
+            self.active.pop(digest, None)
+        self.on_end(digest, receiver, complete)
+
+    @property
+    def total(self) -> int:
+        """Streams to peers now."""
+        return sum(self.active.values())
+
+    @property
+    def busiest(self) -> int:
+        """The most concurrent streams of one blob now."""
+        return max(self.active.values(), default=0)
 
 
 class PeerSet:
@@ -261,6 +308,11 @@ class PeerSet:
             except OSError:
                 return False  # no socket to check with (out of descriptors): ask again next time
         return self._local[peer.host]
+
+    def own_address(self) -> HostPort | None:
+        """This node's address as its peers list it (a static or discovered entry it can bind), if any."""
+        return next((peer for peer in dict.fromkeys((*self.static, *self.discovered)) if self._is_self(peer)),
+                    None)
 
     def members(self) -> list[HostPort]:
         """Every known peer but this node, healthy or not."""
@@ -361,6 +413,8 @@ class PeerClient:
         await response.discard()
         if response.code == 404:
             return None, _parse_holders(raw.headers.getRawHeaders(HOLDERS_HEADER) or [])
+        if response.code == 503:
+            return None, []  # busy: peers.max_uploads streams of it already; not a failure of the peer
         self.failed(peer, digest, f"answered {response.code}")
         return None, []
 
@@ -501,8 +555,12 @@ class PeerResource(resource.Resource):
 
     def __init__(self, reactor, disk: DiskIO, secret: bytes, holders: Holders, stats: PeerStats,
                  port: int, wall_clock: Callable[[], float] = time.time,
-                 running_fill: Callable[[str], Fill | None] = lambda digest: None) -> None:
+                 running_fill: Callable[[str], Fill | None] = lambda digest: None,
+                 uploads: UploadSlots | None = None) -> None:
         super().__init__()
+        self.uploads = uploads if uploads is not None else UploadSlots(stats)
+        # burst coordination: (sender, signed body) -> the answer's body; None when this node does not take part
+        self.on_message: Callable[[HostPort, bytes], bytes] | None = None
         self.reactor = reactor
         self.disk = disk
         self.secret = secret
@@ -517,6 +575,8 @@ class PeerResource(resource.Resource):
         method = request.method.decode("ascii", "replace")
         if path == BATCH_PATH:
             return self._batch(request, method)
+        if path == SWARM_PATH and self.on_message is not None:
+            return self._swarm_message(request, method)
         for prefix, methods in ((BLOB_PATH, ("GET", "HEAD")), (HOLDER_PATH, ("POST",))):
             if not path.startswith(prefix):
                 continue
@@ -553,6 +613,23 @@ class PeerResource(resource.Resource):
         self.stats.announcements_received += 1
         return _plain(request, 204, "")
 
+    def _swarm_message(self, request, method: str) -> bytes:
+        if method != "POST":
+            return _plain(request, 405, "method not allowed")
+        body = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+        if not signature_valid(self.secret, request.getHeader(AUTH_HEADER), "POST", _body_digest(body),
+                               self.wall_clock()):
+            self.stats.refused += 1
+            return _plain(request, 401, "peer signature missing or invalid")
+        try:
+            # the sender is the peer that signed it, at the port every node of the cluster listens on
+            answer = self.on_message(HostPort(request.getClientAddress().host, self.port), body)  # type: ignore[misc]
+        except ValueError as exc:
+            return _plain(request, 400, f"not a coordination message: {exc}")
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", str(len(answer)).encode())
+        return answer
+
     def _announced(self, request, digest: str) -> bytes:
         self.stats.announcements_received += 1
         # the announcing node listens on the same port as every peer of the cluster
@@ -587,7 +664,11 @@ class PeerResource(resource.Resource):
                 request.write(_plain(request, 404, "not cached here"))
                 request.finish()
                 return
-        request.setHeader(b"content-length", str(info.size).encode())
+        start = _range_start(request)
+        receiver = self._begin_upload(request, digest, info.size, start)
+        if receiver is None:
+            self.disk.run(reader.close)
+            return
         request.setHeader(
             b"content-type", (info.content_type or "application/octet-stream").encode("latin-1")
         )
@@ -607,10 +688,10 @@ class PeerResource(resource.Resource):
             self.disk.run(_close_checked, store, reader, outcome[0] if outcome else None)
 
         # large and not yet verified in this process: hashed as it streams, its last bytes wait for the digest
-        check = None if reader.verified else digest_hex(digest)
-        streamer = BlobStreamer(self.disk, request, reader.file.fileno(), 0, info.size, on_close=close,
+        check = None if reader.verified or start else digest_hex(digest)
+        streamer = BlobStreamer(self.disk, request, reader.file.fileno(), start, info.size, on_close=close,
                                 verify=check, on_damaged=damaged, on_intact=lambda: outcome.append(True))
-        await streamer.start()
+        await self._stream(streamer, digest, receiver)
 
     def _damaged(self, digest: str) -> None:
         """A cached file failed its digest while a peer asked for it: dropped, never sent as a success."""
@@ -624,7 +705,11 @@ class PeerResource(resource.Resource):
             fd = await self.disk.run(os.open, fill.temp_path, os.O_RDONLY)
         except FileNotFoundError:
             return False  # committed (the cache has it now) or failed
-        request.setHeader(b"content-length", str(fill.total).encode())
+        start = _range_start(request)
+        receiver = self._begin_upload(request, digest, cast(int, fill.total), start)
+        if receiver is None:
+            self.disk.run(os.close, fd)
+            return True
         request.setHeader(
             b"content-type", (fill.content_type or "application/octet-stream").encode("latin-1")
         )
@@ -635,16 +720,50 @@ class PeerResource(resource.Resource):
             return True
         self.stats.served += 1
         self.stats.served_while_filling += 1
-        streamer = BlobStreamer(self.disk, request, fd, 0, fill.total, fill=fill,
+        streamer = BlobStreamer(self.disk, request, fd, start, fill.total, fill=fill,
                                 on_close=partial(self._close_later, os.close, fd))
-        await streamer.start()
+        await self._stream(streamer, digest, receiver)
         return True
+
+    def _begin_upload(self, request, digest: str, size: int, start: int) -> HostPort | None:
+        """Length (and range) headers of a blob about to be sent from ``start``, and for a GET an upload
+        slot; None when answered already (no free slot: 503; a range past the end: 416)."""
+        if start >= size > 0:
+            request.write(_plain(request, 416, "range starts past the end"))
+            request.finish()
+            return None
+        receiver = HostPort(request.getClientAddress().host, self.port)
+        if request.method == b"GET" and not self.uploads.acquire(digest, receiver):
+            request.write(_plain(request, 503, "busy: no upload slot free for this blob"))
+            request.finish()
+            return None
+        request.setHeader(b"content-length", str(size - start).encode())
+        if start:
+            request.setResponseCode(206)
+            request.setHeader(b"content-range", f"bytes {start}-{size - 1}/{size}".encode())
+        return receiver
+
+    async def _stream(self, streamer: BlobStreamer, digest: str, receiver: HostPort) -> None:
+        """Send with ``streamer``, holding the upload slot taken for it until it ends."""
+        try:
+            complete = await streamer.start()
+        except BaseException:
+            self.uploads.release(digest, receiver, False)
+            raise
+        self.uploads.release(digest, receiver, bool(complete))
 
     def _send_failed(self, failure, request) -> None:
         log.error("peer request failed: %s", failure.getTraceback())
         if not request.startedWriting:
             request.write(_plain(request, 500, "internal error"))
             request.finish()
+
+
+def _range_start(request) -> int:
+    """N of a ``Range: bytes=N-`` header (what peers send to resume), else 0: a whole body."""
+    value = request.getHeader(b"range")
+    match = re.fullmatch(rb"bytes=(\d{1,15})-", value.strip()) if value else None
+    return int(match.group(1)) if match else 0
 
 
 def _close_checked(store, reader, intact: bool | None) -> None:

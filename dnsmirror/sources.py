@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from twisted.internet import defer
 
@@ -35,6 +35,7 @@ from dnsmirror.upstream import UPSTREAM_FAILURES
 
 if TYPE_CHECKING:
     from dnsmirror.content import ContentChain
+    from dnsmirror.swarm_node import SwarmDriver
 
 log = logging.getLogger("dnsmirror.sources")
 
@@ -184,13 +185,18 @@ class ContainerdSource:
 
 class PeerSource:
     """A peer node that holds the digest, once upstream confirmed (or recently granted) that the request
-    may read it; a peer that breaks off mid-blob is finished from upstream."""
+    may read it; a peer that breaks off mid-blob is finished from upstream.
+
+    A blob no peer has yet is coordinated (``swarm``, :mod:`dnsmirror.swarm_node`): the coordinator's fill
+    lease means this node fills from upstream (and others stream from it while it grows); an offer means
+    streaming from that holder, and on from the next source after a failure."""
 
     name = "peer"
 
-    def __init__(self, chain: ContentChain, peers) -> None:
+    def __init__(self, chain: ContentChain, peers, swarm: SwarmDriver | None = None) -> None:
         self.chain = chain
         self.peers = peers
+        self.swarm = swarm
 
     async def resolve(self, request, target: Target) -> Outcome:
         chain = self.chain
@@ -204,6 +210,8 @@ class PeerSource:
             return NotHere("access unconfirmed")  # upstream is asked next, and says why
         found = await self.peers.fetch(target.digest)
         if found is None:
+            if self.swarm is not None and not target.is_manifest:
+                return await self._coordinated(request, target)
             return NotHere("no peer has it")
         peer, response = found
         content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
@@ -240,6 +248,55 @@ class PeerSource:
                 broke,
             )
         )
+        return FromFill(fill, self.name)
+
+    async def _coordinated(self, request, target: Target) -> Outcome:
+        """The burst path: what the node's coordination decides for a blob no peer had."""
+        swarm = cast("SwarmDriver", self.swarm)
+        decision = await swarm.pull(target.digest)
+        while decision is not None and decision.holder is not None:
+            response, refused = await swarm.get(decision.holder, target.digest, 0)
+            if response is not None:
+                return await self._from_holder(request, target, decision.holder, response)
+            decision = await swarm.holder_failed(target.digest, refused)
+        if decision is None:
+            return NotHere("coordination gave up")  # upstream is asked next, as without peers
+        # the fill lease (or coordination's own fallback): the normal upstream fill, which peers can read
+        outcome = await self.chain.upstream_source.resolve(request, target)
+        if isinstance(outcome, FromFill) and not outcome.fill.uncached and outcome.fill.total is not None:
+            swarm.filling(target.digest, outcome.fill)
+        else:
+            swarm.abandon(target.digest)
+        return outcome
+
+    async def _from_holder(self, request, target: Target, holder, response) -> Outcome:
+        """Stream ``holder``'s answer into a fill; after a break the next source sends the rest."""
+        chain = self.chain
+        swarm = cast("SwarmDriver", self.swarm)
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
+        try:
+            writer = await chain.disk.run(chain.store.writer, target.digest,
+                                          content_type=content_type.decode("latin-1"),
+                                          expected_size=response.length)
+        except (StoreFull, OSError):
+            await response.discard(0)
+            swarm.abandon(target.digest, failed=False)
+            return NotHere("the cache cannot take it")  # upstream's answer is streamed without caching
+        chain.stats.peer_fills += 1
+        slot = chain.slots[target.digest]
+        slot.source, slot.peer = self.name, holder
+        fill = chain.new_fill(writer, target, response.length, content_type.decode("latin-1"))
+        headers = upstream_headers(request, target)
+
+        def source_changed(source) -> None:
+            slot.peer = source  # the peer blamed if the fill fails (None: upstream sends the rest)
+            if source is None:
+                chain.stats.peer_resumes += 1
+
+        def upstream_rest(offset: int) -> defer.Deferred:
+            return defer.ensureDeferred(self._upstream_rest(target, headers, offset, cast(int, fill.total)))
+
+        swarm.feed(target.digest, fill, response, upstream_rest, source_changed, holder)
         return FromFill(fill, self.name)
 
     async def _upstream_rest(self, target: Target, headers: dict, offset: int, total: int):

@@ -238,8 +238,24 @@ class UploadEnded:
     outcome: Outcome
 
 
+@dataclass(frozen=True)
+class Unreachable:
+    """A message to ``node`` could not be delivered (refused, or a node that does not speak this protocol)."""
+
+    node: HostPort
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """The local transfer of ``digest`` ended for good without a whole blob (the fill failed, or the local
+    node took another way); ``outcome`` says how its current source ended. The pull is forgotten."""
+
+    digest: str
+    outcome: Outcome
+
+
 Event = (Wanted | AccessChecked | MessageReceived | TimerFired | BytesReceived | Completed | SourceFailed
-         | UploadRequested | UploadEnded)
+         | UploadRequested | UploadEnded | Unreachable | Abandoned)
 
 
 # ---- actions a node asks its I/O layer to take ----
@@ -471,6 +487,10 @@ class SwarmNode:
                 return self._upload_requested(digest, receiver)
             case UploadEnded(digest, receiver, outcome):
                 return self._upload_ended(digest, receiver, outcome, now)
+            case Unreachable(node):
+                return self._unreachable(node, now)
+            case Abandoned(digest, outcome):
+                return self._abandoned(digest, outcome, now)
         raise TypeError(f"not a swarm event: {event!r}")
 
     def coordinator_for(self, digest: str, now: float) -> HostPort | None:
@@ -484,10 +504,39 @@ class SwarmNode:
 
     def _wanted(self, digest: str, now: float) -> list[Action]:
         pull = self.pulls.get(digest)
-        if pull is not None and pull.phase not in (Phase.REFUSED, Phase.FAILED):
+        if pull is not None and pull.phase not in (Phase.REFUSED, Phase.FAILED, Phase.DONE):
             return []  # already pulling: the local single-flight joins it
+        # (a done pull wanted again: the local copy is gone, evicted or damaged; it is pulled anew)
         self.pulls[digest] = Pull(digest)
         return [CheckAccess(digest)]
+
+    def _unreachable(self, node: HostPort, now: float) -> list[Action]:
+        """Skip ``node`` at once (no need to wait for the ask timeout) and re-ask the pulls that asked it."""
+        if node == self.me:
+            return []
+        self._suspect(node, now)
+        actions: list[Action] = []
+        for pull in self.pulls.values():
+            if pull.phase is Phase.ASKING and pull.coordinator == node:
+                pull.coordinator_failures += 1
+                actions += self._ask(pull, now)
+        return actions
+
+    def _abandoned(self, digest: str, outcome: Outcome, now: float) -> list[Action]:
+        pull = self.pulls.get(digest)
+        if pull is None or pull.phase is Phase.DONE:
+            return []
+        del self.pulls[digest]
+        if pull.coordinator is None:
+            return []
+        if pull.phase is Phase.FROM_PEER and pull.source is not None:
+            if outcome in (Outcome.DIED, Outcome.LIED):
+                self._suspect(pull.source, now)
+            return [Send(pull.coordinator, Release(digest, self.me, pull.source, outcome))]
+        if pull.phase is Phase.FROM_UPSTREAM and (pull.lease or pull.registered):
+            # hands the lease on, and drops this node as a holder of what it no longer has
+            return [Send(pull.coordinator, Release(digest, self.me, None, Outcome.DIED))]
+        return []
 
     def _access_checked(self, digest: str, allowed: bool, now: float) -> list[Action]:
         pull = self.pulls.get(digest)
