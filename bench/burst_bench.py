@@ -49,6 +49,7 @@ from harness.pki import create_ca  # noqa: E402
 from harness.registry import Registry  # noqa: E402
 from mirror_bench import MiB, blob_url, curl_argv, parse_download, place_blob  # noqa: E402
 from mirror_support import MirrorNode  # noqa: E402
+from procstat import cpu_seconds, process_tree  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 from dnsmirror.config import PeersConfig  # noqa: E402
@@ -76,6 +77,8 @@ class Run:
     upstream_bytes: int  # the registry's eth0 transmit counter
     logged_bytes: int  # body bytes of this blob's GETs in the registry's access log
     gets: int  # this blob's GETs in the registry's access log
+    mirror_cpu: float  # CPU-seconds of every node's dnsmirror processes meanwhile
+    machine_busy: float  # share of the machine's cores busy meanwhile (every process, ours or not)
 
 
 def default_max_uploads() -> int | None:
@@ -107,6 +110,13 @@ def burst_nodes(work: Path, nodes: list[Namespace], dns: str, ca, max_uploads: i
 def tx_bytes(namespace: Namespace) -> int:
     """What ``eth0`` of ``namespace`` has transmitted so far."""
     return int(namespace.run(["cat", "/sys/class/net/eth0/statistics/tx_bytes"]).stdout)
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far (/proc/stat)."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle, iowait
+    return sum(values) - idle, sum(values)
 
 
 def together(clients: list[tuple[Namespace, list[str]]]) -> tuple[float, list[bytes]]:
@@ -149,7 +159,12 @@ def measure_way(way: str, registry: Registry, nodes: list[Namespace], mirrors: l
                    for node in (nodes[:1] if way == "alone" else nodes)]
     path = registry.blob_path(REPOSITORY, digest)
     before = tx_bytes(registry.namespace)
+    pids = [pid for mirror in mirrors for pid in process_tree(mirror.process.pid)]
+    cpu_before, (busy_before, total_before) = cpu_seconds(pids), machine_ticks()
     seconds, outputs = together(clients)
+    busy_after, total_after = machine_ticks()
+    mirror_cpu = cpu_seconds(pids) - cpu_before
+    busy = (busy_after - busy_before) / max(total_after - total_before, 1)
     for output in outputs:
         result = parse_download(output)
         if result.status != 200 or result.size != size:
@@ -165,7 +180,7 @@ def measure_way(way: str, registry: Registry, nodes: list[Namespace], mirrors: l
     entries = [e for e in registry.access_log() if e.method == "GET" and e.path == path]
     upstream = tx_bytes(registry.namespace) - before
     return Run(way, seconds, [parse_download(o).seconds for o in outputs], upstream,
-               sum(e.size for e in entries), len(entries))
+               sum(e.size for e in entries), len(entries), mirror_cpu, busy)
 
 
 def measure(registry: Registry, nodes: list[Namespace], mirrors: list[MirrorNode], ca, runs: int,
@@ -208,14 +223,15 @@ def report(args: argparse.Namespace, rows: dict[str, list[Run]], size: int, max_
         f"Also running: {args.note}",
         "",
         "| way | median s (all done) | each run, s | upstream bytes / blob (eth0), each run | registry GETs, "
-        "each run |",
-        "|---|---:|---|---|---|",
+        "each run | machine's cores busy, each run |",
+        "|---|---:|---|---|---|---|",
     ]
     for way in WAYS:
         each = ", ".join(f"{run.seconds:.2f}" for run in rows[way])
         up = ", ".join(f"{run.upstream_bytes / size:.2f}" for run in rows[way])
+        busy = ", ".join(f"{run.machine_busy:.0%}" for run in rows[way])
         lines.append(f"| {WAY_LABELS[way]} | {median(rows[way], lambda r: r.seconds):.2f} | {each} | {up} | "
-                     f"{', '.join(str(run.gets) for run in rows[way])} |")
+                     f"{', '.join(str(run.gets) for run in rows[way])} | {busy} |")
 
     def verdict(met: int, word: str = "missed") -> str:
         runs = len(rows["mirror"])
@@ -233,6 +249,11 @@ def report(args: argparse.Namespace, rows: dict[str, list[Run]], size: int, max_
         f"{', '.join(f'{r:.2f}x' for r in ratios)}); target <= {TARGET_TIME}x: "
         f"{verdict(sum(r <= TARGET_TIME for r in ratios))}. Straight from the registry, all at once: "
         f"{direct / alone:.2f}x ({direct:.2f} s).",
+        f"- The nodes' dnsmirror processes used {median(rows['mirror'], lambda r: r.mirror_cpu):.1f} "
+        f"CPU-seconds per burst (median; each run: "
+        f"{', '.join(f'{r.mirror_cpu:.1f}' for r in rows['mirror'])}) "
+        f"for {args.nodes} x {size // MiB} MiB received and passed on; the machine's cores were "
+        f"{median(rows['mirror'], lambda r: r.machine_busy):.0%} busy meanwhile (every process on it).",
         "",
         f"### Simulated against measured, same setting (`python -m sim.burst --nodes {args.nodes} "
         f"--blob-mib {args.blob_mib} --registry-gbit {args.rate_mbit / 1000:g} --chunk-mib 1"
