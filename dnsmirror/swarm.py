@@ -3,8 +3,8 @@
 Sans-IO (as h11): :class:`SwarmNode` takes events (a local miss, an access check's answer, a message from
 another node, a timer, bytes received, a source failing) with an injected ``now`` and returns actions (check
 access upstream, send a message, fetch from upstream or from a peer, set a timer). It opens no socket and
-reads no clock; the simulation in ``sim/`` and the tests drive it, and a real node will wrap it in Twisted
-(docs/architecture.md, "Burst coordination").
+reads no clock; the simulation in ``sim/`` and the tests drive it, and a real node wraps it in Twisted
+(:mod:`dnsmirror.swarm_node`; docs/architecture.md, "Burst coordination").
 
 - For each digest, the first live node in rendezvous order (:func:`dnsmirror.peers.rendezvous`) is its
   *coordinator*: it need not hold the blob, it only knows who holds or is fetching it.

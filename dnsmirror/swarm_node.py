@@ -245,6 +245,8 @@ class SwarmDriver:
         if session is None:
             return defer.succeed(None)
         self.stats.fallbacks += 1
+        if session.decided:
+            return session.wait()  # its stall timer gave it up already, and the next decision is made
         decided = session.wait()
         outcome = swarm.Outcome.REFUSED if refused else swarm.Outcome.DIED
         self._handle(swarm.SourceFailed(digest, 0, outcome))

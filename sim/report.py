@@ -32,7 +32,7 @@ def main() -> int:
         "",
         "Command: `python -m sim.report` (each table: `python -m sim.burst` with the arguments shown). "
         "A discrete-event simulation (sim/README.md): no sockets; the swarm rows run the decision code of "
-        '`dnsmirror/swarm.py`, which **real nodes do not use yet** (docs/architecture.md, "Burst '
+        '`dnsmirror/swarm.py`, which real nodes run too (docs/architecture.md, "Burst '
         'coordination"). '
         "Links: 10 Gbit/s per node, the registry's egress 2 Gbit/s shared evenly by its downloads; one "
         "dnsmirror process moves 370 MB/s received-and-passed-on, an uploaded byte costs half a received "

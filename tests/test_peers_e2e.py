@@ -292,6 +292,7 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
                 assert wait_until(lambda: announced(third_digest), 10)
                 hex_digest = third_digest.split(":", 1)[1]
                 cached = tmp_path / node_a.name / "cache" / "blobs" / "sha256" / hex_digest[:2] / hex_digest
+                wait_until(cached.exists, 10)  # the durable commit follows the client's last byte
                 cached.write_bytes(bytes(byte ^ 0xFF for byte in cached.read_bytes()))
                 gets_before = logged_gets(registry, third_digest, 1)
                 served_before = metric(node_a, "dnsmirror_peers_served_total")
