@@ -228,6 +228,27 @@ def settled_gets(world: World, digests: list[str]) -> dict[str, int]:
     return {digest: world.blob_gets(digest) for digest in digests}
 
 
+def explain(world: World, gets: dict[str, int]) -> str:
+    """For each blob fetched upstream more than once: who fetched it, and what each node logged about it
+    (its access line and anything not an access line), so that a failure says why."""
+    roles = {node.namespace.address: node.namespace.role for node in [*world.nodes, world.outsider]}
+    lines = [f"GETs at the registry: {gets}"]
+    for digest, count in gets.items():
+        if count <= 1:
+            continue
+        fetchers = [f"{roles.get(entry.client.rsplit(':', 1)[0], entry.client)} {entry.status} {entry.size}"
+                    for entry in world.registry.access_log()
+                    if entry.method == "GET" and digest in entry.path]
+        lines.append(f"{digest}: fetched by {fetchers}")
+        for node in [*world.nodes, world.outsider]:
+            for record in node.mirror.log_records():
+                if digest in str(record):
+                    fields = {key: record.get(key) for key in ("time", "event", "message", "source", "host",
+                                                               "status", "ms") if record.get(key) is not None}
+                    lines.append(f"  {node.namespace.role}: {fields}")
+    return "\n".join(lines)
+
+
 def amd64_blobs(image: BuiltImage) -> PlatformImage:
     return image.platform("linux/amd64")
 
@@ -243,7 +264,7 @@ def test_a_burst_fetches_each_blob_once_and_no_node_uploads_above_the_cap(world:
         assert outcome.image_id == amd64.config.digest, where
         assert outcome.node.containerd is not None and outcome.node.containerd.has_snapshot(amd64.chain_id)
     gets = settled_gets(world, [blob.digest for blob in (amd64.config, *amd64.layers)])
-    assert all(count == 1 for count in gets.values()), gets
+    assert all(count == 1 for count in gets.values()), explain(world, gets)
     assert sampler.scrapes > len(world.nodes), "the metrics were never read during the burst"
     highest, where = sampler.highest()
     # peers did upload (the metric is there and moved), and never above the cap on any node
