@@ -58,8 +58,7 @@ from dnsmirror.pulls import PullReporter
 from dnsmirror.resolver import AddressPolicy, UpstreamResolver
 from dnsmirror.store import ContainerdContentSource, Store, StoreError
 from dnsmirror.streaming import DiskIO
-from dnsmirror.swarm import SwarmSettings
-from dnsmirror.swarm_node import SwarmDriver, SwarmStats
+from dnsmirror.swarm_node import SwarmDriver, SwarmStats, node_settings
 from dnsmirror.tags import TagMemory
 from dnsmirror.tls import CaWatcher, SniServer, TlsStats, prepare_signing
 from dnsmirror.uploads import StreamingRequest
@@ -278,7 +277,7 @@ class Services(service.MultiService):
                                  read_timeout, self.peer_stats)
         # this node's address as its peers list it: peers.listen, unless that is a wildcard
         me = None if ipaddress.ip_address(peers.listen.host).is_unspecified else peers.listen
-        swarm_driver = SwarmDriver(self.reactor, me, peer_set, secret, SwarmSettings(max_uploads=peers.max_uploads),
+        swarm_driver = SwarmDriver(self.reactor, me, peer_set, secret, node_settings(peers.max_uploads),
                                    peers.timeout, read_timeout, self.swarm_stats)
         listener.on_message = swarm_driver.receive
         self.upload_slots.on_start = swarm_driver.upload_started

@@ -208,10 +208,15 @@ class PeerSource:
             return refusal
         if refusal is not None:
             return NotHere("access unconfirmed")  # upstream is asked next, and says why
+        if self.swarm is not None:
+            return await self._coordinated(request, target)
+        return await self._looked_up(request, target)
+
+    async def _looked_up(self, request, target: Target) -> Outcome:
+        """A copy found by a lookup (cached or filling at a peer that announced it), or NotHere."""
+        chain = self.chain
         found = await self.peers.fetch(target.digest)
         if found is None:
-            if self.swarm is not None and not target.is_manifest:
-                return await self._coordinated(request, target)
             return NotHere("no peer has it")
         peer, response = found
         content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
@@ -251,7 +256,9 @@ class PeerSource:
         return FromFill(fill, self.name)
 
     async def _coordinated(self, request, target: Target) -> Outcome:
-        """The burst path: what the node's coordination decides for a blob no peer had."""
+        """What the node's coordination decides: stream from a holder, or (the fill lease, or coordination
+        could not help) fill this node, from a copy peers announced (cached before a restart, an older
+        node's) or else from upstream; the fill is this node's to register as a holder."""
         swarm = cast("SwarmDriver", self.swarm)
         decision = await swarm.pull(target.digest)
         while decision is not None and decision.holder is not None:
@@ -259,10 +266,9 @@ class PeerSource:
             if response is not None:
                 return await self._from_holder(request, target, decision.holder, response)
             decision = await swarm.holder_failed(target.digest, refused)
-        if decision is None:
-            return NotHere("coordination gave up")  # upstream is asked next, as without peers
-        # the fill lease (or coordination's own fallback): the normal upstream fill, which peers can read
-        outcome = await self.chain.upstream_source.resolve(request, target)
+        outcome = await self._looked_up(request, target)
+        if isinstance(outcome, NotHere):
+            outcome = await self.chain.upstream_source.resolve(request, target)
         if isinstance(outcome, FromFill) and not outcome.fill.uncached and outcome.fill.total is not None:
             swarm.filling(target.digest, outcome.fill)
         else:
@@ -274,6 +280,11 @@ class PeerSource:
         chain = self.chain
         swarm = cast("SwarmDriver", self.swarm)
         content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
+        if target.is_manifest and response.length > oci.MANIFEST_MAX_SIZE:
+            await response.discard(0)
+            swarm.abandon(target.digest)
+            self.peers.failed(holder, target.digest, f"manifest of {response.length} bytes")
+            return NotHere("oversized manifest")
         try:
             writer = await chain.disk.run(chain.store.writer, target.digest,
                                           content_type=content_type.decode("latin-1"),

@@ -893,9 +893,11 @@ class SwarmNode:
         if sender != release.receiver or release.outcome not in (Outcome.DIED, Outcome.STALLED, Outcome.LIED):
             return
         view.avoid[release.receiver] = release.source
-        # a source that stalled but still registers is alive and starved by its own source: keep it
+        # a source that stalled but still registers is alive and starved by its own source: keep it (a
+        # complete one has no source to starve it: it is broken)
         alive = source is not None and now - source.last_seen <= 2 * self.settings.heartbeat
-        if release.outcome is not Outcome.STALLED or not alive:
+        starved = alive and not source.complete  # type: ignore[union-attr]
+        if release.outcome is not Outcome.STALLED or not starved:
             self._drop_holder(view, release.source, now)
 
     def forget_idle(self, now: float) -> int:

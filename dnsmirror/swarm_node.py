@@ -32,6 +32,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
 from twisted.web.http_headers import Headers
@@ -68,10 +69,19 @@ MAINTENANCE_INTERVAL = 1.0  # s: throttled transfers reported alive; idle coordi
 FORGET_EVERY = 30  # maintenance rounds between two calls of SwarmNode.forget_idle
 
 
+def node_settings(max_uploads: int) -> swarm.SwarmSettings:
+    """The decisions' limits on a real network (the simulation keeps :class:`~dnsmirror.swarm.SwarmSettings`'
+    defaults): in a burst a node's cores are busy unpacking and hashing, and an answer a little late must
+    not make the asker skip its coordinator (whose replacement, knowing nothing yet, may lease a second
+    fill). A coordinator that is gone refuses the connection, which is skipped at once anyway."""
+    return swarm.SwarmSettings(max_uploads=max_uploads, ask_timeout=1.0, heartbeat=1.5, stall_timeout=5.0,
+                               patience=30.0)
+
+
 def encode_message(message: swarm.Message) -> dict[str, Any]:
     """A message as a JSON object: its type and fields (addresses as ``host:port``, outcomes by value)."""
     encoded: dict[str, Any] = {"type": type(message).__name__}
-    for f in fields(message):  # type: ignore[arg-type]
+    for f in fields(message):
         value = getattr(message, f.name)
         encoded[f.name] = str(value) if isinstance(value, HostPort) else (
             value.value if isinstance(value, swarm.Outcome) else value)
@@ -119,6 +129,7 @@ class SwarmStats:
     offers: int = 0            # askers this node sent to a holder as coordinator
     waits: int = 0             # askers this node told to ask again (every holder busy)
     upstream_fetches: int = 0  # coordinated pulls fetched from upstream here (lease, fallback or the rest)
+    leases_taken: int = 0      # of those, under a fill lease (this node was the one sent upstream)
     peer_fetches: int = 0      # transfers from a holder this node started
     fallbacks: int = 0         # holders that died, stalled, lied or refused: the next source was asked
     messages_failed: int = 0   # coordination messages that could not be delivered
@@ -412,6 +423,13 @@ class SwarmDriver:
             return
         if isinstance(action, swarm.FetchUpstream):
             self.stats.upstream_fetches += 1
+            pull = self.node.pulls.get(action.digest)
+            lease = pull is not None and pull.lease
+            self.stats.leases_taken += lease
+            log.info("fetching from upstream from byte %d (%s)", action.offset,
+                     "the fill lease" if lease else "no holder could send it",
+                     extra=log_fields(event="swarm_upstream", digest=action.digest, offset=action.offset,
+                                      lease=lease))
         if session.transfer is not None:
             session.transfer.continue_from(action)
         elif session.fill is None:
@@ -475,9 +493,9 @@ class SwarmDriver:
             self._refresh_membership()
         for session in list(self.sessions.values()):
             fill = session.fill
-            # a transfer paused because the local client reads slowly is not a stalled holder
-            paused = fill is not None and fill.upstream_paused and not fill.finished
-            if session.transfer is not None and paused:
+            if session.transfer is None or fill is None or fill.finished:
+                continue
+            if fill.upstream_paused:  # paused for a slow local client: not a stalled holder
                 self._handle(swarm.BytesReceived(session.digest, fill.received))
 
     # --- building transfers -------------------------------------------------------------------------------
@@ -589,7 +607,7 @@ class _Transfer:
         self.driver._handle(swarm.SourceFailed(self.digest, fill.received, swarm.Outcome.DIED))
 
 
-class _Part:
+class _Part(Protocol):
     """The body protocol of one source of a :class:`_Transfer`."""
 
     def __init__(self, transfer: _Transfer, generation: int) -> None:
@@ -602,5 +620,5 @@ class _Part:
     def dataReceived(self, data: bytes) -> None:
         self.transfer.part_data(self.generation, data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.transfer.part_lost(self.generation, reason)

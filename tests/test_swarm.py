@@ -522,6 +522,19 @@ def test_a_stalled_source_that_still_registers_is_kept_but_not_offered_to_the_sa
     assert reply(coordinator, other, swarm.Ask(D), 1.5) == swarm.Offer(D, starved.me)
 
 
+def test_a_complete_holder_that_stalls_is_dropped_and_the_asker_gets_the_lease_with_its_offset():
+    nodes = make(4)
+    coordinator = coordinator_of(nodes)
+    holder, asker = [n for n in nodes if n is not coordinator][:2]
+    assert reply(coordinator, holder, swarm.Register(D, None, 100, True), 1.0) == swarm.Ack(D)
+    assert reply(coordinator, asker, swarm.Ask(D), 1.0) == swarm.Offer(D, holder.me)
+    # nothing starves a complete copy: a stall means it is broken, even while it still registers
+    coordinator.handle(
+        swarm.MessageReceived(asker.me, swarm.Release(D, asker.me, holder.me, swarm.Outcome.STALLED)), 1.5
+    )
+    assert reply(coordinator, asker, swarm.Ask(D, 40), 1.5) == swarm.Lease(D, 40)
+
+
 def test_a_node_that_took_over_from_a_lost_coordinator_lets_holders_register_before_giving_a_lease():
     nodes = make(6, heartbeat=1.0, ask_timeout=0.5)
     order = rendezvous(D, [n.me for n in nodes])
@@ -547,3 +560,30 @@ def test_a_new_source_is_registered_at_its_first_byte():
     # the heartbeat armed for the first registration is stale; the new one beats on
     assert node.handle(swarm.TimerFired(D, swarm.TimerKind.HEARTBEAT), 1.1) == []
     assert sends(node.handle(swarm.TimerFired(D, swarm.TimerKind.HEARTBEAT), 1.3), swarm.Register)
+
+
+def test_an_unreachable_coordinator_is_skipped_at_once_for_the_next_in_rendezvous_order():
+    nodes = make(4)
+    order = rendezvous(D, [n.me for n in nodes])
+    asker = next(n for n in nodes if n.me not in order[:2])
+    first = sends(ask_granted(asker), swarm.Ask)[0]
+    assert first.to == order[0]
+    # a refused connection or a node of the old protocol: no need to wait for the ask timeout
+    again = sends(asker.handle(swarm.Unreachable(order[0]), 0.01), swarm.Ask)
+    assert [a.to for a in again] == [order[1]]
+    assert asker.coordinator_for(D, 0.01) == order[1]
+
+
+def test_an_abandoned_pull_hands_its_lease_back_and_is_forgotten():
+    nodes = make(4)
+    coordinator = coordinator_of(nodes)
+    asker = next(n for n in nodes if n is not coordinator)
+    lease = reply(coordinator, asker, sends(ask_granted(asker), swarm.Ask)[0].message)
+    assert asker.handle(swarm.MessageReceived(coordinator.me, lease), 0.0) == [swarm.FetchUpstream(D, 0)]
+    release = sends(asker.handle(swarm.Abandoned(D, swarm.Outcome.DIED), 0.1))
+    assert [r.message for r in release] == [swarm.Release(D, asker.me, None, swarm.Outcome.DIED)]
+    assert D not in asker.pulls
+    coordinator.handle(swarm.MessageReceived(asker.me, release[0].message), 0.1)
+    assert coordinator.lease_holder(D) is None
+    # wanted again: a pull starts afresh
+    assert asker.handle(swarm.Wanted(D), 0.2) == [swarm.CheckAccess(D)]

@@ -21,8 +21,9 @@ import socket
 import tempfile
 from pathlib import Path
 
-from fakes import FakeRequest, registry_target
+from fakes import FakeRequest, ManualDisk, registry_target
 from twisted.internet import defer, reactor, task
+from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError, ConnectionLost
 from twisted.protocols.policies import WrappingFactory
 from twisted.python.failure import Failure
@@ -30,12 +31,23 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web import server
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
 
 from dnsmirror import swarm
 from dnsmirror.authz import Grants
 from dnsmirror.config import HostPort
 from dnsmirror.content import ContentChain
-from dnsmirror.peers import Holders, PeerClient, PeerRequest, PeerResource, PeerSet, PeerStats, UploadSlots
+from dnsmirror.peers import (
+    AUTH_HEADER,
+    Holders,
+    PeerClient,
+    PeerRequest,
+    PeerResource,
+    PeerSet,
+    PeerStats,
+    UploadSlots,
+    sign,
+)
 from dnsmirror.store import Store
 from dnsmirror.streaming import DiskIO
 from dnsmirror.swarm_node import SwarmDriver, decode_message, encode_message
@@ -328,6 +340,7 @@ class BurstTests(TestCase):
         assert max(uploads) <= 2, uploads
         assert sum(1 for count in uploads if count > 0) >= 2, uploads
         assert sum(node.driver.stats.leases for node in cluster.nodes) == 1
+        assert sum(node.driver.stats.leases_taken for node in cluster.nodes) == 1
         cached = defer.ensureDeferred(wait_for(lambda: all(sha(data) in n.store for n in cluster.nodes)))
         assert (yield cached)
 
@@ -388,28 +401,32 @@ class BurstTests(TestCase):
         assert first.peer_stats.served == served_before
         assert len(registry.gets(ranged=False)) == 1
 
-    @defer.inlineCallbacks
-    def test_bytes_from_a_lying_holder_are_never_served_as_a_success(self):
-        cluster_registry = Registry(b"")
-        cluster = Cluster(self, cluster_registry, 3)
-        liar, coordinator, asker = None, None, None
-        # a blob whose coordinator is neither the liar nor the asker, and that the asker's lookup (its first
-        # peer) does not find at the liar: only coordination can send the asker there
-        for _ in range(1000):
-            data = os.urandom(500_000)
-            digest = sha(data)
+    async def one_holder(self, registry: Registry, size: int) -> tuple[Node, Node, Node]:
+        """Three nodes and a blob that only ``holder`` has (pulled, complete, known to the coordinator),
+        which ``asker``'s lookup cannot find: only coordination can send the asker to it."""
+        cluster = Cluster(self, registry, 3)
+        while True:  # the coordinator is neither of them; the asker's first lookup peer is not the holder
+            registry.data = os.urandom(size)
+            digest = sha(registry.data)
             coordinator = cluster.coordinator(digest)
-            liar, asker = [n for n in cluster.nodes if n is not coordinator]
-            if swarm.Membership([liar.address, coordinator.address]).order(digest)[0] == coordinator.address:
+            holder, asker = [n for n in cluster.nodes if n is not coordinator]
+            lookup = swarm.Membership([holder.address, coordinator.address]).order(digest)[0]
+            if lookup == coordinator.address:
                 break
-        cluster_registry.data = data
-        request, served = liar.fetch(digest)
-        yield served
-        assert received(request, data)
-        assert (yield defer.ensureDeferred(wait_for(
-            lambda: any(h.complete for h in coordinator.driver.node.coordinated[digest].holders.values()))))
+        request, served = holder.fetch(digest)
+        await served
+        assert received(request, registry.data)
+        assert await wait_for(
+            lambda: any(h.complete for h in coordinator.driver.node.coordinated[digest].holders.values()))
         for node in cluster.nodes:
             node.holders = node.client.holders = node.resource.holders = Holders()  # no announcement helps
+        return holder, coordinator, asker
+
+    @defer.inlineCallbacks
+    def test_bytes_from_a_lying_holder_are_never_served_as_a_success(self):
+        registry = Registry(b"")
+        liar, coordinator, asker = yield defer.ensureDeferred(self.one_holder(registry, 500_000))
+        data, digest = registry.data, sha(registry.data)
 
         async def lie(request, digest):
             request.setHeader(b"content-length", str(len(data)).encode())
@@ -429,15 +446,40 @@ class BurstTests(TestCase):
         assert liar.address not in coordinator.driver.node.coordinated[digest].holders
 
     @defer.inlineCallbacks
-    def test_with_peers_down_or_speaking_the_old_protocol_upstream_serves_as_without_peers(self):
-        data = os.urandom(400_000)
-        registry = Registry(data)
-        # node1 runs the old peer protocol (no coordination endpoint); node2 is down
-        cluster = Cluster(self, registry, 3, old=frozenset({1}), listening=frozenset({0, 1}))
-        request, served = cluster.nodes[0].fetch(sha(data))
+    def test_a_holder_that_stalls_costs_a_short_timeout_then_the_rest_comes_from_upstream(self):
+        registry = Registry(b"")
+        staller, coordinator, asker = yield defer.ensureDeferred(self.one_holder(registry, 500_000))
+        data, digest = registry.data, sha(registry.data)
+
+        async def stall(request, digest):
+            request.setHeader(b"content-length", str(len(data)).encode())
+            request.write(data[:100_000])  # and nothing more, the connection left open
+
+        staller.resource._send = stall
+        started = reactor.seconds()
+        request, served = asker.fetch(digest)
         yield served
         assert received(request, data)
+        assert reactor.seconds() - started < swarm.SwarmSettings().stall_timeout + 3
+        assert registry.gets(ranged=True) == [(asker.name, "GET", b"bytes=100000-")]
+        assert staller.address not in coordinator.driver.node.coordinated[digest].holders
+
+    @defer.inlineCallbacks
+    def test_with_peers_down_or_speaking_the_old_protocol_upstream_serves_as_without_peers(self):
+        registry = Registry(b"")
+        # node1 runs the old peer protocol (no coordination endpoint); node2 is down
+        cluster = Cluster(self, registry, 3, old=frozenset({1}), listening=frozenset({0, 1}))
+        node = cluster.nodes[0]
+        while True:  # a blob whose first two coordinators are those two: both are skipped
+            registry.data = os.urandom(400_000)
+            if cluster.coordinator(sha(registry.data)) is not node and swarm.Membership(
+                    n.address for n in cluster.nodes).order(sha(registry.data))[-1] == node.address:
+                break
+        request, served = node.fetch(sha(registry.data))
+        yield served
+        assert received(request, registry.data)
         assert len(registry.gets(ranged=False)) == 1
+        assert node.driver.stats.messages_failed == 2 and node.driver.stats.leases == 1
 
 
 class MessageTests(SynchronousTestCase):
@@ -461,3 +503,66 @@ class MessageTests(SynchronousTestCase):
                      "outcome": "token"}):
             with self.assertRaises(ValueError):
                 decode_message(bad)
+
+
+class ListenerRequest(DummyRequest):
+    """A request on the peer listener from 10.0.0.7, with a push-producer-friendly registerProducer."""
+
+    def __init__(self, path: bytes, headers: dict[bytes, bytes]) -> None:
+        super().__init__(path.lstrip(b"/").split(b"/"))
+        self.method = b"GET"
+        self.path = self.uri = path
+        self.client = IPv4Address("TCP", "10.0.0.7", 40000)
+        for name, value in headers.items():
+            self.requestHeaders.setRawHeaders(name, [value])
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+
+class ListenerTests(SynchronousTestCase):
+    def test_the_listener_sends_at_most_max_uploads_streams_of_a_blob_and_resumes_from_a_byte(self):
+        data = os.urandom(200_000)
+        digest = sha(data)
+        now = 1_800_000_000.0
+        root = Path(tempfile.mkdtemp(prefix="dnsmirror-listener-"))
+        self.addCleanup(shutil.rmtree, root, True)
+        with Store.open(root, 10 * 2**20) as store:
+            with store.writer(digest) as writer:
+                writer.write(data)
+                writer.commit()
+            disk = ManualDisk(store)
+            stats = PeerStats()
+            resource = PeerResource(disk.reactor, disk, SECRET, Holders(), stats, 5001,
+                                    wall_clock=lambda: now, uploads=UploadSlots(stats, 2))
+            started = []
+            resource.uploads.on_start = lambda d, receiver: started.append(receiver)
+            path = f"/peer/v1/blobs/{digest}".encode()
+
+            def get(extra: dict[bytes, bytes] | None = None) -> ListenerRequest:
+                signed = {AUTH_HEADER: sign(SECRET, "GET", digest, now)}
+                request = ListenerRequest(path, {**signed, **(extra or {})})
+                assert resource.render(request) == server.NOT_DONE_YET
+                disk.step("open_blob")
+                if "verify_reader" in [getattr(f, "__name__", "") for f, *_ in disk.queue]:
+                    disk.step("verify_reader")
+                return request
+
+            streaming = [get(), get()]  # both hold a slot: their reads are still queued
+            refused = get()
+            assert refused.responseCode == 503 and refused.finished
+            assert stats.uploads_refused == 1 and stats.uploads_per_blob_max == 2
+            assert resource.uploads.busiest == 2 and started == [HostPort("10.0.0.7", 5001)] * 2
+            disk.drain()
+            assert all(b"".join(r.written) == data and r.finished for r in streaming)
+            assert resource.uploads.total == 0
+
+            ranged = get({b"range": b"bytes=150000-"})
+            disk.drain()
+            assert ranged.responseCode == 206 and b"".join(ranged.written) == data[150_000:]
+            assert ranged.responseHeaders.getRawHeaders(b"content-range") == [
+                f"bytes 150000-{len(data) - 1}/{len(data)}".encode()]
+            assert stats.uploads_per_blob_max == 2
