@@ -152,8 +152,9 @@ class _RandomReader(io.RawIOBase):
         return os.urandom(n)
 
 
-def _big_layer(layout_dir: Path, size: int) -> Blob:
-    """An uncompressed tar layer holding one file of ``size`` random bytes, streamed to disk."""
+def _big_layer(layout_dir: Path, size: int, file_path: str = BIG_FILE_PATH) -> Blob:
+    """An uncompressed tar layer holding one file (``file_path``) of ``size`` random bytes, streamed to
+    disk."""
 
     class HashingWriter:
         """The file object tarfile writes to: hashes and counts on the way to disk."""
@@ -176,7 +177,7 @@ def _big_layer(layout_dir: Path, size: int) -> Blob:
             directory = _tar_member("data/", 0, 0o755)
             directory.type = tarfile.DIRTYPE
             archive.addfile(directory)
-            archive.addfile(_tar_member(BIG_FILE_PATH, size), _RandomReader(size))
+            archive.addfile(_tar_member(file_path, size), _RandomReader(size))
     digest = writer.hash.hexdigest()
     path = blobs / digest
     os.replace(raw.name, path)
@@ -185,18 +186,25 @@ def _big_layer(layout_dir: Path, size: int) -> Blob:
 
 def build_image(layout_dir: str | os.PathLike[str], *, tag: str = "v1",
                 platforms: Sequence[str] = ("linux/amd64", "linux/arm64"),
-                big_layer_size: int = 0, nonce: str | None = None) -> BuiltImage:
+                big_layer_size: int = 0, more_big_layers: Sequence[int] = (),
+                nonce: str | None = None) -> BuiltImage:
     """Build an image index over ``platforms`` into a new OCI layout at ``layout_dir``.
 
     Each platform gets its own small gzip layer (``hello.txt``, ``etc/dnsmirror-test/platform``); with
     ``big_layer_size`` every platform also shares a first, uncompressed layer with ``data/random.bin``
-    of that many random bytes. ``nonce`` (random by default) goes into the files: same nonce, same digests.
+    of that many random bytes, and with ``more_big_layers`` one more such layer per size after it
+    (``data/random-N.bin``), for images of several big layers. ``nonce`` (random by default) goes into the
+    files: same nonce, same digests.
     """
     layout_dir = Path(layout_dir)
     (layout_dir / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
     (layout_dir / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
     nonce = nonce or secrets.token_hex(8)
     big_layer = _big_layer(layout_dir, big_layer_size) if big_layer_size else None
+    shared = ((big_layer,) if big_layer else ()) + tuple(
+        _big_layer(layout_dir, size, f"data/random-{number}.bin")
+        for number, size in enumerate(more_big_layers, start=1)
+    )
     images = []
     for platform in platforms:
         os_name, architecture = platform.split("/")[:2]
@@ -206,8 +214,8 @@ def build_image(layout_dir: str | os.PathLike[str], *, tag: str = "v1",
         }
         tar = _small_layer(files)
         layer = _write_blob(layout_dir, gzip.compress(tar, mtime=0), LAYER_GZIP_MEDIA_TYPE)
-        layers = ((big_layer,) if big_layer else ()) + (layer,)
-        diff_ids = ((big_layer.digest,) if big_layer else ()) + ("sha256:" + hashlib.sha256(tar).hexdigest(),)
+        layers = (*shared, layer)
+        diff_ids = (*(blob.digest for blob in shared), "sha256:" + hashlib.sha256(tar).hexdigest())
         config = _write_json_blob(
             layout_dir,
             {

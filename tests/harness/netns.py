@@ -352,8 +352,29 @@ class Namespace:
         self.run(["tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", rate, "burst", burst,
                   "latency", latency], timeout=10)
 
+    def limit_egress_fairly(self, rate_mbit: float, clients: Sequence[str]) -> None:
+        """Cap what leaves ``eth0`` at ``rate_mbit`` Mbit/s, shared fairly among ``clients`` (IPv4 addresses):
+        htb with one class per client (guaranteed an even share, allowed the whole rate) and one for
+        everything else, as on a real link where a short answer to one client does not wait behind another
+        client's bulk transfer, which :meth:`limit_egress`'s single queue makes it do (this kernel has no
+        fq_codel). :meth:`unlimit_egress` lifts it."""
+        share = rate_mbit / (len(clients) + 1)
+        device = ["dev", "eth0"]
+        self.run(["tc", "qdisc", "replace", *device, "root", "handle", "1:", "htb", "default", "ff"],
+                 timeout=10)
+        self.run(["tc", "class", "replace", *device, "parent", "1:", "classid", "1:1", "htb",
+                  "rate", f"{rate_mbit}mbit", "ceil", f"{rate_mbit}mbit"], timeout=10)
+        classes = [(f"1:{index + 2:x}", address) for index, address in enumerate(clients)]
+        for classid, _ in [*classes, ("1:ff", "")]:
+            # a small quantum: the classes take turns in a few packets, not 200 KB at a time
+            self.run(["tc", "class", "replace", *device, "parent", "1:1", "classid", classid, "htb",
+                      "rate", f"{share}mbit", "ceil", f"{rate_mbit}mbit", "quantum", "6000"], timeout=10)
+        for classid, address in classes:
+            self.run(["tc", "filter", "add", *device, "parent", "1:", "protocol", "ip", "prio", "1", "u32",
+                      "match", "ip", "dst", f"{address}/32", "flowid", classid], timeout=10)
+
     def unlimit_egress(self) -> None:
-        """Remove a limit set by :meth:`limit_egress`."""
+        """Remove a limit set by :meth:`limit_egress` or :meth:`limit_egress_fairly`."""
         self.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10, check=False)
 
     def add_address6(self) -> str:

@@ -48,6 +48,7 @@ class AccessLogEntry:
     method: str
     path: str
     status: int
+    size: int = 0  # body bytes the registry sent ("-" in the log: none)
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -161,8 +162,9 @@ class Registry:
         for line in self.process.stdout().splitlines():
             match = _ACCESS_LINE.match(line)
             if match:
+                size = int(match["size"]) if match["size"].isdigit() else 0
                 entries.append(AccessLogEntry(match["client"], match["user"], match["method"], match["path"],
-                                              int(match["status"])))
+                                              int(match["status"]), size))
         return entries
 
     def count_requests(self, method: str, path: str, status: int | None = None) -> int:
