@@ -32,7 +32,7 @@ from dns_support import free_port, stop, unbound_server_lines, wait_for_dns  # n
 from procstat import cpu_seconds, process_tree  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
-from dnsmirror.dns.child import NICE_BOOST  # noqa: E402
+from dnsmirror.dns.child import ChildSettings  # noqa: E402
 
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
@@ -464,7 +464,7 @@ def main() -> int:
         lines += [
             "",
             f"Latency while blobs stream, in one run: dnsmirror in network namespaces (unpinned), with DNS in its "
-            f"own process (the default; it raises its CPU priority by {-NICE_BOOST} when allowed, here as root) and, "
+            f"own process (the default; it runs {ChildSettings.cpu_priority} nice steps above the mirror process) and, "
             "for comparison, on the mirror's event loop (`dns.own_process: false`); dnsperf at nice "
             f"{CLIENT_NICE} in the node namespace at {args.rate:,} queries/s, half captured names, half forwarded "
             "to an unbound in the registry namespace; the streams: two curl clients pulling cold "
