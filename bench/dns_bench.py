@@ -273,9 +273,12 @@ def _measure_with_streams(
 
     def run_once(target: str) -> dict:
         address, port, queries, rate = targets[target]
-        # the measuring client at a high priority: its own waits for a core are not the server's
+        # the measuring client at a high priority, in a session of its own (where the kernel groups tasks by
+        # session, it would otherwise share the busy curl clients' group): its own waits are not the server's
         done = node.run(
             [
+                "setsid",
+                "--wait",
                 "nice",
                 "-n",
                 str(CLIENT_NICE),
@@ -555,7 +558,8 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
         "dnsmirror in network namespaces (unpinned), with DNS in its own process (the default: a session of its "
         f"own, {ChildSettings.cpu_priority} nice steps above the mirror process, here by raising its own "
         "priority as root) and, for comparison, on the mirror's event loop (`dns.own_process: false`). dnsperf at "
-        f"nice {CLIENT_NICE} in the node namespace at {args.rate:,} queries/s to dnsmirror, half captured names, "
+        f"nice {CLIENT_NICE} in a session of its own in the node namespace at {args.rate:,} queries/s to "
+        "dnsmirror, half captured names, "
         "half forwarded to an unbound in the registry namespace. In turns with dnsmirror, under the same streams: "
         f"the peer, dnsmasq (`cache-size=0`, at nice {PEER_NICE} in a session of its own, as dnsmirror's DNS "
         f"process) forwarding to the same unbound, and that unbound asked directly, each at {args.rate // 2:,} "

@@ -23,7 +23,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "peers": ["peer_bench.py", "--runs", "5", "--blob-mib", "256"],
 }
 # generous upper bounds: a hung benchmark must not hang `make bench`
-TIMEOUT_SECONDS = {"dns": 900, "tls": 300, "mirror": 900, "peers": 600}
+TIMEOUT_SECONDS = {"dns": 1200, "tls": 300, "mirror": 900, "peers": 600}
 
 
 def run(command: list[str], timeout: float) -> int | str:

@@ -294,7 +294,10 @@ class DnsProcess:
         if steps:
             mirror_nice = self.nice.lower_own(steps)
         self.priority_gap = mirror_nice - dns_nice
-        log.info(
+        # short of the setting only at the ends of the nice range (the mirror already at 19)
+        level = logging.INFO if self.priority_gap >= self.settings.cpu_priority else logging.WARNING
+        log.log(
+            level,
             "DNS process runs %d nice steps above the mirror's blob work",
             self.priority_gap,
             extra=log_fields(
