@@ -41,7 +41,8 @@ NAMES = 200
 FORWARD_ROUNDS = 3
 CLIENT_NICE = -10
 LATENCY_ROUNDS = 3
-# the peer resolver runs as dnsmirror's DNS process does as root: a session of its own, 5 nice steps up
+# the peer resolver runs as dnsmirror's DNS process does as root: a session of its own, it and its session's
+# scheduling group (autogroup) 5 nice steps up
 PEER_NICE = -5
 
 
@@ -213,6 +214,8 @@ def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_cl
                 "dnsmasq",
             )
             peer.wait_listening(PEER_PORT)
+            # as dnsmirror's DNS process does with its own session's scheduling group (dnsmirror/dns/priority.py)
+            Path(f"/proc/{peer.pid}/autogroup").write_text(str(PEER_NICE))
             peers = {
                 "dnsmasq": (node.address, PEER_PORT, forwarded_only, rate // 2),
                 "upstream unbound, asked directly": (dns.address, 53, forwarded_only, rate // 2),
@@ -557,12 +560,12 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
         "",
         "dnsmirror in network namespaces (unpinned), with DNS in its own process (the default: a session of its "
         f"own, {ChildSettings.cpu_priority} nice steps above the mirror process, here by raising its own "
-        "priority as root) and, for comparison, on the mirror's event loop (`dns.own_process: false`). dnsperf at "
+        "priority and its session's scheduling group's as root) and, for comparison, on the mirror's event loop (`dns.own_process: false`). dnsperf at "
         f"nice {CLIENT_NICE} in a session of its own in the node namespace at {args.rate:,} queries/s to "
         "dnsmirror, half captured names, "
         "half forwarded to an unbound in the registry namespace. In turns with dnsmirror, under the same streams: "
-        f"the peer, dnsmasq (`cache-size=0`, at nice {PEER_NICE} in a session of its own, as dnsmirror's DNS "
-        f"process) forwarding to the same unbound, and that unbound asked directly, each at {args.rate // 2:,} "
+        f"the peer, dnsmasq (`cache-size=0`, at nice {PEER_NICE} in a session of its own whose scheduling group is "
+        f"at nice {PEER_NICE} too, as dnsmirror's DNS process) forwarding to the same unbound, and that unbound asked directly, each at {args.rate // 2:,} "
         "queries/s (dnsmirror's forwarded rate). The streams: two curl clients pulling cold "
         f"{args.blob_mib} MiB blobs one after the other through the mirror from docker-registry (TLS).",
         "",

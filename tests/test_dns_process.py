@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 from dns_support import capturing_mirror, dig, dig_answers, dnsmirror_serve, free_port, unbound, wait_until
@@ -126,6 +127,9 @@ def test_the_dns_process_runs_above_the_mirror_in_a_session_of_its_own(tmp_path)
         assert os.getsid(child) == child != os.getsid(process.pid)
         if os.geteuid() == 0:  # allowed to raise its own priority: the mirror process keeps its own
             assert nice_of(process.pid) == nice_of(0)
+            # and its session's scheduling group's, where the kernel groups tasks by session
+            if os.path.exists(f"/proc/{child}/autogroup"):
+                assert Path(f"/proc/{child}/autogroup").read_text().split()[-1] == "-5"
     assert "dns_priority" in log.read_text()
 
 
@@ -149,6 +153,8 @@ def test_without_cap_sys_nice_the_mirror_process_lowers_its_own_priority(tmp_pat
         assert wait_until(lambda: priority_settled(metrics_port, process.pid), 10), log.read_text()
         (child,) = children(process.pid)
         assert nice_of(child) == start
+        if os.path.exists(f"/proc/{child}/autogroup"):  # its group kept its weight too
+            assert Path(f"/proc/{child}/autogroup").read_text().split()[-1] == "0"
         # every thread of the mirror process: the disk threads' hashing and writing yield too
         threads = [int(tid) for tid in os.listdir(f"/proc/{process.pid}/task")]
         assert {nice_of(tid) for tid in threads} == {start + 5}

@@ -534,8 +534,11 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # the node's resolver goes before blob work when the cores are busy
-    priority.own_session()
-    priority.raise_own(settings.cpu_priority)
+    alone = priority.own_session()
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    raised = before - priority.raise_own(settings.cpu_priority)
+    if alone:
+        priority.raise_own_group(raised)
     child = _Child(reactor, settings)
     failed = []
 

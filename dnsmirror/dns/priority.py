@@ -11,7 +11,9 @@ no privilege. Either way the gap between the two is the same, and it is reported
 The DNS process also starts a session of its own: where the kernel groups processes by session
 (``kernel.sched_autogroup_enabled``, on by default on Debian), a new session is a scheduling group of
 its own, so the DNS process is woken as itself rather than as a share of the busy mirror's group, as a
-resolver started as its own service would be.
+resolver started as its own service would be. There its nice value counts only inside its own group, so
+when it could raise its priority, its group gets the same raise (``/proc/self/autogroup``; the group is
+its alone). Inside a cgroup (a pod, a service) there is no autogroup and this changes nothing.
 
 :func:`yield_steps` is the decision; the functions around it only read and set nice values.
 """
@@ -45,6 +47,19 @@ def raise_own(gap: int) -> int:
     except OSError as exc:
         log.debug("the DNS process keeps nice %d (%s): the mirror process yields instead", before, exc)
     return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def raise_own_group(steps: int) -> None:
+    """In the DNS process, once it leads a session of its own: raise that session's scheduling group
+    (autogroup) by ``steps`` as well; nothing where the kernel has no autogroup or refuses (no
+    ``CAP_SYS_NICE``)."""
+    if steps <= 0:
+        return
+    try:
+        with open("/proc/self/autogroup", "w") as group:
+            group.write(str(max(-steps, NICE_MIN)))
+    except OSError as exc:
+        log.debug("the DNS process's scheduling group keeps its weight: %s", exc)
 
 
 def own_session() -> bool:
