@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -354,6 +355,7 @@ def _measure_with_streams(
         thread.start()
     time.sleep(1.0)  # both streams at full speed
     measuring = time.monotonic()
+    load_before = os.getloadavg()[0]
     loaded = measure()
     measured = time.monotonic()
     finished.set()  # the blobs under way finish; no new one starts
@@ -363,7 +365,9 @@ def _measure_with_streams(
         raise RuntimeError("blob streams failed: " + "; ".join(failures))
     covered = max(0.0, min(min(ends), measured) - measuring) / (measured - measuring)
     streamed = pulled[0] / (max(ends) - started)
-    return {"idle": idle, "loaded": loaded, "covered": covered, "streamed": streamed}
+    # the machine's 1-minute load average around the measurement: other work on a shared machine shows here
+    load = (load_before, os.getloadavg()[0])
+    return {"idle": idle, "loaded": loaded, "covered": covered, "streamed": streamed, "load": load}
 
 
 def main() -> int:
@@ -586,7 +590,7 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
                     f"| {mode} | {target} | {kind} | {idle['p50']:.2f} | {idle['p99']:.2f} "
                     f"({idle['worst_p99']:.2f}) | {loaded['p50']:.2f} | **{loaded['p99']:.2f}** "
                     f"({loaded['worst_p99']:.2f}) | {loaded['max']:.2f} | {result['streamed'] / 1e6:,.0f} MB/s, "
-                    f"{result['covered']:.0%} of the time |"
+                    f"{result['covered']:.0%} of the time; load {result['load'][0]:.1f} to {result['load'][1]:.1f} |"
                 )
     lost = ", ".join(
         f"{mode}, {target}: idle {r['idle'][target]['lost']}, streaming {loaded['lost']}"
@@ -597,7 +601,8 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
         *lines,
         "",
         f'- Target: p99 < 2 ms while streaming. Queries lost: {lost}. "streams": both clients\' '
-        "bytes per second together, and the share of the streaming measurement both streams ran.",
+        "bytes per second together, the share of the streaming measurement both streams ran, and the machine's "
+        "1-minute load average before and after it (2 and more: other work shared the two cores).",
     ]
 
 
