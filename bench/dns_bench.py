@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -32,7 +33,7 @@ from dns_support import free_port, stop, unbound_server_lines, wait_for_dns  # n
 from procstat import cpu_seconds, process_tree  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
-from dnsmirror.dns.child import NICE_BOOST  # noqa: E402
+from dnsmirror.dns.child import ChildSettings  # noqa: E402
 
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
@@ -41,6 +42,9 @@ NAMES = 200
 FORWARD_ROUNDS = 3
 CLIENT_NICE = -10
 LATENCY_ROUNDS = 3
+# the peer resolver runs as dnsmirror's DNS process does as root: a session of its own, it and its session's
+# scheduling group (autogroup) 5 nice steps up
+PEER_NICE = -5
 
 
 @contextlib.contextmanager
@@ -197,11 +201,34 @@ def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_cl
             # captured: the registry's name (and names under its pattern); forwarded: names the upstream knows
             captured = [ECR_HOST] + [f"{i}.dkr.ecr.us-east-1.amazonaws.com" for i in range(NAMES - 1)]
             queries.write_text("".join(f"{c} A\n{f} A\n" for c, f in zip(captured, forwarded, strict=True)))
+            forwarded_only = work / "forwarded.txt"
+            forwarded_only.write_text("".join(f"{f} A\n" for f in forwarded))
+            # the peer: dnsmasq (cache-size=0) forwarding to the same upstream, in the node namespace, started
+            # as the harness starts every server (a session of its own), at the DNS process's priority
+            peer = node.start(
+                [
+                    "nice",
+                    "-n",
+                    str(PEER_NICE),
+                    *dnsmasq_command(work, node.address, PEER_PORT, f"{dns.address}#53"),
+                ],
+                "dnsmasq",
+            )
+            peer.wait_listening(PEER_PORT)
+            # as dnsmirror's DNS process does with its own session's scheduling group (dnsmirror/dns/priority.py)
+            Path(f"/proc/{peer.pid}/autogroup").write_text(str(PEER_NICE))
+            peers = {
+                "dnsmasq": (node.address, PEER_PORT, forwarded_only, rate // 2),
+                "upstream unbound, asked directly": (dns.address, 53, forwarded_only, rate // 2),
+            }
             results = {}
             for own_process in (False, True):
+                targets = {"dnsmirror": (node.address, 53, queries, rate)}
+                if own_process:  # the peers measured in turns with dnsmirror, under the same streams
+                    targets.update(peers)
                 digests = [
                     registry.place_blob("bench/dns", random_chunks(blob_mib * MiB))[0]
-                    for _ in range(2 * blobs_per_client)
+                    for _ in range(2 * blobs_per_client * len(targets))
                 ]
                 mode = "own process" if own_process else "mirror's event loop"
                 overrides = {
@@ -210,34 +237,60 @@ def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_cl
                     "log": {"format": "json", "level": "warning"},
                 }
                 with MirrorNode(node, work / f"mirror-{own_process}", dns.address, ca, overrides) as mirror:
-                    results[mode] = _measure_with_streams(
-                        node, mirror, queries, seconds, rate, digests, blob_mib
-                    )
+                    results[mode] = _measure_with_streams(node, mirror, targets, seconds, digests, blob_mib)
+            peer.stop()
     return results
 
 
+PEER_PORT = 5353
+
+
+def dnsmasq_command(work: Path, address: str, port: int, server: str) -> list[str]:
+    """dnsmasq answering nothing itself (no cache, no hosts), forwarding everything to ``server``."""
+    return [
+        shutil.which("dnsmasq") or "/usr/sbin/dnsmasq",
+        "--keep-in-foreground",
+        "--no-resolv",
+        "--no-hosts",
+        "--no-poll",
+        "--user=root",
+        f"--pid-file={work}/dnsmasq-{address}-{port}.pid",
+        f"--listen-address={address}",
+        "--bind-interfaces",
+        f"--port={port}",
+        "--cache-size=0",
+        "--dns-forward-max=1000",
+        f"--server={server}",
+    ]
+
+
 def _measure_with_streams(
-    node, mirror, queries: Path, seconds: int, rate: int, digests: list[str], blob_mib: int
+    node, mirror, targets: dict[str, tuple[str, int, Path, int]], seconds: int, digests: list[str], blob_mib: int
 ) -> dict:
-    """dnsperf idle, then while two curl clients pull ``digests`` (cold) through ``mirror``."""
+    """dnsperf against each of ``targets`` (name -> address, port, queries, rate) in turns, idle, then while two
+    curl clients pull ``digests`` (cold) through ``mirror``."""
     import threading
 
     from mirror_bench import MiB, blob_url, curl_argv, parse_download
 
     trust = mirror.trust_bundle()
 
-    def run_once() -> dict:
-        # the measuring client at a high priority: its own waits for a core are not the server's
+    def run_once(target: str) -> dict:
+        address, port, queries, rate = targets[target]
+        # the measuring client at a high priority, in a session of its own (where the kernel groups tasks by
+        # session, it would otherwise share the busy curl clients' group): its own waits are not the server's
         done = node.run(
             [
+                "setsid",
+                "--wait",
                 "nice",
                 "-n",
                 str(CLIENT_NICE),
                 "dnsperf",
                 "-s",
-                mirror.address,
+                address,
                 "-p",
-                "53",
+                str(port),
                 "-d",
                 str(queries),
                 "-l",
@@ -251,19 +304,29 @@ def _measure_with_streams(
         return split_latencies(done.stdout.decode(errors="replace"), "amazonaws.com")
 
     def measure() -> dict:
-        """LATENCY_ROUNDS runs: the median of each percentile (a burst of unrelated work on the shared
-        machine moves one run, not the result), and the worst run's p99."""
-        runs = [run_once() for _ in range(LATENCY_ROUNDS)]
-        result: dict = {"lost": sum(r["lost"] for r in runs)}
-        for kind in ("captured", "forwarded"):
-            result[kind] = {
-                key: statistics.median(r[kind][key] for r in runs) for key in ("p50", "p99", "max")
-            }
-            result[kind]["n"] = sum(r[kind]["n"] for r in runs)
-            result[kind]["worst_p99"] = max(r[kind]["p99"] for r in runs)
-        return result
+        """LATENCY_ROUNDS runs of each target, in turns: the median of each percentile (a burst of unrelated
+        work on the shared machine moves one run, not the result), and the worst run's p99."""
+        runs: dict[str, list[dict]] = {target: [] for target in targets}
+        for _ in range(LATENCY_ROUNDS):
+            for target in targets:
+                runs[target].append(run_once(target))
+        results = {}
+        for target, done in runs.items():
+            result: dict = {"lost": sum(r["lost"] for r in done)}
+            for kind in ("captured", "forwarded"):
+                measured = [r[kind] for r in done if r[kind]["n"]]
+                if not measured:
+                    continue
+                result[kind] = {
+                    key: statistics.median(r[key] for r in measured) for key in ("p50", "p99", "max")
+                }
+                result[kind]["n"] = sum(r["n"] for r in measured)
+                result[kind]["worst_p99"] = max(r["p99"] for r in measured)
+            results[target] = result
+        return results
 
-    run_once()  # warm-up: upstream latencies measured
+    for target in targets:
+        run_once(target)  # warm-up: upstream latencies measured
     idle = measure()
     finished = threading.Event()
     ends: list[float] = []
@@ -292,6 +355,7 @@ def _measure_with_streams(
         thread.start()
     time.sleep(1.0)  # both streams at full speed
     measuring = time.monotonic()
+    load_before = os.getloadavg()[0]
     loaded = measure()
     measured = time.monotonic()
     finished.set()  # the blobs under way finish; no new one starts
@@ -301,7 +365,9 @@ def _measure_with_streams(
         raise RuntimeError("blob streams failed: " + "; ".join(failures))
     covered = max(0.0, min(min(ends), measured) - measuring) / (measured - measuring)
     streamed = pulled[0] / (max(ends) - started)
-    return {"idle": idle, "loaded": loaded, "covered": covered, "streamed": streamed}
+    # the machine's 1-minute load average around the measurement: other work on a shared machine shows here
+    load = (load_before, os.getloadavg()[0])
+    return {"idle": idle, "loaded": loaded, "covered": covered, "streamed": streamed, "load": load}
 
 
 def main() -> int:
@@ -313,10 +379,21 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=2000, help="queries/s of the latency runs")
     parser.add_argument("--blob-mib", type=int, default=512, help="size of each cold blob streamed")
     parser.add_argument(
-        "--blobs-per-client", type=int, default=3, help="cold blobs each of the two clients pulls"
+        "--blobs-per-client",
+        type=int,
+        default=2,
+        help="cold blobs each of the two clients pulls per server measured while they stream",
     )
     parser.add_argument(
         "--skip-streaming", action="store_true", help="no latency-while-streaming run (no netns)"
+    )
+    parser.add_argument(
+        "--streaming-only", action="store_true", help="only the latency-while-streaming run (needs root)"
+    )
+    parser.add_argument(
+        "--note",
+        default="The machine was shared with other engineers' test runs: expect noise.",
+        help="what else ran on the machine, for RESULTS.md",
     )
     args = parser.parse_args()
     # a SIGTERM (make bench's timeout) unwinds the context managers: namespaces and processes are removed
@@ -325,6 +402,8 @@ def main() -> int:
         if not shutil.which(tool) and not Path(f"/usr/sbin/{tool}").exists():
             print(f"{tool} is missing: run scripts/setup.sh bench", file=sys.stderr)
             return 1
+    if args.streaming_only:
+        return write_streaming(args)
 
     with tempfile.TemporaryDirectory(prefix="dnsmirror-bench-") as tmp:
         work = Path(tmp)
@@ -407,12 +486,6 @@ def main() -> int:
             lat = latency(mirror_port, captured_queries, min(args.seconds, 5), rate)
         health.close()
 
-    streaming = (
-        None
-        if args.skip_streaming
-        else latency_while_streaming(min(args.seconds, 3), args.rate, args.blob_mib, args.blobs_per_client)
-    )
-
     unbound_qps = rows["unbound, captured names (local zone)"]["qps"]
     mirror_qps = rows["dnsmirror, captured names"]["qps"]
     ratio = mirror_qps / unbound_qps if unbound_qps else 0.0
@@ -432,7 +505,7 @@ def main() -> int:
         f"Command: `make bench` runs `{command}` (dnsperf on core {CLIENT_CORE}, "
         f"servers pinned to core {SERVER_CORE} (dnsmirror: both its processes), the upstream unbound of the "
         f"forwarded rows on core {CLIENT_CORE}, loopback, {NAMES} distinct names, 8 clients, 400 outstanding).",
-        f"Measured: {machine()}. The machine was shared with other engineers' test runs: expect noise.",
+        f"Measured: {machine()}. {args.note}",
         "",
         "| server, names | queries/s | server CPU (of its core) | queries per CPU-second | lost | response codes |",
         "|---|---:|---:|---:|---|---|",
@@ -460,44 +533,77 @@ def main() -> int:
         f"- Latency of captured answers at {rate:,} queries/s (50% of dnsmirror's peak), {lat['n']:,} queries: "
         f"p50 {lat['p50']:.2f} ms, **p99 {lat['p99']:.2f} ms** (target < 5 ms), max {lat['max']:.2f} ms.",
     ]
-    if streaming is not None:
-        lines += [
-            "",
-            f"Latency while blobs stream, in one run: dnsmirror in network namespaces (unpinned), with DNS in its "
-            f"own process (the default; it raises its CPU priority by {-NICE_BOOST} when allowed, here as root) and, "
-            "for comparison, on the mirror's event loop (`dns.own_process: false`); dnsperf at nice "
-            f"{CLIENT_NICE} in the node namespace at {args.rate:,} queries/s, half captured names, half forwarded "
-            "to an unbound in the registry namespace; the streams: two curl clients pulling cold "
-            f"{args.blob_mib} MiB blobs one after the other through the mirror from docker-registry (TLS).",
-            "",
-            f"Each figure is the median of {LATENCY_ROUNDS} runs of {min(args.seconds, 3)} s (the worst run's p99 "
-            "in brackets).",
-            "",
-            "| DNS runs in | names | idle p50 ms | idle p99 ms | streaming p50 ms | **streaming p99 ms** | "
-            "streaming max ms | streams |",
-            "|---|---|---:|---:|---:|---:|---:|---|",
-        ]
-        for mode, result in streaming.items():
-            for kind in ("captured", "forwarded"):
-                idle, loaded = result["idle"][kind], result["loaded"][kind]
-                lines.append(
-                    f"| {mode} | {kind} | {idle['p50']:.2f} | {idle['p99']:.2f} ({idle['worst_p99']:.2f}) | "
-                    f"{loaded['p50']:.2f} | **{loaded['p99']:.2f}** ({loaded['worst_p99']:.2f}) | {loaded['max']:.2f} | {result['streamed'] / 1e6:,.0f} MB/s, "
-                    f"{result['covered']:.0%} of the time |"
-                )
-        lost = ", ".join(
-            f"{mode}: idle {r['idle']['lost']}, streaming {r['loaded']['lost']}"
-            for mode, r in streaming.items()
-        )
-        lines += [
-            "",
-            f'- Target: p99 < 2 ms while streaming. Queries lost: {lost}. "streams": both clients\' '
-            "bytes per second together, and the share of the streaming measurement both streams ran.",
-        ]
     if not args.no_write:
         write_section("dns", "\n".join(lines))
     print("\n".join(lines))
+    return 0 if args.skip_streaming else write_streaming(args)
+
+
+def write_streaming(args: argparse.Namespace) -> int:
+    """Run the latency-while-streaming measurement and write its own section."""
+    load = f"Load average before: {', '.join(Path('/proc/loadavg').read_text().split()[:3])}. {args.note}"
+    streaming = latency_while_streaming(min(args.seconds, 3), args.rate, args.blob_mib, args.blobs_per_client)
+    lines = streaming_lines(args, streaming, load)
+    if not args.no_write:
+        write_section("dns-streaming", "\n".join(lines))
+    print("\n".join(lines))
     return 0
+
+
+def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> list[str]:
+    """The section of the latency-while-streaming measurement."""
+    command = (
+        f"{Path(sys.executable).name} bench/dns_bench.py --streaming-only --seconds {args.seconds} --rate "
+        f"{args.rate} --blob-mib {args.blob_mib} --blobs-per-client {args.blobs_per_client}"
+    )
+    lines = [
+        "## DNS: answer latency while blobs stream through the mirror",
+        "",
+        f"Command: `{command}` (also run by `make bench`).",
+        f"Measured: {machine()}. {load}",
+        "",
+        "dnsmirror in network namespaces (unpinned), with DNS in its own process (the default: a session of its "
+        f"own, {ChildSettings.cpu_priority} nice steps above the mirror process, here by raising its own "
+        "priority and its session's scheduling group's as root) and, for comparison, on the mirror's event loop (`dns.own_process: false`). dnsperf at "
+        f"nice {CLIENT_NICE} in a session of its own in the node namespace at {args.rate:,} queries/s to "
+        "dnsmirror, half captured names, "
+        "half forwarded to an unbound in the registry namespace. In turns with dnsmirror, under the same streams: "
+        f"the peer, dnsmasq (`cache-size=0`, at nice {PEER_NICE} in a session of its own whose scheduling group is "
+        f"at nice {PEER_NICE} too, as dnsmirror's DNS process) forwarding to the same unbound, and that unbound asked directly, each at {args.rate // 2:,} "
+        "queries/s (dnsmirror's forwarded rate). The streams: two curl clients pulling cold "
+        f"{args.blob_mib} MiB blobs one after the other through the mirror from docker-registry (TLS).",
+        "",
+        f"Each figure is the median of {LATENCY_ROUNDS} runs of {min(args.seconds, 3)} s (the worst run's p99 "
+        "in brackets).",
+        "",
+        "| DNS runs in | server | names | idle p50 ms | idle p99 ms | streaming p50 ms | **streaming p99 ms** | "
+        "streaming max ms | streams |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for mode, result in streaming.items():
+        for target, loaded_result in result["loaded"].items():
+            for kind in ("captured", "forwarded"):
+                if kind not in loaded_result:
+                    continue
+                idle, loaded = result["idle"][target][kind], loaded_result[kind]
+                lines.append(
+                    f"| {mode} | {target} | {kind} | {idle['p50']:.2f} | {idle['p99']:.2f} "
+                    f"({idle['worst_p99']:.2f}) | {loaded['p50']:.2f} | **{loaded['p99']:.2f}** "
+                    f"({loaded['worst_p99']:.2f}) | {loaded['max']:.2f} | {result['streamed'] / 1e6:,.0f} MB/s, "
+                    f"{result['covered']:.0%} of the time; load {result['load'][0]:.1f} to {result['load'][1]:.1f} |"
+                )
+    lost = ", ".join(
+        f"{mode}, {target}: idle {r['idle'][target]['lost']}, streaming {loaded['lost']}"
+        for mode, r in streaming.items()
+        for target, loaded in r["loaded"].items()
+    )
+    return [
+        *lines,
+        "",
+        f'- Target: p99 < 2 ms while streaming. Queries lost: {lost}. "streams": both clients\' '
+        "bytes per second together, the share of the streaming measurement both streams ran, and the machine's "
+        "1-minute load average before and after it (2 and more: other work shared the two cores).",
+    ]
 
 
 if __name__ == "__main__":

@@ -377,6 +377,11 @@ class Services(service.MultiService):
                     "Upstream resolvers skipped now (timed out or refused; probed until they answer)",
                     self._upstreams_down,
                 ),
+                "dns_priority_gap": (
+                    "Nice steps the DNS process runs above the mirror's blob work (dns.cpu_priority; 0 while "
+                    "DNS runs in the mirror process)",
+                    lambda: (self.dns_process.priority_gap or 0) if self.dns_process is not None else 0,
+                ),
             },
             self.ready,
             counters={
@@ -568,6 +573,7 @@ def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, healt
         stale_after=max(
             3 * health_cfg.interval, health_cfg.interval * health_cfg.failures + health_cfg.timeout
         ) + 1,
+        cpu_priority=config.dns.cpu_priority,
     )
     process = DnsProcess(reactor, settings, sockets, stats, health, tls_bypass, health_cfg.interval)
     # the DNS process forgets its captured answers for a bypassed registry when told of the bypass

@@ -79,6 +79,7 @@ class DnsConfig:
     allow: tuple[IPNetwork, ...]
     answer_cache_size: int
     own_process: bool = True
+    cpu_priority: int = 5
 
 
 @dataclass(frozen=True)
@@ -486,6 +487,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
             "allow": _list_of(_network),
             "answer_cache_size": _int_range(1, 10_000_000),
             "own_process": _boolean,
+            "cpu_priority": _int_range(0, 19),
         },
     ),
     "health": (

@@ -139,10 +139,12 @@ def silent_udp_server():
 
 
 @contextlib.contextmanager
-def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True, nofile: int | None = None):
+def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True, nofile: int | None = None,
+                    prefix: tuple[str, ...] = ()):
     """``dnsmirror serve`` with the embedded default plus ``overrides``; yields (port, process, logfile).
 
-    ``nofile``: the process's descriptor limit (soft and hard), as ``ulimit -n`` would set it.
+    ``nofile``: the process's descriptor limit (soft and hard), as ``ulimit -n`` would set it. ``prefix``:
+    a command that execs the rest (e.g. ``setpriv`` dropping a capability).
     """
     port = free_port()
     # DNS only: no HTTPS listener (so no CA); health follows a stand-in listener the test controls
@@ -168,7 +170,7 @@ def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True, nofile: int |
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
-    process = subprocess.Popen([sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)],
+    process = subprocess.Popen([*prefix, sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)],
                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env,
                                preexec_fn=limit_descriptors if nofile else None)
     try:

@@ -194,6 +194,11 @@ def test_dns_upstreams_named_twice_or_more_than_six_are_errors():
     config.parse_document({"dns": {"upstreams": ["10.0.0.2", "10.0.0.2:5353"]}})
 
 
+def test_six_distinct_dns_upstreams_are_accepted():
+    cfg = config.parse_document({"dns": {"upstreams": [f"10.0.0.{i}" for i in range(1, 7)]}})
+    assert len(cfg.dns.upstreams) == 6
+
+
 def test_config_check_names_a_duplicate_upstream(tmp_path):
     result = config_check(tmp_path, "dup.yaml", "dns:\n  upstreams: ['10.0.0.2', '10.0.0.2']\n")
     assert result.returncode != 0 and "dns.upstreams[1]" in result.stderr, result.stderr

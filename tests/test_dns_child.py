@@ -4,12 +4,13 @@ killed and replaced, and a word that is not an explicit "healthy" never turns ca
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from twisted.internet import task
 from twisted.python.failure import Failure
 
-from dnsmirror.dns import child
+from dnsmirror.dns import child, priority
 from dnsmirror.dns.child import (
     SILENT_CHILD_AFTER,
     ChildSettings,
@@ -58,10 +59,33 @@ def report(capturing: bool = True, **counters: int) -> bytes:
     return json.dumps({"stats": counters, "upstreams_down": 0, "capturing": capturing}).encode() + b"\n"
 
 
-def started() -> tuple[SpawningClock, DnsProcess, DnsStats]:
+class FakeNice:
+    """Nice values of a fake mirror process and its fake children (by pid)."""
+
+    def __init__(self, own: int = 0, children: dict[int, int] | None = None) -> None:
+        self.mirror = own
+        self.children = children if children is not None else {4242: -5}
+        self.lowered: list[int] = []
+
+    def of(self, pid: int) -> int | None:
+        return self.children.get(pid)
+
+    def own(self) -> int:
+        return self.mirror
+
+    def lower_own(self, steps: int) -> int:
+        self.lowered.append(steps)
+        self.mirror = min(self.mirror + steps, 19)
+        return self.mirror
+
+
+def started(nice: FakeNice | None = None, **changes) -> tuple[SpawningClock, DnsProcess, DnsStats]:
     clock = SpawningClock()
     stats = DnsStats()
-    process = DnsProcess(clock, settings(), [], stats, HealthState(), None, heartbeat=1.0)
+    chosen = dataclasses.replace(settings(), **changes)
+    process = DnsProcess(
+        clock, chosen, [], stats, HealthState(), None, heartbeat=1.0, nice=nice or FakeNice()
+    )
     process.start()
     return clock, process, stats
 
@@ -153,3 +177,47 @@ def test_only_an_explicit_healthy_word_is_a_word():
                  b'{"healthy": true, "bypass": {"a": "soon"}}', b'{"healthy": true, "bypass": [1]}']:
         assert parse_health(line) is None, line
     assert parse_report(b'{"stats": {}}') == ({name: 0 for name in child._CHILD_COUNTERS}, 0, False)
+
+
+def test_a_child_that_raised_its_own_priority_leaves_the_mirror_process_as_it_is():
+    nice = FakeNice(own=0, children={4242: -5})
+    _, process, _ = started(nice)
+    assert process.priority_gap is None  # not settled before the child's start-up is done
+    process.child.outReceived(report())
+    assert nice.lowered == [] and process.priority_gap == 5
+
+
+def test_a_child_refused_a_higher_priority_makes_the_mirror_process_lower_its_own():
+    nice = FakeNice(own=2, children={4242: 2})  # e.g. a container without CAP_SYS_NICE, started at nice 2
+    _, process, _ = started(nice, cpu_priority=7)
+    process.child.outReceived(report())
+    process.child.outReceived(report())
+    assert nice.lowered == [7] and nice.mirror == 9 and process.priority_gap == 7
+
+
+def test_a_replaced_child_is_settled_again_and_the_lowest_priority_bounds_the_gap():
+    nice = FakeNice(own=17, children={4242: 17})
+    clock, process, _ = started(nice)
+    process.child.outReceived(report())
+    assert nice.lowered == [2] and process.priority_gap == 2  # nice 19 is as low as it goes
+    process.child.processEnded(Failure(RuntimeError("killed")))
+    clock.advance(child.RESTART_DELAY)
+    process.child.outReceived(report())
+    assert nice.lowered == [2] and process.priority_gap == 2  # nothing more to give
+
+
+def test_cpu_priority_zero_changes_no_priority():
+    nice = FakeNice(own=0, children={4242: 0})
+    _, process, _ = started(nice, cpu_priority=0)
+    process.child.outReceived(report())
+    assert nice.lowered == [] and process.priority_gap == 0
+
+
+def test_the_decision_of_how_far_the_mirror_process_yields():
+    assert priority.yield_steps(0, -5, 5) == 0
+    assert priority.yield_steps(0, 0, 5) == 5
+    assert priority.yield_steps(0, -2, 5) == 3
+    assert priority.yield_steps(3, 0, 5) == 2
+    assert priority.yield_steps(10, 0, 5) == 0  # already further apart than asked
+    assert priority.yield_steps(18, 18, 5) == 1  # 19 is the lowest priority there is
+    assert priority.yield_steps(19, 19, 5) == 0

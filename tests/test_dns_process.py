@@ -3,13 +3,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
-from dns_support import capturing_mirror, dig, dig_answers, dnsmirror_serve, unbound, wait_until
+from dns_support import capturing_mirror, dig, dig_answers, dnsmirror_serve, free_port, unbound, wait_until
 
 pytestmark = [
     pytest.mark.integration,
@@ -91,3 +96,76 @@ def test_dns_own_process_false_answers_from_the_mirror_process(tmp_path):
     ):
         assert answer(port) == REAL  # not healthy: fails open
         assert children(process.pid) == []
+
+
+def metric(port: int, name: str) -> float | None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return None
+
+
+def nice_of(pid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, pid)
+
+
+def priority_settled(metrics_port: int, pid: int) -> bool:
+    # the mirror process settles the gap on the DNS process's first report
+    return len(children(pid)) == 1 and metric(metrics_port, "dnsmirror_dns_priority_gap") == 5
+
+
+def test_the_dns_process_runs_above_the_mirror_in_a_session_of_its_own(tmp_path):
+    metrics_port = free_port()
+    quiet = {"upstreams": [f"127.0.0.1:{free_port()}"]}  # nothing is forwarded off this machine
+    overrides = {"metrics": {"listen": f"127.0.0.1:{metrics_port}"}, "dns": quiet}
+    with dnsmirror_serve(tmp_path, overrides) as (_, process, log):
+        assert wait_until(lambda: priority_settled(metrics_port, process.pid), 10), log.read_text()
+        (child,) = children(process.pid)
+        assert nice_of(process.pid) - nice_of(child) == 5
+        # a scheduling group of its own where the kernel groups by session, as a resolver's own service
+        assert os.getsid(child) == child != os.getsid(process.pid)
+        if os.geteuid() == 0:  # allowed to raise its own priority: the mirror process keeps its own
+            assert nice_of(process.pid) == nice_of(0)
+            # and its session's scheduling group's, where the kernel groups tasks by session
+            if os.path.exists(f"/proc/{child}/autogroup"):
+                assert Path(f"/proc/{child}/autogroup").read_text().split()[-1] == "-5"
+    assert "dns_priority" in log.read_text()
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="dropping CAP_SYS_NICE needs root"
+)
+@pytest.mark.skipif(nice_of(0) > 14, reason="this test already runs at a low priority")
+def test_without_cap_sys_nice_the_mirror_process_lowers_its_own_priority(tmp_path):
+    metrics_port = free_port()
+    start = nice_of(0)
+    with dnsmirror_serve(
+        tmp_path,
+        {
+            "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+            "log": {"format": "json"},
+            "dns": {"upstreams": [f"127.0.0.1:{free_port()}"]},
+        },
+        # as in the DaemonSet's container: root without CAP_SYS_NICE
+        prefix=("setpriv", "--bounding-set", "-sys_nice", "--"),
+    ) as (_, process, log):
+        assert wait_until(lambda: priority_settled(metrics_port, process.pid), 10), log.read_text()
+        (child,) = children(process.pid)
+        assert nice_of(child) == start
+        if os.path.exists(f"/proc/{child}/autogroup"):  # its group kept its weight too
+            assert Path(f"/proc/{child}/autogroup").read_text().split()[-1] == "0"
+        # every thread of the mirror process: the disk threads' hashing and writing yield too
+        threads = [int(tid) for tid in os.listdir(f"/proc/{process.pid}/task")]
+        assert {nice_of(tid) for tid in threads} == {start + 5}
+    records = [json.loads(line) for line in log.read_text().splitlines() if '"dns_priority"' in line]
+    assert records and records[0]["mirror_lowered_by"] == 5 and records[0]["dns_nice"] == start
+
+
+@pytest.mark.parametrize(("value", "message"), [(20, "between 0 and 19"), ("high", "expected an integer")])
+def test_a_bad_cpu_priority_is_a_config_error_naming_the_key(tmp_path, value, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(f"dns:\n  cpu_priority: {value}\n")
+    done = subprocess.run([sys.executable, "-m", "dnsmirror", "config", "check", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and "dns.cpu_priority" in done.stderr and message in done.stderr, done.stderr

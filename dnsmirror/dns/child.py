@@ -23,6 +23,7 @@ changes nothing: a garbled word from the parent is no word, so the last one stil
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import json
 import logging
@@ -38,6 +39,7 @@ from twisted.internet import protocol, task
 from twisted.python.failure import Failure
 
 from dnsmirror import oci
+from dnsmirror.dns import priority
 from dnsmirror.dns.stats import DnsStats
 from dnsmirror.logs import fields as log_fields
 
@@ -52,7 +54,6 @@ RESTART_DELAY = 1.0
 # a child that sends no report for this long is stuck (it reports every STATS_INTERVAL): it is killed
 # and replaced, as if it had died
 SILENT_CHILD_AFTER = 10.0
-NICE_BOOST = -5
 _MAX_LINE = 1 << 20
 
 
@@ -73,6 +74,7 @@ class ChildSettings:
     log_format: str
     log_level: str
     stale_after: float
+    cpu_priority: int = 5  # dns.cpu_priority: nice steps above the mirror process (dnsmirror.dns.priority)
 
     def to_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)})
@@ -174,6 +176,7 @@ class DnsProcess:
         health,
         bypass,
         heartbeat: float,
+        nice: priority.NiceValues | None = None,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
@@ -189,6 +192,9 @@ class DnsProcess:
         self._stopping = False
         self._last = {name: 0 for name in _CHILD_COUNTERS}  # the running child's counters as last reported
         self._last_report = self._last_tell = reactor.seconds()
+        self.nice = nice or priority.NiceValues()
+        self.priority_gap: int | None = None  # nice steps the running child is above this process
+        self._priority_settled = False
         self._loop = task.LoopingCall(self.tell)
         self._loop.clock = reactor
 
@@ -214,6 +220,7 @@ class DnsProcess:
         )
         self._last = {name: 0 for name in _CHILD_COUNTERS}
         self._last_report = self.reactor.seconds()
+        self._priority_settled = False
         self.tell()
 
     @property
@@ -276,6 +283,31 @@ class DnsProcess:
         self.upstreams_down = upstreams_down
         self.readiness.capturing = capturing
         self.readiness.running = True
+        if not self._priority_settled:
+            self._settle_priority()
+
+    def _settle_priority(self) -> None:
+        """Once a new child reports (its start-up, priority included, is done): make the gap
+        ``dns.cpu_priority`` steps, lowering this process's priority where the child could not raise its."""
+        self._priority_settled = True
+        dns_nice = self.nice.of(self.pid) if self.pid is not None else None
+        if dns_nice is None:
+            return
+        mirror_nice = self.nice.own()
+        steps = priority.yield_steps(mirror_nice, dns_nice, self.settings.cpu_priority)
+        if steps:
+            mirror_nice = self.nice.lower_own(steps)
+        self.priority_gap = mirror_nice - dns_nice
+        # short of the setting only at the ends of the nice range (the mirror already at 19)
+        level = logging.INFO if self.priority_gap >= self.settings.cpu_priority else logging.WARNING
+        log.log(
+            level,
+            "DNS process runs %d nice steps above the mirror's blob work",
+            self.priority_gap,
+            extra=log_fields(
+                event="dns_priority", dns_nice=dns_nice, mirror_nice=mirror_nice, mirror_lowered_by=steps
+            ),
+        )
 
     def _ended(self, child: _ChildProtocol, reason) -> None:
         if child is not self.child:
@@ -506,11 +538,12 @@ def main(argv: list[str]) -> int:
     # before the mirror process drained: the child ends when its stdin closes, or by SIGKILL
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        # the node's resolver goes before blob work when the cores are busy (needs CAP_SYS_NICE or root)
-        os.setpriority(os.PRIO_PROCESS, 0, max(os.getpriority(os.PRIO_PROCESS, 0) + NICE_BOOST, -20))
-    except OSError as exc:
-        log.debug("DNS process keeps its CPU priority: %s", exc)
+    # the node's resolver goes before blob work when the cores are busy
+    alone = priority.own_session()
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    raised = before - priority.raise_own(settings.cpu_priority)
+    if alone:
+        priority.raise_own_group(raised)
     child = _Child(reactor, settings)
     failed = []
 
@@ -521,6 +554,9 @@ def main(argv: list[str]) -> int:
             log.exception("the DNS process could not start")
             failed.append(True)
             reactor.stop()
+            return
+        # what start-up built lives as long as the process: no collection walks it again (no long pause)
+        gc.freeze()
 
     reactor.callWhenRunning(run)
     reactor.run(installSignalHandlers=False)
