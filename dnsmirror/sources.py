@@ -37,7 +37,10 @@ from dnsmirror.uploads import StreamingRequest
 from dnsmirror.upstream import UPSTREAM_FAILURES
 
 if TYPE_CHECKING:
+    from dnsmirror.config import HostPort
     from dnsmirror.content import ContentChain
+    from dnsmirror.contracts import UpstreamAnswer
+    from dnsmirror.streaming import Fill
     from dnsmirror.swarm_node import SwarmDriver
 
 log = logging.getLogger("dnsmirror.sources")
@@ -47,6 +50,8 @@ log = logging.getLogger("dnsmirror.sources")
 VERIFY_BEFORE_SERVING = 16 * 1024 * 1024
 # errors creating a cache file that say the disk itself cannot take files now
 _DISK_FAULTS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO})
+# why a peer's manifest is refused: the peer is at fault, not the cache
+_OVERSIZED = "oversized manifest"
 
 
 def wants_range(request: StreamingRequest, target: Target) -> bool:
@@ -216,25 +221,10 @@ class PeerSource:
         if found is None:
             return NotHere("no peer has it")
         peer, response = found
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
-        if target.is_manifest and response.length > oci.MANIFEST_MAX_SIZE:
-            await response.discard(0)
-            self.peers.failed(peer, target.digest, f"manifest of {response.length} bytes")
-            return NotHere("oversized manifest")
-        try:
-            writer = await chain.disk.run(
-                chain.store.writer,
-                target.digest,
-                content_type=content_type.decode("latin-1"),
-                expected_size=response.length,
-            )
-        except (StoreFull, OSError):
-            await response.discard(0)
-            return NotHere("the cache cannot take it")  # upstream's answer is streamed without caching
-        chain.stats.peer_fills += 1
+        fill = await self._start_fill(target, peer, response)
+        if isinstance(fill, NotHere):
+            return fill
         slot = chain.slots[target.digest]
-        slot.source, slot.peer = self.name, peer
-        fill = chain.new_fill(writer, target, response.length, content_type.decode("latin-1"))
         headers = upstream_headers(request, target)
 
         def broke(reason: str) -> None:
@@ -276,24 +266,11 @@ class PeerSource:
         """Stream ``holder``'s answer into a fill; after a break the next source sends the rest."""
         chain = self.chain
         swarm = cast("SwarmDriver", self.swarm)
-        content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
-        if target.is_manifest and response.length > oci.MANIFEST_MAX_SIZE:
-            await response.discard(0)
-            swarm.abandon(target.digest)
-            self.peers.failed(holder, target.digest, f"manifest of {response.length} bytes")
-            return NotHere("oversized manifest")
-        try:
-            writer = await chain.disk.run(chain.store.writer, target.digest,
-                                          content_type=content_type.decode("latin-1"),
-                                          expected_size=response.length)
-        except (StoreFull, OSError):
-            await response.discard(0)
-            swarm.abandon(target.digest, failed=False)
-            return NotHere("the cache cannot take it")  # upstream's answer is streamed without caching
-        chain.stats.peer_fills += 1
+        fill = await self._start_fill(target, holder, response)
+        if isinstance(fill, NotHere):
+            swarm.abandon(target.digest, failed=fill.why == _OVERSIZED)
+            return fill
         slot = chain.slots[target.digest]
-        slot.source, slot.peer = self.name, holder
-        fill = chain.new_fill(writer, target, response.length, content_type.decode("latin-1"))
         headers = upstream_headers(request, target)
 
         def source_changed(source) -> None:
@@ -306,6 +283,27 @@ class PeerSource:
 
         swarm.feed(target.digest, fill, response, upstream_rest, source_changed, holder)
         return FromFill(fill, self.name)
+
+    async def _start_fill(self, target: Target, peer: HostPort, response: UpstreamAnswer) -> Fill | NotHere:
+        """A fill of ``target`` fed by ``peer``'s answer, or NotHere: a manifest too big (blamed on the peer),
+        or a cache that cannot take it (then upstream's answer is streamed uncached)."""
+        chain = self.chain
+        content_type = (response.headers.getRawHeaders(b"content-type") or [b"application/octet-stream"])[0]
+        if target.is_manifest and (response.length is None or response.length > oci.MANIFEST_MAX_SIZE):
+            await response.discard(0)
+            self.peers.failed(peer, target.digest, f"manifest of {response.length or 'unknown'} bytes")
+            return NotHere(_OVERSIZED)
+        try:
+            writer = await chain.disk.run(chain.store.writer, target.digest,
+                                          content_type=content_type.decode("latin-1"),
+                                          expected_size=response.length)
+        except (StoreFull, OSError):
+            await response.discard(0)
+            return NotHere("the cache cannot take it")
+        chain.stats.peer_fills += 1
+        slot = chain.slots[target.digest]
+        slot.source, slot.peer = self.name, peer
+        return chain.new_fill(writer, target, response.length, content_type.decode("latin-1"))
 
     async def _upstream_rest(self, target: Target, headers: dict, offset: int, total: int | None):
         """Upstream's answer for bytes ``offset``- of the blob (206 with the matching range), or None (also
