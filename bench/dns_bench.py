@@ -164,12 +164,13 @@ def split_latencies(output: str, captured_suffix: str) -> dict[str, dict]:
 
 
 def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_client: int) -> dict:
-    """Captured and forwarded answer latency idle, then while two clients stream cold blobs through the mirror.
+    """Captured and forwarded answer latency idle, then while two clients stream cold blobs through the
+    mirror.
 
     Network namespaces of the test harness: docker-registry (TLS) as the registry, an unbound as the node's
-    upstream resolver, dnsmirror in a node namespace (DNS on :53, HTTPS on :443, unpinned), once with DNS in its
-    own process (the default) and once on the mirror's event loop (``dns.own_process: false``), each with blobs
-    of its own. dnsperf in the node namespace sends ``rate`` queries/s, half captured, half forwarded.
+    upstream resolver, dnsmirror in a node namespace (DNS on :53, HTTPS on :443, unpinned), once with DNS in
+    its own process (the default) and once on the mirror's event loop (``dns.own_process: false``), each with
+    blobs of its own. dnsperf in the node namespace sends ``rate`` queries/s, half captured, half forwarded.
     """
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
@@ -215,7 +216,8 @@ def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_cl
                 "dnsmasq",
             )
             peer.wait_listening(PEER_PORT)
-            # as dnsmirror's DNS process does with its own session's scheduling group (dnsmirror/dns/priority.py)
+            # as dnsmirror's DNS process does with its own session's scheduling group
+            # (dnsmirror/dns/priority.py)
             Path(f"/proc/{peer.pid}/autogroup").write_text(str(PEER_NICE))
             peers = {
                 "dnsmasq": (node.address, PEER_PORT, forwarded_only, rate // 2),
@@ -265,10 +267,15 @@ def dnsmasq_command(work: Path, address: str, port: int, server: str) -> list[st
 
 
 def _measure_with_streams(
-    node, mirror, targets: dict[str, tuple[str, int, Path, int]], seconds: int, digests: list[str], blob_mib: int
+    node,
+    mirror,
+    targets: dict[str, tuple[str, int, Path, int]],
+    seconds: int,
+    digests: list[str],
+    blob_mib: int,
 ) -> dict:
-    """dnsperf against each of ``targets`` (name -> address, port, queries, rate) in turns, idle, then while two
-    curl clients pull ``digests`` (cold) through ``mirror``."""
+    """dnsperf against each of ``targets`` (name -> address, port, queries, rate) in turns, idle, then while
+    two curl clients pull ``digests`` (cold) through ``mirror``."""
     import threading
 
     from mirror_bench import MiB, blob_url, curl_argv, parse_download
@@ -504,34 +511,38 @@ def main() -> int:
         "",
         f"Command: `make bench` runs `{command}` (dnsperf on core {CLIENT_CORE}, "
         f"servers pinned to core {SERVER_CORE} (dnsmirror: both its processes), the upstream unbound of the "
-        f"forwarded rows on core {CLIENT_CORE}, loopback, {NAMES} distinct names, 8 clients, 400 outstanding).",
+        f"forwarded rows on core {CLIENT_CORE}, loopback, {NAMES} distinct names, 8 clients, "
+        "400 outstanding).",
         f"Measured: {machine()}. {args.note}",
         "",
-        "| server, names | queries/s | server CPU (of its core) | queries per CPU-second | lost | response codes |",
+        "| server, names | queries/s | server CPU (of its core) | queries per CPU-second | lost "
+        "| response codes |",
         "|---|---:|---:|---:|---|---|",
         *[
-            f"| {name} | {r['qps']:,.0f} | {r['cpu']:.0%} | {r['qps'] / max(r['cpu'], 1e-9):,.0f} | {r['lost']} "
-            f"| {r['codes']} |"
+            f"| {name} | {r['qps']:,.0f} | {r['cpu']:.0%} | {r['qps'] / max(r['cpu'], 1e-9):,.0f} "
+            f"| {r['lost']} | {r['codes']} |"
             for name, r in rows.items()
         ],
         "",
-        f"- **dnsmirror / unbound, captured names: {ratio:.0%} of the query rate** (target >= 30%); per CPU-second "
-        f"of the server's core: {mirror_eff / unbound_eff:.0%}. When a server's CPU is below 100% the single dnsperf "
-        "core, not the server, set its rate; the per-CPU-second column is then the fairer comparison.",
-        f"- **dnsmirror / dnsmasq (cache-size=0), forwarded names: {forward_ratio:.0%} of the query rate** (target "
-        f">= 50%), {forward_eff:.0%} per CPU-second (medians of {FORWARD_ROUNDS} runs each, taken in turns; "
-        f"dnsmirror {', '.join(f'{q:,.0f}' for q in forwarded['all'])}, dnsmasq "
+        f"- **dnsmirror / unbound, captured names: {ratio:.0%} of the query rate** (target >= 30%); "
+        f"per CPU-second of the server's core: {mirror_eff / unbound_eff:.0%}. When a server's CPU is below "
+        "100% the single dnsperf core, not the server, set its rate; the per-CPU-second column is then the "
+        "fairer comparison.",
+        f"- **dnsmirror / dnsmasq (cache-size=0), forwarded names: {forward_ratio:.0%} of the query rate** "
+        f"(target >= 50%), {forward_eff:.0%} per CPU-second (medians of {FORWARD_ROUNDS} runs each, "
+        f"taken in turns; dnsmirror {', '.join(f'{q:,.0f}' for q in forwarded['all'])}, dnsmasq "
         f"{', '.join(f'{q:,.0f}' for q in masq['all'])} queries/s). Both forward to the same unbound; "
         "dnsmirror merges identical questions in flight into one upstream query.",
-        "- Lost: about the same few hundred for every server, unbound's local zone included, which loses none: "
-        "the queries still outstanding (at most 400) when dnsperf stops. Response codes: "
+        "- Lost: about the same few hundred for every server, unbound's local zone included, which loses "
+        "none: the queries still outstanding (at most 400) when dnsperf stops. Response codes: "
         + (
             "NOERROR only, in every row."
             if all(r["codes"].startswith("NOERROR") and "SERVFAIL" not in r["codes"] for r in rows.values())
             else "see the table (not NOERROR only)."
         ),
-        f"- Latency of captured answers at {rate:,} queries/s (50% of dnsmirror's peak), {lat['n']:,} queries: "
-        f"p50 {lat['p50']:.2f} ms, **p99 {lat['p99']:.2f} ms** (target < 5 ms), max {lat['max']:.2f} ms.",
+        f"- Latency of captured answers at {rate:,} queries/s (50% of dnsmirror's peak), {lat['n']:,} "
+        f"queries: p50 {lat['p50']:.2f} ms, **p99 {lat['p99']:.2f} ms** (target < 5 ms), "
+        f"max {lat['max']:.2f} ms.",
     ]
     if not args.no_write:
         write_section("dns", "\n".join(lines))
@@ -562,22 +573,23 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
         f"Command: `{command}` (also run by `make bench`).",
         f"Measured: {machine()}. {load}",
         "",
-        "dnsmirror in network namespaces (unpinned), with DNS in its own process (the default: a session of its "
-        f"own, {ChildSettings.cpu_priority} nice steps above the mirror process, here by raising its own "
-        "priority and its session's scheduling group's as root) and, for comparison, on the mirror's event loop (`dns.own_process: false`). dnsperf at "
-        f"nice {CLIENT_NICE} in a session of its own in the node namespace at {args.rate:,} queries/s to "
-        "dnsmirror, half captured names, "
-        "half forwarded to an unbound in the registry namespace. In turns with dnsmirror, under the same streams: "
-        f"the peer, dnsmasq (`cache-size=0`, at nice {PEER_NICE} in a session of its own whose scheduling group is "
-        f"at nice {PEER_NICE} too, as dnsmirror's DNS process) forwarding to the same unbound, and that unbound asked directly, each at {args.rate // 2:,} "
-        "queries/s (dnsmirror's forwarded rate). The streams: two curl clients pulling cold "
+        "dnsmirror in network namespaces (unpinned), with DNS in its own process (the default: a session of "
+        f"its own, {ChildSettings.cpu_priority} nice steps above the mirror process, here by raising its own "
+        "priority and its session's scheduling group's as root) and, for comparison, on the mirror's event "
+        f"loop (`dns.own_process: false`). dnsperf at nice {CLIENT_NICE} in a session of its own in the node "
+        f"namespace at {args.rate:,} queries/s to dnsmirror, half captured names, half forwarded to an "
+        "unbound in the registry namespace. In turns with dnsmirror, under the same streams: the peer, "
+        f"dnsmasq (`cache-size=0`, at nice {PEER_NICE} in a session of its own whose scheduling group is at "
+        f"nice {PEER_NICE} too, as dnsmirror's DNS process) forwarding to the same unbound, and that unbound "
+        f"asked directly, each at {args.rate // 2:,} queries/s (dnsmirror's forwarded rate). "
+        "The streams: two curl clients pulling cold "
         f"{args.blob_mib} MiB blobs one after the other through the mirror from docker-registry (TLS).",
         "",
-        f"Each figure is the median of {LATENCY_ROUNDS} runs of {min(args.seconds, 3)} s (the worst run's p99 "
-        "in brackets).",
+        f"Each figure is the median of {LATENCY_ROUNDS} runs of {min(args.seconds, 3)} s "
+        "(the worst run's p99 in brackets).",
         "",
-        "| DNS runs in | server | names | idle p50 ms | idle p99 ms | streaming p50 ms | **streaming p99 ms** | "
-        "streaming max ms | streams |",
+        "| DNS runs in | server | names | idle p50 ms | idle p99 ms | streaming p50 ms "
+        "| **streaming p99 ms** | streaming max ms | streams |",
         "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for mode, result in streaming.items():
@@ -589,8 +601,9 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
                 lines.append(
                     f"| {mode} | {target} | {kind} | {idle['p50']:.2f} | {idle['p99']:.2f} "
                     f"({idle['worst_p99']:.2f}) | {loaded['p50']:.2f} | **{loaded['p99']:.2f}** "
-                    f"({loaded['worst_p99']:.2f}) | {loaded['max']:.2f} | {result['streamed'] / 1e6:,.0f} MB/s, "
-                    f"{result['covered']:.0%} of the time; load {result['load'][0]:.1f} to {result['load'][1]:.1f} |"
+                    f"({loaded['worst_p99']:.2f}) | {loaded['max']:.2f} "
+                    f"| {result['streamed'] / 1e6:,.0f} MB/s, {result['covered']:.0%} of the time; "
+                    f"load {result['load'][0]:.1f} to {result['load'][1]:.1f} |"
                 )
     lost = ", ".join(
         f"{mode}, {target}: idle {r['idle'][target]['lost']}, streaming {loaded['lost']}"
@@ -601,8 +614,8 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
         *lines,
         "",
         f'- Target: p99 < 2 ms while streaming. Queries lost: {lost}. "streams": both clients\' '
-        "bytes per second together, the share of the streaming measurement both streams ran, and the machine's "
-        "1-minute load average before and after it (2 and more: other work shared the two cores).",
+        "bytes per second together, the share of the streaming measurement both streams ran, and the "
+        "machine's 1-minute load average before and after it (2 and more: other work shared the two cores).",
     ]
 
 

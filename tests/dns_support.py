@@ -194,7 +194,12 @@ def capturing_mirror(tmp: Path, upstream: int, captured: str, address: str, addr
     overrides = {
         "dns": {"upstreams": [f"127.0.0.1:{upstream}"]},
         "mirror": {"address": address, **({"address6": address6} if address6 else {})},
-        "health": {"interval": "200ms", "timeout": "100ms", "failures": 1, "targets": [f"127.0.0.1:{https_port}"]},
+        "health": {
+            "interval": "200ms",
+            "timeout": "100ms",
+            "failures": 1,
+            "targets": [f"127.0.0.1:{https_port}"],
+        },
     }
 
     def captures(port: int) -> bool:
@@ -298,8 +303,8 @@ def dnsmasq(tmp: Path, host_records: dict[str, str], port: int | None = None, *o
     binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
     command = [binary, "--keep-in-foreground", "--no-resolv", "--no-hosts", "--no-poll", "--user=root",
                f"--pid-file={tmp}/dnsmasq-{port}.pid", "--listen-address=127.0.0.1", "--bind-interfaces",
-               f"--port={port}", "--cache-size=0", *[f"--host-record={n},{a}" for n, a in host_records.items()],
-               *options]
+               f"--port={port}", "--cache-size=0",
+               *[f"--host-record={n},{a}" for n, a in host_records.items()], *options]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_dns(port)
@@ -391,7 +396,9 @@ class FakeUpstream:
         self.tcp.close()
 
 
-def timed_dig(port: int, name: str, *options: str, timeout: int = 3) -> tuple[float, subprocess.CompletedProcess]:
+def timed_dig(
+    port: int, name: str, *options: str, timeout: int = 3
+) -> tuple[float, subprocess.CompletedProcess]:
     started = time.monotonic()
     result = dig(port, name, "A", *options, timeout=timeout)
     return time.monotonic() - started, result

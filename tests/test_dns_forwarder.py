@@ -51,7 +51,8 @@ class ForwarderTests(TestCase):
         count = 3 * forwarding.ROTATE_AFTER_QUERIES * forwarding.SOCKETS_PER_UPSTREAM
         for batch in range(0, count, 200):
             answers = yield defer.gatherResults([
-                forwarder.forward(DNSRecord.question(f"h{i}.example.test").pack()) for i in range(batch, batch + 200)
+                forwarder.forward(DNSRecord.question(f"h{i}.example.test").pack())
+                for i in range(batch, batch + 200)
             ])
             for offset, answer in enumerate(answers):
                 self.assertEqual(str(DNSRecord.parse(answer).q.qname), f"h{batch + offset}.example.test.")

@@ -249,8 +249,9 @@ def test_metrics_count_outcomes_and_readiness_follows_health(tmp_path, upstream)
             dig(port, "www.example.test")
             dig(port, ECR, "A", "-b", "127.0.0.2")  # outside dns.allow
             # the DNS process reports its counters every STATS_INTERVAL
-            assert wait_until(lambda: metric(get("/metrics")[1], 'dnsmirror_dns_queries_total{outcome="refused"}')
-                              == 1, 5)
+            assert wait_until(
+                lambda: metric(get("/metrics")[1], 'dnsmirror_dns_queries_total{outcome="refused"}') == 1, 5
+            )
             text = get("/metrics")[1]
     assert metric(text, 'dnsmirror_dns_queries_total{outcome="captured"}') == 3
     assert metric(text, 'dnsmirror_dns_queries_total{outcome="fail_open"}') >= 1

@@ -286,7 +286,8 @@ class FastPathTests(SynchronousTestCase):
         self.assertEqual([p[:2] for p, _, _ in forwarder.pending], [b"\x00\x01", b"\x00\x02"])
         self.assertTrue(responder.known_forwarded(query("www.example.com", qid=9)))
         self.assertFalse(responder.known_forwarded(query(ECR, qid=9)))
-        self.assertFalse(responder.known_forwarded(query("WWW.example.com", qid=9)))  # other bytes: parsed again
+        # other bytes: parsed again
+        self.assertFalse(responder.known_forwarded(query("WWW.example.com", qid=9)))
         # a response or another opcode with the same question is not a plain query
         response = bytearray(query("www.example.com", qid=9))
         response[2] |= 0x80

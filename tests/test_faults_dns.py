@@ -5,13 +5,14 @@ Each row asks the same question two ways, with real dig: through dnsmirror (``dn
 (dig at the faulty one, then at the good one). It checks that the client gets what it would get
 without dnsmirror, or better (the same answer, sooner), and never a forged record.
 
-| fault                   | with dnsmirror                                         | without                       |
-|-------------------------|--------------------------------------------------------|-------------------------------|
-| first upstream dead     | the answer; the first query may pay one timeout, later | the answer after a timeout,   |
-|                         | ones none (the dead one is skipped until it answers)   | every query                   |
-| first upstream refusing | the answer at once, every query                        | the answer at once            |
-| upstream spoofing       | the good upstream's answer (forgery dropped), or       | dig drops the forgery and     |
-| (right ID, other name)  | SERVFAIL when it is the only upstream                  | times out                     |
+| fault                   | with dnsmirror                                   | without                     |
+|-------------------------|--------------------------------------------------|-----------------------------|
+| first upstream dead     | the answer; the first query may pay one timeout, | the answer after a timeout, |
+|                         | later ones none (the dead one is skipped until   | every query                 |
+|                         | it answers)                                      |                             |
+| first upstream refusing | the answer at once, every query                  | the answer at once          |
+| upstream spoofing       | the good upstream's answer (forgery dropped), or | dig drops the forgery and   |
+| (right ID, other name)  | SERVFAIL when it is the only upstream            | times out                   |
 """
 
 from __future__ import annotations

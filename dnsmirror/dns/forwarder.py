@@ -207,7 +207,8 @@ class _UdpChannel:
         return "dns-upstream"
 
     def send(self, attempt: _Attempt) -> str | None:
-        """Send ``attempt`` with a random ID unused on this socket; the error text when it could not be sent."""
+        """Send ``attempt`` with a random ID unused on this socket; the error text when it could not be
+        sent."""
         for _ in range(16):
             qid = _random_ids.next()
             if qid not in self.pending:

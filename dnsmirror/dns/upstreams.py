@@ -67,7 +67,8 @@ class UpstreamTable:
         return recovered
 
     def failed(self, index: int, now: float, reason: str, probe: bool = False) -> bool:
-        """A query (or a ``probe``) timed out or was refused; the upstream is down until a probe says otherwise.
+        """A query (or a ``probe``) timed out or was refused; the upstream is down until a probe says
+        otherwise.
 
         True when this took it down. Only a failed probe backs the next probe off: the queries that were
         under way when an upstream died fail too, and must not push its recovery further away.
