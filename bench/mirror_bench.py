@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import mmap
 import os
 import shutil
 import signal
@@ -48,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from harness import ECR_HOST  # noqa: E402
 from harness.dns import StaticDNS  # noqa: E402
 from harness.images import build_image, push_image, skopeo_copy  # noqa: E402
-from harness.netns import Cluster, Namespace, netns_available  # noqa: E402
+from harness.netns import Cluster, Namespace, clean_env, netns_available  # noqa: E402
 from harness.pki import TestCA, create_ca  # noqa: E402
 from harness.registry import Registry  # noqa: E402
 from mirror_support import MirrorNode  # noqa: E402
@@ -449,6 +451,154 @@ def cold_pulls(world: World, pulls: int, layer_size: int, image=None, pin: bool 
             "proxy_cpu": proxy_cpu, "built": image}
 
 
+COLD_WAYS = ("direct", "dnsmirror", "nginx")
+COLD_WAY_LABELS = {
+    "direct": "straight from the registry",
+    "dnsmirror": "through dnsmirror, empty cache (digest verified)",
+    "nginx": "through nginx proxy_cache, empty cache (no digest check)",
+}
+# where a cold fill's download goes: one preallocated file in /dev/shm, so no run pays for fresh pages
+SHM_TARGET = Path("/dev/shm")
+
+
+def touch_and_free(size: int = 1024 * MiB) -> None:
+    """Touch ``size`` of fresh memory and free it: on this VM freed pages go back to the host, and the next
+    writer would page-fault them in one by one (the fetch being timed, or a proxy's cache write)."""
+    block = mmap.mmap(-1, size)
+    piece = b"\1" * (64 * MiB)
+    for _ in range(size // len(piece)):
+        block.write(piece)
+    block.close()
+
+
+def fetch_to_file(namespace: Namespace, url: str, address: str, port: int, cacert: Path, target: Path,
+                  cpu: str | None) -> Download:
+    """curl of ``url`` into ``target`` (written in place from offset 0: no truncation, its pages stay)."""
+    argv = ["curl", "-sS", "--http1.1", "--max-time", "300", "--cacert", str(cacert),
+            "--resolve", f"{ECR_HOST}:{port}:{address}", "-o", "-",
+            "-w", "%{stderr}%{http_code} %{size_download} %{speed_download} %{time_total}", url]
+    argv = ["taskset", "-c", cpu, *argv] if cpu else argv
+    fd = os.open(target, os.O_WRONLY)
+    try:
+        done = subprocess.run(namespace.exec_argv(argv), stdout=fd, stderr=subprocess.PIPE, timeout=330,
+                              env=clean_env())
+    finally:
+        os.close(fd)
+    return parse_download(done.stderr.strip().splitlines()[-1])
+
+
+def file_digest(path: Path, size: int) -> str:
+    """sha256 of the first ``size`` bytes of ``path``."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as file:
+        left = size
+        while left:
+            chunk = file.read(min(left, 8 * MiB))
+            if not chunk:
+                break
+            hasher.update(chunk)
+            left -= len(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+def cold_fills(world: World, runs: int, size: int, pin: bool) -> dict:
+    """A cold blob with curl: straight from the registry, through a fresh dnsmirror and through a fresh nginx
+    ``proxy_cache``, each with an empty cache (start-up not timed); ``runs`` each, each way first in turn.
+
+    With ``pin``, the proxy runs on core SERVER_CORE and curl on CLIENT_CORE (the registry is not pinned);
+    otherwise nothing is pinned. CPU: the proxy's user + system time, and the registry's."""
+    digest, _ = place_blob(world.registry, BLOB_REPOSITORY, size)
+    target = SHM_TARGET / f"dnsmirror-cold-bench-{os.getpid()}"
+    with target.open("wb") as file:  # preallocated and touched once: every run overwrites the same pages
+        for piece in random_chunks(size):
+            file.write(piece)
+    proxy_core, client_core = (SERVER_CORE, CLIENT_CORE) if pin else (None, None)
+    rows: dict[str, list[Download]] = {name: [] for name in COLD_WAYS}
+    proxy_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
+    registry_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
+    registry_pids = [world.registry.process.pid]
+
+    @contextlib.contextmanager
+    def way(name: str, run: int):
+        """(client namespace, address, port, CA file, proxy pids) for one fetch the ``name`` way."""
+        workdir = world.work / f"cold-{name}-{'pinned' if pin else 'shared'}-{run}"
+        try:
+            if name == "direct":
+                yield world.direct, world.registry.address, world.registry.port, world.ca.cert_path, []
+            elif name == "dnsmirror":
+                with world.mirror(workdir / "cache", cpus=proxy_core) as node_mirror:
+                    yield (world.node, node_mirror.address, 443, node_mirror.trust_bundle(),
+                           [node_mirror.process.pid])
+            else:
+                with nginx_cache(world.peer, workdir, world.ca, world.registry, proxy_core) as pids:
+                    yield world.peer_client, world.peer.address, 443, world.ca.cert_path, pids
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    try:
+        for run in range(runs + 1):  # the first round warms every way up and is not counted
+            shift = run % len(COLD_WAYS)
+            for name in COLD_WAYS[shift:] + COLD_WAYS[:shift]:
+                with way(name, run) as (namespace, address, port, trust, pids):
+                    port_url = blob_url(digest, port)
+                    touch_and_free()
+                    before, registry_before = cpu_seconds(pids), cpu_seconds(registry_pids)
+                    result = fetch_to_file(namespace, port_url, address, port, trust, target, client_core)
+                    spent = cpu_seconds(pids) - before
+                    registry_spent = cpu_seconds(registry_pids) - registry_before
+                if result.status != 200 or result.size != size:
+                    raise RuntimeError(f"{name}: status {result.status}, {result.size} of {size} bytes")
+                if file_digest(target, size) != digest:
+                    raise RuntimeError(f"{name}: the downloaded blob does not match its digest")
+                if run:
+                    rows[name].append(result)
+                    proxy_cpu[name].append(spent)
+                    registry_cpu[name].append(registry_spent)
+    finally:
+        target.unlink(missing_ok=True)
+    return {"rows": rows, "proxy_cpu": proxy_cpu, "registry_cpu": registry_cpu, "size": size, "pin": pin}
+
+
+def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> str:
+    """The ``mirror-cold`` section: a cold blob fill through dnsmirror and nginx proxy_cache, and direct."""
+    size = placements[0]["size"]
+    command = (f".venv/bin/python bench/mirror_bench.py --cold-only --runs {args.runs} "
+               f"--blob-mib {args.blob_mib}")
+    lines = []
+    ratios = {}
+    for result in placements:
+        placement = (f"proxy on core {SERVER_CORE}, curl on core {CLIENT_CORE}" if result["pin"]
+                     else "nothing pinned")
+        medians = {}
+        for name in COLD_WAYS:
+            speeds = [d.speed for d in result["rows"][name]]
+            medians[name] = statistics.median(speeds)
+            gib = size / 2**30
+            proxy = (f"{statistics.median(result['proxy_cpu'][name]) / gib:.2f}" if name != "direct" else "")
+            registry = statistics.median(result["registry_cpu"][name]) / gib
+            lines.append(f"| {placement} | {COLD_WAY_LABELS[name]} | **{mb(medians[name])}** | "
+                         f"{', '.join(mb(s) for s in speeds)} | {proxy} | {registry:.2f} |")
+        ratios[placement] = medians["dnsmirror"] / medians["nginx"]
+    summary = "; ".join(f"**{ratio:.2f}x** {placement}" for placement, ratio in ratios.items())
+    return f"""## Cold blob fill: dnsmirror vs nginx proxy_cache vs the registry itself
+
+Command: `{command}`. A {size // MiB} MiB blob in docker-registry's storage (TLS, the registry in a
+namespace), fetched with curl (`--http1.1`, certificate verified) into one preallocated file in /dev/shm,
+1 GiB of memory touched and freed before each timed fetch, the file hashed afterwards (every row is checked
+against the digest). Each proxy is a fresh process with an empty cache per fetch (start-up not timed):
+dnsmirror (node namespace, its DNS answering the registry's name) and nginx `proxy_cache` (peer namespace,
+one worker, keep-alive upstream, certificate verified). {args.runs} fetches each way after a warm-up round,
+each way first in turn.
+Measured: {machine()}. {note}
+
+| placement | way | median MB/s | all runs MB/s | proxy CPU-s per GiB | registry CPU-s per GiB |
+|---|---|---:|---|---:|---:|
+{chr(10).join(lines)}
+
+- **dnsmirror / nginx proxy_cache, cold fill: {summary}** (target >= 1.0x, dnsmirror verifying the digest).
+"""
+
+
 class MemorySampler:
     """Samples a process's VmRSS every ``interval`` seconds on a thread, keeping the maximum."""
 
@@ -666,10 +816,14 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--cached-only", action="store_true",
                         help="only the cached-throughput comparison (section mirror-cached of RESULTS.md)")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="only the cold blob fill comparison (section mirror-cold of RESULTS.md)")
+    parser.add_argument("--placement", choices=("both", "shared", "pinned"), default="both",
+                        help="with --cold-only: nothing pinned, proxy and curl pinned, or both")
     parser.add_argument("--first-reads", type=int, default=3,
                         help="with --cached-only: first reads after a restart (hashed while they stream)")
     parser.add_argument("--note", default="The machine is shared with other work: expect some noise.",
-                        help="with --cached-only: what else ran on the machine")
+                        help="with --cached-only or --cold-only: what else ran on the machine")
     args = parser.parse_args()
     reason = netns_available()
     if reason is not None:
@@ -693,6 +847,15 @@ def main() -> int:
         with Registry(registry_ns, ECR_HOST, ca, work / "registry") as registry, \
                 StaticDNS(registry_ns, {ECR_HOST: registry_ns.address}, work / "dns") as dns:
             world = World(cluster, work, ca, registry, dns.address, node, direct, peer, peer_client)
+            if args.cold_only:
+                placements = [cold_fills(world, args.runs, args.blob_mib * MiB, pin)
+                              for pin in {"both": (False, True), "shared": (False,), "pinned": (True,)}[
+                                  args.placement]]
+                body = cold_report(args, placements, args.note)
+                print(body)
+                if not args.no_write:
+                    write_section("mirror-cold", body)
+                return 0
             if args.cached_only:
                 body = cached_report(
                     args, throughput(world, args.runs, args.blob_mib * MiB, args.first_reads), args.note
