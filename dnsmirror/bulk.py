@@ -11,15 +11,19 @@ changes: the same records are decrypted in the same order, errors and the TLS sh
 Twisted does, after the plaintext that came before them was delivered.
 
 :func:`install` makes every TLS connection of the process (the HTTPS listener, upstream and egress
-connections) use it; it is called once at start by :mod:`dnsmirror.app`.
+connections) use it; it is called once at start by :mod:`dnsmirror.app`. :class:`PlainEndpoints` gives
+plain HTTP connections (between peer nodes) the same large socket reads.
 """
 
 from __future__ import annotations
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 # plaintext asked of OpenSSL per call: one record at most is returned, whatever the size asked
 RECORD_READ = 32 * 1024
@@ -100,3 +104,32 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
 def install() -> None:
     """Every TLS connection made or accepted from now on uses :class:`BulkTLSProtocol`."""
     TLSMemoryBIOFactory.protocol = BulkTLSProtocol
+
+
+def grow_reads(protocol):
+    """A connected protocol's socket is read :data:`SOCKET_READ` bytes at a time (returns ``protocol``)."""
+    transport = protocol.transport
+    if getattr(transport, "bufferSize", SOCKET_READ) < SOCKET_READ:
+        transport.bufferSize = SOCKET_READ
+    return protocol
+
+
+@implementer(IStreamClientEndpoint)
+class _LargeReads:
+    def __init__(self, inner: IStreamClientEndpoint) -> None:
+        self.inner = inner
+
+    def connect(self, protocol_factory):
+        return self.inner.connect(protocol_factory).addCallback(grow_reads)
+
+
+class PlainEndpoints:
+    """An ``Agent`` endpoint factory for plain HTTP whose connections read the socket in large pieces."""
+
+    def __init__(self, reactor, connect_timeout: float) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+
+    def endpointForURI(self, uri) -> IStreamClientEndpoint:
+        host = uri.host.decode("ascii") if isinstance(uri.host, bytes) else uri.host
+        return _LargeReads(HostnameEndpoint(self.reactor, host, uri.port, timeout=self.connect_timeout))
