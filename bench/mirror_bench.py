@@ -69,9 +69,11 @@ PULL_REPOSITORY = "bench/app"
 
 
 @contextlib.contextmanager
-def mirror(node: Namespace, workdir: Path, dns: str, public_ca: TestCA, cache: Path, cpus: str | None = None):
+def mirror(node: Namespace, workdir: Path, dns: str, public_ca: TestCA, cache: Path, cpus: str | None = None,
+           cache_settings: dict | None = None):
     """A fresh dnsmirror process in ``node`` with its cache in ``cache`` (same CA for every start)."""
-    overrides = {"cache": {"dir": str(cache)}, "log": {"format": "json", "level": "warning"}}
+    overrides = {"cache": {"dir": str(cache), **(cache_settings or {})},
+                 "log": {"format": "json", "level": "warning"}}
     node_mirror = MirrorNode(node, workdir, dns, public_ca, overrides, cpus=cpus)
     node_mirror.start()
     try:
@@ -272,8 +274,8 @@ class World:
     peer: Namespace  # where the other caching proxies run; its /etc/hosts names the registry
     peer_client: Namespace  # whose /etc/hosts sends the registry's name to the peer
 
-    def mirror(self, cache: Path, cpus: str | None = None):
-        return mirror(self.node, self.work / "mirror", self.dns, self.ca, cache, cpus)
+    def mirror(self, cache: Path, cpus: str | None = None, cache_settings: dict | None = None):
+        return mirror(self.node, self.work / "mirror", self.dns, self.ca, cache, cpus, cache_settings)
 
 
 def throughput(world: World, runs: int, size: int, first_reads: int = 0) -> dict:
@@ -451,11 +453,12 @@ def cold_pulls(world: World, pulls: int, layer_size: int, image=None, pin: bool 
             "proxy_cpu": proxy_cpu, "built": image}
 
 
-COLD_WAYS = ("direct", "dnsmirror", "nginx")
+COLD_WAYS = ("direct", "dnsmirror", "dnsmirror-buffered", "nginx")
 COLD_WAY_LABELS = {
     "direct": "straight from the registry",
-    "dnsmirror": "through dnsmirror, empty cache (digest verified)",
-    "nginx": "through nginx proxy_cache, empty cache (no digest check)",
+    "dnsmirror": "through dnsmirror, empty cache (digest verified; O_DIRECT cache writes, the default)",
+    "dnsmirror-buffered": "through dnsmirror, empty cache (digest verified; `cache.direct_writes: false`)",
+    "nginx": "through nginx proxy_cache, empty cache (no digest check; buffered cache writes)",
 }
 # where a cold fill's download goes: one preallocated file in /dev/shm, so no run pays for fresh pages
 SHM_TARGET = Path("/dev/shm")
@@ -525,8 +528,9 @@ def cold_fills(world: World, runs: int, size: int, pin: bool) -> dict:
         try:
             if name == "direct":
                 yield world.direct, world.registry.address, world.registry.port, world.ca.cert_path, []
-            elif name == "dnsmirror":
-                with world.mirror(workdir / "cache", cpus=proxy_core) as node_mirror:
+            elif name.startswith("dnsmirror"):
+                settings = {"direct_writes": False} if name == "dnsmirror-buffered" else None
+                with world.mirror(workdir / "cache", cpus=proxy_core, cache_settings=settings) as node_mirror:
                     yield (world.node, node_mirror.address, 443, node_mirror.trust_bundle(),
                            [node_mirror.process.pid])
             else:
@@ -578,8 +582,10 @@ def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> 
             registry = statistics.median(result["registry_cpu"][name]) / gib
             lines.append(f"| {placement} | {COLD_WAY_LABELS[name]} | **{mb(medians[name])}** | "
                          f"{', '.join(mb(s) for s in speeds)} | {proxy} | {registry:.2f} |")
-        ratios[placement] = medians["dnsmirror"] / medians["nginx"]
-    summary = "; ".join(f"**{ratio:.2f}x** {placement}" for placement, ratio in ratios.items())
+        ratios[placement] = (medians["dnsmirror"] / medians["nginx"],
+                             medians["dnsmirror-buffered"] / medians["nginx"])
+    summary = "; ".join(f"**{direct:.2f}x** (buffered writes: **{buffered:.2f}x**) {placement}"
+                        for placement, (direct, buffered) in ratios.items())
     return f"""## Cold blob fill: dnsmirror vs nginx proxy_cache vs the registry itself
 
 Command: `{command}`. A {size // MiB} MiB blob in docker-registry's storage (TLS, the registry in a
