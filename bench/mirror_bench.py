@@ -504,13 +504,14 @@ def file_digest(path: Path, size: int) -> str:
     return "sha256:" + hasher.hexdigest()
 
 
-def cold_fills(world: World, runs: int, size: int, pin: bool) -> dict:
-    """A cold blob with curl: straight from the registry, through a fresh dnsmirror and through a fresh nginx
-    ``proxy_cache``, each with an empty cache (start-up not timed); ``runs`` each, each way first in turn.
+def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) -> dict:
+    """A cold blob with curl: straight from the registry, through dnsmirror (O_DIRECT cache writes, and in
+    ``node2`` a second one with buffered writes) and through nginx ``proxy_cache``.
 
-    With ``pin``, the proxy runs on core SERVER_CORE and curl on CLIENT_CORE (the registry is not pinned);
-    otherwise nothing is pinned. CPU: the proxy's user + system time, and the registry's."""
-    digest, _ = place_blob(world.registry, BLOB_REPOSITORY, size)
+    The proxies are started once (start-up not timed) and warmed up with one blob; each run then places a
+    new blob in the registry, so every proxy fetches it cold, and downloads it every way, each way first in
+    turn. With ``pin``, the proxies run on core SERVER_CORE and curl on CLIENT_CORE (the registry is not
+    pinned); otherwise nothing is pinned. CPU: each proxy's user + system time, and the registry's."""
     target = SHM_TARGET / f"dnsmirror-cold-bench-{os.getpid()}"
     with target.open("wb") as file:  # preallocated and touched once: every run overwrites the same pages
         for piece in random_chunks(size):
@@ -520,46 +521,43 @@ def cold_fills(world: World, runs: int, size: int, pin: bool) -> dict:
     proxy_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
     registry_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
     registry_pids = [world.registry.process.pid]
-
-    @contextlib.contextmanager
-    def way(name: str, run: int):
-        """(client namespace, address, port, CA file, proxy pids) for one fetch the ``name`` way."""
-        workdir = world.work / f"cold-{name}-{'pinned' if pin else 'shared'}-{run}"
-        try:
-            if name == "direct":
-                yield world.direct, world.registry.address, world.registry.port, world.ca.cert_path, []
-            elif name.startswith("dnsmirror"):
-                settings = {"direct_writes": False} if name == "dnsmirror-buffered" else None
-                with world.mirror(workdir / "cache", cpus=proxy_core, cache_settings=settings) as node_mirror:
-                    yield (world.node, node_mirror.address, 443, node_mirror.trust_bundle(),
-                           [node_mirror.process.pid])
-            else:
-                with nginx_cache(world.peer, workdir, world.ca, world.registry, proxy_core) as pids:
-                    yield world.peer_client, world.peer.address, 443, world.ca.cert_path, pids
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-
+    workdir = world.work / f"cold-{'pinned' if pin else 'shared'}"
     try:
-        for run in range(runs + 1):  # the first round warms every way up and is not counted
-            shift = run % len(COLD_WAYS)
-            for name in COLD_WAYS[shift:] + COLD_WAYS[:shift]:
-                with way(name, run) as (namespace, address, port, trust, pids):
-                    port_url = blob_url(digest, port)
+        with world.mirror(workdir / "cache", cpus=proxy_core) as direct_writes, \
+                mirror(node2, workdir / "mirror2", world.dns, world.ca, workdir / "cache2", proxy_core,
+                       {"direct_writes": False}) as buffered_writes, \
+                nginx_cache(world.peer, workdir / "nginx", world.ca, world.registry, proxy_core) as nginxes:
+            # (client namespace, address, port, CA file, proxy pids) of each way
+            ways = {
+                "direct": (world.direct, world.registry.address, world.registry.port, world.ca.cert_path, []),
+                "dnsmirror": (world.node, direct_writes.address, 443, direct_writes.trust_bundle(),
+                              [direct_writes.process.pid]),
+                "dnsmirror-buffered": (node2, buffered_writes.address, 443, buffered_writes.trust_bundle(),
+                                       [buffered_writes.process.pid]),
+                "nginx": (world.peer_client, world.peer.address, 443, world.ca.cert_path, nginxes),
+            }
+            for run in range(runs + 1):  # the first round warms every way up and is not counted
+                digest, _ = place_blob(world.registry, BLOB_REPOSITORY, size)
+                shift = run % len(COLD_WAYS)
+                for name in COLD_WAYS[shift:] + COLD_WAYS[:shift]:
+                    namespace, address, port, trust, pids = ways[name]
                     touch_and_free()
                     before, registry_before = cpu_seconds(pids), cpu_seconds(registry_pids)
-                    result = fetch_to_file(namespace, port_url, address, port, trust, target, client_core)
+                    result = fetch_to_file(namespace, blob_url(digest, port), address, port, trust, target,
+                                           client_core)
                     spent = cpu_seconds(pids) - before
                     registry_spent = cpu_seconds(registry_pids) - registry_before
-                if result.status != 200 or result.size != size:
-                    raise RuntimeError(f"{name}: status {result.status}, {result.size} of {size} bytes")
-                if file_digest(target, size) != digest:
-                    raise RuntimeError(f"{name}: the downloaded blob does not match its digest")
-                if run:
-                    rows[name].append(result)
-                    proxy_cpu[name].append(spent)
-                    registry_cpu[name].append(registry_spent)
+                    if result.status != 200 or result.size != size:
+                        raise RuntimeError(f"{name}: status {result.status}, {result.size} of {size} bytes")
+                    if file_digest(target, size) != digest:
+                        raise RuntimeError(f"{name}: the downloaded blob does not match its digest")
+                    if run:
+                        rows[name].append(result)
+                        proxy_cpu[name].append(spent)
+                        registry_cpu[name].append(registry_spent)
     finally:
         target.unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
     return {"rows": rows, "proxy_cpu": proxy_cpu, "registry_cpu": registry_cpu, "size": size, "pin": pin}
 
 
@@ -591,10 +589,11 @@ def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> 
 Command: `{command}`. A {size // MiB} MiB blob in docker-registry's storage (TLS, the registry in a
 namespace), fetched with curl (`--http1.1`, certificate verified) into one preallocated file in /dev/shm,
 1 GiB of memory touched and freed before each timed fetch, the file hashed afterwards (every row is checked
-against the digest). Each proxy is a fresh process with an empty cache per fetch (start-up not timed):
-dnsmirror (node namespace, its DNS answering the registry's name) and nginx `proxy_cache` (peer namespace,
-one worker, keep-alive upstream, certificate verified). {args.runs} fetches each way after a warm-up round,
-each way first in turn.
+against the digest). The proxies start once with empty caches (start-up not timed) and fetch a
+warm-up blob; then each run places a new blob in the registry, so every proxy fetches it cold: dnsmirror
+(node namespace, its DNS answering the registry's name; a second one with buffered cache writes in another
+namespace) and nginx `proxy_cache` (peer namespace, one worker, keep-alive upstream, certificate verified).
+{args.runs} runs, each way first in turn.
 Measured: {machine()}. {note}
 
 | placement | way | median MB/s | all runs MB/s | proxy CPU-s per GiB | registry CPU-s per GiB |
@@ -854,7 +853,8 @@ def main() -> int:
                 StaticDNS(registry_ns, {ECR_HOST: registry_ns.address}, work / "dns") as dns:
             world = World(cluster, work, ca, registry, dns.address, node, direct, peer, peer_client)
             if args.cold_only:
-                placements = [cold_fills(world, args.runs, args.blob_mib * MiB, pin)
+                node2 = cluster.add("node2")
+                placements = [cold_fills(world, node2, args.runs, args.blob_mib * MiB, pin)
                               for pin in {"both": (False, True), "shared": (False,), "pinned": (True,)}[
                                   args.placement]]
                 body = cold_report(args, placements, args.note)
