@@ -17,6 +17,8 @@ plain HTTP connections (between peer nodes) the same large socket reads.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -84,21 +86,20 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
                 self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
-        connection = self._tlsConnection
+        connection, transport = self._tlsConnection, cast(Any, self.transport)
         while True:
             try:
                 data = connection.bio_read(CIPHER_READ)
             except WantReadError:
                 return
-            self.transport.write(data)
+            transport.write(data)
             if len(data) < CIPHER_READ:
                 return
 
     def _checkHandshakeStatus(self) -> None:
         super()._checkHandshakeStatus()
-        if self._handshakeDone and getattr(self.transport, "bufferSize", SOCKET_READ) < SOCKET_READ:
-            # bulk data follows the handshake: fewer, larger socket reads
-            self.transport.bufferSize = SOCKET_READ
+        if self._handshakeDone:
+            grow_reads(self)  # bulk data follows the handshake: fewer, larger socket reads
 
 
 def install() -> None:
