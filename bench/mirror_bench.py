@@ -582,7 +582,7 @@ def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> 
                          f"{', '.join(mb(s) for s in speeds)} | {proxy} | {registry:.2f} |")
         ratios[placement] = (medians["dnsmirror"] / medians["nginx"],
                              medians["dnsmirror-buffered"] / medians["nginx"])
-    summary = "; ".join(f"**{direct:.2f}x** (buffered writes: **{buffered:.2f}x**) {placement}"
+    summary = "; ".join(f"{direct:.2f}x (buffered writes: {buffered:.2f}x) {placement}"
                         for placement, (direct, buffered) in ratios.items())
     return f"""## Cold blob fill: dnsmirror vs nginx proxy_cache vs the registry itself
 
