@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import mmap
 import os
 import shutil
 import signal
@@ -48,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from harness import ECR_HOST  # noqa: E402
 from harness.dns import StaticDNS  # noqa: E402
 from harness.images import build_image, push_image, skopeo_copy  # noqa: E402
-from harness.netns import Cluster, Namespace, netns_available  # noqa: E402
+from harness.netns import Cluster, Namespace, clean_env, netns_available  # noqa: E402
 from harness.pki import TestCA, create_ca  # noqa: E402
 from harness.registry import Registry  # noqa: E402
 from mirror_support import MirrorNode  # noqa: E402
@@ -67,9 +69,11 @@ PULL_REPOSITORY = "bench/app"
 
 
 @contextlib.contextmanager
-def mirror(node: Namespace, workdir: Path, dns: str, public_ca: TestCA, cache: Path, cpus: str | None = None):
+def mirror(node: Namespace, workdir: Path, dns: str, public_ca: TestCA, cache: Path, cpus: str | None = None,
+           cache_settings: dict | None = None):
     """A fresh dnsmirror process in ``node`` with its cache in ``cache`` (same CA for every start)."""
-    overrides = {"cache": {"dir": str(cache)}, "log": {"format": "json", "level": "warning"}}
+    overrides = {"cache": {"dir": str(cache), **(cache_settings or {})},
+                 "log": {"format": "json", "level": "warning"}}
     node_mirror = MirrorNode(node, workdir, dns, public_ca, overrides, cpus=cpus)
     node_mirror.start()
     try:
@@ -270,8 +274,8 @@ class World:
     peer: Namespace  # where the other caching proxies run; its /etc/hosts names the registry
     peer_client: Namespace  # whose /etc/hosts sends the registry's name to the peer
 
-    def mirror(self, cache: Path, cpus: str | None = None):
-        return mirror(self.node, self.work / "mirror", self.dns, self.ca, cache, cpus)
+    def mirror(self, cache: Path, cpus: str | None = None, cache_settings: dict | None = None):
+        return mirror(self.node, self.work / "mirror", self.dns, self.ca, cache, cpus, cache_settings)
 
 
 def throughput(world: World, runs: int, size: int, first_reads: int = 0) -> dict:
@@ -447,6 +451,157 @@ def cold_pulls(world: World, pulls: int, layer_size: int, image=None, pin: bool 
                     proxy_cpu[name].append(cpu_seconds(pids) - before)
     return {"times": times, "layer": big.size, "image": sum(blob.size for blob in image.blobs()),
             "proxy_cpu": proxy_cpu, "built": image}
+
+
+COLD_WAYS = ("direct", "dnsmirror", "dnsmirror-buffered", "nginx")
+COLD_WAY_LABELS = {
+    "direct": "straight from the registry",
+    "dnsmirror": "through dnsmirror, empty cache (digest verified; O_DIRECT cache writes, the default)",
+    "dnsmirror-buffered": "through dnsmirror, empty cache (digest verified; `cache.direct_writes: false`)",
+    "nginx": "through nginx proxy_cache, empty cache (no digest check; buffered cache writes)",
+}
+# where a cold fill's download goes: one preallocated file in /dev/shm, so no run pays for fresh pages
+SHM_TARGET = Path("/dev/shm")
+
+
+def touch_and_free(size: int = 1024 * MiB) -> None:
+    """Touch ``size`` of fresh memory and free it: on this VM freed pages go back to the host, and the next
+    writer would page-fault them in one by one (the fetch being timed, or a proxy's cache write)."""
+    block = mmap.mmap(-1, size)
+    piece = b"\1" * (64 * MiB)
+    for _ in range(size // len(piece)):
+        block.write(piece)
+    block.close()
+
+
+def fetch_to_file(namespace: Namespace, url: str, address: str, port: int, cacert: Path, target: Path,
+                  cpu: str | None) -> Download:
+    """curl of ``url`` into ``target`` (written in place from offset 0: no truncation, its pages stay)."""
+    argv = ["curl", "-sS", "--http1.1", "--max-time", "300", "--cacert", str(cacert),
+            "--resolve", f"{ECR_HOST}:{port}:{address}", "-o", "-",
+            "-w", "%{stderr}%{http_code} %{size_download} %{speed_download} %{time_total}", url]
+    argv = ["taskset", "-c", cpu, *argv] if cpu else argv
+    fd = os.open(target, os.O_WRONLY)
+    try:
+        done = subprocess.run(namespace.exec_argv(argv), stdout=fd, stderr=subprocess.PIPE, timeout=330,
+                              env=clean_env())
+    finally:
+        os.close(fd)
+    return parse_download(done.stderr.strip().splitlines()[-1])
+
+
+def file_digest(path: Path, size: int) -> str:
+    """sha256 of the first ``size`` bytes of ``path``."""
+    hasher = hashlib.sha256()
+    with path.open("rb") as file:
+        left = size
+        while left:
+            chunk = file.read(min(left, 8 * MiB))
+            if not chunk:
+                break
+            hasher.update(chunk)
+            left -= len(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) -> dict:
+    """A cold blob with curl: straight from the registry, through dnsmirror (O_DIRECT cache writes, and in
+    ``node2`` a second one with buffered writes) and through nginx ``proxy_cache``.
+
+    The proxies are started once (start-up not timed) and warmed up with one blob; each run then places a
+    new blob in the registry, so every proxy fetches it cold, and downloads it every way, each way first in
+    turn. With ``pin``, the proxies run on core SERVER_CORE and curl on CLIENT_CORE (the registry is not
+    pinned); otherwise nothing is pinned. CPU: each proxy's user + system time, and the registry's."""
+    target = SHM_TARGET / f"dnsmirror-cold-bench-{os.getpid()}"
+    with target.open("wb") as file:  # preallocated and touched once: every run overwrites the same pages
+        for piece in random_chunks(size):
+            file.write(piece)
+    proxy_core, client_core = (SERVER_CORE, CLIENT_CORE) if pin else (None, None)
+    rows: dict[str, list[Download]] = {name: [] for name in COLD_WAYS}
+    proxy_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
+    registry_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
+    registry_pids = [world.registry.process.pid]
+    workdir = world.work / f"cold-{'pinned' if pin else 'shared'}"
+    try:
+        with world.mirror(workdir / "cache", cpus=proxy_core) as direct_writes, \
+                mirror(node2, workdir / "mirror2", world.dns, world.ca, workdir / "cache2", proxy_core,
+                       {"direct_writes": False}) as buffered_writes, \
+                nginx_cache(world.peer, workdir / "nginx", world.ca, world.registry, proxy_core) as nginxes:
+            # (client namespace, address, port, CA file, proxy pids) of each way
+            ways = {
+                "direct": (world.direct, world.registry.address, world.registry.port, world.ca.cert_path, []),
+                "dnsmirror": (world.node, direct_writes.address, 443, direct_writes.trust_bundle(),
+                              [direct_writes.process.pid]),
+                "dnsmirror-buffered": (node2, buffered_writes.address, 443, buffered_writes.trust_bundle(),
+                                       [buffered_writes.process.pid]),
+                "nginx": (world.peer_client, world.peer.address, 443, world.ca.cert_path, nginxes),
+            }
+            for run in range(runs + 1):  # the first round warms every way up and is not counted
+                digest, _ = place_blob(world.registry, BLOB_REPOSITORY, size)
+                shift = run % len(COLD_WAYS)
+                for name in COLD_WAYS[shift:] + COLD_WAYS[:shift]:
+                    namespace, address, port, trust, pids = ways[name]
+                    touch_and_free()
+                    before, registry_before = cpu_seconds(pids), cpu_seconds(registry_pids)
+                    result = fetch_to_file(namespace, blob_url(digest, port), address, port, trust, target,
+                                           client_core)
+                    spent = cpu_seconds(pids) - before
+                    registry_spent = cpu_seconds(registry_pids) - registry_before
+                    if result.status != 200 or result.size != size:
+                        raise RuntimeError(f"{name}: status {result.status}, {result.size} of {size} bytes")
+                    if file_digest(target, size) != digest:
+                        raise RuntimeError(f"{name}: the downloaded blob does not match its digest")
+                    if run:
+                        rows[name].append(result)
+                        proxy_cpu[name].append(spent)
+                        registry_cpu[name].append(registry_spent)
+    finally:
+        target.unlink(missing_ok=True)
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"rows": rows, "proxy_cpu": proxy_cpu, "registry_cpu": registry_cpu, "size": size, "pin": pin}
+
+
+def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> str:
+    """The ``mirror-cold`` section: a cold blob fill through dnsmirror and nginx proxy_cache, and direct."""
+    size = placements[0]["size"]
+    command = (f".venv/bin/python bench/mirror_bench.py --cold-only --runs {args.runs} "
+               f"--blob-mib {args.blob_mib}")
+    lines = []
+    ratios = {}
+    for result in placements:
+        placement = (f"proxy on core {SERVER_CORE}, curl on core {CLIENT_CORE}" if result["pin"]
+                     else "nothing pinned")
+        medians = {}
+        for name in COLD_WAYS:
+            speeds = [d.speed for d in result["rows"][name]]
+            medians[name] = statistics.median(speeds)
+            gib = size / 2**30
+            proxy = (f"{statistics.median(result['proxy_cpu'][name]) / gib:.2f}" if name != "direct" else "")
+            registry = statistics.median(result["registry_cpu"][name]) / gib
+            lines.append(f"| {placement} | {COLD_WAY_LABELS[name]} | **{mb(medians[name])}** | "
+                         f"{', '.join(mb(s) for s in speeds)} | {proxy} | {registry:.2f} |")
+        ratios[placement] = (medians["dnsmirror"] / medians["nginx"],
+                             medians["dnsmirror-buffered"] / medians["nginx"])
+    summary = "; ".join(f"{direct:.2f}x (buffered writes: {buffered:.2f}x) {placement}"
+                        for placement, (direct, buffered) in ratios.items())
+    return f"""## Cold blob fill: dnsmirror vs nginx proxy_cache vs the registry itself
+
+Command: `{command}`. A {size // MiB} MiB blob in docker-registry's storage (TLS, the registry in a
+namespace), fetched with curl (`--http1.1`, certificate verified) into one preallocated file in /dev/shm,
+1 GiB of memory touched and freed before each timed fetch, the file hashed afterwards (every row is checked
+against the digest). The proxies start once with empty caches (start-up not timed) and fetch a
+warm-up blob; then each run places a new blob in the registry, so every proxy fetches it cold: dnsmirror
+(node namespace, its DNS answering the registry's name; a second one with buffered cache writes in another
+namespace) and nginx `proxy_cache` (peer namespace, one worker, keep-alive upstream, certificate verified).
+{args.runs} runs, each way first in turn.
+Measured: {machine()}. {note}
+
+| placement | way | median MB/s | all runs MB/s | proxy CPU-s per GiB | registry CPU-s per GiB |
+|---|---|---:|---|---:|---:|
+{chr(10).join(lines)}
+
+- **dnsmirror / nginx proxy_cache, cold fill: {summary}** (target >= 1.0x, dnsmirror verifying the digest).
+"""
 
 
 class MemorySampler:
@@ -666,10 +821,14 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     parser.add_argument("--cached-only", action="store_true",
                         help="only the cached-throughput comparison (section mirror-cached of RESULTS.md)")
+    parser.add_argument("--cold-only", action="store_true",
+                        help="only the cold blob fill comparison (section mirror-cold of RESULTS.md)")
+    parser.add_argument("--placement", choices=("both", "shared", "pinned"), default="both",
+                        help="with --cold-only: nothing pinned, proxy and curl pinned, or both")
     parser.add_argument("--first-reads", type=int, default=3,
                         help="with --cached-only: first reads after a restart (hashed while they stream)")
     parser.add_argument("--note", default="The machine is shared with other work: expect some noise.",
-                        help="with --cached-only: what else ran on the machine")
+                        help="with --cached-only or --cold-only: what else ran on the machine")
     args = parser.parse_args()
     reason = netns_available()
     if reason is not None:
@@ -693,6 +852,16 @@ def main() -> int:
         with Registry(registry_ns, ECR_HOST, ca, work / "registry") as registry, \
                 StaticDNS(registry_ns, {ECR_HOST: registry_ns.address}, work / "dns") as dns:
             world = World(cluster, work, ca, registry, dns.address, node, direct, peer, peer_client)
+            if args.cold_only:
+                node2 = cluster.add("node2")
+                placements = [cold_fills(world, node2, args.runs, args.blob_mib * MiB, pin)
+                              for pin in {"both": (False, True), "shared": (False,), "pinned": (True,)}[
+                                  args.placement]]
+                body = cold_report(args, placements, args.note)
+                print(body)
+                if not args.no_write:
+                    write_section("mirror-cold", body)
+                return 0
             if args.cached_only:
                 body = cached_report(
                     args, throughput(world, args.runs, args.blob_mib * MiB, args.first_reads), args.note

@@ -28,6 +28,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,19 +41,23 @@ from harness.dns import StaticDNS  # noqa: E402
 from harness.netns import Cluster, Namespace, netns_available  # noqa: E402
 from harness.pki import create_ca  # noqa: E402
 from harness.registry import Registry  # noqa: E402
-from mirror_bench import Download, MiB, blob_url, download, place_blob  # noqa: E402
+from mirror_bench import Download, MiB, blob_url, download, parse_download, place_blob  # noqa: E402
 from mirror_support import MirrorNode  # noqa: E402
 from procstat import cpu_seconds  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
+from dnsmirror.peers import AUTH_HEADER, BLOB_PATH, sign  # noqa: E402
+
 REPOSITORY = "bench/peers"
 PEER_PORT = 5001
-WAYS = ("direct", "upstream", "peer", "cached")
+WAYS = ("direct", "upstream", "peer", "cached", "transfer")
 WAY_LABELS = {
     "direct": "straight from the registry",
     "upstream": "node B, empty cache: peer asked (404), then filled from the registry",
     "peer": "node A, empty cache: filled from peer B",
     "cached": "node A again: its own cache (first read: from disk, fills bypass the page cache)",
+    "transfer": "peer transfer alone: node B's peer listener (plain HTTP) to curl's signed GET in node A's "
+                "namespace",
 }
 
 
@@ -69,10 +74,22 @@ def peer_nodes(work: Path, node_a: Namespace, node_b: Namespace, dns: str, ca):
 
     with MirrorNode(node_a, work / "node-a", dns, ca, overrides(node_a, node_b)) as mirror_a, \
             MirrorNode(node_b, work / "node-b", dns, ca, overrides(node_b, node_a)) as mirror_b:
-        yield mirror_a, mirror_b
+        yield mirror_a, mirror_b, secret.read_bytes().strip()
 
 
-def measure(registry: Registry, direct: Namespace, ca, nodes, runs: int, size: int) -> dict:
+def peer_get(namespace: Namespace, address: str, digest: str, secret: bytes, size: int) -> Download:
+    """A signed GET of ``digest`` from the peer listener at ``address``, the way a node asks its peers."""
+    header = f"{AUTH_HEADER.decode()}: {sign(secret, 'GET', digest, time.time()).decode()}"
+    argv = ["curl", "-sS", "--max-time", "300", "-H", header, "-o", "/dev/null",
+            "-w", "%{http_code} %{size_download} %{speed_download} %{time_total}",
+            f"http://{address}:{PEER_PORT}{BLOB_PATH}{digest}"]
+    result = parse_download(namespace.run(argv, timeout=330).stdout)
+    if result.status != 200 or result.size != size:
+        raise RuntimeError(f"peer GET {digest}: status {result.status}, {result.size} of {size} bytes")
+    return result
+
+
+def measure(registry: Registry, direct: Namespace, ca, nodes, runs: int, size: int, secret: bytes) -> dict:
     (node_a, mirror_a), (node_b, mirror_b) = nodes
     rows: dict[str, list[Download]] = {way: [] for way in WAYS}
     cpu: dict[str, float] = {way: 0.0 for way in WAYS}
@@ -92,9 +109,12 @@ def measure(registry: Registry, direct: Namespace, ca, nodes, runs: int, size: i
         # the direct pull goes first in even runs and last in odd ones; the others depend on their order
         order = WAYS if run % 2 == 0 else (*WAYS[1:], WAYS[0])
         for way in order:
-            namespace, address, trust = clients[way]
             before = cpu_seconds(pids)
-            result = download(namespace, url, address, 443, trust, expected=size)
+            if way == "transfer":
+                result = peer_get(node_a, mirror_b.address, digest, secret, size)
+            else:
+                namespace, address, trust = clients[way]
+                result = download(namespace, url, address, 443, trust, expected=size)
             if run:
                 rows[way].append(result)
                 cpu[way] += cpu_seconds(pids) - before
@@ -137,6 +157,9 @@ def report(args: argparse.Namespace, result: dict) -> str:
         f"registry** "
         f"({median['peer'] / median['direct']:.0%} of a download straight from the registry; a fill from "
         f"the registry through the node: {median['upstream'] / median['direct']:.0%}).",
+        f"- **Peer transfer alone (B's listener to a signed GET, no TLS): "
+        f"{size / median['transfer'] / 1e6:,.0f} MB/s** (target >= 800 MB/s); A's fill from B above adds A's "
+        "digest check, cache write and TLS to its client.",
         f"- Node A's GETs of each blob at the registry: {result['registry_gets']} (0: every fill of node A "
         "came from its peer; it sent the registry one HEAD per blob, the client's access check).",
         "- Here the registry is a local process, so a peer saves little time; what it saves is the "
@@ -167,9 +190,9 @@ def main() -> int:
         ca = create_ca(work / "public-ca")
         with Registry(registry_ns, ECR_HOST, ca, work / "registry") as registry, \
                 StaticDNS(registry_ns, {ECR_HOST: registry_ns.address}, work / "dns") as dns, \
-                peer_nodes(work, node_a, node_b, dns.address, ca) as (mirror_a, mirror_b):
+                peer_nodes(work, node_a, node_b, dns.address, ca) as (mirror_a, mirror_b, secret):
             result = measure(registry, direct, ca, ((node_a, mirror_a), (node_b, mirror_b)), args.runs,
-                             args.blob_mib * MiB)
+                             args.blob_mib * MiB, secret)
     body = report(args, result)
     print(body)
     if not args.no_write:

@@ -1,7 +1,7 @@
 """Runs every benchmark of bench/ in sequence (what ``make bench`` does); each rewrites its section of
 bench/RESULTS.md. One failing benchmark does not stop the others; the exit status says whether all passed.
 
-    .venv/bin/python bench/run.py [--only dns|tls|mirror|peers|burst ...] [--no-write]
+    .venv/bin/python bench/run.py [--only dns|tls|mirror|cold|peers|burst ...] [--no-write]
 """
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ BENCHMARKS: dict[str, list[str]] = {
     "dns": ["dns_bench.py", "--seconds", "5"],
     "tls": ["tls_handshake.py", "--seconds", "5"],
     "mirror": ["mirror_bench.py"],
+    "cold": ["mirror_bench.py", "--cold-only", "--runs", "5"],
     "peers": ["peer_bench.py", "--runs", "5", "--blob-mib", "256"],
     "burst": ["burst_bench.py", "--nodes", "5", "--blob-mib", "64", "--rate-mbit", "200", "--runs", "5"],
 }
 # generous upper bounds: a hung benchmark must not hang `make bench`
-TIMEOUT_SECONDS = {"dns": 1200, "tls": 300, "mirror": 900, "peers": 600, "burst": 600}
+TIMEOUT_SECONDS = {"dns": 1200, "tls": 300, "mirror": 900, "cold": 900, "peers": 600, "burst": 600}
 
 
 def run(command: list[str], timeout: float) -> int | str:

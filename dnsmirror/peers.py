@@ -40,6 +40,7 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from dnsmirror import failures
+from dnsmirror.bulk import PlainEndpoints
 from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields
 from dnsmirror.periodic import Periodic
@@ -347,7 +348,8 @@ class PeerClient:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 4
         self.pool.cachedConnectionTimeout = 30
-        self.agent = Agent(reactor, connectTimeout=timeout, pool=self.pool)
+        # blobs come over these connections: large socket reads, fewer trips through the HTTP client
+        self.agent = Agent.usingEndpointFactory(reactor, PlainEndpoints(reactor, timeout), pool=self.pool)
         self._announcing: Periodic | None = None
         self._retries: set = set()  # delayed calls sending a failed batch announcement again
 

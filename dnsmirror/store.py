@@ -46,6 +46,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -67,6 +68,9 @@ DIRECT_ALIGNMENT = 4096
 #: Free space a new blob must leave on the filesystem (sidecars, directories, the last partial block).
 ROOM_MARGIN = 1024 * 1024
 VERIFY_CHUNK = 1024 * 1024
+# a writer's blocks go to the file on these threads, one block per writer at a time, while the thread that
+# called write() hashes and stages the next block: the disk and the hash work at the same time
+_FILE_WRITES = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dnsmirror-cache-write")
 
 
 class StoreError(Exception):
@@ -692,13 +696,16 @@ class Writer:
     :meth:`commit` raises :class:`StoreFull` (or the disk's error).
 
     Bytes are staged in a page-aligned buffer and reach the file in blocks of :data:`STAGE_SIZE`
-    (the rest at :meth:`flush`). With ``direct`` the blocks are written with ``O_DIRECT``: a fill
-    does not allocate and dirty page-cache pages for bytes nobody reads back soon, which costs more
-    CPU than the rest of the write path on some machines; a filesystem that refuses it falls back
-    to ordinary writes. While the fill goes on, other threads may open :attr:`temp_path` read-only
-    and serve its first :attr:`bytes_in_file` bytes; a file opened before the commit or abort stays
-    readable afterwards (rename / unlink keep the inode). Those bytes are unverified until
-    :meth:`verify` or :meth:`commit` returns.
+    (the rest at :meth:`flush`). A full block is hashed, then written on a thread of its own while the
+    next block is staged and hashed in the other of two buffers; :meth:`write` waits for the previous
+    block's write before it hands over the next, so one block at most is in flight, in order, and a
+    failed write is seen at the next block (or at :meth:`flush`). With ``direct`` the blocks are
+    written with ``O_DIRECT``: a fill does not allocate and dirty page-cache pages for bytes nobody
+    reads back soon, which costs more CPU than the rest of the write path on some machines; a
+    filesystem that refuses it falls back to ordinary writes. While the fill goes on, other threads
+    may open :attr:`temp_path` read-only and serve its first :attr:`bytes_in_file` bytes; a file
+    opened before the commit or abort stays readable afterwards (rename / unlink keep the inode).
+    Those bytes are unverified until :meth:`verify` or :meth:`commit` returns.
     """
 
     def __init__(self, store: Store, hex_: str, content_type: str | None, expected_size: int | None,
@@ -718,6 +725,8 @@ class Writer:
         self._fd: int | None = fd
         self.direct = direct and _set_direct(fd, True)
         self._stage: mmap.mmap | None = None
+        self._spare: mmap.mmap | None = None  # the other buffer: being written, or free
+        self._in_flight: tuple[Future, int] | None = None  # the write of the spare buffer and its size
         self._staged = 0
         self._done = False
         #: Why the bytes stopped going to the file (then they are only hashed), or None.
@@ -751,6 +760,7 @@ class Writer:
                 return
             if self._stage is None:
                 self._stage = mmap.mmap(-1, STAGE_SIZE)  # page-aligned, as O_DIRECT needs
+                self._spare = mmap.mmap(-1, STAGE_SIZE)
             taken = 0
             while taken < len(view):
                 size = min(STAGE_SIZE - self._staged, len(view) - taken)
@@ -770,23 +780,42 @@ class Writer:
             raise StoreError("writer already committed or aborted")
         if self._staged and self.failure is None:
             self._write_stage()
+        self._land()
 
     def _write_stage(self) -> None:
-        failure: OSError | None = None
         with memoryview(cast(mmap.mmap, self._stage)) as whole, whole[:self._staged] as staged:
             self._hasher.update(staged)
-            if self.direct and self._staged % DIRECT_ALIGNMENT:
-                self._buffered("an unaligned last block")
-            try:
-                self._write_all(staged)
-            except OSError as error:
-                failure = error.with_traceback(None)  # its frames would keep views of the stage alive
-        if failure is not None:
+        self._land()  # the previous block is in the file: its buffer is free, the file's offset is right
+        if self.failure is not None:
+            return
+        if self.direct and self._staged % DIRECT_ALIGNMENT:
+            self._buffered("an unaligned last block")
+        block, size = cast(mmap.mmap, self._stage), self._staged
+        self._stage, self._spare = self._spare, block
+        self._staged = 0
+        self._in_flight = (_FILE_WRITES.submit(self._write_block, block, size), size)
+
+    def _write_block(self, block: mmap.mmap, size: int) -> None:
+        """One block to the file (on a write thread)."""
+        try:
+            with memoryview(block) as whole, whole[:size] as view:
+                self._write_all(view)
+        except OSError as error:
+            raise error.with_traceback(None) from None  # its frames would keep views of the block alive
+
+    def _land(self) -> None:
+        """Wait for the block in flight; its bytes are then in the file, or the writer has given up."""
+        if self._in_flight is None:
+            return
+        future, size = self._in_flight
+        self._in_flight = None
+        try:
+            future.result()
+        except OSError as failure:
             self._give_up(StoreFull(f"no space left while caching {self.digest}: {failure.strerror}")
                           if failure.errno in _NO_SPACE else failure)
             return
-        self.bytes_in_file += self._staged
-        self._staged = 0
+        self.bytes_in_file += size
 
     def _give_up(self, failure: OSError | StoreError) -> None:
         """Stop writing for good (the disk failed or the blob outgrew the cache); keep hashing.
@@ -885,16 +914,21 @@ class Writer:
         self._finish()
 
     def _close_file(self) -> None:
+        if self._in_flight is not None:  # a block still being written must not find its descriptor closed
+            with contextlib.suppress(OSError):
+                self._in_flight[0].result()
+            self._in_flight = None
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
 
     def _finish(self) -> None:
         self._done = True
-        if self._stage is not None:
-            with contextlib.suppress(BufferError):  # a view still held elsewhere: the GC closes it
-                self._stage.close()
-            self._stage = None
+        for buffer in (self._stage, self._spare):
+            if buffer is not None:
+                with contextlib.suppress(BufferError):  # a view still held elsewhere: the GC closes it
+                    buffer.close()
+        self._stage = self._spare = None
         self._store._unpin(self._hex)
 
     def __enter__(self) -> Writer:

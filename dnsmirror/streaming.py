@@ -575,6 +575,7 @@ class BlobStreamer:
         self.on_damaged = on_damaged
         self.on_intact = on_intact
         self._tail: bytes | None = None  # a range's last byte, kept here while it waits for verification
+        self._ahead: bytes | None = None  # the next piece of a committed file, read while the client was paused
 
     def needs_memory(self, written: int) -> bool:
         """Whether this reader of an uncached fill still needs bytes that only memory holds."""
@@ -677,11 +678,33 @@ class BlobStreamer:
         if not data:
             self.abort("file ended early")
             return
+        if self.paused:
+            self._ahead = data  # read while the client's connection drained: sent when it resumes
+            return
+        self._deliver(data)
+        self._next()
+        self._read_ahead()
+
+    def _deliver(self, data: bytes) -> None:
         self.offset += len(data)
         self.request.write(data)
         if self.fill is not None:
             self.fill.reader_progress(self.offset)
-        self._next()
+
+    def _read_ahead(self) -> None:
+        """While the client's connection drains, the next piece of a file on disk is read already."""
+        if (not self.paused or self.busy or self.stopped or self.fill is not None or self._ahead is not None
+                or self.end is None):
+            return
+        size = min(READ_CHUNK, self.end - self.offset)
+        if size <= 0:
+            return
+        self.busy = self.reading = True
+        if self.hasher is not None:
+            self.disk.run(_read_hashed, self.fd, size, self.offset, self.hasher, self.end, self.verify
+                          ).addCallbacks(self._read_checked, self._read_failed)
+        else:
+            self.disk.run(os.pread, self.fd, size, self.offset).addCallbacks(self._read, self._read_failed)
 
     def _read_checked(self, result: tuple[bytes, bool | None]) -> None:
         data, intact = result
@@ -741,7 +764,11 @@ class BlobStreamer:
 
     def resumeProducing(self) -> None:
         self.paused = False
+        if self._ahead is not None and not self.stopped:
+            ahead, self._ahead = self._ahead, None
+            self._deliver(ahead)
         self._next()
+        self._read_ahead()
 
     def stopProducing(self) -> None:
         if not self.stopped:

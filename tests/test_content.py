@@ -393,9 +393,11 @@ def test_a_reader_joining_just_as_the_disk_fails_under_the_fill_is_served_from_u
         disk.step("writer")
         disk.step("open")
         body = upstream.first.protocol
-        body.dataReceived(data[: 2**20])
+        body.dataReceived(data[: 2**21])
         failing_disk(monkeypatch, errno.ENOSPC)
-        wrote = disk.run_quietly("_write_chunks")  # the disk fails in the thread; the reactor hears later
+        # the disk fails in the thread (the first block's write, seen when the second goes out); the reactor
+        # hears later
+        wrote = disk.run_quietly("_write_chunks")
         assert chain.slots[digest].fill.writer.failure is not None and not chain.slots[digest].fill.uncached
         joiner = FakeRequest()
         joined = defer.ensureDeferred(chain.serve(joiner, blob_target(digest)))
@@ -403,7 +405,7 @@ def test_a_reader_joining_just_as_the_disk_fails_under_the_fill_is_served_from_u
         disk.drain()
         assert joined.called and joiner.finished and joiner.body == data and joiner.source == "relay"
         wrote.callback(None)
-        body.dataReceived(data[2**20 :])
+        body.dataReceived(data[2**21 :])
         body.connectionLost(Failure(ResponseDone()))
         disk.drain()
         assert first_served.called and first.finished and first.body == data

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -393,7 +394,8 @@ def test_enospc_during_write_stops_caching_but_not_hashing(root, monkeypatch):
     with open_store(root, max_size=4 * STAGE_SIZE) as store:
         writer = store.writer(sha(blob(1, size)))
         full_disk(monkeypatch, writer, room=STAGE_SIZE + 3000)
-        writer.write(blob(1, STAGE_SIZE))  # one whole staged block reaches the file
+        writer.write(blob(1, STAGE_SIZE))  # one whole block goes to the file, on a write thread
+        writer.flush()  # and has landed: every accepted byte is in the file
         assert writer.bytes_in_file == STAGE_SIZE
         writer.write(blob(1, size)[STAGE_SIZE:])  # staged only: the disk is not touched yet
         writer.verify()  # the flush of the last 5000 bytes finds the disk full; the digest still matches
@@ -598,9 +600,12 @@ def test_temp_file_readable_while_filling_and_after_commit(root):
         assert (writer.bytes_written, writer.bytes_in_file) == (50_000, 0)  # staged, not yet in the file
         with open(writer.temp_path, "rb") as partial:
             writer.write(data[50_000:STAGE_SIZE + 60_000])
-            assert writer.bytes_in_file == STAGE_SIZE  # whole blocks reach the file as they fill
-            assert partial.read(writer.bytes_in_file) == data[:STAGE_SIZE]
-            writer.write(data[STAGE_SIZE + 60_000:])
+            # a whole block goes to the file as it fills; it counts once its write has landed
+            assert writer.bytes_in_file in (0, STAGE_SIZE)
+            writer.write(data[STAGE_SIZE + 60_000:2 * STAGE_SIZE + 1])  # the next block waits for it
+            assert writer.bytes_in_file >= STAGE_SIZE
+            assert partial.read(STAGE_SIZE) == data[:STAGE_SIZE]
+            writer.write(data[2 * STAGE_SIZE + 1:])
             writer.flush()
             assert writer.bytes_in_file == len(data)
             assert partial.read() == data[STAGE_SIZE:]
@@ -791,3 +796,97 @@ def test_a_cache_on_a_read_only_filesystem_opens_and_serves_what_it_holds(tmp_pa
     )
     assert run_on_a_small_tmpfs(mountpoint, script) == {
         "count": 1, "data": "cached before the disk went read-only", "write": errno.EROFS}
+
+
+# --- blocks written on a thread of their own, one in flight per writer ---------------------------------
+
+
+def gated_writes(monkeypatch, writer):
+    """``writer``'s file writes wait for the returned event; returns (gate, blocks seen by the write call)."""
+    real_write = os.write
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def write(fd, data):
+        if fd == writer._fd:
+            seen.append(len(data))
+            if not gate.wait(10):
+                raise AssertionError("the gate was never opened")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    return gate, seen
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_blocks_reach_the_file_in_order_whatever_each_write_takes(tmp_path, monkeypatch, direct):
+    data = os.urandom(7 * STAGE_SIZE + 4321)
+    real_write = os.write
+    delays = iter([0.02, 0, 0.01, 0, 0, 0.03, 0, 0.01, 0] * 2)
+
+    def uneven(fd, view):
+        time.sleep(next(delays, 0))
+        return real_write(fd, view)
+
+    monkeypatch.setattr(os, "write", uneven)
+    with Store.open(tmp_path / "cache", 64 * STAGE_SIZE, direct_writes=direct) as store:
+        writer = store.writer(sha(data))
+        for start in range(0, len(data), 300_000):
+            writer.write(data[start:start + 300_000])
+        info = writer.commit()
+        assert info.size == len(data)
+        with store.open_blob(sha(data)) as reader:
+            assert reader.read() == data
+
+
+def test_a_lagging_file_write_holds_the_next_block_back(root, monkeypatch):
+    data = blob(5, 3 * STAGE_SIZE)
+    with open_store(root, max_size=8 * STAGE_SIZE) as store:
+        writer = store.writer(sha(data))
+        gate, seen = gated_writes(monkeypatch, writer)
+        writer.write(data[:STAGE_SIZE])  # handed to a write thread: returns at once
+        assert writer.bytes_in_file == 0
+        caller = threading.Thread(target=writer.write, args=(data[STAGE_SIZE:],))
+        caller.start()
+        caller.join(0.3)
+        # the second block is staged and hashed, but waits: one block in flight, no more in memory
+        assert caller.is_alive() and seen == [STAGE_SIZE]
+        gate.set()
+        caller.join(10)
+        assert not caller.is_alive() and writer.bytes_in_file >= 2 * STAGE_SIZE
+        writer.commit()
+        assert store.stat(sha(data)).size == len(data)
+
+
+def test_a_block_failing_on_its_write_thread_stops_caching_and_keeps_hashing(root, monkeypatch):
+    data = blob(6, 4 * STAGE_SIZE + 10)
+    with open_store(root, max_size=8 * STAGE_SIZE) as store:
+        writer = store.writer(sha(data))
+        full_disk(monkeypatch, writer, room=STAGE_SIZE + 100)
+        writer.write(data[:2 * STAGE_SIZE])  # the second block's write fails on its thread
+        assert writer.failure is None  # not known yet: it is seen when the next block goes out
+        writer.write(data[2 * STAGE_SIZE:])
+        assert isinstance(writer.failure, StoreFull) and writer.bytes_in_file == STAGE_SIZE
+        assert os.listdir(root / "tmp") == []
+        writer.verify()  # every byte was hashed: the digest matches
+        with pytest.raises(StoreFull):
+            writer.commit()
+        assert sha(data) not in store
+
+
+def test_an_abort_while_a_block_is_being_written_waits_for_it_and_leaves_nothing(root, monkeypatch):
+    data = blob(7, 2 * STAGE_SIZE)
+    with open_store(root, max_size=8 * STAGE_SIZE) as store:
+        writer = store.writer(sha(data))
+        gate, seen = gated_writes(monkeypatch, writer)
+        writer.write(data[:STAGE_SIZE])
+        fd = writer._fd
+        stopping = threading.Thread(target=writer.abort)
+        stopping.start()
+        stopping.join(0.3)
+        assert stopping.is_alive()  # the descriptor is not closed under the write in flight
+        os.fstat(fd)
+        gate.set()
+        stopping.join(10)
+        assert not stopping.is_alive() and not writer.temp_path.exists()
+        assert os.listdir(root / "tmp") == [] and store.pinned(sha(data)) == 0

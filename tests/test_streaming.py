@@ -6,13 +6,13 @@ import hashlib
 import os
 
 import pytest
-from fakes import FakeRequest, FakeTransport, InlineDisk
+from fakes import FakeRequest, FakeTransport, InlineDisk, ManualDisk
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from dnsmirror.store import DigestMismatch, Store
-from dnsmirror.streaming import READER_LAG_HIGH, READER_STALL, BlobStreamer, Fill, VerifiedRelay
+from dnsmirror.streaming import READ_CHUNK, READER_LAG_HIGH, READER_STALL, BlobStreamer, Fill, VerifiedRelay
 
 
 def sha(data: bytes) -> str:
@@ -541,3 +541,71 @@ def test_a_fill_paces_on_the_clock_it_is_given_not_the_disk_pools(store):
     assert upstream.resumed == 0  # the disk pool's clock is not the fill's
     clock.advance(READER_STALL)
     assert upstream.resumed == 1
+
+
+def committed(store, data: bytes) -> int:
+    digest = sha(data)
+    with store.writer(digest, expected_size=len(data)) as writer:
+        writer.write(data)
+        writer.commit()
+    return os.open(store.blob_path(digest), os.O_RDONLY)
+
+
+def test_a_cached_file_is_read_ahead_while_the_client_drains_and_arrives_in_order(store):
+    data = os.urandom(3 * READ_CHUNK + 5)
+    fd = committed(store, data)
+    disk = ManualDisk(store)
+    request = FakeRequest()
+    # the client's connection is full after every write, as a fast sender's socket buffer is
+    request.write = lambda chunk: (request.written.append(chunk), streamer.pauseProducing())
+    closed = []
+    streamer = BlobStreamer(disk, request, fd, 0, len(data), on_close=lambda: closed.append(os.close(fd)))
+    done = streamer.start()
+    disk.step("pread")
+    assert request.body == data[:READ_CHUNK]
+    # paused, yet the next piece is being read already
+    disk.step("pread")
+    assert request.body == data[:READ_CHUNK] and disk.queue == []  # one piece ahead, no more
+    streamer.resumeProducing()
+    assert request.body == data[:2 * READ_CHUNK]
+    disk.step("pread")
+    streamer.resumeProducing()
+    disk.step("pread")
+    streamer.resumeProducing()
+    assert request.body == data and not done.called  # finished once the last write has drained
+    streamer.resumeProducing()
+    assert done.result is True and closed and request.finished
+
+
+def test_a_client_that_leaves_while_a_piece_is_read_ahead_releases_the_descriptor_after_the_read(store):
+    data = os.urandom(2 * READ_CHUNK)
+    fd = committed(store, data)
+    disk = ManualDisk(store)
+    request = FakeRequest()
+    request.write = lambda chunk: (request.written.append(chunk), streamer.pauseProducing())
+    closed = []
+    streamer = BlobStreamer(disk, request, fd, 0, len(data), on_close=lambda: closed.append(os.close(fd)))
+    done = streamer.start()
+    disk.step("pread")
+    assert len(disk.queue) == 1  # the read ahead is in flight
+    streamer.stopProducing()
+    assert done.result is False and not closed  # its thread may still use the descriptor
+    disk.step("pread")
+    assert closed and request.body == data[:READ_CHUNK]
+
+
+def test_a_damaged_cached_file_read_ahead_is_cut_before_its_last_piece(store):
+    data = os.urandom(2 * READ_CHUNK)
+    fd = committed(store, data)
+    os.pwrite(os.open(store.blob_path(sha(data)), os.O_WRONLY), b"X", 10)
+    disk = ManualDisk(store)
+    request = FakeRequest()
+    request.write = lambda chunk: (request.written.append(chunk), streamer.pauseProducing())
+    damaged = []
+    streamer = BlobStreamer(disk, request, fd, 0, len(data), on_close=lambda: os.close(fd),
+                            verify=sha(data).split(":", 1)[1], on_damaged=lambda: damaged.append(True))
+    done = streamer.start()
+    disk.step("_read_hashed")
+    disk.step("_read_hashed")  # read ahead: the last piece, whose digest is wrong
+    assert damaged and request.transport.aborted and done.result is False
+    assert request.body == data[:READ_CHUNK][:10] + b"X" + data[11:READ_CHUNK]
