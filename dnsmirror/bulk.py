@@ -125,12 +125,15 @@ class _LargeReads:
 
 
 class PlainEndpoints:
-    """An ``Agent`` endpoint factory for plain HTTP whose connections read the socket in large pieces."""
+    """An ``Agent`` endpoint factory for plain HTTP whose connections read the socket in large pieces (from
+    ``bind_address`` when given: a peer knows a node by the address it connects from)."""
 
-    def __init__(self, reactor, connect_timeout: float) -> None:
+    def __init__(self, reactor, connect_timeout: float, bind_address: tuple[str, int] | None = None) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
+        self.bind_address = bind_address
 
     def endpointForURI(self, uri) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii") if isinstance(uri.host, bytes) else uri.host
-        return _LargeReads(HostnameEndpoint(self.reactor, host, uri.port, timeout=self.connect_timeout))
+        return _LargeReads(HostnameEndpoint(self.reactor, host, uri.port, timeout=self.connect_timeout,
+                                            bindAddress=self.bind_address))

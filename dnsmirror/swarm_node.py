@@ -38,6 +38,7 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, Resp
 from twisted.web.http_headers import Headers
 
 from dnsmirror import swarm
+from dnsmirror.bulk import PlainEndpoints
 from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields as log_fields
 from dnsmirror.peers import AUTH_HEADER, BLOB_PATH, SWARM_PATH, PeerSet, sign
@@ -209,8 +210,9 @@ class SwarmDriver:
         self.me = me
         self.node = swarm.SwarmNode(me, swarm.Membership([me, *self.peers.members()]), self.settings)
         # from this node's own address: the receiver knows the sender by the address it connects from
-        self.agent = Agent(self.reactor, connectTimeout=self.timeout, pool=self.pool,
-                           bindAddress=(me.host, 0))
+        self.agent = Agent.usingEndpointFactory(
+            self.reactor, PlainEndpoints(self.reactor, self.timeout, (me.host, 0)), pool=self.pool
+        )
         log.info("burst coordination as %s", me, extra=log_fields(event="swarm_ready", node=str(me)))
         return True
 
