@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from twisted.internet import defer
 from twisted.python.failure import Failure
@@ -40,7 +40,7 @@ from dnsmirror.peers import PeerClient
 from dnsmirror.proxy import PassThrough
 from dnsmirror.respond import Responder, unavailable
 from dnsmirror.sources import CacheSource, ContainerdSource, PeerSource, UpstreamSource, wants_range
-from dnsmirror.store import ContainerdContentSource, DigestMismatch, StoreFull, Writer
+from dnsmirror.store import ContainerdContentSource, DigestMismatch, StoreFull
 from dnsmirror.streaming import DiskIO, Fill
 from dnsmirror.swarm_node import SwarmDriver
 from dnsmirror.target import Target
@@ -235,8 +235,7 @@ class ContentChain:
 
     def new_fill(self, writer: BlobWriter, target: Target, total: int | None, content_type: str) -> Fill:
         """A fill of ``target.digest`` into ``writer``, paced on the chain's clock."""
-        # Fill is annotated with the store's Writer; it uses only what BlobWriter declares
-        return Fill(self.disk, cast(Writer, writer), target.digest, total, content_type, clock=self.reactor)
+        return Fill(self.disk, writer, target.digest, total, content_type, clock=self.reactor)
 
     # --- the failing-disk backoff ------------------------------------------------------------------
 

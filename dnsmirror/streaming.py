@@ -1,13 +1,14 @@
 """Moving blob bytes without blocking the reactor and without holding a blob in memory.
 
 - :class:`DiskIO` runs every store and file call on a dedicated thread pool.
-- :class:`Fill` is one upstream fetch of one digest, written to a store :class:`~dnsmirror.store.Writer`
-  (hashed as written, off the reactor) and readable by any number of waiters while it grows. The last
-  byte is held back until the digest is verified, so no client ever receives a complete body whose
-  digest is wrong. It reads upstream about as fast as its fastest reader takes the bytes, so that reader
-  is served from memory. If the disk fails under it (full, read-only, I/O errors) the fill goes on
-  *uncached*: the bytes its readers still need stay in memory, upstream goes at the pace of the slowest
-  reader, and the hash still decides whether the last byte is released.
+- :class:`Fill` is one upstream fetch of one digest, written to a store's
+  :class:`~dnsmirror.contracts.BlobWriter` (hashed as written, off the reactor) and readable by any
+  number of waiters while it grows. The last byte is held back until the digest is verified, so no
+  client ever receives a complete body whose digest is wrong. It reads upstream about as fast as its
+  fastest reader takes the bytes, so that reader is served from memory. If the disk fails under it
+  (full, read-only, I/O errors) the fill goes on *uncached*: the bytes its readers still need stay in
+  memory, upstream goes at the pace of the slowest reader, and the hash still decides whether the last
+  byte is released.
 - :class:`BlobStreamer` sends a byte range of a committed blob or of a growing fill to one HTTP
   request, as a push producer: a slow client pauses the disk reads, not the other clients. Given a
   cached blob not known to be intact, it hashes what it reads (on the disk pool) and sends the last
@@ -22,19 +23,24 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import PotentialDataLoss, Request
 from zope.interface import implementer
 
 from dnsmirror.flow import Upstream, readable, upstream_action
-from dnsmirror.store import BlobInfo, Store, Writer
+from dnsmirror.store import BlobInfo, BlobReader, Store
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
+
+    from dnsmirror.contracts import BlobWriter, UpstreamAnswer
 
 log = logging.getLogger("dnsmirror.streaming")
 
@@ -62,7 +68,8 @@ UNCACHED_LOW_WATER = 8 * 1024 * 1024
 class DiskIO:
     """Store and file operations on a thread pool of their own."""
 
-    def __init__(self, reactor, store: Store | None, threads: int = 8) -> None:
+    def __init__(self, reactor: Any, store: Store | None, threads: int = 8) -> None:
+        # an IReactorFromThreads for the pool's results, and the IReactorTime of fills' timers
         self.reactor = reactor
         self.store = store
         self.pool = ThreadPool(minthreads=1, maxthreads=threads, name="dnsmirror-disk")
@@ -73,7 +80,7 @@ class DiskIO:
     def stop(self) -> None:
         self.pool.stop()
 
-    def run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred:
+    def run(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
         """``function(*args)`` on the disk pool; a Deferred of its result."""
         return deferToThreadPool(self.reactor, self.pool, function, *args, **kwargs)
 
@@ -89,11 +96,18 @@ class Fill:
     ``done`` fires with the committed :class:`BlobInfo`, or fails with :class:`FillFailed`.
     """
 
-    def __init__(self, disk: DiskIO, writer: Writer, digest: str, total: int | None, content_type: str | None,
-                 clock=None) -> None:
+    def __init__(
+        self,
+        disk: DiskIO,
+        writer: BlobWriter,
+        digest: str,
+        total: int | None,
+        content_type: str | None,
+        clock: IReactorTime | None = None,
+    ) -> None:
         self.disk = disk
-        # the pacing and stall timers' clock (an IReactorTime); the disk pool's reactor unless given
-        self._clock = clock if clock is not None else disk.reactor
+        # the pacing and stall timers' clock; the disk pool's reactor unless given
+        self._clock: IReactorTime = clock if clock is not None else disk.reactor
         self.writer = writer
         self.digest = digest
         self.total = total
@@ -107,13 +121,13 @@ class Fill:
         self._recent_bytes = 0
         self.verified = False
         self.failure: FillFailed | None = None
-        self.done: defer.Deferred = defer.Deferred()
+        self.done: defer.Deferred[BlobInfo] = defer.Deferred()
         self._pending: list[bytes] = []
         self._queued = 0  # bytes in _pending (received, no write started yet)
         self._pending_bytes = 0
         self._writing = False
         self._body_finished = False
-        self._upstream = None
+        self._upstream: IPushProducer | None = None
         self._upstream_paused = False
         self._disk_paused = False
         self._readers: set[BlobStreamer] = set()
@@ -121,14 +135,15 @@ class Fill:
         self._reader_paused = False
         self._pacing = True
         self._progress_at = 0.0
-        self._stall_timer = None
-        self._waiters: list[defer.Deferred] = []
+        self._stall_timer: IDelayedCall | None = None
+        self._waiters: list[defer.Deferred[None]] = []
         self.info: BlobInfo | None = None
         #: The disk failed under this fill: it streams on from memory and will not be cached.
         self.uncached = False
         self._streams: set[BlobStreamer] = set()  # every reader (ranges too): what memory must keep
         self._memory_paused = False
-        self._memory_timer = None
+        self._memory_progress = 0  # the slowest reader's offset when the memory stall timer last looked
+        self._memory_timer: IDelayedCall | None = None
 
     @property
     def upstream_paused(self) -> bool:
@@ -158,7 +173,7 @@ class Fill:
         first = len(recent) - 1
         while first > 0 and recent[first][0] > offset:  # readers are usually near the newest bytes
             first -= 1
-        parts = []
+        parts: list[bytes] = []
         wanted = size
         for index in range(first, len(recent)):
             start, chunk = recent[index]
@@ -174,7 +189,8 @@ class Fill:
 
     def _trim(self) -> None:
         # only bytes already on disk may leave memory: a reader that falls behind reads them there
-        while self._recent_bytes > RECENT_WINDOW and self._recent[0][0] + len(self._recent[0][1]) <= self.written:
+        while (self._recent_bytes > RECENT_WINDOW
+               and self._recent[0][0] + len(self._recent[0][1]) <= self.written):
             self._recent_bytes -= len(self._recent.popleft()[1])
         if self.uncached:
             # without a disk, memory holds what some reader still needs, and nothing else
@@ -195,20 +211,20 @@ class Fill:
         """Bytes in memory, not on disk, that the slowest reader has not sent yet."""
         return self.received - max(self._slowest(), self.written)
 
-    def settled(self) -> defer.Deferred:
+    def settled(self) -> defer.Deferred[None]:
         """Fires (with None) once ``done`` has: the blob is committed (``info`` set) or the fill failed."""
-        settled: defer.Deferred = defer.Deferred()
+        settled: defer.Deferred[None] = defer.Deferred()
 
-        def relay(result):
+        def relay(result: object) -> object:
             settled.callback(None)
             return result
 
         self.done.addBoth(relay)
         return settled
 
-    def wait(self) -> defer.Deferred:
+    def wait(self) -> defer.Deferred[None]:
         """Fires at the next progress: more bytes readable, verification, or failure."""
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred[None] = defer.Deferred()
         if self.finished:
             d.callback(None)
         else:
@@ -267,13 +283,15 @@ class Fill:
             return
         self._writing = True
         # the writer copies the chunks into its aligned stage in the thread, not on the reactor
-        self.disk.run(self._write_chunks, chunks).addCallbacks(self._wrote, self._fail, callbackArgs=(size,))
+        self.disk.run(self._write_chunks, chunks).addCallbacks(
+            self._wrote, self._fail, callbackArgs=(size,)
+        )
 
     def _write_chunks(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
             self.writer.write(chunk)
 
-    def _wrote(self, _result, size: int) -> None:
+    def _wrote(self, _result: None, size: int) -> None:
         self._writing = False
         self.written = self.writer.bytes_in_file
         if self.writer.failure is not None and not self.uncached:
@@ -315,6 +333,7 @@ class Fill:
         self._streams.add(stream)
 
     def unregister(self, stream: BlobStreamer) -> None:
+        """``stream`` is done with this fill."""
         self._streams.discard(stream)
         if self.uncached:
             self._trim()
@@ -329,7 +348,8 @@ class Fill:
         for stream in self._streams:
             stream.keep_tail()
         log.warning("cache disk failed mid-fill; streaming on without caching", extra={"fields": {
-            "digest": self.digest, "reason": str(self.writer.failure), "cached_bytes": self.written}})
+            "digest": self.digest, "reason": str(self.writer.failure), "cached_bytes": self.written,
+        }})
         if not self._streams and not self._body_finished:
             # nobody to stream to and nothing to cache: the rest of upstream's body is not needed
             self._fail(Failure(self.writer.failure))
@@ -394,7 +414,9 @@ class Fill:
     def _flow(self) -> None:
         if self._upstream is None or self._body_finished or self.failure is not None:
             return  # the body is over: nothing left to pause or resume
-        action = upstream_action(self._disk_paused, self._reader_paused, self._memory_paused, self._upstream_paused)
+        action = upstream_action(
+            self._disk_paused, self._reader_paused, self._memory_paused, self._upstream_paused
+        )
         if action is Upstream.PAUSE:
             self._upstream_paused = True
             self._upstream.pauseProducing()
@@ -412,7 +434,8 @@ class Fill:
 
     def _commit(self, chunks: list[bytes]) -> None:
         if self.total is not None and self.received != self.total:
-            self._fail(Failure(FillFailed(f"{self.digest}: upstream sent {self.received} of {self.total} bytes")))
+            short = f"{self.digest}: upstream sent {self.received} of {self.total} bytes"
+            self._fail(Failure(FillFailed(short)))
             return
         self._writing = True  # no further writes
         self.disk.run(self._write_and_verify, chunks).addCallbacks(self._verified, self._fail)
@@ -421,7 +444,7 @@ class Fill:
         self._write_chunks(chunks)
         self.writer.verify()
 
-    def _verified(self, _result) -> None:
+    def _verified(self, _result: None) -> None:
         # clients get their last byte now; the durable commit (fsync, rename) follows without them
         self.verified = True
         self.written = self.writer.bytes_in_file
@@ -442,7 +465,7 @@ class Fill:
 
     def _commit_failed(self, reason: Failure) -> None:
         # the bytes were verified and readers keep their open file: only the cache does not keep them
-        failure = FillFailed(f"{self.digest}: not cached: {reason.getErrorMessage() or reason.type.__name__}")
+        failure = FillFailed(f"{self.digest}: not cached: {_why(reason)}")
         failure.__cause__ = reason.value
         self.done.errback(Failure(failure))
         self.done.addErrback(lambda _: None)
@@ -451,7 +474,7 @@ class Fill:
         if self.failure is not None:
             return
         self.failure = reason.value if isinstance(reason.value, FillFailed) else FillFailed(
-            f"{self.digest}: {reason.getErrorMessage() or reason.type.__name__}")
+            f"{self.digest}: {_why(reason)}")
         self.failure.__cause__ = reason.value
         self._pending = []
         self._release_readers_hold(for_good=True)
@@ -470,7 +493,7 @@ class _FillProtocol:
     def __init__(self, fill: Fill) -> None:
         self.fill = fill
 
-    def makeConnection(self, transport) -> None:
+    def makeConnection(self, transport: IPushProducer) -> None:
         self.fill._upstream = transport
 
     def dataReceived(self, data: bytes) -> None:
@@ -488,14 +511,19 @@ class ResumableBody:
     body that was complete but wrong still fails verification at the end. Resumes at most once.
     """
 
-    def __init__(self, fill: Fill, resume: Callable[[int], defer.Deferred], on_break: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        fill: Fill,
+        resume: Callable[[int], defer.Deferred[UpstreamAnswer | None]],
+        on_break: Callable[[str], None],
+    ) -> None:
         self.fill = fill
         self.inner = fill.body_protocol()
         self.resume = resume
         self.on_break = on_break
         self.resumed = False
 
-    def makeConnection(self, transport) -> None:
+    def makeConnection(self, transport: IPushProducer) -> None:
         self.inner.makeConnection(transport)
 
     def dataReceived(self, data: bytes) -> None:
@@ -508,12 +536,12 @@ class ResumableBody:
             self.inner.connectionLost(reason)
             return
         self.resumed = True
-        self.on_break(reason.getErrorMessage() or reason.type.__name__)
+        self.on_break(_why(reason))
         d = self.resume(fill.received)
         d.addErrback(lambda failure: None)
         d.addCallback(self._continue, reason)
 
-    def _continue(self, response, reason: Failure) -> None:
+    def _continue(self, response: UpstreamAnswer | None, reason: Failure) -> None:
         if response is None or self.fill.failure is not None:
             self.inner.connectionLost(reason)
             return
@@ -527,7 +555,7 @@ class _Continuation:
         self.inner = inner
         self.fill = fill
 
-    def makeConnection(self, transport) -> None:
+    def makeConnection(self, transport: IPushProducer) -> None:
         self.inner.makeConnection(transport)
         if self.fill.upstream_paused:
             transport.pauseProducing()
@@ -553,9 +581,19 @@ class BlobStreamer:
     ``on_intact`` is called when the digest matched.
     """
 
-    def __init__(self, disk: DiskIO, request, fd: int, start: int, end: int | None, fill: Fill | None = None,
-                 on_close: Callable[[], None] | None = None, verify: str | None = None,
-                 on_damaged: Callable[[], None] | None = None, on_intact: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        disk: DiskIO,
+        request: Request,
+        fd: int,
+        start: int,
+        end: int | None,
+        fill: Fill | None = None,
+        on_close: Callable[[], None] | None = None,
+        verify: str | None = None,
+        on_damaged: Callable[[], None] | None = None,
+        on_intact: Callable[[], None] | None = None,
+    ) -> None:
         self.disk = disk
         self.request = request
         self.fd = fd
@@ -567,15 +605,16 @@ class BlobStreamer:
         self.busy = False
         self.reading = False
         self.stopped = False
-        self.finished: defer.Deferred = defer.Deferred()
+        self.finished: defer.Deferred[bool] = defer.Deferred()
         if verify is not None and (start != 0 or end is None or fill is not None):
             raise ValueError("only a whole committed file can be verified while streamed")
         self.verify = verify
-        self.hasher = hashlib.sha256() if verify is not None else None
+        self.hasher: _Hash | None = hashlib.sha256() if verify is not None else None
         self.on_damaged = on_damaged
         self.on_intact = on_intact
         self._tail: bytes | None = None  # a range's last byte, kept here while it waits for verification
-        self._ahead: bytes | None = None  # the next piece of a committed file, read while the client was paused
+        # the next piece of a committed file, read while the client was paused
+        self._ahead: bytes | None = None
 
     def needs_memory(self, written: int) -> bool:
         """Whether this reader of an uncached fill still needs bytes that only memory holds."""
@@ -588,7 +627,8 @@ class BlobStreamer:
                 and self.offset == self.end - 1 and self.offset >= fill.written):
             self._tail = fill.from_memory(self.offset, 1)
 
-    def start(self) -> defer.Deferred:
+    def start(self) -> defer.Deferred[bool]:
+        """Start sending; the Deferred is :attr:`finished`."""
         if getattr(self.request, "channel", True) is None:
             # the client left while the blob was being opened: nothing to send, the descriptor is released
             self._close(False)
@@ -630,13 +670,15 @@ class BlobStreamer:
             if self.fill is not None and self.fill.failure is not None:
                 self.abort(f"fill failed: {self.fill.failure}")
                 return
-            if self._tail is not None and self.fill.verified:
+            if self._tail is not None and self.fill is not None and self.fill.verified:
                 tail, self._tail = self._tail, None
                 self.offset += len(tail)
                 self.request.write(tail)
                 continue
             limit = self._limit()
             if limit is None or self.offset >= limit:
+                # a streamer without a fill has an end, which closed it at the target check above
+                assert self.fill is not None
                 self.keep_tail()
                 self.busy = True
                 self.fill.wait().addCallback(self._progress)
@@ -659,14 +701,10 @@ class BlobStreamer:
                     self.fill.wait().addCallback(self._progress)
                     return
             self.busy = self.reading = True
-            if self.hasher is not None:
-                self.disk.run(_read_hashed, self.fd, size, self.offset, self.hasher, self.end, self.verify
-                              ).addCallbacks(self._read_checked, self._read_failed)
-            else:
-                self.disk.run(os.pread, self.fd, size, self.offset).addCallbacks(self._read, self._read_failed)
+            self._start_read(size)
             return
 
-    def _progress(self, _result) -> None:
+    def _progress(self, _result: None) -> None:
         self.busy = False
         self._next()
 
@@ -693,16 +731,21 @@ class BlobStreamer:
 
     def _read_ahead(self) -> None:
         """While the client's connection drains, the next piece of a file on disk is read already."""
-        if (not self.paused or self.busy or self.stopped or self.fill is not None or self._ahead is not None
-                or self.end is None):
+        if (not self.paused or self.busy or self.stopped or self.fill is not None
+                or self._ahead is not None or self.end is None):
             return
         size = min(READ_CHUNK, self.end - self.offset)
         if size <= 0:
             return
         self.busy = self.reading = True
+        self._start_read(size)
+
+    def _start_read(self, size: int) -> None:
+        """Read ``size`` bytes at the offset on the disk pool (hashed when the file is verified)."""
         if self.hasher is not None:
-            self.disk.run(_read_hashed, self.fd, size, self.offset, self.hasher, self.end, self.verify
-                          ).addCallbacks(self._read_checked, self._read_failed)
+            self.disk.run(
+                _read_hashed, self.fd, size, self.offset, self.hasher, self.end, self.verify
+            ).addCallbacks(self._read_checked, self._read_failed)
         else:
             self.disk.run(os.pread, self.fd, size, self.offset).addCallbacks(self._read, self._read_failed)
 
@@ -729,7 +772,8 @@ class BlobStreamer:
     def abort(self, why: str) -> None:
         """Cut the client's connection: it must not take what was sent as a whole body."""
         log.warning("aborting a blob response: %s", why)
-        transport = getattr(self.request, "transport", None) or getattr(self.request.channel, "transport", None)
+        transport = (getattr(self.request, "transport", None)
+                     or getattr(self.request.channel, "transport", None))
         self._close(False)
         if transport is not None:
             transport.abortConnection()
@@ -775,8 +819,11 @@ class BlobStreamer:
             self._close(False)
 
 
-def _read_hashed(fd: int, size: int, offset: int, hasher, end: int, expected_hex: str) -> tuple[bytes, bool | None]:
-    """(bytes read, whether the whole file hashed to ``expected_hex``, or None before its end) -- on the disk pool."""
+def _read_hashed(
+    fd: int, size: int, offset: int, hasher: _Hash, end: int, expected_hex: str
+) -> tuple[bytes, bool | None]:
+    """(bytes read, whether the whole file hashed to ``expected_hex``, or None before its end): on the
+    disk pool."""
     data = os.pread(fd, size, offset)
     hasher.update(data)
     if offset + len(data) < end and data:
@@ -794,15 +841,15 @@ class VerifiedRelay:
     connection is aborted, so it never receives a complete wrong body. ``done`` fires True/False.
     """
 
-    def __init__(self, request, digest: str) -> None:
+    def __init__(self, request: Request, digest: str) -> None:
         self.request = request
         self.expected = digest
         self.hash = hashlib.sha256()
         self.held = b""
-        self.transport = None
-        self.done: defer.Deferred = defer.Deferred()
+        self.transport: IPushProducer | None = None
+        self.done: defer.Deferred[bool] = defer.Deferred()
 
-    def makeConnection(self, transport) -> None:
+    def makeConnection(self, transport: IPushProducer) -> None:
         self.transport = transport
         self.request.registerProducer(self, True)
 
@@ -823,7 +870,8 @@ class VerifiedRelay:
             self.done.callback(True)
             return
         log.warning("uncached stream aborted", extra={"fields": {
-            "digest": self.expected, "reason": "digest mismatch" if complete else reason.getErrorMessage()}})
+            "digest": self.expected, "reason": "digest mismatch" if complete else reason.getErrorMessage(),
+        }})
         transport = getattr(self.request.channel, "transport", None)
         if transport is not None:
             transport.abortConnection()
@@ -849,13 +897,14 @@ class FileFeed:
     The fill pauses and resumes it like an upstream socket; the file is closed when the feed ends.
     """
 
-    def __init__(self, disk: DiskIO, reader, fill: Fill) -> None:
+    def __init__(self, disk: DiskIO, reader: BlobReader, fill: Fill) -> None:
         self.disk = disk
         self.reader = reader
         self.protocol = fill.body_protocol()
         self.paused = self.reading = self.stopped = False
 
     def start(self) -> None:
+        """Read the file into the fill, on the disk pool."""
         self.protocol.makeConnection(self)
         self._next()
 
@@ -899,3 +948,10 @@ class FileFeed:
             self.stopped = True
             if not self.reading:
                 self._close()
+
+
+def _why(reason: Failure) -> str:
+    """A failure's message, or its type's name when the message is empty."""
+    if reason.getErrorMessage():
+        return reason.getErrorMessage()
+    return reason.type.__name__ if reason.type is not None else "unknown failure"
