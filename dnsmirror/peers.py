@@ -445,7 +445,8 @@ class PeerClient:
     def send_announcements(self, per_peer: dict[HostPort, list[str]]) -> int:
         """Tell each peer the digests it is a first peer of (:func:`group_by_first_peers`), one request
         per :data:`MAX_BATCH` digests; returns how many requests were sent. A request that gets no answer
-        (the peer is starting too, or restarting) is sent again later, :data:`ANNOUNCE_ATTEMPTS` times at most."""
+        (the peer is starting too, or restarting) is sent again later, :data:`ANNOUNCE_ATTEMPTS` times at
+        most."""
         sent = 0
         for peer, held in per_peer.items():
             for start in range(0, len(held), MAX_BATCH):
@@ -456,7 +457,9 @@ class PeerClient:
     def _send_batch(self, peer: HostPort, body: bytes, attempt: int) -> None:
         url = f"http://{peer}{BATCH_PATH}"
         headers = self._headers("POST", _body_digest(body))  # signed anew: a retry carries a fresh time
-        request = self.agent.request(b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(body)))
+        request = self.agent.request(
+            b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(body))
+        )
         request.addTimeout(max(self.timeout, 10.0), self.reactor)
         request.addCallback(self._discard, url, "POST")
         request.addErrback(self._batch_failed, peer, body, attempt)
@@ -561,7 +564,8 @@ class PeerResource(resource.Resource):
                  uploads: UploadSlots | None = None) -> None:
         super().__init__()
         self.uploads = uploads if uploads is not None else UploadSlots(stats)
-        # burst coordination: (sender, signed body) -> the answer's body; None when this node does not take part
+        # burst coordination: (sender, signed body) -> the answer's body; None when this node does not
+        # take part
         self.on_message: Callable[[HostPort, bytes], bytes] | None = None
         self.reactor = reactor
         self.disk = disk
@@ -698,8 +702,8 @@ class PeerResource(resource.Resource):
     def _damaged(self, digest: str) -> None:
         """A cached file failed its digest while a peer asked for it: dropped, never sent as a success."""
         self.stats.damaged += 1
-        failures.report("cache", "damaged", "cached file does not match its digest; dropped, not sent to a peer",
-                        digest=digest)
+        failures.report("cache", "damaged",
+                        "cached file does not match its digest; dropped, not sent to a peer", digest=digest)
 
     async def _send_fill(self, request, digest: str, fill: Fill) -> bool:
         """Stream a fill under way (False when it ended before its file could be opened)."""

@@ -309,7 +309,9 @@ def test_the_listener_verifies_a_large_blob_while_sending_it(listener, monkeypat
     with open(path, "r+b") as file:
         file.write(intact[:1])  # the same byte: a write, so the verified mark no longer holds
     for _ in range(2):
-        request = PeerRequest(b"GET", f"/peer/v1/blobs/{intact_digest}".encode(), signed("GET", intact_digest))
+        request = PeerRequest(
+            b"GET", f"/peer/v1/blobs/{intact_digest}".encode(), signed("GET", intact_digest)
+        )
         assert render(resource, request, disk) == intact and request.finished
     with store.open_blob(intact_digest) as reader:
         assert reader.verified
@@ -533,8 +535,8 @@ def test_a_batch_announcement_a_starting_peer_missed_is_sent_again_a_bounded_num
     clock = task.Clock()
     up, starting = HostPort("10.0.0.2", 5001), HostPort("10.0.0.3", 5001)
     peers = PeerSet(clock, [up, starting], None, 5001, is_local=lambda host: False)
-    client = PeerClient(clock, peers, Holders(), SECRET, lookup=2, timeout=2, read_timeout=10, stats=PeerStats(),
-                        wall_clock=clock.seconds)
+    client = PeerClient(clock, peers, Holders(), SECRET, lookup=2, timeout=2, read_timeout=10,
+                        stats=PeerStats(), wall_clock=clock.seconds)
     listening = {up}
     received: list[tuple[HostPort, bytes, int]] = []
 

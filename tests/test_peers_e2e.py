@@ -348,14 +348,22 @@ def test_peers_share_cached_blobs_only_with_allowed_requests(tmp_path: Path) -> 
             # retry goes upstream
             third_again = os.urandom(500_000)
             third_again_digest = registry.place_blob(REPOSITORY, [third_again])[0]
-            liar = node_a.start([sys.executable, "-c", LYING_PEER, node_a.address, str(PEER_PORT)], "lying-peer")
+            liar = node_a.start(
+                [sys.executable, "-c", LYING_PEER, node_a.address, str(PEER_PORT)], "lying-peer"
+            )
             liar.wait_until(lambda: "listening" in liar.stdout(), "the lying peer listening", timeout=20)
-            with MirrorNode(node_b, tmp_path / "lied-to", dns, ca, peer_overrides(node_b, [node_a], secret)) as lied_to:
+            with MirrorNode(
+                node_b, tmp_path / "lied-to", dns, ca, peer_overrides(node_b, [node_a], secret)
+            ) as lied_to:
                 status, body = fetch(node_b, lied_to, third_again_digest)
                 assert (status, body) != (200, third_again), "a body that failed verification was served"
                 assert fetch(node_b, lied_to, third_again_digest) == (200, third_again)
-                assert wait_until(lambda: any(r.get("event") == "peer_failure" for r in lied_to.log_records()), 5)
-                peer_errors = sum(metric(node_b, f'dnsmirror_peer_errors_total{{kind="{kind}"}}') for kind in PEER_KINDS)
+                assert wait_until(
+                    lambda: any(r.get("event") == "peer_failure" for r in lied_to.log_records()), 5
+                )
+                peer_errors = sum(
+                    metric(node_b, f'dnsmirror_peer_errors_total{{kind="{kind}"}}') for kind in PEER_KINDS
+                )
                 assert peer_errors >= 1
             liar.stop(timeout=10)
 
@@ -412,8 +420,8 @@ def two_nodes(tmp_path: Path) -> Iterator[Pair]:
 def start_download(node: Namespace, mirror: MirrorNode, digest: str, out: Path, *options: str) -> Process:
     """curl fetching a blob through ``mirror`` into ``out``, in the background."""
     path = f"/v2/{REPOSITORY}/blobs/{digest}"
-    argv = curl_argv(ECR_HOST, mirror.address, path, mirror.trust_bundle(), *options, "-u", f"{USER}:{PASSWORD}",
-                     "-o", str(out))
+    argv = curl_argv(ECR_HOST, mirror.address, path, mirror.trust_bundle(), *options,
+                     "-u", f"{USER}:{PASSWORD}", "-o", str(out))
     return node.start(argv, f"download-{out.name}")
 
 
@@ -439,7 +447,8 @@ def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> 
         finally:
             client.stop()
         assert out.read_bytes() == data
-        wait_until(lambda: world.registry.count_requests("GET", path, status=206) >= 1, 10)  # logged once answered
+        # logged once answered
+        wait_until(lambda: world.registry.count_requests("GET", path, status=206) >= 1, 10)
         assert world.registry.count_requests("GET", path, status=200) == 1  # node A's fill
         assert world.registry.count_requests("GET", path, status=206) == 1  # the rest, for node B
         assert sources(world.mirror_b, digest) == ["peer"]
