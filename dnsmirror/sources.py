@@ -279,7 +279,7 @@ class PeerSource:
                 chain.stats.peer_resumes += 1
 
         def upstream_rest(offset: int) -> defer.Deferred:
-            return defer.ensureDeferred(self._upstream_rest(target, headers, offset, cast(int, fill.total)))
+            return defer.ensureDeferred(self._upstream_rest(target, headers, offset, fill.total))
 
         swarm.feed(target.digest, fill, response, upstream_rest, source_changed, holder)
         return FromFill(fill, self.name)
