@@ -33,7 +33,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
 from zope.interface import implementer
 
-from dnsmirror.flow import Upstream, readable, upstream_action
+from dnsmirror.flow import Upstream, WriteBatches, readable, upstream_action
 from dnsmirror.store import BlobInfo, Store, Writer
 
 log = logging.getLogger("dnsmirror.streaming")
@@ -108,11 +108,7 @@ class Fill:
         self.verified = False
         self.failure: FillFailed | None = None
         self.done: defer.Deferred = defer.Deferred()
-        self._pending: list[bytes] = []
-        self._queued = 0  # bytes in _pending (received, no write started yet)
-        self._pending_bytes = 0
-        self._writing = False
-        self._body_finished = False
+        self._batches = WriteBatches(WRITE_BATCH, FILL_HIGH_WATER, FILL_LOW_WATER)
         self._upstream = None
         self._upstream_paused = False
         self._disk_paused = False
@@ -232,12 +228,10 @@ class Fill:
         self._recent.append((self.received, data))
         self._recent_bytes += len(data)
         self.received += len(data)
-        self._pending.append(data)
-        self._queued += len(data)
-        self._pending_bytes += len(data)
+        disk_behind = self._batches.received(data)
         if self.uncached:
             self._trim()
-        if self._pending_bytes >= FILL_HIGH_WATER and not self._disk_paused:
+        if disk_behind and not self._disk_paused:
             self._disk_paused = True
             self._flow()
         if (self._readers and not self._reader_paused and self._pacing
@@ -250,22 +244,13 @@ class Fill:
             self._notify()
 
     def _write_next(self) -> None:
-        if self._writing or self.failure is not None:
+        write = self._batches.next_write()
+        if write is None:
             return
-        if not self._pending:
-            if self._body_finished:
-                self._commit([])
-            return
-        if not self._body_finished and self._queued < WRITE_BATCH:
-            # readers are served from memory; the disk gets fewer, larger writes (fewer thread hops)
-            return
-        chunks, size = self._pending, self._queued
-        self._pending = []
-        self._queued = 0
-        if self._body_finished:
+        chunks, size = write.chunks, write.size
+        if write.last:
             self._commit(chunks)  # the last batch is written and verified in one trip to the disk thread
             return
-        self._writing = True
         # the writer copies the chunks into its aligned stage in the thread, not on the reactor
         self.disk.run(self._write_chunks, chunks).addCallbacks(self._wrote, self._fail, callbackArgs=(size,))
 
@@ -274,13 +259,12 @@ class Fill:
             self.writer.write(chunk)
 
     def _wrote(self, _result, size: int) -> None:
-        self._writing = False
+        disk_behind = self._batches.wrote(size)
         self.written = self.writer.bytes_in_file
         if self.writer.failure is not None and not self.uncached:
             self._go_uncached()
-        self._pending_bytes -= size
         self._trim()
-        if self._disk_paused and self._pending_bytes <= FILL_LOW_WATER:
+        if self._disk_paused and not disk_behind:
             self._disk_paused = False
             self._flow()
         self._notify()
@@ -330,7 +314,7 @@ class Fill:
             stream.keep_tail()
         log.warning("cache disk failed mid-fill; streaming on without caching", extra={"fields": {
             "digest": self.digest, "reason": str(self.writer.failure), "cached_bytes": self.written}})
-        if not self._streams and not self._body_finished:
+        if not self._streams and not self._batches.finished:
             # nobody to stream to and nothing to cache: the rest of upstream's body is not needed
             self._fail(Failure(self.writer.failure))
             return
@@ -392,7 +376,7 @@ class Fill:
             self._flow()
 
     def _flow(self) -> None:
-        if self._upstream is None or self._body_finished or self.failure is not None:
+        if self._upstream is None or self._batches.finished or self.failure is not None:
             return  # the body is over: nothing left to pause or resume
         action = upstream_action(self._disk_paused, self._reader_paused, self._memory_paused, self._upstream_paused)
         if action is Upstream.PAUSE:
@@ -404,7 +388,7 @@ class Fill:
 
     def _body_done(self, reason: Failure) -> None:
         if reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self.total is None):
-            self._body_finished = True
+            self._batches.finish()
             self._release_readers_hold(for_good=True)  # cancels the stall timer
             self._write_next()
         else:
@@ -414,7 +398,6 @@ class Fill:
         if self.total is not None and self.received != self.total:
             self._fail(Failure(FillFailed(f"{self.digest}: upstream sent {self.received} of {self.total} bytes")))
             return
-        self._writing = True  # no further writes
         self.disk.run(self._write_and_verify, chunks).addCallbacks(self._verified, self._fail)
 
     def _write_and_verify(self, chunks: list[bytes]) -> None:
@@ -453,7 +436,7 @@ class Fill:
         self.failure = reason.value if isinstance(reason.value, FillFailed) else FillFailed(
             f"{self.digest}: {reason.getErrorMessage() or reason.type.__name__}")
         self.failure.__cause__ = reason.value
-        self._pending = []
+        self._batches.fail()
         self._release_readers_hold(for_good=True)
         self._cancel_memory_timer()
         if self._upstream is not None:
