@@ -34,7 +34,7 @@ from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss, Request
 from zope.interface import implementer
 
-from dnsmirror.flow import Upstream, readable, upstream_action
+from dnsmirror.flow import Upstream, WriteBatches, readable, upstream_action
 from dnsmirror.store import BlobInfo, BlobReader, Store
 
 if TYPE_CHECKING:
@@ -122,11 +122,7 @@ class Fill:
         self.verified = False
         self.failure: FillFailed | None = None
         self.done: defer.Deferred[BlobInfo] = defer.Deferred()
-        self._pending: list[bytes] = []
-        self._queued = 0  # bytes in _pending (received, no write started yet)
-        self._pending_bytes = 0
-        self._writing = False
-        self._body_finished = False
+        self._batches = WriteBatches(WRITE_BATCH, FILL_HIGH_WATER, FILL_LOW_WATER)
         self._upstream: IPushProducer | None = None
         self._upstream_paused = False
         self._disk_paused = False
@@ -248,12 +244,10 @@ class Fill:
         self._recent.append((self.received, data))
         self._recent_bytes += len(data)
         self.received += len(data)
-        self._pending.append(data)
-        self._queued += len(data)
-        self._pending_bytes += len(data)
+        disk_behind = self._batches.received(data)
         if self.uncached:
             self._trim()
-        if self._pending_bytes >= FILL_HIGH_WATER and not self._disk_paused:
+        if disk_behind and not self._disk_paused:
             self._disk_paused = True
             self._flow()
         if (self._readers and not self._reader_paused and self._pacing
@@ -266,22 +260,13 @@ class Fill:
             self._notify()
 
     def _write_next(self) -> None:
-        if self._writing or self.failure is not None:
+        write = self._batches.next_write()
+        if write is None:
             return
-        if not self._pending:
-            if self._body_finished:
-                self._commit([])
-            return
-        if not self._body_finished and self._queued < WRITE_BATCH:
-            # readers are served from memory; the disk gets fewer, larger writes (fewer thread hops)
-            return
-        chunks, size = self._pending, self._queued
-        self._pending = []
-        self._queued = 0
-        if self._body_finished:
+        chunks, size = write.chunks, write.size
+        if write.last:
             self._commit(chunks)  # the last batch is written and verified in one trip to the disk thread
             return
-        self._writing = True
         # the writer copies the chunks into its aligned stage in the thread, not on the reactor
         self.disk.run(self._write_chunks, chunks).addCallbacks(
             self._wrote, self._fail, callbackArgs=(size,)
@@ -292,13 +277,12 @@ class Fill:
             self.writer.write(chunk)
 
     def _wrote(self, _result: None, size: int) -> None:
-        self._writing = False
+        disk_behind = self._batches.wrote(size)
         self.written = self.writer.bytes_in_file
         if self.writer.failure is not None and not self.uncached:
             self._go_uncached()
-        self._pending_bytes -= size
         self._trim()
-        if self._disk_paused and self._pending_bytes <= FILL_LOW_WATER:
+        if self._disk_paused and not disk_behind:
             self._disk_paused = False
             self._flow()
         self._notify()
@@ -350,7 +334,7 @@ class Fill:
         log.warning("cache disk failed mid-fill; streaming on without caching", extra={"fields": {
             "digest": self.digest, "reason": str(self.writer.failure), "cached_bytes": self.written,
         }})
-        if not self._streams and not self._body_finished:
+        if not self._streams and not self._batches.finished:
             # nobody to stream to and nothing to cache: the rest of upstream's body is not needed
             self._fail(Failure(self.writer.failure))
             return
@@ -412,7 +396,7 @@ class Fill:
             self._flow()
 
     def _flow(self) -> None:
-        if self._upstream is None or self._body_finished or self.failure is not None:
+        if self._upstream is None or self._batches.finished or self.failure is not None:
             return  # the body is over: nothing left to pause or resume
         action = upstream_action(
             self._disk_paused, self._reader_paused, self._memory_paused, self._upstream_paused
@@ -426,7 +410,7 @@ class Fill:
 
     def _body_done(self, reason: Failure) -> None:
         if reason.check(ResponseDone) or (reason.check(PotentialDataLoss) and self.total is None):
-            self._body_finished = True
+            self._batches.finish()
             self._release_readers_hold(for_good=True)  # cancels the stall timer
             self._write_next()
         else:
@@ -437,7 +421,6 @@ class Fill:
             short = f"{self.digest}: upstream sent {self.received} of {self.total} bytes"
             self._fail(Failure(FillFailed(short)))
             return
-        self._writing = True  # no further writes
         self.disk.run(self._write_and_verify, chunks).addCallbacks(self._verified, self._fail)
 
     def _write_and_verify(self, chunks: list[bytes]) -> None:
@@ -476,7 +459,7 @@ class Fill:
         self.failure = reason.value if isinstance(reason.value, FillFailed) else FillFailed(
             f"{self.digest}: {_why(reason)}")
         self.failure.__cause__ = reason.value
-        self._pending = []
+        self._batches.fail()
         self._release_readers_hold(for_good=True)
         self._cancel_memory_timer()
         if self._upstream is not None:
