@@ -582,7 +582,7 @@ class PeerResource(resource.Resource):
         if path == BATCH_PATH:
             return self._batch(request, method)
         if path == SWARM_PATH and self.on_message is not None:
-            return self._swarm_message(request, method)
+            return self._swarm_message(request, method, self.on_message)
         for prefix, methods in ((BLOB_PATH, ("GET", "HEAD")), (HOLDER_PATH, ("POST",))):
             if not path.startswith(prefix):
                 continue
@@ -602,14 +602,22 @@ class PeerResource(resource.Resource):
             return server.NOT_DONE_YET
         return _plain(request, 404, "not a peer path")
 
-    def _batch(self, request, method: str) -> bytes:
+    def _signed_post(self, request, method: str) -> tuple[bytes, bytes | None]:
+        """(the body, None) of a POST signed with the cluster's secret (read up to MAX_BODY + 1 bytes: a
+        longer one fails the signature), or (b"", the refusal to answer with)."""
         if method != "POST":
-            return _plain(request, 405, "method not allowed")
+            return b"", _plain(request, 405, "method not allowed")
         body = request.content.read(MAX_BODY + 1) if request.content is not None else b""
         if not signature_valid(self.secret, request.getHeader(AUTH_HEADER), "POST", _body_digest(body),
                                self.wall_clock()):
             self.stats.refused += 1
-            return _plain(request, 401, "peer signature missing or invalid")
+            return b"", _plain(request, 401, "peer signature missing or invalid")
+        return body, None
+
+    def _batch(self, request, method: str) -> bytes:
+        body, refusal = self._signed_post(request, method)
+        if refusal is not None:
+            return refusal
         holder = HostPort(request.getClientAddress().host, self.port)
         now = self.reactor.seconds()
         lines = body.decode("ascii", "replace").split("\n")[:MAX_BATCH]
@@ -619,17 +627,13 @@ class PeerResource(resource.Resource):
         self.stats.announcements_received += 1
         return _plain(request, 204, "")
 
-    def _swarm_message(self, request, method: str) -> bytes:
-        if method != "POST":
-            return _plain(request, 405, "method not allowed")
-        body = request.content.read(MAX_BODY + 1) if request.content is not None else b""
-        if not signature_valid(self.secret, request.getHeader(AUTH_HEADER), "POST", _body_digest(body),
-                               self.wall_clock()):
-            self.stats.refused += 1
-            return _plain(request, 401, "peer signature missing or invalid")
+    def _swarm_message(self, request, method: str, on_message: Callable[[HostPort, bytes], bytes]) -> bytes:
+        body, refusal = self._signed_post(request, method)
+        if refusal is not None:
+            return refusal
         try:
             # the sender is the peer that signed it, at the port every node of the cluster listens on
-            answer = self.on_message(HostPort(request.getClientAddress().host, self.port), body)  # type: ignore[misc]
+            answer = on_message(HostPort(request.getClientAddress().host, self.port), body)
         except ValueError as exc:
             return _plain(request, 400, f"not a coordination message: {exc}")
         request.setHeader(b"content-type", b"application/json")
