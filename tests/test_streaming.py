@@ -551,15 +551,22 @@ def committed(store, data: bytes) -> int:
     return os.open(store.blob_path(digest), os.O_RDONLY)
 
 
-def test_a_cached_file_is_read_ahead_while_the_client_drains_and_arrives_in_order(store):
-    data = os.urandom(3 * READ_CHUNK + 5)
-    fd = committed(store, data)
+def full_client_streamer(store, fd: int, size: int, **options):
+    """(disk, request, streamer, closed) for a BlobStreamer of ``fd`` on a ManualDisk to a client whose
+    connection is full after every write, as a fast sender's socket buffer is; ``closed`` gets an entry when
+    the streamer closes the descriptor."""
     disk = ManualDisk(store)
     request = FakeRequest()
-    # the client's connection is full after every write, as a fast sender's socket buffer is
+    closed: list[None] = []
+    streamer = BlobStreamer(disk, request, fd, 0, size, on_close=lambda: closed.append(os.close(fd)),
+                            **options)
     request.write = lambda chunk: (request.written.append(chunk), streamer.pauseProducing())
-    closed = []
-    streamer = BlobStreamer(disk, request, fd, 0, len(data), on_close=lambda: closed.append(os.close(fd)))
+    return disk, request, streamer, closed
+
+
+def test_a_cached_file_is_read_ahead_while_the_client_drains_and_arrives_in_order(store):
+    data = os.urandom(3 * READ_CHUNK + 5)
+    disk, request, streamer, closed = full_client_streamer(store, committed(store, data), len(data))
     done = streamer.start()
     disk.step("pread")
     assert request.body == data[:READ_CHUNK]
@@ -579,12 +586,7 @@ def test_a_cached_file_is_read_ahead_while_the_client_drains_and_arrives_in_orde
 
 def test_a_client_that_leaves_while_a_piece_is_read_ahead_releases_the_descriptor_after_the_read(store):
     data = os.urandom(2 * READ_CHUNK)
-    fd = committed(store, data)
-    disk = ManualDisk(store)
-    request = FakeRequest()
-    request.write = lambda chunk: (request.written.append(chunk), streamer.pauseProducing())
-    closed = []
-    streamer = BlobStreamer(disk, request, fd, 0, len(data), on_close=lambda: closed.append(os.close(fd)))
+    disk, request, streamer, closed = full_client_streamer(store, committed(store, data), len(data))
     done = streamer.start()
     disk.step("pread")
     assert len(disk.queue) == 1  # the read ahead is in flight
@@ -597,13 +599,12 @@ def test_a_client_that_leaves_while_a_piece_is_read_ahead_releases_the_descripto
 def test_a_damaged_cached_file_read_ahead_is_cut_before_its_last_piece(store):
     data = os.urandom(2 * READ_CHUNK)
     fd = committed(store, data)
-    os.pwrite(os.open(store.blob_path(sha(data)), os.O_WRONLY), b"X", 10)
-    disk = ManualDisk(store)
-    request = FakeRequest()
-    request.write = lambda chunk: (request.written.append(chunk), streamer.pauseProducing())
+    damage = os.open(store.blob_path(sha(data)), os.O_WRONLY)
+    os.pwrite(damage, b"X", 10)
+    os.close(damage)
     damaged = []
-    streamer = BlobStreamer(disk, request, fd, 0, len(data), on_close=lambda: os.close(fd),
-                            verify=sha(data).split(":", 1)[1], on_damaged=lambda: damaged.append(True))
+    disk, request, streamer, _ = full_client_streamer(store, fd, len(data), verify=sha(data).split(":", 1)[1],
+                                                      on_damaged=lambda: damaged.append(True))
     done = streamer.start()
     disk.step("_read_hashed")
     disk.step("_read_hashed")  # read ahead: the last piece, whose digest is wrong
