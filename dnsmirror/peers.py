@@ -456,7 +456,7 @@ class PeerClient:
 
     def _send_batch(self, peer: HostPort, body: bytes, attempt: int) -> None:
         url = f"http://{peer}{BATCH_PATH}"
-        headers = self._headers("POST", _body_digest(body))  # signed anew: a retry carries a fresh time
+        headers = self._headers("POST", body_digest(body))  # signed anew: a retry carries a fresh time
         request = self.agent.request(
             b"POST", url.encode("ascii"), headers, FileBodyProducer(io.BytesIO(body))
         )
@@ -522,7 +522,8 @@ def group_by_first_peers(digests: Iterable[str], members: Sequence[HostPort],
     return per_peer
 
 
-def _body_digest(body: bytes) -> str:
+def body_digest(body: bytes) -> str:
+    """The digest a signed POST's signature covers: sha256 of its body."""
     return "sha256:" + hashlib.sha256(body).hexdigest()
 
 
@@ -608,7 +609,7 @@ class PeerResource(resource.Resource):
         if method != "POST":
             return b"", _plain(request, 405, "method not allowed")
         body = request.content.read(MAX_BODY + 1) if request.content is not None else b""
-        if not signature_valid(self.secret, request.getHeader(AUTH_HEADER), "POST", _body_digest(body),
+        if not signature_valid(self.secret, request.getHeader(AUTH_HEADER), "POST", body_digest(body),
                                self.wall_clock()):
             self.stats.refused += 1
             return b"", _plain(request, 401, "peer signature missing or invalid")

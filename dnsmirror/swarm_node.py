@@ -21,7 +21,6 @@ reactor's clock and carries out its actions; every decision stays in the sans-IO
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -41,7 +40,7 @@ from dnsmirror import swarm
 from dnsmirror.bulk import PlainEndpoints
 from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields as log_fields
-from dnsmirror.peers import AUTH_HEADER, BLOB_PATH, SWARM_PATH, PeerSet, sign
+from dnsmirror.peers import AUTH_HEADER, BLOB_PATH, SWARM_PATH, PeerSet, body_digest, sign
 from dnsmirror.periodic import Periodic
 from dnsmirror.store import DigestMismatch
 from dnsmirror.streaming import Fill
@@ -345,8 +344,8 @@ class SwarmDriver:
         answer's body (a JSON list). ``ValueError`` for a body that is not a message."""
         try:
             message = decode_message(json.loads(body))
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(str(exc)) from exc
+        except (ValueError, TypeError, KeyError, RecursionError) as exc:  # JSON nested too deep: bad input
+            raise ValueError(str(exc) or type(exc).__name__) from exc
         if not self.running or not self._ready():
             raise ValueError("this node does not know its own peer address yet")
         if sender not in self.node.membership.nodes:
@@ -453,7 +452,7 @@ class SwarmDriver:
         if not self.running:
             return
         body = json.dumps(encode_message(message)).encode()
-        signature = sign(self.secret, "POST", "sha256:" + hashlib.sha256(body).hexdigest(), self.wall_clock())
+        signature = sign(self.secret, "POST", body_digest(body), self.wall_clock())
         headers = Headers({AUTH_HEADER: [signature], b"content-type": [b"application/json"]})
         sent = self.agent.request(b"POST", f"http://{to}{SWARM_PATH}".encode("ascii"), headers,
                                   FileBodyProducer(io.BytesIO(body)))

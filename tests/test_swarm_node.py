@@ -505,6 +505,15 @@ class MessageTests(SynchronousTestCase):
                 decode_message(bad)
 
 
+    def test_a_body_nested_too_deep_is_refused_as_bad_input_not_a_crash(self):
+        clock = task.Clock()
+        peers = PeerSet(clock, [HostPort("10.0.0.2", 5001)], None, 5001, is_local=lambda host: False)
+        driver = SwarmDriver(clock, HostPort("10.0.0.1", 5001), peers, SECRET, swarm.SwarmSettings(),
+                             2.0, 5.0)
+        with self.assertRaises(ValueError):
+            driver.receive(HostPort("10.0.0.2", 5001), b"[" * 200_000 + b"]" * 200_000)
+
+
 class ListenerRequest(DummyRequest):
     """A request on the peer listener from 10.0.0.7, with a push-producer-friendly registerProducer."""
 
