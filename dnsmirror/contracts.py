@@ -13,6 +13,7 @@ The store's calls block (file I/O, hashing): callers run them on the disk pool
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -120,8 +121,9 @@ class BlobWriter(Protocol):
         """Append ``data``; past its expected size: ``SizeMismatch``, and the writer is aborted."""
         ...
 
-    def verify(self) -> None:
-        """Every accepted byte in the file, then the digest checked: ``DigestMismatch`` aborts."""
+    def verify(self, rest: Sequence[bytes | bytearray | memoryview] = ()) -> None:
+        """The accepted bytes then ``rest`` (written next) checked against the digest, without file I/O:
+        ``DigestMismatch`` aborts, ``SizeMismatch`` when the size is not the expected one."""
         ...
 
     def commit(self) -> BlobInfo:

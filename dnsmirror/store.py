@@ -45,11 +45,14 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from hashlib import _Hash
 
 log = logging.getLogger("dnsmirror.store")
 
@@ -853,27 +856,39 @@ class Writer:
         _set_direct(cast(int, self._fd), False)
         log.debug("cache writes without O_DIRECT: %s", why)
 
-    def verify(self) -> None:
-        """Flush, then check the digest (and size) of what was written, apart from the durable commit.
+    def verify(self, rest: Sequence[bytes | bytearray | memoryview] = ()) -> None:
+        """Check that the accepted bytes followed by ``rest`` (not accepted yet: the caller writes them
+        next) are the blob, without touching the file.
 
-        Raises :class:`DigestMismatch` / :class:`SizeMismatch` and aborts (nothing kept). Cheap: the
-        hash was computed while writing. Lets a caller release verified bytes to clients without
-        waiting for :meth:`commit`'s fsync.
+        Raises :class:`DigestMismatch` (and aborts: nothing kept) or :class:`SizeMismatch`. Cheap: the
+        hash was computed while writing. Lets a caller release verified bytes to clients from memory
+        without waiting for the last block to land or for :meth:`commit`'s fsync, either of which may
+        queue behind another file's flush on the same disk.
         """
-        self.flush()
+        if self._done:
+            raise StoreError("writer already committed or aborted")
+        hasher = self._hasher.copy()
+        if self._staged:  # staged bytes are hashed when they go to the file
+            with memoryview(cast(mmap.mmap, self._stage)) as whole, whole[:self._staged] as staged:
+                hasher.update(staged)
+        size = self.bytes_written
+        for chunk in rest:
+            hasher.update(chunk)
+            size += len(chunk)
         try:
-            self._check()
+            self._check(hasher, size)
         except DigestMismatch:
             self.abort()
             raise
 
-    def _check(self) -> None:
-        """Raise :class:`DigestMismatch` / :class:`SizeMismatch` unless the accepted bytes are the blob."""
-        actual = self._hasher.hexdigest()
+    def _check(self, hasher: _Hash, size: int) -> None:
+        """Raise :class:`DigestMismatch` / :class:`SizeMismatch` unless ``size`` bytes hashed into
+        ``hasher`` are the blob."""
+        actual = hasher.hexdigest()
         if actual != self._hex:
-            raise DigestMismatch(self.digest, f"sha256:{actual}", self.bytes_written)
-        if self.expected_size is not None and self.bytes_written != self.expected_size:
-            raise SizeMismatch(self.digest, self.expected_size, self.bytes_written)
+            raise DigestMismatch(self.digest, f"sha256:{actual}", size)
+        if self.expected_size is not None and size != self.expected_size:
+            raise SizeMismatch(self.digest, self.expected_size, size)
 
     def commit(self) -> BlobInfo:
         """Flush, fsync, check the digest (and size), rename into place, fsync the directory, evict.
@@ -889,7 +904,7 @@ class Writer:
         try:
             os.fsync(cast(int, self._fd))
             self._close_file()
-            self._check()
+            self._check(self._hasher, self.bytes_written)
             info = self._store._commit(self._hex, self.temp_path, self.bytes_written, self.content_type)
         except OSError as error:
             self.abort()

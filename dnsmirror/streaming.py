@@ -421,14 +421,14 @@ class Fill:
             short = f"{self.digest}: upstream sent {self.received} of {self.total} bytes"
             self._fail(Failure(FillFailed(short)))
             return
-        self.disk.run(self._write_and_verify, chunks).addCallbacks(self._verified, self._fail)
+        # checked before the last batch goes to the file: its write waits in _write_and_commit instead
+        self.disk.run(self.writer.verify, chunks).addCallbacks(
+            self._verified, self._fail, callbackArgs=(chunks,)
+        )
 
-    def _write_and_verify(self, chunks: list[bytes]) -> None:
-        self._write_chunks(chunks)
-        self.writer.verify()
-
-    def _verified(self, _result: None) -> None:
-        # clients get their last byte now; the durable commit (fsync, rename) follows without them
+    def _verified(self, _result: None, chunks: list[bytes]) -> None:
+        # clients get their last byte now, from memory; the last write and the durable commit (fsync,
+        # rename) follow without them
         self.verified = True
         self.written = self.writer.bytes_in_file
         self.total = self.received
@@ -436,18 +436,25 @@ class Fill:
             self._go_uncached()
         self._memory_paused = False
         self._cancel_memory_timer()
+        self._notify()
+        self.disk.run(self._write_and_commit, chunks).addCallbacks(self._committed, self._commit_failed)
+
+    def _write_and_commit(self, chunks: list[bytes]) -> BlobInfo:
+        self._write_chunks(chunks)
+        return self.writer.commit()
+
+    def _committed(self, info: BlobInfo) -> None:
+        # every byte is in the file now: memory lets go of the newest ones
+        self.written = self.writer.bytes_in_file
         if not self.uncached:
             self._recent.clear()
             self._recent_bytes = 0
-        self._notify()
-        self.disk.run(self.writer.commit).addCallbacks(self._committed, self._commit_failed)
-
-    def _committed(self, info: BlobInfo) -> None:
         self.info = info
         self.done.callback(info)
 
     def _commit_failed(self, reason: Failure) -> None:
-        # the bytes were verified and readers keep their open file: only the cache does not keep them
+        # the bytes were verified and readers keep their open file and memory's newest bytes: only the
+        # cache does not keep them
         failure = FillFailed(f"{self.digest}: not cached: {_why(reason)}")
         failure.__cause__ = reason.value
         self.done.errback(Failure(failure))

@@ -460,21 +460,25 @@ class MemoryWriter:
             self._file.write(data)
             self.bytes_in_file = size
 
-    def verify(self) -> None:
+    def verify(self, rest=()) -> None:
         if self._done:
             raise StoreError("writer already committed or aborted")
+        hasher, size = self._hasher.copy(), self.bytes_written
+        for chunk in rest:
+            hasher.update(chunk)
+            size += len(chunk)
         try:
-            self._check()
+            self._check(hasher, size)
         except DigestMismatch:
             self.abort()
             raise
 
-    def _check(self) -> None:
-        actual = "sha256:" + self._hasher.hexdigest()
+    def _check(self, hasher, size: int) -> None:
+        actual = "sha256:" + hasher.hexdigest()
         if actual != self.digest:
-            raise DigestMismatch(self.digest, actual, self.bytes_written)
-        if self.expected_size is not None and self.bytes_written != self.expected_size:
-            raise SizeMismatch(self.digest, self.expected_size, self.bytes_written)
+            raise DigestMismatch(self.digest, actual, size)
+        if self.expected_size is not None and size != self.expected_size:
+            raise SizeMismatch(self.digest, self.expected_size, size)
 
     def commit(self) -> BlobInfo:
         if self.failure is not None:
@@ -482,7 +486,7 @@ class MemoryWriter:
             self.abort()
             raise failure
         try:
-            self._check()
+            self._check(self._hasher, self.bytes_written)
         except BaseException:
             self.abort()
             raise

@@ -36,8 +36,8 @@ def read_after_commit(store: Store, data: bytes) -> tuple[ManualDisk, FakeReques
         chain.serve(request, blob_target("sha256:" + hashlib.sha256(data).hexdigest()))
     )
     disk.step("writer")  # the cache file, created while upstream answers
-    disk.step("_write_and_verify")  # the whole body arrived at once: written and verified
-    commit_reported = disk.run_quietly("commit")
+    disk.step("verify")  # the whole body arrived at once: verified, its write still to come
+    commit_reported = disk.run_quietly("_write_and_commit")
     disk.step("open")  # too late: the temp file has been renamed into the cache
     assert not request.channel.transport.aborted
     commit_reported.callback(None)

@@ -93,13 +93,17 @@ def test_a_writer_file_holds_the_accepted_bytes_while_written_and_is_gone_once_c
     data = b"x" * 300
     writer = subject.store.writer(sha(data), expected_size=len(data))
     assert writer.room is None or writer.room > 0
-    writer.write(data)
-    writer.verify()
-    assert writer.bytes_in_file == len(data) and writer.failure is None
+    writer.write(data[:100])
+    writer.verify([data[100:]])  # checks the bytes still to come, and writes nothing
+    writer.write(data[100:])
+    in_file = writer.bytes_in_file  # bytes may wait in a stage before they reach the file
+    assert 0 <= in_file <= len(data) and writer.failure is None
     with open(writer.temp_path, "rb") as file:
-        assert file.read() == data
+        assert file.read(in_file) == data[:in_file]
     writer.commit()
     assert not os.path.exists(writer.temp_path)
+    with subject.store.open_blob(sha(data)) as reader:
+        assert reader.file.read() == data
 
 
 def test_wrong_bytes_fail_verification_and_nothing_is_kept(subject):

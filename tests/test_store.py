@@ -398,7 +398,9 @@ def test_enospc_during_write_stops_caching_but_not_hashing(root, monkeypatch):
         writer.flush()  # and has landed: every accepted byte is in the file
         assert writer.bytes_in_file == STAGE_SIZE
         writer.write(blob(1, size)[STAGE_SIZE:])  # staged only: the disk is not touched yet
-        writer.verify()  # the flush of the last 5000 bytes finds the disk full; the digest still matches
+        writer.verify()  # the digest matches; the file is not touched
+        assert writer.failure is None and writer.bytes_in_file == STAGE_SIZE
+        writer.flush()  # the flush of the last 5000 bytes finds the disk full
         assert isinstance(writer.failure, StoreFull) and writer.bytes_in_file == STAGE_SIZE
         assert os.listdir(root / "tmp") == []  # the space is given back at once
         with pytest.raises(StoreFull):
@@ -690,6 +692,23 @@ def test_verify_checks_the_digest_before_the_durable_commit(tmp_path):
         with pytest.raises(DigestMismatch):
             bad.verify()
         assert not bad.temp_path.exists() and sha(b"other") not in store
+
+
+def test_verify_checks_bytes_still_to_be_written_without_touching_the_file(root, monkeypatch):
+    data = blob(5, 2 * STAGE_SIZE + 777)
+    cut = STAGE_SIZE + 100  # in the file; then a few bytes staged, the rest not accepted yet
+    with open_store(root, max_size=8 * STAGE_SIZE) as store:
+        writer = store.writer(sha(data), expected_size=len(data))
+        writer.write(data[:cut])
+        writer.flush()
+        monkeypatch.setattr(os, "write", lambda *_: pytest.fail("verify wrote to the file"))
+        monkeypatch.setattr(os, "fsync", lambda *_: pytest.fail("verify flushed the file"))
+        writer.write(data[cut:cut + 5])  # staged only
+        writer.verify([data[cut + 5:]])
+        assert writer.bytes_in_file == cut and writer.bytes_written == cut + 5
+        with pytest.raises(DigestMismatch):
+            writer.verify([data[cut + 5:-1]])
+        assert not writer.temp_path.exists()  # a wrong body keeps nothing
 
 
 def test_a_writer_created_before_its_response_takes_the_type_and_size_later(root):
