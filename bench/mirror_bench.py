@@ -738,7 +738,7 @@ a test
 public CA) as the upstream of `{ECR_HOST}`, dnsmirror in a node namespace whose resolv.conf points at \
 dnsmirror, a
 direct-client namespace whose /etc/hosts names the registry. Log level warning.
-Measured: {machine()}. The machine is shared with other work: expect some noise.
+Measured: {machine()}. {args.note}
 
 ### 1. A cached {size // MiB} MiB blob over TLS, one client
 
