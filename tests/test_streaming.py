@@ -613,3 +613,25 @@ def test_a_damaged_cached_file_read_ahead_is_cut_before_its_last_piece(store):
     disk.step("_read_hashed")  # read ahead: the last piece, whose digest is wrong
     assert damaged and request.transport.aborted and done.result is False
     assert request.body == data[:READ_CHUNK][:10] + b"X" + data[11:READ_CHUNK]
+
+
+def test_a_disk_that_fails_at_the_last_write_still_gives_every_reader_the_whole_body(roomy, monkeypatch):
+    # the digest is checked before the last batch is written: that write fails after the readers were released
+    from dnsmirror.store import StoreFull
+
+    store = roomy
+    disk_fails_after(monkeypatch, blocks=9)
+    data = os.urandom(9 * 1024 * 1024 + 1000)
+    disk, fill, protocol, upstream, reads = paced_fill(store, data)
+    causes = []
+    fill.done.addErrback(lambda failure: causes.append(failure.value.__cause__))
+    fast, slow = FakeRequest(), FakeRequest()
+    stream(disk, fast, fill, len(data))
+    slow_streamer, _ = stream(disk, slow, fill, len(data))
+    slow_streamer.pauseProducing()  # far behind: what it needs first is on the disk only
+    feed(protocol, data, 0, len(data))
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert fast.finished and fast.body == data and not fast.transport.aborted
+    assert len(causes) == 1 and isinstance(causes[0], StoreFull) and sha(data) not in store
+    slow_streamer.resumeProducing()  # the start from the file it opened, the newest bytes from memory
+    assert slow.finished and slow.body == data and not slow.transport.aborted and reads
