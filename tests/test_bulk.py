@@ -8,13 +8,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from harness.pki import mirror_ca
 from twisted.internet import protocol, task
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from twisted.trial.unittest import SynchronousTestCase
 
-from dnsmirror import bulk, ca, config, tls
+from dnsmirror import bulk, config, tls
 from dnsmirror.patterns import HostMatcher
 
 HOST = "quay.io"
@@ -42,8 +43,7 @@ class BulkTLSTests(SynchronousTestCase):
     def setUp(self) -> None:
         directory = Path(tempfile.mkdtemp(prefix="dnsmirror-bulk-"))
         self.addCleanup(shutil.rmtree, directory, True)
-        ca.init_directory(directory, PATTERNS, force=True)
-        authority = ca.load_authority(directory / "ca.crt", directory / "ca.key", PATTERNS)[0]
+        authority = mirror_ca(directory, PATTERNS)
         self.root = Certificate.loadPEM((directory / "root.crt").read_bytes())
         self.sni = tls.SniServer(HostMatcher(PATTERNS), tls.prepare_signing(authority))
         self.clock = task.Clock()

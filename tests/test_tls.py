@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+from harness.pki import mirror_ca
 from OpenSSL import SSL
 from twisted.internet import protocol, task
 from twisted.internet.interfaces import IHandshakeListener
@@ -37,14 +38,9 @@ class Clock:
         return self.now
 
 
-def make_ca(directory: Path, patterns=PATTERNS) -> ca.CertificateAuthority:
-    ca.init_directory(directory, patterns, force=True)
-    return ca.load_authority(directory / "ca.crt", directory / "ca.key", patterns)[0]
-
-
 @pytest.fixture(scope="module")
 def authority(tmp_path_factory) -> ca.CertificateAuthority:
-    return make_ca(tmp_path_factory.mktemp("ca"))
+    return mirror_ca(tmp_path_factory.mktemp("ca"), PATTERNS)
 
 
 def sni_server(authority, clock=None, cache_size=1024, skip=()) -> tls.SniServer:
@@ -160,7 +156,7 @@ def test_leaf_is_renewed_at_half_its_life(authority):
 def test_replacing_the_ca_drops_old_leaves(authority, tmp_path):
     server = sni_server(authority)
     old = server.context_for("docker.io")
-    new_authority = make_ca(tmp_path)
+    new_authority = mirror_ca(tmp_path, PATTERNS)
     server.replace_signing(tls.prepare_signing(new_authority))
     assert server.cached_hosts == []
     fresh = server.context_for("docker.io")
@@ -261,7 +257,7 @@ class TwistedSniPinTests(SynchronousTestCase):
     def setUp(self) -> None:
         directory = Path(tempfile.mkdtemp(prefix="dnsmirror-tls-pin-"))
         self.addCleanup(shutil.rmtree, directory, True)
-        self.authority = make_ca(directory)
+        self.authority = mirror_ca(directory, PATTERNS)
         self.root = Certificate.loadPEM((directory / "root.crt").read_bytes())
         self.sni = tls.SniServer(HostMatcher(PATTERNS), tls.prepare_signing(self.authority))
         self.clock = task.Clock()
@@ -322,7 +318,7 @@ class TwistedSniPinTests(SynchronousTestCase):
 
 
 def test_watcher_swaps_a_rotated_ca_and_keeps_the_old_one_on_a_broken_swap(tmp_path):
-    authority = make_ca(tmp_path)
+    authority = mirror_ca(tmp_path, PATTERNS)
     server = sni_server(authority)
     old = server.context_for("docker.io")
     watcher = tls.CaWatcher(None, server, tmp_path / "ca.crt", tmp_path / "ca.key", PATTERNS, 1.0)

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from dnsmirror import ca
 from dnsmirror.tls import SERVER_KEY_USAGE
 
 _VALIDITY = datetime.timedelta(days=2)
@@ -129,3 +130,9 @@ def bundle(cert_files: Iterable[str | os.PathLike[str]], path: str | os.PathLike
     parts = [Path(cert_file).read_bytes() for cert_file in cert_files]
     path.write_bytes(b"".join(part if part.endswith(b"\n") else part + b"\n" for part in parts))
     return path
+
+
+def mirror_ca(directory: Path, patterns: Sequence[str]) -> ca.CertificateAuthority:
+    """dnsmirror's own CA (``dnsmirror ca init``) in ``directory``, constrained to ``patterns``, loaded."""
+    ca.init_directory(directory, list(patterns), force=True)
+    return ca.load_authority(directory / "ca.crt", directory / "ca.key", list(patterns))[0]
