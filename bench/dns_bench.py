@@ -453,21 +453,7 @@ def main() -> int:
         )
         mirror = [sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)]
         dnsmasq_port = free_port()
-        dnsmasq = [
-            shutil.which("dnsmasq") or "/usr/sbin/dnsmasq",
-            "--keep-in-foreground",
-            "--no-resolv",
-            "--no-hosts",
-            "--no-poll",
-            "--user=root",
-            f"--pid-file={work}/dnsmasq.pid",
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            f"--port={dnsmasq_port}",
-            "--cache-size=0",
-            "--dns-forward-max=1000",
-            f"--server=127.0.0.1#{upstream_port}",
-        ]
+        dnsmasq = dnsmasq_command(work, "127.0.0.1", dnsmasq_port, f"127.0.0.1#{upstream_port}")
         rows = {}
         with process(["taskset", "-c", SERVER_CORE, *peer], peer_port, work / "peer.log") as proc:
             rows["unbound, captured names (local zone)"] = peak(

@@ -4,66 +4,24 @@ shutdown or error; large writes leave as the same bytes."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from pathlib import Path
 
-from harness.pki import mirror_ca
-from twisted.internet import protocol, task
-from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.test.iosim import connectedServerAndClient
+from tls_support import MemoryTLS
 from twisted.trial.unittest import SynchronousTestCase
 
-from dnsmirror import bulk, config, tls
-from dnsmirror.patterns import HostMatcher
+from dnsmirror import bulk
 
 HOST = "quay.io"
-PATTERNS = config.load().capture
 MiB = 1024 * 1024
-
-
-class Recorder(protocol.Protocol):
-    def __init__(self) -> None:
-        self.pieces: list[bytes] = []
-        self.lost = None
-
-    @property
-    def received(self) -> bytes:
-        return b"".join(self.pieces)
-
-    def dataReceived(self, data: bytes) -> None:
-        self.pieces.append(data)
-
-    def connectionLost(self, reason) -> None:
-        self.lost = reason
 
 
 class BulkTLSTests(SynchronousTestCase):
     def setUp(self) -> None:
-        directory = Path(tempfile.mkdtemp(prefix="dnsmirror-bulk-"))
-        self.addCleanup(shutil.rmtree, directory, True)
-        authority = mirror_ca(directory, PATTERNS)
-        self.root = Certificate.loadPEM((directory / "root.crt").read_bytes())
-        self.sni = tls.SniServer(HostMatcher(PATTERNS), tls.prepare_signing(authority))
-        self.clock = task.Clock()
+        self.tls = MemoryTLS(self.addCleanup)
+        self.clock = self.tls.clock
 
     def connect(self, bulk_protocol=True):
-        recorders: dict[str, Recorder] = {}
-
-        def recording(side: str) -> protocol.Factory:
-            factory = protocol.Factory()
-            factory.buildProtocol = lambda addr: recorders.setdefault(side, Recorder())
-            return factory
-
-        server_factory = TLSMemoryBIOFactory(self.sni, False, recording("server"), clock=self.clock)
-        options = optionsForClientTLS(HOST, trustRoot=self.root)
-        client_factory = TLSMemoryBIOFactory(options, True, recording("client"), clock=self.clock)
-        if bulk_protocol:
-            server_factory.protocol = client_factory.protocol = bulk.BulkTLSProtocol
-        client, server, pump = connectedServerAndClient(
-            lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None),
-            greet=False)
+        client, server, recorders, pump = self.tls.connect(
+            HOST, protocol_class=bulk.BulkTLSProtocol if bulk_protocol else None, greet=False)
         client.transport.bufferSize = 64 * 1024  # a TCP connection's default socket read
         pump.flush()
         return client, server, recorders, pump

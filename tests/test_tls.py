@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
-import tempfile
 from importlib import metadata
-from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from harness.pki import mirror_ca
 from OpenSSL import SSL
-from twisted.internet import protocol, task
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.ssl import Certificate, optionsForClientTLS
-from twisted.protocols.tls import TLSMemoryBIOFactory
-from twisted.test.iosim import connectedServerAndClient
+from tls_support import MemoryTLS
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 
 from dnsmirror import ca, config, tls
 from dnsmirror.patterns import HostMatcher
@@ -232,50 +224,18 @@ def test_tls11_is_refused(authority):
 # ------------------------------------
 
 
-@implementer(IHandshakeListener)
-class Recorder(protocol.Protocol):
-    def __init__(self) -> None:
-        self.handshakes = 0
-        self.lost = None
-        self.received = b""
-
-    def handshakeCompleted(self) -> None:
-        self.handshakes += 1
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
-
-    def connectionLost(self, reason) -> None:
-        self.lost = reason
-
-
 class TwistedSniPinTests(SynchronousTestCase):
     """Twisted and pyOpenSSL versions in use switch contexts from the SNI callback correctly (known traps:
     a Context cannot be changed once a Connection was made from it; ALPN and verification live per
     context)."""
 
     def setUp(self) -> None:
-        directory = Path(tempfile.mkdtemp(prefix="dnsmirror-tls-pin-"))
-        self.addCleanup(shutil.rmtree, directory, True)
-        self.authority = mirror_ca(directory, PATTERNS)
-        self.root = Certificate.loadPEM((directory / "root.crt").read_bytes())
-        self.sni = tls.SniServer(HostMatcher(PATTERNS), tls.prepare_signing(self.authority))
-        self.clock = task.Clock()
+        self.tls = MemoryTLS(self.addCleanup)
+        self.sni, self.clock = self.tls.sni, self.tls.clock
 
     def connect(self, server_name: str):
         """Connect over an in-memory transport; returns the client and server Recorders and a pump."""
-        recorders: dict[str, Recorder] = {}
-
-        def recording(side: str) -> protocol.Factory:
-            factory = protocol.Factory()
-            factory.buildProtocol = lambda addr: recorders.setdefault(side, Recorder())
-            return factory
-
-        server_factory = TLSMemoryBIOFactory(self.sni, False, recording("server"), clock=self.clock)
-        options = optionsForClientTLS(server_name, trustRoot=self.root, acceptableProtocols=[b"http/1.1"])
-        client_factory = TLSMemoryBIOFactory(options, True, recording("client"), clock=self.clock)
-        client, server, pump = connectedServerAndClient(
-            lambda: server_factory.buildProtocol(None), lambda: client_factory.buildProtocol(None))
+        client, server, recorders, pump = self.tls.connect(server_name, alpn=[b"http/1.1"])
         pump.flush()
         return client, server, recorders, pump
 

@@ -3,15 +3,11 @@ DNS responder the test controls (so names resolve through a configured resolver,
 
 from __future__ import annotations
 
-import datetime
 from functools import cache
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from dnslib import AAAA, CNAME, QTYPE, RCODE, RR, A, DNSRecord
+from harness.pki import create_ca
 from twisted.internet import reactor, ssl
 from twisted.internet.protocol import DatagramProtocol
 from twisted.trial.unittest import TestCase
@@ -71,45 +67,18 @@ def start_dns(
 
 
 class _Pki:
+    """The test public CA (``harness.pki``) and, per host name, a server certificate it issued."""
+
     def __init__(self, directory: Path) -> None:
-        now = datetime.datetime.now(datetime.UTC)
-        self.ca_key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dnsmirror test public CA")])
-        self.ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(self.ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=2))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
-            )
-            .sign(self.ca_key, hashes.SHA256())
-        )
-        self.ca_path = directory / "ca.pem"
-        self.ca_path.write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
+        self.ca = create_ca(directory, "dnsmirror test public CA")
+        self.ca_path = self.ca.cert_path
+        self.directory = directory
         self.servers: dict[str, ssl.CertificateOptions] = {}
 
     def server_options(self, host: str) -> ssl.CertificateOptions:
         if host not in self.servers:
-            now = datetime.datetime.now(datetime.UTC)
-            key = ec.generate_private_key(ec.SECP256R1())
-            cert = (
-                x509.CertificateBuilder()
-                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)]))
-                .issuer_name(self.ca_cert.subject)
-                .public_key(key.public_key())
-                .serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(hours=1))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(x509.SubjectAlternativeName([x509.DNSName(host)]), critical=False)
-                .sign(self.ca_key, hashes.SHA256())
-            )
-            pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            server = self.ca.issue_server([host], self.directory / "servers", name=host)
+            pem = server.cert_path.read_bytes() + server.key_path.read_bytes()
             self.servers[host] = ssl.PrivateCertificate.loadPEM(pem).options()
         return self.servers[host]
 
