@@ -37,6 +37,8 @@ from dnsmirror.uploads import StreamingRequest
 from dnsmirror.upstream import UPSTREAM_FAILURES
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from dnsmirror.config import HostPort
     from dnsmirror.content import ContentChain
     from dnsmirror.contracts import UpstreamAnswer
@@ -225,7 +227,6 @@ class PeerSource:
         if isinstance(fill, NotHere):
             return fill
         slot = chain.slots[target.digest]
-        headers = upstream_headers(request, target)
 
         def broke(reason: str) -> None:
             self.peers.failed(peer, target.digest, f"body broke off at byte {fill.received}: {reason}")
@@ -233,13 +234,7 @@ class PeerSource:
             slot.peer = None  # reported: the fill's outcome is upstream's from here
 
         # a peer that goes away mid-blob costs its clients nothing: upstream sends the rest
-        response.deliver_body(
-            ResumableBody(
-                fill,
-                lambda offset: defer.ensureDeferred(self._upstream_rest(target, headers, offset, fill.total)),
-                broke,
-            )
-        )
+        response.deliver_body(ResumableBody(fill, self._rest_from_upstream(request, target, fill), broke))
         return FromFill(fill, self.name)
 
     async def _coordinated(self, request, target: Target) -> Outcome:
@@ -271,18 +266,22 @@ class PeerSource:
             swarm.abandon(target.digest, failed=fill.why == _OVERSIZED)
             return fill
         slot = chain.slots[target.digest]
-        headers = upstream_headers(request, target)
 
         def source_changed(source) -> None:
             slot.peer = source  # the peer blamed if the fill fails (None: upstream sends the rest)
             if source is None:
                 chain.stats.peer_resumes += 1
 
-        def upstream_rest(offset: int) -> defer.Deferred:
-            return defer.ensureDeferred(self._upstream_rest(target, headers, offset, fill.total))
-
-        swarm.feed(target.digest, fill, response, upstream_rest, source_changed, holder)
+        swarm.feed(target.digest, fill, response, self._rest_from_upstream(request, target, fill),
+                   source_changed, holder)
         return FromFill(fill, self.name)
+
+    def _rest_from_upstream(self, request, target: Target,
+                            fill: Fill) -> Callable[[int], defer.Deferred[UpstreamAnswer | None]]:
+        """What a fill fed by a peer asks for the rest of the blob from a byte: upstream, with the client's
+        request headers (its credentials) and a range."""
+        headers = upstream_headers(request, target)
+        return lambda offset: defer.ensureDeferred(self._upstream_rest(target, headers, offset, fill.total))
 
     async def _start_fill(self, target: Target, peer: HostPort, response: UpstreamAnswer) -> Fill | NotHere:
         """A fill of ``target`` fed by ``peer``'s answer, or NotHere: a manifest too big (blamed on the peer),
