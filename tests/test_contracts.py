@@ -89,7 +89,9 @@ def test_a_committed_blob_is_found_with_its_size_and_type_and_read_back_through_
         reader.close()
 
 
-def test_a_writer_file_holds_the_accepted_bytes_while_written_and_is_gone_once_committed(subject):
+def test_a_writer_file_holds_only_accepted_bytes_and_is_gone_once_committed(subject):
+    # how the real file grows while a large blob is written: tests/test_store.py (a stage of 1 MiB is more
+    # than this suite's cache)
     data = b"x" * 300
     writer = subject.store.writer(sha(data), expected_size=len(data))
     assert writer.room is None or writer.room > 0
