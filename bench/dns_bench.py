@@ -30,21 +30,35 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
 from dns_support import free_port, stop, unbound_server_lines, wait_for_dns  # noqa: E402
-from procstat import cpu_seconds, process_tree  # noqa: E402
+from procstat import cpu_seconds, machine_ticks, process_tree, stolen_share  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 from dnsmirror.dns.child import ChildSettings  # noqa: E402
+from dnsmirror.dns.priority import REALTIME_PRIORITY  # noqa: E402
 
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
 MIRROR_ADDRESS = "10.96.0.53"
 NAMES = 200
 FORWARD_ROUNDS = 3
-CLIENT_NICE = -10
+# the measuring client at real-time priority, above the servers measured: its own waits are not theirs
+CLIENT_PRIORITY = 40
 LATENCY_ROUNDS = 3
 # the peer resolver runs as dnsmirror's DNS process does as root: a session of its own, it and its session's
-# scheduling group (autogroup) 5 nice steps up
+# scheduling group (autogroup) 5 nice steps up, at the lowest real-time priority (dns.realtime)
 PEER_NICE = -5
+# each a mirror of its own: (label, dns settings, the upstream unbound at real-time priority); the peers are
+# measured in turns with dnsmirror in the last two, the last with an upstream this node's work does not slow
+# (as one on another machine)
+DNS_MODES = (
+    ("mirror's event loop", {"own_process": False}, False),
+    ("own process, nice only (`dns.realtime: false`)", {"own_process": True, "realtime": False}, False),
+    ("own process", {"own_process": True}, False),
+    ("own process, upstream at real-time priority", {"own_process": True}, True),
+)
+# the machine's floor: a timer at real-time priority, above every task of the benchmark (dnsperf included)
+FLOOR = "a timer at real-time priority (the machine's floor)"
+FLOOR_PRIORITY = 50
 
 
 @contextlib.contextmanager
@@ -144,23 +158,25 @@ def split_latencies(output: str, captured_suffix: str) -> dict[str, dict]:
         if line.startswith("> "):
             parts = line.split()
             kind = "captured" if parts[2].rstrip(".").endswith(captured_suffix) else "forwarded"
-            samples[kind].append(float(parts[-1]))
+            samples[kind].append(float(parts[-1]) * 1000)
         elif line.strip().startswith("Queries lost:"):
             lost = int(line.split(":", 1)[1].split()[0])
-    result = {}
-    for kind, values in samples.items():
-        values.sort()
-        if not values:
-            result[kind] = {"n": 0, "p50": float("nan"), "p99": float("nan"), "max": float("nan")}
-            continue
-        result[kind] = {
-            "n": len(values),
-            "p50": values[len(values) // 2] * 1000,
-            "p99": values[min(len(values) - 1, int(0.99 * len(values)))] * 1000,
-            "max": values[-1] * 1000,
-        }
+    result: dict = {kind: percentiles(values) for kind, values in samples.items()}
     result["lost"] = lost
     return result
+
+
+def percentiles(milliseconds: list[float]) -> dict:
+    """n, p50, p99 and max of ``milliseconds`` (NaN where there are none)."""
+    values = sorted(milliseconds)
+    if not values:
+        return {"n": 0, "p50": float("nan"), "p99": float("nan"), "max": float("nan")}
+    return {
+        "n": len(values),
+        "p50": values[len(values) // 2],
+        "p99": values[min(len(values) - 1, int(0.99 * len(values)))],
+        "max": values[-1],
+    }
 
 
 def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_client: int) -> dict:
@@ -208,6 +224,9 @@ def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_cl
             # as the harness starts every server (a session of its own), at the DNS process's priority
             peer = node.start(
                 [
+                    "chrt",
+                    "-r",
+                    str(REALTIME_PRIORITY),
                     "nice",
                     "-n",
                     str(PEER_NICE),
@@ -219,32 +238,46 @@ def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_cl
             # as dnsmirror's DNS process does with its own session's scheduling group
             # (dnsmirror/dns/priority.py)
             Path(f"/proc/{peer.pid}/autogroup").write_text(str(PEER_NICE))
-            peers = {
+            peers: dict[str, tuple | None] = {
                 "dnsmasq": (node.address, PEER_PORT, forwarded_only, rate // 2),
                 "upstream unbound, asked directly": (dns.address, 53, forwarded_only, rate // 2),
+                FLOOR: None,
             }
             results = {}
-            for own_process in (False, True):
-                targets = {"dnsmirror": (node.address, 53, queries, rate)}
-                if own_process:  # the peers measured in turns with dnsmirror, under the same streams
+            for index, (mode, dns_settings, upstream_realtime) in enumerate(DNS_MODES):
+                targets: dict[str, tuple | None] = {"dnsmirror": (node.address, 53, queries, rate)}
+                if index >= len(DNS_MODES) - 2:  # the peers measured in turns with dnsmirror, same streams
                     targets.update(peers)
+                set_policy(dns.process.pid, realtime=upstream_realtime)
                 digests = [
                     registry.place_blob("bench/dns", random_chunks(blob_mib * MiB))[0]
                     for _ in range(2 * blobs_per_client * len(targets))
                 ]
-                mode = "own process" if own_process else "mirror's event loop"
                 overrides = {
-                    "cache": {"dir": str(work / f"cache-{own_process}")},
-                    "dns": {"own_process": own_process},
+                    "cache": {"dir": str(work / f"cache-{index}")},
+                    "dns": dns_settings,
                     "log": {"format": "json", "level": "warning"},
                 }
-                with MirrorNode(node, work / f"mirror-{own_process}", dns.address, ca, overrides) as mirror:
+                with MirrorNode(node, work / f"mirror-{index}", dns.address, ca, overrides) as mirror:
                     results[mode] = _measure_with_streams(node, mirror, targets, seconds, digests, blob_mib)
+                    # times the DNS process went over its real-time budget (dns.realtime) and ran at its nice
+                    # value for a while: answers in those seconds are measured as an ordinary task's
+                    results[mode]["demoted"] = sum(
+                        record.get("event") in ("dns_realtime_over_budget", "dns_realtime_overrun")
+                        for record in mirror.log_records()
+                    )
             peer.stop()
     return results
 
 
 PEER_PORT = 5353
+
+
+def set_policy(pid: int, realtime: bool) -> None:
+    """Every thread of ``pid`` at the lowest real-time priority, or an ordinary task again."""
+    policy, level = (os.SCHED_RR, REALTIME_PRIORITY) if realtime else (os.SCHED_OTHER, 0)
+    for thread in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setscheduler(int(thread), policy, os.sched_param(level))
 
 
 def dnsmasq_command(work: Path, address: str, port: int, server: str) -> list[str]:
@@ -266,10 +299,30 @@ def dnsmasq_command(work: Path, address: str, port: int, server: str) -> list[st
     ]
 
 
+def wake_up_lateness(seconds: int) -> dict:
+    """How late a timer at real-time priority wakes over ``seconds`` (bench/stall_probe.py), as a result of
+    its own ("timer"): no answer measured under the same load comes sooner than its server is woken."""
+    done = subprocess.run(
+        [
+            "chrt",
+            "-f",
+            str(FLOOR_PRIORITY),
+            sys.executable,
+            str(ROOT / "bench" / "stall_probe.py"),
+            "--seconds",
+            str(seconds),
+        ],
+        capture_output=True,
+        check=True,
+        timeout=seconds + 60,
+    )
+    return {"timer": percentiles([float(line) for line in done.stdout.split()]), "lost": 0}
+
+
 def _measure_with_streams(
     node,
     mirror,
-    targets: dict[str, tuple[str, int, Path, int]],
+    targets: dict[str, tuple | None],
     seconds: int,
     digests: list[str],
     blob_mib: int,
@@ -283,16 +336,17 @@ def _measure_with_streams(
     trust = mirror.trust_bundle()
 
     def run_once(target: str) -> dict:
+        if targets[target] is None:
+            return wake_up_lateness(seconds)
         address, port, queries, rate = targets[target]
-        # the measuring client at a high priority, in a session of its own (where the kernel groups tasks by
-        # session, it would otherwise share the busy curl clients' group): its own waits are not the server's
+        # the measuring client at real-time priority, in a session of its own: its waits are not the server's
         done = node.run(
             [
                 "setsid",
                 "--wait",
-                "nice",
-                "-n",
-                str(CLIENT_NICE),
+                "chrt",
+                "-f",
+                str(CLIENT_PRIORITY),
                 "dnsperf",
                 "-s",
                 address,
@@ -320,8 +374,8 @@ def _measure_with_streams(
         results = {}
         for target, done in runs.items():
             result: dict = {"lost": sum(r["lost"] for r in done)}
-            for kind in ("captured", "forwarded"):
-                measured = [r[kind] for r in done if r[kind]["n"]]
+            for kind in ("captured", "forwarded", "timer"):
+                measured = [r[kind] for r in done if kind in r and r[kind]["n"]]
                 if not measured:
                     continue
                 result[kind] = {
@@ -334,7 +388,9 @@ def _measure_with_streams(
 
     for target in targets:
         run_once(target)  # warm-up: upstream latencies measured
+    ticks = machine_ticks()
     idle = measure()
+    idle_stolen = stolen_share(ticks, machine_ticks())
     finished = threading.Event()
     ends: list[float] = []
     failures: list[str] = []
@@ -363,7 +419,9 @@ def _measure_with_streams(
     time.sleep(1.0)  # both streams at full speed
     measuring = time.monotonic()
     load_before = os.getloadavg()[0]
+    ticks = machine_ticks()
     loaded = measure()
+    loaded_stolen = stolen_share(ticks, machine_ticks())
     measured = time.monotonic()
     finished.set()  # the blobs under way finish; no new one starts
     for thread in threads:
@@ -374,7 +432,14 @@ def _measure_with_streams(
     streamed = pulled[0] / (max(ends) - started)
     # the machine's 1-minute load average around the measurement: other work on a shared machine shows here
     load = (load_before, os.getloadavg()[0])
-    return {"idle": idle, "loaded": loaded, "covered": covered, "streamed": streamed, "load": load}
+    return {
+        "idle": idle,
+        "loaded": loaded,
+        "covered": covered,
+        "streamed": streamed,
+        "load": load,
+        "stolen": (idle_stolen, loaded_stolen),
+    }
 
 
 def main() -> int:
@@ -559,15 +624,23 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
         f"Command: `{command}` (also run by `make bench`).",
         f"Measured: {machine()}. {load}",
         "",
-        "dnsmirror in network namespaces (unpinned), with DNS in its own process (the default: a session of "
-        f"its own, {ChildSettings.cpu_priority} nice steps above the mirror process, here by raising its own "
-        "priority and its session's scheduling group's as root) and, for comparison, on the mirror's event "
-        f"loop (`dns.own_process: false`). dnsperf at nice {CLIENT_NICE} in a session of its own in the node "
-        f"namespace at {args.rate:,} queries/s to dnsmirror, half captured names, half forwarded to an "
-        "unbound in the registry namespace. In turns with dnsmirror, under the same streams: the peer, "
-        f"dnsmasq (`cache-size=0`, at nice {PEER_NICE} in a session of its own whose scheduling group is at "
-        f"nice {PEER_NICE} too, as dnsmirror's DNS process) forwarding to the same unbound, and that unbound "
-        f"asked directly, each at {args.rate // 2:,} queries/s (dnsmirror's forwarded rate). "
+        "dnsmirror in network namespaces (unpinned), with DNS in its own process (the default: a session "
+        f"of its own, {ChildSettings.cpu_priority} nice steps above the mirror process, here by raising its "
+        "own priority and its session's scheduling group's as root, and at the lowest real-time priority, "
+        f"`SCHED_RR` {REALTIME_PRIORITY}, within its CPU budget) and, for comparison, with the nice steps "
+        "only (`dns.realtime: false`) and on the mirror's event loop (`dns.own_process: false`), each a "
+        f"mirror of its own. dnsperf at real-time priority (`chrt -f {CLIENT_PRIORITY}`, above the servers) "
+        f"in a session of its own in the node namespace at {args.rate:,} queries/s to dnsmirror, half "
+        "captured names, half forwarded to an unbound in the registry namespace. In turns with dnsmirror, "
+        f"under the same streams: the peer, dnsmasq (`cache-size=0`, at `SCHED_RR` {REALTIME_PRIORITY} and "
+        f"nice {PEER_NICE} in a session of its own whose scheduling group is at nice {PEER_NICE} too, as "
+        "dnsmirror's DNS process) forwarding to the same unbound (an ordinary task, as an upstream resolver "
+        "sharing the node's cores would be; in the last rows at real-time priority too, as one on another "
+        "machine, which this node's work does not slow), and that unbound "
+        f"asked directly, each at {args.rate // 2:,} queries/s (dnsmirror's forwarded rate); and the "
+        "machine's floor: how late a timer wakes (`bench/stall_probe.py`, sleeps of 0.5 ms back to back at "
+        f"real-time priority `chrt -f {FLOOR_PRIORITY}`, above every other task here): no answer comes "
+        "sooner than its server is woken. "
         "The streams: two curl clients pulling cold "
         f"{args.blob_mib} MiB blobs one after the other through the mirror from docker-registry (TLS).",
         "",
@@ -580,7 +653,7 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
     ]
     for mode, result in streaming.items():
         for target, loaded_result in result["loaded"].items():
-            for kind in ("captured", "forwarded"):
+            for kind in ("captured", "forwarded", "timer"):
                 if kind not in loaded_result:
                     continue
                 idle, loaded = result["idle"][target][kind], loaded_result[kind]
@@ -589,7 +662,9 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
                     f"({idle['worst_p99']:.2f}) | {loaded['p50']:.2f} | **{loaded['p99']:.2f}** "
                     f"({loaded['worst_p99']:.2f}) | {loaded['max']:.2f} "
                     f"| {result['streamed'] / 1e6:,.0f} MB/s, {result['covered']:.0%} of the time; "
-                    f"load {result['load'][0]:.1f} to {result['load'][1]:.1f} |"
+                    f"load {result['load'][0]:.1f} to {result['load'][1]:.1f}; "
+                    f"stolen {result['stolen'][1]:.0%} (idle {result['stolen'][0]:.0%}); "
+                    f"off real-time priority {result['demoted']} times |"
                 )
     lost = ", ".join(
         f"{mode}, {target}: idle {r['idle'][target]['lost']}, streaming {loaded['lost']}"
@@ -601,7 +676,10 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
         "",
         f'- Target: p99 < 2 ms while streaming. Queries lost: {lost}. "streams": both clients\' '
         "bytes per second together, the share of the streaming measurement both streams ran, and the "
-        "machine's 1-minute load average before and after it (2 and more: other work shared the two cores).",
+        "machine's 1-minute load average before and after it (2 and more: other work shared the two cores), "
+        "the share of the machine's CPU time the hypervisor stole (`steal` in /proc/stat: the VM did not "
+        "run) while streaming and idle, and how often dnsmirror's DNS process went over its real-time budget "
+        "in the whole run (it then answers at its nice value for 5 s).",
     ]
 
 

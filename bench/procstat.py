@@ -33,3 +33,16 @@ def process_tree(pid: int) -> list[int]:
                 if int(_stat_fields(int(entry.name))[1]) == pid:
                     pids.append(int(entry.name))
     return pids
+
+
+def machine_ticks() -> tuple[int, int]:
+    """The machine's CPU ticks so far, in all and those stolen (the hypervisor ran another guest)."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    # user nice system idle iowait irq softirq steal; guest time is counted in user already
+    return sum(fields[:8]), fields[7]
+
+
+def stolen_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The share of the machine's CPU time stolen between two :func:`machine_ticks` readings."""
+    total = after[0] - before[0]
+    return (after[1] - before[1]) / total if total > 0 else 0.0

@@ -382,6 +382,11 @@ class Services(service.MultiService):
                     "DNS runs in the mirror process)",
                     lambda: (self.dns_process.priority_gap or 0) if self.dns_process is not None else 0,
                 ),
+                "dns_realtime": (
+                    "1 while the DNS process runs at real-time priority (dns.realtime, where allowed and "
+                    "within its CPU budget), else 0",
+                    lambda: int(self.dns_process is not None and self.dns_process.realtime),
+                ),
             },
             self.ready,
             counters={
@@ -574,6 +579,7 @@ def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, healt
             3 * health_cfg.interval, health_cfg.interval * health_cfg.failures + health_cfg.timeout
         ) + 1,
         cpu_priority=config.dns.cpu_priority,
+        realtime=config.dns.realtime,
     )
     process = DnsProcess(reactor, settings, sockets, stats, health, tls_bypass, health_cfg.interval)
     # the DNS process forgets its captured answers for a bypassed registry when told of the bypass

@@ -80,6 +80,7 @@ class DnsConfig:
     answer_cache_size: int
     own_process: bool = True
     cpu_priority: int = 5
+    realtime: bool = True
 
 
 @dataclass(frozen=True)
@@ -488,6 +489,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
             "answer_cache_size": _int_range(1, 10_000_000),
             "own_process": _boolean,
             "cpu_priority": _int_range(0, 19),
+            "realtime": _boolean,
         },
     ),
     "health": (

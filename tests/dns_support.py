@@ -402,3 +402,12 @@ def timed_dig(
     started = time.monotonic()
     result = dig(port, name, "A", *options, timeout=timeout)
     return time.monotonic() - started, result
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (of any of its threads)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as listing:
+            found += [int(child) for child in listing.read().split()]
+    return found

@@ -132,6 +132,14 @@ def test_capturing_needs_an_explicit_true():
     assert process.readiness.capturing
 
 
+def test_the_real_time_flag_follows_the_childs_last_report_and_needs_an_explicit_true():
+    _, process, _ = started()
+    process.child.outReceived(b'{"stats": {}, "realtime": true}\n')
+    assert process.realtime
+    process.child.outReceived(b'{"stats": {}, "realtime": 1}\n')
+    assert not process.realtime
+
+
 def test_a_silent_child_is_killed_and_replaced():
     clock, process, _ = started()
     first = process.child
@@ -176,7 +184,7 @@ def test_only_an_explicit_healthy_word_is_a_word():
     for line in [b"", b"null", b'{"healthy": "true"}', b'{"healthy": 1}', b'{"reason": "x"}',
                  b'{"healthy": true, "bypass": {"a": "soon"}}', b'{"healthy": true, "bypass": [1]}']:
         assert parse_health(line) is None, line
-    assert parse_report(b'{"stats": {}}') == ({name: 0 for name in child._CHILD_COUNTERS}, 0, False)
+    assert parse_report(b'{"stats": {}}') == ({name: 0 for name in child._CHILD_COUNTERS}, 0, False, False)
 
 
 def test_a_child_that_raised_its_own_priority_leaves_the_mirror_process_as_it_is():
@@ -221,3 +229,35 @@ def test_the_decision_of_how_far_the_mirror_process_yields():
     assert priority.yield_steps(10, 0, 5) == 0  # already further apart than asked
     assert priority.yield_steps(18, 18, 5) == 1  # 19 is the lowest priority there is
     assert priority.yield_steps(19, 19, 5) == 0
+
+
+def test_the_real_time_share_leaves_most_of_a_small_machine_to_the_rest():
+    assert priority.realtime_share(1) == 0.4
+    assert priority.realtime_share(2) == 0.8
+    assert priority.realtime_share(64) == 0.8  # one thread never takes more than a core
+
+
+def test_the_real_time_budget_lets_a_resolver_keep_its_priority():
+    budget = priority.RealtimeBudget(share=0.5, cool_down=5.0)
+    assert budget.allowed(0.0, 10.0)  # no interval measured yet
+    assert budget.allowed(0.5, 10.2)  # 40% of a core
+    assert budget.allowed(1.0, 10.45)  # 50%: at the share, not over it
+
+
+def test_a_process_over_its_cpu_share_is_an_ordinary_task_until_its_cool_down_ends():
+    budget = priority.RealtimeBudget(share=0.5, cool_down=5.0)
+    budget.allowed(0.0, 0.0)
+    assert not budget.allowed(0.5, 0.3)  # 60% of a core: a flood
+    assert not budget.allowed(1.0, 0.3)  # idle again, but cooling down
+    assert not budget.allowed(5.4, 0.3)
+    assert budget.allowed(5.5, 0.3)
+    assert not budget.allowed(6.0, 0.8)  # over again: another cool-down from now
+    assert budget.allowed(11.0, 0.8)
+
+
+def test_an_overrun_the_kernel_reports_starts_a_cool_down():
+    budget = priority.RealtimeBudget(share=0.5, cool_down=5.0)
+    budget.allowed(0.0, 0.0)
+    budget.overran(1.0)
+    assert not budget.allowed(1.5, 0.0)
+    assert budget.allowed(6.0, 0.0)

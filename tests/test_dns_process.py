@@ -14,7 +14,16 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from dns_support import capturing_mirror, dig, dig_answers, dnsmirror_serve, free_port, unbound, wait_until
+from dns_support import (
+    capturing_mirror,
+    children,
+    dig,
+    dig_answers,
+    dnsmirror_serve,
+    free_port,
+    unbound,
+    wait_until,
+)
 
 pytestmark = [
     pytest.mark.integration,
@@ -24,14 +33,6 @@ pytestmark = [
 ECR = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
 MIRROR = "10.96.0.53"
 REAL = "192.0.2.99"
-
-
-def children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as listing:
-            found += [int(child) for child in listing.read().split()]
-    return found
 
 
 def answer(port: int, name: str = ECR) -> str | None:
@@ -127,6 +128,14 @@ def test_the_dns_process_runs_above_the_mirror_in_a_session_of_its_own(tmp_path)
         assert os.getsid(child) == child != os.getsid(process.pid)
         if os.geteuid() == 0:  # allowed to raise its own priority: the mirror process keeps its own
             assert nice_of(process.pid) == nice_of(0)
+            # and to run at the lowest real-time priority, with the kernel's limit on runs that never wait
+            assert os.sched_getscheduler(child) == os.SCHED_RR
+            assert os.sched_getparam(child).sched_priority == 1
+            assert os.sched_getscheduler(process.pid) == os.SCHED_OTHER
+            assert "Max realtime timeout      200000               2000000" in Path(
+                f"/proc/{child}/limits"
+            ).read_text()
+            assert wait_until(lambda: metric(metrics_port, "dnsmirror_dns_realtime") == 1, 5)
             # and its session's scheduling group's, where the kernel groups tasks by session
             if os.path.exists(f"/proc/{child}/autogroup"):
                 assert Path(f"/proc/{child}/autogroup").read_text().split()[-1] == "-5"
@@ -158,14 +167,87 @@ def test_without_cap_sys_nice_the_mirror_process_lowers_its_own_priority(tmp_pat
         # every thread of the mirror process: the disk threads' hashing and writing yield too
         threads = [int(tid) for tid in os.listdir(f"/proc/{process.pid}/task")]
         assert {nice_of(tid) for tid in threads} == {start + 5}
+        assert os.sched_getscheduler(child) == os.SCHED_OTHER  # no real-time priority either
+        assert metric(metrics_port, "dnsmirror_dns_realtime") == 0
     records = [json.loads(line) for line in log.read_text().splitlines() if '"dns_priority"' in line]
     assert records and records[0]["mirror_lowered_by"] == 5 and records[0]["dns_nice"] == start
 
 
-@pytest.mark.parametrize(("value", "message"), [(20, "between 0 and 19"), ("high", "expected an integer")])
-def test_a_bad_cpu_priority_is_a_config_error_naming_the_key(tmp_path, value, message):
+_OVERRUN = """
+import os, time
+from twisted.internet import task
+from dnsmirror.dns.child import _Realtime
+clock = task.Clock()
+realtime = _Realtime(clock)
+realtime.start()
+print(os.sched_getscheduler(0) == os.SCHED_RR, realtime.enabled)
+deadline = time.monotonic() + 3
+while realtime.enabled and time.monotonic() < deadline:
+    pass  # a loop that never waits: the kernel sends SIGXCPU after 0.2 s of it
+print(os.sched_getscheduler(0) == os.SCHED_OTHER, realtime.enabled)
+realtime.check()  # still cooling down
+print(os.sched_getscheduler(0) == os.SCHED_OTHER)
+clock.advance(6)
+realtime.check()  # first check after the cool-down: one measured interval
+clock.advance(0.5)
+realtime.check()
+print(os.sched_getscheduler(0) == os.SCHED_RR, realtime.enabled)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="real-time priority needs root")
+def test_a_real_time_dns_process_that_never_waits_is_made_an_ordinary_task_by_the_kernel_then_restored():
+    done = subprocess.run([sys.executable, "-c", _OVERRUN], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "True", "False", "True", "True", "True"], done.stderr
+    assert "without waiting" in done.stderr
+
+
+_FLOOD = """
+import socket, sys, time
+from dnslib import DNSRecord
+port, seconds, name = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+packet = DNSRecord.question(name).pack()
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setblocking(False)
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for _ in range(64):
+        try:
+            sock.sendto(packet, ("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="real-time priority needs root")
+def test_a_query_flood_takes_the_dns_process_off_real_time_priority_for_a_while(mirror):
+    port, process, log = mirror
+    (child,) = children(process.pid)
+    assert os.sched_getscheduler(child) == os.SCHED_RR
+    flood = subprocess.Popen([sys.executable, "-c", _FLOOD, str(port), "6", ECR])
+    try:
+        # over half a core, or 0.2 s without waiting: an ordinary task, so the flood cannot take a core
+        assert wait_until(lambda: os.sched_getscheduler(child) == os.SCHED_OTHER, 5), log.read_text()
+    finally:
+        flood.kill()
+        flood.wait()
+    text = log.read_text()
+    assert "of a core: at its nice value" in text or "without waiting: at its nice value" in text, text
+    assert answer(port) == MIRROR
+    # the cool-down over, a quiet resolver takes its priority again
+    assert wait_until(lambda: os.sched_getscheduler(child) == os.SCHED_RR, 10), log.read_text()
+    assert children(process.pid) == [child]  # demoted, never killed
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [("cpu_priority", 20, "between 0 and 19"), ("cpu_priority", "high", "expected an integer"),
+     ("realtime", "sometimes", "expected true or false")],
+)
+def test_a_bad_cpu_priority_or_realtime_is_a_config_error_naming_the_key(tmp_path, key, value, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(f"dns:\n  cpu_priority: {value}\n")
+    path.write_text(f"dns:\n  {key}: {value}\n")
     done = subprocess.run([sys.executable, "-m", "dnsmirror", "config", "check", str(path)],
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 1 and "dns.cpu_priority" in done.stderr and message in done.stderr, done.stderr
+    assert done.returncode == 1 and f"dns.{key}" in done.stderr and message in done.stderr, done.stderr

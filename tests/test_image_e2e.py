@@ -14,6 +14,7 @@ NET_ADMIN, on a fresh node namespace.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from dns_support import children, wait_until
 from harness import ECR_HOST, require_netns
 from harness.containerd import Containerd
 from harness.imagebuild import build_dnsmirror_image, image_inputs
@@ -43,7 +45,7 @@ IMAGE = f"{ECR_HOST}/dnsmirror/dnsmirror:test"
 # runc's default set (ctr run): what "drop ALL" has to take away
 DEFAULT_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
                         "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE")
-CAPABILITY_BITS = {"NET_BIND_SERVICE": 10, "NET_ADMIN": 12}
+CAPABILITY_BITS = {"NET_BIND_SERVICE": 10, "NET_ADMIN": 12, "SYS_NICE": 23}
 
 
 def pod_spec() -> dict[str, Any]:
@@ -122,6 +124,17 @@ def task_pid(containerd: Containerd, name: str) -> int:
         if fields and fields[0] == name:
             return int(fields[1])
     raise AssertionError(f"no task {name}")
+
+
+def realtime_refused_in_cgroup_of(pid: int) -> bool:
+    """Whether the kernel gives ``pid``'s CPU cgroup no real-time time (``CONFIG_RT_GROUP_SCHED``, a cgroup
+    v1 ``cpu`` hierarchy whose ``cpu.rt_runtime_us`` is 0)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "cpu" in controllers.split(","):
+            runtime = Path(f"/sys/fs/cgroup/{controllers}{path}/cpu.rt_runtime_us")
+            return runtime.exists() and int(runtime.read_text()) == 0
+    return False
 
 
 def proc_status(pid: int) -> dict[str, str]:
@@ -203,6 +216,17 @@ def test_the_image_runs_as_the_daemonset_runs_it(world: World, tmp_path: Path) -
         added = container["securityContext"]["capabilities"]["add"]
         assert int(status["CapEff"], 16) == sum(1 << CAPABILITY_BITS[cap] for cap in added)
         assert int(status["CapBnd"], 16) == int(status["CapEff"], 16)
+        # SYS_NICE: the DNS process runs at real-time priority in the container's cgroup, within its budget,
+        # unless the kernel gives that cgroup no real-time time (CONFIG_RT_GROUP_SCHED): then it says why
+        (dns_process,) = children(pid)
+        assert wait_until(lambda: '"dns_realtime"' in log.read_text(), 10), log.read_text()
+        (said,) = [json.loads(line[line.index("{"):]) for line in log.read_text().splitlines()
+                   if '"dns_realtime"' in line]
+        if realtime_refused_in_cgroup_of(dns_process):
+            assert os.sched_getscheduler(dns_process) == os.SCHED_OTHER
+            assert not said["enabled"] and said["reason"] == "Operation not permitted", said
+        else:
+            assert os.sched_getscheduler(dns_process) == os.SCHED_RR, log.read_text()
         assert status["NoNewPrivs"] == "1"
         root = next(line.split() for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
                     if line.split()[4] == "/")

@@ -266,7 +266,7 @@ def test_pod_runs_on_every_node_in_the_host_network(effective):
     strategy = find("DaemonSet", "dnsmirror")["spec"]["updateStrategy"]
     assert strategy["type"] == "RollingUpdate" and strategy["rollingUpdate"]["maxUnavailable"]
     capabilities = main_container()["securityContext"]["capabilities"]
-    assert capabilities == {"drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}
+    assert capabilities == {"drop": ["ALL"], "add": ["NET_BIND_SERVICE", "SYS_NICE"]}
     (init,) = spec["initContainers"]
     assert init["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     resources = main_container()["resources"]

@@ -8,8 +8,9 @@ child's stdin and stdout, one JSON object per line:
 - parent -> child: ``{"healthy": bool, "reason": str, "bypass": {host: seconds left}}``, on every
   change of :class:`~dnsmirror.health.HealthState` or of the TLS bypass, and every
   ``health.interval`` as a heartbeat;
-- child -> parent: ``{"stats": {...}, "upstreams_down": n}`` every ``STATS_INTERVAL``: the child's DNS
-  counters since it started, and how many upstream resolvers it skips now.
+- child -> parent: ``{"stats": {...}, "upstreams_down": n, "capturing": bool, "realtime": bool}`` every
+  ``STATS_INTERVAL``: the child's DNS counters since it started, how many upstream resolvers it skips
+  now, whether it captures, and whether it runs at real-time priority now.
 
 The fail-open rule is the parent's :class:`~dnsmirror.health.HealthState`, unchanged: the child
 captures only while the last word from the parent said healthy and that word is fresh. When the
@@ -31,6 +32,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
@@ -75,6 +77,7 @@ class ChildSettings:
     log_level: str
     stale_after: float
     cpu_priority: int = 5  # dns.cpu_priority: nice steps above the mirror process (dnsmirror.dns.priority)
+    realtime: bool = True  # dns.realtime: the lowest real-time priority where allowed, within a CPU budget
 
     def to_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)})
@@ -188,6 +191,7 @@ class DnsProcess:
         self.child: _ChildProtocol | None = None
         self.restarts = 0
         self.upstreams_down = 0  # as the child last reported
+        self.realtime = False  # the child runs at real-time priority now, as it last reported
         self.readiness = Readiness(health)
         self._stopping = False
         self._last = {name: 0 for name in _CHILD_COUNTERS}  # the running child's counters as last reported
@@ -271,7 +275,7 @@ class DnsProcess:
         if report is None:
             log.warning("unreadable report from the DNS process: %r", line[:200])
             return
-        counters, upstreams_down, capturing = report
+        counters, upstreams_down, capturing, realtime = report
         if any(counters[name] < self._last[name] for name in _CHILD_COUNTERS):
             log.warning("report from the DNS process with counters going back: %r", line[:200])
             return
@@ -281,6 +285,7 @@ class DnsProcess:
             setattr(self.stats, name, getattr(self.stats, name) + counters[name] - self._last[name])
         self._last = counters
         self.upstreams_down = upstreams_down
+        self.realtime = realtime
         self.readiness.capturing = capturing
         self.readiness.running = True
         if not self._priority_settled:
@@ -350,8 +355,9 @@ class DnsProcess:
 _CHILD_COUNTERS = [f.name for f in fields(DnsStats) if f.name != "health_changes"]
 
 
-def parse_report(line: bytes) -> tuple[dict[str, int], int, bool] | None:
-    """(counters, upstreams down, capturing) from one report line of the child; ``None`` when malformed."""
+def parse_report(line: bytes) -> tuple[dict[str, int], int, bool, bool] | None:
+    """(counters, upstreams down, capturing, real-time) from one report line of the child; ``None`` when
+    malformed."""
     try:
         message = json.loads(line)
     except ValueError:
@@ -363,7 +369,12 @@ def parse_report(line: bytes) -> tuple[dict[str, int], int, bool] | None:
     if not all(_is_count(value) for value in [*values, down]):
         return None
     # anything but an explicit true is "not capturing": readiness never claims more than the child does
-    return dict(zip(_CHILD_COUNTERS, values, strict=True)), down, message.get("capturing") is True
+    return (
+        dict(zip(_CHILD_COUNTERS, values, strict=True)),
+        down,
+        message.get("capturing") is True,
+        message.get("realtime") is True,
+    )
 
 
 def parse_health(line: bytes) -> tuple[bool, dict[str, float]] | None:
@@ -408,6 +419,63 @@ class _Bypass:
             return False
         until = self.until.get(oci.upstream_host(name))
         return until is not None and until > self.clock.seconds()
+
+
+class _Realtime:
+    """The DNS process's real-time priority, held within :class:`~dnsmirror.dns.priority.RealtimeBudget`."""
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.budget = priority.RealtimeBudget(priority.realtime_share(len(os.sched_getaffinity(0))))
+        self.enabled = False  # running at real-time priority now
+        self.possible = False  # allowed here, with the kernel's limit on runs that never wait in place
+
+    def start(self) -> None:
+        signal.signal(signal.SIGXCPU, self._overran)
+        limited = priority.limit_realtime_runs()
+        refused = priority.set_realtime(True) if limited else "no limit on runs that never wait"
+        self.possible = self.enabled = refused is None
+        if refused is None:
+            log.info(
+                "DNS process runs at real-time priority %d",
+                priority.REALTIME_PRIORITY,
+                extra=log_fields(event="dns_realtime", enabled=True),
+            )
+        else:
+            log.info(
+                "DNS process runs at its nice value only, not at real-time priority: %s (it needs "
+                "CAP_SYS_NICE; a kernel built with CONFIG_RT_GROUP_SCHED allows none in a container's "
+                "cgroup)",
+                refused,
+                extra=log_fields(event="dns_realtime", enabled=False, reason=refused),
+            )
+
+    def check(self) -> None:
+        """Periodically: leave real-time priority while over the CPU budget, take it again after."""
+        if not self.possible:
+            return
+        wanted = self.budget.allowed(self.clock.seconds(), time.process_time())
+        if wanted != self.enabled and priority.set_realtime(wanted) is None:
+            self.enabled = wanted
+            if not wanted:
+                log.warning(
+                    "DNS process took more than %.0f%% of a core: at its nice value for %.0fs",
+                    100 * self.budget.share,
+                    self.budget.cool_down,
+                    extra=log_fields(event="dns_realtime_over_budget"),
+                )
+
+    def _overran(self, signum: int, frame: object) -> None:
+        # SIGXCPU: a real-time run without a blocking call went past its limit
+        self.budget.overran(self.clock.seconds())
+        if priority.set_realtime(False) is None:
+            self.enabled = False
+        log.warning(
+            "DNS process ran %.1fs without waiting: at its nice value for %.0fs",
+            priority.REALTIME_RUN_LIMIT[0],
+            self.budget.cool_down,
+            extra=log_fields(event="dns_realtime_overrun"),
+        )
 
 
 class _ParentChannel(protocol.Protocol):
@@ -455,6 +523,7 @@ class _Child:
         self.channel: stdio.StandardIO | None = None
         self.reported = False
         self.ports: list = []
+        self.realtime = _Realtime(reactor)
 
     def run(self) -> None:
         from twisted.internet import stdio
@@ -473,7 +542,9 @@ class _Child:
             os.close(udp_fd)  # adopted ports hold their own duplicates
             os.close(tcp_fd)
         self.channel = stdio.StandardIO(_ParentChannel(self), reactor=self.reactor)
-        task.LoopingCall(self.report).start(STATS_INTERVAL, now=False)
+        if self.settings.realtime:
+            self.realtime.start()
+        task.LoopingCall(self.tick).start(STATS_INTERVAL, now=False)
         task.LoopingCall(self.watch).start(min(1.0, self.settings.stale_after / 4), now=False)
 
     def heard(self, line: bytes) -> None:
@@ -504,6 +575,11 @@ class _Child:
             )
             self._capture(False)
 
+    def tick(self) -> None:
+        """Every ``STATS_INTERVAL``: the real-time budget checked, the counters reported."""
+        self.realtime.check()
+        self.report()
+
     def report(self) -> None:
         if self.channel is None:
             return
@@ -513,6 +589,7 @@ class _Child:
             "stats": counters,
             "upstreams_down": len(self.forwarder.table.down()),
             "capturing": self.responder.capture_enabled,
+            "realtime": self.realtime.enabled,
         }
         self.channel.write(json.dumps(message).encode() + b"\n")
 

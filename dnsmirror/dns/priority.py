@@ -15,18 +15,40 @@ resolver started as its own service would be. There its nice value counts only i
 when it could raise its priority, its group gets the same raise (``/proc/self/autogroup``; the group is
 its alone). Inside a cgroup (a pod, a service) there is no autogroup and this changes nothing.
 
-:func:`yield_steps` is the decision; the functions around it only read and set nice values.
+A nice value is a share, not a turn: a woken DNS process still waits for the running task's slice, so
+where it may (``dns.realtime``, root or ``CAP_SYS_NICE``) it also runs at the lowest real-time priority
+(``SCHED_RR`` 1), which the kernel runs as soon as it is woken, before any ordinary task and after
+every other real-time one. It keeps that priority only while it answers like a resolver: a process
+that takes more than :func:`realtime_share` of a core (a flood of queries), or runs
+:data:`REALTIME_RUN_LIMIT` without waiting for anything (a loop), goes back to its nice value for
+:data:`REALTIME_COOL_DOWN`, so it can never starve the node.
+
+:func:`yield_steps` and :class:`RealtimeBudget` are the decisions; the functions around them only read
+and set nice values and scheduling policies.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 
 log = logging.getLogger("dnsmirror.dns")
 
 NICE_MAX = 19
 NICE_MIN = -20
+# the lowest real-time priority: before every ordinary task, after the kernel's and the node's real-time ones
+REALTIME_PRIORITY = 1
+# CPU a real-time DNS process may take, as a share of the machine's CPU time and at most of one core's, over
+# each check: on two cores 0.8 of one core, a few thousand queries a second here (more than a node's own
+# clients ask), leaving the rest of the machine 1.2 cores' time
+REALTIME_MACHINE_SHARE = 0.4
+REALTIME_CORE_SHARE = 0.8
+# seconds a DNS process that went over its share runs at its nice value before it is real-time again
+REALTIME_COOL_DOWN = 5.0
+# seconds of CPU a real-time process may run without a blocking call: past the first the kernel sends
+# SIGXCPU (the process goes back to its nice value), past the second SIGKILL (its parent starts a new one)
+REALTIME_RUN_LIMIT = (0.2, 2.0)
 
 
 def yield_steps(mirror_nice: int, dns_nice: int, gap: int) -> int:
@@ -111,3 +133,60 @@ class NiceValues:
 
     def lower_own(self, steps: int) -> int:
         return lower_own(steps)
+
+
+def realtime_share(cores: int) -> float:
+    """The share of one core a real-time DNS process may take on a machine of ``cores`` (at most
+    :data:`REALTIME_MACHINE_SHARE` of all their time, and :data:`REALTIME_CORE_SHARE` of one)."""
+    return min(REALTIME_CORE_SHARE, REALTIME_MACHINE_SHARE * max(cores, 1))
+
+
+class RealtimeBudget:
+    """When the DNS process may run at real-time priority: while it takes at most ``share`` of a core
+    between two checks; once it took more (or overran its run limit), not for ``cool_down`` seconds."""
+
+    def __init__(self, share: float, cool_down: float = REALTIME_COOL_DOWN) -> None:
+        self.share = share
+        self.cool_down = cool_down
+        self.until = float("-inf")  # at real-time priority again from this time on
+        self._last: tuple[float, float] | None = None  # (time, CPU seconds) at the last check
+
+    def allowed(self, now: float, cpu_seconds: float) -> bool:
+        """Whether the process may be real-time now, given its CPU seconds so far; call it periodically."""
+        last, self._last = self._last, (now, cpu_seconds)
+        if last is not None and now > last[0] and (cpu_seconds - last[1]) / (now - last[0]) > self.share:
+            self.overran(now)
+        return now >= self.until
+
+    def overran(self, now: float) -> None:
+        """The process went over its budget at ``now`` (the kernel said so: SIGXCPU)."""
+        self.until = now + self.cool_down
+
+
+def set_realtime(enabled: bool) -> str | None:
+    """Run this thread at :data:`REALTIME_PRIORITY` (``SCHED_RR``), or as an ordinary task at its nice value;
+    None when it runs as asked, else why not. Real-time needs root with ``CAP_SYS_NICE`` (or an
+    ``RLIMIT_RTPRIO``), and a kernel that allows it in this cgroup: one built with ``CONFIG_RT_GROUP_SCHED``
+    gives a container's cgroup no real-time time at all."""
+    policy, level = (os.SCHED_RR, REALTIME_PRIORITY) if enabled else (os.SCHED_OTHER, 0)
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(level))
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def limit_realtime_runs(limits: tuple[float, float] = REALTIME_RUN_LIMIT) -> bool:
+    """Have the kernel stop a real-time run that never waits (``RLIMIT_RTTIME``): SIGXCPU after the first
+    limit, SIGKILL after the second (or a lower limit already set). Install a SIGXCPU handler first (its
+    default ends the process). False when the limit cannot be set: then the process stays an ordinary task."""
+    soft, hard = (int(seconds * 1_000_000) for seconds in limits)
+    try:
+        _, current = resource.getrlimit(resource.RLIMIT_RTTIME)
+        if current != resource.RLIM_INFINITY:
+            soft, hard = min(soft, current), min(hard, current)
+        resource.setrlimit(resource.RLIMIT_RTTIME, (soft, hard))
+    except (OSError, ValueError) as exc:
+        log.debug("no limit on real-time runs (%s): the DNS process stays an ordinary task", exc)
+        return False
+    return True
