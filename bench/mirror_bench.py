@@ -54,7 +54,7 @@ from harness.netns import Cluster, Namespace, clean_env, netns_available  # noqa
 from harness.pki import TestCA, create_ca  # noqa: E402
 from harness.registry import Registry  # noqa: E402
 from mirror_support import MirrorNode  # noqa: E402
-from procstat import cpu_seconds, process_tree  # noqa: E402
+from procstat import cpu_seconds, idle_share, machine_ticks, process_tree, stolen_share  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
 SERVER_CORE = "0"
@@ -520,6 +520,8 @@ def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) 
     rows: dict[str, list[Download]] = {name: [] for name in COLD_WAYS}
     proxy_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
     registry_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
+    # the machine's CPU time during each fetch: (share idle, share stolen by the hypervisor)
+    machine: dict[str, list[tuple[float, float]]] = {name: [] for name in COLD_WAYS}
     registry_pids = [world.registry.process.pid]
     workdir = world.work / f"cold-{'pinned' if pin else 'shared'}"
     try:
@@ -543,8 +545,10 @@ def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) 
                     namespace, address, port, trust, pids = ways[name]
                     touch_and_free()
                     before, registry_before = cpu_seconds(pids), cpu_seconds(registry_pids)
+                    ticks = machine_ticks()
                     result = fetch_to_file(namespace, blob_url(digest, port), address, port, trust, target,
                                            client_core)
+                    ticks_after = machine_ticks()
                     spent = cpu_seconds(pids) - before
                     registry_spent = cpu_seconds(registry_pids) - registry_before
                     if result.status != 200 or result.size != size:
@@ -555,10 +559,14 @@ def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) 
                         rows[name].append(result)
                         proxy_cpu[name].append(spent)
                         registry_cpu[name].append(registry_spent)
+                        machine[name].append(
+                            (idle_share(ticks, ticks_after), stolen_share(ticks, ticks_after))
+                        )
     finally:
         target.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"rows": rows, "proxy_cpu": proxy_cpu, "registry_cpu": registry_cpu, "size": size, "pin": pin}
+    return {"rows": rows, "proxy_cpu": proxy_cpu, "registry_cpu": registry_cpu, "machine": machine,
+            "size": size, "pin": pin}
 
 
 def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> str:
@@ -578,8 +586,11 @@ def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> 
             gib = size / 2**30
             proxy = (f"{statistics.median(result['proxy_cpu'][name]) / gib:.2f}" if name != "direct" else "")
             registry = statistics.median(result["registry_cpu"][name]) / gib
+            idle = statistics.median(share for share, _ in result["machine"][name])
+            stolen = statistics.median(share for _, share in result["machine"][name])
             lines.append(f"| {placement} | {COLD_WAY_LABELS[name]} | **{mb(medians[name])}** | "
-                         f"{', '.join(mb(s) for s in speeds)} | {proxy} | {registry:.2f} |")
+                         f"{', '.join(mb(s) for s in speeds)} | {proxy} | {registry:.2f} | {idle:.0%} / "
+                         f"{stolen:.0%} |")
         ratios[placement] = (medians["dnsmirror"] / medians["nginx"],
                              medians["dnsmirror-buffered"] / medians["nginx"])
     summary = "; ".join(f"{direct:.2f}x (buffered writes: {buffered:.2f}x) {placement}"
@@ -596,11 +607,14 @@ namespace) and nginx `proxy_cache` (peer namespace, one worker, keep-alive upstr
 {args.runs} runs, each way first in turn.
 Measured: {machine()}. {note}
 
-| placement | way | median MB/s | all runs MB/s | proxy CPU-s per GiB | registry CPU-s per GiB |
-|---|---|---:|---|---:|---:|
+| placement | way | median MB/s | all runs MB/s | proxy CPU-s per GiB | registry CPU-s per GiB \
+| machine idle / stolen |
+|---|---|---:|---|---:|---:|---:|
 {chr(10).join(lines)}
 
 - **dnsmirror / nginx proxy_cache, cold fill: {summary}** (target >= 1.0x, dnsmirror verifying the digest).
+- Machine idle / stolen: the median share of the two cores' time idle (or waiting for I/O), and taken by the
+  hypervisor (`steal` in /proc/stat), while each fetch ran.
 """
 
 

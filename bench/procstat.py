@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -35,14 +36,29 @@ def process_tree(pid: int) -> list[int]:
     return pids
 
 
-def machine_ticks() -> tuple[int, int]:
-    """The machine's CPU ticks so far, in all and those stolen (the hypervisor ran another guest)."""
+class MachineTicks(NamedTuple):
+    """The machine's CPU ticks so far: in all, stolen (the hypervisor ran something else) and idle."""
+
+    total: int
+    stolen: int
+    idle: int
+
+
+def machine_ticks() -> MachineTicks:
+    """The machine's CPU ticks so far, from the first line of /proc/stat."""
     fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     # user nice system idle iowait irq softirq steal; guest time is counted in user already
-    return sum(fields[:8]), fields[7]
+    return MachineTicks(total=sum(fields[:8]), stolen=fields[7], idle=fields[3] + fields[4])
 
 
-def stolen_share(before: tuple[int, int], after: tuple[int, int]) -> float:
+def stolen_share(before: MachineTicks, after: MachineTicks) -> float:
     """The share of the machine's CPU time stolen between two :func:`machine_ticks` readings."""
-    total = after[0] - before[0]
-    return (after[1] - before[1]) / total if total > 0 else 0.0
+    total = after.total - before.total
+    return (after.stolen - before.stolen) / total if total > 0 else 0.0
+
+
+def idle_share(before: MachineTicks, after: MachineTicks) -> float:
+    """The share of the machine's CPU time idle (or waiting for I/O) between two :func:`machine_ticks`
+    readings."""
+    total = after.total - before.total
+    return (after.idle - before.idle) / total if total > 0 else 0.0
