@@ -454,7 +454,8 @@ class Fill:
 
     def _commit_failed(self, reason: Failure) -> None:
         # the bytes were verified and readers keep their open file and memory's newest bytes: only the
-        # cache does not keep them
+        # cache does not keep them. Whatever failed, no temp file stays (abort is a no-op once aborted)
+        self.disk.run(self.writer.abort).addErrback(lambda f: log.warning("abort failed: %s", f.value))
         failure = FillFailed(f"{self.digest}: not cached: {_why(reason)}")
         failure.__cause__ = reason.value
         self.done.errback(Failure(failure))

@@ -615,6 +615,30 @@ def test_a_damaged_cached_file_read_ahead_is_cut_before_its_last_piece(store):
     assert request.body == data[:READ_CHUNK][:10] + b"X" + data[11:READ_CHUNK]
 
 
+def test_an_unexpected_error_at_the_last_write_leaves_no_temp_file_and_readers_whole(store, monkeypatch):
+    from dnsmirror.store import Writer
+
+    data = os.urandom(9 * 1024 * 1024 + 1000)
+    disk, fill, protocol, upstream, reads = paced_fill(store, data)
+    real = Writer.write
+
+    def write(self, chunk):
+        if self.bytes_written + len(chunk) == len(data):  # the last batch, after the digest was checked
+            raise RuntimeError("the last write broke")
+        return real(self, chunk)
+
+    monkeypatch.setattr(Writer, "write", write)
+    causes = []
+    fill.done.addErrback(lambda failure: causes.append(failure.value.__cause__))
+    request = FakeRequest()
+    stream(disk, request, fill, len(data))
+    feed(protocol, data, 0, len(data))
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert request.finished and request.body == data and not request.transport.aborted
+    assert len(causes) == 1 and isinstance(causes[0], RuntimeError) and sha(data) not in store
+    assert list(store._tmp_dir.iterdir()) == []  # the writer was aborted: no temp file is left
+
+
 def test_a_disk_that_fails_at_the_last_write_still_gives_every_reader_the_whole_body(roomy, monkeypatch):
     # the digest is checked before the last batch is written: that write fails after the readers were released
     from dnsmirror.store import StoreFull
