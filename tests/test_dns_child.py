@@ -138,6 +138,9 @@ def test_the_real_time_flag_follows_the_childs_last_report_and_needs_an_explicit
     assert process.realtime
     process.child.outReceived(b'{"stats": {}, "realtime": 1}\n')
     assert not process.realtime
+    process.child.outReceived(b'{"stats": {}, "realtime": true}\n')
+    process.child.processEnded(Failure(RuntimeError("killed")))
+    assert not process.realtime  # nobody holds the priority while no process runs
 
 
 def test_a_silent_child_is_killed_and_replaced():

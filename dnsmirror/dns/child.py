@@ -319,6 +319,7 @@ class DnsProcess:
             return
         self.child = None
         self.readiness.running = self.readiness.capturing = False
+        self.realtime = False  # no process holds the priority until a new one reports it
         if self._stopping:
             return
         self.restarts += 1
