@@ -411,3 +411,10 @@ def children(pid: int) -> list[int]:
         with open(f"/proc/{pid}/task/{task}/children") as listing:
             found += [int(child) for child in listing.read().split()]
     return found
+
+
+def realtime_allowed() -> bool:
+    """Whether a process started here may run at real-time priority (root or ``CAP_SYS_NICE``, and a
+    cgroup the kernel gives real-time time)."""
+    probe = "import os; os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=30).returncode == 0
