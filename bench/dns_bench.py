@@ -179,7 +179,9 @@ def percentiles(milliseconds: list[float]) -> dict:
     }
 
 
-def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_client: int) -> dict:
+def latency_while_streaming(
+    seconds: int, rate: int, blob_mib: int, blobs_per_client: int, modes: list[int] | None = None
+) -> dict:
     """Captured and forwarded answer latency idle, then while two clients stream cold blobs through the
     mirror.
 
@@ -187,6 +189,7 @@ def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_cl
     upstream resolver, dnsmirror in a node namespace (DNS on :53, HTTPS on :443, unpinned), once with DNS in
     its own process (the default) and once on the mirror's event loop (``dns.own_process: false``), each with
     blobs of its own. dnsperf in the node namespace sends ``rate`` queries/s, half captured, half forwarded.
+    ``modes``: the numbers (from 1) of the ``DNS_MODES`` to run; all by default.
     """
     sys.path.insert(0, str(ROOT / "tests"))
     sys.path.insert(0, str(ROOT))
@@ -245,6 +248,8 @@ def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_cl
             }
             results = {}
             for index, (mode, dns_settings, upstream_realtime) in enumerate(DNS_MODES):
+                if modes and index + 1 not in modes:
+                    continue
                 targets: dict[str, tuple | None] = {"dnsmirror": (node.address, 53, queries, rate)}
                 if index >= len(DNS_MODES) - 2:  # the peers measured in turns with dnsmirror, same streams
                     targets.update(peers)
@@ -253,6 +258,8 @@ def latency_while_streaming(seconds: int, rate: int, blob_mib: int, blobs_per_cl
                     registry.place_blob("bench/dns", random_chunks(blob_mib * MiB))[0]
                     for _ in range(2 * blobs_per_client * len(targets))
                 ]
+                # the blobs just written (GiBs) reach the disk now, not while the idle latencies are measured
+                os.sync()
                 overrides = {
                     "cache": {"dir": str(work / f"cache-{index}")},
                     "dns": dns_settings,
@@ -463,6 +470,11 @@ def main() -> int:
         "--streaming-only", action="store_true", help="only the latency-while-streaming run (needs root)"
     )
     parser.add_argument(
+        "--modes",
+        type=lambda text: [int(n) for n in text.split(",")],
+        help="with --streaming-only: the DNS modes to run, numbered from 1 as in DNS_MODES (default: all)",
+    )
+    parser.add_argument(
         "--note",
         default="The machine was shared with other engineers' test runs: expect noise.",
         help="what else ran on the machine, for RESULTS.md",
@@ -604,7 +616,9 @@ def main() -> int:
 def write_streaming(args: argparse.Namespace) -> int:
     """Run the latency-while-streaming measurement and write its own section."""
     load = f"Load average before: {', '.join(Path('/proc/loadavg').read_text().split()[:3])}. {args.note}"
-    streaming = latency_while_streaming(min(args.seconds, 3), args.rate, args.blob_mib, args.blobs_per_client)
+    streaming = latency_while_streaming(
+        min(args.seconds, 3), args.rate, args.blob_mib, args.blobs_per_client, args.modes
+    )
     lines = streaming_lines(args, streaming, load)
     if not args.no_write:
         write_section("dns-streaming", "\n".join(lines))
@@ -617,6 +631,7 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
     command = (
         f"{Path(sys.executable).name} bench/dns_bench.py --streaming-only --seconds {args.seconds} --rate "
         f"{args.rate} --blob-mib {args.blob_mib} --blobs-per-client {args.blobs_per_client}"
+        + (f" --modes {','.join(map(str, args.modes))}" if args.modes else "")
     )
     lines = [
         "## DNS: answer latency while blobs stream through the mirror",

@@ -23,7 +23,7 @@ from dnsmirror.bypass import TlsBypass
 from dnsmirror.config import Config
 from dnsmirror.content import ContentChain, ContentStats
 from dnsmirror.dns import server as dnsserver
-from dnsmirror.dns.child import ChildSettings, DnsProcess, Readiness, bind_sockets
+from dnsmirror.dns.child import ChildSettings, DnsProcess, Readiness
 from dnsmirror.dns.forwarder import Forwarder
 from dnsmirror.dns.packets import Responder
 from dnsmirror.dns.resolvconf import default_upstreams
@@ -559,7 +559,7 @@ def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, healt
     try:
         for index, address in enumerate(config.dns.listen):
             try:
-                sockets += bind_sockets(address.host, address.port)
+                sockets += dnsserver.bind_sockets(address.host, address.port)
             except OSError as exc:
                 raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): "
                                   f"{_describe(exc)}") from exc

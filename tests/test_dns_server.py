@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import socket
 import struct
 
 from dnslib import QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
@@ -18,8 +20,8 @@ from dnsmirror.dns.forwarder import AllUpstreamsFailed, _question, matches
 from dnsmirror.dns.packets import Responder, with_id
 from dnsmirror.dns.server import (
     MAX_TCP_QUERIES_PENDING,
+    DatagramListener,
     DnsController,
-    DnsDatagramProtocol,
     DnsStreamFactory,
     DnsStreamProtocol,
 )
@@ -116,15 +118,81 @@ class ControllerTests(SynchronousTestCase):
         self.assertEqual(controller.stats.malformed, 1)
 
 
+class _Readers:
+    """The reactor's part a listener uses: which descriptors are read."""
+
+    def __init__(self):
+        self.readers = set()
+
+    def addReader(self, reader):
+        self.readers.add(reader)
+
+    def removeReader(self, reader):
+        self.readers.discard(reader)
+
+
+@contextlib.contextmanager
+def udp_pair(controller, client_host="127.0.0.1"):
+    """A listener on a real loopback socket (read by calling doRead) and a client socket bound to it."""
+    readers = _Readers()
+    server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    server.bind(("127.0.0.1", 0))
+    listener = DatagramListener(readers, server, controller)
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        client.bind((client_host, 0))
+        client.connect(server.getsockname())
+        client.settimeout(2)
+        yield listener, client
+    finally:
+        client.close()
+        listener.stopListening()
+        assert readers.readers == set()
+
+
 class ProtocolTests(SynchronousTestCase):
     def test_udp_replies_to_the_sender(self):
         controller, _ = make_controller()
-        proto = DnsDatagramProtocol(controller)
-        written = []
-        proto.transport = type("T", (), {"write": lambda self, data, addr: written.append((data, addr))})()
-        proto.datagramReceived(query(ECR), ("127.0.0.5", 5555))
-        self.assertEqual(written[0][1], ("127.0.0.5", 5555))
-        self.assertEqual(str(DNSRecord.parse(written[0][0]).rr[0].rdata), "10.96.0.53")
+        with udp_pair(controller, client_host="127.0.0.5") as (listener, client):
+            client.send(query(ECR))
+            listener.doRead()
+            answer, sender = client.recvfrom(4096)
+            self.assertEqual(sender, listener.getHost())
+        self.assertEqual(str(DNSRecord.parse(answer).rr[0].rdata), "10.96.0.53")
+
+    def test_udp_answers_a_batch_and_leaves_the_rest_for_the_next_wakeup(self):
+        from dnsmirror.dns import server
+
+        controller, _ = make_controller()
+        total = server._DATAGRAMS_PER_WAKEUP + 3
+        with udp_pair(controller) as (listener, client):
+            for qid in range(total):
+                client.send(query(ECR, qid=qid))
+            listener.doRead()
+            self.assertEqual(controller.stats.captured, server._DATAGRAMS_PER_WAKEUP)
+            listener.doRead()  # the rest, then an empty socket
+            self.assertEqual(controller.stats.captured, total)
+            ids = {DNSRecord.parse(client.recv(4096)).header.id for _ in range(total)}
+        self.assertEqual(ids, set(range(total)))
+
+    def test_a_query_that_raises_costs_that_query_only(self):
+        controller, _ = make_controller()
+        calls = []
+
+        def broken(packet, host, reply, tcp=False):
+            calls.append(packet)
+            if len(calls) == 1:
+                raise RuntimeError("a bug")
+            reply(b"answer")
+
+        controller.handle = broken
+        with udp_pair(controller) as (listener, client):
+            client.send(b"first")
+            client.send(b"second")
+            listener.doRead()
+            self.assertEqual(client.recv(4096), b"answer")
+        self.assertEqual(controller.stats.malformed, 1)
+        self.flushLoggedErrors()
 
     def test_tcp_framing_split_and_pipelined(self):
         controller, _ = make_controller()
@@ -155,9 +223,9 @@ class ProtocolTests(SynchronousTestCase):
         logger.addHandler(handler)
         try:
             controller, forwarder = make_controller()
-            udp = DnsDatagramProtocol(controller)
-            udp.transport = type("T", (), {"write": lambda self, data, addr: None})()
-            udp.datagramReceived(data, ("127.0.0.1", 1))
+            with udp_pair(controller) as (listener, client):
+                client.send(data)
+                listener.doRead()
             tcp = DnsStreamProtocol(controller, clock=Clock())
             tcp.makeConnection(StringTransport(peerAddress=type("A", (), {"host": "127.0.0.1"})()))
             tcp.dataReceived(data)

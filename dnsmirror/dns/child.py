@@ -87,28 +87,6 @@ class ChildSettings:
         return cls(**json.loads(text))
 
 
-def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
-    """UDP and TCP sockets bound to ``host:port`` (TCP listening); raises OSError."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    udp = socket.socket(family, socket.SOCK_DGRAM)
-    tcp = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        for sock in (udp, tcp):
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        udp.bind((host, port))
-        tcp.bind((host, udp.getsockname()[1] if port == 0 else port))
-        tcp.listen(128)
-        for sock in (udp, tcp):
-            sock.setblocking(False)
-    except OSError:
-        udp.close()
-        tcp.close()
-        raise
-    return udp, tcp
-
-
 # -- parent side
 
 
@@ -529,19 +507,16 @@ class _Child:
     def run(self) -> None:
         from twisted.internet import stdio
 
-        from dnsmirror.dns.server import DnsDatagramProtocol, DnsStreamFactory
+        from dnsmirror.dns.server import DatagramListener, DnsStreamFactory
 
         for index, (host, _port) in enumerate(self.settings.listen):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             udp_fd, tcp_fd = FIRST_CHILD_FD + 2 * index, FIRST_CHILD_FD + 2 * index + 1
-            self.ports.append(
-                self.reactor.adoptDatagramPort(udp_fd, family, DnsDatagramProtocol(self.controller))
-            )
+            self.ports.append(DatagramListener(self.reactor, socket.socket(fileno=udp_fd), self.controller))
             self.ports.append(
                 self.reactor.adoptStreamPort(tcp_fd, family, DnsStreamFactory(self.controller, self.reactor))
             )
-            os.close(udp_fd)  # adopted ports hold their own duplicates
-            os.close(tcp_fd)
+            os.close(tcp_fd)  # the adopted port holds its own duplicate
         self.channel = stdio.StandardIO(_ParentChannel(self), reactor=self.reactor)
         if self.settings.realtime:
             self.realtime.start()
@@ -609,9 +584,9 @@ def main(argv: list[str]) -> int:
 
     settings = ChildSettings.from_json(argv[1])
     logs.setup(settings.log_format, settings.log_level)
-    from twisted.internet import reactor as installed
+    from dnsmirror.dns import loop
 
-    reactor: Any = installed  # the platform's reactor: run() takes installSignalHandlers too
+    reactor: Any = loop.install()
     # Ctrl-C or a SIGTERM to the whole process group (a service manager) must not end the node's DNS
     # before the mirror process drained: the child ends when its stdin closes, or by SIGKILL
     signal.signal(signal.SIGINT, signal.SIG_IGN)

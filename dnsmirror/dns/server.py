@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 import struct
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from dnslib import RCODE, DNSRecord
-from twisted.internet import protocol
+from twisted.internet import error, protocol
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from dnsmirror.config import IPNetwork
 from dnsmirror.dns.forwarder import MAX_TCP_MESSAGE, AllUpstreamsFailed, Forwarder, Overloaded
@@ -30,6 +33,10 @@ Reply = Callable[[bytes], None]
 # forwards waiting for an upstream answer from one client address (the forwarder's own cap is 4,096)
 MAX_FORWARDS_PER_CLIENT = 1024
 _ALLOW_CACHE_LIMIT = 4096
+# a UDP listener answers at most this many datagrams per wake-up, so its clients cannot starve TCP or the
+# forwarder's sockets; what is left waits one loop iteration
+_DATAGRAMS_PER_WAKEUP = 64
+_MAX_DATAGRAM = 65535
 
 
 class DnsController:
@@ -164,34 +171,90 @@ def _name_of(packet: bytes) -> str:
         return "?"
 
 
-class DnsDatagramProtocol(protocol.DatagramProtocol):
-    """UDP listener: one datagram is one query."""
+@implementer(IReadDescriptor)
+class DatagramListener:
+    """UDP listener on a bound, non-blocking socket: one datagram is one query, answered from the socket.
 
-    transport: Any  # the UDP port, once listening
+    It reads the socket itself rather than through Twisted's UDP port, whose per-datagram transport
+    work and per-answer address check were a share of every query's CPU.
+    """
 
-    def __init__(self, controller: DnsController) -> None:
+    def __init__(self, reactor, sock: socket.socket, controller: DnsController) -> None:
+        self.reactor = reactor
+        self.socket = sock
         self.controller = controller
+        self.closed = False
+        sock.setblocking(False)
+        reactor.addReader(self)
 
-    def datagramReceived(self, data: bytes, addr) -> None:
-        sock = getattr(self.transport, "socket", None)
-        if sock is not None:
-            # straight to the socket: the transport would check the address again on every answer
-            def reply(answer: bytes) -> None:
+    def fileno(self) -> int:
+        return -1 if self.closed else self.socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "dns-udp"
+
+    def getHost(self) -> tuple:
+        """The bound ``(host, port, ...)`` address."""
+        return self.socket.getsockname()
+
+    def doRead(self) -> None:
+        """Answer the datagrams waiting, at most ``_DATAGRAMS_PER_WAKEUP`` before other sockets' turn."""
+        sock = self.socket
+        handle = self.controller.handle
+        for _ in range(_DATAGRAMS_PER_WAKEUP):
+            try:
+                data, addr = sock.recvfrom(_MAX_DATAGRAM)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # an error queued on the socket costs that read only
+                log.debug("UDP read failed: %s", exc)
+                continue
+
+            def reply(answer: bytes, addr=addr) -> None:
                 try:
                     sock.sendto(answer, addr)
                 except OSError as exc:  # a full send buffer or a vanished client costs this answer only
                     log.debug("answer to %s not sent: %s", addr[0], exc)
-        else:
-            transport = self.transport
 
-            def reply(answer: bytes) -> None:
-                transport.write(answer, addr)
+            try:
+                handle(data, addr[0], reply)
+            except Exception:
+                self.controller.stats.malformed += 1
+                log.exception("query from %s could not be handled", addr[0])
 
-        try:
-            self.controller.handle(data, addr[0], reply)
-        except Exception:
-            self.controller.stats.malformed += 1
-            log.exception("query from %s could not be handled", addr[0])
+    def connectionLost(self, reason: Failure) -> None:
+        log.error("the DNS UDP listener stopped: %s", reason.getErrorMessage())
+        self.stopListening()
+
+    def stopListening(self) -> None:
+        """Stop reading and close the socket."""
+        if not self.closed:
+            self.reactor.removeReader(self)
+            self.closed = True
+            self.socket.close()
+
+
+def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
+    """UDP and TCP sockets bound to ``host:port`` (TCP listening); raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    tcp = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        for sock in (udp, tcp):
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        udp.bind((host, port))
+        tcp.bind((host, udp.getsockname()[1] if port == 0 else port))
+        tcp.listen(128)
+        for sock in (udp, tcp):
+            sock.setblocking(False)
+    except OSError:
+        udp.close()
+        tcp.close()
+        raise
+    return udp, tcp
+
 
 
 # TCP clients: at most this many connections in all and from one address; a connection may have this
@@ -362,10 +425,17 @@ class DnsStreamFactory(protocol.Factory):
 
 def listen(reactor, controller: DnsController, host: str, port: int) -> list:
     """Bind UDP and TCP on ``host:port``; returns the listening ports (raises CannotListenError)."""
-    udp = reactor.listenUDP(port, DnsDatagramProtocol(controller), interface=host)
     try:
-        tcp = reactor.listenTCP(port, DnsStreamFactory(controller, reactor), interface=host)
+        udp_socket, tcp_socket = bind_sockets(host, port)
+    except OSError as exc:
+        raise error.CannotListenError(host, port, exc) from exc
+    udp = DatagramListener(reactor, udp_socket, controller)
+    try:
+        factory = DnsStreamFactory(controller, reactor)
+        tcp = reactor.adoptStreamPort(tcp_socket.fileno(), tcp_socket.family, factory)
     except Exception:
         udp.stopListening()
         raise
+    finally:
+        tcp_socket.close()  # the adopted port holds its own duplicate
     return [udp, tcp]
