@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from dnsmirror.dns.forwarder import AllUpstreamsFailed, _question, matches
@@ -118,10 +119,11 @@ class ControllerTests(SynchronousTestCase):
         self.assertEqual(controller.stats.malformed, 1)
 
 
-class _Readers:
-    """The reactor's part a listener uses: which descriptors are read."""
+class _Readers(Clock):
+    """The reactor's part a listener uses: which descriptors are read, and a clock."""
 
     def __init__(self):
+        super().__init__()
         self.readers = set()
 
     def addReader(self, reader):
@@ -132,9 +134,9 @@ class _Readers:
 
 
 @contextlib.contextmanager
-def udp_pair(controller, client_host="127.0.0.1"):
+def udp_pair(controller, client_host="127.0.0.1", readers=None):
     """A listener on a real loopback socket (read by calling doRead) and a client socket bound to it."""
-    readers = _Readers()
+    readers = readers or _Readers()
     server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     server.bind(("127.0.0.1", 0))
     listener = DatagramListener(readers, server, controller)
@@ -174,6 +176,23 @@ class ProtocolTests(SynchronousTestCase):
             self.assertEqual(controller.stats.captured, total)
             ids = {DNSRecord.parse(client.recv(4096)).header.id for _ in range(total)}
         self.assertEqual(ids, set(range(total)))
+
+    def test_an_unexpected_error_pauses_the_listener_briefly_not_for_good(self):
+        from dnsmirror.dns import server
+
+        controller, _ = make_controller()
+        readers = _Readers()
+        with udp_pair(controller, readers=readers) as (listener, client):
+            # as the reactor does when doRead raises: stop reading, then tell the listener
+            readers.removeReader(listener)
+            with self.assertLogs("dnsmirror.dns", logging.ERROR):
+                listener.connectionLost(Failure(RuntimeError("a bug outside the per-query catch")))
+            self.assertNotIn(listener, readers.readers)
+            readers.advance(server._RESUME_AFTER)
+            self.assertIn(listener, readers.readers)
+            client.send(query(ECR))
+            listener.doRead()
+            self.assertEqual(str(DNSRecord.parse(client.recv(4096)).rr[0].rdata), "10.96.0.53")
 
     def test_a_query_that_raises_costs_that_query_only(self):
         controller, _ = make_controller()

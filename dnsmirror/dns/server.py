@@ -37,6 +37,7 @@ _ALLOW_CACHE_LIMIT = 4096
 # forwarder's sockets; what is left waits one loop iteration
 _DATAGRAMS_PER_WAKEUP = 64
 _MAX_DATAGRAM = 65535
+_RESUME_AFTER = 0.1
 
 
 class DnsController:
@@ -223,8 +224,16 @@ class DatagramListener:
                 log.exception("query from %s could not be handled", addr[0])
 
     def connectionLost(self, reason: Failure) -> None:
-        log.error("the DNS UDP listener stopped: %s", reason.getErrorMessage())
-        self.stopListening()
+        """The reactor stopped reading after an error it did not expect: read again shortly, so a bug
+        costs the datagram it met, not the node's DNS (at most one error log per ``_RESUME_AFTER``)."""
+        if self.closed:
+            return
+        log.error("DNS UDP listener failed, reading again in %gs: %s", _RESUME_AFTER, reason.value)
+        self.reactor.callLater(_RESUME_AFTER, self._resume)
+
+    def _resume(self) -> None:
+        if not self.closed:
+            self.reactor.addReader(self)
 
     def stopListening(self) -> None:
         """Stop reading and close the socket."""
