@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +121,16 @@ def peak(port: int, queries: Path, seconds: int, server_pid: int) -> dict:
         elif line.startswith("Response codes:"):
             result["codes"] = line.split(":", 1)[1].strip()
     return result
+
+
+def accept_until_closed(listener: socket.socket) -> None:
+    """Accept and close connections on ``listener`` until it is closed."""
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        connection.close()
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -336,8 +347,6 @@ def _measure_with_streams(
 ) -> dict:
     """dnsperf against each of ``targets`` (name -> address, port, queries, rate) in turns, idle, then while
     two curl clients pull ``digests`` (cold) through ``mirror``."""
-    import threading
-
     from mirror_bench import MiB, blob_url, curl_argv, parse_download
 
     trust = mirror.trust_bundle()
@@ -502,6 +511,9 @@ def main() -> int:
         health = socket.socket()
         health.bind(("127.0.0.1", 0))
         health.listen(64)
+        # the mirror's health probe connects once a second: connections left unaccepted would fill the backlog
+        # after about a minute, the mirror would fail open, and captured names would be forwarded
+        threading.Thread(target=accept_until_closed, args=(health,), daemon=True).start()
         config = work / "dnsmirror.yaml"
         config.write_text(
             yaml.safe_dump(
@@ -554,6 +566,8 @@ def main() -> int:
             rows["dnsmasq cache-size=0, forwarded names (-> unbound)"] = median_run(runs["dnsmasq"])
             rate = max(100, int(rows["dnsmirror, captured names"]["qps"] * 0.5))
             lat = latency(mirror_port, captured_queries, min(args.seconds, 5), rate)
+        with contextlib.suppress(OSError):
+            health.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
         health.close()
 
     unbound_qps = rows["unbound, captured names (local zone)"]["qps"]
