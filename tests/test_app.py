@@ -7,40 +7,39 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from dns_support import free_port
 from twisted.internet import error
 from twisted.internet.testing import MemoryReactorClock
 
 from dnsmirror import ca, config
 from dnsmirror.app import ListenError, Services
+from dnsmirror.dns.server import DatagramListener
 from dnsmirror.https import UnavailableResource
 
 PATTERNS = ["*.dkr.ecr.*.amazonaws.com"]
 
 
-class _Port:
-    def __init__(self) -> None:
-        self.listening = True
-
-    def stopListening(self) -> None:
-        self.listening = False
-
-
 class Reactor(MemoryReactorClock):
-    """Records UDP ports too (MemoryReactorClock only keeps TCP listens), and refuses ``busy`` TCP ports."""
+    """Keeps the DNS UDP listeners it reads (on real sockets), and refuses ``busy`` TCP ports."""
 
     def __init__(self, busy: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.busy = busy
-        self.udp_ports: list[_Port] = []
+        self.udp_listeners: list[DatagramListener] = []
 
-    def listenUDP(self, port, protocol, interface="", maxPacketSize=8192):
-        self.udp_ports.append(_Port())
-        return self.udp_ports[-1]
+    def addReader(self, reader) -> None:
+        super().addReader(reader)
+        if isinstance(reader, DatagramListener) and reader not in self.udp_listeners:
+            self.udp_listeners.append(reader)
 
     def listenTCP(self, port, factory, backlog=50, interface=""):
         if port in self.busy:
             raise error.CannotListenError(interface, port, OSError(98, "Address already in use"))
         return super().listenTCP(port, factory, backlog, interface)
+
+    def udp_listening(self) -> list[bool]:
+        """For each DNS UDP listener started: is it still open and read."""
+        return [not listener.closed and listener in self.readers for listener in self.udp_listeners]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +50,8 @@ def ca_dir(tmp_path_factory) -> Path:
 
 
 def _services(ca_dir: Path, reactor: Reactor, **sections) -> Services:
-    document = {"dns": {"listen": ["127.0.0.1:5353"], "upstreams": ["127.0.0.1:5399"], "ttl": 5},
+    # DNS binds real sockets (read through the memory reactor), on a free port
+    document = {"dns": {"listen": [f"127.0.0.1:{free_port()}"], "upstreams": ["127.0.0.1:5399"], "ttl": 5},
                 "https": {"listen": ["127.0.0.1:8443"]}, "capture": PATTERNS,
                 "tls": {"ca_cert": str(ca_dir / "ca.crt"), "ca_key": str(ca_dir / "ca.key")}, **sections}
     return Services(config.parse_document(document), reactor, web_site=UnavailableResource("test"))
@@ -77,14 +77,14 @@ def test_stop_service_fails_open_at_once_and_closes_after_the_drain(ca_dir):
     # captured names fail open at once, but every listener still serves clients holding an answer
     assert not services.responder.capture_enabled
     assert services.health.reason == "shutting down"
-    assert all(port.listening for port in reactor.udp_ports)
+    assert reactor.udp_listening() == [True]
     assert services.getServiceNamed("https listener").running
     reactor.advance(5.9)  # dns.ttl + 1 s
     assert not draining.called
     reactor.advance(0.2)
     assert draining.called
     assert not any(child.running for child in services)
-    assert not any(port.listening for port in reactor.udp_ports)
+    assert reactor.udp_listening() == [False]
     assert services.health.reason == "HTTPS listener stopped"
 
 
@@ -96,6 +96,7 @@ def test_cancelling_the_drain_closes_everything_now(ca_dir):
     draining.cancel()  # a second SIGTERM or SIGINT
     assert draining.called
     assert not any(child.running for child in services)
+    assert reactor.udp_listening() == [False]
     reactor.advance(10)
     assert not reactor.getDelayedCalls()
 
@@ -106,5 +107,5 @@ def test_a_bind_error_names_the_key_and_closes_what_was_bound(ca_dir):
     with pytest.raises(ListenError, match=r"metrics.listen: cannot listen on 127.0.0.1:9100"):
         services.start()
     assert not any(child.running for child in services)
-    assert not any(port.listening for port in reactor.udp_ports)
+    assert reactor.udp_listening() == [False]  # bound before the metrics listener failed, closed again
     assert not services.getServiceNamed("metrics listener").running
