@@ -11,7 +11,7 @@ import struct
 from dnslib import QTYPE, RCODE, RR, A, DNSHeader, DNSQuestion, DNSRecord
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -125,6 +125,7 @@ class _Readers(Clock):
     def __init__(self):
         super().__init__()
         self.readers = set()
+        self.running = True
 
     def addReader(self, reader):
         self.readers.add(reader)
@@ -193,6 +194,16 @@ class ProtocolTests(SynchronousTestCase):
             client.send(query(ECR))
             listener.doRead()
             self.assertEqual(str(DNSRecord.parse(client.recv(4096)).rr[0].rdata), "10.96.0.53")
+
+    def test_the_reactor_shutting_down_closes_the_listener_quietly(self):
+        controller, _ = make_controller()
+        readers = _Readers()
+        with udp_pair(controller, readers=readers) as (listener, _client):
+            readers.running = False  # as during the reactor's shutdown, which disconnects every reader
+            readers.removeReader(listener)
+            listener.connectionLost(Failure(error.ConnectionLost()))
+            self.assertTrue(listener.closed)
+            self.assertEqual(readers.getDelayedCalls(), [])
 
     def test_a_query_that_raises_costs_that_query_only(self):
         controller, _ = make_controller()

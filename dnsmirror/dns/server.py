@@ -225,8 +225,10 @@ class DatagramListener:
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor stopped reading after an error it did not expect: read again shortly, so a bug
-        costs the datagram it met, not the node's DNS (at most one error log per ``_RESUME_AFTER``)."""
-        if self.closed:
+        costs the datagram it met, not the node's DNS (at most one error log per ``_RESUME_AFTER``).
+        When the reactor itself shuts down, the socket is closed."""
+        if self.closed or not self.reactor.running:
+            self.stopListening()
             return
         log.error("DNS UDP listener failed, reading again in %gs: %s", _RESUME_AFTER, reason.value)
         self.reactor.callLater(_RESUME_AFTER, self._resume)
@@ -263,7 +265,6 @@ def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
         tcp.close()
         raise
     return udp, tcp
-
 
 
 # TCP clients: at most this many connections in all and from one address; a connection may have this
