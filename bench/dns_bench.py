@@ -16,7 +16,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT / "tests"))
-from dns_support import free_port, stop, unbound_server_lines, wait_for_dns  # noqa: E402
+from dns_support import free_port, stop, tcp_listener, unbound_server_lines, wait_for_dns  # noqa: E402
 from procstat import cpu_seconds, machine_ticks, process_tree, stolen_share  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
@@ -121,16 +120,6 @@ def peak(port: int, queries: Path, seconds: int, server_pid: int) -> dict:
         elif line.startswith("Response codes:"):
             result["codes"] = line.split(":", 1)[1].strip()
     return result
-
-
-def accept_until_closed(listener: socket.socket) -> None:
-    """Accept and close connections on ``listener`` until it is closed."""
-    while True:
-        try:
-            connection, _ = listener.accept()
-        except OSError:
-            return
-        connection.close()
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -508,12 +497,7 @@ def main() -> int:
         forwarded_queries.write_text("".join(f"{name} A\n" for name in forwarded))
 
         peer_port, upstream_port, mirror_port = free_port(), free_port(), free_port()
-        health = socket.socket()
-        health.bind(("127.0.0.1", 0))
-        health.listen(64)
-        # the mirror's health probe connects once a second: connections left unaccepted would fill the backlog
-        # after about a minute, the mirror would fail open, and captured names would be forwarded
-        threading.Thread(target=accept_until_closed, args=(health,), daemon=True).start()
+        health_port = free_port()
         config = work / "dnsmirror.yaml"
         config.write_text(
             yaml.safe_dump(
@@ -524,7 +508,7 @@ def main() -> int:
                     },
                     "https": {"listen": []},
                     "health": {
-                        "targets": [f"127.0.0.1:{health.getsockname()[1]}"],
+                        "targets": [f"127.0.0.1:{health_port}"],
                         "interval": "1s",
                         "timeout": "500ms",
                     },
@@ -549,6 +533,9 @@ def main() -> int:
                 peer_port, captured_queries, args.seconds, proc.pid
             )
         with (
+            # the mirror's health target, accepting its probes: an unaccepted backlog would fill after about a
+            # minute, the mirror would fail open, and captured names would be forwarded
+            tcp_listener(health_port),
             process(["taskset", "-c", CLIENT_CORE, *upstream], upstream_port, work / "upstream.log"),
             process(["taskset", "-c", SERVER_CORE, *mirror], mirror_port, work / "mirror.log") as proc,
         ):
@@ -566,9 +553,6 @@ def main() -> int:
             rows["dnsmasq cache-size=0, forwarded names (-> unbound)"] = median_run(runs["dnsmasq"])
             rate = max(100, int(rows["dnsmirror, captured names"]["qps"] * 0.5))
             lat = latency(mirror_port, captured_queries, min(args.seconds, 5), rate)
-        with contextlib.suppress(OSError):
-            health.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
-        health.close()
 
     unbound_qps = rows["unbound, captured names (local zone)"]["qps"]
     mirror_qps = rows["dnsmirror, captured names"]["qps"]
