@@ -4,6 +4,7 @@ bound. The processes' signal handling and exit statuses are tested in test_shutd
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -49,9 +50,10 @@ def ca_dir(tmp_path_factory) -> Path:
     return directory
 
 
-def _services(ca_dir: Path, reactor: Reactor, **sections) -> Services:
+def _services(ca_dir: Path, reactor: Reactor, dns_port: int | None = None, **sections) -> Services:
     # DNS binds real sockets (read through the memory reactor), on a free port
-    document = {"dns": {"listen": [f"127.0.0.1:{free_port()}"], "upstreams": ["127.0.0.1:5399"], "ttl": 5},
+    dns = {"listen": [f"127.0.0.1:{dns_port or free_port()}"], "upstreams": ["127.0.0.1:5399"], "ttl": 5}
+    document = {"dns": dns,
                 "https": {"listen": ["127.0.0.1:8443"]}, "capture": PATTERNS,
                 "tls": {"ca_cert": str(ca_dir / "ca.crt"), "ca_key": str(ca_dir / "ca.key")}, **sections}
     return Services(config.parse_document(document), reactor, web_site=UnavailableResource("test"))
@@ -109,3 +111,17 @@ def test_a_bind_error_names_the_key_and_closes_what_was_bound(ca_dir):
     assert not any(child.running for child in services)
     assert reactor.udp_listening() == [False]  # bound before the metrics listener failed, closed again
     assert not services.getServiceNamed("metrics listener").running
+
+
+def test_a_dns_port_in_use_names_the_key_and_binds_nothing(ca_dir):
+    reactor = Reactor()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        services = _services(ca_dir, reactor, dns_port=port)
+        expected = rf"dns.listen\[0\]: cannot listen on 127.0.0.1:{port} \(UDP/TCP\): Address already in use"
+        with pytest.raises(ListenError, match=expected):
+            services.start()
+    assert reactor.udp_listeners == []
+    assert reactor.tcpServers == []
+    assert not any(child.running for child in services)

@@ -160,7 +160,7 @@ class ProtocolTests(SynchronousTestCase):
             client.send(query(ECR))
             listener.doRead()
             answer, sender = client.recvfrom(4096)
-            self.assertEqual(sender, listener.getHost())
+            self.assertEqual(sender, listener.socket.getsockname())
         self.assertEqual(str(DNSRecord.parse(answer).rr[0].rdata), "10.96.0.53")
 
     def test_udp_answers_a_batch_and_leaves_the_rest_for_the_next_wakeup(self):

@@ -194,10 +194,6 @@ class DatagramListener:
     def logPrefix(self) -> str:
         return "dns-udp"
 
-    def getHost(self) -> tuple:
-        """The bound ``(host, port, ...)`` address."""
-        return self.socket.getsockname()
-
     def doRead(self) -> None:
         """Answer the datagrams waiting, at most ``_DATAGRAMS_PER_WAKEUP`` before other sockets' turn."""
         sock = self.socket
