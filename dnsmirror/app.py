@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -22,8 +24,9 @@ from dnsmirror.authz import Grants
 from dnsmirror.bypass import TlsBypass
 from dnsmirror.config import Config
 from dnsmirror.content import ContentChain, ContentStats
+from dnsmirror.dns import priority
 from dnsmirror.dns import server as dnsserver
-from dnsmirror.dns.child import ChildSettings, DnsProcess, Readiness
+from dnsmirror.dns.child import ChildSettings, DnsProcess, DnsProcesses
 from dnsmirror.dns.forwarder import Forwarder
 from dnsmirror.dns.packets import Responder
 from dnsmirror.dns.resolvconf import default_upstreams
@@ -40,6 +43,7 @@ from dnsmirror.limits import (
     with_header_deadline,
 )
 from dnsmirror.logs import fields
+from dnsmirror.metrics import Readiness as ReadinessView
 from dnsmirror.metrics import StatsCollector, metrics_site
 from dnsmirror.patterns import HostMatcher
 from dnsmirror.peers import (
@@ -132,10 +136,10 @@ class Services(service.MultiService):
             self.responder.bypassed = self.tls_bypass.bypassed
             forwarder = Forwarder(reactor, self.upstreams, config.dns.timeout)
             self.dns = dnsserver.DnsController(self.responder, forwarder, config.dns.allow, self.dns_stats)
-        self.dns_process: DnsProcess | None = None
+        self.dns_process: DnsProcesses | None = None
         # what /readyz and dnsmirror_mirror_healthy follow (captured names resolve to the mirror): the
         # health state, or the DNS process's word on it
-        self.ready: HealthState | Readiness = self.health
+        self.ready: ReadinessView = self.health
         self.probe = ListenerProbe(reactor, self.health, config.health.targets or config.https.listen,
                                    config.health.interval,
                                    config.health.timeout, config.health.failures)
@@ -383,9 +387,14 @@ class Services(service.MultiService):
                     lambda: (self.dns_process.priority_gap or 0) if self.dns_process is not None else 0,
                 ),
                 "dns_realtime": (
-                    "1 while the DNS process runs at real-time priority (dns.realtime, where allowed and "
-                    "within its CPU budget), else 0",
+                    "1 while every DNS process runs at real-time priority (dns.realtime, where allowed and "
+                    "within their CPU budget), else 0",
                     lambda: int(self.dns_process is not None and self.dns_process.realtime),
+                ),
+                "dns_processes": (
+                    "DNS processes answering now (dns.processes, each on a core of its own; 0 while DNS runs "
+                    "in the mirror process)",
+                    lambda: self.dns_process.running if self.dns_process is not None else 0,
                 ),
             },
             self.ready,
@@ -553,8 +562,9 @@ class Front:
 
 
 def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, health: HealthState,
-                      tls_bypass: TlsBypass) -> DnsProcess:
-    """Bind ``dns.listen`` here (errors name the key) and start the DNS process on those sockets."""
+                      tls_bypass: TlsBypass) -> DnsProcesses:
+    """Bind ``dns.listen`` here (errors name the key) and start the DNS processes on those sockets, each
+    pinned to a core of its own."""
     sockets: list[socket.socket] = []
     try:
         for index, address in enumerate(config.dns.listen):
@@ -581,11 +591,16 @@ def start_dns_process(reactor, config: Config, upstreams, stats: DnsStats, healt
         cpu_priority=config.dns.cpu_priority,
         realtime=config.dns.realtime,
     )
-    process = DnsProcess(reactor, settings, sockets, stats, health, tls_bypass, health_cfg.interval)
-    # the DNS process forgets its captured answers for a bypassed registry when told of the bypass
-    tls_bypass.on_start = process.tell
-    process.start()
-    return process
+    cores = priority.answering_cores(os.sched_getaffinity(0), config.dns.processes)
+    processes = DnsProcesses([
+        DnsProcess(reactor, dataclasses.replace(settings, processes=len(cores), core=core), sockets, stats,
+                   health, tls_bypass, health_cfg.interval)
+        for core in cores
+    ])
+    # the DNS processes forget their captured answers for a bypassed registry when told of the bypass
+    tls_bypass.on_start = processes.tell
+    processes.start()
+    return processes
 
 
 def _reason(exc: error.CannotListenError) -> str:

@@ -81,6 +81,7 @@ class DnsConfig:
     own_process: bool = True
     cpu_priority: int = 5
     realtime: bool = True
+    processes: int = 2
 
 
 @dataclass(frozen=True)
@@ -490,6 +491,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
             "own_process": _boolean,
             "cpu_priority": _int_range(0, 19),
             "realtime": _boolean,
+            "processes": _int_range(1, 64),
         },
     ),
     "health": (

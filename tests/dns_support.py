@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import yaml
@@ -208,7 +210,21 @@ def capturing_mirror(tmp: Path, upstream: int, captured: str, address: str, addr
 
     with tcp_listener(https_port), dnsmirror_serve(tmp, overrides) as (port, process, log):
         assert wait_until(lambda: captures(port), 10), log.read_text()
+        # ready once every DNS process (dns.processes) captures, each pinned and prioritised by then
+        metrics = yaml.safe_load((tmp / f"dnsmirror-{port}.yaml").read_text())["metrics"]["listen"]
+        assert wait_until(lambda: http_status(f"http://{metrics}/readyz") == 200, 10), log.read_text()
         yield port, process, log
+
+
+def http_status(url: str) -> int | None:
+    """The status of a GET of ``url``; None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager

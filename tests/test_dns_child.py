@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import task
 from twisted.python.failure import Failure
 
@@ -15,9 +18,13 @@ from dnsmirror.dns.child import (
     SILENT_CHILD_AFTER,
     ChildSettings,
     DnsProcess,
+    DnsProcesses,
     _Lines,
+    _Realtime,
     parse_health,
     parse_report,
+    parse_upstream,
+    upstream_line,
 )
 from dnsmirror.dns.stats import DnsStats
 from dnsmirror.health import HealthState
@@ -42,10 +49,12 @@ class SpawningClock(task.Clock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list = []
+        self.argvs: list[list[str]] = []
 
-    def spawnProcess(self, proto, *args, **kwargs) -> None:
+    def spawnProcess(self, proto, executable, argv, **kwargs) -> None:
         proto.transport = FakeTransport()
         self.spawned.append(proto)
+        self.argvs.append(argv)
 
 
 def settings() -> ChildSettings:
@@ -264,3 +273,105 @@ def test_an_overrun_the_kernel_reports_starts_a_cool_down():
     budget.overran(1.0)
     assert not budget.allowed(1.5, 0.0)
     assert budget.allowed(6.0, 0.0)
+
+
+def test_the_dns_processes_are_spread_over_the_cores_one_per_core():
+    assert priority.answering_cores({0, 1}, 2) == [0, 1]
+    assert priority.answering_cores(range(8), 2) == [0, 4]
+    assert priority.answering_cores({3, 5}, 4) == [3, 5]  # no more processes than cores
+    assert priority.answering_cores({0, 1}, 1) == [None]  # one process: on whichever core is free
+    assert priority.answering_cores({2}, 2) == [None]  # one core: one process, as before
+
+
+@given(st.sets(st.integers(0, 255), min_size=1, max_size=64), st.integers(1, 64))
+def test_every_dns_process_has_a_core_of_its_own_among_the_allowed(allowed, processes):
+    cores = priority.answering_cores(allowed, processes)
+    if min(processes, len(allowed)) < 2:
+        assert cores == [None]
+    else:
+        assert len(cores) == min(processes, len(allowed)) == len(set(cores))
+        assert set(cores) <= allowed
+
+
+def test_the_real_time_budget_is_shared_among_the_dns_processes():
+    whole = priority.realtime_share(len(os.sched_getaffinity(0)))
+    assert _Realtime(task.Clock()).budget.share == whole
+    assert _Realtime(task.Clock(), 2).budget.share == whole / 2
+
+
+def two_processes(nice: FakeNice | None = None) -> tuple[SpawningClock, DnsProcesses, DnsStats]:
+    clock, stats, health = SpawningClock(), DnsStats(), HealthState()
+    members = [
+        DnsProcess(clock, dataclasses.replace(settings(), processes=2, core=core), [], stats, health, None,
+                   heartbeat=1.0, nice=nice or FakeNice())
+        for core in (0, 1)
+    ]
+    processes = DnsProcesses(members)
+    processes.start()
+    return clock, processes, stats
+
+
+def test_each_dns_process_is_started_with_its_own_core_and_told_the_health():
+    clock, processes, _ = two_processes()
+    started_with = [ChildSettings.from_json(argv[-1]) for argv in clock.argvs]
+    assert [(chosen.core, chosen.processes) for chosen in started_with] == [(0, 2), (1, 2)]
+    sent = [len(spawned.transport.written) for spawned in clock.spawned]
+    processes.tell()
+    assert [len(spawned.transport.written) for spawned in clock.spawned] == [n + 1 for n in sent]
+
+
+def test_the_counters_of_every_dns_process_add_up():
+    _, processes, stats = two_processes()
+    first, second = (member.child for member in processes.members)
+    first.outReceived(report(captured=5))
+    second.outReceived(report(captured=3, forwarded=1))
+    first.outReceived(report(captured=6))
+    assert (stats.captured, stats.forwarded) == (9, 1)
+
+
+def test_ready_while_every_dns_process_runs_and_captures():
+    clock, processes, _ = two_processes()
+    first, second = (member.child for member in processes.members)
+    processes.members[0].health.set(True, "ok")
+    first.outReceived(report(capturing=True))
+    assert not processes.readiness.healthy and processes.running == 1
+    assert processes.readiness.reason == "the DNS process is not running"
+    second.outReceived(report(capturing=True))
+    assert processes.readiness.healthy and processes.running == 2
+    second.processEnded(Failure(RuntimeError("killed")))
+    assert not processes.readiness.healthy and processes.running == 1
+    clock.advance(child.RESTART_DELAY)
+    processes.members[1].child.outReceived(report(capturing=True))
+    assert processes.readiness.healthy
+
+
+def test_the_dns_processes_report_as_one():
+    nice = FakeNice(own=0, children={4242: -5})
+    _, processes, _ = two_processes(nice)
+    first, second = (member.child for member in processes.members)
+    assert processes.priority_gap is None and not processes.realtime
+    first.outReceived(b'{"stats": {}, "realtime": true, "upstreams_down": 2}\n')
+    assert processes.priority_gap == 5 and not processes.realtime  # one of two is real-time
+    second.outReceived(b'{"stats": {}, "realtime": true, "upstreams_down": 1}\n')
+    assert processes.realtime and processes.upstreams_down == 2
+
+
+def test_what_one_dns_process_finds_out_about_an_upstream_is_passed_to_the_others_only():
+    _, processes, stats = two_processes()
+    first, second = (member.child for member in processes.members)
+    sent = [len(spawned.transport.written) for spawned in (first, second)]
+    first.outReceived(upstream_line(1, False, "no answer in 2s"))
+    assert len(first.transport.written) == sent[0]  # not told back
+    assert second.transport.written[-1] == upstream_line(1, False, "no answer in 2s")
+    assert stats.as_dict() == DnsStats().as_dict()  # not a report
+
+
+def test_only_a_well_formed_upstream_message_is_one():
+    assert parse_upstream(upstream_line(2, True, "")) == (2, True, "")
+    assert parse_upstream(upstream_line(0, False, "x" * 1000)) == (0, False, "x" * child._MAX_REASON)
+    malformed = [
+        b"", b"null", b'{"upstream": 1}', b'{"upstream": [1, true]}', b'{"upstream": [-1, true, ""]}',
+        b'{"upstream": [true, true, ""]}', b'{"upstream": [1, 1, ""]}', b'{"upstream": [1, true, 5]}',
+    ]
+    for line in [*malformed, b'{"healthy": true}']:
+        assert parse_upstream(line) is None, line

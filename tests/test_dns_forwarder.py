@@ -103,3 +103,29 @@ class ForwarderTests(TestCase):
         started = reactor.seconds()
         yield forwarder.forward(DNSRecord.question("www2.example.test").pack())
         self.assertLess(reactor.seconds() - started, 0.2)  # the silent one is skipped now
+
+    @defer.inlineCallbacks
+    def test_what_it_finds_out_about_an_upstream_is_told_and_what_it_learns_is_not_told_back(self):
+        silent = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
+        self.addCleanup(silent.stopListening)
+        answering = reactor.listenUDP(0, Upstream(), interface="127.0.0.1")
+        self.addCleanup(answering.stopListening)
+        upstreams = [HostPort("127.0.0.1", silent.getHost().port),
+                     HostPort("127.0.0.1", answering.getHost().port)]
+        finder, learner = (Forwarder(reactor, upstreams, timeout=0.3) for _ in range(2))
+        for forwarder in (finder, learner):
+            self.addCleanup(forwarder.stop)
+        told: list[tuple[int, bool, str]] = []
+        finder.on_health = lambda *change: told.append(change)
+        learner.on_health = lambda *change: self.fail(f"a learned change was told on: {change}")
+        yield finder.forward(DNSRecord.question("www.example.test").pack())
+        self.assertEqual([(index, up) for index, up, _ in told], [(0, False)])
+        learner.learned(*told[0])
+        self.assertEqual(learner.table.down(), [0])
+        started = reactor.seconds()
+        yield learner.forward(DNSRecord.question("www2.example.test").pack())
+        self.assertLess(reactor.seconds() - started, 0.2)  # skipped without its own timeout
+        learner.learned(0, True, "")
+        self.assertEqual(learner.table.down(), [])
+        learner.learned(7, False, "an index it does not have")  # ignored
+        self.assertEqual(learner.table.down(), [])

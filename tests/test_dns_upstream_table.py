@@ -59,3 +59,13 @@ def test_queries_failing_on_a_down_upstream_do_not_push_its_probe_back():
     for _ in range(100):  # the queries that were under way when it died
         upstreams.failed(0, now=10.0, reason="refused")
     assert upstreams.due_probes(10.0 + PROBE_BACKOFF_START) == [0]
+
+
+def test_an_upstream_another_process_saw_answer_is_up_with_its_latency_kept():
+    upstreams = table(2)
+    upstreams.answered(0, 0.004)
+    upstreams.failed(0, now=100.0, reason="no answer")
+    assert upstreams.recovered(0) is True
+    assert upstreams.down() == [] and upstreams.states[0].srtt == 0.004
+    assert upstreams.states[0].failures == 0 and upstreams.states[0].backoff == PROBE_BACKOFF_START
+    assert upstreams.recovered(1) is False  # it was up

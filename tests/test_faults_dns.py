@@ -77,7 +77,8 @@ def test_dead_first_upstream_costs_at_most_one_timeout(tmp_path, good_upstream, 
         first_time, first = timed_dig(port, NAME, *options, timeout=4)
         assert dig_answers(first.stdout) == GOOD, first.stdout
         assert first_time < TIMEOUT + FAST
-        for _ in range(5):
+        # whichever DNS process (dns.processes) reads a query: the one that paid told the others
+        for _ in range(10):
             elapsed, result = timed_dig(port, NAME, *options)
             assert dig_answers(result.stdout) == GOOD, result.stdout
             assert elapsed < FAST, f"a query after the first paid the dead upstream's timeout: {elapsed:.2f}s"

@@ -16,12 +16,11 @@ import subprocess
 import sys
 import time
 import tomllib
-import urllib.error
-import urllib.request
 from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
+from dns_support import http_status
 from harness import require_netns
 from harness.netns import Cluster, clean_env
 from harness.pki import create_ca
@@ -343,15 +342,6 @@ def test_dockerfile_installs_the_package_from_the_build_context():
 
 
 # --- on a node: the init container, dnsmirror's probes, node-setup.sh against a fake root ----------
-
-def http_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except OSError:
-        return 0
 
 
 def wait_for(predicate, what: str, timeout: float = 20) -> None:

@@ -10,7 +10,10 @@ child's stdin and stdout, one JSON object per line:
   ``health.interval`` as a heartbeat;
 - child -> parent: ``{"stats": {...}, "upstreams_down": n, "capturing": bool, "realtime": bool}`` every
   ``STATS_INTERVAL``: the child's DNS counters since it started, how many upstream resolvers it skips
-  now, whether it captures, and whether it runs at real-time priority now.
+  now, whether it captures, and whether it runs at real-time priority now;
+- either way: ``{"upstream": [index, up, reason]}``, at once, when a child found an upstream resolver
+  down or answering again; the parent passes it on to the other DNS processes (``dns.processes``), so
+  the first query after an upstream dies pays its timeout in one process, not in each.
 
 The fail-open rule is the parent's :class:`~dnsmirror.health.HealthState`, unchanged: the child
 captures only while the last word from the parent said healthy and that word is fresh. When the
@@ -57,6 +60,7 @@ RESTART_DELAY = 1.0
 # and replaced, as if it had died
 SILENT_CHILD_AFTER = 10.0
 _MAX_LINE = 1 << 20
+_MAX_REASON = 200
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class ChildSettings:
     stale_after: float
     cpu_priority: int = 5  # dns.cpu_priority: nice steps above the mirror process (dnsmirror.dns.priority)
     realtime: bool = True  # dns.realtime: the lowest real-time priority where allowed, within a CPU budget
+    processes: int = 1  # DNS processes answering on these sockets together; they share the real-time budget
+    core: int | None = None  # the core this one is pinned to (dnsmirror.dns.priority.answering_cores)
 
     def to_json(self) -> str:
         return json.dumps({f.name: getattr(self, f.name) for f in fields(self)})
@@ -179,6 +185,8 @@ class DnsProcess:
         self._priority_settled = False
         self._loop = task.LoopingCall(self.tell)
         self._loop.clock = reactor
+        # told when the child found an upstream down or answering again: (this, index, up, reason)
+        self.on_upstream: Callable[[DnsProcess, int, bool, str], None] | None = None
 
     def start(self) -> None:
         """Start the child and the heartbeat; health changes are told at once."""
@@ -248,7 +256,20 @@ class DnsProcess:
         except Exception as exc:  # noqa: BLE001 - already gone: processEnded follows
             log.debug("killing the DNS process failed: %s", exc)
 
+    def relay_upstream(self, index: int, up: bool, reason: str) -> None:
+        """Tell the child what another DNS process found out about an upstream resolver."""
+        if self.child is not None and self.child.transport is not None:
+            try:
+                self.child.transport.write(upstream_line(index, up, reason))
+            except Exception as exc:  # noqa: BLE001 - a dying child is restarted by processEnded
+                log.debug("telling the DNS process failed: %s", exc)
+
     def _report(self, line: bytes) -> None:
+        change = parse_upstream(line)
+        if change is not None:
+            if self.on_upstream is not None:
+                self.on_upstream(self, *change)
+            return
         report = parse_report(line)
         if report is None:
             log.warning("unreadable report from the DNS process: %r", line[:200])
@@ -331,6 +352,73 @@ class DnsProcess:
         self.sockets = []
 
 
+class DnsProcesses:
+    """The DNS processes that answer on the same sockets (``dns.processes``), each pinned to a core of its
+    own, as one: started, told and stopped together, ready while each of them is, their counters added
+    into the one :class:`~dnsmirror.dns.stats.DnsStats` they share."""
+
+    def __init__(self, members: list[DnsProcess]) -> None:
+        self.members = members
+        self.readiness = _AllReady([member.readiness for member in members])
+        for member in members:
+            member.on_upstream = self._relay
+
+    def _relay(self, source: DnsProcess, index: int, up: bool, reason: str) -> None:
+        for member in self.members:
+            if member is not source:
+                member.relay_upstream(index, up, reason)
+
+    def start(self) -> None:
+        for member in self.members:
+            member.start()
+
+    def tell(self) -> None:
+        """Send the current health and bypass to every DNS process."""
+        for member in self.members:
+            member.tell()
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+    @property
+    def running(self) -> int:
+        """How many of them run and have reported."""
+        return sum(member.readiness.running for member in self.members)
+
+    @property
+    def upstreams_down(self) -> int:
+        """Upstream resolvers skipped now, by the one that skips the most (each keeps its own table)."""
+        return max(member.upstreams_down for member in self.members)
+
+    @property
+    def realtime(self) -> bool:
+        """Whether every one runs at real-time priority now."""
+        return all(member.realtime for member in self.members)
+
+    @property
+    def priority_gap(self) -> int | None:
+        """The smallest nice gap to the mirror process of those whose gap is settled."""
+        gaps = [member.priority_gap for member in self.members if member.priority_gap is not None]
+        return min(gaps) if gaps else None
+
+
+class _AllReady:
+    """Ready while every part is: a DNS process being replaced leaves the node's DNS to the others, and
+    readiness says so."""
+
+    def __init__(self, parts: list[Readiness]) -> None:
+        self.parts = parts
+
+    @property
+    def healthy(self) -> bool:
+        return all(part.healthy for part in self.parts)
+
+    @property
+    def reason(self) -> str:
+        return next((part.reason for part in self.parts if not part.healthy), "")
+
+
 _CHILD_COUNTERS = [f.name for f in fields(DnsStats) if f.name != "health_changes"]
 
 
@@ -373,6 +461,28 @@ def parse_health(line: bytes) -> tuple[bool, dict[str, float]] | None:
     return message["healthy"], {host: float(seconds) for host, seconds in bypass.items()}
 
 
+def upstream_line(index: int, up: bool, reason: str) -> bytes:
+    """The message saying upstream ``index`` went down (with why) or answers again."""
+    return json.dumps({"upstream": [index, up, reason]}).encode() + b"\n"
+
+
+def parse_upstream(line: bytes) -> tuple[int, bool, str] | None:
+    """(index, up, reason) of an upstream message; ``None`` when the line is not one, or is malformed."""
+    try:
+        message = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(message, dict) or "upstream" not in message:
+        return None
+    change = message["upstream"]
+    if not isinstance(change, list) or len(change) != 3:
+        return None
+    index, up, reason = change
+    if not _is_count(index) or not isinstance(up, bool) or not isinstance(reason, str):
+        return None
+    return index, up, reason[:_MAX_REASON]
+
+
 def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
@@ -403,9 +513,11 @@ class _Bypass:
 class _Realtime:
     """The DNS process's real-time priority, held within :class:`~dnsmirror.dns.priority.RealtimeBudget`."""
 
-    def __init__(self, clock) -> None:
+    def __init__(self, clock, processes: int = 1) -> None:
         self.clock = clock
-        self.budget = priority.RealtimeBudget(priority.realtime_share(len(os.sched_getaffinity(0))))
+        # the whole DNS's budget, on the cores it may use (read before this process is pinned to one)
+        share = priority.realtime_share(len(os.sched_getaffinity(0))) / max(processes, 1)
+        self.budget = priority.RealtimeBudget(share)
         self.enabled = False  # running at real-time priority now
         self.possible = False  # allowed here, with the kernel's limit on runs that never wait in place
 
@@ -502,13 +614,16 @@ class _Child:
         self.channel: stdio.StandardIO | None = None
         self.reported = False
         self.ports: list = []
-        self.realtime = _Realtime(reactor)
+        self.realtime = _Realtime(reactor, settings.processes)
+        self.forwarder.on_health = self._upstream_health
 
     def run(self) -> None:
         from twisted.internet import stdio
 
         from dnsmirror.dns.server import DatagramListener, DnsStreamFactory
 
+        if self.settings.core is not None:
+            self._pin(self.settings.core)
         for index, (host, _port) in enumerate(self.settings.listen):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             udp_fd, tcp_fd = FIRST_CHILD_FD + 2 * index, FIRST_CHILD_FD + 2 * index + 1
@@ -523,7 +638,24 @@ class _Child:
         task.LoopingCall(self.tick).start(STATS_INTERVAL, now=False)
         task.LoopingCall(self.watch).start(min(1.0, self.settings.stale_after / 4), now=False)
 
+    def _pin(self, core: int) -> None:
+        refused = priority.pin_to_core(core)
+        if refused is None:
+            log.info("DNS process answers on core %d", core, extra=log_fields(event="dns_core", core=core))
+        else:
+            # still answering, on any core: the others may then share one with it
+            log.warning("DNS process not pinned to core %d: %s", core, refused,
+                        extra=log_fields(event="dns_core", core=core, reason=refused))
+
+    def _upstream_health(self, index: int, up: bool, reason: str) -> None:
+        if self.channel is not None:
+            self.channel.write(upstream_line(index, up, reason))
+
     def heard(self, line: bytes) -> None:
+        change = parse_upstream(line)
+        if change is not None:
+            self.forwarder.learned(*change)
+            return
         word = parse_health(line)
         if word is None:
             # not a word from the parent: it does not refresh the last one, which goes stale as usual

@@ -390,6 +390,8 @@ class Forwarder:
         self._prober = None
         self._tcp_slots = defer.DeferredSemaphore(max_tcp)
         self._stopped = False
+        # told of each upstream this forwarder found down or answering again: (index, up, reason)
+        self.on_health: Callable[[int, bool, str], None] | None = None
 
     @property
     def in_flight(self) -> int:
@@ -539,6 +541,7 @@ class Forwarder:
                 "upstream resolver answers again",
                 extra=fields(event="dns_upstream_up", upstream=str(self.upstreams[attempt.index])),
             )
+            self._tell_health(attempt.index, True, "")
         if attempt.forward is not None:
             self._finish(attempt.forward, answer)
 
@@ -562,8 +565,31 @@ class Forwarder:
                     upstreams=describe(self.upstreams, self.table),
                 ),
             )
+            self._tell_health(index, False, reason)
+        self._probe_later()
+
+    def _probe_later(self) -> None:
         if self._prober is None and not self._stopped:
             self._prober = self.reactor.callLater(_PROBE_TICK, self._probe_down)
+
+    def _tell_health(self, index: int, up: bool, reason: str) -> None:
+        if self.on_health is not None:
+            try:
+                self.on_health(index, up, reason)
+            except Exception:
+                log.exception("telling an upstream's health failed")
+
+    def learned(self, index: int, up: bool, reason: str) -> None:
+        """What another DNS process found out about upstream ``index``: it went down (skipped here too,
+        and probed from here until it answers) or it answers again. Not told on (``on_health``)."""
+        if not 0 <= index < len(self.upstreams):
+            return
+        if up:
+            self.table.recovered(index)
+        elif self.table.failed(index, self.reactor.seconds(), reason):
+            log.debug("upstream resolver skipped, as another DNS process found: %s (%s)",
+                      self.upstreams[index], reason)
+            self._probe_later()
 
     def _finish(self, forward: _Forward, answer: bytes | None) -> None:
         if self._in_flight.get(forward.key) is forward:

@@ -23,8 +23,14 @@ that takes more than :func:`realtime_share` of a core (a flood of queries), or r
 :data:`REALTIME_RUN_LIMIT` without waiting for anything (a loop), goes back to its nice value for
 :data:`REALTIME_COOL_DOWN`, so it can never starve the node.
 
-:func:`yield_steps` and :class:`RealtimeBudget` are the decisions; the functions around them only read
-and set nice values and scheduling policies.
+Even at real-time priority a woken process waits for its core: while the hypervisor runs another guest on
+it (``steal`` in /proc/stat) or the kernel finishes a long system call of another task there. So
+``dns.processes`` DNS processes (two by default) answer on the same sockets, each pinned to a core of its
+own (:func:`answering_cores`): every query wakes them all, the first to run reads it, and a core held
+elsewhere holds no answer. The real-time budget is the whole DNS's, shared among them.
+
+:func:`yield_steps`, :func:`answering_cores` and :class:`RealtimeBudget` are the decisions; the functions
+around them only read and set nice values, scheduling policies and cores.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import resource
+from collections.abc import Iterable
 
 log = logging.getLogger("dnsmirror.dns")
 
@@ -139,6 +146,25 @@ def realtime_share(cores: int) -> float:
     """The share of one core a real-time DNS process may take on a machine of ``cores`` (at most
     :data:`REALTIME_MACHINE_SHARE` of all their time, and :data:`REALTIME_CORE_SHARE` of one)."""
     return min(REALTIME_CORE_SHARE, REALTIME_MACHINE_SHARE * max(cores, 1))
+
+
+def answering_cores(allowed: Iterable[int], processes: int) -> list[int | None]:
+    """The core each DNS process is pinned to: ``processes`` of them spread over the ``allowed`` cores, at
+    most one per core. Where that leaves fewer than two, one process, on no core of its own (``[None]``)."""
+    cores = sorted(allowed)
+    count = min(processes, len(cores))
+    if count < 2:
+        return [None]
+    return [cores[index * len(cores) // count] for index in range(count)]
+
+
+def pin_to_core(core: int) -> str | None:
+    """Run this process on ``core`` only; None when it does, else why not (a core outside its cpuset)."""
+    try:
+        os.sched_setaffinity(0, {core})
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
 
 
 class RealtimeBudget:

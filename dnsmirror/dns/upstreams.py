@@ -62,6 +62,12 @@ class UpstreamTable:
             state.srtt += _SMOOTHING * (rtt - state.srtt)
         else:
             state.srtt, state.measured = rtt, True
+        return self.recovered(index)
+
+    def recovered(self, index: int) -> bool:
+        """The upstream answers again (here, or as another DNS process found); True when this brought it
+        back up. Its latency is left as measured here."""
+        state = self.states[index]
         recovered = not state.up
         state.up, state.failures, state.backoff, state.last_error = True, 0, PROBE_BACKOFF_START, ""
         return recovered
