@@ -47,14 +47,16 @@ LATENCY_ROUNDS = 3
 # the peer resolver runs as dnsmirror's DNS process does as root: a session of its own, it and its session's
 # scheduling group (autogroup) 5 nice steps up, at the lowest real-time priority (dns.realtime)
 PEER_NICE = -5
-# each a mirror of its own: (label, dns settings, the upstream unbound at real-time priority); the peers are
-# measured in turns with dnsmirror in the last two, the last with an upstream this node's work does not slow
-# (as one on another machine)
+# each a mirror of its own: (label, dns settings, the upstream unbound at real-time priority, the peers
+# measured in turns with dnsmirror); the last with an upstream this node's work does not slow (as one on
+# another machine)
 DNS_MODES = (
-    ("mirror's event loop", {"own_process": False}, False),
-    ("own process, nice only (`dns.realtime: false`)", {"own_process": True, "realtime": False}, False),
-    ("own process", {"own_process": True}, False),
-    ("own process, upstream at real-time priority", {"own_process": True}, True),
+    ("mirror's event loop", {"own_process": False}, False, False),
+    ("own process, nice only (`dns.realtime: false`)", {"own_process": True, "realtime": False}, False,
+     False),
+    ("one DNS process (`dns.processes: 1`), upstream at real-time priority", {"processes": 1}, True, False),
+    ("own process", {"own_process": True}, False, True),
+    ("own process, upstream at real-time priority", {"own_process": True}, True, True),
 )
 # the machine's floor: a timer at real-time priority, above every task of the benchmark (dnsperf included)
 FLOOR = "a timer at real-time priority (the machine's floor)"
@@ -155,6 +157,8 @@ def split_latencies(output: str, captured_suffix: str) -> dict[str, dict]:
     samples: dict[str, list[float]] = {"captured": [], "forwarded": []}
     lost = 0
     for line in output.splitlines():
+        if line.startswith("> T "):
+            continue  # timed out: no latency, counted in "Queries lost"
         if line.startswith("> "):
             parts = line.split()
             kind = "captured" if parts[2].rstrip(".").endswith(captured_suffix) else "forwarded"
@@ -247,11 +251,11 @@ def latency_while_streaming(
                 FLOOR: None,
             }
             results = {}
-            for index, (mode, dns_settings, upstream_realtime) in enumerate(DNS_MODES):
+            for index, (mode, dns_settings, upstream_realtime, with_peers) in enumerate(DNS_MODES):
                 if modes and index + 1 not in modes:
                     continue
                 targets: dict[str, tuple | None] = {"dnsmirror": (node.address, 53, queries, rate)}
-                if index >= len(DNS_MODES) - 2:  # the peers measured in turns with dnsmirror, same streams
+                if with_peers:  # the peers measured in turns with dnsmirror, same streams
                     targets.update(peers)
                 set_policy(dns.process.pid, realtime=upstream_realtime)
                 digests = [
