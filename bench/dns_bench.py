@@ -33,6 +33,7 @@ from dns_support import free_port, stop, tcp_listener, unbound_server_lines, wai
 from procstat import cpu_seconds, machine_ticks, process_tree, stolen_share  # noqa: E402
 from results import machine, write_section  # noqa: E402
 
+from dnsmirror.config import DnsConfig  # noqa: E402
 from dnsmirror.dns.child import ChildSettings  # noqa: E402
 from dnsmirror.dns.priority import REALTIME_PRIORITY  # noqa: E402
 
@@ -644,9 +645,11 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
         "dnsmirror in network namespaces (unpinned), with DNS in its own process (the default: a session "
         f"of its own, {ChildSettings.cpu_priority} nice steps above the mirror process, here by raising its "
         "own priority and its session's scheduling group's as root, and at the lowest real-time priority, "
-        f"`SCHED_RR` {REALTIME_PRIORITY}, within its CPU budget) and, for comparison, with the nice steps "
-        "only (`dns.realtime: false`) and on the mirror's event loop (`dns.own_process: false`), each a "
-        f"mirror of its own. dnsperf at real-time priority (`chrt -f {CLIENT_PRIORITY}`, above the servers) "
+        f"`SCHED_RR` {REALTIME_PRIORITY}, within its CPU budget; `dns.processes` {DnsConfig.processes} of "
+        "them, each pinned to a core of its own) and, for comparison, with one DNS process "
+        "(`dns.processes: 1`), with the nice steps only (`dns.realtime: false`) and on the mirror's event "
+        "loop (`dns.own_process: false`), each a mirror of its own. "
+        f"dnsperf at real-time priority (`chrt -f {CLIENT_PRIORITY}`, above the servers) "
         f"in a session of its own in the node namespace at {args.rate:,} queries/s to dnsmirror, half "
         "captured names, half forwarded to an unbound in the registry namespace. In turns with dnsmirror, "
         f"under the same streams: the peer, dnsmasq (`cache-size=0`, at `SCHED_RR` {REALTIME_PRIORITY} and "
