@@ -55,7 +55,7 @@ DNS_MODES = (
     ("mirror's event loop", {"own_process": False}, False, False),
     ("own process, nice only (`dns.realtime: false`)", {"own_process": True, "realtime": False}, False,
      False),
-    ("one DNS process (`dns.processes: 1`), upstream at real-time priority", {"processes": 1}, True, False),
+    ("two DNS processes (`dns.processes: 2`), upstream at real-time priority", {"processes": 2}, True, False),
     ("own process", {"own_process": True}, False, True),
     ("own process, upstream at real-time priority", {"own_process": True}, True, True),
 )
@@ -645,10 +645,10 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
         "dnsmirror in network namespaces (unpinned), with DNS in its own process (the default: a session "
         f"of its own, {ChildSettings.cpu_priority} nice steps above the mirror process, here by raising its "
         "own priority and its session's scheduling group's as root, and at the lowest real-time priority, "
-        f"`SCHED_RR` {REALTIME_PRIORITY}, within its CPU budget; `dns.processes` {DnsConfig.processes} of "
-        "them, each pinned to a core of its own) and, for comparison, with one DNS process "
-        "(`dns.processes: 1`), with the nice steps only (`dns.realtime: false`) and on the mirror's event "
-        "loop (`dns.own_process: false`), each a mirror of its own. "
+        f"`SCHED_RR` {REALTIME_PRIORITY}, within its CPU budget; `dns.processes: {DnsConfig.processes}`) "
+        "and, for comparison, with two DNS processes each pinned to a core of its own (`dns.processes: 2`), "
+        "with the nice steps only (`dns.realtime: false`) and on the mirror's event loop "
+        "(`dns.own_process: false`), each a mirror of its own. "
         f"dnsperf at real-time priority (`chrt -f {CLIENT_PRIORITY}`, above the servers) "
         f"in a session of its own in the node namespace at {args.rate:,} queries/s to dnsmirror, half "
         "captured names, half forwarded to an unbound in the registry namespace. In turns with dnsmirror, "

@@ -81,7 +81,7 @@ class DnsConfig:
     own_process: bool = True
     cpu_priority: int = 5
     realtime: bool = True
-    processes: int = 2
+    processes: int = 1
 
 
 @dataclass(frozen=True)

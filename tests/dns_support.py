@@ -185,7 +185,8 @@ def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True, nofile: int |
 
 
 @contextlib.contextmanager
-def capturing_mirror(tmp: Path, upstream: int, captured: str, address: str, address6: str | None = None):
+def capturing_mirror(tmp: Path, upstream: int, captured: str, address: str, address6: str | None = None,
+                     dns: dict | None = None):
     """``dnsmirror serve`` forwarding to 127.0.0.1:``upstream`` whose HTTPS stand-in listener is up, once
     it answers ``captured`` with ``address``; yields (port, process, logfile).
 
@@ -194,7 +195,7 @@ def capturing_mirror(tmp: Path, upstream: int, captured: str, address: str, addr
     """
     https_port = free_port()
     overrides = {
-        "dns": {"upstreams": [f"127.0.0.1:{upstream}"]},
+        "dns": {"upstreams": [f"127.0.0.1:{upstream}"], **(dns or {})},
         "mirror": {"address": address, **({"address6": address6} if address6 else {})},
         "health": {
             "interval": "200ms",

@@ -41,14 +41,28 @@ def answer(port: int, name: str = ECR) -> str | None:
     return answers[0][3] if answers else None
 
 
+def healthy_mirror(tmp_path, processes: int):
+    with (
+        unbound(tmp_path, [f"{ECR}. 300 IN A {REAL}", "www.example.test. 300 IN A 192.0.2.10"]) as upstream,
+        capturing_mirror(tmp_path, upstream, ECR, MIRROR, dns={"processes": processes}) as running,
+    ):
+        yield running
+
+
 @pytest.fixture
 def mirror(tmp_path):
     """A healthy DNS-only dnsmirror forwarding to unbound; yields (port, parent process, log path)."""
-    with (
-        unbound(tmp_path, [f"{ECR}. 300 IN A {REAL}", "www.example.test. 300 IN A 192.0.2.10"]) as upstream,
-        capturing_mirror(tmp_path, upstream, ECR, MIRROR) as running,
-    ):
-        yield running
+    yield from healthy_mirror(tmp_path, 1)
+
+
+# dns.processes: 2 on a machine with two cores or more (else one)
+TWO = min(2, len(os.sched_getaffinity(0)))
+
+
+@pytest.fixture
+def mirror_two(tmp_path):
+    """As ``mirror``, with ``dns.processes: 2``."""
+    yield from healthy_mirror(tmp_path, 2)
 
 
 def test_dns_answers_while_the_mirror_process_is_stopped_and_fails_open(mirror):
@@ -65,24 +79,21 @@ def test_dns_answers_while_the_mirror_process_is_stopped_and_fails_open(mirror):
     assert wait_until(lambda: answer(port) == MIRROR, 5), log.read_text()
 
 
-# dns.processes (2) on a machine with that many cores, else one
-EXPECTED = min(2, len(os.sched_getaffinity(0)))
-
-
-def test_a_killed_dns_process_is_replaced(mirror):
-    port, process, log = mirror
+@pytest.mark.parametrize(("running", "expected"), [("mirror", 1), ("mirror_two", TWO)])
+def test_a_killed_dns_process_is_replaced(request, running, expected):
+    port, process, log = request.getfixturevalue(running)
     before = children(process.pid)
-    assert len(before) == EXPECTED
+    assert len(before) == expected
     os.kill(before[0], signal.SIGKILL)
     assert wait_until(lambda: answer(port) == MIRROR, 10), log.read_text()
-    assert wait_until(lambda: len(children(process.pid)) == EXPECTED, 10), log.read_text()
+    assert wait_until(lambda: len(children(process.pid)) == expected, 10), log.read_text()
     assert before[0] not in children(process.pid)
     assert "dns_process_restart" in log.read_text()
 
 
-@pytest.mark.skipif(EXPECTED < 2, reason="one core: one DNS process")
-def test_each_dns_process_has_a_core_of_its_own_and_one_held_up_holds_no_answer(mirror):
-    port, process, log = mirror
+@pytest.mark.skipif(TWO < 2, reason="one core: one DNS process")
+def test_each_dns_process_has_a_core_of_its_own_and_one_held_up_holds_no_answer(mirror_two):
+    port, process, log = mirror_two
     pids = children(process.pid)
     # each pins itself as it starts
     assert wait_until(lambda: [len(os.sched_getaffinity(pid)) for pid in pids] == [1, 1], 10), log.read_text()
@@ -98,8 +109,9 @@ def test_each_dns_process_has_a_core_of_its_own_and_one_held_up_holds_no_answer(
     assert children(process.pid) == pids  # nothing was replaced: the held one was not silent for long
 
 
-def test_the_dns_process_ends_with_the_mirror_process(mirror):
-    _, process, _ = mirror
+@pytest.mark.parametrize("running", ["mirror", "mirror_two"])
+def test_the_dns_process_ends_with_the_mirror_process(request, running):
+    _, process, _ = request.getfixturevalue(running)
     pids = children(process.pid)
     os.kill(process.pid, signal.SIGKILL)
     process.wait(5)
@@ -139,7 +151,7 @@ def nice_of(pid: int) -> int:
 
 def priority_settled(metrics_port: int, pid: int) -> bool:
     # the mirror process settles the gap on each DNS process's first report
-    return (len(children(pid)) == EXPECTED and metric(metrics_port, "dnsmirror_dns_processes") == EXPECTED
+    return (len(children(pid)) == 1 and metric(metrics_port, "dnsmirror_dns_processes") == 1
             and metric(metrics_port, "dnsmirror_dns_priority_gap") == 5)
 
 

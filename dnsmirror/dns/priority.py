@@ -25,8 +25,8 @@ that takes more than :func:`realtime_share` of a core (a flood of queries), or r
 
 Even at real-time priority a woken process waits for its core: while the hypervisor runs another guest on
 it (``steal`` in /proc/stat) or the kernel finishes a long system call of another task there. So
-``dns.processes`` DNS processes (two by default) answer on the same sockets, each pinned to a core of its
-own (:func:`answering_cores`): every query wakes them all, the first to run reads it, and a core held
+``dns.processes`` DNS processes may answer on the same sockets, each pinned to a core of its own
+(:func:`answering_cores`): every query wakes them all, the first to run reads it, and a core held
 elsewhere holds no answer. The real-time budget is the whole DNS's, shared among them.
 
 :func:`yield_steps`, :func:`answering_cores` and :class:`RealtimeBudget` are the decisions; the functions
