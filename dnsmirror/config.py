@@ -718,6 +718,9 @@ def _check_relations(built: dict[str, Any], problems: list[tuple[str, str]]) -> 
         problems.append(("dns.listen", "needs at least one address"))
     if dns is not None:
         problems.extend(upstream_problems(dns.upstreams))
+    if dns is not None and dns.processes > 1 and not dns.own_process:
+        problems.append(("dns.processes", "needs dns.own_process: true (with false, DNS is answered by the "
+                                          "mirror process itself)"))
     https = built.get("https")
     health = built.get("health")
     if (https is not None and health is not None and not https.listen and not health.targets

@@ -202,3 +202,10 @@ def test_six_distinct_dns_upstreams_are_accepted():
 def test_config_check_names_a_duplicate_upstream(tmp_path):
     result = config_check(tmp_path, "dup.yaml", "dns:\n  upstreams: ['10.0.0.2', '10.0.0.2']\n")
     assert result.returncode != 0 and "dns.upstreams[1]" in result.stderr, result.stderr
+
+
+def test_more_than_one_dns_process_needs_dns_in_a_process_of_its_own():
+    problems = problems_of({"dns": {"processes": 2, "own_process": False}})
+    assert "dns.own_process: true" in problems["dns.processes"]
+    assert config.parse_document({"dns": {"processes": 2}}).dns.processes == 2
+    assert config.parse_document({"dns": {"processes": 1, "own_process": False}}).dns.processes == 1
