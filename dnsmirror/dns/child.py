@@ -61,6 +61,7 @@ RESTART_DELAY = 1.0
 SILENT_CHILD_AFTER = 10.0
 _MAX_LINE = 1 << 20
 _MAX_REASON = 200
+_UPSTREAM_KEY = b'"upstream"'
 
 
 @dataclass(frozen=True)
@@ -237,8 +238,13 @@ class DnsProcess:
             "reason": self.health.reason,
             "bypass": self.bypass.remaining() if self.bypass is not None else {},
         }
+        self._send(json.dumps(message).encode() + b"\n")
+
+    def _send(self, line: bytes) -> None:
+        if self.child is None or self.child.transport is None:
+            return
         try:
-            self.child.transport.write(json.dumps(message).encode() + b"\n")
+            self.child.transport.write(line)
         except Exception as exc:  # noqa: BLE001 - a dying child is restarted by processEnded
             log.debug("telling the DNS process failed: %s", exc)
 
@@ -258,11 +264,7 @@ class DnsProcess:
 
     def relay_upstream(self, index: int, up: bool, reason: str) -> None:
         """Tell the child what another DNS process found out about an upstream resolver."""
-        if self.child is not None and self.child.transport is not None:
-            try:
-                self.child.transport.write(upstream_line(index, up, reason))
-            except Exception as exc:  # noqa: BLE001 - a dying child is restarted by processEnded
-                log.debug("telling the DNS process failed: %s", exc)
+        self._send(upstream_line(index, up, reason))
 
     def _report(self, line: bytes) -> None:
         change = parse_upstream(line)
@@ -468,6 +470,8 @@ def upstream_line(index: int, up: bool, reason: str) -> bytes:
 
 def parse_upstream(line: bytes) -> tuple[int, bool, str] | None:
     """(index, up, reason) of an upstream message; ``None`` when the line is not one, or is malformed."""
+    if _UPSTREAM_KEY not in line:
+        return None  # a report or a health word: decoded once, by its own parser
     try:
         message = json.loads(line)
     except ValueError:
