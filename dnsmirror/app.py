@@ -392,8 +392,7 @@ class Services(service.MultiService):
                     lambda: int(self.dns_process is not None and self.dns_process.realtime),
                 ),
                 "dns_processes": (
-                    "DNS processes answering now (dns.processes, each on a core of its own; 0 while DNS runs "
-                    "in the mirror process)",
+                    "DNS processes answering now (dns.processes; 0 while DNS runs in the mirror process)",
                     lambda: self.dns_process.running if self.dns_process is not None else 0,
                 ),
             },
