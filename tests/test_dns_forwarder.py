@@ -86,14 +86,18 @@ class ForwarderTests(TestCase):
         self.assertLess(reactor.seconds() - started, 1.0)
         self.assertEqual(forwarder.table.down(), [0])
 
+    def silent_then_answering(self) -> list[HostPort]:
+        """A silent upstream, then one that answers (both on loopback, closed after the test)."""
+        upstreams = []
+        for server in (protocol.DatagramProtocol(), Upstream()):
+            port = reactor.listenUDP(0, server, interface="127.0.0.1")
+            self.addCleanup(port.stopListening)
+            upstreams.append(HostPort("127.0.0.1", port.getHost().port))
+        return upstreams
+
     @defer.inlineCallbacks
     def test_a_silent_upstream_times_out_and_the_next_one_answers(self):
-        silent = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
-        self.addCleanup(silent.stopListening)
-        answering = reactor.listenUDP(0, Upstream(), interface="127.0.0.1")
-        self.addCleanup(answering.stopListening)
-        forwarder = Forwarder(reactor, [HostPort("127.0.0.1", silent.getHost().port),
-                                        HostPort("127.0.0.1", answering.getHost().port)], timeout=0.3)
+        forwarder = Forwarder(reactor, self.silent_then_answering(), timeout=0.3)
         self.addCleanup(forwarder.stop)
         started = reactor.seconds()
         answer = yield forwarder.forward(DNSRecord.question("www.example.test").pack())
@@ -106,18 +110,14 @@ class ForwarderTests(TestCase):
 
     @defer.inlineCallbacks
     def test_what_it_finds_out_about_an_upstream_is_told_and_what_it_learns_is_not_told_back(self):
-        silent = reactor.listenUDP(0, protocol.DatagramProtocol(), interface="127.0.0.1")
-        self.addCleanup(silent.stopListening)
-        answering = reactor.listenUDP(0, Upstream(), interface="127.0.0.1")
-        self.addCleanup(answering.stopListening)
-        upstreams = [HostPort("127.0.0.1", silent.getHost().port),
-                     HostPort("127.0.0.1", answering.getHost().port)]
+        upstreams = self.silent_then_answering()
         finder, learner = (Forwarder(reactor, upstreams, timeout=0.3) for _ in range(2))
         for forwarder in (finder, learner):
             self.addCleanup(forwarder.stop)
         told: list[tuple[int, bool, str]] = []
+        told_on: list[tuple[int, bool, str]] = []  # (on_health's errors are logged, not raised)
         finder.on_health = lambda *change: told.append(change)
-        learner.on_health = lambda *change: self.fail(f"a learned change was told on: {change}")
+        learner.on_health = lambda *change: told_on.append(change)
         yield finder.forward(DNSRecord.question("www.example.test").pack())
         self.assertEqual([(index, up) for index, up, _ in told], [(0, False)])
         learner.learned(*told[0])
@@ -129,3 +129,4 @@ class ForwarderTests(TestCase):
         self.assertEqual(learner.table.down(), [])
         learner.learned(7, False, "an index it does not have")  # ignored
         self.assertEqual(learner.table.down(), [])
+        self.assertEqual(told_on, [])  # what it learned, it did not tell on
