@@ -10,11 +10,14 @@ fails with "too many open files". So:
   total cap and a cap per client address each) and a reserve for what the mirror opens on behalf of the
   connections it admitted (upstream and peer connections, cache files);
 - :class:`ConnectionLimiter` enforces a listener's caps when a connection is accepted. A client address at
-  its cap is refused. When the listener is full, a newcomer holding fewer connections than the biggest
-  holder takes that holder's oldest connection (fair share); otherwise it is refused. Refusals are logged
-  once per :data:`REFUSAL_LOG_PERIOD` with their count, never one line per connection;
+  its cap is refused. When the listener is full, a newcomer may take an idle connection (no request in
+  progress) from another address, preferring addresses that never sent a request, then by fair share
+  (:class:`ConnectionTable`); otherwise it is refused. A connection serving a request is never taken: a
+  flood of idle connections must not cut another client's download. Refusals are logged once per
+  :data:`REFUSAL_LOG_PERIOD` with their count, never one line per connection;
 - :func:`with_header_deadline` gives an HTTP channel a deadline for a request's whole header, from its
-  first byte (twisted.web's own timeout is an idle timer, which a client sending one byte at a time resets).
+  first byte (twisted.web's own timeout is an idle timer, which a client sending one byte at a time resets),
+  and marks its connection busy for the limiter from a request's header to the end of its response.
 """
 
 from __future__ import annotations
@@ -51,6 +54,13 @@ MIN_PER_CLIENT = 16
 MAX_PER_CLIENT = 4096
 MIN_CONNECTIONS = 4
 REFUSAL_LOG_PERIOD = 10.0
+# an address that sent a whole request header is preferred to one that never did, for this long
+KNOWN_FOR = 600.0
+MAX_KNOWN = 4096
+# a known address's new connection is not taken this long before its first request (TLS handshake)
+OPENING_GRACE = 10.0
+# how many of a holder's idle connections one admission looks at for one that may be taken
+MAX_VICTIM_SCAN = 64
 # a request's header must arrive whole within this many seconds of its first byte
 HEADER_DEADLINE = 20.0
 # with an unlimited hard limit the soft limit is raised to this
@@ -163,40 +173,119 @@ def plan_budget(
     return DescriptorBudget(limit, in_use, reserve, dns, caps)
 
 
-class ConnectionTable:
-    """Who holds which connections of one listener, and the admission decision (pure; no sockets).
+@dataclass
+class _Held:
+    """What the table knows of one connection."""
 
-    ``admit(client)`` answers ``(True, None)``, ``(True, victim)`` where ``victim`` is a connection to
-    close first, or ``(False, None)``."""
+    client: str
+    accepted_at: float
+    served: bool = False  # a request has started on it
+
+
+class ConnectionTable:
+    """Who holds which connections of one listener, which of them serve a request, and the admission
+    decision (pure; no sockets, the time is passed in).
+
+    ``admit(client, now)`` answers ``(True, None)``, ``(True, victim)`` where ``victim`` is a connection to
+    close first, or ``(False, None)``. Connections start idle; :meth:`mark` says when one starts and ends
+    serving a request. When the listener is full:
+
+    - a connection serving a request is never taken;
+    - an address that sent a whole request header in the last :data:`KNOWN_FOR` seconds is *known*. A
+      newcomer from a known address takes an idle connection of an address that is not (one that only
+      holds sockets gives way to one that talks HTTP), from the one holding the most;
+    - otherwise the address holding the most idle connections gives its oldest, if it holds at least two
+      more than the newcomer (fair share of what nobody uses; the margin keeps two holders from taking
+      from each other in turn). A known address's new connection is spared for its first
+      :data:`OPENING_GRACE` seconds, until its first request: its TLS handshake is under way."""
 
     def __init__(self, caps: ListenerCaps) -> None:
         self.caps = caps
-        self.by_client: dict[str, OrderedDict[object, None]] = {}
-        self.total = 0
+        self.held_by: dict[object, _Held] = {}
+        # per client address, idle connections with the longest idle first; empty entries are dropped
+        self.idle: dict[str, OrderedDict[object, None]] = {}
+        self.busy: dict[str, set[object]] = {}
+        # address -> when it last sent a whole request header, the least recent first
+        self.known: OrderedDict[str, float] = OrderedDict()
 
-    def admit(self, client: str) -> tuple[bool, object | None]:
-        held = len(self.by_client.get(client, ()))
-        if held >= self.caps.per_client:
+    @property
+    def total(self) -> int:
+        return len(self.held_by)
+
+    def held(self, client: str) -> int:
+        """How many connections ``client`` holds, idle or busy."""
+        return len(self.idle.get(client, ())) + len(self.busy.get(client, ()))
+
+    def is_known(self, client: str, now: float) -> bool:
+        seen = self.known.get(client)
+        return seen is not None and now - seen < KNOWN_FOR
+
+    def admit(self, client: str, now: float) -> tuple[bool, object | None]:
+        if self.held(client) >= self.caps.per_client:
             return False, None
         if self.total < self.caps.total:
             return True, None
-        biggest = max(self.by_client, key=lambda other: len(self.by_client[other]))
-        if len(self.by_client[biggest]) > held + 1:
-            return True, next(iter(self.by_client[biggest]))
-        return False, None
+        victim = self._victim(client, now)
+        return victim is not None, victim
 
-    def add(self, client: str, connection: object) -> None:
-        self.by_client.setdefault(client, OrderedDict())[connection] = None
-        self.total += 1
+    def _victim(self, client: str, now: float) -> object | None:
+        if self.is_known(client, now):
+            unknown = [other for other in self.idle if not self.is_known(other, now)]
+            if unknown:
+                return next(iter(self.idle[max(unknown, key=lambda other: len(self.idle[other]))]))
+        mine = len(self.idle.get(client, ()))
+        biggest = max(self.idle, key=lambda other: len(self.idle[other]), default=None)
+        if biggest is None or len(self.idle[biggest]) <= mine + 1:
+            return None
+        spared = self.is_known(biggest, now)
+        for checked, connection in enumerate(self.idle[biggest]):
+            if checked >= MAX_VICTIM_SCAN:
+                break
+            held = self.held_by[connection]
+            if not (spared and not held.served and now - held.accepted_at < OPENING_GRACE):
+                return connection
+        return None
 
-    def remove(self, client: str, connection: object) -> None:
-        held = self.by_client.get(client)
-        if held is None or connection not in held:
+    def add(self, client: str, connection: object, now: float) -> None:
+        self.held_by[connection] = _Held(client, now)
+        self.idle.setdefault(client, OrderedDict())[connection] = None
+
+    def mark(self, connection: object, busy: bool, now: float) -> None:
+        """``connection`` starts (``busy``) or ends serving a request; unknown connections are ignored."""
+        held = self.held_by.get(connection)
+        if held is None:
             return
-        del held[connection]
-        self.total -= 1
-        if not held:
-            del self.by_client[client]
+        client = held.client
+        idle, serving = self.idle.get(client), self.busy.get(client)
+        if busy and idle is not None and connection in idle:
+            held.served = True
+            self.known[client] = now
+            self.known.move_to_end(client)
+            while len(self.known) > MAX_KNOWN:
+                self.known.popitem(last=False)
+            del idle[connection]
+            if not idle:
+                del self.idle[client]
+            self.busy.setdefault(client, set()).add(connection)
+        elif not busy and serving is not None and connection in serving:
+            serving.discard(connection)
+            if not serving:
+                del self.busy[client]
+            self.idle.setdefault(client, OrderedDict())[connection] = None
+
+    def remove(self, connection: object) -> None:
+        held = self.held_by.pop(connection, None)
+        if held is None:
+            return
+        idle, serving = self.idle.get(held.client), self.busy.get(held.client)
+        if idle is not None and connection in idle:
+            del idle[connection]
+            if not idle:
+                del self.idle[held.client]
+        elif serving is not None:
+            serving.discard(connection)
+            if not serving:
+                del self.busy[held.client]
 
 
 def client_address(addr: object) -> str:
@@ -208,6 +297,20 @@ def client_address(addr: object) -> str:
 
 class _Limited(ProtocolWrapper):
     client = ""
+
+    def serving(self, busy: bool) -> None:
+        """The HTTP channel inside starts (``busy``) or ends serving a request."""
+        limiter = cast(ConnectionLimiter, self.factory)
+        limiter.table.mark(self, busy, limiter.clock.seconds())
+
+
+def _limited_connection(transport: object) -> _Limited | None:
+    """The limiter's wrapper under an HTTP channel's ``transport`` (directly, or under TLS), if any."""
+    for _ in range(3):
+        if isinstance(transport, _Limited):
+            return transport
+        transport = getattr(transport, "transport", None)
+    return None
 
 
 @dataclass
@@ -235,7 +338,8 @@ class ConnectionLimiter(WrappingFactory[_Limited]):
     # None refuses the connection, as IProtocolFactory allows
     def buildProtocol(self, addr: IAddress | None) -> _Limited | None:  # type: ignore[override]
         client = client_address(addr)
-        admitted, victim = self.table.admit(client)
+        now = self.clock.seconds()
+        admitted, victim = self.table.admit(client, now)
         evicted = cast(_Limited | None, victim)
         if not admitted:
             self.stats.refused += 1
@@ -244,20 +348,20 @@ class ConnectionLimiter(WrappingFactory[_Limited]):
         if evicted is not None:
             self.stats.evicted += 1
             cast(ITCPTransport, evicted.transport).abortConnection()
-            self.table.remove(evicted.client, evicted)  # at once: connectionLost comes later
+            self.table.remove(evicted)  # at once: connectionLost comes later
         wrapped = self.wrappedFactory.buildProtocol(addr)
         if wrapped is None:
             return None
         connection = _Limited(self, wrapped)
         connection.client = client
-        self.table.add(client, connection)
+        self.table.add(client, connection, now)
         return connection
 
     def registerProtocol(self, p: _Limited) -> None:
         """Counted in :meth:`buildProtocol` already."""
 
     def unregisterProtocol(self, p: _Limited) -> None:
-        self.table.remove(p.client, p)
+        self.table.remove(p)
 
     def _refused(self, client: str) -> None:
         self._unlogged += 1
@@ -277,7 +381,8 @@ class ConnectionLimiter(WrappingFactory[_Limited]):
 
 def with_header_deadline(channel_type: type[Any], deadline: float = HEADER_DEADLINE) -> type[Any]:
     """A subclass of the twisted.web ``HTTPChannel`` type ``channel_type`` that closes the connection when
-    a request's header has not arrived whole ``deadline`` seconds after its first byte."""
+    a request's header has not arrived whole ``deadline`` seconds after its first byte, and tells the
+    listener's :class:`ConnectionLimiter` (if any) while it serves a request."""
 
     class HeaderDeadlineChannel(channel_type):  # type: ignore[misc]  # any HTTPChannel subclass
         header_deadline = deadline
@@ -292,11 +397,19 @@ def with_header_deadline(channel_type: type[Any], deadline: float = HEADER_DEADL
         def allHeadersReceived(self) -> None:
             self._awaiting_header = False
             self._cancel_header_timer()
+            self._tell_limiter(True)
             super().allHeadersReceived()
 
         def requestDone(self, request: Any) -> None:
             self._awaiting_header = True  # before the channel replays the next request's buffered bytes
+            self._tell_limiter(False)
             super().requestDone(request)
+
+        def _tell_limiter(self, busy: bool) -> None:
+            # a connection serving a request is never taken for a newcomer (ConnectionTable.admit)
+            limited = _limited_connection(self.transport)
+            if limited is not None:
+                limited.serving(busy)
 
         def connectionLost(self, reason: Failure) -> None:
             self._cancel_header_timer()

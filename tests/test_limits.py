@@ -17,6 +17,8 @@ from http.client import HTTPResponse
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import address, protocol, task
 from twisted.internet.testing import StringTransport
 from twisted.web import http, server
@@ -24,6 +26,8 @@ from twisted.web import resource as web_resource
 
 from dnsmirror import ca, config
 from dnsmirror.limits import (
+    KNOWN_FOR,
+    OPENING_GRACE,
     ConnectionLimiter,
     ConnectionTable,
     ListenerCaps,
@@ -52,23 +56,104 @@ def test_the_budget_keeps_a_reserve_for_what_each_connection_opens_and_a_share_f
 def test_one_address_is_held_to_its_cap_and_a_full_listener_makes_room_for_a_smaller_holder():
     table = ConnectionTable(ListenerCaps(total=6, per_client=4))
     for n in range(4):
-        assert table.admit("10.0.0.9") == (True, None)
-        table.add("10.0.0.9", f"flood-{n}")
-    assert table.admit("10.0.0.9") == (False, None)  # at its own cap
+        assert table.admit("10.0.0.9", 0) == (True, None)
+        table.add("10.0.0.9", f"flood-{n}", 0)
+    assert table.admit("10.0.0.9", 0) == (False, None)  # at its own cap
     for n in range(2):
-        assert table.admit("10.0.0.8") == (True, None)
-        table.add("10.0.0.8", f"other-{n}")
+        assert table.admit("10.0.0.8", 0) == (True, None)
+        table.add("10.0.0.8", f"other-{n}", 0)
     # full: a newcomer takes the oldest connection of the biggest holder
-    assert table.admit("10.0.0.1") == (True, "flood-0")
-    table.remove("10.0.0.9", "flood-0")
-    table.add("10.0.0.1", "pull-0")
-    assert table.admit("10.0.0.1") == (True, "flood-1")
-    table.remove("10.0.0.9", "flood-1")
-    table.add("10.0.0.1", "pull-1")
+    assert table.admit("10.0.0.1", 1) == (True, "flood-0")
+    table.remove("flood-0")
+    table.add("10.0.0.1", "pull-0", 1)
+    assert table.admit("10.0.0.1", 1) == (True, "flood-1")
+    table.remove("flood-1")
+    table.add("10.0.0.1", "pull-1", 1)
     # now every holder has its fair share: nobody is evicted for a third connection
-    assert table.admit("10.0.0.1") == (False, None)
-    table.remove("10.0.0.8", "other-0")
-    assert table.total == 5 and table.admit("10.0.0.1") == (True, None)
+    assert table.admit("10.0.0.1", 1) == (False, None)
+    table.remove("other-0")
+    assert table.total == 5 and table.admit("10.0.0.1", 1) == (True, None)
+
+
+def test_a_connection_serving_a_request_is_never_taken_and_fair_share_counts_idle_ones():
+    table = ConnectionTable(ListenerCaps(total=5, per_client=5))
+    table.add("10.0.0.9", "flood-0", 0)
+    for n in range(4):
+        table.add("10.0.0.1", f"pull-{n}", 0)
+        table.mark(f"pull-{n}", True, 1)
+    # the puller holds the most, but every one of them serves a request: a newcomer is refused
+    assert table.admit("10.0.0.7", 2) == (False, None) and table.admit("10.0.0.9", 2) == (False, None)
+    assert table.held("10.0.0.1") == 4 and table.busy["10.0.0.1"] == {f"pull-{n}" for n in range(4)}
+    # requests done: their connections are idle again, behind the flood's, and may be taken
+    for n in range(4):
+        table.mark(f"pull-{n}", False, 3)
+    assert list(table.idle["10.0.0.1"]) == [f"pull-{n}" for n in range(4)]
+    assert table.admit("10.0.0.7", 4) == (True, "pull-0")
+    table.mark("nobody", True, 4)  # an unknown connection changes nothing
+    table.remove("pull-3")  # a closed connection gives its place back
+    assert table.total == 4 and table.held("10.0.0.1") == 3 and table.admit("10.0.0.7", 4) == (True, None)
+
+
+def test_an_address_that_sends_requests_takes_the_place_of_one_that_only_holds_sockets():
+    table = ConnectionTable(ListenerCaps(total=4, per_client=4))
+    table.add("10.0.0.1", "ping", 0)
+    table.mark("ping", True, 0)  # the puller's first request: its address is known from now on
+    table.add("10.0.0.9", "flood-0", 1)
+    table.add("10.0.0.9", "flood-1", 1)
+    table.add("10.0.0.1", "blob-0", 2)
+    # one idle connection of its own against the flood's two: fair share would refuse, but the flood's
+    # address never sent a request
+    assert table.admit("10.0.0.1", 2) == (True, "flood-0")
+    table.remove("flood-0")
+    table.add("10.0.0.1", "blob-1", 2)
+    # the puller now holds the most idle connections, but a newcomer may not take them while their TLS
+    # handshakes run
+    assert table.admit("10.0.0.5", 3) == (False, None)
+    # a new connection that sent no request in OPENING_GRACE seconds is idle like any other
+    assert table.admit("10.0.0.5", 2 + OPENING_GRACE) == (True, "blob-0")
+    # an address is known for KNOWN_FOR seconds after its last request
+    assert table.is_known("10.0.0.1", KNOWN_FOR - 1) and not table.is_known("10.0.0.1", KNOWN_FOR + 1)
+    assert not table.is_known("10.0.0.9", 0)
+
+
+_STEPS = st.lists(
+    st.tuples(st.sampled_from(["accept", "start", "finish", "close", "wait"]), st.integers(0, 5),
+              st.integers(0, 40)),
+    max_size=80,
+)
+
+
+@given(_STEPS)
+@settings(max_examples=300, deadline=None)
+def test_the_table_never_takes_a_busy_connection_and_keeps_its_caps(steps):
+    table = ConnectionTable(ListenerCaps(total=8, per_client=5))
+    now, serial, busy = 0.0, 0, set()
+    for action, who, pick in steps:
+        client = f"10.0.0.{who}"
+        held = list(table.held_by)
+        if action == "accept":
+            admitted, victim = table.admit(client, now)
+            assert victim is None or (admitted and victim not in busy)
+            assert not admitted or table.held(client) < 5
+            if victim is not None:
+                table.remove(victim)
+            if admitted:
+                serial += 1
+                table.add(client, serial, now)
+        elif action == "wait":
+            now += pick
+        elif held:
+            connection = held[pick % len(held)]
+            if action == "close":
+                table.remove(connection)
+                busy.discard(connection)
+            else:
+                table.mark(connection, action == "start", now)
+                (busy.add if action == "start" else busy.discard)(connection)
+        assert table.total <= 8
+        clients = {held.client for held in table.held_by.values()}
+        assert table.total == sum(table.held(address) for address in clients)
+        assert {c for conns in table.busy.values() for c in conns} == busy
 
 
 class _Echo(protocol.Protocol):
@@ -106,6 +191,43 @@ def test_a_full_limiter_aborts_the_biggest_holders_oldest_connection():
     pull = _accept(limiter, "10.0.0.1")
     assert pull is not None and flood[0].transport.disconnecting
     assert limiter.stats.evicted == 1 and limiter.table.total == 4
+
+
+class _Pending(web_resource.Resource):
+    """Answers ``/slow`` only when the test says so, like a download still streaming."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = []
+
+    def render_GET(self, request):
+        self.waiting.append(request)
+        return server.NOT_DONE_YET
+
+
+def test_a_full_limiter_takes_an_idle_connection_not_one_serving_a_request():
+    pending = _Pending()
+    site = server.Site(pending, timeout=None)
+    site.protocol = with_header_deadline(http.HTTPChannel)
+    limiter = ConnectionLimiter(site, ListenerCaps(total=5, per_client=5), "https", task.Clock())
+    pulls = [_accept(limiter, "10.0.0.1") for _ in range(3)]
+    for pull in pulls:
+        pull.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert len(pending.waiting) == 3 and limiter.table.busy == {"10.0.0.1": set(pulls)}
+    flood = [_accept(limiter, "10.0.0.9") for _ in range(2)]
+    # the puller is the biggest holder, but its connections are downloads: a newcomer takes the flood's
+    newcomer = _accept(limiter, "10.0.0.5")
+    assert newcomer is not None and flood[0].transport.disconnecting
+    assert not any(pull.transport.disconnecting for pull in pulls)
+    assert _accept(limiter, "10.0.0.6") is None  # one idle connection left per holder: refused
+    for request in pending.waiting:
+        request.write(b"done")
+        request.finish()
+    # the downloads are over: their connections are idle, and a newcomer takes the oldest of them
+    assert "10.0.0.1" not in limiter.table.busy and list(limiter.table.idle["10.0.0.1"]) == pulls
+    assert _accept(limiter, "10.0.0.6") is not None and pulls[0].transport.disconnecting
 
 
 class _Hello(web_resource.Resource):
