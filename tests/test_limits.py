@@ -20,7 +20,9 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import address, protocol, task
+from twisted.internet.ssl import CertificateOptions
 from twisted.internet.testing import StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import http, server
 from twisted.web import resource as web_resource
 
@@ -228,6 +230,24 @@ def test_a_full_limiter_takes_an_idle_connection_not_one_serving_a_request():
     # the downloads are over: their connections are idle, and a newcomer takes the oldest of them
     assert "10.0.0.1" not in limiter.table.busy and list(limiter.table.idle["10.0.0.1"]) == pulls
     assert _accept(limiter, "10.0.0.6") is not None and pulls[0].transport.disconnecting
+
+
+class _TcpTransport(StringTransport):
+    def setTcpNoDelay(self, enabled):
+        pass
+
+
+def test_the_http_channel_finds_the_limiters_connection_under_tls():
+    site = server.Site(_Pending(), timeout=None)
+    site.protocol = with_header_deadline(http.HTTPChannel)
+    limiter = ConnectionLimiter(TLSMemoryBIOFactory(CertificateOptions(), False, site),
+                                ListenerCaps(total=4, per_client=4), "https", task.Clock())
+    limited = limiter.buildProtocol(address.IPv4Address("TCP", "10.0.0.1", 40000))
+    limited.makeConnection(_TcpTransport())
+    channel = limited.wrappedProtocol.wrappedProtocol
+    assert isinstance(channel, http.HTTPChannel) and channel.transport is not limited
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # as the TLS layer passes it on
+    assert limiter.table.busy == {"10.0.0.1": {limited}}
 
 
 class _Hello(web_resource.Resource):
