@@ -34,7 +34,7 @@ from procstat import cpu_seconds, machine_ticks, process_tree, stolen_share  # n
 from results import machine, write_section  # noqa: E402
 
 from dnsmirror.config import DnsConfig  # noqa: E402
-from dnsmirror.dns.child import ChildSettings  # noqa: E402
+from dnsmirror.dns.child import STATS_INTERVAL, ChildSettings  # noqa: E402
 from dnsmirror.dns.priority import REALTIME_PRIORITY  # noqa: E402
 
 SERVER_CORE = "0"
@@ -156,7 +156,7 @@ def latency(port: int, queries: Path, seconds: int, rate: int) -> dict:
 def split_latencies(output: str, captured_suffix: str) -> dict[str, dict]:
     """Per-query latencies of a ``dnsperf -v`` run, split into captured and forwarded names."""
     samples: dict[str, list[float]] = {"captured": [], "forwarded": []}
-    lost = 0
+    lost = sent = 0
     for line in output.splitlines():
         if line.startswith("> T "):
             continue  # timed out: no latency, counted in "Queries lost"
@@ -166,9 +166,22 @@ def split_latencies(output: str, captured_suffix: str) -> dict[str, dict]:
             samples[kind].append(float(parts[-1]) * 1000)
         elif line.strip().startswith("Queries lost:"):
             lost = int(line.split(":", 1)[1].split()[0])
+        elif line.strip().startswith("Queries sent:"):
+            sent = int(line.split(":", 1)[1].split()[0])
     result: dict = {kind: percentiles(values) for kind, values in samples.items()}
-    result["lost"] = lost
+    result["lost"], result["sent"] = lost, sent
     return result
+
+
+def mirror_answers(node) -> int:
+    """Every query the mirror in ``node`` answered so far, by its ``/metrics`` (every outcome but a
+    malformed packet, which gets no answer)."""
+    from mirror_support import scrape_metrics
+
+    samples = scrape_metrics(node)
+    answered = [value for name, value in samples.items()
+                if name.startswith("dnsmirror_dns_queries_total{") and 'outcome="malformed"' not in name]
+    return round(sum(answered))
 
 
 def percentiles(milliseconds: list[float]) -> dict:
@@ -283,6 +296,8 @@ def latency_while_streaming(
 
 
 PEER_PORT = 5353
+# the DNS processes report their counters to the mirror's /metrics every STATS_INTERVAL
+REPORTED_AFTER = 2 * STATS_INTERVAL + 0.5
 
 
 def set_policy(pid: int, realtime: bool) -> None:
@@ -349,6 +364,10 @@ def _measure_with_streams(
         if targets[target] is None:
             return wake_up_lateness(seconds)
         address, port, queries, rate = targets[target]
+        answered_before = 0
+        if target == "dnsmirror":  # counted once the DNS processes reported what came before
+            time.sleep(REPORTED_AFTER)
+            answered_before = mirror_answers(node)
         # the measuring client at real-time priority, in a session of its own: its waits are not the server's
         done = node.run(
             [
@@ -372,7 +391,13 @@ def _measure_with_streams(
             ],
             timeout=seconds + 60,
         )
-        return split_latencies(done.stdout.decode(errors="replace"), "amazonaws.com")
+        result = split_latencies(done.stdout.decode(errors="replace"), "amazonaws.com")
+        result["unanswered"] = 0
+        if target == "dnsmirror" and result["lost"]:
+            # which side lost them: dnsperf, or the mirror, by its own counters
+            time.sleep(REPORTED_AFTER)
+            result["unanswered"] = result["sent"] - (mirror_answers(node) - answered_before)
+        return result
 
     def measure() -> dict:
         """LATENCY_ROUNDS runs of each target, in turns: the median of each percentile (a burst of unrelated
@@ -383,7 +408,8 @@ def _measure_with_streams(
                 runs[target].append(run_once(target))
         results = {}
         for target, done in runs.items():
-            result: dict = {"lost": sum(r["lost"] for r in done)}
+            result: dict = {"lost": sum(r["lost"] for r in done),
+                            "unanswered": sum(r.get("unanswered", 0) for r in done)}
             for kind in ("captured", "forwarded", "timer"):
                 measured = [r[kind] for r in done if kind in r and r[kind]["n"]]
                 if not measured:
@@ -688,6 +714,9 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
                 )
     lost = ", ".join(
         f"{mode}, {target}: idle {r['idle'][target]['lost']}, streaming {loaded['lost']}"
+        + (f" (never answered by dnsmirror, by its counters: {r['idle'][target]['unanswered']} idle, "
+           f"{loaded['unanswered']} streaming)"
+           if target == "dnsmirror" and (r["idle"][target]["lost"] or loaded["lost"]) else "")
         for mode, r in streaming.items()
         for target, loaded in r["loaded"].items()
     )
