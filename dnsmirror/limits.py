@@ -27,6 +27,7 @@ import os
 import resource
 from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, cast
 
 from twisted.internet import address as tw_address
@@ -59,6 +60,8 @@ KNOWN_FOR = 600.0
 MAX_KNOWN = 4096
 # a known address's new connection is not taken this long before its first request (TLS handshake)
 OPENING_GRACE = 10.0
+# at most this many of a known address's new connections are spared at once
+SPARED_OPENING = 4
 # how many of a holder's idle connections one admission looks at for one that may be taken
 MAX_VICTIM_SCAN = 64
 # a request's header must arrive whole within this many seconds of its first byte
@@ -196,8 +199,9 @@ class ConnectionTable:
       holds sockets gives way to one that talks HTTP), from the one holding the most;
     - otherwise the address holding the most idle connections gives its oldest, if it holds at least two
       more than the newcomer (fair share of what nobody uses; the margin keeps two holders from taking
-      from each other in turn). A known address's new connection is spared for its first
-      :data:`OPENING_GRACE` seconds, until its first request: its TLS handshake is under way."""
+      from each other in turn). A known address's new connections are spared for their first
+      :data:`OPENING_GRACE` seconds, until their first request (their TLS handshakes are under way), as
+      long as it has at most :data:`SPARED_OPENING` of them."""
 
     def __init__(self, caps: ListenerCaps) -> None:
         self.caps = caps
@@ -237,14 +241,16 @@ class ConnectionTable:
         biggest = max(self.idle, key=lambda other: len(self.idle[other]), default=None)
         if biggest is None or len(self.idle[biggest]) <= mine + 1:
             return None
-        spared = self.is_known(biggest, now)
-        for checked, connection in enumerate(self.idle[biggest]):
-            if checked >= MAX_VICTIM_SCAN:
-                break
+        if not self.is_known(biggest, now):
+            return next(iter(self.idle[biggest]))
+        opening = []
+        for connection in islice(self.idle[biggest], MAX_VICTIM_SCAN):
             held = self.held_by[connection]
-            if not (spared and not held.served and now - held.accepted_at < OPENING_GRACE):
+            if held.served or now - held.accepted_at >= OPENING_GRACE:
                 return connection
-        return None
+            opening.append(connection)
+        # a client opens a few connections at once; more than that opening together are a flood's
+        return opening[0] if len(opening) > SPARED_OPENING else None
 
     def add(self, client: str, connection: object, now: float) -> None:
         self.held_by[connection] = _Held(client, now)

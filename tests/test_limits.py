@@ -30,6 +30,7 @@ from dnsmirror import ca, config
 from dnsmirror.limits import (
     KNOWN_FOR,
     OPENING_GRACE,
+    SPARED_OPENING,
     ConnectionLimiter,
     ConnectionTable,
     ListenerCaps,
@@ -116,6 +117,19 @@ def test_an_address_that_sends_requests_takes_the_place_of_one_that_only_holds_s
     # an address is known for KNOWN_FOR seconds after its last request
     assert table.is_known("10.0.0.1", KNOWN_FOR - 1) and not table.is_known("10.0.0.1", KNOWN_FOR + 1)
     assert not table.is_known("10.0.0.9", 0)
+
+
+def test_a_known_address_opening_more_connections_at_once_than_a_client_does_is_spared_none():
+    table = ConnectionTable(ListenerCaps(total=SPARED_OPENING + 2, per_client=16))
+    table.add("10.0.0.9", "ping", 0)
+    table.mark("ping", True, 0)  # one request: the address is known
+    for n in range(SPARED_OPENING):
+        table.add("10.0.0.9", f"opening-{n}", 1)
+    table.add("10.0.0.5", "other", 1)
+    assert table.admit("10.0.0.5", 2) == (False, None)  # as many as a client opens at once: spared
+    table.remove("other")
+    table.add("10.0.0.9", "one-more", 1)
+    assert table.admit("10.0.0.5", 2) == (True, "opening-0")  # more than that: a flood's
 
 
 _STEPS = st.lists(
