@@ -395,6 +395,28 @@ class Services(service.MultiService):
                     "DNS processes answering now (dns.processes; 0 while DNS runs in the mirror process)",
                     lambda: self.dns_process.running if self.dns_process is not None else 0,
                 ),
+                **{
+                    f"{name}_connections": (
+                        f"Connections the {name} listener holds now",
+                        partial(self._limiter_held, name, False),
+                    )
+                    for name in ("https", "peers", "metrics")
+                },
+                **{
+                    f"{name}_connections_serving": (
+                        f"Of the {name} listener's connections, those serving a request now (never closed "
+                        "to make room for another client)",
+                        partial(self._limiter_held, name, True),
+                    )
+                    for name in ("https", "peers", "metrics")
+                },
+                **{
+                    f"{name}_connections_cap": (
+                        f"Connections the {name} listener may hold, from the descriptor budget",
+                        partial(self._limiter_cap, name),
+                    )
+                    for name in ("https", "peers", "metrics")
+                },
             },
             self.ready,
             counters={
@@ -423,7 +445,7 @@ class Services(service.MultiService):
                 },
                 **{
                     f"{name}_connections_evicted": (
-                        f"Connections the {name} listener closed to make room for a client holding fewer",
+                        f"Idle connections the {name} listener closed to make room for another client",
                         partial(self._limiter_stat, name, "evicted"),
                     )
                     for name in ("https", "peers", "metrics")
@@ -446,6 +468,16 @@ class Services(service.MultiService):
     def _limiter_stat(self, name: str, stat: str) -> int:
         limiter = self.limiters.get(name)
         return getattr(limiter.stats, stat) if limiter is not None else 0
+
+    def _limiter_held(self, name: str, serving: bool) -> int:
+        limiter = self.limiters.get(name)
+        if limiter is None:
+            return 0
+        return limiter.table.serving() if serving else limiter.table.total
+
+    def _limiter_cap(self, name: str) -> int:
+        limiter = self.limiters.get(name)
+        return limiter.table.caps.total if limiter is not None else 0
 
     def _upstreams_down(self) -> int:
         if self.dns_process is not None:

@@ -216,6 +216,10 @@ class ConnectionTable:
     def total(self) -> int:
         return len(self.held_by)
 
+    def serving(self) -> int:
+        """How many connections serve a request now."""
+        return sum(len(connections) for connections in self.busy.values())
+
     def held(self, client: str) -> int:
         """How many connections ``client`` holds, idle or busy."""
         return len(self.idle.get(client, ())) + len(self.busy.get(client, ()))

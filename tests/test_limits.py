@@ -404,6 +404,14 @@ def test_300_idle_connections_under_ulimit_256_leave_https_and_metrics_to_other_
             if line.startswith("dnsmirror_https_connections_refused_total ")
         ]
         assert refused and float(refused[0].split()[1]) >= 250
+        samples = [line.partition(" ") for line in metrics.decode().splitlines()]
+        gauges = {name: float(value) for name, _, value in samples if name.startswith("dnsmirror_")}
+        # the flood's address holds its cap, idle; the scrape itself is the one metrics connection serving
+        assert gauges["dnsmirror_https_connections"] >= 16
+        assert gauges["dnsmirror_https_connections_serving"] == 0
+        assert gauges["dnsmirror_metrics_connections_serving"] == 1
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert [r for r in records if r.get("event") == "nofile_limit"][0]["soft"] == 256
+    budget = [r for r in records if r.get("event") == "descriptor_budget"][0]
+    assert gauges["dnsmirror_https_connections_cap"] == budget["https_connections"] > 16
     assert len([r for r in records if r.get("event") == "connections_refused"]) == 1  # once per period
