@@ -26,6 +26,7 @@ from dnsmirror.dns.server import (
     DnsStreamFactory,
     DnsStreamProtocol,
 )
+from dnsmirror.limits import OPENING_GRACE
 from dnsmirror.patterns import HostMatcher
 
 ECR = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
@@ -365,14 +366,38 @@ class StreamLimitTests(SynchronousTestCase):
     def test_connections_are_capped_in_total_and_per_client(self):
         controller, _ = make_controller()
         factory = DnsStreamFactory(controller, Clock(), max_connections=3, max_per_client=2)
-        first, _ = tcp_client(controller, None, "127.0.0.1", factory)
-        tcp_client(controller, None, "127.0.0.1", factory)
+        first, first_transport = tcp_client(controller, None, "127.0.0.1", factory)
+        second, _ = tcp_client(controller, None, "127.0.0.1", factory)
         self.assertIsNone(tcp_client(controller, None, "127.0.0.1", factory)[0])
         self.assertIsNotNone(tcp_client(controller, None, "127.0.0.2", factory)[0])
-        self.assertIsNone(tcp_client(controller, None, "127.0.0.3", factory)[0])
-        first.connectionLost(None)
-        self.assertIsNotNone(tcp_client(controller, None, "127.0.0.1", factory)[0])
+        # full: a newcomer takes the oldest idle connection of the address holding the most
+        self.assertIsNotNone(tcp_client(controller, None, "127.0.0.3", factory)[0])
+        self.assertTrue(first_transport.disconnecting)
+        first.connectionLost(None)  # already let go of: counted once
+        self.assertEqual(factory.table.total, 3)
+        # one each now: nobody takes from anybody
+        self.assertIsNone(tcp_client(controller, None, "127.0.0.4", factory)[0])
         self.assertEqual(controller.stats.tcp_refused, 2)
+
+    def test_a_connection_answering_a_query_is_never_taken(self):
+        controller, forwarder = make_controller()
+        clock = Clock()
+        factory = DnsStreamFactory(controller, clock, max_connections=3, max_per_client=3)
+        asking, asking_transport = tcp_client(controller, None, "127.0.0.1", factory)
+        asking.dataReceived(framed(query("www.example.com", qid=7)))  # forwarded: its answer is pending
+        self.assertEqual(len(forwarder.pending), 1)
+        idle = [tcp_client(controller, None, "127.0.0.1", factory)[1] for _ in range(2)]
+        clock.advance(OPENING_GRACE)  # the new ones sent nothing: no longer spared as opening
+        newcomer, _ = tcp_client(controller, None, "127.0.0.2", factory)
+        self.assertIsNotNone(newcomer)  # it took an idle one, not the one being answered
+        self.assertTrue(idle[0].disconnecting)
+        self.assertFalse(asking_transport.disconnecting or idle[1].disconnecting)
+        self.assertIsNone(tcp_client(controller, None, "127.0.0.3", factory)[0])
+        # answered: that connection is idle, and may be taken like the others
+        self.assertEqual(factory.table.serving(), 1)
+        packet, _, answer = forwarder.pending[0]
+        answer.callback(packet)
+        self.assertEqual(factory.table.serving(), 0)
 
 
 class FastPathTests(SynchronousTestCase):

@@ -25,6 +25,7 @@ from dnsmirror.config import IPNetwork
 from dnsmirror.dns.forwarder import MAX_TCP_MESSAGE, AllUpstreamsFailed, Forwarder, Overloaded
 from dnsmirror.dns.packets import HEADER_SIZE, Action, Responder, error_reply
 from dnsmirror.dns.stats import DnsStats
+from dnsmirror.limits import ConnectionTable, ListenerCaps
 from dnsmirror.logs import fields
 
 log = logging.getLogger("dnsmirror.dns")
@@ -317,10 +318,14 @@ class DnsStreamProtocol(protocol.Protocol):
                 self.controller.stats.malformed += 1
                 continue
             self.pending += 1
+            if self.pending == 1 and self.factory is not None:
+                self.factory.answering(self, True)
             try:
                 self.controller.handle(packet, self.transport.getPeer().host, self._answer_once(), tcp=True)
             except Exception:
                 self.pending -= 1
+                if not self.pending and self.factory is not None:
+                    self.factory.answering(self, False)
                 self.controller.stats.malformed += 1
                 log.exception("TCP query could not be handled")
         full = self.pending >= MAX_TCP_QUERIES_PENDING
@@ -338,6 +343,8 @@ class DnsStreamProtocol(protocol.Protocol):
                 return
             answered = True
             self.pending -= 1
+            if not self.pending and self.factory is not None:
+                self.factory.answering(self, False)
             self._write(answer)
             if self.open and (self.paused or self.buffer):
                 self._parse()
@@ -389,7 +396,10 @@ class DnsStreamProtocol(protocol.Protocol):
 
 
 class DnsStreamFactory(protocol.Factory):
-    """Builds the TCP protocol; refuses connections beyond the caps, in total and per client address."""
+    """Builds the TCP protocol within the caps, in total and per client address. When full, a newcomer
+    takes an idle connection (no query being answered) as the mirror's listeners do
+    (:class:`~dnsmirror.limits.ConnectionTable`): a flood of idle connections from many addresses cannot
+    shut out a client that sends queries."""
 
     def __init__(
         self,
@@ -400,33 +410,36 @@ class DnsStreamFactory(protocol.Factory):
     ) -> None:
         self.controller = controller
         self.clock = clock
-        self.max_connections = max_connections
-        self.max_per_client = max_per_client
-        self.connections = 0
-        self.per_client: dict[str, int] = {}
+        self.table = ConnectionTable(ListenerCaps(max_connections, max_per_client))
+
+    def _now(self) -> float:
+        if self.clock is None:
+            from twisted.internet import reactor
+
+            self.clock = reactor
+        return float(self.clock.seconds())
 
     def buildProtocol(self, addr):
         host = getattr(addr, "host", "")
-        if self.connections >= self.max_connections or self.per_client.get(host, 0) >= self.max_per_client:
+        now = self._now()
+        admitted, victim = self.table.admit(host, now)
+        if not admitted:
             self.controller.stats.tcp_refused += 1
             return None  # the connection is closed at once
-        self.connections += 1
-        self.per_client[host] = self.per_client.get(host, 0) + 1
+        if victim is not None:
+            self.table.remove(victim)  # at once: its connectionLost comes later
+            victim.transport.abortConnection()
         proto = DnsStreamProtocol(self.controller, self, self.clock)
         proto.client_host = host
+        self.table.add(host, proto, now)
         return proto
 
+    def answering(self, proto: DnsStreamProtocol, busy: bool) -> None:
+        """``proto`` starts (``busy``) or ends answering queries: a connection answering is never taken."""
+        self.table.mark(proto, busy, self._now())
+
     def closed(self, proto: DnsStreamProtocol) -> None:
-        host = getattr(proto, "client_host", None)
-        if host is None:
-            return
-        proto.client_host = None
-        self.connections -= 1
-        left = self.per_client.get(host, 1) - 1
-        if left > 0:
-            self.per_client[host] = left
-        else:
-            self.per_client.pop(host, None)
+        self.table.remove(proto)
 
 
 def listen(reactor, controller: DnsController, host: str, port: int) -> list:
