@@ -512,7 +512,9 @@ class Services(service.MultiService):
 
             def bind(address=address, index=index, ports=ports) -> None:
                 try:
-                    ports.extend(dnsserver.listen(self.reactor, dns, address.host, address.port))
+                    ports.extend(dnsserver.listen(self.reactor, dns, address.host, address.port,
+                                                  self.budget.dns // len(self.config.dns.listen),
+                                                  len(self.upstreams)))
                 except error.CannotListenError as exc:
                     raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): "
                                       f"{_reason(exc)}") from exc

@@ -17,16 +17,25 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from dnsmirror.dns.forwarder import AllUpstreamsFailed, _question, matches
+from dnsmirror.dns.forwarder import (
+    MAX_TCP_UPSTREAM,
+    SOCKETS_PER_UPSTREAM,
+    AllUpstreamsFailed,
+    _question,
+    matches,
+)
 from dnsmirror.dns.packets import Responder, with_id
 from dnsmirror.dns.server import (
+    MAX_TCP_CONNECTIONS,
+    MAX_TCP_CONNECTIONS_PER_CLIENT,
     MAX_TCP_QUERIES_PENDING,
     DatagramListener,
     DnsController,
     DnsStreamFactory,
     DnsStreamProtocol,
+    tcp_caps,
 )
-from dnsmirror.limits import OPENING_GRACE
+from dnsmirror.limits import OPENING_GRACE, ListenerCaps
 from dnsmirror.patterns import HostMatcher
 
 ECR = "123456789012.dkr.ecr.us-east-1.amazonaws.com"
@@ -378,6 +387,16 @@ class StreamLimitTests(SynchronousTestCase):
         # one each now: nobody takes from anybody
         self.assertIsNone(tcp_client(controller, None, "127.0.0.4", factory)[0])
         self.assertEqual(controller.stats.tcp_refused, 2)
+
+    def test_tcp_clients_get_what_the_forwarder_leaves_of_the_descriptors(self):
+        # the forwarder's sockets to one upstream first: the rest for TCP clients, up to the fixed caps
+        small = tcp_caps(225, 1)
+        self.assertEqual(small.total, 225 - (4 * SOCKETS_PER_UPSTREAM + 1) - MAX_TCP_UPSTREAM)
+        self.assertEqual(small.per_client, small.total // 8)
+        self.assertLess(tcp_caps(225, 6).total, small.total)  # more upstreams, more sockets kept
+        fixed = ListenerCaps(MAX_TCP_CONNECTIONS, MAX_TCP_CONNECTIONS_PER_CLIENT)
+        self.assertEqual(tcp_caps(1 << 20, 6), fixed)
+        self.assertEqual(tcp_caps(0, 1), ListenerCaps(4, 4))  # nothing left: a few all the same
 
     def test_a_connection_answering_a_query_is_never_taken(self):
         controller, forwarder = make_controller()

@@ -138,8 +138,8 @@ TABLE = [
         "the right bytes from upstream once peers.timeout passed"),
     Row("descriptor exhaustion", "flood", "node",
         f"skopeo copy of an image, dig (UDP and TCP), while {FLOOD_CONNECTIONS} idle connections from "
-        f"{FLOOD_ADDRESSES} other addresses are held open on :443 and {PEER_FLOOD_CONNECTIONS} on the peer "
-        f"port (dnsmirror under ulimit -n {NOFILE})",
+        f"{FLOOD_ADDRESSES} other addresses are held open on :443, {PEER_FLOOD_CONNECTIONS} on the peer "
+        f"port and {FLOOD_CONNECTIONS} on the DNS's TCP port (dnsmirror under ulimit -n {NOFILE})",
         frozenset({"ok"}), frozenset({"ok"}),
         "the pull succeeds and the DNS answers: the flood's connections give way to the pull's, and the "
         "flood gets nothing else"),
@@ -331,6 +331,10 @@ def run_flood_row(world: World, row: Row) -> tuple[str, str, str]:
     peer_flood = world.attacker.start([sys.executable, "-c", FLOOD_SCRIPT, mirror.address, str(PEER_PORT),
                                        str(PEER_FLOOD_CONNECTIONS), "60", ",".join(world.attacker.addresses)],
                                       "peer-flood")
+    # and the DNS's TCP listener: the node's resolver keeps answering
+    dns_flood = world.attacker.start([sys.executable, "-c", FLOOD_SCRIPT, mirror.address, "53",
+                                      str(FLOOD_CONNECTIONS), "60", ",".join(world.attacker.addresses)],
+                                     "dns-flood")
     try:
         time.sleep(3)  # the flood is in place before the pull starts
         problems = []
@@ -355,9 +359,11 @@ def run_flood_row(world: World, row: Row) -> tuple[str, str, str]:
         state = flood.stdout().strip().splitlines()
         assert flood.alive() and state, flood.describe()
         assert peer_flood.alive() and peer_flood.stdout().strip(), peer_flood.describe()
+        assert dns_flood.alive() and dns_flood.stdout().strip(), dns_flood.describe()
     finally:
         flood.stop()
         peer_flood.stop()
+        dns_flood.stop()
     records = mirror.log_records()
     refusals = [record for record in records if record.get("event") == "connections_refused"]
     # the flood met the cap, and was reported once per period, not once per connection

@@ -624,16 +624,21 @@ class _Child:
     def run(self) -> None:
         from twisted.internet import stdio
 
-        from dnsmirror.dns.server import DatagramListener, DnsStreamFactory
+        from dnsmirror.dns.server import DNS_START_OVERHEAD, DatagramListener, DnsStreamFactory
+        from dnsmirror.limits import current_limit, descriptors_in_use
 
         if self.settings.core is not None:
             self._pin(self.settings.core)
+        # this process's own descriptor limit, shared by its listeners; the forwarder's sockets come first
+        free = current_limit() - descriptors_in_use() - DNS_START_OVERHEAD
+        descriptors = free // max(len(self.settings.listen), 1)
         for index, (host, _port) in enumerate(self.settings.listen):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             udp_fd, tcp_fd = FIRST_CHILD_FD + 2 * index, FIRST_CHILD_FD + 2 * index + 1
             self.ports.append(DatagramListener(self.reactor, socket.socket(fileno=udp_fd), self.controller))
             self.ports.append(
-                self.reactor.adoptStreamPort(tcp_fd, family, DnsStreamFactory(self.controller, self.reactor))
+                self.reactor.adoptStreamPort(tcp_fd, family, DnsStreamFactory.within(
+                    self.controller, self.reactor, descriptors, len(self.settings.upstreams)))
             )
             os.close(tcp_fd)  # the adopted port holds its own duplicate
         self.channel = stdio.StandardIO(_ParentChannel(self), reactor=self.reactor)

@@ -22,7 +22,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dnsmirror.config import IPNetwork
-from dnsmirror.dns.forwarder import MAX_TCP_MESSAGE, AllUpstreamsFailed, Forwarder, Overloaded
+from dnsmirror.dns.forwarder import (
+    MAX_TCP_MESSAGE,
+    MAX_TCP_UPSTREAM,
+    SOCKETS_PER_UPSTREAM,
+    AllUpstreamsFailed,
+    Forwarder,
+    Overloaded,
+)
 from dnsmirror.dns.packets import HEADER_SIZE, Action, Responder, error_reply
 from dnsmirror.dns.stats import DnsStats
 from dnsmirror.limits import ConnectionTable, ListenerCaps
@@ -268,7 +275,21 @@ def bind_sockets(host: str, port: int) -> tuple[socket.socket, socket.socket]:
 # many queries waiting for an answer before it is read no further (RFC 7766 pipelining stays bounded)
 MAX_TCP_CONNECTIONS = 256
 MAX_TCP_CONNECTIONS_PER_CLIENT = 32
+MIN_TCP_CONNECTIONS = 4
 MAX_TCP_QUERIES_PENDING = 64
+# descriptors the DNS takes besides its TCP clients and the forwarder's sockets: stdio, epoll, logs
+DNS_START_OVERHEAD = 16
+
+
+def tcp_caps(descriptors: int, upstreams: int) -> ListenerCaps:
+    """The TCP listener's caps when ``descriptors`` are free for the DNS: the forwarder's sockets to
+    ``upstreams`` (UDP pools with the channels still draining after rotation, TCP forwards, probes) are
+    kept first, so a flood of TCP clients cannot take the sockets forwarded queries need; the rest, up to
+    :data:`MAX_TCP_CONNECTIONS`, is for TCP clients, an eighth of it (at most 32) per client address."""
+    forwarder = upstreams * (4 * SOCKETS_PER_UPSTREAM + 1) + MAX_TCP_UPSTREAM
+    total = max(min(MAX_TCP_CONNECTIONS, descriptors - forwarder), MIN_TCP_CONNECTIONS)
+    per_client = min(max(total // 8, MIN_TCP_CONNECTIONS), MAX_TCP_CONNECTIONS_PER_CLIENT)
+    return ListenerCaps(total, per_client)
 
 
 class DnsStreamProtocol(protocol.Protocol):
@@ -412,6 +433,12 @@ class DnsStreamFactory(protocol.Factory):
         self.clock = clock
         self.table = ConnectionTable(ListenerCaps(max_connections, max_per_client))
 
+    @classmethod
+    def within(cls, controller: DnsController, clock, descriptors: int, upstreams: int) -> DnsStreamFactory:
+        """A factory whose caps leave the forwarder its sockets out of ``descriptors`` (:func:`tcp_caps`)."""
+        caps = tcp_caps(descriptors, upstreams)
+        return cls(controller, clock, caps.total, caps.per_client)
+
     def _now(self) -> float:
         if self.clock is None:
             from twisted.internet import reactor
@@ -442,15 +469,18 @@ class DnsStreamFactory(protocol.Factory):
         self.table.remove(proto)
 
 
-def listen(reactor, controller: DnsController, host: str, port: int) -> list:
-    """Bind UDP and TCP on ``host:port``; returns the listening ports (raises CannotListenError)."""
+def listen(
+    reactor, controller: DnsController, host: str, port: int, descriptors: int, upstreams: int
+) -> list:
+    """Bind UDP and TCP on ``host:port``, TCP within ``descriptors`` (:func:`tcp_caps`); returns the
+    listening ports (raises CannotListenError)."""
     try:
         udp_socket, tcp_socket = bind_sockets(host, port)
     except OSError as exc:
         raise error.CannotListenError(host, port, exc) from exc
     udp = DatagramListener(reactor, udp_socket, controller)
     try:
-        factory = DnsStreamFactory(controller, reactor)
+        factory = DnsStreamFactory.within(controller, reactor, descriptors, upstreams)
         tcp = reactor.adoptStreamPort(tcp_socket.fileno(), tcp_socket.family, factory)
     except Exception:
         udp.stopListening()
