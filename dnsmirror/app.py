@@ -34,6 +34,7 @@ from dnsmirror.dns.stats import DnsStats
 from dnsmirror.health import HealthState, ListenerProbe
 from dnsmirror.https import HttpsBindError, HttpsListener
 from dnsmirror.limits import (
+    LISTENERS,
     ConnectionLimiter,
     DescriptorBudget,
     current_limit,
@@ -395,28 +396,15 @@ class Services(service.MultiService):
                     "DNS processes answering now (dns.processes; 0 while DNS runs in the mirror process)",
                     lambda: self.dns_process.running if self.dns_process is not None else 0,
                 ),
-                **{
-                    f"{name}_connections": (
-                        f"Connections the {name} listener holds now",
-                        partial(self._limiter_held, name, False),
-                    )
-                    for name in ("https", "peers", "metrics")
-                },
-                **{
-                    f"{name}_connections_serving": (
-                        f"Of the {name} listener's connections, those serving a request now (never closed "
-                        "to make room for another client)",
-                        partial(self._limiter_held, name, True),
-                    )
-                    for name in ("https", "peers", "metrics")
-                },
-                **{
-                    f"{name}_connections_cap": (
-                        f"Connections the {name} listener may hold, from the descriptor budget",
-                        partial(self._limiter_cap, name),
-                    )
-                    for name in ("https", "peers", "metrics")
-                },
+                **self._per_listener("connections", "Connections the {} listener holds now",
+                                     lambda limiter: limiter.table.total),
+                **self._per_listener("connections_serving",
+                                     "Of the {} listener's connections, those serving a request now (never "
+                                     "closed to make room for another client)",
+                                     lambda limiter: limiter.table.serving()),
+                **self._per_listener("connections_cap",
+                                     "Connections the {} listener may hold, from the descriptor budget",
+                                     lambda limiter: limiter.table.caps.total),
             },
             self.ready,
             counters={
@@ -436,20 +424,12 @@ class Services(service.MultiService):
                     "Times a registry stopped being captured because its certificate failed verification",
                     lambda: self.tls_bypass.started,
                 ),
-                **{
-                    f"{name}_connections_refused": (
-                        f"Connections the {name} listener refused at its cap",
-                        partial(self._limiter_stat, name, "refused"),
-                    )
-                    for name in ("https", "peers", "metrics")
-                },
-                **{
-                    f"{name}_connections_evicted": (
-                        f"Idle connections the {name} listener closed to make room for another client",
-                        partial(self._limiter_stat, name, "evicted"),
-                    )
-                    for name in ("https", "peers", "metrics")
-                },
+                **self._per_listener("connections_refused", "Connections the {} listener refused at its cap",
+                                     lambda limiter: limiter.stats.refused),
+                **self._per_listener("connections_evicted",
+                                     "Idle connections the {} listener closed to make room for another "
+                                     "client",
+                                     lambda limiter: limiter.stats.evicted),
             },
             http=lambda: getattr(self.site, "http_metrics", None),
             failure_log=failures.failures,
@@ -465,19 +445,17 @@ class Services(service.MultiService):
         site.timeOut = HTTP_IDLE_TIMEOUT
         self._listen_tcp("metrics", "metrics.listen", address, site)
 
-    def _limiter_stat(self, name: str, stat: str) -> int:
-        limiter = self.limiters.get(name)
-        return getattr(limiter.stats, stat) if limiter is not None else 0
+    def _per_listener(
+        self, suffix: str, description: str, read: Callable[[ConnectionLimiter], int]
+    ) -> dict[str, tuple[str, Callable[[], float]]]:
+        """One metric per listener (``<listener>_<suffix>``), read from its limiter; 0 where it is not
+        configured. ``description`` has a ``{}`` for the listener's name."""
+        return {f"{name}_{suffix}": (description.format(name), partial(self._limiter_value, name, read))
+                for name in LISTENERS}
 
-    def _limiter_held(self, name: str, serving: bool) -> int:
+    def _limiter_value(self, name: str, read: Callable[[ConnectionLimiter], int]) -> int:
         limiter = self.limiters.get(name)
-        if limiter is None:
-            return 0
-        return limiter.table.serving() if serving else limiter.table.total
-
-    def _limiter_cap(self, name: str) -> int:
-        limiter = self.limiters.get(name)
-        return limiter.table.caps.total if limiter is not None else 0
+        return read(limiter) if limiter is not None else 0
 
     def _upstreams_down(self) -> int:
         if self.dns_process is not None:

@@ -49,6 +49,8 @@ MIN_DNS = 32
 EXTRA_PER_CONNECTION = {"https": 3, "peers": 1, "metrics": 0}
 # shares of the remaining descriptors, each listener's connections counted with what they may cost
 WEIGHTS = {"https": 6, "peers": 3, "metrics": 1}
+# the listeners the budget shares descriptors between
+LISTENERS = tuple(WEIGHTS)
 # one client address may hold this share of a listener's connections, at least MIN_PER_CLIENT
 PER_CLIENT_SHARE = 0.25
 MIN_PER_CLIENT = 16
@@ -155,7 +157,7 @@ class DescriptorBudget:
 
 
 def plan_budget(
-    limit: int, in_use: int, listeners: tuple[str, ...] = ("https", "peers", "metrics")
+    limit: int, in_use: int, listeners: tuple[str, ...] = LISTENERS
 ) -> DescriptorBudget:
     """Split ``limit`` descriptors. What is in use at start (plus :data:`START_OVERHEAD`) is taken; of the
     rest, :data:`DNS_SHARE` is kept for the DNS, and the remainder goes to ``listeners`` by
