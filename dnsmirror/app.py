@@ -485,14 +485,14 @@ class Services(service.MultiService):
             self._run("dns process", start_child, stop_child)
             return
         self._run("dns forwarder", lambda: None, dns.forwarder.stop)
+        # the DNS share of the descriptor budget: the forwarder first, the TCP listeners share the rest
+        tcp_caps = dnsserver.tcp_caps(self.budget.dns, len(self.upstreams), len(self.config.dns.listen))
         for index, address in enumerate(self.config.dns.listen):
             ports: list = []
 
             def bind(address=address, index=index, ports=ports) -> None:
                 try:
-                    ports.extend(dnsserver.listen(self.reactor, dns, address.host, address.port,
-                                                  self.budget.dns // len(self.config.dns.listen),
-                                                  len(self.upstreams)))
+                    ports.extend(dnsserver.listen(self.reactor, dns, address.host, address.port, tcp_caps))
                 except error.CannotListenError as exc:
                     raise ListenError(f"dns.listen[{index}]: cannot listen on {address} (UDP/TCP): "
                                       f"{_reason(exc)}") from exc

@@ -397,6 +397,8 @@ class StreamLimitTests(SynchronousTestCase):
         fixed = ListenerCaps(MAX_TCP_CONNECTIONS, MAX_TCP_CONNECTIONS_PER_CLIENT)
         self.assertEqual(tcp_caps(1 << 20, 6), fixed)
         self.assertEqual(tcp_caps(0, 1), ListenerCaps(4, 4))  # nothing left: a few all the same
+        # two listeners share what the one forwarder leaves
+        self.assertEqual(tcp_caps(225, 1, listeners=2).total, small.total // 2)
 
     def test_a_connection_answering_a_query_is_never_taken(self):
         controller, forwarder = make_controller()

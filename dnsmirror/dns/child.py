@@ -624,21 +624,21 @@ class _Child:
     def run(self) -> None:
         from twisted.internet import stdio
 
-        from dnsmirror.dns.server import DNS_START_OVERHEAD, DatagramListener, DnsStreamFactory
+        from dnsmirror.dns.server import DNS_START_OVERHEAD, DatagramListener, DnsStreamFactory, tcp_caps
         from dnsmirror.limits import current_limit, descriptors_in_use
 
         if self.settings.core is not None:
             self._pin(self.settings.core)
-        # this process's own descriptor limit, shared by its listeners; the forwarder's sockets come first
-        free = current_limit() - descriptors_in_use() - DNS_START_OVERHEAD
-        descriptors = free // max(len(self.settings.listen), 1)
+        # this process's own descriptor limit: the forwarder's sockets first, the TCP listeners share the rest
+        caps = tcp_caps(current_limit() - descriptors_in_use() - DNS_START_OVERHEAD,
+                        len(self.settings.upstreams), len(self.settings.listen))
         for index, (host, _port) in enumerate(self.settings.listen):
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             udp_fd, tcp_fd = FIRST_CHILD_FD + 2 * index, FIRST_CHILD_FD + 2 * index + 1
             self.ports.append(DatagramListener(self.reactor, socket.socket(fileno=udp_fd), self.controller))
             self.ports.append(
                 self.reactor.adoptStreamPort(tcp_fd, family, DnsStreamFactory.within(
-                    self.controller, self.reactor, descriptors, len(self.settings.upstreams)))
+                    self.controller, self.reactor, caps))
             )
             os.close(tcp_fd)  # the adopted port holds its own duplicate
         self.channel = stdio.StandardIO(_ParentChannel(self), reactor=self.reactor)

@@ -281,13 +281,15 @@ MAX_TCP_QUERIES_PENDING = 64
 DNS_START_OVERHEAD = 16
 
 
-def tcp_caps(descriptors: int, upstreams: int) -> ListenerCaps:
-    """The TCP listener's caps when ``descriptors`` are free for the DNS: the forwarder's sockets to
-    ``upstreams`` (UDP pools with the channels still draining after rotation, TCP forwards, probes) are
-    kept first, so a flood of TCP clients cannot take the sockets forwarded queries need; the rest, up to
-    :data:`MAX_TCP_CONNECTIONS`, is for TCP clients, an eighth of it (at most 32) per client address."""
+def tcp_caps(descriptors: int, upstreams: int, listeners: int = 1) -> ListenerCaps:
+    """Each of ``listeners`` TCP listeners' caps when ``descriptors`` are free for the DNS: the one
+    forwarder's sockets to ``upstreams`` (UDP pools with the channels still draining after rotation, TCP
+    forwards, probes) are kept first, so a flood of TCP clients cannot take the sockets forwarded queries
+    need; the listeners share the rest, each up to :data:`MAX_TCP_CONNECTIONS`, an eighth of its share (at
+    most 32) per client address."""
     forwarder = upstreams * (4 * SOCKETS_PER_UPSTREAM + 1) + MAX_TCP_UPSTREAM
-    total = max(min(MAX_TCP_CONNECTIONS, descriptors - forwarder), MIN_TCP_CONNECTIONS)
+    share = (descriptors - forwarder) // max(listeners, 1)
+    total = max(min(MAX_TCP_CONNECTIONS, share), MIN_TCP_CONNECTIONS)
     per_client = min(max(total // 8, MIN_TCP_CONNECTIONS), MAX_TCP_CONNECTIONS_PER_CLIENT)
     return ListenerCaps(total, per_client)
 
@@ -434,9 +436,8 @@ class DnsStreamFactory(protocol.Factory):
         self.table = ConnectionTable(ListenerCaps(max_connections, max_per_client))
 
     @classmethod
-    def within(cls, controller: DnsController, clock, descriptors: int, upstreams: int) -> DnsStreamFactory:
-        """A factory whose caps leave the forwarder its sockets out of ``descriptors`` (:func:`tcp_caps`)."""
-        caps = tcp_caps(descriptors, upstreams)
+    def within(cls, controller: DnsController, clock, caps: ListenerCaps) -> DnsStreamFactory:
+        """A factory with ``caps`` (:func:`tcp_caps`)."""
         return cls(controller, clock, caps.total, caps.per_client)
 
     def _now(self) -> float:
@@ -469,18 +470,16 @@ class DnsStreamFactory(protocol.Factory):
         self.table.remove(proto)
 
 
-def listen(
-    reactor, controller: DnsController, host: str, port: int, descriptors: int, upstreams: int
-) -> list:
-    """Bind UDP and TCP on ``host:port``, TCP within ``descriptors`` (:func:`tcp_caps`); returns the
-    listening ports (raises CannotListenError)."""
+def listen(reactor, controller: DnsController, host: str, port: int, caps: ListenerCaps) -> list:
+    """Bind UDP and TCP on ``host:port``, TCP within ``caps`` (:func:`tcp_caps`); returns the listening
+    ports (raises CannotListenError)."""
     try:
         udp_socket, tcp_socket = bind_sockets(host, port)
     except OSError as exc:
         raise error.CannotListenError(host, port, exc) from exc
     udp = DatagramListener(reactor, udp_socket, controller)
     try:
-        factory = DnsStreamFactory.within(controller, reactor, descriptors, upstreams)
+        factory = DnsStreamFactory.within(controller, reactor, caps)
         tcp = reactor.adoptStreamPort(tcp_socket.fileno(), tcp_socket.family, factory)
     except Exception:
         udp.stopListening()
