@@ -308,7 +308,7 @@ def client_address(addr: object) -> str:
 
 
 class _Limited(ProtocolWrapper):
-    client = ""
+    """A connection the limiter admitted; its table knows whose it is."""
 
     def serving(self, busy: bool) -> None:
         """The HTTP channel inside starts (``busy``) or ends serving a request."""
@@ -365,7 +365,6 @@ class ConnectionLimiter(WrappingFactory[_Limited]):
         if wrapped is None:
             return None
         connection = _Limited(self, wrapped)
-        connection.client = client
         self.table.add(client, connection, now)
         return connection
 

@@ -305,7 +305,6 @@ class DnsStreamProtocol(protocol.Protocol):
     idle_timeout = 30.0
     message_timeout = 10.0
     transport: Any  # a TCP connection: an ITransport that is also an IPushProducer
-    client_host: str | None  # set by the factory that counts this client's connections
 
     def __init__(
         self, controller: DnsController, factory: DnsStreamFactory | None = None, clock=None
@@ -458,7 +457,6 @@ class DnsStreamFactory(protocol.Factory):
             self.table.remove(victim)  # at once: its connectionLost comes later
             victim.transport.abortConnection()
         proto = DnsStreamProtocol(self.controller, self, self.clock)
-        proto.client_host = host
         self.table.add(host, proto, now)
         return proto
 
