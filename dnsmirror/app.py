@@ -177,8 +177,9 @@ class Services(service.MultiService):
 
         def bind() -> None:
             try:
-                ports.append(self.reactor.listenTCP(address.port, self._limited(name, factory),
-                                                    interface=address.host))
+                port = self.reactor.listenTCP(address.port, self._limited(name, factory),
+                                              interface=address.host)
+                ports.append(bulk.gather_writes(port))
             except error.CannotListenError as exc:
                 raise ListenError(f"{key}: cannot listen on {address}: {_reason(exc)}") from exc
 

@@ -1,33 +1,42 @@
-"""Fewer, larger pieces on the TLS byte path: the per-piece Python work is what a blob's bytes cost.
+"""Fewer, larger pieces and fewer copies on the byte path: the per-piece Python work and each copy of a
+blob's bytes are what a cold fill costs.
 
 Twisted's ``TLSMemoryBIOProtocol`` hands the protocol above it one TLS record (at most 16 KiB) per call,
 and reads the socket 64 KiB at a time. A blob then crosses the HTTP client's parser, the body protocols
 and the fill some 65,000 times per GiB. :class:`BulkTLSProtocol` decrypts every record of one socket read
-and hands their plaintext on in one piece, and reads the socket in larger pieces once the handshake is
-done, so each layer above runs once per socket read. On the way out it encrypts a large write in
-pieces of :data:`SEND_PIECE` (memoryview slices, no copies) and hands the transport all ciphertext
-of a piece at once, instead of copying, encrypting and writing one 16 KiB record at a time. Nothing else
-changes: the same records are decrypted in the same order, errors and the TLS shutdown are handled as
-Twisted does, after the plaintext that came before them was delivered.
+straight into one buffer (OpenSSL's ``SSL_read`` through pyOpenSSL's binding, as pyOpenSSL's own ``recv``
+does, without its buffer and copy per record) and hands the plaintext on in one piece, and reads the
+socket in larger pieces once the handshake is done, so each layer above runs once per socket read. On the
+way out it encrypts a large write in pieces of :data:`SEND_PIECE` (memoryview slices, no copies) and takes
+the ciphertext out of OpenSSL with one copy. Nothing else changes: the same records are decrypted in the
+same order, errors and the TLS shutdown are handled as Twisted does, after the plaintext that came before
+them was delivered.
+
+:class:`GatherServer` sends what a connection has queued with one ``sendmsg`` of the queued pieces as
+they are, where Twisted joins them into one new string first (a copy of every byte sent) and sends at
+most 128 KiB per call; :func:`gather_writes` gives a listening port's connections that transport.
 
 :func:`install` makes every TLS connection of the process (the HTTPS listener, upstream and egress
-connections) use it; it is called once at start by :mod:`dnsmirror.app`. :class:`PlainEndpoints` gives
-plain HTTP connections (between peer nodes) the same large socket reads.
+connections) use :class:`BulkTLSProtocol`; it is called once at start by :mod:`dnsmirror.app`.
+:class:`PlainEndpoints` gives plain HTTP connections (between peer nodes) the same large socket reads.
 """
 
 from __future__ import annotations
 
+from errno import ENOBUFS, EWOULDBLOCK
 from typing import Any, cast
 
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError, _ffi, _lib
+from twisted.internet import main, tcp
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
+from twisted.python.util import untilConcludes
 from zope.interface import implementer
 
-# plaintext asked of OpenSSL per call: one record at most is returned, whatever the size asked
+# room left for one more record's plaintext (16 KiB) before the buffer is handed on
 RECORD_READ = 32 * 1024
 # socket reads of a connection after its handshake (Twisted's default is 64 KiB)
 SOCKET_READ = 256 * 1024
@@ -35,38 +44,51 @@ SOCKET_READ = 256 * 1024
 SEND_PIECE = 256 * 1024
 # ciphertext taken out of OpenSSL per call: a SEND_PIECE's records and their headers
 CIPHER_READ = SEND_PIECE + 64 * 1024
+# plaintext decrypted from one socket read before it is handed on
+PLAIN_BUFFER = SOCKET_READ + 2 * RECORD_READ
+# most pieces one sendmsg takes (the kernel's limit is 1024)
+GATHER_PIECES = 64
+
+# OpenSSL writes into these without clearing them first; a buffer's bytes are copied out before it is reused
+_uncleared = _ffi.new_allocator(should_clear_after_alloc=False)
 
 
 class BulkTLSProtocol(TLSMemoryBIOProtocol):
     """A ``TLSMemoryBIOProtocol`` that delivers the plaintext of one socket read in one piece."""
 
     def _flushReceiveBIO(self) -> None:
-        pieces: list[bytes] = []
         connection = self._tlsConnection
+        ssl = connection._ssl
+        plain = _uncleared("char[]", PLAIN_BUFFER)
+        filled = 0
         while not self._lostTLSConnection:
+            if PLAIN_BUFFER - filled < RECORD_READ:
+                filled = self._deliver(plain, filled)
+            result = _lib.SSL_read(ssl, plain + filled, PLAIN_BUFFER - filled)
+            if result > 0:
+                filled += result
+                continue
             try:
-                pieces.append(connection.recv(RECORD_READ))
+                connection._raise_ssl_error(ssl, result)  # pyOpenSSL's exception for OpenSSL's error
             except WantReadError:
                 break
             except ZeroReturnError:
                 # what came before the close_notify is delivered first, as it would have been record by record
-                self._deliver(pieces)
+                filled = self._deliver(plain, filled)
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
             except Error:
                 failure = Failure()
-                self._deliver(pieces)
+                filled = self._deliver(plain, filled)
                 self._tlsShutdownFinished(failure)
-        self._deliver(pieces)
+        self._deliver(plain, filled)
         self._flushSendBIO()
 
-    def _deliver(self, pieces: list[bytes]) -> None:
-        if not pieces:
-            return
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        pieces.clear()
-        if not self._aborted:
-            ProtocolWrapper.dataReceived(self, data)
+    def _deliver(self, plain: Any, size: int) -> int:
+        """Hands the first ``size`` bytes of ``plain`` on as one string; returns 0, the buffer's new fill."""
+        if size and not self._aborted:
+            ProtocolWrapper.dataReceived(self, _ffi.buffer(plain, size)[:])
+        return 0
 
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
@@ -86,14 +108,14 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
                 self._flushSendBIO()
 
     def _flushSendBIO(self) -> None:
-        connection, transport = self._tlsConnection, cast(Any, self.transport)
+        source, transport = self._tlsConnection._from_ssl, cast(Any, self.transport)
+        cipher = _uncleared("char[]", CIPHER_READ)
         while True:
-            try:
-                data = connection.bio_read(CIPHER_READ)
-            except WantReadError:
+            result = _lib.BIO_read(source, cipher, CIPHER_READ)
+            if result <= 0:  # a memory BIO with nothing in it
                 return
-            transport.write(data)
-            if len(data) < CIPHER_READ:
+            transport.write(_ffi.buffer(cipher, result)[:])
+            if result < CIPHER_READ:
                 return
 
     def _checkHandshakeStatus(self) -> None:
@@ -105,6 +127,64 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
 def install() -> None:
     """Every TLS connection made or accepted from now on uses :class:`BulkTLSProtocol`."""
     TLSMemoryBIOFactory.protocol = BulkTLSProtocol
+
+
+def sent_through(buffer: bytes, offset: int, pending: list[bytes], sent: int) -> tuple[bytes, int, int]:
+    """After ``sent`` bytes of ``buffer[offset:]`` and then of ``pending`` left: the new (buffer, offset),
+    and how many bytes were taken off ``pending`` (the pieces fully sent are removed from it; one sent in
+    part becomes the buffer, no bytes copied)."""
+    remaining = len(buffer) - offset
+    if sent < remaining:
+        return buffer, offset + sent, 0
+    sent -= remaining
+    taken = 0
+    while pending and sent >= len(pending[0]):
+        piece = pending.pop(0)
+        sent -= len(piece)
+        taken += len(piece)
+    if sent:
+        piece = pending.pop(0)
+        return piece, sent, taken + len(piece)
+    return b"", 0, taken
+
+
+class GatherServer(tcp.Server):
+    """A TCP server connection that sends its queued pieces with one ``sendmsg``, without joining them."""
+
+    def doWrite(self):
+        pending = self._tempDataBuffer
+        remaining = len(self.dataBuffer) - self.offset
+        pieces: list[Any] = [memoryview(self.dataBuffer)[self.offset:]] if remaining else []
+        pieces.extend(pending[:GATHER_PIECES])
+        try:
+            sent = untilConcludes(self.socket.sendmsg, pieces)
+        except OSError as exc:
+            if exc.args[0] not in (EWOULDBLOCK, ENOBUFS):
+                return main.CONNECTION_LOST
+            sent = 0
+        self.dataBuffer, self.offset, taken = sent_through(self.dataBuffer, self.offset, pending, sent)
+        self._tempDataLen -= taken
+        if self.offset < len(self.dataBuffer) or self._tempDataLen:
+            return None
+        # all sent: from here on as Twisted's FileDescriptor.doWrite
+        self.dataBuffer, self.offset = b"", 0
+        self.stopWriting()
+        if self.producer is not None and (not self.streamingProducer or self.producerPaused):
+            self.producerPaused = False
+            self.producer.resumeProducing()
+        elif self.disconnecting:
+            return self._postLoseConnection()
+        elif self._writeDisconnecting:
+            self._writeDisconnected = True
+            return self._closeWriteConnection()
+        return None
+
+
+def gather_writes(port):
+    """The connections ``port`` accepts from now on send with :class:`GatherServer` (returns ``port``)."""
+    if isinstance(port, tcp.Port):  # a test's in-memory port has no sockets to send on
+        port.transport = GatherServer
+    return port
 
 
 def grow_reads(protocol):

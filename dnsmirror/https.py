@@ -15,7 +15,7 @@ from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.web import resource, server
 
-from dnsmirror import oci
+from dnsmirror import bulk, oci
 from dnsmirror.config import HostPort
 from dnsmirror.limits import ConnectionLimiter, ListenerCaps
 from dnsmirror.logs import fields
@@ -81,7 +81,8 @@ class HttpsListener:
             factory = self.limiter = ConnectionLimiter(factory, self.caps, "https", self.reactor)
         for index, address in enumerate(self.addresses):
             try:
-                port = self.reactor.listenTCP(address.port, factory, interface=address.host, backlog=1024)
+                port = bulk.gather_writes(
+                    self.reactor.listenTCP(address.port, factory, interface=address.host, backlog=1024))
             except error.CannotListenError as exc:
                 self.stop()
                 raise HttpsBindError(index, address, exc) from exc

@@ -162,26 +162,29 @@ class Fill:
         return memory_start <= max(offset, self.written)
 
     def from_memory(self, offset: int, size: int) -> bytes | None:
-        """Up to ``size`` bytes at ``offset`` if they are still in memory (the newest received), else None."""
+        """Up to ``size`` bytes at ``offset`` from the one received piece in memory that holds them, else
+        None. A piece asked for whole is returned as it is, not copied; a reader asks again for the rest."""
         recent = self._recent
         if not recent or offset < recent[0][0]:
             return None
-        first = len(recent) - 1
-        while first > 0 and recent[first][0] > offset:  # readers are usually near the newest bytes
-            first -= 1
-        parts: list[bytes] = []
-        wanted = size
-        for index in range(first, len(recent)):
-            start, chunk = recent[index]
-            if start + len(chunk) <= offset:
-                continue
-            begin = offset - start if start < offset else 0
-            piece = chunk[begin:begin + wanted]
-            parts.append(piece)
-            wanted -= len(piece)
-            if wanted <= 0:
-                break
-        return b"".join(parts) if parts else None
+        index = len(recent) - 1
+        while index > 0 and recent[index][0] > offset:  # readers are usually near the newest bytes
+            index -= 1
+        start, piece = recent[index]
+        begin = offset - start
+        if begin >= len(piece):
+            return None
+        if begin == 0 and len(piece) <= size:
+            return piece
+        return piece[begin:begin + size]
+
+    def holds_back_newest(self, offset: int, limit: int) -> bool:
+        """Whether a reader at ``offset`` could send only part of the newest piece (up to ``limit``): all
+        of it but the last byte, held back until verification. It then waits for the next piece, or for
+        verification, and sends this one whole. Only a piece below the readers' pacing window waits: a
+        reader's wait must never be what pauses the upstream it waits for."""
+        return (bool(self._recent) and self._recent[-1][0] == offset
+                and limit == self.readable() < self.received < offset + READER_LAG_LOW)
 
     def _trim(self) -> None:
         # only bytes already on disk may leave memory: a reader that falls behind reads them there
@@ -676,6 +679,10 @@ class BlobStreamer:
                 return
             size = min(READ_CHUNK, limit - self.offset)
             if self.fill is not None:
+                if self.fill.holds_back_newest(self.offset, limit):
+                    self.busy = True
+                    self.fill.wait().addCallback(self._progress)
+                    return
                 data = self.fill.from_memory(self.offset, size)
                 if data:
                     # a reader keeping up with the fill gets the bytes as they arrive, without the disk

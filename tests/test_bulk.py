@@ -4,9 +4,14 @@ shutdown or error; large writes leave as the same bytes."""
 from __future__ import annotations
 
 import os
+import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tls_support import MemoryTLS
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import ClientCreator, Factory, Protocol
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dnsmirror import bulk
 
@@ -87,3 +92,92 @@ class BulkTLSTests(SynchronousTestCase):
     def test_socket_reads_grow_after_the_handshake(self) -> None:
         client, server, recorders, pump = self.connect()
         self.assertEqual(client.transport.bufferSize, bulk.SOCKET_READ)
+
+
+def test_sent_through_keeps_every_unsent_byte_in_order_without_copying() -> None:
+    @settings(max_examples=300, deadline=None)
+    @given(st.binary(max_size=40), st.data(), st.lists(st.binary(min_size=1, max_size=30), max_size=6))
+    def check(buffer: bytes, draw, pending: list[bytes]) -> None:
+        offset = draw.draw(st.integers(0, len(buffer)))
+        queued = buffer[offset:] + b"".join(pending)
+        sent = draw.draw(st.integers(0, len(queued)))
+        originals = [buffer, *pending]
+        left = list(pending)
+        new_buffer, new_offset, taken = bulk.sent_through(buffer, offset, left, sent)
+        assert new_buffer[new_offset:] + b"".join(left) == queued[sent:]
+        assert taken == sum(map(len, pending)) - sum(map(len, left))
+        assert new_buffer == b"" or any(new_buffer is piece for piece in originals)  # never a copy
+        assert all(any(piece is original for original in pending) for piece in left)
+
+    check()
+
+
+class Writer(Protocol):
+    """Writes ``pieces`` as a streaming producer's consumer would, then ends the connection its way."""
+
+    def __init__(self, pieces: list[bytes], end: str) -> None:
+        self.pieces, self.end = pieces, end
+        self.pauses = self.resumes = 0
+
+    def connectionMade(self) -> None:
+        self.transport.registerProducer(self, True)
+        for piece in self.pieces:
+            self.transport.write(piece)
+        self.transport.unregisterProducer()
+        getattr(self.transport, self.end)()
+
+    def pauseProducing(self) -> None:
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.resumes += 1
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class SlowReader(Protocol):
+    """Reads nothing for a while (the sender's socket buffers fill, its sends are partial), then all."""
+
+    def __init__(self, done: defer.Deferred) -> None:
+        self.done, self.pieces = done, []
+
+    def connectionMade(self) -> None:
+        self.transport.pauseProducing()
+        reactor.callLater(0.3, self.transport.resumeProducing)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(b"".join(self.pieces))
+
+
+class GatherWritesTests(TestCase):
+    timeout = 30  # a lost byte count leaves the connection open: fail soon
+    @defer.inlineCallbacks
+    def check_delivery(self, end: str):
+        rng = random.Random(7)
+        pieces = [os.urandom(rng.choice((1, 7, 1500, 64 * 1024, 300 * 1024))) for _ in range(120)]
+        writers: list[Writer] = []
+
+        def build(_address) -> Writer:
+            writers.append(Writer(pieces, end))
+            return writers[-1]
+
+        factory = Factory()
+        factory.buildProtocol = build
+        port = bulk.gather_writes(reactor.listenTCP(0, factory, interface="127.0.0.1"))
+        self.addCleanup(port.stopListening)
+        done: defer.Deferred = defer.Deferred()
+        yield ClientCreator(reactor, SlowReader, done).connectTCP("127.0.0.1", port.getHost().port)
+        received = yield done
+        self.assertIsInstance(writers[0].transport, bulk.GatherServer)
+        self.assertEqual(received, b"".join(pieces))
+        self.assertGreater(writers[0].pauses, 0)  # the queue went over the buffer size while the reader slept
+
+    def test_queued_pieces_arrive_whole_and_in_order_before_the_close(self):
+        return self.check_delivery("loseConnection")
+
+    def test_queued_pieces_arrive_whole_and_in_order_before_a_half_close(self):
+        return self.check_delivery("loseWriteConnection")

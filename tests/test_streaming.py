@@ -87,8 +87,12 @@ def test_waiters_stream_a_growing_fill_and_only_finish_after_verification(store)
     whole, partial = FakeRequest(), FakeRequest()
     _, whole_done = stream(disk, whole, fill, len(data))
     _, partial_done = stream(disk, partial, fill, len(data), start=500, end=2 * 1024 * 1024)
-    assert whole.body == data[:999]  # the last received byte waits for verification
+    # the newest piece waits for the next one (or verification) and is then sent whole: its last byte
+    # would otherwise be the last received, which waits for verification
+    assert whole.body == b""
     protocol.dataReceived(data[1000:])
+    # a piece as large as the readers' pacing window is not held back: all but its last byte goes now
+    assert whole.written[0] == data[:1000] and whole.body == data[:-1]
     # a range's last byte waits for verification too: no complete response of unverified bytes
     assert not partial.finished and partial.body == data[500:2 * 1024 * 1024 - 1]
     assert not whole.finished and whole.body == data[:-1]
@@ -96,6 +100,19 @@ def test_waiters_stream_a_growing_fill_and_only_finish_after_verification(store)
     assert partial.finished and partial.body == data[500:2 * 1024 * 1024]
     assert whole.finished and whole.body == data
     assert whole_done.result is True and partial_done.result is True
+
+
+def test_a_reader_keeping_up_sends_each_received_piece_itself_not_a_copy(store):
+    pieces = [os.urandom(size) for size in (300_000, 260_000, 1, 200_000)]
+    data = b"".join(pieces)
+    disk, fill, protocol, _ = start_fill(store, data)
+    request = FakeRequest()
+    stream(disk, request, fill, len(data))
+    for piece in pieces:
+        protocol.dataReceived(piece)
+    protocol.connectionLost(Failure(ResponseDone()))
+    assert request.finished and request.body == data
+    assert [id(sent) for sent in request.written] == [id(piece) for piece in pieces]
 
 
 def test_waiters_are_aborted_when_the_digest_does_not_match(store):
@@ -190,12 +207,13 @@ def test_readers_keeping_up_are_served_from_memory_and_laggards_from_disk(store,
     stream(disk, live, fill, len(data))
     for offset in range(0, len(data), 64 * 1024):
         protocol.dataReceived(data[offset:offset + 64 * 1024])
-    assert live.body == data[:-1] and reads == []  # never read back from disk
+    # never read back from disk; the newest piece waits for verification to be sent whole
+    assert live.body == data[:-64 * 1024] and reads == []
     assert fill.from_memory(0, 10) is None  # the oldest bytes left memory once on disk
     assert fill.from_memory(len(data) - 100, 1000) == data[-100:]
     late = FakeRequest()
     stream(disk, late, fill, len(data))
-    assert late.body == data[:-1] and reads  # a late reader reads the start from disk
+    assert late.body == data[:-64 * 1024] and reads  # a late reader reads the start from disk
     protocol.connectionLost(Failure(ResponseDone()))
     assert live.finished and late.finished and live.body == late.body == data
 
