@@ -221,8 +221,8 @@ def pump(
 
 
 class SplitResponse(BlobResponse):
-    """Upstream's 200 whose body arrives in two parts: all but the last ``tail`` bytes, then the rest on
-    ``finish()``."""
+    """Upstream's 200 whose body arrives in parts: all but the last ``tail`` bytes in two pieces (a reader
+    keeping up sends the first while the newest waits for the next), then the rest on ``finish()``."""
 
     def __init__(self, body: bytes, tail: int) -> None:
         super().__init__(body)
@@ -231,7 +231,9 @@ class SplitResponse(BlobResponse):
     def deliver_body(self, protocol) -> None:
         self.protocol = protocol
         protocol.makeConnection(None)
-        protocol.dataReceived(self.body[: -self.tail])
+        middle = (len(self.body) - self.tail) // 2
+        protocol.dataReceived(self.body[:middle])
+        protocol.dataReceived(self.body[middle: -self.tail])
 
     def finish(self) -> None:
         self.protocol.dataReceived(self.body[-self.tail :])
