@@ -49,8 +49,11 @@ PLAIN_BUFFER = SOCKET_READ + 2 * RECORD_READ
 # most pieces one sendmsg takes (the kernel's limit is 1024)
 GATHER_PIECES = 64
 
-# OpenSSL writes into these without clearing them first; a buffer's bytes are copied out before it is reused
+# One of each for the whole reactor: what OpenSSL puts in is copied out before any other code runs, so a
+# connection's call nested in another's (a write while a read's plaintext is handed on) finds them free
 _uncleared = _ffi.new_allocator(should_clear_after_alloc=False)
+_PLAIN = _uncleared("char[]", PLAIN_BUFFER)
+_CIPHER = _uncleared("char[]", CIPHER_READ)
 
 
 class BulkTLSProtocol(TLSMemoryBIOProtocol):
@@ -59,8 +62,7 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
     def _flushReceiveBIO(self) -> None:
         connection = self._tlsConnection
         ssl = connection._ssl
-        plain = _uncleared("char[]", PLAIN_BUFFER)
-        filled = 0
+        plain, filled = _PLAIN, 0
         while not self._lostTLSConnection:
             if PLAIN_BUFFER - filled < RECORD_READ:
                 filled = self._deliver(plain, filled)
@@ -109,7 +111,7 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
 
     def _flushSendBIO(self) -> None:
         source, transport = self._tlsConnection._from_ssl, cast(Any, self.transport)
-        cipher = _uncleared("char[]", CIPHER_READ)
+        cipher = _CIPHER
         while True:
             result = _lib.BIO_read(source, cipher, CIPHER_READ)
             if result <= 0:  # a memory BIO with nothing in it

@@ -42,6 +42,19 @@ class BulkTLSTests(SynchronousTestCase):
         # 16 KiB records, but each read of the wire is handed on in one piece
         self.assertLess(len(received.pieces), len(body) // (16 * 1024) // 4)
 
+    def test_writes_made_while_a_read_is_handed_on_keep_both_directions_whole(self) -> None:
+        # the client echoes each piece from inside its dataReceived: an encryption nested in a decryption,
+        # both using the reactor's one pair of buffers
+        client, server, recorders, pump = self.connect()
+        echo = recorders["client"]
+        echo.dataReceived = lambda data: (echo.pieces.append(data), echo.transport.write(data))
+        body = os.urandom(3 * MiB + 4321)
+        server.write(body)
+        self.clock.advance(0)
+        pump.flush()
+        self.assertEqual(echo.received, body)
+        self.assertEqual(recorders["server"].received, body)
+
     def test_stock_protocol_delivers_record_by_record(self) -> None:
         # the control of the test above: without the bulk protocol, one piece per 16 KiB record
         client, server, recorders, pump = self.connect(bulk_protocol=False)
