@@ -201,8 +201,8 @@ class MirrorNode:
         """Every JSON log record dnsmirror wrote so far (``log.format: json``), oldest first."""
         if self.process is None:
             return []
-        output = self.process.stdout() + self.process.stderr()
-        return [json.loads(line[line.index("{"):]) for line in output.splitlines() if "{" in line]
+        lines = self.process.whole_lines(stderr_too=True)
+        return [json.loads(line[line.index("{"):]) for line in lines if "{" in line]
 
     def __enter__(self) -> MirrorNode:
         return self.start()

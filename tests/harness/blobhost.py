@@ -62,7 +62,7 @@ class BlobHost:
         """Every request so far: ``{"method", "path", "host", "status", "authorization": bool, "range"}``."""
         if self.process is None:
             return []
-        return [json.loads(line) for line in self.process.stdout().splitlines() if line.startswith("{")]
+        return [json.loads(line) for line in self.process.whole_lines() if line.startswith("{")]
 
 
 def _serve(address: str, port: int, cert: str, key: str, root: str) -> None:

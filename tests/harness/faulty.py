@@ -85,7 +85,7 @@ class FaultyServer:
         """Every request so far, oldest first."""
         if self.process is None:
             return []
-        return [json.loads(line) for line in self.process.stdout().splitlines() if line.startswith("{")]
+        return [json.loads(line) for line in self.process.whole_lines() if line.startswith("{")]
 
 
 def _serve(address: str, port: int, root: str, cert: str | None, key: str | None) -> None:

@@ -198,6 +198,11 @@ class Process:
         """Everything the process wrote to stderr so far."""
         return self.stderr_path.read_text(errors="replace")
 
+    def whole_lines(self, stderr_too: bool = False) -> list[str]:
+        """The lines the process wrote to stdout (then stderr) so far, without one still being written."""
+        streams = (self.stdout(), self.stderr()) if stderr_too else (self.stdout(),)
+        return [line for text in streams for line in text[:text.rfind("\n") + 1].splitlines()]
+
     def describe(self, tail: int = 40) -> str:
         """A short report (argv, exit status, last lines of output) for failure messages."""
         lines = (self.stdout() + self.stderr()).splitlines()[-tail:]
