@@ -83,6 +83,8 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
                 failure = Failure()
                 filled = self._deliver(plain, filled)
                 self._tlsShutdownFinished(failure)
+            else:
+                break  # no error to report: nothing more to read now
         self._deliver(plain, filled)
         self._flushSendBIO()
 
