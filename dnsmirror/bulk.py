@@ -62,11 +62,12 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
     def _flushReceiveBIO(self) -> None:
         connection = self._tlsConnection
         ssl = connection._ssl
-        plain, filled = _PLAIN, 0
+        filled = 0
         while not self._lostTLSConnection:
             if PLAIN_BUFFER - filled < RECORD_READ:
-                filled = self._deliver(plain, filled)
-            result = _lib.SSL_read(ssl, plain + filled, PLAIN_BUFFER - filled)
+                self._deliver(filled)
+                filled = 0
+            result = _lib.SSL_read(ssl, _PLAIN + filled, PLAIN_BUFFER - filled)
             if result > 0:
                 filled += result
                 continue
@@ -76,23 +77,24 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
                 break
             except ZeroReturnError:
                 # what came before the close_notify is delivered first, as it would have been record by record
-                filled = self._deliver(plain, filled)
+                self._deliver(filled)
+                filled = 0
                 self._shutdownTLS()
                 self._tlsShutdownFinished(None)
             except Error:
                 failure = Failure()
-                filled = self._deliver(plain, filled)
+                self._deliver(filled)
+                filled = 0
                 self._tlsShutdownFinished(failure)
             else:
                 break  # no error to report: nothing more to read now
-        self._deliver(plain, filled)
+        self._deliver(filled)
         self._flushSendBIO()
 
-    def _deliver(self, plain: Any, size: int) -> int:
-        """Hands the first ``size`` bytes of ``plain`` on as one string; returns 0, the buffer's new fill."""
+    def _deliver(self, size: int) -> None:
+        """Hands the first ``size`` bytes of the plaintext buffer on as one string."""
         if size and not self._aborted:
-            ProtocolWrapper.dataReceived(self, _ffi.buffer(plain, size)[:])
-        return 0
+            ProtocolWrapper.dataReceived(self, _ffi.buffer(_PLAIN, size)[:])
 
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
@@ -113,12 +115,11 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
 
     def _flushSendBIO(self) -> None:
         source, transport = self._tlsConnection._from_ssl, cast(Any, self.transport)
-        cipher = _CIPHER
         while True:
-            result = _lib.BIO_read(source, cipher, CIPHER_READ)
+            result = _lib.BIO_read(source, _CIPHER, CIPHER_READ)
             if result <= 0:  # a memory BIO with nothing in it
                 return
-            transport.write(_ffi.buffer(cipher, result)[:])
+            transport.write(_ffi.buffer(_CIPHER, result)[:])
             if result < CIPHER_READ:
                 return
 
