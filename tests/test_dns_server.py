@@ -374,7 +374,7 @@ class StreamLimitTests(SynchronousTestCase):
 
     def test_connections_are_capped_in_total_and_per_client(self):
         controller, _ = make_controller()
-        factory = DnsStreamFactory(controller, Clock(), max_connections=3, max_per_client=2)
+        factory = DnsStreamFactory(controller, Clock(), ListenerCaps(total=3, per_client=2))
         first, first_transport = tcp_client(controller, None, "127.0.0.1", factory)
         second, _ = tcp_client(controller, None, "127.0.0.1", factory)
         self.assertIsNone(tcp_client(controller, None, "127.0.0.1", factory)[0])
@@ -403,7 +403,7 @@ class StreamLimitTests(SynchronousTestCase):
     def test_a_connection_answering_a_query_is_never_taken(self):
         controller, forwarder = make_controller()
         clock = Clock()
-        factory = DnsStreamFactory(controller, clock, max_connections=3, max_per_client=3)
+        factory = DnsStreamFactory(controller, clock, ListenerCaps(total=3, per_client=3))
         asking, asking_transport = tcp_client(controller, None, "127.0.0.1", factory)
         asking.dataReceived(framed(query("www.example.com", qid=7)))  # forwarded: its answer is pending
         self.assertEqual(len(forwarder.pending), 1)

@@ -636,10 +636,8 @@ class _Child:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             udp_fd, tcp_fd = FIRST_CHILD_FD + 2 * index, FIRST_CHILD_FD + 2 * index + 1
             self.ports.append(DatagramListener(self.reactor, socket.socket(fileno=udp_fd), self.controller))
-            self.ports.append(
-                self.reactor.adoptStreamPort(tcp_fd, family, DnsStreamFactory.within(
-                    self.controller, self.reactor, caps))
-            )
+            factory = DnsStreamFactory(self.controller, self.reactor, caps)
+            self.ports.append(self.reactor.adoptStreamPort(tcp_fd, family, factory))
             os.close(tcp_fd)  # the adopted port holds its own duplicate
         self.channel = stdio.StandardIO(_ParentChannel(self), reactor=self.reactor)
         if self.settings.realtime:

@@ -339,15 +339,11 @@ class DnsStreamProtocol(protocol.Protocol):
             if length < HEADER_SIZE:
                 self.controller.stats.malformed += 1
                 continue
-            self.pending += 1
-            if self.pending == 1 and self.factory is not None:
-                self.factory.answering(self, True)
+            self._pending_change(+1)
             try:
                 self.controller.handle(packet, self.transport.getPeer().host, self._answer_once(), tcp=True)
             except Exception:
-                self.pending -= 1
-                if not self.pending and self.factory is not None:
-                    self.factory.answering(self, False)
+                self._pending_change(-1)
                 self.controller.stats.malformed += 1
                 log.exception("TCP query could not be handled")
         full = self.pending >= MAX_TCP_QUERIES_PENDING
@@ -355,6 +351,14 @@ class DnsStreamProtocol(protocol.Protocol):
             self.paused = full
             (self.transport.pauseProducing if full else self.transport.resumeProducing)()
         self._arm()
+
+    def _pending_change(self, change: int) -> None:
+        """One more (+1) or one fewer (-1) query waiting for its answer; the factory hears when the
+        connection starts or stops answering (a connection answering is never taken for another)."""
+        before = self.pending
+        self.pending += change
+        if self.factory is not None and (before == 0) != (self.pending == 0):
+            self.factory.answering(self, self.pending > 0)
 
     def _answer_once(self) -> Reply:
         answered = False
@@ -364,9 +368,7 @@ class DnsStreamProtocol(protocol.Protocol):
             if answered:
                 return
             answered = True
-            self.pending -= 1
-            if not self.pending and self.factory is not None:
-                self.factory.answering(self, False)
+            self._pending_change(-1)
             self._write(answer)
             if self.open and (self.paused or self.buffer):
                 self._parse()
@@ -423,21 +425,11 @@ class DnsStreamFactory(protocol.Factory):
     (:class:`~dnsmirror.limits.ConnectionTable`): a flood of idle connections from many addresses cannot
     shut out a client that sends queries."""
 
-    def __init__(
-        self,
-        controller: DnsController,
-        clock=None,
-        max_connections: int = MAX_TCP_CONNECTIONS,
-        max_per_client: int = MAX_TCP_CONNECTIONS_PER_CLIENT,
-    ) -> None:
+    def __init__(self, controller: DnsController, clock, caps: ListenerCaps) -> None:
+        """``caps`` from :func:`tcp_caps`; ``clock`` None is the global reactor."""
         self.controller = controller
         self.clock = clock
-        self.table = ConnectionTable(ListenerCaps(max_connections, max_per_client))
-
-    @classmethod
-    def within(cls, controller: DnsController, clock, caps: ListenerCaps) -> DnsStreamFactory:
-        """A factory with ``caps`` (:func:`tcp_caps`)."""
-        return cls(controller, clock, caps.total, caps.per_client)
+        self.table = ConnectionTable(caps)
 
     def _now(self) -> float:
         if self.clock is None:
@@ -477,7 +469,7 @@ def listen(reactor, controller: DnsController, host: str, port: int, caps: Liste
         raise error.CannotListenError(host, port, exc) from exc
     udp = DatagramListener(reactor, udp_socket, controller)
     try:
-        factory = DnsStreamFactory.within(controller, reactor, caps)
+        factory = DnsStreamFactory(controller, reactor, caps)
         tcp = reactor.adoptStreamPort(tcp_socket.fileno(), tcp_socket.family, factory)
     except Exception:
         udp.stopListening()
