@@ -159,7 +159,7 @@ class Registry:
         if self.process is None:
             return []
         entries = []
-        for line in self.process.stdout().splitlines():
+        for line in self.process.whole_lines():
             match = _ACCESS_LINE.match(line)
             if match:
                 size = int(match["size"]) if match["size"].isdigit() else 0
