@@ -674,14 +674,12 @@ class BlobStreamer:
                 # a streamer without a fill has an end, which closed it at the target check above
                 assert self.fill is not None
                 self.keep_tail()
-                self.busy = True
-                self.fill.wait().addCallback(self._progress)
+                self._wait_for_fill(self.fill)
                 return
             size = min(READ_CHUNK, limit - self.offset)
             if self.fill is not None:
                 if self.fill.holds_back_newest(self.offset, limit):
-                    self.busy = True
-                    self.fill.wait().addCallback(self._progress)
+                    self._wait_for_fill(self.fill)
                     return
                 data = self.fill.from_memory(self.offset, size)
                 if data:
@@ -695,12 +693,16 @@ class BlobStreamer:
                     self.abort("bytes neither in memory nor on disk")  # cannot happen: memory keeps them
                     return
                 if size <= 0:  # neither in memory nor on disk yet: wait for the writer
-                    self.busy = True
-                    self.fill.wait().addCallback(self._progress)
+                    self._wait_for_fill(self.fill)
                     return
             self.busy = self.reading = True
             self._start_read(size)
             return
+
+    def _wait_for_fill(self, fill: Fill) -> None:
+        """Nothing to send until ``fill`` makes progress: go on then."""
+        self.busy = True
+        fill.wait().addCallback(self._progress)
 
     def _progress(self, _result: None) -> None:
         self.busy = False
