@@ -389,8 +389,8 @@ class Services(service.MultiService):
                     lambda: (self.dns_process.priority_gap or 0) if self.dns_process is not None else 0,
                 ),
                 "dns_realtime": (
-                    "1 while every DNS process runs at real-time priority (dns.realtime, where allowed and "
-                    "within their CPU budget), else 0",
+                    "1 while every DNS process runs at real-time priority (dns.realtime, where allowed, "
+                    "while the machine is busy and within their CPU budget), else 0",
                     lambda: int(self.dns_process is not None and self.dns_process.realtime),
                 ),
                 "dns_processes": (

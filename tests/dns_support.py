@@ -435,3 +435,25 @@ def realtime_allowed() -> bool:
     cgroup the kernel gives real-time time)."""
     probe = "import os; os.sched_setscheduler(0, os.SCHED_RR, os.sched_param(1))"
     return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=30).returncode == 0
+
+
+_BUSY_LOOP = """
+import sys, time
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    pass
+"""
+
+
+@contextlib.contextmanager
+def busy_machine(seconds: float = 60):
+    """Every core of the machine busy (a loop per core at the lowest priority, ending by itself after
+    ``seconds``) while the block runs: a DNS process takes real-time priority only on a busy machine."""
+    loops = [subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", _BUSY_LOOP, str(seconds)])
+             for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()

@@ -375,3 +375,62 @@ def test_only_a_well_formed_upstream_message_is_one():
     ]
     for line in [*malformed, b'{"healthy": true}']:
         assert parse_upstream(line) is None, line
+
+
+def ticks_after(load: priority.MachineLoad, *idle_cores: float, cores: int = 2) -> bool:
+    """The load's answer after readings 100 ticks per core apart, in each of which ``idle_cores`` cores were
+    idle on average."""
+    idle, total = 1000, 5000
+    load.update((idle, total, cores))
+    for cores_idle in idle_cores:
+        idle, total = idle + round(100 * cores_idle), total + 100 * cores
+        busy = load.update((idle, total, cores))
+    return busy
+
+
+def test_real_time_priority_is_wanted_while_the_machine_is_busy_and_not_while_cores_are_idle():
+    low, high = priority.REALTIME_IDLE_CORES
+    checks = priority.REALTIME_IDLE_CHECKS
+    assert ticks_after(priority.MachineLoad(busy=False), low - 0.1)  # busy: at once
+    assert not ticks_after(priority.MachineLoad(busy=True), *[high + 0.1] * checks)  # idle: checks in a row
+    # a busy machine's idle moment (a stream between two blobs) keeps it, however idle
+    moment = [2.0] * (checks - 1)
+    assert ticks_after(priority.MachineLoad(busy=True), *moment)
+    assert ticks_after(priority.MachineLoad(busy=True), *moment, low - 0.1, *moment)
+    assert ticks_after(priority.MachineLoad(busy=True), *moment, (low + high) / 2, *moment)
+    # in between, as it was: a machine near the edge does not switch at every check
+    assert ticks_after(priority.MachineLoad(busy=True), *[(low + high) / 2] * 10)
+    assert not ticks_after(priority.MachineLoad(busy=False), (low + high) / 2)
+    # counted in cores, not shares: half of 16 cores idle is an idle machine, 0.2 of 2 a busy one
+    assert not ticks_after(priority.MachineLoad(), *[8] * checks, cores=16)
+    assert ticks_after(priority.MachineLoad(busy=False), 0.2, cores=2)
+
+
+def test_the_machine_load_keeps_its_answer_without_two_readings_to_compare():
+    load = priority.MachineLoad(busy=False)
+    assert not load.update(None)  # unreadable
+    assert not load.update((10, 100, 2))  # the first reading: nothing to compare to
+    assert not load.update((10, 100, 2))  # no time passed
+    assert not load.update((5, 200, 2))  # counters went back (not this machine's?): no answer from them
+    assert load.update((5, 300, 2))  # 100 ticks, none idle
+    assert load.update((200, 400, 2))  # all idle: one reading is not enough
+
+
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 10_000)), min_size=1, max_size=20),
+       st.integers(1, 256), st.booleans())
+def test_the_machine_load_never_fails_on_any_counters(readings, cores, busy):
+    load = priority.MachineLoad(busy=busy)
+    for idle, total in readings:
+        assert load.update((idle, total, cores)) in (True, False)
+
+
+def test_machine_ticks_reads_the_whole_machine_and_counts_its_cores(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 1 5 100 7 0 2 3 0 0\ncpu0 5 0 2 50 3 0 1 1 0 0\ncpu1 5 1 3 50 4 0 1 2 0 0\n"
+                    "intr 1 2 3\n")
+    assert priority.machine_ticks(str(stat)) == (107, 128, 2)  # idle + iowait; steal counts as busy
+    assert priority.machine_ticks(str(tmp_path / "missing")) is None
+    stat.write_text("garbage\n")
+    assert priority.machine_ticks(str(stat)) is None
+    idle, total, cores = priority.machine_ticks()  # this machine's
+    assert 0 <= idle <= total and cores >= 1

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from dns_support import (
+    busy_machine,
     capturing_mirror,
     children,
     dig,
@@ -159,7 +160,7 @@ def test_the_dns_process_runs_above_the_mirror_in_a_session_of_its_own(tmp_path)
     metrics_port = free_port()
     quiet = {"upstreams": [f"127.0.0.1:{free_port()}"]}  # nothing is forwarded off this machine
     overrides = {"metrics": {"listen": f"127.0.0.1:{metrics_port}"}, "dns": quiet}
-    with dnsmirror_serve(tmp_path, overrides) as (_, process, log):
+    with dnsmirror_serve(tmp_path, overrides) as (_, process, log), busy_machine():
         assert wait_until(lambda: priority_settled(metrics_port, process.pid), 10), log.read_text()
         for child in children(process.pid):
             assert nice_of(process.pid) - nice_of(child) == 5
@@ -185,6 +186,25 @@ def test_the_dns_process_runs_above_the_mirror_in_a_session_of_its_own(tmp_path)
         else:
             assert metric(metrics_port, "dnsmirror_dns_realtime") == 0
     assert "dns_priority" in log.read_text()
+
+
+@pytest.mark.skipif(not realtime_allowed(), reason="real-time priority is not allowed here")
+def test_the_dns_process_holds_real_time_priority_only_while_the_machine_is_busy(mirror):
+    port, process, log = mirror
+    pids = children(process.pid)
+
+    def policies() -> set[int]:
+        return {os.sched_getscheduler(child) for child in pids}
+
+    with busy_machine():
+        assert wait_until(lambda: policies() == {os.SCHED_RR}, 10), log.read_text()
+        assert answer(port) == MIRROR
+    # cores idle again: an ordinary task answers sooner there (woken where its query came from)
+    assert wait_until(lambda: policies() == {os.SCHED_OTHER}, 10), log.read_text()
+    assert answer(port) == MIRROR
+    with busy_machine():
+        assert wait_until(lambda: policies() == {os.SCHED_RR}, 10), log.read_text()
+    assert children(process.pid) == pids
 
 
 @pytest.mark.skipif(
@@ -223,8 +243,9 @@ _OVERRUN = """
 import os, time
 from twisted.internet import task
 from dnsmirror.dns.child import _Realtime
+from dnsmirror.dns.priority import MachineLoad
 clock = task.Clock()
-realtime = _Realtime(clock)
+realtime = _Realtime(clock, load=MachineLoad((float("inf"), float("inf"))))  # a machine always busy
 realtime.start()
 print(os.sched_getscheduler(0) == os.SCHED_RR, realtime.enabled)
 deadline = time.monotonic() + 3
@@ -270,23 +291,24 @@ while time.monotonic() < end:
 def test_a_query_flood_takes_the_dns_process_off_real_time_priority_for_a_while(mirror):
     port, process, log = mirror
     pids = children(process.pid)
-    assert {os.sched_getscheduler(child) for child in pids} == {os.SCHED_RR}
 
     def demoted() -> bool:
         return os.SCHED_OTHER in {os.sched_getscheduler(child) for child in pids}
 
-    flood = subprocess.Popen([sys.executable, "-c", _FLOOD, str(port), "6", ECR])
-    try:
-        # over its CPU share, or 0.2 s without waiting: an ordinary task, so the flood cannot take a core
-        assert wait_until(demoted, 5), log.read_text()
-    finally:
-        flood.kill()
-        flood.wait()
-    text = log.read_text()
-    assert "of a core: at its nice value" in text or "without waiting: at its nice value" in text, text
-    assert answer(port) == MIRROR
-    # the cool-down over, a quiet resolver takes its priority again
-    assert wait_until(lambda: not demoted(), 10), log.read_text()
+    with busy_machine():  # real-time priority is held on a busy machine only
+        assert wait_until(lambda: not demoted(), 10), log.read_text()
+        flood = subprocess.Popen([sys.executable, "-c", _FLOOD, str(port), "6", ECR])
+        try:
+            # over its CPU share, or 0.2 s without waiting: an ordinary task, so the flood cannot take a core
+            assert wait_until(demoted, 5), log.read_text()
+        finally:
+            flood.kill()
+            flood.wait()
+        text = log.read_text()
+        assert "of a core: at its nice value" in text or "without waiting: at its nice value" in text, text
+        assert answer(port) == MIRROR
+        # the cool-down over, a quiet resolver takes its priority again
+        assert wait_until(lambda: not demoted(), 10), log.read_text()
     assert children(process.pid) == pids  # demoted, never killed
 
 

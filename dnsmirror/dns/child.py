@@ -515,13 +515,15 @@ class _Bypass:
 
 
 class _Realtime:
-    """The DNS process's real-time priority, held within :class:`~dnsmirror.dns.priority.RealtimeBudget`."""
+    """The DNS process's real-time priority, held within :class:`~dnsmirror.dns.priority.RealtimeBudget` while
+    the machine is busy (:class:`~dnsmirror.dns.priority.MachineLoad`)."""
 
-    def __init__(self, clock, processes: int = 1) -> None:
+    def __init__(self, clock, processes: int = 1, load: priority.MachineLoad | None = None) -> None:
         self.clock = clock
         # the whole DNS's budget, on the cores it may use (read before this process is pinned to one)
         share = priority.realtime_share(len(os.sched_getaffinity(0))) / max(processes, 1)
         self.budget = priority.RealtimeBudget(share)
+        self.load = load or priority.MachineLoad()
         self.enabled = False  # running at real-time priority now
         self.possible = False  # allowed here, with the kernel's limit on runs that never wait in place
 
@@ -546,13 +548,20 @@ class _Realtime:
             )
 
     def check(self) -> None:
-        """Periodically: leave real-time priority while over the CPU budget, take it again after."""
+        """Periodically: real-time priority while the machine is busy and within the CPU budget, the nice
+        value alone while cores are idle or over the budget."""
         if not self.possible:
             return
-        wanted = self.budget.allowed(self.clock.seconds(), time.process_time())
+        allowed = self.budget.allowed(self.clock.seconds(), time.process_time())
+        busy = self.load.update(priority.machine_ticks())  # procfs: kernel counters, no disk
+        wanted = allowed and busy
         if wanted != self.enabled and priority.set_realtime(wanted) is None:
             self.enabled = wanted
-            if not wanted:
+            if allowed:
+                log.debug("DNS process %s real-time priority: the machine is %s",
+                          "takes" if wanted else "leaves", "busy" if busy else "idle",
+                          extra=log_fields(event="dns_realtime_load", busy=busy))
+            else:
                 log.warning(
                     "DNS process took more than %.0f%% of a core: at its nice value for %.0fs",
                     100 * self.budget.share,

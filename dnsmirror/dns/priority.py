@@ -29,8 +29,15 @@ it (``steal`` in /proc/stat) or the kernel finishes a long system call of anothe
 (:func:`answering_cores`): every query wakes them all, the first to run reads it, and a core held
 elsewhere holds no answer. The real-time budget is the whole DNS's, shared among them.
 
-:func:`yield_steps`, :func:`answering_cores` and :class:`RealtimeBudget` are the decisions; the functions
-around them only read and set nice values, scheduling policies and cores.
+Real-time priority pays only on a busy machine. Where cores are idle the kernel wakes a real-time task
+on an idle core rather than where its query was sent from, and on a VM an idle core must first be woken
+by the hypervisor, which can take milliseconds: an ordinary task, woken the ordinary way, answers sooner
+there. So the DNS process holds the priority only while the machine is busy (:class:`MachineLoad`: fewer
+than :data:`REALTIME_IDLE_CORES` idle on average since the last check), and answers at its nice value while
+cores are idle.
+
+:func:`yield_steps`, :func:`answering_cores`, :class:`RealtimeBudget` and :class:`MachineLoad` are the
+decisions; the functions around them only read and set nice values, scheduling policies and cores.
 """
 
 from __future__ import annotations
@@ -56,6 +63,14 @@ REALTIME_COOL_DOWN = 5.0
 # seconds of CPU a real-time process may run without a blocking call: past the first the kernel sends
 # SIGXCPU (the process goes back to its nice value), past the second SIGKILL (its parent starts a new one)
 REALTIME_RUN_LIMIT = (0.2, 2.0)
+# real-time priority pays only while a woken task may find every core busy: the DNS process takes it once
+# fewer than the first of these idle cores were left on average since the last check, and leaves it once
+# more than the second were. With cores idle it costs: the kernel wakes a real-time task on an idle core,
+# which on a VM the hypervisor must wake first (measured in bench/README.md)
+REALTIME_IDLE_CORES = (0.6, 0.9)
+# checks in a row with that many idle before it lets go: a busy machine has idle moments (a stream between
+# two blobs), and each would cost a stream's time slice
+REALTIME_IDLE_CHECKS = 4
 
 
 def yield_steps(mirror_nice: int, dns_nice: int, gap: int) -> int:
@@ -187,6 +202,51 @@ class RealtimeBudget:
     def overran(self, now: float) -> None:
         """The process went over its budget at ``now`` (the kernel said so: SIGXCPU)."""
         self.until = now + self.cool_down
+
+
+class MachineLoad:
+    """Whether the machine is busy enough for real-time priority to pay, from its CPU ticks
+    (:func:`machine_ticks`) read at each check: busy once fewer than ``idle_cores[0]`` cores were idle on
+    average since the last reading, idle once more than ``idle_cores[1]`` were at ``idle_checks`` readings
+    in a row, and otherwise (or with no reading to compare to) as it was."""
+
+    def __init__(self, idle_cores: tuple[float, float] = REALTIME_IDLE_CORES,
+                 idle_checks: int = REALTIME_IDLE_CHECKS, busy: bool = True) -> None:
+        self.busy_below, self.idle_above = idle_cores
+        self.idle_checks = idle_checks
+        self.busy = busy
+        self._idle_run = 0  # readings in a row with more than idle_above cores idle
+        self._last: tuple[int, int] | None = None  # (idle ticks, all ticks) at the last reading
+
+    def update(self, ticks: tuple[int, int, int] | None) -> bool:
+        """Whether the machine is busy, given ``(idle ticks, all ticks, cores)`` now (None: unreadable)."""
+        if ticks is None:
+            return self.busy
+        idle, total, cores = ticks
+        last, self._last = self._last, (idle, total)
+        if last is not None and total > last[1] and idle >= last[0]:
+            idle_cores = cores * (idle - last[0]) / (total - last[1])
+            self._idle_run = self._idle_run + 1 if idle_cores > self.idle_above else 0
+            if idle_cores < self.busy_below:
+                self.busy = True
+            elif self._idle_run >= self.idle_checks:
+                self.busy = False
+        return self.busy
+
+
+def machine_ticks(path: str = "/proc/stat") -> tuple[int, int, int] | None:
+    """The whole machine's CPU time so far: (idle ticks, all ticks, cores), idle counting the time waiting for
+    I/O and all counting the time the hypervisor ran something else (``steal``); None when unreadable."""
+    try:
+        with open(path) as stat:
+            lines = stat.read().splitlines()
+        fields = [int(value) for value in lines[0].split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return None
+    cores = sum(1 for line in lines if line.startswith("cpu") and line[3:4].isdigit())
+    if len(fields) < 5 or cores < 1:
+        return None
+    return fields[3] + fields[4], sum(fields), cores
 
 
 def set_realtime(enabled: bool) -> str | None:
