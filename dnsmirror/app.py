@@ -645,6 +645,8 @@ def serve(config: Config) -> int:
         log.error("%s", exc)
         return 2
     reactor.addSystemEventTrigger("before", "shutdown", _stopping, services)
+    # a shell starts a background job with SIGINT ignored, and Twisted leaves it so: it stops us anyway
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     reactor.run()
     return 0
 

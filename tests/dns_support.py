@@ -142,11 +142,12 @@ def silent_udp_server():
 
 @contextlib.contextmanager
 def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True, nofile: int | None = None,
-                    prefix: tuple[str, ...] = ()):
+                    prefix: tuple[str, ...] = (), preexec=None):
     """``dnsmirror serve`` with the embedded default plus ``overrides``; yields (port, process, logfile).
 
     ``nofile``: the process's descriptor limit (soft and hard), as ``ulimit -n`` would set it. ``prefix``:
-    a command that execs the rest (e.g. ``setpriv`` dropping a capability).
+    a command that execs the rest (e.g. ``setpriv`` dropping a capability). ``preexec``: called in the
+    child before it execs (after the descriptor limit).
     """
     port = free_port()
     # DNS only: no HTTPS listener (so no CA); health follows a stand-in listener the test controls
@@ -167,14 +168,17 @@ def dnsmirror_serve(tmp: Path, overrides: dict, wait: bool = True, nofile: int |
     log_path = tmp / f"dnsmirror-{port}.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    def limit_descriptors() -> None:
-        import resource
+    def before_exec() -> None:
+        if nofile:
+            import resource
 
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        if preexec is not None:
+            preexec()
 
     process = subprocess.Popen([*prefix, sys.executable, "-m", "dnsmirror", "serve", "--config", str(config)],
                                stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env,
-                               preexec_fn=limit_descriptors if nofile else None)
+                               preexec_fn=before_exec if nofile or preexec else None)
     try:
         if wait:
             wait_for_dns(port)

@@ -54,6 +54,29 @@ def test_sigterm_fails_open_first_and_drains_for_the_answer_ttl(tmp_path):
         assert not accepts(https_port)
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
+
+
+def test_sigint_stops_the_mirror_even_when_it_was_started_with_sigint_ignored(tmp_path):
+    ca_dir = tmp_path / "ca"
+    subprocess.run([sys.executable, "-m", "dnsmirror", "ca", "init", "--dir", str(ca_dir)], check=True,
+                   capture_output=True, timeout=60)
+    https_port = free_port()
+    overrides = {
+        "dns": {"ttl": 1},
+        "https": {"listen": [f"127.0.0.1:{https_port}"]},
+        "health": {"targets": []},
+        "tls": {"ca_cert": str(ca_dir / "ca.crt"), "ca_key": str(ca_dir / "ca.key")},
+        "cache": {"dir": str(tmp_path / "cache")},
+    }
+    with dnsmirror_serve(tmp_path, overrides, preexec=_ignore_sigint) as (_, process, log):
+        assert wait_until(lambda: accepts(https_port), 10), log.read_text()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=15) == 0, log.read_text()
+        assert "dnsmirror stopping" in log.read_text()
+
+
 def test_a_second_signal_ends_the_drain_at_once(tmp_path):
     ca_dir = tmp_path / "ca"
     subprocess.run([sys.executable, "-m", "dnsmirror", "ca", "init", "--dir", str(ca_dir)], check=True,
