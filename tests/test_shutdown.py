@@ -58,18 +58,25 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a shell starts a background job
 
 
-def test_sigint_stops_the_mirror_even_when_it_was_started_with_sigint_ignored(tmp_path):
+def _https_mirror(tmp_path, ttl: int) -> tuple[dict, int]:
+    """Overrides for a mirror with an HTTPS listener (its CA made here) whose drain lasts ``ttl`` + 1 s, and
+    that listener's port."""
     ca_dir = tmp_path / "ca"
     subprocess.run([sys.executable, "-m", "dnsmirror", "ca", "init", "--dir", str(ca_dir)], check=True,
                    capture_output=True, timeout=60)
     https_port = free_port()
     overrides = {
-        "dns": {"ttl": 1},
+        "dns": {"ttl": ttl},
         "https": {"listen": [f"127.0.0.1:{https_port}"]},
         "health": {"targets": []},
         "tls": {"ca_cert": str(ca_dir / "ca.crt"), "ca_key": str(ca_dir / "ca.key")},
         "cache": {"dir": str(tmp_path / "cache")},
     }
+    return overrides, https_port
+
+
+def test_sigint_stops_the_mirror_even_when_it_was_started_with_sigint_ignored(tmp_path):
+    overrides, https_port = _https_mirror(tmp_path, ttl=1)
     with dnsmirror_serve(tmp_path, overrides, preexec=_ignore_sigint) as (_, process, log):
         assert wait_until(lambda: accepts(https_port), 10), log.read_text()
         process.send_signal(signal.SIGINT)
@@ -78,17 +85,7 @@ def test_sigint_stops_the_mirror_even_when_it_was_started_with_sigint_ignored(tm
 
 
 def test_a_second_signal_ends_the_drain_at_once(tmp_path):
-    ca_dir = tmp_path / "ca"
-    subprocess.run([sys.executable, "-m", "dnsmirror", "ca", "init", "--dir", str(ca_dir)], check=True,
-                   capture_output=True, timeout=60)
-    https_port = free_port()
-    overrides = {
-        "dns": {"ttl": 20},
-        "https": {"listen": [f"127.0.0.1:{https_port}"]},
-        "health": {"targets": []},
-        "tls": {"ca_cert": str(ca_dir / "ca.crt"), "ca_key": str(ca_dir / "ca.key")},
-        "cache": {"dir": str(tmp_path / "cache")},
-    }
+    overrides, https_port = _https_mirror(tmp_path, ttl=20)
     with dnsmirror_serve(tmp_path, overrides) as (_, process, log):
         assert wait_until(lambda: accepts(https_port), 10)
         process.send_signal(signal.SIGTERM)
