@@ -416,12 +416,31 @@ def test_the_machine_load_keeps_its_answer_without_two_readings_to_compare():
     assert load.update((200, 400, 2))  # all idle: one reading is not enough
 
 
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 10_000)), min_size=1, max_size=20),
-       st.integers(1, 256), st.booleans())
-def test_the_machine_load_never_fails_on_any_counters(readings, cores, busy):
+@given(st.lists(st.tuples(st.integers(-50, 400), st.integers(-50, 400)), min_size=1, max_size=30),
+       st.integers(1, 8), st.booleans())
+def test_the_machine_load_switches_only_as_its_idle_cores_say(steps, cores, busy):
+    """Any counters, going back included: busy at once after an interval with few idle cores, idle only after
+    ``idle_checks`` intervals in a row with many, and no change on a reading that measured no interval."""
+    low, high = priority.REALTIME_IDLE_CORES
     load = priority.MachineLoad(busy=busy)
-    for idle, total in readings:
-        assert load.update((idle, total, cores)) in (True, False)
+    idle, total = 10_000, 10_000
+    answer = load.update((idle, total, cores))
+    assert answer is busy  # the first reading has nothing to compare to
+    run: list[float] = []  # idle cores of the intervals measured since the last one that was not idle
+    for idle_step, total_step in steps:
+        idle, total = idle + idle_step, total + total_step
+        before, answer = answer, load.update((idle, total, cores))
+        if total_step <= 0 or idle_step < 0:  # no interval measured
+            assert answer is before
+            continue
+        idle_cores = cores * idle_step / total_step
+        run = run + [idle_cores] if idle_cores > high else []
+        if idle_cores < low:
+            assert answer
+        elif len(run) >= priority.REALTIME_IDLE_CHECKS:
+            assert not answer
+        else:
+            assert answer is before
 
 
 def test_machine_ticks_reads_the_whole_machine_and_counts_its_cores(tmp_path):
