@@ -17,7 +17,7 @@ from twisted.application import service
 from twisted.internet import defer, error, task
 from twisted.web import http, server
 
-from dnsmirror import __version__, bulk, failures, logs
+from dnsmirror import __version__, allocator, bulk, failures, logs
 from dnsmirror import ca as camod
 from dnsmirror.access import AccessLogSite
 from dnsmirror.authz import Grants
@@ -633,6 +633,7 @@ def serve(config: Config) -> int:
 
     logs.setup(config.log.format, config.log.level)
     raise_descriptor_limit()
+    allocator.keep_freed_memory()
     bulk.install()
     services = Services(config, reactor, dns_process=config.dns.own_process)
     try:

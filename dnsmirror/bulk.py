@@ -8,9 +8,10 @@ straight into one buffer (OpenSSL's ``SSL_read`` through pyOpenSSL's binding, as
 does, without its buffer and copy per record) and hands the plaintext on in one piece, and reads the
 socket in larger pieces once the handshake is done, so each layer above runs once per socket read. On the
 way out it encrypts a large write in pieces of :data:`SEND_PIECE` (memoryview slices, no copies) and takes
-the ciphertext out of OpenSSL with one copy. Nothing else changes: the same records are decrypted in the
-same order, errors and the TLS shutdown are handled as Twisted does, after the plaintext that came before
-them was delivered.
+the ciphertext out of OpenSSL with one copy, and sends it from there when nothing is queued before it
+(:func:`send_now`; only what the socket does not take is copied into the connection's queue). Nothing else
+changes: the same records are decrypted in the same order, errors and the TLS shutdown are handled as
+Twisted does, after the plaintext that came before them was delivered.
 
 :class:`GatherServer` sends what a connection has queued with one ``sendmsg`` of the queued pieces as
 they are, where Twisted joins them into one new string first (a copy of every byte sent) and sends at
@@ -38,10 +39,11 @@ from zope.interface import implementer
 
 # room left for one more record's plaintext (16 KiB) before the buffer is handed on
 RECORD_READ = 32 * 1024
-# socket reads of a connection after its handshake (Twisted's default is 64 KiB)
-SOCKET_READ = 256 * 1024
+# socket reads of a connection after its handshake (Twisted's default is 64 KiB): each read costs the layers
+# above it a pass of Python, so a GiB in 1 MiB reads costs a quarter of what it does in 256 KiB ones
+SOCKET_READ = 1024 * 1024
 # plaintext encrypted per call when sending (Twisted: one 16 KiB record per call, copied first)
-SEND_PIECE = 256 * 1024
+SEND_PIECE = 1024 * 1024
 # ciphertext taken out of OpenSSL per call: a SEND_PIECE's records and their headers
 CIPHER_READ = SEND_PIECE + 64 * 1024
 # plaintext decrypted from one socket read before it is handed on
@@ -99,19 +101,30 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
             return
-        view = memoryview(data)
-        sent = 0
-        while sent < len(view):
-            try:
-                sent += self._tlsConnection.send(view[sent:sent + SEND_PIECE])
-            except WantReadError:
-                self._bufferedWrite(bytes(view[sent:]))
-                break
-            except Error:
-                self._tlsShutdownFinished(Failure())
-                break
-            else:
-                self._flushSendBIO()
+        connection = self._tlsConnection
+        ssl, size, sent = connection._ssl, len(data), 0
+        # pyOpenSSL's contexts allow partial writes: each SSL_write encrypts one record (16 KiB). The records
+        # of a SEND_PIECE are written in a loop of C calls and their ciphertext taken out once.
+        with _ffi.from_buffer(data) as plaintext:
+            while sent < size:
+                end = min(size, sent + SEND_PIECE)
+                while sent < end:
+                    result = _lib.SSL_write(ssl, plaintext + sent, end - sent)
+                    if result <= 0:
+                        break
+                    sent += result
+                else:
+                    self._flushSendBIO()
+                    continue
+                try:
+                    connection._raise_ssl_error(ssl, result)  # pyOpenSSL's exception for OpenSSL's error
+                except WantReadError:
+                    self._flushSendBIO()
+                    self._bufferedWrite(bytes(memoryview(data)[sent:]))
+                except Error:
+                    self._flushSendBIO()
+                    self._tlsShutdownFinished(Failure())
+                return
 
     def _flushSendBIO(self) -> None:
         source, transport = self._tlsConnection._from_ssl, cast(Any, self.transport)
@@ -119,7 +132,10 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
             result = _lib.BIO_read(source, _CIPHER, CIPHER_READ)
             if result <= 0:  # a memory BIO with nothing in it
                 return
-            transport.write(_ffi.buffer(_CIPHER, result)[:])
+            ciphertext = memoryview(_ffi.buffer(_CIPHER, result))
+            sent = send_now(transport, ciphertext)
+            if sent < result:
+                transport.write(ciphertext[sent:].tobytes())
             if result < CIPHER_READ:
                 return
 
@@ -127,6 +143,24 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         super()._checkHandshakeStatus()
         if self._handshakeDone:
             grow_reads(self)  # bulk data follows the handshake: fewer, larger socket reads
+
+
+def send_now(transport: Any, data: memoryview) -> int:
+    """Sends what the socket takes of ``data`` at once, when ``transport`` is a TCP connection with nothing
+    queued before it and not closing; returns how many bytes went (0 when it sent nothing), and the caller
+    queues the rest. A connection that keeps up then sends straight from the caller's buffer, where queuing
+    would first copy every byte into a string of its own. A wrapper that only passes writes on (a listener's
+    connection limiter) is looked through."""
+    while isinstance(transport, ProtocolWrapper) and type(transport).write is ProtocolWrapper.write:
+        transport = transport.transport
+    if (not isinstance(transport, tcp.Connection) or not transport.connected or transport.disconnecting
+            or transport._writeDisconnecting or transport._tempDataLen
+            or transport.offset < len(transport.dataBuffer)):
+        return 0
+    try:
+        return untilConcludes(transport.socket.send, data)
+    except OSError:
+        return 0  # the queued bytes meet the error again, and Twisted reports it as it would have
 
 
 def install() -> None:

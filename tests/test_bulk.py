@@ -10,7 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tls_support import MemoryTLS
 from twisted.internet import defer, reactor
-from twisted.internet.protocol import ClientCreator, Factory, Protocol
+from twisted.internet.protocol import ClientCreator, ClientFactory, Factory, Protocol
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dnsmirror import bulk
@@ -194,3 +197,118 @@ class GatherWritesTests(TestCase):
 
     def test_queued_pieces_arrive_whole_and_in_order_before_a_half_close(self):
         return self.check_delivery("loseWriteConnection")
+
+
+class _Sink(Protocol):
+    pass
+
+
+class _Rewriting(ProtocolWrapper):
+    def write(self, data: bytes) -> None:
+        super().write(data.upper())
+
+
+def test_send_now_sends_only_where_nothing_is_queued_before_it_and_the_connection_stays_open() -> None:
+    import socket
+
+    from twisted.internet import tcp
+
+    near, far = socket.socketpair()
+    near.setblocking(False)
+    connection = tcp.Connection(near, _Sink(), reactor)
+    connection.connected = True
+    try:
+        data = memoryview(b"0123456789")
+        assert bulk.send_now(object(), data) == 0  # not a TCP connection: the caller queues it all
+        connection._tempDataBuffer, connection._tempDataLen = [b"queued"], 6
+        assert bulk.send_now(connection, data) == 0  # would pass bytes queued before it
+        connection._tempDataBuffer, connection._tempDataLen = [], 0
+        connection.dataBuffer, connection.offset = b"queued", 2
+        assert bulk.send_now(connection, data) == 0
+        connection.dataBuffer, connection.offset = b"queued", 6
+        assert bulk.send_now(connection, data) == 10
+        assert far.recv(100) == b"0123456789"
+        passing_on = ProtocolWrapper(WrappingFactory(Factory()), _Sink())
+        passing_on.makeConnection(connection)
+        assert bulk.send_now(passing_on, data) == 10  # a wrapper that only passes writes on: looked through
+        assert far.recv(100) == b"0123456789"
+        changing = _Rewriting(WrappingFactory(Factory()), _Sink())
+        changing.makeConnection(connection)
+        assert bulk.send_now(changing, data) == 0  # a wrapper with writes of its own: they go through it
+        connection.disconnecting = True
+        assert bulk.send_now(connection, data) == 0  # closing: Twisted sends what is queued, then closes
+        connection.disconnecting = False
+        far.close()
+        total = 0
+        for _ in range(50):  # a closed peer: the send fails, and the queued write will meet that again
+            total += bulk.send_now(connection, memoryview(b"x" * 65536))
+        assert bulk.send_now(connection, data) == 0
+    finally:
+        near.close()
+        far.close()
+
+
+class DirectSendTests(TestCase):
+    """TLS over real loopback sockets: ciphertext sent straight from OpenSSL's buffer, the rest queued."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def transfer(self, reader_sleeps: bool):
+        tls_setup = MemoryTLS(self.addCleanup)
+        rng = random.Random(11)
+        pieces = [os.urandom(rng.choice((1, 7, 1500, 300 * 1024, 1024 * 1024, 3 * 1024 * 1024)))
+                  for _ in range(24)]
+        writers: list[Writer] = []
+        direct: list[int] = []
+        original = bulk.send_now
+
+        def counting(transport, data):
+            sent = original(transport, data)
+            direct.append(sent)
+            return sent
+
+        self.patch(bulk, "send_now", counting)
+
+        def build(_address) -> Writer:
+            writers.append(Writer(pieces, "loseConnection"))
+            return writers[-1]
+
+        app = Factory()
+        app.buildProtocol = build
+        server_factory = TLSMemoryBIOFactory(tls_setup.sni, False, app)
+        server_factory.protocol = bulk.BulkTLSProtocol
+        port = bulk.gather_writes(reactor.listenTCP(0, server_factory, interface="127.0.0.1"))
+        self.addCleanup(port.stopListening)
+        done: defer.Deferred = defer.Deferred()
+        client_app = ClientFactory()
+        client_app.buildProtocol = lambda _address: (SlowReader(done) if reader_sleeps else Collector(done))
+        options = optionsForClientTLS(HOST, trustRoot=tls_setup.root)
+        client_factory = TLSMemoryBIOFactory(options, True, client_app)
+        client_factory.protocol = bulk.BulkTLSProtocol
+        reactor.connectTCP("127.0.0.1", port.getHost().port, client_factory)
+        received = yield done
+        self.assertEqual(len(received), sum(map(len, pieces)))
+        self.assertEqual(received, b"".join(pieces))
+        return writers[0], sum(direct)
+
+    @defer.inlineCallbacks
+    def test_a_reader_that_keeps_up_gets_ciphertext_sent_straight_from_the_buffer(self):
+        _writer, direct = yield self.transfer(reader_sleeps=False)
+        self.assertGreater(direct, 1024 * 1024)
+
+    @defer.inlineCallbacks
+    def test_a_reader_that_sleeps_gets_the_queued_rest_whole_and_in_order(self):
+        writer, _direct = yield self.transfer(reader_sleeps=True)
+        self.assertGreater(writer.pauses, 0)  # the socket filled: the rest was queued, the producer paused
+
+
+class Collector(Protocol):
+    def __init__(self, done: defer.Deferred) -> None:
+        self.done, self.pieces = done, []
+
+    def dataReceived(self, data: bytes) -> None:
+        self.pieces.append(data)
+
+    def connectionLost(self, reason) -> None:
+        self.done.callback(b"".join(self.pieces))
