@@ -46,7 +46,7 @@ log = logging.getLogger("dnsmirror.streaming")
 
 READ_CHUNK = 1024 * 1024
 # the newest bytes of a fill stay in memory this long, so readers keeping up never touch the disk
-RECENT_WINDOW = 4 * 1024 * 1024
+RECENT_WINDOW = 8 * 1024 * 1024
 # received bytes are written to disk in batches of at least this much (the last batch may be smaller)
 WRITE_BATCH = 1024 * 1024
 # waiters are woken per this many received bytes (and per disk write), so they send large writes
@@ -56,8 +56,10 @@ FILL_HIGH_WATER = 8 * 1024 * 1024
 FILL_LOW_WATER = 2 * 1024 * 1024
 # upstream is also paused while the leading reader is this far behind the newest byte: the fill goes at
 # the pace of its fastest client, which keeps reading from memory instead of falling back to the disk
-READER_LAG_HIGH = 2 * 1024 * 1024
-READER_LAG_LOW = 1024 * 1024
+READER_LAG_HIGH = 4 * 1024 * 1024
+# twice a socket read (dnsmirror.bulk.SOCKET_READ): a newest piece below this waits to go whole (see
+# Fill.holds_back_newest), where sending all of it but its held-back last byte would copy it
+READER_LAG_LOW = 2 * 1024 * 1024
 # readers that make no progress for this long stop holding the fill back (upstream must not idle out)
 READER_STALL = 5.0
 # a fill whose disk failed keeps at most about this much that its slowest reader has not sent yet
@@ -681,7 +683,8 @@ class BlobStreamer:
                 if self.fill.holds_back_newest(self.offset, limit):
                     self._wait_for_fill(self.fill)
                     return
-                data = self.fill.from_memory(self.offset, size)
+                # a piece in memory goes whole whatever its size (one socket read's): a part of it is a copy
+                data = self.fill.from_memory(self.offset, limit - self.offset)
                 if data:
                     # a reader keeping up with the fill gets the bytes as they arrive, without the disk
                     self.offset += len(data)
