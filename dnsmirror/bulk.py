@@ -153,8 +153,9 @@ def send_now(transport: Any, data: memoryview) -> int:
     connection limiter) is looked through."""
     while isinstance(transport, ProtocolWrapper) and type(transport).write is ProtocolWrapper.write:
         transport = transport.transport
+    # an aborted connection sends nothing more: Twisted drops what is queued on it
     if (not isinstance(transport, tcp.Connection) or not transport.connected or transport.disconnecting
-            or transport._writeDisconnecting or transport._tempDataLen
+            or transport._aborting or transport._writeDisconnecting or transport._tempDataLen
             or transport.offset < len(transport.dataBuffer)):
         return 0
     try:

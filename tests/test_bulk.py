@@ -238,6 +238,9 @@ def test_send_now_sends_only_where_nothing_is_queued_before_it_and_the_connectio
         connection.disconnecting = True
         assert bulk.send_now(connection, data) == 0  # closing: Twisted sends what is queued, then closes
         connection.disconnecting = False
+        connection._aborting = True  # as abortConnection() leaves it until connectionLost
+        assert bulk.send_now(connection, data) == 0
+        connection._aborting = False
         far.close()
         total = 0
         for _ in range(50):  # a closed peer: the send fails, and the queued write will meet that again
