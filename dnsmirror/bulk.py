@@ -7,8 +7,9 @@ and the fill some 65,000 times per GiB. :class:`BulkTLSProtocol` decrypts every 
 straight into one buffer (OpenSSL's ``SSL_read`` through pyOpenSSL's binding, as pyOpenSSL's own ``recv``
 does, without its buffer and copy per record) and hands the plaintext on in one piece, and reads the
 socket in larger pieces once the handshake is done, so each layer above runs once per socket read. On the
-way out it encrypts a large write in pieces of :data:`SEND_PIECE` (memoryview slices, no copies) and takes
-the ciphertext out of OpenSSL with one copy, and sends it from there when nothing is queued before it
+way out it encrypts a large write in pieces of :data:`SEND_PIECE` without copying them first (one C call per
+16 KiB record, as pyOpenSSL's contexts allow partial writes, and one pass of Python per piece), takes the
+ciphertext out of OpenSSL with one copy, and sends it from there when nothing is queued before it
 (:func:`send_now`; only what the socket does not take is copied into the connection's queue). Nothing else
 changes: the same records are decrypted in the same order, errors and the TLS shutdown are handled as
 Twisted does, after the plaintext that came before them was delivered.
@@ -101,8 +102,7 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
             return
-        connection = self._tlsConnection
-        ssl, size, sent = connection._ssl, len(data), 0
+        ssl, size, sent = self._tlsConnection._ssl, len(data), 0
         # pyOpenSSL's contexts allow partial writes: each SSL_write encrypts one record (16 KiB). The records
         # of a SEND_PIECE are written in a loop of C calls and their ciphertext taken out once.
         with _ffi.from_buffer(data) as plaintext:
@@ -111,20 +111,22 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
                 while sent < end:
                     result = _lib.SSL_write(ssl, plaintext + sent, end - sent)
                     if result <= 0:
-                        break
+                        self._flushSendBIO()  # the records encrypted before the error go first
+                        self._write_failed(result, memoryview(data)[sent:])
+                        return
                     sent += result
-                else:
-                    self._flushSendBIO()
-                    continue
-                try:
-                    connection._raise_ssl_error(ssl, result)  # pyOpenSSL's exception for OpenSSL's error
-                except WantReadError:
-                    self._flushSendBIO()
-                    self._bufferedWrite(bytes(memoryview(data)[sent:]))
-                except Error:
-                    self._flushSendBIO()
-                    self._tlsShutdownFinished(Failure())
-                return
+                self._flushSendBIO()
+
+    def _write_failed(self, result: int, unsent: memoryview) -> None:
+        """An ``SSL_write`` returned ``result``: the rest waits for the peer's data, or the connection fails,
+        as Twisted's ``_write`` handles them."""
+        connection = self._tlsConnection
+        try:
+            connection._raise_ssl_error(connection._ssl, result)  # pyOpenSSL's exception for OpenSSL's error
+        except WantReadError:
+            self._bufferedWrite(unsent.tobytes())
+        except Error:
+            self._tlsShutdownFinished(Failure())
 
     def _flushSendBIO(self) -> None:
         source, transport = self._tlsConnection._from_ssl, cast(Any, self.transport)
