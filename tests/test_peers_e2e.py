@@ -429,7 +429,9 @@ def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> 
     """Node B's client reads slowly from a fill fed by node A; A is killed mid-transfer; B asks the
     registry for the rest (one 206) and its client receives every byte, verified, without a break."""
     with two_nodes(tmp_path) as world:
-        data = os.urandom(32 * 1024 * 1024)
+        # large against what sits between A and B's client when A dies (socket buffers on both hops and B's
+        # 4 MiB pacing window: 21 to 25 MiB seen), so that most of it is still to come from upstream
+        data = os.urandom(64 * 1024 * 1024)
         digest = world.registry.place_blob(REPOSITORY, [data])[0]
         path = world.registry.blob_path(REPOSITORY, digest)
         assert fetch(world.node_a, world.mirror_a, digest) == (200, data)
@@ -438,8 +440,8 @@ def test_a_peer_that_dies_mid_blob_is_finished_from_upstream(tmp_path: Path) -> 
         )
 
         out = tmp_path / "slow-download"
-        # ~8 s at 4 MB/s: the fill from A goes at this client's pace, so A dies with most of it unsent
-        client = start_download(world.node_b, world.mirror_b, digest, out, "--limit-rate", "4M")
+        # ~8 s at 8 MB/s: the fill from A goes at this client's pace, so A dies with most of it unsent
+        client = start_download(world.node_b, world.mirror_b, digest, out, "--limit-rate", "8M")
         try:
             assert wait_until(lambda: out.exists() and out.stat().st_size > 2 * 1024 * 1024, 20)
             world.mirror_a.process.signal(signal.SIGKILL)
