@@ -25,7 +25,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "burst": ["burst_bench.py", "--nodes", "5", "--blob-mib", "64", "--rate-mbit", "200", "--runs", "5"],
 }
 # generous upper bounds: a hung benchmark must not hang `make bench`
-TIMEOUT_SECONDS = {"dns": 1200, "tls": 300, "mirror": 900, "cold": 900, "peers": 600, "burst": 600}
+TIMEOUT_SECONDS = {"dns": 2400, "tls": 300, "mirror": 900, "cold": 900, "peers": 600, "burst": 600}
 
 
 def run(command: list[str], timeout: float) -> int | str:
