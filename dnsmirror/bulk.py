@@ -8,9 +8,10 @@ straight into one buffer (OpenSSL's ``SSL_read`` through pyOpenSSL's binding, as
 does, without its buffer and copy per record) and hands the plaintext on in one piece, and reads the
 socket in larger pieces once the handshake is done, so each layer above runs once per socket read. On the
 way out it encrypts a large write in pieces of :data:`SEND_PIECE` without copying them first (one C call per
-16 KiB record, as pyOpenSSL's contexts allow partial writes, and one pass of Python per piece), takes the
-ciphertext out of OpenSSL with one copy, and sends it from there when nothing is queued before it
-(:func:`send_now`; only what the socket does not take is copied into the connection's queue). Nothing else
+16 KiB record, as pyOpenSSL's contexts allow partial writes, and one pass of Python per piece), and sends
+the ciphertext from the memory BIO OpenSSL wrote it into when nothing is queued before it (:func:`send_now`;
+only what the socket does not take is copied into the connection's queue); the BIO is then emptied by
+reading its bytes onto themselves, which the C library does not copy. Nothing else
 changes: the same records are decrypted in the same order, errors and the TLS shutdown are handled as
 Twisted does, after the plaintext that came before them was delivered.
 
@@ -45,18 +46,17 @@ RECORD_READ = 32 * 1024
 SOCKET_READ = 1024 * 1024
 # plaintext encrypted per call when sending (Twisted: one 16 KiB record per call, copied first)
 SEND_PIECE = 1024 * 1024
-# ciphertext taken out of OpenSSL per call: a SEND_PIECE's records and their headers
-CIPHER_READ = SEND_PIECE + 64 * 1024
 # plaintext decrypted from one socket read before it is handed on
 PLAIN_BUFFER = SOCKET_READ + 2 * RECORD_READ
 # most pieces one sendmsg takes (the kernel's limit is 1024)
 GATHER_PIECES = 64
 
-# One of each for the whole reactor: what OpenSSL puts in is copied out before any other code runs, so a
-# connection's call nested in another's (a write while a read's plaintext is handed on) finds them free
+# One for the whole reactor: what OpenSSL puts in is copied out before any other code runs, so a
+# connection's call nested in another's (a write while a read's plaintext is handed on) finds it free
 _uncleared = _ffi.new_allocator(should_clear_after_alloc=False)
 _PLAIN = _uncleared("char[]", PLAIN_BUFFER)
-_CIPHER = _uncleared("char[]", CIPHER_READ)
+# where BIO_get_mem_data says a memory BIO's unread bytes start
+_PENDING = _ffi.new("char **")
 
 
 class BulkTLSProtocol(TLSMemoryBIOProtocol):
@@ -130,16 +130,17 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
 
     def _flushSendBIO(self) -> None:
         source, transport = self._tlsConnection._from_ssl, cast(Any, self.transport)
-        while True:
-            result = _lib.BIO_read(source, _CIPHER, CIPHER_READ)
-            if result <= 0:  # a memory BIO with nothing in it
-                return
-            ciphertext = memoryview(_ffi.buffer(_CIPHER, result))
+        size = _lib.BIO_get_mem_data(source, _PENDING)
+        if size <= 0:
+            return
+        start = _PENDING[0]
+        with memoryview(_ffi.buffer(start, size)) as ciphertext:
             sent = send_now(transport, ciphertext)
-            if sent < result:
+            if sent < size:
                 transport.write(ciphertext[sent:].tobytes())
-            if result < CIPHER_READ:
-                return
+        # read onto themselves, the bytes leave the BIO without being copied (memcpy skips a copy in place)
+        if _lib.BIO_read(source, start, size) != size:
+            raise RuntimeError("a memory BIO gave fewer bytes than it said it held")
 
     def _checkHandshakeStatus(self) -> None:
         super()._checkHandshakeStatus()
