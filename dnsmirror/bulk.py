@@ -136,11 +136,13 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         start = _PENDING[0]
         with memoryview(_ffi.buffer(start, size)) as ciphertext:
             sent = send_now(transport, ciphertext)
-            if sent < size:
-                transport.write(ciphertext[sent:].tobytes())
-        # read onto themselves, the bytes leave the BIO without being copied (memcpy skips a copy in place)
+            rest = ciphertext[sent:].tobytes() if sent < size else None
+        # read onto themselves, the bytes leave the BIO without being copied (memcpy skips a copy in place);
+        # before any other code runs, since a write into the BIO may move or free its memory
         if _lib.BIO_read(source, start, size) != size:
             raise RuntimeError("a memory BIO gave fewer bytes than it said it held")
+        if rest is not None:
+            transport.write(rest)  # queued as it would have been: a write nested in this one queues after it
 
     def _checkHandshakeStatus(self) -> None:
         super()._checkHandshakeStatus()

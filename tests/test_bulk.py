@@ -58,6 +58,28 @@ class BulkTLSTests(SynchronousTestCase):
         self.assertEqual(echo.received, body)
         self.assertEqual(recorders["server"].received, body)
 
+    def test_a_write_nested_in_queuing_the_ciphertext_goes_after_it(self) -> None:
+        # the queued ciphertext's write calls back into the connection (as a producer paused by a full buffer
+        # may): the nested write's records follow the piece being queued, none sent twice or lost, since the
+        # memory BIO is emptied before it is written into again
+        client, server, recorders, pump = self.connect()
+        first, nested = os.urandom(2 * MiB + 777), os.urandom(64 * 1024 + 5)
+        wire, queue = server.transport, server.transport.write
+        calls = []
+
+        def write(data: bytes) -> None:
+            queue(data)
+            calls.append(len(data))
+            if len(calls) == 1:
+                server.write(nested)
+
+        wire.write = write
+        server.write(first)
+        self.clock.advance(0)
+        pump.flush()
+        piece = bulk.SEND_PIECE
+        self.assertEqual(recorders["client"].received, first[:piece] + nested + first[piece:])
+
     def test_stock_protocol_delivers_record_by_record(self) -> None:
         # the control of the test above: without the bulk protocol, one piece per 16 KiB record
         client, server, recorders, pump = self.connect(bulk_protocol=False)
