@@ -104,7 +104,7 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
             return
         ssl, size, sent = self._tlsConnection._ssl, len(data), 0
         # pyOpenSSL's contexts allow partial writes: each SSL_write encrypts one record (16 KiB). The records
-        # of a SEND_PIECE are written in a loop of C calls and their ciphertext taken out once.
+        # of a SEND_PIECE are written in a loop of C calls and their ciphertext sent once.
         with _ffi.from_buffer(data) as plaintext:
             while sent < size:
                 end = min(size, sent + SEND_PIECE)

@@ -65,13 +65,12 @@ class BulkTLSTests(SynchronousTestCase):
         client, server, recorders, pump = self.connect()
         first, nested = os.urandom(2 * MiB + 777), os.urandom(64 * 1024 + 5)
         wire, queue = server.transport, server.transport.write
-        calls = []
+        unwritten = [nested]
 
         def write(data: bytes) -> None:
             queue(data)
-            calls.append(len(data))
-            if len(calls) == 1:
-                server.write(nested)
+            if unwritten:  # the first queued write only
+                server.write(unwritten.pop())
 
         wire.write = write
         server.write(first)

@@ -11,8 +11,18 @@ from twisted.internet import defer, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
+from dnsmirror.bulk import PLAIN_BUFFER
 from dnsmirror.store import DigestMismatch, Store
-from dnsmirror.streaming import READ_CHUNK, READER_LAG_HIGH, READER_STALL, BlobStreamer, Fill, VerifiedRelay
+from dnsmirror.streaming import (
+    READ_CHUNK,
+    READER_LAG_HIGH,
+    READER_LAG_LOW,
+    READER_STALL,
+    RECENT_WINDOW,
+    BlobStreamer,
+    Fill,
+    VerifiedRelay,
+)
 
 
 def sha(data: bytes) -> str:
@@ -106,10 +116,8 @@ def test_waiters_stream_a_growing_fill_and_only_finish_after_verification(store)
                                    # socket reads of 1 MiB: a piece may be a little over (a record left over)
                                    (1_047_000, 1_060_000, 1_048_576, 1, 1_048_576, 200_000)])
 def test_a_reader_keeping_up_sends_each_received_piece_itself_not_a_copy(store, sizes):
-    from dnsmirror import bulk, streaming
-
     # a socket read's piece, even with a record left over from the read before, is below the window: it waits
-    assert bulk.PLAIN_BUFFER < streaming.READER_LAG_LOW < streaming.READER_LAG_HIGH <= streaming.RECENT_WINDOW
+    assert PLAIN_BUFFER < READER_LAG_LOW < READER_LAG_HIGH <= RECENT_WINDOW
     pieces = [os.urandom(size) for size in sizes]
     data = b"".join(pieces)
     disk, fill, protocol, _ = start_fill(store, data)
