@@ -6,13 +6,17 @@ and reads the socket 64 KiB at a time. A blob then crosses the HTTP client's par
 and the fill some 65,000 times per GiB. :class:`BulkTLSProtocol` decrypts every record of one socket read
 straight into one buffer (OpenSSL's ``SSL_read`` through pyOpenSSL's binding, as pyOpenSSL's own ``recv``
 does, without its buffer and copy per record) and hands the plaintext on in one piece, and reads the
-socket in larger pieces once the handshake is done, so each layer above runs once per socket read. On the
-way out it encrypts a large write in pieces of :data:`SEND_PIECE` without copying them first (one C call per
-16 KiB record, as pyOpenSSL's contexts allow partial writes, and one pass of Python per piece), and sends
-the ciphertext from the memory BIO OpenSSL wrote it into when nothing is queued before it (:func:`send_now`;
-only what the socket does not take is copied into the connection's queue); the BIO is then emptied by
-reading its bytes onto themselves, which the C library does not copy. Nothing else
-changes: the same records are decrypted in the same order, errors and the TLS shutdown are handled as
+socket in larger pieces once the handshake is done, so each layer above runs once per socket read.
+OpenSSL reads each socket read where it lies: a read-only memory BIO over those bytes becomes the
+connection's receiving BIO (:meth:`BulkTLSProtocol.receive_from`), where Twisted writes them into the
+connection's memory BIO (a copy, after OpenSSL clears the room for it).
+
+On the way out it encrypts a large write in pieces of :data:`SEND_PIECE` without copying them first (one C
+call per 16 KiB record, as pyOpenSSL's contexts allow partial writes, and one pass of Python per piece), and
+sends the ciphertext from the memory BIO OpenSSL wrote it into when nothing is queued before it
+(:func:`send_now`; only what the socket does not take is copied into the connection's queue); the BIO is
+then emptied by reading its bytes onto themselves, which the C library does not copy. Nothing else changes:
+the same records are decrypted in the same order, errors and the TLS shutdown are handled as
 Twisted does, after the plaintext that came before them was delivered.
 
 :class:`GatherServer` sends what a connection has queued with one ``sendmsg`` of the queued pieces as
@@ -61,6 +65,37 @@ _PENDING = _ffi.new("char **")
 
 class BulkTLSProtocol(TLSMemoryBIOProtocol):
     """A ``TLSMemoryBIOProtocol`` that delivers the plaintext of one socket read in one piece."""
+
+    # the bytes the receiving BIO reads: they must live as long as it does
+    _received: bytes = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        # as Twisted's, but OpenSSL reads the bytes where they are instead of from a copy in its BIO
+        self.receive_from(data)
+        if not self._handshakeDone:
+            self._checkHandshakeStatus()
+            if not self._handshakeDone:
+                return
+        if self._appSendBuffer:
+            self._unbufferPendingWrites()
+        self._flushReceiveBIO()
+
+    def receive_from(self, data: bytes) -> None:
+        """Makes a read-only memory BIO over ``data`` the connection's receiving BIO (OpenSSL frees the one
+        before it). Bytes the one before still held (none, when every read ran until OpenSSL wanted more)
+        come first, copied."""
+        connection = self._tlsConnection
+        unread = _lib.BIO_get_mem_data(connection._into_ssl, _PENDING)
+        if unread > 0:
+            data = _ffi.buffer(_PENDING[0], unread)[:] + data
+        bio = _lib.BIO_new_mem_buf(_ffi.from_buffer(data), len(data))
+        if bio == _ffi.NULL:
+            raise MemoryError("OpenSSL could not make a memory BIO")
+        # read out, it asks for more (as the memory BIO it replaces does) instead of reporting an end
+        _lib.BIO_set_mem_eof_return(bio, -1)
+        _lib.SSL_set_bio(connection._ssl, bio, connection._from_ssl)
+        connection._into_ssl = bio  # where pyOpenSSL marks the end of input (bio_shutdown)
+        self._received = data
 
     def _flushReceiveBIO(self) -> None:
         connection = self._tlsConnection

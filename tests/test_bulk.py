@@ -126,6 +126,57 @@ class BulkTLSTests(SynchronousTestCase):
         self.assertLess(len(received.received), 2 * 64 * 1024)  # the corrupt record's bytes never arrive
         self.assertIsNotNone(received.lost)
 
+    def wire_bytes_of(self, server, body: bytes) -> bytes:
+        """The ciphertext ``server`` sends for ``body``, taken off the wire."""
+        wire = bytearray()
+        server.transport.write = wire.extend
+        server.write(body)
+        self.clock.advance(0)
+        return bytes(wire)
+
+    def test_openssl_reads_each_socket_read_where_it_lies(self) -> None:
+        client, server, recorders, pump = self.connect()
+        body = os.urandom(MiB + 999)
+        wire = self.wire_bytes_of(server, body)
+        client.dataReceived(wire)
+        connection = client._tlsConnection
+        # the receiving BIO reads the very bytes the socket gave, and holds none of them afterwards
+        self.assertIs(client._received, wire)
+        self.assertEqual(bulk._lib.BIO_get_mem_data(connection._into_ssl, bulk._PENDING), 0)
+        self.assertEqual(recorders["client"].received, body)
+
+    def test_records_split_across_socket_reads_arrive_whole_and_in_order(self) -> None:
+        # a record cut by a read stays in OpenSSL's own buffer while the BIO under it is replaced
+        client, server, recorders, pump = self.connect()
+        body = os.urandom(300 * 1024 + 17)
+        wire = self.wire_bytes_of(server, body)
+        cuts = sorted(random.Random(7).sample(range(1, len(wire)), 40) + [1, 2, 5, 16 * 1024 + 22])
+        for start, end in zip([0, *cuts], [*cuts, len(wire)], strict=True):
+            if end > start:
+                client.dataReceived(wire[start:end])
+        self.assertEqual(recorders["client"].received, body)
+        self.assertIsNone(recorders["client"].lost)
+
+    def test_bytes_the_receiving_bio_still_holds_go_before_the_next_read(self) -> None:
+        client, server, recorders, pump = self.connect()
+        body = os.urandom(200 * 1024)
+        wire = self.wire_bytes_of(server, body)
+        half = len(wire) // 2
+        client.receive_from(wire[:half])  # not read yet when the next bytes come
+        client.dataReceived(wire[half:])
+        self.assertEqual(recorders["client"].received, body)
+        self.assertIsNone(recorders["client"].lost)
+
+    def test_the_end_of_input_is_marked_in_the_bio_that_reads_now(self) -> None:
+        # pyOpenSSL marks the end of input (Twisted's connectionLost) in the BIO it knows: the live one
+        client, server, recorders, pump = self.connect()
+        body = os.urandom(100 * 1024)
+        client.dataReceived(self.wire_bytes_of(server, body))
+        client._tlsConnection.bio_shutdown()
+        client._flushReceiveBIO()
+        self.assertTrue(client._lostTLSConnection)  # an end without close_notify: the TLS connection fails
+        self.assertEqual(recorders["client"].received, body)
+
     def test_socket_reads_grow_after_the_handshake(self) -> None:
         client, server, recorders, pump = self.connect()
         self.assertEqual(client.transport.bufferSize, bulk.SOCKET_READ)
