@@ -8,8 +8,8 @@ straight into one buffer (OpenSSL's ``SSL_read`` through pyOpenSSL's binding, as
 does, without its buffer and copy per record) and hands the plaintext on in one piece, and reads the
 socket in larger pieces once the handshake is done, so each layer above runs once per socket read.
 OpenSSL reads each socket read where it lies: a read-only memory BIO over those bytes becomes the
-connection's receiving BIO (:meth:`BulkTLSProtocol.receive_from`), where Twisted writes them into the
-connection's memory BIO (a copy, after OpenSSL clears the room for it).
+connection's receiving BIO (:meth:`BulkTLSProtocol.receive_from`). Twisted's protocol writes them into the
+connection's memory BIO instead: a copy, after OpenSSL clears the room for it.
 
 On the way out it encrypts a large write in pieces of :data:`SEND_PIECE` without copying them first (one C
 call per 16 KiB record, as pyOpenSSL's contexts allow partial writes, and one pass of Python per piece), and
