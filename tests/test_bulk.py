@@ -8,10 +8,11 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tls_support import MemoryTLS
+from tls_support import MemoryTLS, Recorder
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import ClientCreator, ClientFactory, Factory, Protocol
 from twisted.internet.ssl import optionsForClientTLS
+from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -166,6 +167,41 @@ class BulkTLSTests(SynchronousTestCase):
         client.dataReceived(wire[half:])
         self.assertEqual(recorders["client"].received, body)
         self.assertIsNone(recorders["client"].lost)
+
+    def test_a_handshake_read_a_byte_at_a_time_completes(self) -> None:
+        # each one-byte read gets a BIO of its own: OpenSSL keeps the partial handshake records meanwhile
+        sides = {}
+
+        def factory(side: str) -> Factory:
+            built = Factory()
+            built.buildProtocol = lambda addr: sides.setdefault(side, Recorder())
+            return built
+
+        server_factory = TLSMemoryBIOFactory(self.tls.sni, False, factory("server"), clock=self.clock)
+        client_factory = TLSMemoryBIOFactory(optionsForClientTLS(HOST, trustRoot=self.tls.root), True,
+                                             factory("client"), clock=self.clock)
+        server_factory.protocol = client_factory.protocol = bulk.BulkTLSProtocol
+        server, client = server_factory.buildProtocol(None), client_factory.buildProtocol(None)
+        server_wire, client_wire = StringTransport(), StringTransport()
+        server.makeConnection(server_wire)
+        client.makeConnection(client_wire)
+        for _ in range(10):  # a TLS 1.3 handshake takes two flights each way
+            sent, received = client_wire.value(), server_wire.value()
+            client_wire.clear()
+            server_wire.clear()
+            for index in range(len(sent)):
+                server.dataReceived(sent[index:index + 1])
+            for index in range(len(received)):
+                client.dataReceived(received[index:index + 1])
+            self.clock.advance(0)
+        body = os.urandom(70 * 1024)
+        client.write(body)
+        self.clock.advance(0)
+        sent = client_wire.value()
+        for index in range(0, len(sent), 7):
+            server.dataReceived(sent[index:index + 7])
+        self.assertEqual((sides["client"].handshakes, sides["server"].handshakes), (1, 1))
+        self.assertEqual(sides["server"].received, body)
 
     def test_the_end_of_input_is_marked_in_the_bio_that_reads_now(self) -> None:
         # pyOpenSSL marks the end of input (Twisted's connectionLost) in the BIO it knows: the live one
