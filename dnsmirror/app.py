@@ -47,6 +47,7 @@ from dnsmirror.logs import fields
 from dnsmirror.metrics import Readiness as ReadinessView
 from dnsmirror.metrics import StatsCollector, metrics_site
 from dnsmirror.patterns import HostMatcher
+from dnsmirror.peer_tls import PeerTLS
 from dnsmirror.peers import (
     Holders,
     PeerClient,
@@ -238,6 +239,8 @@ class Services(service.MultiService):
             secret = load_secret(peers.secret_file)  # type: ignore[arg-type]  # set whenever peers are enabled
         except PeerSecretError as exc:
             raise ListenError(str(exc)) from exc
+        # derived from the secret: every node holds the same identity, nothing to hand out
+        tls = PeerTLS(secret) if peers.tls else None
         resolve = None
         if peers.dns_name:
             if not (peers.resolvers or self.upstreams):
@@ -272,19 +275,20 @@ class Services(service.MultiService):
         # twisted.web declares Site.protocol as a function; any channel type is meant
         site.protocol = with_header_deadline(http.HTTPChannel)  # type: ignore[method-assign]
         site.displayTracebacks = False
-        self._listen_tcp("peers", "peers.listen", peers.listen, site)
+        self._listen_tcp("peers", "peers.listen", peers.listen, site if tls is None else tls.listening(site))
         self._run("peer discovery", peer_set.start, peer_set.stop)
         if ipaddress.ip_address(peers.listen.host).is_loopback:
             log.warning("peers.listen is a loopback address: other nodes cannot fetch from this one",
                         extra=fields(event="peers_unreachable", listen=str(peers.listen)))
         # a peer whose body stalls this long is given up and upstream sends the rest
         read_timeout = min(max(5 * peers.timeout, 5.0), self.config.upstream.read_timeout)
+        client_tls = None if tls is None else tls.client_creator
         peer_client = PeerClient(self.reactor, peer_set, holders, secret, peers.lookup, peers.timeout,
-                                 read_timeout, self.peer_stats)
+                                 read_timeout, self.peer_stats, tls=client_tls)
         # this node's address as its peers list it: peers.listen, unless that is a wildcard
         me = None if ipaddress.ip_address(peers.listen.host).is_unspecified else peers.listen
         swarm_driver = SwarmDriver(self.reactor, me, peer_set, secret, node_settings(peers.max_uploads),
-                                   peers.timeout, read_timeout, self.swarm_stats)
+                                   peers.timeout, read_timeout, self.swarm_stats, tls=client_tls)
         listener.on_message = swarm_driver.receive
         self.upload_slots.on_start = swarm_driver.upload_started
         self.upload_slots.on_end = swarm_driver.upload_ended
@@ -299,7 +303,9 @@ class Services(service.MultiService):
         log.info(
             "peers listening",
             extra=fields(
-                peers=str(peers.listen), static=[str(p) for p in peers.static], dns_name=peers.dns_name
+                peers=str(peers.listen), static=[str(p) for p in peers.static], dns_name=peers.dns_name,
+                # the same on every node of one secret: a node showing another cannot talk to the rest
+                tls=tls.identity.fingerprint[:16] if tls is not None else "off",
             ),
         )
         return peer_client, swarm_driver

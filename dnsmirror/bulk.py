@@ -25,7 +25,8 @@ most 128 KiB per call; :func:`gather_writes` gives a listening port's connection
 
 :func:`install` makes every TLS connection of the process (the HTTPS listener, upstream and egress
 connections) use :class:`BulkTLSProtocol`; it is called once at start by :mod:`dnsmirror.app`.
-:class:`PlainEndpoints` gives plain HTTP connections (between peer nodes) the same large socket reads.
+:class:`PeerEndpoints` gives connections between peer nodes (plain HTTP, or inside the peers' TLS) the same
+large socket reads.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any, cast
 
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError, _ffi, _lib
 from twisted.internet import main, tcp
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -284,16 +285,24 @@ class _LargeReads:
         return self.inner.connect(protocol_factory).addCallback(grow_reads)
 
 
-class PlainEndpoints:
-    """An ``Agent`` endpoint factory for plain HTTP whose connections read the socket in large pieces (from
-    ``bind_address`` when given: a peer knows a node by the address it connects from)."""
+class PeerEndpoints:
+    """An ``Agent`` endpoint factory for HTTP between peer nodes whose connections read the socket in large
+    pieces (from ``bind_address`` when given: a peer knows a node by the address it connects from). With
+    ``tls`` (a client connection creator, see :class:`dnsmirror.peer_tls.PeerTLS`) every connection is made
+    inside TLS, whatever the URL's scheme."""
 
-    def __init__(self, reactor, connect_timeout: float, bind_address: tuple[str, int] | None = None) -> None:
+    def __init__(self, reactor, connect_timeout: float, bind_address: tuple[str, int] | None = None,
+                 tls: Any = None) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
         self.bind_address = bind_address
+        self.tls = tls
 
     def endpointForURI(self, uri) -> IStreamClientEndpoint:
         host = uri.host.decode("ascii") if isinstance(uri.host, bytes) else uri.host
-        return _LargeReads(HostnameEndpoint(self.reactor, host, uri.port, timeout=self.connect_timeout,
-                                            bindAddress=self.bind_address))
+        endpoint: IStreamClientEndpoint = HostnameEndpoint(
+            self.reactor, host, uri.port, timeout=self.connect_timeout, bindAddress=self.bind_address)
+        if self.tls is not None:
+            # the TLS protocol grows its socket's reads itself once its handshake is done
+            return wrapClientTLS(self.tls, endpoint)
+        return _LargeReads(endpoint)

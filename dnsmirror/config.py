@@ -143,6 +143,7 @@ class PeersConfig:
     refresh: float = 30.0
     resolvers: tuple[HostPort, ...] = ()
     max_uploads: int = 4
+    tls: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -554,6 +555,7 @@ _SCHEMA: dict[str, tuple[type, dict[str, Any]]] = {
             "refresh": parse_duration,
             "resolvers": _list_of(_upstream_server),
             "max_uploads": _int_range(1, 64),
+            "tls": _boolean,
         },
     ),
     "metrics": (MetricsConfig, {"listen": _optional(host_port)}),

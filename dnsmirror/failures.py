@@ -42,7 +42,7 @@ UPSTREAM_KINDS = (
     "digest_mismatch",
     "other",
 )
-PEER_KINDS = ("refused", "timeout", "status", "body_cut", "digest_mismatch", "other")
+PEER_KINDS = ("refused", "timeout", "status", "body_cut", "digest_mismatch", "tls", "other")
 CACHE_KINDS = ("full", "write", "read", "damaged", "other")
 KINDS = {"upstream": UPSTREAM_KINDS, "peer": PEER_KINDS, "cache": CACHE_KINDS}
 
@@ -174,6 +174,10 @@ def upstream_kind(exc: BaseException) -> str:
 def peer_kind(reason: str) -> str:
     """The :data:`PEER_KINDS` word for a peer failure's reason text."""
     text = reason.lower()
+    # a failed peer TLS handshake ("certificate verify failed") is not a body that failed its check; a body
+    # cut by a TLS error stays a cut body
+    if ("ssl" in text or "tls" in text or "certificate" in text) and "broke off" not in text:
+        return "tls"
     if "digest" in text or "mismatch" in text or "verif" in text:
         return "digest_mismatch"
     if "broke off" in text or "body cut" in text:

@@ -40,7 +40,7 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
 from dnsmirror import failures
-from dnsmirror.bulk import PlainEndpoints
+from dnsmirror.bulk import PeerEndpoints
 from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields
 from dnsmirror.periodic import Periodic
@@ -332,10 +332,12 @@ class PeerSet:
 
 
 class PeerClient:
-    """Looks digests up at peers and announces what this node cached."""
+    """Looks digests up at peers and announces what this node cached (inside the peers' TLS with ``tls``,
+    a client connection creator from :mod:`dnsmirror.peer_tls`)."""
 
     def __init__(self, reactor, peers: PeerSet, holders: Holders, secret: bytes, lookup: int, timeout: float,
-                 read_timeout: float, stats: PeerStats, wall_clock: Callable[[], float] = time.time) -> None:
+                 read_timeout: float, stats: PeerStats, wall_clock: Callable[[], float] = time.time,
+                 tls: Any = None) -> None:
         self.reactor = reactor
         self.peers = peers
         self.holders = holders
@@ -349,7 +351,8 @@ class PeerClient:
         self.pool.maxPersistentPerHost = 4
         self.pool.cachedConnectionTimeout = 30
         # blobs come over these connections: large socket reads, fewer trips through the HTTP client
-        self.agent = Agent.usingEndpointFactory(reactor, PlainEndpoints(reactor, timeout), pool=self.pool)
+        endpoints = PeerEndpoints(reactor, timeout, tls=tls)  # inside the peers' TLS with ``tls``
+        self.agent = Agent.usingEndpointFactory(reactor, endpoints, pool=self.pool)
         self._announcing: Periodic | None = None
         self._retries: set = set()  # delayed calls sending a failed batch announcement again
 

@@ -37,7 +37,7 @@ from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, Resp
 from twisted.web.http_headers import Headers
 
 from dnsmirror import swarm
-from dnsmirror.bulk import PlainEndpoints
+from dnsmirror.bulk import PeerEndpoints
 from dnsmirror.config import HostPort, host_port
 from dnsmirror.logs import fields as log_fields
 from dnsmirror.peers import AUTH_HEADER, BLOB_PATH, SWARM_PATH, PeerSet, body_digest, sign
@@ -170,14 +170,17 @@ class SwarmDriver:
 
     ``me`` is this node's address as the others list it, or None when ``peers.listen`` does not say (then
     the member entry this node can bind, once static or discovered peers name it; no coordination before).
-    ``peers`` is the membership (static or discovered).
+    ``peers`` is the membership (static or discovered). With ``tls`` (a client connection creator,
+    :mod:`dnsmirror.peer_tls`) messages and blob requests go inside the peers' TLS.
     """
 
     def __init__(self, reactor, me: HostPort | None, peers: PeerSet, secret: bytes,
                  settings: swarm.SwarmSettings, timeout: float, read_timeout: float,
-                 stats: SwarmStats | None = None, wall_clock: Callable[[], float] = time.time) -> None:
+                 stats: SwarmStats | None = None, wall_clock: Callable[[], float] = time.time,
+                 tls: Any = None) -> None:
         self.reactor = reactor
         self.peers = peers
+        self.tls = tls
         self.secret = secret
         self.settings = settings
         self.timeout = timeout
@@ -210,7 +213,7 @@ class SwarmDriver:
         self.node = swarm.SwarmNode(me, swarm.Membership([me, *self.peers.members()]), self.settings)
         # from this node's own address: the receiver knows the sender by the address it connects from
         self.agent = Agent.usingEndpointFactory(
-            self.reactor, PlainEndpoints(self.reactor, self.timeout, (me.host, 0)), pool=self.pool
+            self.reactor, PeerEndpoints(self.reactor, self.timeout, (me.host, 0), self.tls), pool=self.pool
         )
         log.info("burst coordination as %s", me, extra=log_fields(event="swarm_ready", node=str(me)))
         return True

@@ -21,6 +21,7 @@ def test_embedded_default_is_valid_and_on_loopback():
     assert cfg.https.listen == (HostPort("127.0.0.1", 8443),)
     assert cfg.metrics.listen.host == "127.0.0.1"
     assert cfg.peers.listen.host == "127.0.0.1"
+    assert cfg.peers.tls is False  # peer traffic in the clear unless asked for: it costs CPU per byte
     assert "*.dkr.ecr.*.amazonaws.com" in cfg.capture
     assert cfg.cache.max_size == 10 * 2**30
     assert cfg.dns.ttl == 5
@@ -43,7 +44,7 @@ def test_every_problem_is_reported_with_its_key_path():
         "mirror": {"address": "::1", "address6": "1.2.3.4"},
         "dns": {"listen": ["x"], "ttl": "five", "allow": ["10.0.0.0/33"], "typo": 1, "timeout": "-1s"},
         "cache": {"max_size": "lots"},
-        "peers": {"static": ["10.0.0.1"]},
+        "peers": {"static": ["10.0.0.1"], "tls": "yes"},
         "log": {"format": "xml"},
         "surprise": True,
     })
@@ -59,12 +60,14 @@ def test_every_problem_is_reported_with_its_key_path():
         "dns.timeout",
         "cache.max_size",
         "peers.static[0]",
+        "peers.tls",
         "log.format",
         "surprise",
     }
     assert "two labels" in found["capture[0]"]
     assert "unknown key" in found["dns.typo"]
     assert "missing port" in found["peers.static[0]"]
+    assert "expected true or false" in found["peers.tls"]
 
 
 def test_an_ipv6_only_node_needs_only_address6():

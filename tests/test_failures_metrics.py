@@ -103,6 +103,10 @@ def test_other_classifications():
     assert peer_kind("body broke off at byte 10: timeout") == "body_cut"
     assert peer_kind("User timeout caused connection failure.") == "timeout"
     assert peer_kind("Connection was refused by other side") == "refused"
+    # a node of another secret (or without peers.tls) fails the handshake: not a body that failed verification
+    assert peer_kind("ResponseNeverReceived: [('SSL routines', '', 'certificate verify failed')]") == "tls"
+    assert peer_kind("body of sha256:ab failed verification: digest mismatch") == "digest_mismatch"
+    assert peer_kind("body broke off at byte 10: SSL routines: decryption failed") == "body_cut"
     assert fill_failure_kind("upstream", StoreFull("full")) == ("cache", "full")
     assert fill_failure_kind("upstream", DigestMismatch("sha256:a", "sha256:b", 1)) == (
         "upstream",

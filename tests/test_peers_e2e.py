@@ -45,6 +45,7 @@ from harness.images import build_image, push_image, skopeo_copy
 from harness.netns import Cluster, Namespace, Process
 from harness.pki import create_ca
 from harness.registry import Registry
+from harness.sniff import Sniffer
 from mirror_support import MirrorNode, curl_argv, scrape_metrics, upstream_dns
 
 from dnsmirror.config import HostPort
@@ -394,10 +395,12 @@ PEERS_NAME = "dnsmirror-peers.dnsmirror.svc.cluster.local"
 
 
 @contextlib.contextmanager
-def two_nodes(tmp_path: Path) -> Iterator[Pair]:
+def two_nodes(tmp_path: Path, tls: tuple[bool, bool] = (False, False)) -> Iterator[Pair]:
     """Nodes that find each other the way the DaemonSet does: ``peers.dns_name``, whose A records (served
-    by the world's DNS, named in ``peers.resolvers``) are both nodes, each leaving itself out."""
+    by the world's DNS, named in ``peers.resolvers``) are both nodes, each leaving itself out. ``tls``:
+    ``peers.tls`` of node A and of node B."""
     require_netns()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     with Cluster() as cluster:
         registry_ns = cluster.add("registry")
         node_a, node_b = cluster.add("node-a"), cluster.add("node-b")
@@ -405,15 +408,15 @@ def two_nodes(tmp_path: Path) -> Iterator[Pair]:
         secret = write_secret(tmp_path / "peer-secret", os.urandom(24).hex())
         names = {ECR_HOST: registry_ns.address, PEERS_NAME: [node_a.address, node_b.address]}
 
-        def discovering(node: Namespace, dns: str) -> dict:
+        def discovering(node: Namespace, dns: str, peer_tls: bool) -> dict:
             overrides = peer_overrides(node, [], secret)
-            overrides["peers"].update(dns_name=PEERS_NAME, resolvers=[f"{dns}:53"])
+            overrides["peers"].update(dns_name=PEERS_NAME, resolvers=[f"{dns}:53"], tls=peer_tls)
             return overrides
 
         with Registry(registry_ns, ECR_HOST, ca, tmp_path / "registry", users={USER: PASSWORD}) as registry, \
                 upstream_dns(registry_ns, tmp_path / "dns", names) as dns, \
-                MirrorNode(node_a, tmp_path / "a", dns, ca, discovering(node_a, dns)) as mirror_a, \
-                MirrorNode(node_b, tmp_path / "b", dns, ca, discovering(node_b, dns)) as mirror_b:
+                MirrorNode(node_a, tmp_path / "a", dns, ca, discovering(node_a, dns, tls[0])) as mirror_a, \
+                MirrorNode(node_b, tmp_path / "b", dns, ca, discovering(node_b, dns, tls[1])) as mirror_b:
             yield Pair(registry, registry_ns, node_a, node_b, mirror_a, mirror_b)
 
 
@@ -480,3 +483,50 @@ def test_nodes_pulling_a_new_blob_a_moment_apart_share_one_upstream_fetch(tmp_pa
         assert world.registry.count_requests("GET", world.registry.blob_path(REPOSITORY, digest)) == 1
         assert sources(world.mirror_b, digest) == ["peer"]
         assert metric(world.node_a, "dnsmirror_peers_served_while_filling_total") == 1
+
+
+def test_with_peers_tls_a_blob_crosses_between_nodes_encrypted(tmp_path: Path) -> None:
+    """Node B's client gets a blob node A cached, from node A, with and without ``peers.tls``; a packet
+    socket on node B's interface keeps every frame (node A sends at 100 Mbit/s, so that none is dropped),
+    then looks for 64 pieces of the blob in them. In the clear (the control: it shows the sniffer sees the
+    transfer) most pieces are found; with TLS none is, though as many bytes passed."""
+    data = os.urandom(8 * 1024 * 1024)
+    pieces = [data[offset:offset + 32] for offset in range(4096, len(data) - 32, len(data) // 64)][:64]
+    seen = {}
+    for tls in (False, True):
+        with two_nodes(tmp_path / ("tls" if tls else "plain"), tls=(tls, tls)) as world:
+            digest = world.registry.place_blob(REPOSITORY, [data])[0]
+            assert fetch(world.node_a, world.mirror_a, digest) == (200, data)
+            assert wait_until(
+                lambda: metric(world.node_b, "dnsmirror_peers_announcements_received_total") >= 1, 10
+            )
+            world.node_a.limit_egress("100mbit")
+            with Sniffer(world.node_b, pieces) as sniffer:
+                assert fetch(world.node_b, world.mirror_b, digest) == (200, data)
+            assert sources(world.mirror_b, digest) == ["peer"]
+            assert logged_gets(world.registry, digest, 1) == 1  # node A's fill only
+            seen[tls] = sniffer
+    plain, encrypted = seen[False], seen[True]
+    assert len(plain.found) >= len(pieces) // 2, (len(plain.found), plain.frames, plain.dropped)
+    assert encrypted.bytes > len(data) and encrypted.dropped == 0, (encrypted.bytes, encrypted.dropped)
+    assert encrypted.found == set(), sorted(encrypted.found)
+
+
+def test_nodes_that_disagree_on_peers_tls_miss_each_other_and_pull_from_upstream(tmp_path: Path) -> None:
+    """Node A with ``peers.tls``, node B without (a rolling change half done): B's request to A fails, and
+    B's client is served from the registry, as without peers. B counts a failed peer, A a connection that
+    failed its TLS handshake (and logs what to check)."""
+    with two_nodes(tmp_path, tls=(True, False)) as world:
+        data = os.urandom(1024 * 1024)
+        digest = world.registry.place_blob(REPOSITORY, [data])[0]
+        assert fetch(world.node_a, world.mirror_a, digest) == (200, data)
+        # B asks A first: no announcement from A arrives, so the lookup goes to A by rendezvous order
+        assert fetch(world.node_b, world.mirror_b, digest) == (200, data)
+        assert sources(world.mirror_b, digest) == ["upstream"]
+        assert logged_gets(world.registry, digest, 2) == 2
+        assert wait_until(lambda: metric(world.node_b, "dnsmirror_peers_failures_total") >= 1, 10)
+        assert wait_until(lambda: metric(world.node_a, 'dnsmirror_peer_errors_total{kind="tls"}') >= 1, 10)
+        reported = [record for record in world.mirror_a.log_records()
+                    if record.get("event") == "peer_failure" and record.get("kind") == "tls"]
+        assert reported and world.node_b.address in reported[0]["reason"], reported
+        assert "peers.tls" in reported[0]["reason"]
