@@ -18,7 +18,7 @@ import datetime
 from dataclasses import dataclass
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -165,7 +165,3 @@ class PeerTLS:
         watched = WrappingFactory(factory)
         watched.protocol = _HandshakeWatch
         return TLSMemoryBIOFactory(self._server, False, watched)
-
-    def certificate_pem(self) -> bytes:
-        """The shared certificate, PEM (for ``openssl s_client`` or curl when diagnosing)."""
-        return self.identity.certificate.public_bytes(serialization.Encoding.PEM)

@@ -15,6 +15,9 @@ side only, a fair share per node: node-to-node traffic is not limited).
   gets the blob from a peer.
 - All five pull another new image at once and the node filling from the registry (the one the registry is
   sending the most to) is SIGKILLed mid-transfer: every other pull still succeeds.
+
+Each test runs twice: with peer traffic in the clear (the default) and with ``peers.tls`` (burst
+coordination, lookups and blob streams between nodes inside TLS).
 """
 
 from __future__ import annotations
@@ -100,7 +103,7 @@ def write_secret(path: Path) -> Path:
     return path
 
 
-def peer_overrides(node: Namespace, members: list[Namespace], secret: Path) -> dict:
+def peer_overrides(node: Namespace, members: list[Namespace], secret: Path, tls: bool) -> dict:
     """The same peer list on every node (all members: a node leaves its own address out)."""
     peers = {
         "listen": f"{node.address}:{PEER_PORT}",
@@ -108,6 +111,7 @@ def peer_overrides(node: Namespace, members: list[Namespace], secret: Path) -> d
         "secret_file": str(secret),
         "timeout": "2s",
         "max_uploads": MAX_UPLOADS,
+        "tls": tls,
     }
     # a stopping node drains for dns.ttl + 1 s
     return {"peers": peers, "dns": {"ttl": 1}, "cache": {"max_size": "1GiB"}}
@@ -120,8 +124,8 @@ def limit_registry(registry: Registry, clients: list[str], rate_mbit: float) -> 
     registry.namespace.limit_egress_fairly(rate_mbit, clients)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+@pytest.fixture(scope="module", params=[False, True], ids=["plain-peers", "peers-tls"])
+def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     require_netns()
     work = tmp_path_factory.mktemp("burst-e2e")
     with Cluster() as cluster, registry_upstream(cluster, work, users={USER: PASSWORD}) as upstream, \
@@ -130,7 +134,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         members = [cluster.add(f"node-{index}") for index in range(NODES)] + [cluster.add("outsider")]
         secret = write_secret(work / "peer-secret")
         mirrors = [MirrorNode(member, work / member.role, upstream.dns, upstream.ca,
-                              peer_overrides(member, members, secret)) for member in members]
+                              peer_overrides(member, members, secret, request.param)) for member in members]
         for mirror in mirrors:
             stack.callback(mirror.stop)
         with ThreadPoolExecutor(len(mirrors)) as pool:  # starting six nodes one by one would take longer

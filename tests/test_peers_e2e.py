@@ -50,6 +50,7 @@ from mirror_support import MirrorNode, curl_argv, scrape_metrics, upstream_dns
 
 from dnsmirror.config import HostPort
 from dnsmirror.failures import PEER_KINDS
+from dnsmirror.peer_tls import peer_identity
 from dnsmirror.peers import AUTH_HEADER, HOLDERS_HEADER, rendezvous, sign
 
 pytestmark = [
@@ -389,6 +390,7 @@ class Pair:
     node_b: Namespace
     mirror_a: MirrorNode
     mirror_b: MirrorNode
+    secret: bytes
 
 
 PEERS_NAME = "dnsmirror-peers.dnsmirror.svc.cluster.local"
@@ -417,7 +419,7 @@ def two_nodes(tmp_path: Path, tls: tuple[bool, bool] = (False, False)) -> Iterat
                 upstream_dns(registry_ns, tmp_path / "dns", names) as dns, \
                 MirrorNode(node_a, tmp_path / "a", dns, ca, discovering(node_a, dns, tls[0])) as mirror_a, \
                 MirrorNode(node_b, tmp_path / "b", dns, ca, discovering(node_b, dns, tls[1])) as mirror_b:
-            yield Pair(registry, registry_ns, node_a, node_b, mirror_a, mirror_b)
+            yield Pair(registry, registry_ns, node_a, node_b, mirror_a, mirror_b, secret.read_bytes().strip())
 
 
 def start_download(node: Namespace, mirror: MirrorNode, digest: str, out: Path, *options: str) -> Process:
@@ -530,3 +532,10 @@ def test_nodes_that_disagree_on_peers_tls_miss_each_other_and_pull_from_upstream
                     if record.get("event") == "peer_failure" and record.get("kind") == "tls"]
         assert reported and world.node_b.address in reported[0]["reason"], reported
         assert "peers.tls" in reported[0]["reason"]
+        # each node says at start which it runs: the certificate's fingerprint (one per secret) or off
+
+        def started_with(mirror: MirrorNode) -> str:
+            return next(r["tls"] for r in mirror.log_records() if r.get("message") == "peers listening")
+
+        assert started_with(world.mirror_b) == "off"
+        assert started_with(world.mirror_a) == peer_identity(world.secret).fingerprint[:16]
