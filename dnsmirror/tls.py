@@ -48,6 +48,9 @@ TLS12_CIPHERS = (
     b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:"
     b"ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384:ECDHE-RSA-CHACHA20-POLY1305"
 )
+# TLS 1.3 in the same order: AES-128-GCM first, as Go clients (containerd, docker, skopeo) ask for it on
+# CPUs with AES instructions; OpenSSL's own order puts AES-256-GCM first, about a fifth dearer per byte
+TLS13_SUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 ALPN_HTTP11 = b"http/1.1"
 
 
@@ -125,6 +128,7 @@ def base_context() -> SSL.Context:
     context.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
     context.set_alpn_select_callback(_select_alpn)
     context.set_cipher_list(TLS12_CIPHERS)
+    context.set_tls13_ciphersuites(TLS13_SUITES)
     return context
 
 

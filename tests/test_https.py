@@ -173,6 +173,14 @@ def test_tls12_uses_an_ecdhe_aead_suite(https_port):
     assert "Cipher is ECDHE-ECDSA-AES128-GCM-SHA256" in done.stdout
 
 
+def test_tls13_picks_aes_128_gcm_even_for_a_client_that_prefers_aes_256(https_port):
+    # the listener's order decides: openssl's client (as curl's) offers AES-256-GCM first
+    done = s_client(https_port, "-servername", "docker.io", "-tls1_3",
+                    "-ciphersuites", "TLS_AES_256_GCM_SHA384:TLS_AES_128_GCM_SHA256")
+    assert done.returncode == 0, done.stderr
+    assert "Cipher is TLS_AES_128_GCM_SHA256" in done.stdout, done.stdout[-2000:]
+
+
 def test_unreachable_upstream_answers_502_with_an_oci_error(https_port, ca_dir):
     context = ssl.create_default_context(cafile=str(ca_dir / "root.crt"))
     context.set_alpn_protocols(["http/1.1"])
