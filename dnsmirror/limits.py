@@ -317,7 +317,8 @@ class _Limited(ProtocolWrapper):
 
 
 def _limited_connection(transport: object) -> _Limited | None:
-    """The limiter's wrapper under an HTTP channel's ``transport`` (directly, or under TLS), if any."""
+    """The limiter's wrapper under an HTTP channel's ``transport`` (directly, under TLS, or under the peer
+    listener's TLS and its handshake watch), if any."""
     for _ in range(3):
         if isinstance(transport, _Limited):
             return transport

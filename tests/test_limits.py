@@ -38,6 +38,7 @@ from dnsmirror.limits import (
     raise_descriptor_limit,
     with_header_deadline,
 )
+from dnsmirror.peer_tls import PeerTLS
 
 
 def test_the_budget_keeps_a_reserve_for_what_each_connection_opens_and_a_share_for_the_dns():
@@ -266,6 +267,20 @@ def test_the_http_channel_finds_the_limiters_connection_under_tls():
     limited.makeConnection(_TcpTransport())
     channel = limited.wrappedProtocol.wrappedProtocol
     assert isinstance(channel, http.HTTPChannel) and channel.transport is not limited
+    channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # as the TLS layer passes it on
+    assert limiter.table.busy == {"10.0.0.1": {limited}}
+
+
+def test_the_peer_listeners_channel_finds_the_limiters_connection_under_peer_tls():
+    # one wrapper deeper than the HTTPS listener: the watch that reports failed handshakes
+    site = server.Site(_Pending(), timeout=None)
+    site.protocol = with_header_deadline(http.HTTPChannel)
+    limiter = ConnectionLimiter(PeerTLS(b"a-long-enough-cluster-secret").listening(site),
+                                ListenerCaps(total=4, per_client=4), "peers", task.Clock())
+    limited = limiter.buildProtocol(address.IPv4Address("TCP", "10.0.0.1", 40000))
+    limited.makeConnection(_TcpTransport())
+    channel = limited.wrappedProtocol.wrappedProtocol.wrappedProtocol
+    assert isinstance(channel, http.HTTPChannel)
     channel.dataReceived(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")  # as the TLS layer passes it on
     assert limiter.table.busy == {"10.0.0.1": {limited}}
 
