@@ -35,8 +35,11 @@ from dnsmirror.health import HealthState, ListenerProbe
 from dnsmirror.https import HttpsBindError, HttpsListener
 from dnsmirror.limits import (
     LISTENERS,
+    PEER_CONNECTIONS_BURST,
+    PEER_CONNECTIONS_PER_SECOND,
     ConnectionLimiter,
     DescriptorBudget,
+    NewConnectionRate,
     current_limit,
     descriptors_in_use,
     plan_budget,
@@ -178,8 +181,10 @@ class Services(service.MultiService):
 
         def bind() -> None:
             try:
+                # a deep accept queue, as the HTTPS listener's: a burst (or a flood the limiter refuses) must
+                # not make the kernel drop other hosts' connection attempts (each then waits a second)
                 port = self.reactor.listenTCP(address.port, self._limited(name, factory),
-                                              interface=address.host)
+                                              interface=address.host, backlog=1024)
                 ports.append(bulk.gather_writes(port))
             except error.CannotListenError as exc:
                 raise ListenError(f"{key}: cannot listen on {address}: {_reason(exc)}") from exc
@@ -187,8 +192,13 @@ class Services(service.MultiService):
         self._run(f"{name} listener", bind, _stop_listening(ports))
 
     def _limited(self, name: str, factory) -> ConnectionLimiter:
-        """``factory`` behind the connection caps the descriptor budget gives listener ``name``."""
-        limiter = self.limiters[name] = ConnectionLimiter(factory, self.budget.caps(name), name, self.reactor)
+        """``factory`` behind the connection caps the descriptor budget gives listener ``name``; the peer
+        listener also takes new connections from one address at a bounded rate (a refused peer costs a
+        fetch upstream, a refused local client a failed pull: the other listeners have no rate)."""
+        rate = (NewConnectionRate(PEER_CONNECTIONS_PER_SECOND, PEER_CONNECTIONS_BURST) if name == "peers"
+                else None)
+        limiter = self.limiters[name] = ConnectionLimiter(factory, self.budget.caps(name), name, self.reactor,
+                                                          rate)
         return limiter
 
     def _build_front(self):
@@ -431,7 +441,9 @@ class Services(service.MultiService):
                     "Times a registry stopped being captured because its certificate failed verification",
                     lambda: self.tls_bypass.started,
                 ),
-                **self._per_listener("connections_refused", "Connections the {} listener refused at its cap",
+                **self._per_listener("connections_refused",
+                                     "Connections the {} listener refused at its caps (or, for peers, above "
+                                     "the new connections an address may open per second)",
                                      lambda limiter: limiter.stats.refused),
                 **self._per_listener("connections_evicted",
                                      "Idle connections the {} listener closed to make room for another "

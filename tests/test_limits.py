@@ -34,6 +34,7 @@ from dnsmirror.limits import (
     ConnectionLimiter,
     ConnectionTable,
     ListenerCaps,
+    NewConnectionRate,
     plan_budget,
     raise_descriptor_limit,
     with_header_deadline,
@@ -198,10 +199,10 @@ def test_the_limiter_refuses_at_accept_and_logs_once_per_period(caplog):
     assert all(held)
     refused = [_accept(limiter, "10.0.0.9") for _ in range(50)]
     assert refused == [None] * 50 and limiter.stats.refused == 50
-    assert caplog.text.count("https listener full") == 1
+    assert caplog.text.count("https listener refused") == 1 and "full (caps 8 in all, 3 per" in caplog.text
     clock.advance(11)
     assert _accept(limiter, "10.0.0.9") is None
-    assert caplog.text.count("https listener full") == 2 and "refused 1 connection" in caplog.text
+    assert caplog.text.count("https listener refused") == 2 and "refused 1 connection" in caplog.text
     held[0].connectionLost(None)
     assert _accept(limiter, "10.0.0.9") is not None  # a closed connection gives its place back
     assert _accept(limiter, "10.0.0.2") is not None  # another client is not affected
@@ -256,6 +257,39 @@ def test_a_full_limiter_takes_an_idle_connection_not_one_serving_a_request():
 class _TcpTransport(StringTransport):
     def setTcpNoDelay(self, enabled):
         pass
+
+
+def test_the_new_connection_rate_allows_a_burst_then_its_rate_per_address():
+    rate = NewConnectionRate(per_second=10, burst=5, max_clients=2)
+    assert [rate.allow("10.0.0.1", 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert rate.allow("10.0.0.2", 0.0)  # another address has a bucket of its own
+    assert not rate.allow("10.0.0.1", 0.05)  # half a token back
+    assert rate.allow("10.0.0.1", 0.1) and not rate.allow("10.0.0.1", 0.1)
+    assert [rate.allow("10.0.0.1", 10.0) for _ in range(6)] == [True] * 5 + [False]  # never above the burst
+    rate.allow("10.0.0.3", 10.0)  # a third address: the least recently seen is forgotten
+    assert rate.allow("10.0.0.2", 10.0)
+    with pytest.raises(ValueError):
+        NewConnectionRate(per_second=0, burst=5)
+
+
+def test_a_flood_of_new_connections_from_one_address_is_refused_before_any_work(caplog):
+    clock = task.Clock()
+    built = []
+
+    class Counting(protocol.Factory):
+        def buildProtocol(self, addr):
+            built.append(addr)
+            return _Echo()
+
+    limiter = ConnectionLimiter(Counting(), ListenerCaps(total=1000, per_client=1000), "peers", clock,
+                                NewConnectionRate(per_second=20, burst=100))
+    flood = [_accept(limiter, "10.0.0.66") for _ in range(300)]
+    assert sum(connection is not None for connection in flood) == 100 and len(built) == 100
+    assert limiter.stats.refused == limiter.stats.refused_rate == 200
+    assert "peers listener refused" in caplog.text and "new connections" in caplog.text
+    assert _accept(limiter, "10.0.0.7") is not None  # a peer at another address is not held back
+    clock.advance(1)
+    assert sum(_accept(limiter, "10.0.0.66") is not None for _ in range(30)) == 20
 
 
 def test_the_http_channel_finds_the_limiters_connection_under_tls():

@@ -31,7 +31,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -539,3 +541,43 @@ def test_nodes_that_disagree_on_peers_tls_miss_each_other_and_pull_from_upstream
 
         assert started_with(world.mirror_b) == "off"
         assert started_with(world.mirror_a) == peer_identity(world.secret).fingerprint[:16]
+
+
+def test_a_host_flooding_a_peer_listener_is_held_back_and_others_are_still_served(tmp_path: Path) -> None:
+    """A third host opens connections to node A's peer port (TLS) from eight threads for 4 s; A takes at
+    most its burst (100) and then 20 a second from that address and closes the rest at accept, before any
+    TLS work, while node B's client gets a blob from A as a peer. (The accept queue is deep: with the 50
+    of Twisted's default the kernel dropped connection attempts, and each waited a second.)"""
+    with two_nodes(tmp_path, tls=(True, True)) as world:
+        data = os.urandom(4 * 1024 * 1024)
+        digest = world.registry.place_blob(REPOSITORY, [data])[0]
+        assert fetch(world.node_a, world.mirror_a, digest) == (200, data)
+        assert wait_until(
+            lambda: metric(world.node_b, "dnsmirror_peers_announcements_received_total") >= 1, 10
+        )
+        stop = time.monotonic() + 4.0
+        attempts: list[str] = []
+
+        def flood() -> None:  # in the registry's namespace: another address than either node
+            while time.monotonic() < stop:
+                try:
+                    with socket.create_connection((world.node_a.address, PEER_PORT), timeout=5) as sock:
+                        sock.sendall(b"\x16\x03\x01\x00\x05hello")  # the start of a TLS record, then gone
+                    attempts.append("sent")
+                except OSError as exc:
+                    attempts.append(type(exc).__name__)
+
+        flooders = [threading.Thread(target=world.registry_ns.call, args=(flood,)) for _ in range(8)]
+        for flooder in flooders:
+            flooder.start()
+        try:
+            time.sleep(1.0)
+            assert fetch(world.node_b, world.mirror_b, digest) == (200, data)
+        finally:
+            for flooder in flooders:
+                flooder.join(10)
+        assert sources(world.mirror_b, digest) == ["peer"]
+        refused = metric(world.node_a, "dnsmirror_peers_connections_refused_total")
+        outcomes = {outcome: attempts.count(outcome) for outcome in set(attempts)}
+        # taken from that address: the burst (100), then 20 a second, over at most 5 s
+        assert len(attempts) > 1000 and refused >= len(attempts) - 200, (outcomes, refused)
