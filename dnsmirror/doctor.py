@@ -12,6 +12,11 @@ is 0 when no check failed, 1 otherwise. The checks, in order:
 - ``trust``: the system trust store (what containerd reads) verifies the mirror's certificate;
 - ``cache``: the cache directory is writable, with free space;
 - ``containerd``: containerd's content store, when configured, is readable;
+- ``peers``: with peers configured, every peer (``peers.static``, and ``peers.dns_name`` resolved through
+  ``peers.resolvers``) answers a request signed with this node's secret, over TLS when ``peers.tls`` is
+  on (at most :data:`MAX_PEERS_PROBED` of them). A peer that refuses the signature has another secret; one
+  whose TLS handshake fails, or that does not answer HTTP, has another ``peers.tls``; one that cannot be
+  reached is a warning (a node may be starting, or a firewall closes the port);
 - ``image``: with IMAGE, its manifest comes through the mirror.
 
 The captured name checked is IMAGE's registry, or else the first capture pattern without a wildcard.
@@ -24,6 +29,7 @@ the checks never depend on the node resolver they examine.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import ipaddress
 import json
@@ -47,6 +53,10 @@ from dnsmirror.dns.resolvconf import nameservers
 from dnsmirror.patterns import HostMatcher
 
 TIMEOUT = 5.0
+# peers asked by the peers check: enough to see a pattern, bounded on a large cluster
+MAX_PEERS_PROBED = 16
+# the digest the peers check asks for: of bytes no image holds, so every peer answers 404
+PROBE_DIGEST = "sha256:" + hashlib.sha256(b"dnsmirror doctor: peer probe").hexdigest()
 MANIFEST_ACCEPT = ", ".join((
     "application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -120,6 +130,7 @@ class Doctor:
         yield self.check_trust()
         yield self.check_cache()
         yield self.check_containerd()
+        yield self.check_peers()
         if self.image is not None:
             yield self.check_image()
 
@@ -267,6 +278,48 @@ class Doctor:
             )
         return Result("containerd", "ok", f"containerd's content store {store} is readable")
 
+    def check_peers(self) -> Result:
+        from dnsmirror.peer_tls import PeerTLS
+        from dnsmirror.peers import PeerSecretError, is_local_address, load_secret
+
+        peers = self.config.peers
+        if not peers.enabled:
+            return Result("peers", "skip", "no peers.static or peers.dns_name")
+        try:
+            secret = load_secret(peers.secret_file)  # type: ignore[arg-type]  # set whenever peers are enabled
+        except PeerSecretError as exc:
+            return Result("peers", "FAIL", str(exc), "give peers.secret_file mode 0600 and 16+ bytes")
+        members = list(peers.static)
+        if peers.dns_name:
+            resolvers = peers.resolvers or self.config.dns.upstreams
+            try:
+                found = {address for resolver in resolvers[:1] for qtype in ("A", "AAAA")
+                         for address in query_addresses(resolver.host, resolver.port, peers.dns_name, qtype)}
+            except (OSError, ValueError) as exc:
+                return Result("peers", "FAIL", f"peers.dns_name {peers.dns_name}: {describe(exc)}",
+                              "set peers.resolvers to the cluster DNS "
+                              "(kubectl -n kube-system get svc kube-dns)")
+            members += [HostPort(address, peers.listen.port) for address in sorted(found)]
+        members = [member for member in dict.fromkeys(members) if not is_local_address(member.host)]
+        if not members:
+            return Result("peers", "warn", "no other node found yet",
+                          "check peers.static, or that peers.dns_name names the other nodes")
+        tls = PeerTLS(secret).client_creator.context if peers.tls else None
+        answers = {member: probe_peer(member, secret, tls) for member in members[:MAX_PEERS_PROBED]}
+        mode = "TLS" if tls is not None else "plain HTTP"
+        wrong = {member: why for member, (kind, why) in answers.items() if kind == "mismatch"}
+        unreachable = {member: why for member, (kind, why) in answers.items() if kind == "unreachable"}
+        asked = f"{len(answers)} of {len(members)} peer(s) asked over {mode}"
+        if wrong:
+            shown = "; ".join(f"{member}: {why}" for member, why in list(wrong.items())[:3])
+            return Result("peers", "FAIL", f"{asked}; {len(wrong)} cannot talk to this node: {shown}",
+                          "every node needs the same peers.secret_file content and the same peers.tls")
+        if unreachable:
+            shown = "; ".join(f"{member}: {why}" for member, why in list(unreachable.items())[:3])
+            return Result("peers", "warn", f"{asked}; {len(unreachable)} not reachable: {shown}",
+                          f"allow TCP {peers.listen.port} between nodes, and check dnsmirror runs there")
+        return Result("peers", "ok", f"{asked}; every one answered a signed request")
+
     def check_image(self) -> Result:
         assert self.image is not None  # run() checks an image only when one was given
         host, repository, reference = self.image
@@ -372,6 +425,47 @@ def https_get(address: str, port: int, name: str, path: str, *, verify: bool,
         response.begin()
         body = response.read(limit)
         return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+
+
+def probe_peer(peer: HostPort, secret: bytes, tls) -> tuple[str, str]:
+    """A signed ``HEAD`` of :data:`PROBE_DIGEST` at ``peer``'s listener, as a node asks its peers (inside
+    TLS with ``tls``, the peers' client context). (``ok`` | ``mismatch`` | ``unreachable``, what happened)."""
+    from OpenSSL import SSL
+
+    from dnsmirror.peers import AUTH_HEADER, BLOB_PATH, sign
+
+    request = "\r\n".join([
+        f"HEAD {BLOB_PATH}{PROBE_DIGEST} HTTP/1.1", f"Host: {peer}", "User-Agent: dnsmirror-doctor",
+        f"{AUTH_HEADER.decode()}: {sign(secret, 'HEAD', PROBE_DIGEST, time.time()).decode()}",
+        "Connection: close", "", ""]).encode("latin-1")
+    try:
+        raw = socket.create_connection((peer.host, peer.port), timeout=TIMEOUT)
+    except OSError as exc:
+        return "unreachable", describe(exc)
+    with raw:
+        try:
+            if tls is None:
+                raw.sendall(request)
+                answer = raw.recv(4096)
+            else:
+                connection = SSL.Connection(tls, raw)
+                connection.set_connect_state()
+                try:
+                    connection.do_handshake()
+                except SSL.Error as exc:
+                    return "mismatch", f"TLS handshake failed ({describe(exc)}): another peers.tls or secret"
+                connection.sendall(request)
+                answer = connection.recv(4096)
+        except (OSError, SSL.Error) as exc:
+            answer = f"{describe(exc)}".encode()
+    status = answer.split(b"\r\n", 1)[0].decode("latin-1", "replace")
+    if status.startswith("HTTP/1.1 401"):
+        return "mismatch", "refused the signature (401): another peers.secret_file"
+    if status.startswith(("HTTP/1.1 404", "HTTP/1.1 200", "HTTP/1.1 503")):
+        return "ok", status
+    if tls is None:
+        return "mismatch", "no HTTP answer: it may run with peers.tls"
+    return "mismatch", f"unexpected answer {status[:80]!r}"
 
 
 def anonymous_token(challenge: str, fetch: Callable[[str], Reply]) -> str | None:

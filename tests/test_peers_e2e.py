@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from dns_support import wait_until
 from harness import ECR_HOST, require_netns
 from harness.containerd import Containerd
@@ -581,3 +582,45 @@ def test_a_host_flooding_a_peer_listener_is_held_back_and_others_are_still_serve
         outcomes = {outcome: attempts.count(outcome) for outcome in set(attempts)}
         # taken from that address: the burst (100), then 20 a second, over at most 5 s
         assert len(attempts) > 1000 and refused >= len(attempts) - 200, (outcomes, refused)
+
+
+def doctor_says_of_peers(node: Namespace, config: Path) -> str:
+    """The ``peers`` line of ``dnsmirror doctor`` run in ``node`` with ``config`` (with its fix, if any)."""
+    done = node.run([sys.executable, "-m", "dnsmirror", "doctor", "--config", str(config)], check=False,
+                    timeout=120)
+    lines = done.stdout.decode().splitlines()
+    found = [index for index, line in enumerate(lines) if line[5:].startswith("peers ")]
+    assert found, done.stdout.decode()[-3000:]
+    shown = lines[found[0]]
+    if found[0] + 1 < len(lines) and "fix:" in lines[found[0] + 1]:
+        shown += "\n" + lines[found[0] + 1]
+    return shown
+
+
+def test_doctor_tells_which_peers_cannot_talk_to_a_node_and_why(tmp_path: Path) -> None:
+    """``dnsmirror doctor`` signs a request to every peer as the node would: it names the peers of another
+    ``peers.tls`` (either way) or another secret, warns of one it cannot reach, and passes when they agree."""
+    with two_nodes(tmp_path, tls=(True, False)) as world:
+        said = doctor_says_of_peers(world.node_a, world.mirror_a.config_path)  # A with TLS asks plain B
+        assert said.startswith("FAIL") and "TLS handshake failed" in said, said
+        assert world.node_b.address in said
+        assert "the same peers.tls" in said
+        said = doctor_says_of_peers(world.node_b, world.mirror_b.config_path)  # plain B asks A with TLS
+        assert said.startswith("FAIL") and "may run with peers.tls" in said, said
+
+        def variant(name: str, **peers: object) -> Path:
+            document = yaml.safe_load(world.mirror_a.config_path.read_text())
+            document["peers"].update(peers)
+            path = tmp_path / f"{name}.yaml"
+            path.write_text(yaml.safe_dump(document))
+            return path
+
+        other_secret = write_secret(tmp_path / "other-secret", os.urandom(24).hex())
+        said = doctor_says_of_peers(world.node_a,
+                                    variant("other-secret", tls=False, secret_file=str(other_secret)))
+        assert said.startswith("FAIL") and "refused the signature (401)" in said, said
+        said = doctor_says_of_peers(world.node_a, variant("agreeing", tls=False))
+        assert said.startswith("ok") and "every one answered" in said, said
+        said = doctor_says_of_peers(world.node_a, variant(
+            "nobody-there", tls=False, dns_name=None, static=[f"{world.registry_ns.address}:{PEER_PORT}"]))
+        assert said.startswith("warn") and "not reachable" in said and f"allow TCP {PEER_PORT}" in said, said
