@@ -34,6 +34,7 @@ import http.client
 import ipaddress
 import json
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -44,6 +45,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dnslib import QTYPE, DNSRecord
 
@@ -450,12 +452,17 @@ def probe_peer(peer: HostPort, secret: bytes, tls) -> tuple[str, str]:
             else:
                 connection = SSL.Connection(tls, raw)
                 connection.set_connect_state()
+                deadline = time.monotonic() + TIMEOUT
                 try:
-                    connection.do_handshake()
+                    _tls_step(connection.do_handshake, raw, deadline)
                 except SSL.Error as exc:
                     return "mismatch", f"TLS handshake failed ({describe(exc)}): another peers.tls or secret"
-                connection.sendall(request)
-                answer = connection.recv(4096)
+                except TimeoutError:
+                    # a plain listener takes a TLS hello for the start of a request line and waits for more
+                    return "mismatch", (f"no answer to a TLS handshake within {TIMEOUT:g}s: it may run "
+                                        "without peers.tls")
+                _tls_step(lambda: connection.sendall(request), raw, deadline)
+                answer = _tls_step(lambda: connection.recv(4096), raw, deadline)
         except (OSError, SSL.Error) as exc:
             answer = f"{describe(exc)}".encode()
     status = answer.split(b"\r\n", 1)[0].decode("latin-1", "replace")
@@ -466,6 +473,22 @@ def probe_peer(peer: HostPort, secret: bytes, tls) -> tuple[str, str]:
     if tls is None:
         return "mismatch", "no HTTP answer: it may run with peers.tls"
     return "mismatch", f"unexpected answer {status[:80]!r}"
+
+
+def _tls_step(step: Callable[[], Any], raw: socket.socket, deadline: float) -> Any:
+    """``step`` of a pyOpenSSL connection over ``raw``, whose timeout makes it non-blocking: waits for the
+    socket while OpenSSL wants to read or write, until ``deadline`` (then ``TimeoutError``)."""
+    from OpenSSL import SSL
+
+    while True:
+        try:
+            return step()
+        except (SSL.WantReadError, SSL.WantWriteError) as want:
+            left = deadline - time.monotonic()
+            reading = isinstance(want, SSL.WantReadError)
+            ready = select.select([raw] if reading else [], [] if reading else [raw], [], max(left, 0))
+            if left <= 0 or not any(ready):
+                raise TimeoutError("no TLS answer in time") from None
 
 
 def anonymous_token(challenge: str, fetch: Callable[[str], Reply]) -> str | None:
