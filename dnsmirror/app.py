@@ -386,6 +386,11 @@ class Services(service.MultiService):
                     "Registries not captured now because their certificate failed verification",
                     lambda: self.tls_bypass.active,
                 ),
+                "peers_tls": (
+                    "1 when traffic with peer nodes is TLS (peers.tls), 0 in the clear or without peers: "
+                    "nodes that differ cannot share",
+                    lambda: int(self.config.peers.enabled and self.config.peers.tls),
+                ),
                 "peers_uploads": (
                     "Blob streams this node sends to peers now",
                     lambda: self.upload_slots.total if self.upload_slots is not None else 0,

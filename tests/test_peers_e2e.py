@@ -542,6 +542,9 @@ def test_nodes_that_disagree_on_peers_tls_miss_each_other_and_pull_from_upstream
 
         assert started_with(world.mirror_b) == "off"
         assert started_with(world.mirror_a) == peer_identity(world.secret).fingerprint[:16]
+        # and a dashboard sees it: the nodes of a half-done rollout differ here
+        assert metric(world.node_a, "dnsmirror_peers_tls") == 1
+        assert metric(world.node_b, "dnsmirror_peers_tls") == 0
 
 
 def test_a_host_flooding_a_peer_listener_is_held_back_and_others_are_still_served(tmp_path: Path) -> None:
