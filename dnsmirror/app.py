@@ -175,15 +175,17 @@ class Services(service.MultiService):
         """Add a child service; the parent is running, so it starts now (and raises if it cannot)."""
         _Child(name, start, stop).setServiceParent(self)
 
-    def _listen_tcp(self, name: str, key: str, address, factory) -> None:
-        """A listener child service ``name`` on ``address``; a bind error names config ``key``."""
+    def _listen_tcp(self, name: str, key: str, address, factory,
+                    rate: NewConnectionRate | None = None) -> None:
+        """A listener child service ``name`` on ``address`` (taking new connections from one address at
+        ``rate``, when given); a bind error names config ``key``."""
         ports: list = []
 
         def bind() -> None:
             try:
                 # a deep accept queue, as the HTTPS listener's: a burst (or a flood the limiter refuses) must
                 # not make the kernel drop other hosts' connection attempts (each then waits a second)
-                port = self.reactor.listenTCP(address.port, self._limited(name, factory),
+                port = self.reactor.listenTCP(address.port, self._limited(name, factory, rate),
                                               interface=address.host, backlog=1024)
                 ports.append(bulk.gather_writes(port))
             except error.CannotListenError as exc:
@@ -191,12 +193,9 @@ class Services(service.MultiService):
 
         self._run(f"{name} listener", bind, _stop_listening(ports))
 
-    def _limited(self, name: str, factory) -> ConnectionLimiter:
-        """``factory`` behind the connection caps the descriptor budget gives listener ``name``; the peer
-        listener also takes new connections from one address at a bounded rate (a refused peer costs a
-        fetch upstream, a refused local client a failed pull: the other listeners have no rate)."""
-        rate = (NewConnectionRate(PEER_CONNECTIONS_PER_SECOND, PEER_CONNECTIONS_BURST) if name == "peers"
-                else None)
+    def _limited(self, name: str, factory, rate: NewConnectionRate | None = None) -> ConnectionLimiter:
+        """``factory`` behind the connection caps the descriptor budget gives listener ``name`` (and
+        ``rate``, when given)."""
         limiter = self.limiters[name] = ConnectionLimiter(factory, self.budget.caps(name), name, self.reactor,
                                                           rate)
         return limiter
@@ -285,7 +284,11 @@ class Services(service.MultiService):
         # twisted.web declares Site.protocol as a function; any channel type is meant
         site.protocol = with_header_deadline(http.HTTPChannel)  # type: ignore[method-assign]
         site.displayTracebacks = False
-        self._listen_tcp("peers", "peers.listen", peers.listen, site if tls is None else tls.listening(site))
+        # open to the node network: new connections per address at a bounded rate (a refused peer costs a
+        # fetch upstream; a refused local client would be a failed pull, so the other listeners have none)
+        rate = NewConnectionRate(PEER_CONNECTIONS_PER_SECOND, PEER_CONNECTIONS_BURST)
+        self._listen_tcp("peers", "peers.listen", peers.listen, site if tls is None else tls.listening(site),
+                         rate)
         self._run("peer discovery", peer_set.start, peer_set.stop)
         if ipaddress.ip_address(peers.listen.host).is_loopback:
             log.warning("peers.listen is a loopback address: other nodes cannot fetch from this one",

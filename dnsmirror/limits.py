@@ -362,7 +362,6 @@ class LimiterStats:
 
     refused: int = 0  # at its caps, or above its new-connection rate
     evicted: int = 0
-    refused_rate: int = 0  # of ``refused``: above the new-connection rate
 
 
 class ConnectionLimiter(WrappingFactory[_Limited]):
@@ -387,7 +386,6 @@ class ConnectionLimiter(WrappingFactory[_Limited]):
         now = self.clock.seconds()
         if self.rate is not None and not self.rate.allow(client, now):
             self.stats.refused += 1
-            self.stats.refused_rate += 1
             self._refused(client, f"more than {self.rate.burst} new connections at a time, or "
                                   f"{self.rate.per_second:g} a second, from one address")
             return None  # before any work: no protocol, no TLS handshake
