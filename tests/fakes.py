@@ -12,7 +12,7 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
@@ -600,3 +600,13 @@ class MemoryStore:
         data, content_type = self.blobs[digest]
         self.blobs[digest] = (bytes([data[0] ^ 1]) + data[1:], content_type)
         self.verified.discard(digest)
+
+
+@defer.inlineCallbacks
+def task_until(condition, timeout: float = 5.0):
+    """Wait on the reactor until ``condition()`` is true (bounded)."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not met in time")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from fakes import task_until
 from test_upstream import LocalServers
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
 from twisted.trial.unittest import TestCase
@@ -104,16 +105,6 @@ class _ConnectProxy(Protocol):
     def connectionLost(self, reason):
         if self.upstream is not None:
             self.upstream.transport.loseConnection()
-
-
-@defer.inlineCallbacks
-def task_until(condition, timeout: float = 5.0):
-    """Wait on the reactor until ``condition()`` is true (bounded)."""
-    for _ in range(int(timeout / 0.01)):
-        if condition():
-            return
-        yield task.deferLater(reactor, 0.01, lambda: None)
-    raise AssertionError("condition not met in time")
 
 
 PROXY_PASSWORD = "pr0xy-secret"  # user:pr0xy-secret is Basic dXNlcjpwcjB4eS1zZWNyZXQ=

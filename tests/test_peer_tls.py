@@ -14,8 +14,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.x509 import BasicConstraints, ExtendedKeyUsage
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from fakes import task_until
 from OpenSSL import SSL
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial.unittest import TestCase
 from twisted.web import server
 
@@ -111,17 +112,6 @@ def test_a_client_without_the_certificate_or_below_tls_1_3_is_refused() -> None:
         handshake(server, old)
 
 
-@defer.inlineCallbacks
-def settled(condition, seconds: float = 5.0):
-    """Waits (on the reactor) until ``condition()`` holds, then asserts it: the listener's side of a
-    connection ends a moment after the client's."""
-    for _ in range(int(seconds / 0.01)):
-        if condition():
-            break
-        yield task.deferLater(reactor, 0.01, lambda: None)
-    assert condition()
-
-
 class PeerTransferOverTLS(TestCase):
     """The peer listener behind ``PeerTLS.listening`` and the peer client with its creator, on loopback."""
 
@@ -177,11 +167,11 @@ class PeerTransferOverTLS(TestCase):
         found = yield defer.ensureDeferred(client.fetch(self.digest))
         self.assertIsNone(found)
         self.assertEqual(client.stats.failures, 1)
-        yield settled(lambda: failures.failures.count("peer", "tls") == tls_failures + 1)
+        yield task_until(lambda: failures.failures.count("peer", "tls") == tls_failures + 1)
         # a node of another secret fails the handshake: its side and the listener's both report it
         client = self.client(PeerTLS(OTHER_SECRET).client_creator)
         found = yield defer.ensureDeferred(client.fetch(self.digest))
         self.assertIsNone(found)
         self.assertEqual(client.stats.failures, 1)
-        yield settled(lambda: failures.failures.count("peer", "tls") == tls_failures + 3)
+        yield task_until(lambda: failures.failures.count("peer", "tls") == tls_failures + 3)
         self.assertEqual(self.listener_stats.served, 0)
