@@ -45,7 +45,7 @@ import urllib.parse
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dnslib import QTYPE, DNSRecord
 
@@ -53,6 +53,9 @@ from dnsmirror import config as configmod
 from dnsmirror.config import Config, HostPort
 from dnsmirror.dns.resolvconf import nameservers
 from dnsmirror.patterns import HostMatcher
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 TIMEOUT = 5.0
 # peers asked by the peers check: enough to see a pattern, bounded on a large cluster
@@ -293,15 +296,12 @@ class Doctor:
             return Result("peers", "FAIL", str(exc), "give peers.secret_file mode 0600 and 16+ bytes")
         members = list(peers.static)
         if peers.dns_name:
-            resolvers = peers.resolvers or self.config.dns.upstreams
-            try:
-                found = {address for resolver in resolvers[:1] for qtype in ("A", "AAAA")
-                         for address in query_addresses(resolver.host, resolver.port, peers.dns_name, qtype)}
-            except (OSError, ValueError) as exc:
-                return Result("peers", "FAIL", f"peers.dns_name {peers.dns_name}: {describe(exc)}",
+            found, problem = resolve_peers(peers.dns_name, peers.resolvers or self.config.dns.upstreams)
+            if found is None:
+                return Result("peers", "FAIL", f"peers.dns_name {peers.dns_name}: {problem}",
                               "set peers.resolvers to the cluster DNS "
                               "(kubectl -n kube-system get svc kube-dns)")
-            members += [HostPort(address, peers.listen.port) for address in sorted(found)]
+            members += [HostPort(address, peers.listen.port) for address in found]
         members = [member for member in dict.fromkeys(members) if not is_local_address(member.host)]
         if not members:
             return Result("peers", "warn", "no other node found yet",
@@ -429,7 +429,22 @@ def https_get(address: str, port: int, name: str, path: str, *, verify: bool,
         return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
 
 
-def probe_peer(peer: HostPort, secret: bytes, tls) -> tuple[str, str]:
+def resolve_peers(name: str, resolvers: tuple[HostPort, ...],
+                  timeout: float = TIMEOUT) -> tuple[list[str] | None, str]:
+    """The A and AAAA addresses of ``name`` from the first of ``resolvers`` that answers (as the node's
+    peer discovery goes on to the next resolver); (None, what went wrong) when none does."""
+    problem = "no resolver: set peers.resolvers or dns.upstreams"
+    for resolver in resolvers:
+        try:
+            return sorted({address for qtype in ("A", "AAAA")
+                           for address in query_addresses(resolver.host, resolver.port, name, qtype,
+                                                          timeout)}), ""
+        except (OSError, ValueError) as exc:
+            problem = f"{resolver}: {describe(exc)}"
+    return None, problem
+
+
+def probe_peer(peer: HostPort, secret: bytes, tls: SSL.Context | None) -> tuple[str, str]:
     """A signed ``HEAD`` of :data:`PROBE_DIGEST` at ``peer``'s listener, as a node asks its peers (inside
     TLS with ``tls``, the peers' client context). (``ok`` | ``mismatch`` | ``unreachable``, what happened)."""
     from OpenSSL import SSL

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from dns_support import silent_udp_server, unbound
 from dnslib import AAAA, QTYPE, RR, DNSRecord
 from harness import ECR_HOST, require_netns
 from harness.images import build_image, push_image
@@ -19,7 +20,8 @@ from harness.registry import Registry
 from mirror_support import MirrorNode, upstream_dns
 
 from dnsmirror import config as configmod
-from dnsmirror.doctor import Doctor, example_name, parse_reference
+from dnsmirror.config import HostPort
+from dnsmirror.doctor import Doctor, example_name, parse_reference, resolve_peers
 from dnsmirror.patterns import HostMatcher
 
 pytestmark = pytest.mark.integration
@@ -65,6 +67,16 @@ def doctor(
             checks[current] += "\n" + line.strip()
     assert "Traceback" not in done.stderr.decode(), done.stderr.decode()
     return done.returncode, checks, output
+
+
+def test_peers_are_found_through_the_first_resolver_that_answers(tmp_path: Path) -> None:
+    with silent_udp_server() as silent, unbound(tmp_path, ["peers.example.com. 60 IN A 10.9.0.1",
+                                                          "peers.example.com. 60 IN A 10.9.0.2"]) as port:
+        silent_first = (HostPort("127.0.0.1", silent), HostPort("127.0.0.1", port))
+        found, _ = resolve_peers("peers.example.com", silent_first, timeout=0.5)
+        assert found == ["10.9.0.1", "10.9.0.2"]
+        found, problem = resolve_peers("peers.example.com", (HostPort("127.0.0.1", silent),), timeout=0.5)
+        assert found is None and f"127.0.0.1:{silent}" in problem and "no answer" in problem
 
 
 def test_doctor_finds_what_is_broken(tmp_path: Path) -> None:
