@@ -37,7 +37,7 @@ from typing import Any, cast
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError, _ffi, _lib
 from twisted.internet import main, tcp
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
@@ -292,7 +292,7 @@ class PeerEndpoints:
     inside TLS, whatever the URL's scheme."""
 
     def __init__(self, reactor, connect_timeout: float, bind_address: tuple[str, int] | None = None,
-                 tls: Any = None) -> None:
+                 tls: IOpenSSLClientConnectionCreator | None = None) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
         self.bind_address = bind_address

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from twisted.internet import defer
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.web import resource, server
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool
 from twisted.web.http_headers import Headers
@@ -337,7 +338,7 @@ class PeerClient:
 
     def __init__(self, reactor, peers: PeerSet, holders: Holders, secret: bytes, lookup: int, timeout: float,
                  read_timeout: float, stats: PeerStats, wall_clock: Callable[[], float] = time.time,
-                 tls: Any = None) -> None:
+                 tls: IOpenSSLClientConnectionCreator | None = None) -> None:
         self.reactor = reactor
         self.peers = peers
         self.holders = holders

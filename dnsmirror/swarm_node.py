@@ -31,6 +31,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, ResponseDone
@@ -177,7 +178,7 @@ class SwarmDriver:
     def __init__(self, reactor, me: HostPort | None, peers: PeerSet, secret: bytes,
                  settings: swarm.SwarmSettings, timeout: float, read_timeout: float,
                  stats: SwarmStats | None = None, wall_clock: Callable[[], float] = time.time,
-                 tls: Any = None) -> None:
+                 tls: IOpenSSLClientConnectionCreator | None = None) -> None:
         self.reactor = reactor
         self.peers = peers
         self.tls = tls
