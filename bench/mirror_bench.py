@@ -174,22 +174,9 @@ def nginx_cache(peer: Namespace, workdir: Path, public_ca: TestCA, registry: Reg
     }}
   }}""", 443, cpus)
     try:
-        yield nginx_processes(process.pid)
+        yield process_tree(process.pid, children=1)
     finally:
         process.stop()
-
-
-def nginx_processes(master: int) -> list[int]:
-    """nginx's master and worker: the master listens before it forks the worker, so a tree taken at once
-    can miss the worker, and with it all of nginx's CPU time."""
-    deadline = time.monotonic() + 10.0
-    pids = process_tree(master)
-    while len(pids) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
-        pids = process_tree(master)
-    if len(pids) < 2:
-        raise RuntimeError(f"nginx (pid {master}) started no worker within 10 s")
-    return pids
 
 
 @contextlib.contextmanager
@@ -312,7 +299,7 @@ def throughput(world: World, runs: int, size: int, first_reads: int = 0) -> dict
             download(world.node, nginx_url, world.node.address, NGINX_PORT, world.ca.cert_path, expected=size,
                      cpu=CLIENT_CORE)
             servers = {
-                "nginx": (nginx_url, NGINX_PORT, world.ca.cert_path, nginx_processes(server.pid)),
+                "nginx": (nginx_url, NGINX_PORT, world.ca.cert_path, process_tree(server.pid, children=1)),
                 "dnsmirror": (blob_url(digest), 443, trust, [node_mirror.process.pid]),
             }
             for run in range(runs):

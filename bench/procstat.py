@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -25,15 +26,23 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / TICKS
 
 
-def process_tree(pid: int) -> list[int]:
-    """``pid`` and its direct children (e.g. nginx's master and worker)."""
-    pids = [pid]
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, ValueError):
-                if int(_stat_fields(int(entry.name))[1]) == pid:
-                    pids.append(int(entry.name))
-    return pids
+def process_tree(pid: int, children: int = 0, timeout: float = 10.0) -> list[int]:
+    """``pid`` and its direct children (e.g. nginx's master and worker), once it has at least ``children``
+    of them: a server that forks its workers after it listens (nginx) has none yet when it first answers.
+    Raises RuntimeError if it has fewer after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = [pid]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, ValueError):
+                    if int(_stat_fields(int(entry.name))[1]) == pid:
+                        pids.append(int(entry.name))
+        if len(pids) > children:
+            return pids
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"process {pid} has {len(pids) - 1} children, expected {children}")
+        time.sleep(0.05)
 
 
 class MachineTicks(NamedTuple):

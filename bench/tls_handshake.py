@@ -187,7 +187,7 @@ http {{
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, process, "nginx")
-        yield port, process_tree(process.pid)
+        yield port, process_tree(process.pid, children=1)
     finally:
         stop(process)
 
