@@ -1,13 +1,15 @@
 """CPU per GiB of receiving TLS, three ways of feeding OpenSSL (issue 14, "what is left to try").
 
 A sender process (Python's ``ssl``, core 0) streams ``--mib`` MiB over loopback TLS 1.3 (AES-128-GCM) to this
-process (core 1), which decrypts it through pyOpenSSL's binding, as :mod:`dnsmirror.bulk` does:
+process (core 1), which decrypts it through pyOpenSSL's binding with :mod:`dnsmirror.bulk`'s sizes, outside
+Twisted, so that the ways differ only in how OpenSSL is fed:
 
-- ``memory-bio``: what dnsmirror does: one ``recv`` of up to 1 MiB, a read-only memory BIO over it, every
-  record decrypted into one buffer, the plaintext copied into a string (the slice the layers above get);
+- ``memory-bio``: what dnsmirror does: one ``recv`` of up to ``SOCKET_READ``, made the connection's receiving
+  BIO by :meth:`dnsmirror.bulk.BulkTLSProtocol.receive_from` itself, every record decrypted into one buffer
+  as its ``_flushReceiveBIO`` does, the plaintext copied into a string (the slice the layers above get);
 - ``socket-bio``: OpenSSL reads the socket itself (``SSL_set_fd``), the same buffer and slice: the copy into
   the memory BIO and the 1 MiB string per read are gone, but the binding offers no read-ahead, so OpenSSL
-  reads each record with two ``recv`` calls (its header, then the rest);
+  reads each record with two system calls (its header, then the rest);
 - ``no-slice``: ``memory-bio`` without the plaintext's copy into a string (what writing it into a fresh
   string in place would save).
 
@@ -37,11 +39,13 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from OpenSSL.SSL import _ffi, _lib
 
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dnsmirror.bulk import PLAIN_BUFFER, RECORD_READ, SOCKET_READ, BulkTLSProtocol  # noqa: E402
+
 MiB = 1024 * 1024
 WAYS = ("memory-bio", "socket-bio", "no-slice")
-SOCKET_READ = MiB
-PLAIN_BUFFER = SOCKET_READ + 64 * 1024
-RECORD_ROOM = 32 * 1024
 
 SENDER = r"""
 import socket, ssl, sys
@@ -76,46 +80,73 @@ def throwaway_certificate(directory: Path) -> tuple[Path, Path]:
     return cert_path, key_path
 
 
+class _Receiver:
+    """What :meth:`BulkTLSProtocol.receive_from` uses of a protocol: its connection (and where it keeps the
+    bytes the receiving BIO reads)."""
+
+    def __init__(self, connection: SSL.Connection) -> None:
+        self._tlsConnection = connection
+
+
+def handshake_over_memory_bios(connection: SSL.Connection, sock: socket.socket) -> None:
+    """The client handshake of a connection made without a socket (memory BIOs), carried over ``sock``."""
+    connection.set_connect_state()
+    while True:
+        try:
+            connection.do_handshake()
+        except SSL.WantReadError:
+            send_pending(connection, sock)
+            data = sock.recv(64 * 1024)
+            if not data:
+                raise RuntimeError("the sender closed the connection during the handshake") from None
+            connection.bio_write(data)
+        else:
+            send_pending(connection, sock)
+            return
+
+
+def send_pending(connection: SSL.Connection, sock: socket.socket) -> None:
+    while True:
+        try:
+            sock.sendall(connection.bio_read(64 * 1024))
+        except SSL.WantReadError:
+            return
+
+
 def receive(port: int, way: str) -> tuple[int, float]:
     """A whole stream received ``way``; returns (plaintext bytes, this thread's CPU-seconds)."""
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
     context.set_tls13_ciphersuites(b"TLS_AES_128_GCM_SHA256")
     plain = _ffi.new("char[]", PLAIN_BUFFER)
-    pending = _ffi.new("char **")
     slicing = way != "no-slice"
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.settimeout(None)  # OpenSSL takes a socket with a timeout for a non-blocking one
-        connection = SSL.Connection(context, sock)
-        connection.set_connect_state()
-        connection.do_handshake()
-        ssl, received = connection._ssl, 0
-        started = time.thread_time()
+        received = 0
         if way == "socket-bio":
+            connection = SSL.Connection(context, sock)
+            connection.set_connect_state()
+            connection.do_handshake()
+            ssl, started = connection._ssl, time.thread_time()
             while (result := _lib.SSL_read(ssl, plain, SOCKET_READ)) > 0:
                 received += result
                 _ffi.buffer(plain, result)[:]
-        else:
-            sending_bio, receiving_bio, kept = _lib.BIO_new(_lib.BIO_s_mem()), None, b""
-            while data := sock.recv(SOCKET_READ):
-                unread = _lib.BIO_get_mem_data(receiving_bio, pending) if receiving_bio is not None else 0
-                if unread > 0:
-                    data = _ffi.buffer(pending[0], unread)[:] + data
-                receiving_bio = _lib.BIO_new_mem_buf(_ffi.from_buffer(data), len(data))
-                _lib.BIO_set_mem_eof_return(receiving_bio, -1)
-                _lib.SSL_set_bio(ssl, receiving_bio, sending_bio)
-                kept = data  # the BIO reads these bytes where they lie
-                filled = 0
-                while (result := _lib.SSL_read(ssl, plain + filled, PLAIN_BUFFER - filled)) > 0:
-                    filled += result
-                    if PLAIN_BUFFER - filled < RECORD_ROOM:
-                        received += filled
-                        if slicing:
-                            _ffi.buffer(plain, filled)[:]
-                        filled = 0
-                received += filled
-                if slicing and filled:
-                    _ffi.buffer(plain, filled)[:]
-            del kept
+            return received, time.thread_time() - started
+        connection = SSL.Connection(context, None)
+        handshake_over_memory_bios(connection, sock)
+        receiver, ssl, started = _Receiver(connection), connection._ssl, time.thread_time()
+        while data := sock.recv(SOCKET_READ):
+            BulkTLSProtocol.receive_from(receiver, data)  # type: ignore[arg-type]
+            filled = 0
+            while (result := _lib.SSL_read(ssl, plain + filled, PLAIN_BUFFER - filled)) > 0:
+                filled += result
+                if PLAIN_BUFFER - filled < RECORD_READ:
+                    received += filled
+                    if slicing:
+                        _ffi.buffer(plain, filled)[:]
+                    filled = 0
+            received += filled
+            if slicing and filled:
+                _ffi.buffer(plain, filled)[:]
         return received, time.thread_time() - started
 
 
