@@ -11,13 +11,13 @@ OpenSSL reads each socket read where it lies: a read-only memory BIO over those 
 connection's receiving BIO (:meth:`BulkTLSProtocol.receive_from`). Twisted's protocol writes them into the
 connection's memory BIO instead: a copy, after OpenSSL clears the room for it.
 
-On the way out it encrypts a large write in pieces of :data:`SEND_PIECE` without copying them first (one C
-call per 16 KiB record, as pyOpenSSL's contexts allow partial writes, and one pass of Python per piece), and
-sends the ciphertext from the memory BIO OpenSSL wrote it into when nothing is queued before it
-(:func:`send_now`; only what the socket does not take is copied into the connection's queue); the BIO is
-then emptied by reading its bytes onto themselves, which the C library does not copy. Nothing else changes:
-the same records are decrypted in the same order, errors and the TLS shutdown are handled as
-Twisted does, after the plaintext that came before them was delivered.
+On the way out it encrypts a large write in pieces of :data:`SEND_PIECE` without copying them first (once the
+handshake is done, one C call per piece: the connection stops allowing partial writes, which would make it one
+call per 16 KiB record), and sends the ciphertext from the memory BIO OpenSSL wrote it into when nothing is
+queued before it (:func:`send_now`; only what the socket does not take is copied into the connection's queue);
+the BIO is then emptied by reading its bytes onto themselves, which the C library does not copy. Nothing else
+changes: the same records are decrypted in the same order, errors and the TLS shutdown are handled as Twisted
+does, after the plaintext that came before them was delivered.
 
 :class:`GatherServer` sends what a connection has queued with one ``sendmsg`` of the queued pieces as
 they are, where Twisted joins them into one new string first (a copy of every byte sent) and sends at
@@ -139,8 +139,8 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         if self._lostTLSConnection:
             return
         ssl, size, sent = self._tlsConnection._ssl, len(data), 0
-        # pyOpenSSL's contexts allow partial writes: each SSL_write encrypts one record (16 KiB). The records
-        # of a SEND_PIECE are written in a loop of C calls and their ciphertext sent once.
+        # once the handshake is done one SSL_write encrypts every record of a SEND_PIECE (partial writes,
+        # which pyOpenSSL's contexts allow, make it one call per 16 KiB record); their ciphertext goes at once
         with _ffi.from_buffer(data) as plaintext:
             while sent < size:
                 end = min(size, sent + SEND_PIECE)
@@ -184,6 +184,9 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         super()._checkHandshakeStatus()
         if self._handshakeDone:
             grow_reads(self)  # bulk data follows the handshake: fewer, larger socket reads
+            # the memory BIO takes any amount, so a whole write never waits halfway; a write that failed
+            # before this point is retried from where it stopped, which a whole write accepts too
+            _lib.SSL_clear_mode(self._tlsConnection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
 
 def send_now(transport: Any, data: memoryview) -> int:

@@ -214,6 +214,32 @@ class BulkTLSTests(SynchronousTestCase):
         client, server, recorders, pump = self.connect()
         self.assertEqual(client.transport.bufferSize, bulk.SOCKET_READ)
 
+    def test_after_the_handshake_one_encryption_call_takes_a_whole_piece(self) -> None:
+        client, server, recorders, pump = self.connect()
+        calls = _CountingLib(bulk._lib)
+        self.patch(bulk, "_lib", calls)
+        body = os.urandom(2 * bulk.SEND_PIECE + 12345)
+        server.write(body)
+        self.clock.advance(0)
+        pump.flush()
+        self.assertEqual(recorders["client"].received, body)
+        # with partial writes allowed it would be one call per 16 KiB record (129 here)
+        self.assertEqual(calls.ssl_writes, 3)
+
+
+class _CountingLib:
+    """OpenSSL's binding, counting the calls to SSL_write."""
+
+    def __init__(self, lib) -> None:
+        self._lib, self.ssl_writes = lib, 0
+
+    def SSL_write(self, *args):
+        self.ssl_writes += 1
+        return self._lib.SSL_write(*args)
+
+    def __getattr__(self, name):
+        return getattr(self._lib, name)
+
 
 def test_sent_through_keeps_every_unsent_byte_in_order_without_copying() -> None:
     @settings(max_examples=300, deadline=None)

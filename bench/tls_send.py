@@ -1,0 +1,138 @@
+"""CPU per GiB of sending a TLS stream, with and without partial writes (issue 14).
+
+A receiver process (Python's ``ssl``, core 0) reads ``--mib`` MiB over loopback TLS 1.3 (AES-128-GCM) and
+drops them; this process (core 1) sends them with :meth:`dnsmirror.bulk.BulkTLSProtocol._write` itself, 1 MiB
+per write as a fill's readers hand on a socket read, on a stand-in protocol whose transport is a TCP
+connection over a blocking socket (so :func:`dnsmirror.bulk.send_now` sends every byte from OpenSSL's memory
+BIO, as it does for a client that keeps up). The two ways differ only in the connection's mode:
+
+- ``records``: partial writes allowed, as pyOpenSSL's contexts set them: one ``SSL_write`` per 16 KiB record;
+- ``whole``: what dnsmirror does once a handshake is done: one ``SSL_write`` per :data:`SEND_PIECE`.
+
+Reported: this thread's CPU time per GiB (user + system, so the kernel's ``send`` counts), each round and the
+median, the ways alternating; the receiver counts every byte. The certificate is a throwaway, not verified:
+loopback only.
+
+    .venv/bin/python bench/tls_send.py --mib 1024 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from OpenSSL import SSL
+from OpenSSL.SSL import _lib
+from twisted.internet import tcp
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from tls_receive import handshake_over_memory_bios, throwaway_certificate  # noqa: E402
+
+from dnsmirror.bulk import SEND_PIECE, BulkTLSProtocol  # noqa: E402
+
+MiB = 1024 * 1024
+WAYS = ("records", "whole")
+
+RECEIVER = r"""
+import socket, ssl, sys
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+listener = socket.create_server(("127.0.0.1", 0))
+listener.settimeout(60)
+print(listener.getsockname()[1], flush=True)
+buffer = bytearray(1 << 20)
+for _ in range(int(sys.argv[3])):
+    connection, _ = listener.accept()
+    with context.wrap_socket(connection, server_side=True) as tls:
+        received = 0
+        while size := tls.recv_into(buffer):
+            received += size
+    print(received, flush=True)
+"""
+
+
+class _Sender:
+    """What :meth:`BulkTLSProtocol._write` uses of a protocol: its connection, its transport and its way of
+    sending what OpenSSL wrote."""
+
+    _lostTLSConnection = False
+    _write = BulkTLSProtocol._write
+    _write_failed = BulkTLSProtocol._write_failed
+    _flushSendBIO = BulkTLSProtocol._flushSendBIO
+
+    def __init__(self, connection: SSL.Connection, sock: socket.socket) -> None:
+        self._tlsConnection = connection
+        self.transport = tcp.Connection(sock, None)
+        self.transport.connected = True
+        sock.setblocking(True)  # the transport made it non-blocking
+
+
+def send(port: int, way: str, total: int) -> float:
+    """Sends ``total`` bytes ``way``; returns this thread's CPU-seconds."""
+    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    context.set_tls13_ciphersuites(b"TLS_AES_128_GCM_SHA256")
+    piece = os.urandom(SEND_PIECE)
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.settimeout(None)  # OpenSSL takes a socket with a timeout for a non-blocking one
+        connection = SSL.Connection(context, None)
+        handshake_over_memory_bios(connection, sock)
+        if way == "whole":
+            _lib.SSL_clear_mode(connection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+        sender, started = _Sender(connection, sock), time.thread_time()
+        for _ in range(total // SEND_PIECE):
+            sender._write(piece)
+        spent = time.thread_time() - started
+        connection.shutdown()
+        sender._flushSendBIO()
+        # closed with the session tickets unread, the socket would be reset and the stream's end lost
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(64 * 1024):
+            pass
+    return spent
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=1024, help="MiB per connection (default 1024)")
+    parser.add_argument("--rounds", type=int, default=5, help="connections per way (default 5)")
+    args = parser.parse_args()
+    total = args.mib * MiB // SEND_PIECE * SEND_PIECE
+    order = [way for _ in range(args.rounds) for way in WAYS]
+    spent: dict[str, list[float]] = {way: [] for way in WAYS}
+    with tempfile.TemporaryDirectory(prefix="dnsmirror-tls-send-") as directory:
+        cert_path, key_path = throwaway_certificate(Path(directory))
+        receiver = subprocess.Popen(
+            ["taskset", "-c", "0", sys.executable, "-c", RECEIVER, str(cert_path), str(key_path),
+             str(len(order))], stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(receiver.stdout.readline())  # type: ignore[union-attr]
+            os.sched_setaffinity(0, {1})
+            for way in order:
+                spent[way].append(send(port, way, total) / (total / (1024 * MiB)))
+                received = int(receiver.stdout.readline())  # type: ignore[union-attr]
+                if received != total:
+                    raise RuntimeError(f"{way}: the receiver got {received} of {total} bytes")
+            receiver.wait(timeout=60)
+        finally:
+            if receiver.poll() is None:
+                receiver.kill()
+                receiver.wait()
+    print(f"{'way':12s} {'median CPU-s per GiB':>22s}  rounds")
+    for way, values in spent.items():
+        print(f"{way:12s} {statistics.median(values):22.3f}  {', '.join(f'{v:.3f}' for v in values)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
