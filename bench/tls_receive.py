@@ -22,6 +22,7 @@ median, the ways alternating. The certificate is a throwaway, not verified: loop
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import socket
@@ -30,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from cryptography import x509
@@ -47,15 +49,19 @@ from dnsmirror.bulk import PLAIN_BUFFER, RECORD_READ, SOCKET_READ, BulkTLSProtoc
 MiB = 1024 * 1024
 WAYS = ("memory-bio", "socket-bio", "no-slice")
 
-SENDER = r"""
+# the other end's start: a TLS server on loopback that prints its port (argv: certificate, key, connections)
+SERVER_START = r"""
 import socket, ssl, sys
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 context.load_cert_chain(sys.argv[1], sys.argv[2])
 listener = socket.create_server(("127.0.0.1", 0))
 listener.settimeout(60)
 print(listener.getsockname()[1], flush=True)
-total, block = int(sys.argv[3]), bytes(1 << 20)
-for _ in range(int(sys.argv[4])):
+"""
+
+SENDER = SERVER_START + r"""
+connections, total, block = int(sys.argv[3]), int(sys.argv[4]), bytes(1 << 20)
+for _ in range(connections):
     connection, _ = listener.accept()
     with context.wrap_socket(connection, server_side=True) as tls:
         left = total
@@ -150,35 +156,55 @@ def receive(port: int, way: str) -> tuple[int, float]:
         return received, time.thread_time() - started
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+@contextlib.contextmanager
+def peer_on_core_0(script: str, directory: Path, connections: int,
+                   *extra: str) -> Iterator[tuple[subprocess.Popen, int]]:
+    """Runs ``script`` (the other end, with a throwaway certificate made in ``directory``, for ``connections``
+    connections, then ``extra`` arguments) on core 0 and moves this process to core 1; yields the process and
+    the port it listens on, and stops it when done."""
+    cert_path, key_path = throwaway_certificate(directory)
+    peer = subprocess.Popen(
+        ["taskset", "-c", "0", sys.executable, "-c", script, str(cert_path), str(key_path), str(connections),
+         *extra],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(peer.stdout.readline())  # type: ignore[union-attr]
+        os.sched_setaffinity(0, {1})
+        yield peer, port
+        peer.wait(timeout=60)
+    finally:
+        if peer.poll() is None:
+            peer.kill()
+            peer.wait()
+
+
+def arguments(description: str | None) -> argparse.Namespace:
+    """``--mib`` per connection and ``--rounds`` per way."""
+    parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=1024, help="MiB per connection (default 1024)")
     parser.add_argument("--rounds", type=int, default=5, help="connections per way (default 5)")
-    args = parser.parse_args()
-    order = [way for _ in range(args.rounds) for way in WAYS]
-    spent: dict[str, list[float]] = {way: [] for way in WAYS}
-    with tempfile.TemporaryDirectory(prefix="dnsmirror-tls-receive-") as directory:
-        cert_path, key_path = throwaway_certificate(Path(directory))
-        sender = subprocess.Popen(
-            ["taskset", "-c", "0", sys.executable, "-c", SENDER, str(cert_path), str(key_path),
-             str(args.mib * MiB), str(len(order))], stdout=subprocess.PIPE, text=True)
-        try:
-            port = int(sender.stdout.readline())  # type: ignore[union-attr]
-            os.sched_setaffinity(0, {1})
-            for way in order:
-                received, cpu = receive(port, way)
-                if received != args.mib * MiB:
-                    raise RuntimeError(f"{way}: {received} of {args.mib * MiB} bytes")
-                spent[way].append(cpu / (received / (1024 * MiB)))
-            sender.wait(timeout=60)
-        finally:
-            if sender.poll() is None:
-                sender.kill()
-                sender.wait()
+    return parser.parse_args()
+
+
+def print_medians(spent: dict[str, list[float]]) -> None:
     print(f"{'way':12s} {'median CPU-s per GiB':>22s}  rounds")
     for way, values in spent.items():
         print(f"{way:12s} {statistics.median(values):22.3f}  {', '.join(f'{v:.3f}' for v in values)}")
+
+
+def main() -> int:
+    args = arguments(__doc__)
+    order = [way for _ in range(args.rounds) for way in WAYS]
+    spent: dict[str, list[float]] = {way: [] for way in WAYS}
+    with tempfile.TemporaryDirectory(prefix="dnsmirror-tls-receive-") as directory, \
+            peer_on_core_0(SENDER, Path(directory), len(order), str(args.mib * MiB)) as (_, port):
+        for way in order:
+            received, cpu = receive(port, way)
+            if received != args.mib * MiB:
+                raise RuntimeError(f"{way}: {received} of {args.mib * MiB} bytes")
+            spent[way].append(cpu / (received / (1024 * MiB)))
+    print_medians(spent)
     return 0
 
 

@@ -18,11 +18,8 @@ loopback only.
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,20 +33,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from tls_receive import handshake_over_memory_bios, throwaway_certificate  # noqa: E402
+from tls_receive import SERVER_START, arguments, handshake_over_memory_bios, peer_on_core_0, print_medians  # noqa: E402
 
 from dnsmirror.bulk import SEND_PIECE, BulkTLSProtocol  # noqa: E402
 
 MiB = 1024 * 1024
 WAYS = ("records", "whole")
 
-RECEIVER = r"""
-import socket, ssl, sys
-context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-context.load_cert_chain(sys.argv[1], sys.argv[2])
-listener = socket.create_server(("127.0.0.1", 0))
-listener.settimeout(60)
-print(listener.getsockname()[1], flush=True)
+RECEIVER = SERVER_START + r"""
 buffer = bytearray(1 << 20)
 for _ in range(int(sys.argv[3])):
     connection, _ = listener.accept()
@@ -102,35 +93,18 @@ def send(port: int, way: str, total: int) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mib", type=int, default=1024, help="MiB per connection (default 1024)")
-    parser.add_argument("--rounds", type=int, default=5, help="connections per way (default 5)")
-    args = parser.parse_args()
+    args = arguments(__doc__)
     total = args.mib * MiB // SEND_PIECE * SEND_PIECE
     order = [way for _ in range(args.rounds) for way in WAYS]
     spent: dict[str, list[float]] = {way: [] for way in WAYS}
-    with tempfile.TemporaryDirectory(prefix="dnsmirror-tls-send-") as directory:
-        cert_path, key_path = throwaway_certificate(Path(directory))
-        receiver = subprocess.Popen(
-            ["taskset", "-c", "0", sys.executable, "-c", RECEIVER, str(cert_path), str(key_path),
-             str(len(order))], stdout=subprocess.PIPE, text=True)
-        try:
-            port = int(receiver.stdout.readline())  # type: ignore[union-attr]
-            os.sched_setaffinity(0, {1})
-            for way in order:
-                spent[way].append(send(port, way, total) / (total / (1024 * MiB)))
-                received = int(receiver.stdout.readline())  # type: ignore[union-attr]
-                if received != total:
-                    raise RuntimeError(f"{way}: the receiver got {received} of {total} bytes")
-            receiver.wait(timeout=60)
-        finally:
-            if receiver.poll() is None:
-                receiver.kill()
-                receiver.wait()
-    print(f"{'way':12s} {'median CPU-s per GiB':>22s}  rounds")
-    for way, values in spent.items():
-        print(f"{way:12s} {statistics.median(values):22.3f}  {', '.join(f'{v:.3f}' for v in values)}")
+    with tempfile.TemporaryDirectory(prefix="dnsmirror-tls-send-") as directory, \
+            peer_on_core_0(RECEIVER, Path(directory), len(order)) as (receiver, port):
+        for way in order:
+            spent[way].append(send(port, way, total) / (total / (1024 * MiB)))
+            received = int(receiver.stdout.readline())  # type: ignore[union-attr]
+            if received != total:
+                raise RuntimeError(f"{way}: the receiver got {received} of {total} bytes")
+    print_medians(spent)
     return 0
 
 
