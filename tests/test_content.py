@@ -378,7 +378,7 @@ class StagedThenWholeUpstream:
 
 
 def test_a_reader_joining_just_as_the_disk_fails_under_the_fill_is_served_from_upstream(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, one_mib_blocks
 ):
     import errno
 

@@ -188,14 +188,15 @@ def test_cache_on_a_tmpfs_smaller_than_the_blob_serves_every_get_and_range(world
 
 
 def test_two_fills_that_fit_alone_but_not_together_both_complete(world: World) -> None:
-    # socket buffers take several MiB of the slow client's blob at once: it must be much bigger than that
-    slow, slow_data = world.blob(24 * 1024 * 1024, seed=10)
-    fast, fast_data = world.blob(8 * 1024 * 1024, seed=11)
-    with tmpfs(world.workdir / "shared-cache", "28m") as cache_dir, \
+    # socket buffers take several MiB of the slow client's blob at once: it must be much bigger than that, and
+    # the disk must fill before the slow fill's last block (store.STAGE_SIZE, 2 MiB): at 22 MiB of 32
+    slow, slow_data = world.blob(32 * 1024 * 1024, seed=10)
+    fast, fast_data = world.blob(12 * 1024 * 1024, seed=11)
+    with tmpfs(world.workdir / "shared-cache", "34m") as cache_dir, \
             world.mirror("shared", cache_dir, max_size="1GiB") as mirror, ThreadPoolExecutor(1) as pool:
         # a slow client's fill goes at its pace; a second blob that fits beside it starts, fills the disk,
         # and the slow fill finds the disk full mid-way: it streams on, uncached
-        slow_get = pool.submit(curl, world, mirror, f"/v2/{REPOSITORY}/blobs/{slow}", rate="2M")
+        slow_get = pool.submit(curl, world, mirror, f"/v2/{REPOSITORY}/blobs/{slow}", rate="3M")
         wait_for(lambda: any(entry.stat().st_size >= 1024 * 1024 for entry in (cache_dir / "tmp").iterdir()),
                  "the slow fill to be under way")
         assert get_blob(world, mirror, fast) == (0, "200", fast_data)

@@ -29,6 +29,10 @@ def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+# these tests count a writer's blocks in MiB (where a disk fails, what is in the file when)
+pytestmark = pytest.mark.usefixtures("one_mib_blocks")
+
+
 @pytest.fixture(params=[True, False], ids=["direct", "buffered"])
 def store(tmp_path, request):
     # readers of a growing fill read its temp file whether the writer bypasses the page cache or not
