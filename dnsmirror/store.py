@@ -66,7 +66,7 @@ _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Writers move bytes to the file in blocks of this size (a multiple of any O_DIRECT alignment). Each block
 #: costs a hand-over to a write thread and a system call: 1 MiB blocks cost 0.06 to 0.1 CPU-seconds per GiB
-#: more, larger ones no less (bench/cache_write.py); a writer holds two.
+#: more, blocks above 2 MiB save nothing more (bench/cache_write.py); a writer holds two.
 STAGE_SIZE = 2 * 1024 * 1024
 # O_DIRECT writes must be a multiple of the logical block size; 4096 covers every common device
 DIRECT_ALIGNMENT = 4096
