@@ -11,13 +11,13 @@ OpenSSL reads each socket read where it lies: a read-only memory BIO over those 
 connection's receiving BIO (:meth:`BulkTLSProtocol.receive_from`). Twisted's protocol writes them into the
 connection's memory BIO instead: a copy, after OpenSSL clears the room for it.
 
-On the way out it encrypts a large write in pieces of :data:`SEND_PIECE` without copying them first (once the
-handshake is done, one C call per piece: the connection stops allowing partial writes, which would make it one
-call per 16 KiB record), and sends the ciphertext from the memory BIO OpenSSL wrote it into when nothing is
-queued before it (:func:`send_now`; only what the socket does not take is copied into the connection's queue);
-the BIO is then emptied by reading its bytes onto themselves, which the C library does not copy. Nothing else
-changes: the same records are decrypted in the same order, errors and the TLS shutdown are handled as Twisted
-does, after the plaintext that came before them was delivered.
+On the way out it encrypts a large write in pieces of :data:`SEND_PIECE` without copying them first (one C
+call per piece: the connection does not allow partial writes, which would make it one call per 16 KiB
+record), and sends the ciphertext from the memory BIO OpenSSL wrote it into when nothing is queued before it
+(:func:`send_now`; only what the socket does not take is copied into the connection's queue); the BIO is then
+emptied by reading its bytes onto themselves, which the C library does not copy. Nothing else changes: the
+same records are decrypted in the same order, errors and the TLS shutdown are handled as Twisted does, after
+the plaintext that came before them was delivered.
 
 :class:`GatherServer` sends what a connection has queued with one ``sendmsg`` of the queued pieces as
 they are, where Twisted joins them into one new string first (a copy of every byte sent) and sends at
@@ -69,6 +69,14 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
 
     # the bytes the receiving BIO reads: they must live as long as it does
     _received: bytes = b""
+
+    def makeConnection(self, transport) -> None:
+        super().makeConnection(transport)
+        # pyOpenSSL's contexts allow partial writes: one SSL_write per 16 KiB record. Into a memory BIO, which
+        # takes any amount, a whole write either writes every record or fails before the first (a handshake
+        # not done yet: Twisted retries it with the same bytes, which OpenSSL accepts from a moved buffer).
+        # Nothing can have been written yet: the handshake needs the peer's answer first.
+        _lib.SSL_clear_mode(self._tlsConnection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
     def dataReceived(self, data: bytes) -> None:
         # as Twisted's, but OpenSSL reads the bytes where they are instead of from a copy in its BIO
@@ -139,18 +147,15 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         if self._lostTLSConnection:
             return
         ssl, size, sent = self._tlsConnection._ssl, len(data), 0
-        # once the handshake is done one SSL_write encrypts every record of a SEND_PIECE (partial writes,
-        # which pyOpenSSL's contexts allow, make it one call per 16 KiB record); their ciphertext goes at once
+        # one SSL_write encrypts every record of a SEND_PIECE (see makeConnection); their ciphertext goes once
         with _ffi.from_buffer(data) as plaintext:
             while sent < size:
-                end = min(size, sent + SEND_PIECE)
-                while sent < end:
-                    result = _lib.SSL_write(ssl, plaintext + sent, end - sent)
-                    if result <= 0:
-                        self._flushSendBIO()  # the records encrypted before the error go first
-                        self._write_failed(result, memoryview(data)[sent:])
-                        return
-                    sent += result
+                result = _lib.SSL_write(ssl, plaintext + sent, min(size - sent, SEND_PIECE))
+                if result <= 0:
+                    self._flushSendBIO()  # the records encrypted before the error go first
+                    self._write_failed(result, memoryview(data)[sent:])
+                    return
+                sent += result
                 self._flushSendBIO()
 
     def _write_failed(self, result: int, unsent: memoryview) -> None:
@@ -184,9 +189,6 @@ class BulkTLSProtocol(TLSMemoryBIOProtocol):
         super()._checkHandshakeStatus()
         if self._handshakeDone:
             grow_reads(self)  # bulk data follows the handshake: fewer, larger socket reads
-            # the memory BIO takes any amount, so a whole write never waits halfway; a write that failed
-            # before this point is retried from where it stopped, which a whole write accepts too
-            _lib.SSL_clear_mode(self._tlsConnection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
 
 
 def send_now(transport: Any, data: memoryview) -> int:

@@ -226,6 +226,21 @@ class BulkTLSTests(SynchronousTestCase):
         # with partial writes allowed it would be one call per 16 KiB record (129 here)
         self.assertEqual(calls.ssl_writes, 3)
 
+    def test_a_large_write_made_before_the_handshake_arrives_whole_after_it(self) -> None:
+        # refused before the handshake, the write is queued and made again, whole, once it is done
+        client, server, recorders, pump = self.tls.connect(
+            HOST, protocol_class=bulk.BulkTLSProtocol, greet=False)
+        calls = _CountingLib(bulk._lib)
+        self.patch(bulk, "_lib", calls)
+        body = os.urandom(2 * bulk.SEND_PIECE + 777)
+        client.write(body)
+        self.assertEqual(client._appSendBuffer, [body])
+        pump.flush()
+        self.clock.advance(0)
+        pump.flush()
+        self.assertEqual(recorders["server"].received, body)
+        self.assertEqual(calls.ssl_writes, 1 + 3)  # the refused one, then one per piece
+
 
 class _CountingLib:
     """OpenSSL's binding, counting the calls to SSL_write."""
