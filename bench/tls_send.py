@@ -4,10 +4,13 @@ A receiver process (Python's ``ssl``, core 0) reads ``--mib`` MiB over loopback 
 drops them; this process (core 1) sends them with :meth:`dnsmirror.bulk.BulkTLSProtocol._write` itself, 1 MiB
 per write as a fill's readers hand on a socket read, on a stand-in protocol whose transport is a TCP
 connection over a blocking socket (so :func:`dnsmirror.bulk.send_now` sends every byte from OpenSSL's memory
-BIO, as it does for a client that keeps up). The two ways differ only in the connection's mode:
+BIO, as it does for a client that keeps up). Two ways:
 
-- ``records``: partial writes allowed, as pyOpenSSL's contexts set them: one ``SSL_write`` per 16 KiB record;
-- ``whole``: what dnsmirror does once a handshake is done: one ``SSL_write`` per :data:`SEND_PIECE`.
+- ``records``: the bulk path before 2026-12-03 (:func:`write_by_records`): partial writes allowed, as
+  pyOpenSSL's contexts set them, so a loop of one ``SSL_write`` per 16 KiB record, the piece's ciphertext
+  sent once;
+- ``whole``: what dnsmirror does (its ``_write``, partial writes cleared as its ``makeConnection`` does): one
+  ``SSL_write`` per :data:`SEND_PIECE`.
 
 Reported: this thread's CPU time per GiB (user + system, so the kernel's ``send`` counts), each round and the
 median, the ways alternating; the receiver counts every byte. The certificate is a throwaway, not verified:
@@ -26,7 +29,7 @@ import time
 from pathlib import Path
 
 from OpenSSL import SSL
-from OpenSSL.SSL import _lib
+from OpenSSL.SSL import _ffi, _lib
 from twisted.internet import tcp
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +71,20 @@ class _Sender:
         sock.setblocking(True)  # the transport made it non-blocking
 
 
+def write_by_records(sender: _Sender, data: bytes) -> None:
+    """``_write`` as it was before one ``SSL_write`` took a whole piece: the baseline of ``records``."""
+    ssl, size, sent = sender._tlsConnection._ssl, len(data), 0
+    with _ffi.from_buffer(data) as plaintext:
+        while sent < size:
+            end = min(size, sent + SEND_PIECE)
+            while sent < end:
+                result = _lib.SSL_write(ssl, plaintext + sent, end - sent)
+                if result <= 0:
+                    raise RuntimeError(f"SSL_write returned {result}")
+                sent += result
+            sender._flushSendBIO()
+
+
 def send(port: int, way: str, total: int) -> float:
     """Sends ``total`` bytes ``way``; returns this thread's CPU-seconds."""
     context = SSL.Context(SSL.TLS_CLIENT_METHOD)
@@ -79,9 +96,11 @@ def send(port: int, way: str, total: int) -> float:
         handshake_over_memory_bios(connection, sock)
         if way == "whole":
             _lib.SSL_clear_mode(connection._ssl, _lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-        sender, started = _Sender(connection, sock), time.thread_time()
+        sender = _Sender(connection, sock)
+        write = sender._write if way == "whole" else lambda data: write_by_records(sender, data)
+        started = time.thread_time()
         for _ in range(total // SEND_PIECE):
-            sender._write(piece)
+            write(piece)
         spent = time.thread_time() - started
         connection.shutdown()
         sender._flushSendBIO()
