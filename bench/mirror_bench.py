@@ -510,8 +510,9 @@ def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) 
 
     The proxies are started once (start-up not timed) and warmed up with one blob; each run then places a
     new blob in the registry, so every proxy fetches it cold, and downloads it every way, each way first in
-    turn. With ``pin``, the proxies run on core SERVER_CORE and curl on CLIENT_CORE (the registry is not
-    pinned); otherwise nothing is pinned. CPU: each proxy's user + system time, and the registry's."""
+    turn. With ``pin``, the proxies run on core SERVER_CORE, and curl and the registry on CLIENT_CORE (as the
+    cold pulls' placement: a registry is remote and never takes the proxy's core); otherwise nothing is
+    pinned. CPU: each proxy's user + system time, and the registry's."""
     target = SHM_TARGET / f"dnsmirror-cold-bench-{os.getpid()}"
     with target.open("wb") as file:  # preallocated and touched once: every run overwrites the same pages
         for piece in random_chunks(size):
@@ -522,7 +523,6 @@ def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) 
     registry_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
     # the machine's CPU time during each fetch: (share idle, share stolen by the hypervisor)
     machine: dict[str, list[tuple[float, float]]] = {name: [] for name in COLD_WAYS}
-    registry_pids = [world.registry.process.pid]
     workdir = world.work / f"cold-{'pinned' if pin else 'shared'}"
     try:
         with world.mirror(workdir / "cache", cpus=proxy_core) as direct_writes, \
@@ -538,35 +538,45 @@ def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) 
                                        [buffered_writes.process.pid]),
                 "nginx": (world.peer_client, world.peer.address, 443, world.ca.cert_path, nginxes),
             }
-            for run in range(runs + 1):  # the first round warms every way up and is not counted
-                digest, _ = place_blob(world.registry, BLOB_REPOSITORY, size)
-                shift = run % len(COLD_WAYS)
-                for name in COLD_WAYS[shift:] + COLD_WAYS[:shift]:
-                    namespace, address, port, trust, pids = ways[name]
-                    touch_and_free()
-                    before, registry_before = cpu_seconds(pids), cpu_seconds(registry_pids)
-                    ticks = machine_ticks()
-                    result = fetch_to_file(namespace, blob_url(digest, port), address, port, trust, target,
-                                           client_core)
-                    ticks_after = machine_ticks()
-                    spent = cpu_seconds(pids) - before
-                    registry_spent = cpu_seconds(registry_pids) - registry_before
-                    if result.status != 200 or result.size != size:
-                        raise RuntimeError(f"{name}: status {result.status}, {result.size} of {size} bytes")
-                    if file_digest(target, size) != digest:
-                        raise RuntimeError(f"{name}: the downloaded blob does not match its digest")
-                    if run:
-                        rows[name].append(result)
-                        proxy_cpu[name].append(spent)
-                        registry_cpu[name].append(registry_spent)
-                        machine[name].append(
-                            (idle_share(ticks, ticks_after), stolen_share(ticks, ticks_after))
-                        )
+            with pinned(world, CLIENT_CORE) if pin else contextlib.nullcontext():
+                cold_runs(world, ways, runs, size, target, client_core, rows, proxy_cpu, registry_cpu,
+                          machine)
     finally:
         target.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
     return {"rows": rows, "proxy_cpu": proxy_cpu, "registry_cpu": registry_cpu, "machine": machine,
             "size": size, "pin": pin}
+
+
+def cold_runs(world: World, ways: dict, runs: int, size: int, target: Path, client_core: str | None,
+              rows: dict, proxy_cpu: dict, registry_cpu: dict, machine: dict) -> None:
+    """``runs`` rounds (and one uncounted first) of a new blob downloaded every way of ``ways`` into
+    ``target``, each way first in turn; each counted fetch's speed and CPU-seconds appended to the dicts."""
+    registry_pids = [world.registry.process.pid]
+    for run in range(runs + 1):  # the first round warms every way up and is not counted
+        digest, _ = place_blob(world.registry, BLOB_REPOSITORY, size)
+        shift = run % len(COLD_WAYS)
+        for name in COLD_WAYS[shift:] + COLD_WAYS[:shift]:
+            namespace, address, port, trust, pids = ways[name]
+            touch_and_free()
+            before, registry_before = cpu_seconds(pids), cpu_seconds(registry_pids)
+            ticks = machine_ticks()
+            result = fetch_to_file(namespace, blob_url(digest, port), address, port, trust, target,
+                                   client_core)
+            ticks_after = machine_ticks()
+            spent = cpu_seconds(pids) - before
+            registry_spent = cpu_seconds(registry_pids) - registry_before
+            if result.status != 200 or result.size != size:
+                raise RuntimeError(f"{name}: status {result.status}, {result.size} of {size} bytes")
+            if file_digest(target, size) != digest:
+                raise RuntimeError(f"{name}: the downloaded blob does not match its digest")
+            if run:
+                rows[name].append(result)
+                proxy_cpu[name].append(spent)
+                registry_cpu[name].append(registry_spent)
+                machine[name].append(
+                    (idle_share(ticks, ticks_after), stolen_share(ticks, ticks_after))
+                )
 
 
 def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> str:
@@ -576,9 +586,10 @@ def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> 
                f"--blob-mib {args.blob_mib}")
     lines = []
     ratios = {}
+    paired = []
     for result in placements:
-        placement = (f"proxy on core {SERVER_CORE}, curl on core {CLIENT_CORE}" if result["pin"]
-                     else "nothing pinned")
+        placement = (f"proxy on core {SERVER_CORE}, curl and the registry on core {CLIENT_CORE}"
+                     if result["pin"] else "nothing pinned")
         medians = {}
         for name in COLD_WAYS:
             speeds = [d.speed for d in result["rows"][name]]
@@ -593,6 +604,9 @@ def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> 
                          f"{stolen:.0%} |")
         ratios[placement] = (medians["dnsmirror"] / medians["nginx"],
                              medians["dnsmirror-buffered"] / medians["nginx"])
+        by_round = round_ratios(result["rows"]["dnsmirror"], result["rows"]["nginx"])
+        paired.append(f"{placement}: **{statistics.median(by_round):.2f}x** "
+                      f"({', '.join(f'{ratio:.2f}' for ratio in by_round)})")
     summary = "; ".join(f"{direct:.2f}x (buffered writes: {buffered:.2f}x) {placement}"
                         for placement, (direct, buffered) in ratios.items())
     return f"""## Cold blob fill: dnsmirror vs nginx proxy_cache vs the registry itself
@@ -604,7 +618,9 @@ against the digest). The proxies start once with empty caches (start-up not time
 warm-up blob; then each run places a new blob in the registry, so every proxy fetches it cold: dnsmirror
 (node namespace, its DNS answering the registry's name; a second one with buffered cache writes in another
 namespace) and nginx `proxy_cache` (peer namespace, one worker, keep-alive upstream, certificate verified).
-{args.runs} runs, each way first in turn.
+{args.runs} runs, each way first in turn. With the proxy pinned, curl and the registry share the other core
+(a registry is remote: it never takes the proxy's core), so the proxy's CPU per GiB sets its rate, up to
+what that core gives the registry and curl together (the row straight from the registry).
 Measured: {machine()}. {note}
 
 | placement | way | median MB/s | all runs MB/s | proxy CPU-s per GiB | registry CPU-s per GiB \
@@ -613,9 +629,18 @@ Measured: {machine()}. {note}
 {chr(10).join(lines)}
 
 - **dnsmirror / nginx proxy_cache, cold fill: {summary}** (target >= 1.0x, dnsmirror verifying the digest).
+- The same ratio taken round by round (dnsmirror's fetch against nginx's of the same round, minutes apart at
+  most, so a slow phase of the VM falls on both), median and each round: {"; ".join(paired)}.
 - Machine idle / stolen: the median share of the two cores' time idle (or waiting for I/O), and taken by the
   hypervisor (`steal` in /proc/stat), while each fetch ran.
 """
+
+
+def round_ratios(ours: list[Download], theirs: list[Download]) -> list[float]:
+    """Each round's speed of ``ours`` over that of ``theirs`` (both in the order of their rounds)."""
+    if len(ours) != len(theirs):
+        raise ValueError(f"{len(ours)} rounds against {len(theirs)}")
+    return [mine.speed / other.speed for mine, other in zip(ours, theirs, strict=True)]
 
 
 class MemorySampler:

@@ -36,7 +36,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from tls_receive import SERVER_START, arguments, handshake_over_memory_bios, peer_on_core_0, print_medians  # noqa: E402
+from tls_receive import (  # noqa: E402
+    SERVER_START,
+    arguments,
+    handshake_over_memory_bios,
+    peer_on_core_0,
+    print_medians,
+    rotated,
+)
 
 from dnsmirror.bulk import SEND_PIECE, BulkTLSProtocol  # noqa: E402
 
@@ -114,7 +121,7 @@ def send(port: int, way: str, total: int) -> float:
 def main() -> int:
     args = arguments(__doc__)
     total = args.mib * MiB // SEND_PIECE * SEND_PIECE
-    order = [way for _ in range(args.rounds) for way in WAYS]
+    order = [way for round_ in range(args.rounds) for way in rotated(WAYS, round_)]  # each way first in turn
     spent: dict[str, list[float]] = {way: [] for way in WAYS}
     with tempfile.TemporaryDirectory(prefix="dnsmirror-tls-send-") as directory, \
             peer_on_core_0(RECEIVER, Path(directory), len(order)) as (receiver, port):

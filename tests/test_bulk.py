@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -142,6 +143,23 @@ class BulkTLSTests(SynchronousTestCase):
         self.assertIs(client._received, wire)
         self.assertEqual(bulk._lib.BIO_get_mem_data(connection._into_ssl, bulk._PENDING), 0)
         self.assertEqual(recorders["client"].received, body)
+
+    def test_each_socket_read_is_handed_on_in_one_string_when_reads_cut_records(self) -> None:
+        # a 1 MiB read ends inside a record (16 KiB and its overhead): OpenSSL holds its start when the next
+        # read comes, and that read's plaintext, one record more than it brought, still goes in one piece
+        client, server, recorders, pump = self.connect()
+        body = os.urandom(5 * MiB)
+        wire = self.wire_bytes_of(server, body)
+        pieces = recorders["client"].pieces
+        for start in range(0, len(wire), bulk.SOCKET_READ):
+            before = len(pieces)
+            client.dataReceived(wire[start:start + bulk.SOCKET_READ])
+            self.assertEqual(len(pieces) - before, 1)
+        self.assertEqual(recorders["client"].received, body)
+        # each string is the recorder's alone: none is kept (or freed) by the byte path
+        for piece in pieces:
+            self.assertIs(type(piece), bytes)
+            self.assertEqual(sys.getrefcount(piece), 3)  # the list's, this loop's and the argument's
 
     def test_records_split_across_socket_reads_arrive_whole_and_in_order(self) -> None:
         # a record cut by a read stays in OpenSSL's own buffer while the BIO under it is replaced
