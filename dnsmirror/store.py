@@ -64,9 +64,10 @@ _SIDECAR_SUFFIX = ".meta"
 # errors that mean "no room": the caller should keep streaming without caching
 _NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-#: Writers move bytes to the file in blocks of this size (a multiple of any O_DIRECT alignment). Each block
-#: costs a hand-over to a write thread and a system call: 1 MiB blocks cost 0.06 to 0.1 CPU-seconds per GiB
-#: more, blocks above 2 MiB save nothing more (bench/cache_write.py); a writer holds two.
+#: Writers move bytes to the file in blocks of this size (a multiple of any O_DIRECT alignment), each in one
+#: huge page where the kernel allows (see :func:`stage_block`). Each block costs a hand-over to a write thread
+#: and a system call: 1 MiB blocks cost 0.06 to 0.1 CPU-seconds per GiB more, blocks above 2 MiB save little
+#: more (bench/cache_write.py); a writer holds two.
 STAGE_SIZE = 2 * 1024 * 1024
 # O_DIRECT writes must be a multiple of the logical block size; 4096 covers every common device
 DIRECT_ALIGNMENT = 4096
@@ -688,6 +689,19 @@ class Store:
         return BlobInfo(f"sha256:{hex_}", size, content_type, now)
 
 
+def stage_block() -> mmap.mmap:
+    """A writer's page-aligned block of :data:`STAGE_SIZE` bytes (as ``O_DIRECT`` needs), in one huge page
+    where the kernel has transparent huge pages for those who ask: the disk then gets a block as one piece
+    of memory instead of 512 pages, each pinned and described to the device on its own. One 1 GiB blob
+    written in 2 MiB blocks (bench/cache_write.py): about 5% less CPU and half again the write rate."""
+    block = mmap.mmap(-1, STAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        block.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # no such advice on this platform or kernel: ordinary pages
+        pass
+    return block
+
+
 class Writer:
     """Writes one blob to a temp file, hashing as it goes; :meth:`commit` makes it visible.
 
@@ -764,8 +778,7 @@ class Writer:
                 self.bytes_written = new_size
                 return
             if self._stage is None:
-                self._stage = mmap.mmap(-1, STAGE_SIZE)  # page-aligned, as O_DIRECT needs
-                self._spare = mmap.mmap(-1, STAGE_SIZE)
+                self._stage, self._spare = stage_block(), stage_block()
             taken = 0
             while taken < len(view):
                 size = min(STAGE_SIZE - self._staged, len(view) - taken)

@@ -659,6 +659,51 @@ def test_direct_writes_fall_back_when_the_filesystem_refuses(root, monkeypatch):
             assert reader.read() == data
 
 
+def _huge_pages_on_request() -> bool:
+    """Whether this kernel gives transparent huge pages to memory that asks for them."""
+    try:
+        setting = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return False
+    return "[never]" not in setting
+
+
+def _mapping_fields(address: int) -> dict[str, str]:
+    """The fields of this process's memory mapping that holds ``address`` (/proc/self/smaps), with its
+    permissions under "perms"."""
+    fields: dict[str, str] | None = None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()
+        if "-" in head[0] and ":" not in head[0]:  # a mapping's first line: "start-end perms offset ..."
+            if fields is not None:
+                break
+            start, end = (int(bound, 16) for bound in head[0].split("-"))
+            if start <= address < end:
+                fields = {"perms": head[1]}
+        elif fields is not None and head[0].endswith(":"):
+            fields[head[0][:-1]] = head[1] if len(head) > 1 else ""
+    assert fields is not None, f"no mapping holds {address:#x}"
+    return fields
+
+
+@pytest.mark.skipif(not _huge_pages_on_request(), reason="this kernel gives no transparent huge pages")
+def test_a_writers_blocks_ask_for_huge_pages(root):
+    import ctypes
+
+    from dnsmirror import store as store_module
+
+    block = store_module.stage_block()
+    view = ctypes.c_char.from_buffer(block)
+    try:
+        fields = _mapping_fields(ctypes.addressof(view))
+    finally:
+        del view
+        block.close()
+    # private memory the kernel may back with huge pages (a shared mapping would be shmem, which it does not)
+    assert fields["perms"].endswith("p")
+    assert fields["THPeligible"] == "1"
+
+
 def test_a_mismatch_is_found_whatever_was_still_staged(root):
     data = os.urandom(STAGE_SIZE + 10)
     with open_store(root, max_size=8 * STAGE_SIZE) as store:
