@@ -674,6 +674,8 @@ def _mapping_fields(address: int) -> dict[str, str]:
     fields: dict[str, str] | None = None
     for line in Path("/proc/self/smaps").read_text().splitlines():
         head = line.split()
+        if not head:
+            continue
         if "-" in head[0] and ":" not in head[0]:  # a mapping's first line: "start-end perms offset ..."
             if fields is not None:
                 break
