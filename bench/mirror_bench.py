@@ -518,11 +518,6 @@ def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) 
         for piece in random_chunks(size):
             file.write(piece)
     proxy_core, client_core = (SERVER_CORE, CLIENT_CORE) if pin else (None, None)
-    rows: dict[str, list[Download]] = {name: [] for name in COLD_WAYS}
-    proxy_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
-    registry_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
-    # the machine's CPU time during each fetch: (share idle, share stolen by the hypervisor)
-    machine: dict[str, list[tuple[float, float]]] = {name: [] for name in COLD_WAYS}
     workdir = world.work / f"cold-{'pinned' if pin else 'shared'}"
     try:
         with world.mirror(workdir / "cache", cpus=proxy_core) as direct_writes, \
@@ -539,19 +534,22 @@ def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) 
                 "nginx": (world.peer_client, world.peer.address, 443, world.ca.cert_path, nginxes),
             }
             with pinned(world, CLIENT_CORE) if pin else contextlib.nullcontext():
-                cold_runs(world, ways, runs, size, target, client_core, rows, proxy_cpu, registry_cpu,
-                          machine)
+                samples = cold_runs(world, ways, runs, size, target, client_core)
     finally:
         target.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
-    return {"rows": rows, "proxy_cpu": proxy_cpu, "registry_cpu": registry_cpu, "machine": machine,
-            "size": size, "pin": pin}
+    return {**samples, "size": size, "pin": pin}
 
 
-def cold_runs(world: World, ways: dict, runs: int, size: int, target: Path, client_core: str | None,
-              rows: dict, proxy_cpu: dict, registry_cpu: dict, machine: dict) -> None:
+def cold_runs(world: World, ways: dict, runs: int, size: int, target: Path, client_core: str | None) -> dict:
     """``runs`` rounds (and one uncounted first) of a new blob downloaded every way of ``ways`` into
-    ``target``, each way first in turn; each counted fetch's speed and CPU-seconds appended to the dicts."""
+    ``target``, each way first in turn. Returns, by way and in the order of the rounds: the downloads
+    ("rows"), the proxy's and the registry's CPU-seconds, and the machine's shares idle and stolen."""
+    rows: dict[str, list[Download]] = {name: [] for name in COLD_WAYS}
+    proxy_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
+    registry_cpu: dict[str, list[float]] = {name: [] for name in COLD_WAYS}
+    # the machine's CPU time during each fetch: (share idle, share stolen by the hypervisor)
+    machine: dict[str, list[tuple[float, float]]] = {name: [] for name in COLD_WAYS}
     registry_pids = [world.registry.process.pid]
     for run in range(runs + 1):  # the first round warms every way up and is not counted
         digest, _ = place_blob(world.registry, BLOB_REPOSITORY, size)
@@ -577,6 +575,7 @@ def cold_runs(world: World, ways: dict, runs: int, size: int, target: Path, clie
                 machine[name].append(
                     (idle_share(ticks, ticks_after), stolen_share(ticks, ticks_after))
                 )
+    return {"rows": rows, "proxy_cpu": proxy_cpu, "registry_cpu": registry_cpu, "machine": machine}
 
 
 def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> str:
