@@ -65,6 +65,9 @@ FLOOR_PRIORITY = 50
 UPSTREAM = "upstream unbound, asked directly"
 # the p99 captured and forwarded answers must stay under while blobs stream
 TARGET_P99_MS = 2.0
+# the namespace's UDP counters of datagrams its kernel dropped, and the mirror's count of answers it refused
+UDP_DROP_COUNTERS = ("InErrors", "RcvbufErrors", "SndbufErrors")
+UNSENT_METRIC = "dnsmirror_dns_unsent_total"
 
 
 @contextlib.contextmanager
@@ -174,6 +177,27 @@ def split_latencies(output: str, captured_suffix: str) -> dict[str, dict]:
     result: dict = {kind: percentiles(values) for kind, values in samples.items()}
     result["lost"], result["sent"] = lost, sent
     return result
+
+
+def udp_drops(node) -> dict[str, int]:
+    """The UDP counters of ``node``'s namespace that count lost datagrams: dropped on receipt
+    (``InErrors``, of which ``RcvbufErrors`` on a full receive buffer), sends refused (``SndbufErrors``)."""
+    text = node.run(["cat", "/proc/net/snmp"]).stdout.decode()
+    names, values = [line.split()[1:] for line in text.splitlines() if line.startswith("Udp:")][:2]
+    counters = dict(zip(names, map(int, values), strict=True))
+    return {name: counters.get(name, 0) for name in UDP_DROP_COUNTERS}
+
+
+def drop_text(dropped: dict[str, int]) -> str:
+    """``dropped`` (counter -> count) as text: "InErrors 0, RcvbufErrors 0, SndbufErrors 0"."""
+    return ", ".join(f"{name} {dropped.get(name, 0)}" for name in UDP_DROP_COUNTERS)
+
+
+def mirror_counter(node, name: str) -> int:
+    """One counter of the mirror in ``node`` by its ``/metrics`` (0 when it has none of that name)."""
+    from mirror_support import scrape_metrics
+
+    return round(scrape_metrics(node).get(name, 0))
 
 
 def mirror_answers(node) -> int:
@@ -372,10 +396,12 @@ def _measure_with_streams(
         if targets[target] is None:
             return wake_up_lateness(seconds)
         address, port, queries, rate = targets[target]
-        answered_before = 0
+        answered_before = unsent_before = 0
+        drops_before = udp_drops(node)
         if target == "dnsmirror":  # counted once the DNS processes reported what came before
             time.sleep(REPORTED_AFTER)
             answered_before = mirror_answers(node)
+            unsent_before = mirror_counter(node, UNSENT_METRIC)
         # the measuring client at real-time priority, in a session of its own: its waits are not the server's
         done = node.run(
             [
@@ -400,11 +426,15 @@ def _measure_with_streams(
             timeout=seconds + 60,
         )
         result = split_latencies(done.stdout.decode(errors="replace"), "amazonaws.com")
-        result["unanswered"] = 0
+        result["unanswered"] = result["unsent"] = 0
+        # which side lost them: the kernel (both dnsperf and the server run in this namespace), or the mirror,
+        # by its own counters (queries it never answered, answers the kernel refused to send)
+        drops_after = udp_drops(node)
+        result["dropped"] = {name: drops_after[name] - drops_before[name] for name in UDP_DROP_COUNTERS}
         if target == "dnsmirror" and result["lost"]:
-            # which side lost them: dnsperf, or the mirror, by its own counters
             time.sleep(REPORTED_AFTER)
             result["unanswered"] = result["sent"] - (mirror_answers(node) - answered_before)
+            result["unsent"] = mirror_counter(node, UNSENT_METRIC) - unsent_before
         return result
 
     def measure() -> dict:
@@ -417,7 +447,10 @@ def _measure_with_streams(
         results = {}
         for target, done in runs.items():
             result: dict = {"lost": sum(r["lost"] for r in done),
-                            "unanswered": sum(r.get("unanswered", 0) for r in done)}
+                            "unanswered": sum(r.get("unanswered", 0) for r in done),
+                            "unsent": sum(r.get("unsent", 0) for r in done),
+                            "dropped": {name: sum(r.get("dropped", {}).get(name, 0) for r in done)
+                                        for name in UDP_DROP_COUNTERS}}
             for kind in ("captured", "forwarded", "timer"):
                 measured = [r[kind] for r in done if kind in r and r[kind]["n"]]
                 if not measured:
@@ -725,8 +758,11 @@ def streaming_lines(args: argparse.Namespace, streaming: dict, load: str) -> lis
     lost = ", ".join(
         f"{mode}, {target}: idle {r['idle'][target]['lost']}, streaming {loaded['lost']}"
         + (f" (never answered by dnsmirror, by its counters: {r['idle'][target]['unanswered']} idle, "
-           f"{loaded['unanswered']} streaming)"
+           f"{loaded['unanswered']} streaming; answers the kernel refused to send: "
+           f"{r['idle'][target]['unsent']} idle, {loaded['unsent']} streaming)"
            if target == "dnsmirror" and (r["idle"][target]["lost"] or loaded["lost"]) else "")
+        + (f" (UDP datagrams the namespace's kernel dropped meanwhile: {drop_text(loaded['dropped'])} "
+           "streaming)" if loaded["lost"] else "")
         for mode, r in streaming.items()
         for target, loaded in r["loaded"].items()
     )

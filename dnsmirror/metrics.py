@@ -133,6 +133,7 @@ DNS_LIMIT_COUNTERS = {
     "overloaded": "Forwarded queries answered SERVFAIL without asking upstream: too many forwards in flight",
     "tcp_refused": "TCP DNS connections closed at once: too many in all or from one client address",
     "tcp_timeouts": "TCP DNS connections closed because a query did not arrive whole in time",
+    "unsent": "UDP DNS answers the kernel refused to send (a full send buffer, no route to the client)",
 }
 
 

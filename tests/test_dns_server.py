@@ -205,6 +205,28 @@ class ProtocolTests(SynchronousTestCase):
             listener.doRead()
             self.assertEqual(str(DNSRecord.parse(client.recv(4096)).rr[0].rdata), "10.96.0.53")
 
+    def test_an_answer_the_kernel_refuses_is_counted_and_the_next_is_sent(self):
+        controller, _ = make_controller()
+        answer_of = controller.handle
+
+        def oversized_first(packet, client_host, reply, tcp=False):
+            # the first answer is larger than any UDP datagram: sendto fails with EMSGSIZE
+            if not oversized_first.done:
+                oversized_first.done = True
+                reply(b"\0" * 70_000)
+                return
+            answer_of(packet, client_host, reply, tcp)
+
+        oversized_first.done = False
+        controller.handle = oversized_first
+        with udp_pair(controller) as (listener, client):
+            client.send(query(ECR, qid=1))
+            client.send(query(ECR, qid=2))
+            listener.doRead()
+            self.assertEqual(DNSRecord.parse(client.recv(4096)).header.id, 2)
+        self.assertEqual(controller.stats.unsent, 1)
+        self.assertEqual(controller.stats.captured, 1)
+
     def test_the_reactor_shutting_down_closes_the_listener_quietly(self):
         controller, _ = make_controller()
         readers = _Readers()

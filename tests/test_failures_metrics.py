@@ -170,8 +170,9 @@ def test_metrics_follow_the_conventions():
 
 def test_the_dns_servers_bounds_are_counted_on_metrics():
     from dnsmirror.dns.stats import DnsStats
-    stats = DnsStats(overloaded=4, tcp_refused=2, tcp_timeouts=1)
+    stats = DnsStats(overloaded=4, tcp_refused=2, tcp_timeouts=1, unsent=3)
     samples, text = scrape(StatsCollector(lambda: stats, {}, {}, HealthState()))
+    assert samples[("dnsmirror_dns_unsent_total", ())] == 3
     assert samples[("dnsmirror_dns_overloaded_total", ())] == 4
     assert samples[("dnsmirror_dns_tcp_refused_total", ())] == 2
     assert samples[("dnsmirror_dns_tcp_timeouts_total", ())] == 1

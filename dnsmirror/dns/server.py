@@ -206,6 +206,7 @@ class DatagramListener:
         """Answer the datagrams waiting, at most ``_DATAGRAMS_PER_WAKEUP`` before other sockets' turn."""
         sock = self.socket
         handle = self.controller.handle
+        stats = self.controller.stats
         for _ in range(_DATAGRAMS_PER_WAKEUP):
             try:
                 data, addr = sock.recvfrom(_MAX_DATAGRAM)
@@ -219,6 +220,7 @@ class DatagramListener:
                 try:
                     sock.sendto(answer, addr)
                 except OSError as exc:  # a full send buffer or a vanished client costs this answer only
+                    stats.unsent += 1
                     log.debug("answer to %s not sent: %s", addr[0], exc)
 
             try:

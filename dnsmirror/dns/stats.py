@@ -19,6 +19,7 @@ class DnsStats:
     tcp_refused: int = 0    # TCP connections closed at once: too many in total or from one address
     tcp_timeouts: int = 0   # TCP connections closed because a query did not arrive whole in time
     rejected: int = 0       # FORMERR / NOTIMP answered locally
+    unsent: int = 0         # of the UDP answers above: refused by the kernel (a full send buffer, no route)
     health_changes: int = 0
 
     def as_dict(self) -> dict[str, int]:
