@@ -219,12 +219,20 @@ class ProtocolTests(SynchronousTestCase):
 
         oversized_first.done = False
         controller.handle = oversized_first
-        with udp_pair(controller) as (listener, client):
+        readers = _Readers()
+        with udp_pair(controller, readers=readers) as (listener, client):
             client.send(query(ECR, qid=1))
             client.send(query(ECR, qid=2))
-            listener.doRead()
+            with self.assertLogs("dnsmirror.dns", logging.WARNING) as logged:
+                listener.doRead()
             self.assertEqual(DNSRecord.parse(client.recv(4096)).header.id, 2)
-        self.assertEqual(controller.stats.unsent, 1)
+            self.assertIn("not sent", logged.output[0])
+            # more refusals within the warning interval are counted, not logged
+            oversized_first.done = False
+            client.send(query(ECR, qid=3))
+            with self.assertNoLogs("dnsmirror.dns", logging.WARNING):
+                listener.doRead()
+        self.assertEqual(controller.stats.unsent, 2)
         self.assertEqual(controller.stats.captured, 1)
 
     def test_the_reactor_shutting_down_closes_the_listener_quietly(self):

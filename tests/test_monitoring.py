@@ -57,7 +57,8 @@ def test_the_overlay_lists_its_files_and_builds():
         for entry in group["rules"]
     }
     assert {"DnsmirrorFailingOpen", "DnsmirrorUpstreamErrors", "DnsmirrorCacheNearlyFull",
-            "DnsmirrorPeersFailing", "DnsmirrorConnectionsRefused", "DnsmirrorPeersTLSDiffers"} <= alerts
+            "DnsmirrorPeersFailing", "DnsmirrorConnectionsRefused", "DnsmirrorPeersTLSDiffers",
+            "DnsmirrorDnsServfail", "DnsmirrorDnsAnswersUnsent"} <= alerts
     if shutil.which("kubectl"):
         built = subprocess.run(
             ["kubectl", "kustomize", str(MONITORING)], capture_output=True, text=True, timeout=60

@@ -46,6 +46,8 @@ _ALLOW_CACHE_LIMIT = 4096
 _DATAGRAMS_PER_WAKEUP = 64
 _MAX_DATAGRAM = 65535
 _RESUME_AFTER = 0.1
+# answers the kernel refused: one warning per this many seconds at most (each is counted)
+_UNSENT_WARNING_EVERY = 10.0
 
 
 class DnsController:
@@ -193,6 +195,7 @@ class DatagramListener:
         self.socket = sock
         self.controller = controller
         self.closed = False
+        self._unsent_warned_at = -_UNSENT_WARNING_EVERY
         sock.setblocking(False)
         reactor.addReader(self)
 
@@ -221,13 +224,25 @@ class DatagramListener:
                     sock.sendto(answer, addr)
                 except OSError as exc:  # a full send buffer or a vanished client costs this answer only
                     stats.unsent += 1
-                    log.debug("answer to %s not sent: %s", addr[0], exc)
+                    self._warn_unsent(addr[0], exc)
 
             try:
                 handle(data, addr[0], reply)
             except Exception:
                 self.controller.stats.malformed += 1
                 log.exception("query from %s could not be handled", addr[0])
+
+    def _warn_unsent(self, client: str, exc: OSError) -> None:
+        """At most one warning per ``_UNSENT_WARNING_EVERY`` seconds, naming the latest client and error."""
+        now = self.reactor.seconds()
+        if now - self._unsent_warned_at < _UNSENT_WARNING_EVERY:
+            return
+        self._unsent_warned_at = now
+        log.warning(
+            "DNS answer to %s not sent: %s (%d not sent since start)",
+            client, exc, self.controller.stats.unsent,
+            extra=fields(event="dns_answer_unsent", client=client, reason=str(exc)),
+        )
 
     def connectionLost(self, reason: Failure) -> None:
         """The reactor stopped reading after an error it did not expect: read again shortly, so a bug
