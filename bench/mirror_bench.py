@@ -504,21 +504,36 @@ def file_digest(path: Path, size: int) -> str:
     return "sha256:" + hasher.hexdigest()
 
 
-def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) -> dict:
+# where the cold fill's processes run: (the proxy's core, curl's core, the core the registry and this process
+# are pinned to); None: not pinned
+COLD_PLACEMENTS = {
+    "shared": (None, None, None),
+    "pinned": (SERVER_CORE, CLIENT_CORE, CLIENT_CORE),
+    "node": (SERVER_CORE, SERVER_CORE, CLIENT_CORE),
+}
+COLD_PLACEMENT_LABELS = {
+    "shared": "nothing pinned",
+    "pinned": f"proxy on core {SERVER_CORE}, curl and the registry on core {CLIENT_CORE}",
+    "node": f"proxy and curl on core {SERVER_CORE}, the registry on core {CLIENT_CORE}",
+}
+
+
+def cold_fills(world: World, node2: Namespace, runs: int, size: int, placement: str) -> dict:
     """A cold blob with curl: straight from the registry, through dnsmirror (O_DIRECT cache writes, and in
     ``node2`` a second one with buffered writes) and through nginx ``proxy_cache``.
 
     The proxies are started once (start-up not timed) and warmed up with one blob; each run then places a
     new blob in the registry, so every proxy fetches it cold, and downloads it every way, each way first in
-    turn. With ``pin``, the proxies run on core SERVER_CORE, and curl and the registry on CLIENT_CORE (as the
-    cold pulls' placement: a registry is remote and never takes the proxy's core); otherwise nothing is
-    pinned. CPU: each proxy's user + system time, and the registry's."""
+    turn. ``placement`` (of COLD_PLACEMENTS): "shared", nothing pinned; "pinned", the proxies on core
+    SERVER_CORE, curl and the registry on CLIENT_CORE (as the cold pulls' placement: a registry is remote and
+    never takes the proxy's core); "node", the proxies and curl on SERVER_CORE (a node: the client beside the
+    mirror), the registry alone on CLIENT_CORE. CPU: each proxy's user + system time, and the registry's."""
     target = SHM_TARGET / f"dnsmirror-cold-bench-{os.getpid()}"
     with target.open("wb") as file:  # preallocated and touched once: every run overwrites the same pages
         for piece in random_chunks(size):
             file.write(piece)
-    proxy_core, client_core = (SERVER_CORE, CLIENT_CORE) if pin else (None, None)
-    workdir = world.work / f"cold-{'pinned' if pin else 'shared'}"
+    proxy_core, client_core, registry_core = COLD_PLACEMENTS[placement]
+    workdir = world.work / f"cold-{placement}"
     try:
         with world.mirror(workdir / "cache", cpus=proxy_core) as direct_writes, \
                 mirror(node2, workdir / "mirror2", world.dns, world.ca, workdir / "cache2", proxy_core,
@@ -533,12 +548,12 @@ def cold_fills(world: World, node2: Namespace, runs: int, size: int, pin: bool) 
                                        [buffered_writes.process.pid]),
                 "nginx": (world.peer_client, world.peer.address, 443, world.ca.cert_path, nginxes),
             }
-            with pinned(world, CLIENT_CORE) if pin else contextlib.nullcontext():
+            with pinned(world, registry_core) if registry_core else contextlib.nullcontext():
                 samples = cold_runs(world, ways, runs, size, target, client_core)
     finally:
         target.unlink(missing_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
-    return {**samples, "size": size, "pin": pin}
+    return {**samples, "size": size, "placement": placement}
 
 
 def cold_runs(world: World, ways: dict, runs: int, size: int, target: Path, client_core: str | None) -> dict:
@@ -587,8 +602,7 @@ def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> 
     ratios = {}
     paired = []
     for result in placements:
-        placement = (f"proxy on core {SERVER_CORE}, curl and the registry on core {CLIENT_CORE}"
-                     if result["pin"] else "nothing pinned")
+        placement = COLD_PLACEMENT_LABELS[result["placement"]]
         medians = {}
         for name in COLD_WAYS:
             speeds = [d.speed for d in result["rows"][name]]
@@ -617,9 +631,12 @@ against the digest). The proxies start once with empty caches (start-up not time
 warm-up blob; then each run places a new blob in the registry, so every proxy fetches it cold: dnsmirror
 (node namespace, its DNS answering the registry's name; a second one with buffered cache writes in another
 namespace) and nginx `proxy_cache` (peer namespace, one worker, keep-alive upstream, certificate verified).
-{args.runs} runs, each way first in turn. With the proxy pinned, curl and the registry share the other core
-(a registry is remote: it never takes the proxy's core), so the proxy's CPU per GiB sets its rate, up to
-what that core gives the registry and curl together (the row straight from the registry).
+{args.runs} runs, each way first in turn, in each placement: nothing pinned (the registry, curl and
+the proxy share both cores); the proxy on core {SERVER_CORE} with curl and the registry on core
+{CLIENT_CORE} (a registry is remote: it never takes the proxy's core; the proxy's CPU per GiB sets its
+rate, up to what the other core gives the registry and curl together, the row straight from the
+registry); and the proxy and curl on core {SERVER_CORE} with the registry alone on core {CLIENT_CORE}
+(a node: the client beside the mirror, the registry remote; the proxy and curl share the core).
 Measured: {machine()}. {note}
 
 | placement | way | median MB/s | all runs MB/s | proxy CPU-s per GiB | registry CPU-s per GiB \
@@ -861,8 +878,10 @@ def main() -> int:
                         help="only the cached-throughput comparison (section mirror-cached of RESULTS.md)")
     parser.add_argument("--cold-only", action="store_true",
                         help="only the cold blob fill comparison (section mirror-cold of RESULTS.md)")
-    parser.add_argument("--placement", choices=("both", "shared", "pinned"), default="both",
-                        help="with --cold-only: nothing pinned, proxy and curl pinned, or both")
+    parser.add_argument("--placement", choices=("all", *COLD_PLACEMENTS), default="all",
+                        help="with --cold-only: nothing pinned (shared), the proxy on a core of its own "
+                        "(pinned), the proxy and curl on one core and the registry on the other (node), "
+                        "or all")
     parser.add_argument("--first-reads", type=int, default=3,
                         help="with --cached-only: first reads after a restart (hashed while they stream)")
     parser.add_argument("--note", default="The machine is shared with other work: expect some noise.",
@@ -892,9 +911,9 @@ def main() -> int:
             world = World(cluster, work, ca, registry, dns.address, node, direct, peer, peer_client)
             if args.cold_only:
                 node2 = cluster.add("node2")
-                placements = [cold_fills(world, node2, args.runs, args.blob_mib * MiB, pin)
-                              for pin in {"both": (False, True), "shared": (False,), "pinned": (True,)}[
-                                  args.placement]]
+                placements = [cold_fills(world, node2, args.runs, args.blob_mib * MiB, placement)
+                              for placement in (COLD_PLACEMENTS if args.placement == "all" else
+                                                (args.placement,))]
                 body = cold_report(args, placements, args.note)
                 print(body)
                 if not args.no_write:
