@@ -20,12 +20,12 @@ BENCHMARKS: dict[str, list[str]] = {
     "dns": ["dns_bench.py", "--seconds", "5"],
     "tls": ["tls_handshake.py", "--seconds", "5"],
     "mirror": ["mirror_bench.py"],
-    "cold": ["mirror_bench.py", "--cold-only", "--runs", "5"],
+    "cold": ["mirror_bench.py", "--cold-only", "--runs", "9"],
     "peers": ["peer_bench.py", "--runs", "5", "--blob-mib", "256"],
     "burst": ["burst_bench.py", "--nodes", "5", "--blob-mib", "64", "--rate-mbit", "200", "--runs", "5"],
 }
 # generous upper bounds: a hung benchmark must not hang `make bench`
-TIMEOUT_SECONDS = {"dns": 2400, "tls": 300, "mirror": 900, "cold": 900, "peers": 600, "burst": 600}
+TIMEOUT_SECONDS = {"dns": 2400, "tls": 300, "mirror": 900, "cold": 1500, "peers": 600, "burst": 600}
 
 
 def run(command: list[str], timeout: float) -> int | str:
