@@ -41,6 +41,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -504,17 +505,28 @@ def file_digest(path: Path, size: int) -> str:
     return "sha256:" + hasher.hexdigest()
 
 
-# where the cold fill's processes run: (the proxy's core, curl's core, the core the registry and this process
-# are pinned to); None: not pinned
+class ColdPlacement(NamedTuple):
+    """Where a cold fill's processes run (None: not pinned), its table label and what it stands for."""
+
+    proxy_core: str | None
+    client_core: str | None
+    registry_core: str | None  # this process is pinned there too
+    label: str
+    meaning: str
+
+
 COLD_PLACEMENTS = {
-    "shared": (None, None, None),
-    "pinned": (SERVER_CORE, CLIENT_CORE, CLIENT_CORE),
-    "node": (SERVER_CORE, SERVER_CORE, CLIENT_CORE),
-}
-COLD_PLACEMENT_LABELS = {
-    "shared": "nothing pinned",
-    "pinned": f"proxy on core {SERVER_CORE}, curl and the registry on core {CLIENT_CORE}",
-    "node": f"proxy and curl on core {SERVER_CORE}, the registry on core {CLIENT_CORE}",
+    "shared": ColdPlacement(None, None, None, "nothing pinned",
+                            "the registry, curl and the proxy share both cores"),
+    "pinned": ColdPlacement(
+        SERVER_CORE, CLIENT_CORE, CLIENT_CORE,
+        f"proxy on core {SERVER_CORE}, curl and the registry on core {CLIENT_CORE}",
+        "a registry is remote: it never takes the proxy's core; the proxy's CPU per GiB sets its rate, up to "
+        "what the other core gives the registry and curl together, the row straight from the registry"),
+    "node": ColdPlacement(
+        SERVER_CORE, SERVER_CORE, CLIENT_CORE,
+        f"proxy and curl on core {SERVER_CORE}, the registry on core {CLIENT_CORE}",
+        "a node: the client beside the mirror, the registry remote; the proxy and curl share the core"),
 }
 
 
@@ -532,7 +544,7 @@ def cold_fills(world: World, node2: Namespace, runs: int, size: int, placement: 
     with target.open("wb") as file:  # preallocated and touched once: every run overwrites the same pages
         for piece in random_chunks(size):
             file.write(piece)
-    proxy_core, client_core, registry_core = COLD_PLACEMENTS[placement]
+    proxy_core, client_core, registry_core, _, _ = COLD_PLACEMENTS[placement]
     workdir = world.work / f"cold-{placement}"
     try:
         with world.mirror(workdir / "cache", cpus=proxy_core) as direct_writes, \
@@ -602,7 +614,7 @@ def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> 
     ratios = {}
     paired = []
     for result in placements:
-        placement = COLD_PLACEMENT_LABELS[result["placement"]]
+        placement = COLD_PLACEMENTS[result["placement"]].label
         medians = {}
         for name in COLD_WAYS:
             speeds = [d.speed for d in result["rows"][name]]
@@ -622,6 +634,8 @@ def cold_report(args: argparse.Namespace, placements: list[dict], note: str) -> 
                       f"({', '.join(f'{ratio:.2f}' for ratio in by_round)})")
     summary = "; ".join(f"{direct:.2f}x (buffered writes: {buffered:.2f}x) {placement}"
                         for placement, (direct, buffered) in ratios.items())
+    placements_text = "; ".join(f"{COLD_PLACEMENTS[result['placement']].label} "
+                                f"({COLD_PLACEMENTS[result['placement']].meaning})" for result in placements)
     return f"""## Cold blob fill: dnsmirror vs nginx proxy_cache vs the registry itself
 
 Command: `{command}`. A {size // MiB} MiB blob in docker-registry's storage (TLS, the registry in a
@@ -631,12 +645,7 @@ against the digest). The proxies start once with empty caches (start-up not time
 warm-up blob; then each run places a new blob in the registry, so every proxy fetches it cold: dnsmirror
 (node namespace, its DNS answering the registry's name; a second one with buffered cache writes in another
 namespace) and nginx `proxy_cache` (peer namespace, one worker, keep-alive upstream, certificate verified).
-{args.runs} runs, each way first in turn, in each placement: nothing pinned (the registry, curl and
-the proxy share both cores); the proxy on core {SERVER_CORE} with curl and the registry on core
-{CLIENT_CORE} (a registry is remote: it never takes the proxy's core; the proxy's CPU per GiB sets its
-rate, up to what the other core gives the registry and curl together, the row straight from the
-registry); and the proxy and curl on core {SERVER_CORE} with the registry alone on core {CLIENT_CORE}
-(a node: the client beside the mirror, the registry remote; the proxy and curl share the core).
+{args.runs} runs, each way first in turn, in each placement: {placements_text}.
 Measured: {machine()}. {note}
 
 | placement | way | median MB/s | all runs MB/s | proxy CPU-s per GiB | registry CPU-s per GiB \
@@ -653,9 +662,8 @@ Measured: {machine()}. {note}
 
 
 def round_ratios(ours: list[Download], theirs: list[Download]) -> list[float]:
-    """Each round's speed of ``ours`` over that of ``theirs`` (both in the order of their rounds)."""
-    if len(ours) != len(theirs):
-        raise ValueError(f"{len(ours)} rounds against {len(theirs)}")
+    """Each round's speed of ``ours`` over that of ``theirs`` (both in the order of their rounds; as many
+    of each, or ValueError)."""
     return [mine.speed / other.speed for mine, other in zip(ours, theirs, strict=True)]
 
 
