@@ -65,7 +65,8 @@ FLOOR_PRIORITY = 50
 UPSTREAM = "upstream unbound, asked directly"
 # the p99 captured and forwarded answers must stay under while blobs stream
 TARGET_P99_MS = 2.0
-# the namespace's UDP counters of datagrams its kernel dropped, and the mirror's count of answers it refused
+# the namespace's UDP counters of datagrams its kernel dropped, and the mirror's count of its answers the
+# kernel refused to send
 UDP_DROP_COUNTERS = ("InErrors", "RcvbufErrors", "SndbufErrors")
 UNSENT_METRIC = "dnsmirror_dns_unsent_total"
 

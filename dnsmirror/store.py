@@ -692,9 +692,9 @@ class Store:
 def stage_block() -> mmap.mmap:
     """A writer's page-aligned block of :data:`STAGE_SIZE` bytes (as ``O_DIRECT`` needs), in one huge page
     where the kernel has transparent huge pages for those who ask and places the block where one fits (6.7
-    on): the disk then gets a block as one piece
-    of memory instead of 512 pages, each pinned and described to the device on its own. One 1 GiB blob
-    written in 2 MiB blocks (bench/cache_write.py): about 5% less CPU and half again the write rate."""
+    on): the disk then gets a block as one piece of memory instead of 512 pages, each pinned and described
+    to the device on its own. One 1 GiB blob written in 2 MiB blocks (bench/cache_write.py): about 5% less
+    CPU and half again the write rate."""
     block = mmap.mmap(-1, STAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     try:
         block.madvise(mmap.MADV_HUGEPAGE)
